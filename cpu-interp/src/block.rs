@@ -1,0 +1,195 @@
+//! Decoded-block cache: code is decoded once per block, not per execution.
+//!
+//! A block is a run of instructions starting at one RIP, ending at the first
+//! control transfer, at a page end, or at [`MAX_BLOCK`] instructions. Blocks
+//! are keyed by (physical address, RIP, code size), so the same physical code
+//! mapped at two linear addresses gets two blocks with correct RIP-relative
+//! targets. A write to a page holding decoded code drops that page's blocks
+//! (self-modifying code, Linux's boot-time text patching).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use iced_x86::Instruction;
+
+use crate::dispatch::Handler;
+
+pub const MAX_BLOCK: usize = 64;
+const FAST_SIZE: usize = 4096;
+
+/// One decoded instruction with what its handler needs precomputed.
+#[derive(Clone)]
+pub struct Insn {
+    pub i: Instruction,
+    pub h: Handler,
+    /// RIP of the following instruction, already wrapped to the code size.
+    pub next: u64,
+    /// Address-size mask for the memory operand and string registers.
+    pub amask: u64,
+    /// Size in bytes of operand 0 (register or memory), or 0.
+    pub size: u8,
+    /// Segment register index of the memory operand.
+    pub seg: u8,
+}
+
+pub struct Block {
+    pub insns: Box<[Insn]>,
+    pub rip: u64,
+    pub bits: u32,
+    /// Physical pages the block's bytes come from.
+    pub pages: [u64; 2],
+}
+
+/// FxHash: fast hashing of integer keys.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+type Fx = BuildHasherDefault<FxHasher>;
+type Key = (u64, u64, u32);
+
+#[derive(Clone)]
+struct FastEntry {
+    key: Key,
+    block: Option<Arc<Block>>,
+}
+
+pub struct BlockCache {
+    map: HashMap<Key, Arc<Block>, Fx>,
+    by_page: HashMap<u64, Vec<Key>, Fx>,
+    code_pages: HashSet<u64, Fx>,
+    fast: Vec<FastEntry>,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockCache {
+    pub fn new() -> Self {
+        BlockCache {
+            map: HashMap::default(),
+            by_page: HashMap::default(),
+            code_pages: HashSet::default(),
+            fast: vec![
+                FastEntry {
+                    key: (u64::MAX, 0, 0),
+                    block: None
+                };
+                FAST_SIZE
+            ],
+        }
+    }
+
+    #[inline(always)]
+    fn fast_index(paddr: u64) -> usize {
+        ((paddr ^ (paddr >> 12)) as usize) & (FAST_SIZE - 1)
+    }
+
+    #[inline]
+    pub fn get(&mut self, paddr: u64, rip: u64, bits: u32) -> Option<Arc<Block>> {
+        let key = (paddr, rip, bits);
+        let fi = Self::fast_index(paddr);
+        let f = &self.fast[fi];
+        if f.key == key {
+            return f.block.clone();
+        }
+        let b = self.map.get(&key)?.clone();
+        self.fast[fi] = FastEntry {
+            key,
+            block: Some(b.clone()),
+        };
+        Some(b)
+    }
+
+    pub fn insert(&mut self, paddr: u64, block: Block) -> Arc<Block> {
+        let key = (paddr, block.rip, block.bits);
+        let pages = block.pages;
+        let b = Arc::new(block);
+        self.map.insert(key, b.clone());
+        for (k, pg) in pages.iter().enumerate() {
+            if k == 1 && *pg == pages[0] {
+                continue;
+            }
+            self.by_page.entry(*pg).or_default().push(key);
+            self.code_pages.insert(*pg);
+        }
+        b
+    }
+
+    #[inline]
+    pub fn is_code_page(&self, paddr_page: u64) -> bool {
+        !self.code_pages.is_empty() && self.code_pages.contains(&paddr_page)
+    }
+
+    /// Drop every block with bytes on this physical page. True if any was.
+    pub fn invalidate_page(&mut self, page: u64) -> bool {
+        if !self.code_pages.remove(&page) {
+            return false;
+        }
+        if let Some(keys) = self.by_page.remove(&page) {
+            for k in keys {
+                if let Some(b) = self.map.remove(&k) {
+                    // A block spanning two pages is also listed under the other.
+                    for pg in b.pages {
+                        if pg != page {
+                            if let Some(v) = self.by_page.get_mut(&pg) {
+                                v.retain(|x| *x != k);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for f in self.fast.iter_mut() {
+            if let Some(b) = &f.block {
+                if b.pages[0] == page || b.pages[1] == page {
+                    f.key = (u64::MAX, 0, 0);
+                    f.block = None;
+                }
+            }
+        }
+        true
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.by_page.clear();
+        self.code_pages.clear();
+        for f in self.fast.iter_mut() {
+            f.key = (u64::MAX, 0, 0);
+            f.block = None;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}

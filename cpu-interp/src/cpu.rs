@@ -1,0 +1,446 @@
+//! The interpreter's CPU: architectural state plus the caches that make it
+//! fast (TLB, decoded blocks). Instruction semantics live in `insn/`, memory
+//! translation in `mmu`, segmentation in `segment`, event delivery in
+//! `interrupt`, the execution loop in `exec`.
+
+use iced_x86::Register;
+
+use crate::block::BlockCache;
+use crate::flags::{self, Flags};
+use crate::fpu::Fpu;
+use crate::memory::Ram;
+use crate::mmu::Tlb;
+use crate::state::{CpuState, DebugRegs, DescriptorTable, Msrs, PendingEvents, Regs, Segment, Sregs};
+
+/// Segment register numbers (hardware encoding, also iced's order).
+pub mod sreg {
+    pub const ES: usize = 0;
+    pub const CS: usize = 1;
+    pub const SS: usize = 2;
+    pub const DS: usize = 3;
+    pub const FS: usize = 4;
+    pub const GS: usize = 5;
+}
+
+pub const CR0_PE: u64 = 1 << 0;
+pub const CR0_MP: u64 = 1 << 1;
+pub const CR0_EM: u64 = 1 << 2;
+pub const CR0_TS: u64 = 1 << 3;
+pub const CR0_ET: u64 = 1 << 4;
+pub const CR0_NE: u64 = 1 << 5;
+pub const CR0_WP: u64 = 1 << 16;
+pub const CR0_AM: u64 = 1 << 18;
+pub const CR0_NW: u64 = 1 << 29;
+pub const CR0_CD: u64 = 1 << 30;
+pub const CR0_PG: u64 = 1 << 31;
+
+pub const CR4_VME: u64 = 1 << 0;
+pub const CR4_PVI: u64 = 1 << 1;
+pub const CR4_TSD: u64 = 1 << 2;
+pub const CR4_DE: u64 = 1 << 3;
+pub const CR4_PSE: u64 = 1 << 4;
+pub const CR4_PAE: u64 = 1 << 5;
+pub const CR4_MCE: u64 = 1 << 6;
+pub const CR4_PGE: u64 = 1 << 7;
+pub const CR4_PCE: u64 = 1 << 8;
+pub const CR4_OSFXSR: u64 = 1 << 9;
+pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+pub const CR4_UMIP: u64 = 1 << 11;
+pub const CR4_FSGSBASE: u64 = 1 << 16;
+pub const CR4_PCIDE: u64 = 1 << 17;
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+pub const CR4_SMEP: u64 = 1 << 20;
+pub const CR4_SMAP: u64 = 1 << 21;
+
+pub const EFER_SCE: u64 = 1 << 0;
+pub const EFER_LME: u64 = 1 << 8;
+pub const EFER_LMA: u64 = 1 << 10;
+pub const EFER_NXE: u64 = 1 << 11;
+
+/// Why [`Cpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuExit {
+    /// HLT executed; `events.halted` is set until an interrupt arrives.
+    Halted,
+    /// Interrupts can be injected now (a window was requested).
+    InterruptWindow,
+    /// A fault during double-fault delivery: the CPU shut down.
+    TripleFault,
+    /// The instruction budget ran out.
+    BudgetExhausted,
+    /// The platform asked the CPU to stop.
+    StopRequested,
+}
+
+/// The interpreter's vCPU.
+pub struct Cpu {
+    pub(crate) gpr: [u64; 16],
+    pub(crate) rip: u64,
+    pub(crate) flags: Flags,
+    pub(crate) seg: [Segment; 6],
+    pub(crate) ldtr: Segment,
+    pub(crate) tr: Segment,
+    pub(crate) gdtr: DescriptorTable,
+    pub(crate) idtr: DescriptorTable,
+    pub(crate) cr0: u64,
+    pub(crate) cr2: u64,
+    pub(crate) cr3: u64,
+    pub(crate) cr4: u64,
+    pub(crate) cr8: u64,
+    pub(crate) efer: u64,
+    pub(crate) apic_base: u64,
+    pub(crate) xcr0: u64,
+    pub(crate) msrs: Msrs,
+    pub(crate) dr: DebugRegs,
+    pub(crate) fpu: Fpu,
+    pub(crate) events: PendingEvents,
+    /// TSC = base clock + tsc_offset.
+    pub(crate) tsc_offset: u64,
+
+    // Derived from the above; recomputed by `update_mode`.
+    pub(crate) cpl: u8,
+    /// Default code size: 16, 32 or 64.
+    pub(crate) bits: u32,
+
+    // Machinery.
+    pub(crate) ram: Ram,
+    pub(crate) tlb: Box<Tlb>,
+    pub(crate) blocks: BlockCache,
+    pub(crate) retired: u64,
+    pub(crate) irq_window: bool,
+    /// Set when a write hit a page with decoded code; the current block ends.
+    pub(crate) code_written: bool,
+    /// Set by handlers that change how following code must be decoded or
+    /// translated (mode switches); the current block ends after them.
+    pub(crate) end_block: bool,
+    /// Exception currently being delivered (for #DF / triple-fault rules).
+    pub(crate) delivering: Option<u8>,
+    pub(crate) triple_fault: bool,
+    /// Exit requested by a handler (HLT).
+    pub(crate) pending_exit: Option<CpuExit>,
+    /// Don't use or fill the block cache (single-step fallback for KVM).
+    pub(crate) uncached: bool,
+    pub(crate) unimplemented_seen: Vec<u64>,
+    /// What CPUID reports.
+    pub(crate) cpuid_cfg: crate::cpuid::CpuidConfig,
+    /// MTRR MSRs written by the guest.
+    pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
+    unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
+}
+
+impl Cpu {
+    /// A CPU in its RESET state over `ram`.
+    pub fn new(ram: Ram) -> Self {
+        let mut cpu = Cpu {
+            gpr: [0; 16],
+            rip: 0,
+            flags: Flags::default(),
+            seg: [Segment::default(); 6],
+            ldtr: Segment::default(),
+            tr: Segment::default(),
+            gdtr: DescriptorTable::default(),
+            idtr: DescriptorTable::default(),
+            cr0: 0,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            apic_base: 0,
+            xcr0: 1,
+            msrs: Msrs::default(),
+            dr: DebugRegs::default(),
+            fpu: Fpu::default(),
+            events: PendingEvents::default(),
+            tsc_offset: 0,
+            cpl: 0,
+            bits: 16,
+            ram,
+            tlb: Box::new(Tlb::new()),
+            blocks: BlockCache::new(),
+            retired: 0,
+            irq_window: false,
+            code_written: false,
+            end_block: false,
+            delivering: None,
+            triple_fault: false,
+            pending_exit: None,
+            uncached: false,
+            unimplemented_seen: vec![0; iced_x86::Code::values().len().div_ceil(64)],
+            cpuid_cfg: crate::cpuid::CpuidConfig::default(),
+            mtrr: std::collections::BTreeMap::new(),
+            unknown_msrs_logged: std::collections::BTreeSet::new(),
+        };
+        cpu.set_state(&CpuState::reset());
+        cpu
+    }
+
+    /// Guest instructions retired so far.
+    pub fn retired(&self) -> u64 {
+        self.retired
+    }
+
+    /// The RAM this CPU executes from.
+    pub fn ram(&self) -> &Ram {
+        &self.ram
+    }
+
+    /// Execute without the decoded-block cache (every instruction decoded
+    /// afresh). Used when another agent (KVM) also changes memory.
+    pub fn set_uncached(&mut self, on: bool) {
+        self.uncached = on;
+        self.blocks.clear();
+    }
+
+    /// Forget decoded code and translations (memory changed behind our back).
+    pub fn flush_caches(&mut self) {
+        self.blocks.clear();
+        self.tlb.flush_all();
+    }
+
+    /// Forget decoded code in a guest-physical range that was written by
+    /// someone other than this CPU (device DMA, a loader).
+    pub fn invalidate_phys_range(&mut self, start: u64, len: u64) {
+        let mut page = start & !0xfff;
+        let end = start.saturating_add(len);
+        while page < end {
+            if self.blocks.invalidate_page(page) {
+                self.tlb.clear_code_page(page);
+            }
+            page += 0x1000;
+        }
+    }
+
+    // ---- state transfer -------------------------------------------------
+
+    /// The complete architectural state.
+    pub fn state(&self) -> CpuState {
+        CpuState {
+            regs: Regs {
+                gpr: self.gpr,
+                rip: self.rip,
+                rflags: self.flags.get(),
+            },
+            sregs: Sregs {
+                es: self.seg[sreg::ES],
+                cs: self.seg[sreg::CS],
+                ss: self.seg[sreg::SS],
+                ds: self.seg[sreg::DS],
+                fs: self.seg[sreg::FS],
+                gs: self.seg[sreg::GS],
+                tr: self.tr,
+                ldt: self.ldtr,
+                gdt: self.gdtr,
+                idt: self.idtr,
+                cr0: self.cr0,
+                cr2: self.cr2,
+                cr3: self.cr3,
+                cr4: self.cr4,
+                cr8: self.cr8,
+                efer: self.efer,
+                apic_base: self.apic_base,
+            },
+            msrs: self.msrs,
+            fpu: self.fpu.to_state(),
+            debug: self.dr,
+            xcr0: self.xcr0,
+            events: self.events,
+            tsc: self.tsc_offset.wrapping_add(self.retired),
+        }
+    }
+
+    /// Replace the complete architectural state; all caches are flushed.
+    pub fn set_state(&mut self, s: &CpuState) {
+        self.gpr = s.regs.gpr;
+        self.rip = s.regs.rip;
+        self.flags = Flags::new(s.regs.rflags);
+        self.seg = [
+            s.sregs.es, s.sregs.cs, s.sregs.ss, s.sregs.ds, s.sregs.fs, s.sregs.gs,
+        ];
+        self.tr = s.sregs.tr;
+        self.ldtr = s.sregs.ldt;
+        self.gdtr = s.sregs.gdt;
+        self.idtr = s.sregs.idt;
+        self.cr0 = s.sregs.cr0 | CR0_ET;
+        self.cr2 = s.sregs.cr2;
+        self.cr3 = s.sregs.cr3;
+        self.cr4 = s.sregs.cr4;
+        self.cr8 = s.sregs.cr8 & 0xf;
+        self.efer = s.sregs.efer;
+        self.apic_base = s.sregs.apic_base;
+        self.xcr0 = s.xcr0 | 1;
+        self.msrs = s.msrs;
+        self.fpu = Fpu::from_state(&s.fpu);
+        self.dr = s.debug;
+        self.events = s.events;
+        self.tsc_offset = s.tsc.wrapping_sub(self.retired);
+        self.cpl = if self.cr0 & CR0_PE == 0 {
+            0
+        } else if self.flags.test(flags::VM) {
+            3
+        } else {
+            self.seg[sreg::SS].dpl
+        };
+        self.delivering = None;
+        self.triple_fault = false;
+        self.pending_exit = None;
+        self.update_mode();
+        self.flush_caches();
+    }
+
+    /// Recompute the derived mode fields after CR0, EFER, CS or RFLAGS.VM
+    /// changed.
+    pub(crate) fn update_mode(&mut self) {
+        let cs = &self.seg[sreg::CS];
+        self.bits = if self.efer & EFER_LMA != 0 && cs.l && self.cr0 & CR0_PE != 0 {
+            64
+        } else if self.flags.test(flags::VM) {
+            16
+        } else if cs.db {
+            32
+        } else {
+            16
+        };
+        self.tlb.select(self.cpl == 3);
+    }
+
+    // ---- modes ------------------------------------------------------------
+
+    #[inline]
+    pub(crate) fn protected(&self) -> bool {
+        self.cr0 & CR0_PE != 0
+    }
+    #[inline]
+    pub(crate) fn vm86(&self) -> bool {
+        self.flags.test(flags::VM)
+    }
+    #[inline]
+    pub(crate) fn long_mode(&self) -> bool {
+        self.efer & EFER_LMA != 0
+    }
+    /// Real-address mode or virtual-8086 mode: segments are selector << 4.
+    #[inline]
+    pub(crate) fn real_like(&self) -> bool {
+        !self.protected() || self.vm86()
+    }
+
+    // ---- registers ------------------------------------------------------------
+
+    /// Read an iced general-purpose or segment register, zero-extended.
+    #[inline(always)]
+    pub(crate) fn reg(&self, r: Register) -> u64 {
+        let n = r as usize;
+        match n {
+            1..=4 => self.gpr[n - 1] & 0xff,
+            5..=8 => (self.gpr[n - 5] >> 8) & 0xff,
+            9..=20 => self.gpr[n - 5] & 0xff,
+            21..=36 => self.gpr[n - 21] & 0xffff,
+            37..=52 => self.gpr[n - 37] & 0xffff_ffff,
+            53..=68 => self.gpr[n - 53],
+            69 => self.rip & 0xffff_ffff,
+            70 => self.rip,
+            71..=76 => u64::from(self.seg[n - 71].selector),
+            _ => 0,
+        }
+    }
+
+    /// Write an iced general-purpose register with x86 semantics: 8- and
+    /// 16-bit writes merge, 32-bit writes zero-extend.
+    #[inline(always)]
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let n = r as usize;
+        match n {
+            1..=4 => self.gpr[n - 1] = (self.gpr[n - 1] & !0xff) | (v & 0xff),
+            5..=8 => self.gpr[n - 5] = (self.gpr[n - 5] & !0xff00) | ((v & 0xff) << 8),
+            9..=20 => self.gpr[n - 5] = (self.gpr[n - 5] & !0xff) | (v & 0xff),
+            21..=36 => self.gpr[n - 21] = (self.gpr[n - 21] & !0xffff) | (v & 0xffff),
+            37..=52 => self.gpr[n - 37] = v & 0xffff_ffff,
+            53..=68 => self.gpr[n - 53] = v,
+            _ => debug_assert!(false, "set_reg({r:?})"),
+        }
+    }
+
+    /// Write the low `size` bytes of GPR `idx` (1/2 merge, 4 zero-extends).
+    #[inline(always)]
+    pub(crate) fn set_gpr_sized(&mut self, idx: usize, size: u32, v: u64) {
+        let old = self.gpr[idx];
+        self.gpr[idx] = match size {
+            1 => (old & !0xff) | (v & 0xff),
+            2 => (old & !0xffff) | (v & 0xffff),
+            4 => v & 0xffff_ffff,
+            _ => v,
+        };
+    }
+
+    /// RFLAGS as software sees it.
+    pub fn rflags(&self) -> u64 {
+        self.flags.get()
+    }
+
+    pub fn rip(&self) -> u64 {
+        self.rip
+    }
+
+    pub fn gpr(&self, idx: usize) -> u64 {
+        self.gpr[idx]
+    }
+
+    pub fn set_gpr(&mut self, idx: usize, v: u64) {
+        self.gpr[idx] = v;
+    }
+
+    /// Time-stamp counter as RDTSC sees it.
+    pub(crate) fn read_tsc(&mut self, p: &mut dyn crate::Platform) -> u64 {
+        let base = p.tsc().unwrap_or(self.retired);
+        base.wrapping_add(self.tsc_offset)
+    }
+
+    /// Log an unimplemented instruction once per opcode form.
+    pub(crate) fn note_unimplemented(&mut self, i: &iced_x86::Instruction) {
+        let c = i.code() as usize;
+        let (w, b) = (c / 64, c % 64);
+        if self.unimplemented_seen[w] & (1 << b) == 0 {
+            self.unimplemented_seen[w] |= 1 << b;
+            log::warn!(
+                "interpreter: {:?} ({}) at {:#x} is not implemented; raising #UD (logged once)",
+                i.code(),
+                crate::disasm(i),
+                self.rip
+            );
+        }
+    }
+
+    /// Log an access to an MSR duet does not model, once per MSR and direction.
+    pub(crate) fn note_unknown_msr(&mut self, index: u32, write: bool) {
+        if self.unknown_msrs_logged.len() < 256 && self.unknown_msrs_logged.insert((index, write)) {
+            log::debug!(
+                "interpreter: {} of unknown MSR {index:#x} raises #GP (logged once)",
+                if write { "WRMSR" } else { "RDMSR" }
+            );
+        }
+    }
+
+    /// Set what CPUID reports (APIC presence and ID, TSC frequency).
+    pub fn set_cpuid_config(&mut self, cfg: crate::cpuid::CpuidConfig) {
+        self.cpuid_cfg = cfg;
+    }
+
+    /// Pending-event state (interrupt shadow, halted, ...).
+    pub fn events(&self) -> &PendingEvents {
+        &self.events
+    }
+    pub fn events_mut(&mut self) -> &mut PendingEvents {
+        &mut self.events
+    }
+
+    /// Ask `run` to return [`CpuExit::InterruptWindow`] when an external
+    /// interrupt could be taken.
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        self.irq_window = on;
+    }
+
+    /// Could an external interrupt be delivered at this boundary?
+    pub fn interrupts_enabled(&self) -> bool {
+        self.flags.test(flags::IF) && !self.events.sti_shadow && !self.events.mov_ss_shadow
+    }
+}

@@ -1,0 +1,359 @@
+//! The execution loop: event checks at block boundaries, block lookup or
+//! translation, and instruction dispatch.
+
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+
+use crate::block::{Block, Insn, MAX_BLOCK};
+use crate::cpu::{sreg, Cpu, CpuExit};
+use crate::dispatch::{self, Handler};
+use crate::exception::{Exception, XResult};
+use crate::interrupt::EventKind;
+use crate::mmu::Access;
+use crate::platform::Platform;
+
+/// Handler for an instruction that runs past the CS limit.
+fn past_limit(_cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
+    Err(Exception::gp0())
+}
+
+/// Precompute an `Insn` from a decoded instruction.
+pub(crate) fn make_insn(i: Instruction, bits: u32, h: Handler) -> Insn {
+    let ipmask = match bits {
+        64 => u64::MAX,
+        32 => 0xffff_ffff,
+        _ => 0xffff,
+    };
+    let amask = address_mask(&i, bits);
+    let size = match i.op_count() {
+        0 => 0,
+        _ => match i.op0_kind() {
+            OpKind::Register => i.op0_register().size() as u8,
+            OpKind::Memory => i.memory_size().size() as u8,
+            _ => 0,
+        },
+    };
+    let seg = match i.memory_segment() {
+        Register::None => sreg::DS as u8,
+        r => (r as usize - Register::ES as usize) as u8,
+    };
+    Insn {
+        next: i.next_ip() & ipmask,
+        h,
+        amask,
+        size,
+        seg,
+        i,
+    }
+}
+
+/// The address size of an instruction as a mask.
+fn address_mask(i: &Instruction, bits: u32) -> u64 {
+    let from_reg = |r: Register| match r.size() {
+        2 => Some(0xffffu64),
+        4 => Some(0xffff_ffff),
+        8 => Some(u64::MAX),
+        _ => None,
+    };
+    if let Some(m) = [i.memory_base(), i.memory_index()]
+        .into_iter()
+        .filter(|r| *r != Register::None)
+        .find_map(from_reg)
+    {
+        return m;
+    }
+    // String instructions name their registers in the operand kind.
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => return 0xffff,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => return 0xffff_ffff,
+            OpKind::MemorySegRSI | OpKind::MemoryESRDI | OpKind::MemorySegRDI => return u64::MAX,
+            _ => {}
+        }
+    }
+    match i.memory_displ_size() {
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        8 => u64::MAX,
+        // No memory operand that names its address size: the mode's default.
+        _ => match bits {
+            64 => u64::MAX,
+            32 => 0xffff_ffff,
+            _ => 0xffff,
+        },
+    }
+}
+
+impl Cpu {
+    /// Run until an exit condition, executing at most about `budget`
+    /// instructions (checked at block boundaries).
+    pub fn run(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
+        let limit = self.retired.saturating_add(budget);
+        loop {
+            if let Some(e) = self.check_events(p) {
+                return e;
+            }
+            if self.retired >= limit {
+                return CpuExit::BudgetExhausted;
+            }
+            self.events.sti_shadow = false;
+            self.events.mov_ss_shadow = false;
+            let block = match self.get_block(p) {
+                Ok(b) => b,
+                Err(exc) => {
+                    self.raise(p, exc);
+                    continue;
+                }
+            };
+            self.exec_block(p, &block);
+        }
+    }
+
+    /// Execute exactly one instruction (decoded afresh, no caches), then
+    /// deliver any exception it raised. Used by the KVM backend's fallback.
+    /// Returns an exit if the instruction produced one (HLT, triple fault).
+    pub fn step(&mut self, p: &mut dyn Platform) -> Option<CpuExit> {
+        self.events.sti_shadow = false;
+        self.events.mov_ss_shadow = false;
+        let insn = match self.decode_one(p) {
+            Ok(i) => i,
+            Err(exc) => {
+                self.raise(p, exc);
+                return if self.triple_fault { Some(CpuExit::TripleFault) } else { None };
+            }
+        };
+        let rip = self.rip;
+        self.rip = insn.next;
+        match (insn.h)(self, p, &insn) {
+            Ok(()) => self.retired += 1,
+            Err(exc) => {
+                self.rip = rip;
+                self.raise(p, exc);
+            }
+        }
+        self.end_block = false;
+        self.code_written = false;
+        if self.triple_fault {
+            return Some(CpuExit::TripleFault);
+        }
+        self.pending_exit.take()
+    }
+
+    /// Decode the instruction at CS:RIP without touching the block cache.
+    pub fn decode_one(&mut self, p: &mut dyn Platform) -> XResult<Insn> {
+        let mut buf = [0u8; 15];
+        let lin = self.code_linear(self.rip)?;
+        let user = self.user();
+        let n = self.fetch_upto(p, lin, &mut buf, user)?;
+        let mut dec = Decoder::with_ip(self.bits, &buf[..n], self.rip, DecoderOptions::NONE);
+        let i = dec.decode();
+        if dec.last_error() == DecoderError::NoMoreBytes {
+            // Needed bytes beyond the CS limit or an unfetchable page.
+            if n < 15 {
+                // Re-fetch to raise the right fault.
+                let mut full = [0u8; 15];
+                self.fetch_bytes(p, lin, &mut full, user)?;
+            }
+            return Ok(make_insn(i, self.bits, past_limit));
+        }
+        let h = dispatch::table()[i.code() as usize];
+        Ok(make_insn(i, self.bits, h))
+    }
+
+    /// Fetch up to `buf.len()` bytes: stop early at the CS limit, fault only
+    /// if the first byte cannot be fetched; stop at an unfetchable page.
+    fn fetch_upto(&mut self, p: &mut dyn Platform, lin: u64, buf: &mut [u8], user: bool) -> XResult<usize> {
+        let avail = self.cs_bytes_available(self.rip).min(buf.len() as u64) as usize;
+        if avail == 0 {
+            return Err(Exception::gp0());
+        }
+        let first = (0x1000 - (lin & 0xfff) as usize).min(avail);
+        self.fetch_bytes(p, lin, &mut buf[..first], user)?;
+        if first < avail {
+            let next = lin.wrapping_add(first as u64) & self.lin_mask();
+            if self.fetch_bytes(p, next, &mut buf[first..avail], user).is_err() {
+                return Ok(first);
+            }
+        }
+        Ok(avail)
+    }
+
+    /// Bytes from `rip` to the end of the CS limit (unbounded in 64-bit mode).
+    fn cs_bytes_available(&self, rip: u64) -> u64 {
+        if self.bits == 64 {
+            return u64::MAX;
+        }
+        let lim = u64::from(self.seg[sreg::CS].limit);
+        if rip > lim {
+            0
+        } else {
+            lim - rip + 1
+        }
+    }
+
+    fn code_linear(&self, rip: u64) -> XResult<u64> {
+        if self.bits == 64 {
+            if !crate::segment::canonical(rip) {
+                return Err(Exception::gp0());
+            }
+            return Ok(rip);
+        }
+        if rip > u64::from(self.seg[sreg::CS].limit) {
+            return Err(Exception::gp0());
+        }
+        Ok(self.seg[sreg::CS].base.wrapping_add(rip) & 0xffff_ffff)
+    }
+
+    /// Find or translate the block at CS:RIP.
+    fn get_block(&mut self, p: &mut dyn Platform) -> XResult<Arc<Block>> {
+        let lin = self.code_linear(self.rip)?;
+        let user = self.user();
+        let paddr = self.translate(p, lin, Access::Exec, user)?;
+        if !self.uncached {
+            if let Some(b) = self.blocks.get(paddr, self.rip, self.bits) {
+                return Ok(b);
+            }
+        }
+        let block = self.translate_block(p, lin, paddr, user)?;
+        if self.uncached {
+            return Ok(Arc::new(block));
+        }
+        let pages = block.pages;
+        for pg in pages {
+            if !self.blocks.is_code_page(pg) {
+                self.tlb.mark_code_page(pg);
+            }
+        }
+        Ok(self.blocks.insert(paddr, block))
+    }
+
+    fn translate_block(&mut self, p: &mut dyn Platform, lin: u64, paddr: u64, user: bool) -> XResult<Block> {
+        let bits = self.bits;
+        let page_left = 0x1000 - (lin & 0xfff) as usize;
+        let avail = self.cs_bytes_available(self.rip).min(page_left as u64) as usize;
+        let mut bytes = [0u8; 0x1000];
+        self.fetch_bytes(p, lin, &mut bytes[..avail], user)?;
+        let table = dispatch::table();
+        let mut insns: Vec<Insn> = Vec::with_capacity(16);
+        let mut pages = [paddr & !0xfff; 2];
+        let mut dec = Decoder::with_ip(bits, &bytes[..avail], self.rip, DecoderOptions::NONE);
+        while insns.len() < MAX_BLOCK {
+            let pos = dec.position();
+            if pos >= avail {
+                // The block reached the page end (or the CS limit) exactly.
+                if avail < page_left && insns.is_empty() {
+                    return Err(Exception::gp0());
+                }
+                break;
+            }
+            let i = dec.decode();
+            if dec.last_error() == DecoderError::NoMoreBytes {
+                let ip = self.rip.wrapping_add(pos as u64);
+                if !insns.is_empty() {
+                    // Let the next block start at this instruction.
+                    break;
+                }
+                // The first instruction straddles the page end or the CS limit.
+                let mut buf = [0u8; 15];
+                let a = lin.wrapping_add(pos as u64) & self.lin_mask();
+                let save = self.rip;
+                self.rip = ip;
+                let n = self.fetch_upto(p, a, &mut buf, user);
+                self.rip = save;
+                let n = n?;
+                let mut d2 = Decoder::with_ip(bits, &buf[..n], ip, DecoderOptions::NONE);
+                let i2 = d2.decode();
+                if d2.last_error() == DecoderError::NoMoreBytes {
+                    if n < 15 && self.cs_bytes_available(ip) >= 15 {
+                        // The next page could not be fetched: raise its fault.
+                        let next = (a & !0xfff).wrapping_add(0x1000) & self.lin_mask();
+                        self.translate(p, next, Access::Exec, user)?;
+                    }
+                    insns.push(make_insn(i2, bits, past_limit));
+                    break;
+                }
+                let next = (a & !0xfff).wrapping_add(0x1000) & self.lin_mask();
+                pages[1] = self.translate(p, next, Access::Exec, user)? & !0xfff;
+                insns.push(make_insn(i2, bits, table[i2.code() as usize]));
+                break;
+            }
+            let fc = i.flow_control();
+            insns.push(make_insn(i, bits, table[i.code() as usize]));
+            if fc != FlowControl::Next {
+                break;
+            }
+        }
+        Ok(Block {
+            insns: insns.into_boxed_slice(),
+            rip: self.rip,
+            bits,
+            pages,
+        })
+    }
+
+    fn exec_block(&mut self, p: &mut dyn Platform, block: &Block) {
+        for insn in block.insns.iter() {
+            let rip = self.rip;
+            self.rip = insn.next;
+            if let Err(exc) = (insn.h)(self, p, insn) {
+                self.rip = rip;
+                self.end_block = false;
+                self.code_written = false;
+                self.raise(p, exc);
+                return;
+            }
+            self.retired += 1;
+            if self.end_block | self.code_written {
+                self.end_block = false;
+                self.code_written = false;
+                return;
+            }
+        }
+    }
+
+    /// Deliver pending events and decide whether to return.
+    fn check_events(&mut self, p: &mut dyn Platform) -> Option<CpuExit> {
+        if self.triple_fault {
+            return Some(CpuExit::TripleFault);
+        }
+        if let Some(e) = self.pending_exit.take() {
+            return Some(e);
+        }
+        if self.events.nmi_pending && !self.events.nmi_masked && !self.events.mov_ss_shadow {
+            self.events.nmi_pending = false;
+            self.events.nmi_masked = true;
+            self.deliver_with_nesting(p, Exception::new(crate::exception::NMI), EventKind::Nmi);
+            if self.triple_fault {
+                return Some(CpuExit::TripleFault);
+            }
+        }
+        if self.interrupts_enabled() {
+            if let Some(v) = self.events.interrupt.take() {
+                self.deliver_with_nesting(p, Exception::new(v), EventKind::External);
+                if self.triple_fault {
+                    return Some(CpuExit::TripleFault);
+                }
+            } else if self.irq_window {
+                return Some(CpuExit::InterruptWindow);
+            }
+        }
+        if self.events.halted {
+            return Some(CpuExit::Halted);
+        }
+        if p.stop_requested() {
+            return Some(CpuExit::StopRequested);
+        }
+        None
+    }
+
+    /// Queue an external interrupt (delivered when IF allows).
+    pub fn inject_interrupt(&mut self, vector: u8) {
+        self.events.interrupt = Some(vector);
+    }
+
+    /// Queue an NMI.
+    pub fn inject_nmi(&mut self) {
+        self.events.nmi_pending = true;
+    }
+}

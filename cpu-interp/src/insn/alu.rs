@@ -1,0 +1,155 @@
+//! Integer arithmetic and logic: ADD OR ADC SBB AND SUB XOR CMP TEST, INC
+//! DEC NEG NOT.
+
+use iced_x86::Mnemonic;
+
+use super::mask;
+use crate::block::Insn;
+use crate::cpu::Cpu;
+use crate::dispatch::Table;
+use crate::exception::XResult;
+use crate::flags::FlagOp;
+use crate::platform::Platform;
+
+pub fn register(t: &mut Table) {
+    t.set_mnemonic(Mnemonic::Add, binop::<ADD>);
+    t.set_mnemonic(Mnemonic::Or, binop::<OR>);
+    t.set_mnemonic(Mnemonic::Adc, binop::<ADC>);
+    t.set_mnemonic(Mnemonic::Sbb, binop::<SBB>);
+    t.set_mnemonic(Mnemonic::And, binop::<AND>);
+    t.set_mnemonic(Mnemonic::Sub, binop::<SUB>);
+    t.set_mnemonic(Mnemonic::Xor, binop::<XOR>);
+    t.set_mnemonic(Mnemonic::Cmp, binop::<CMP>);
+    t.set_mnemonic(Mnemonic::Test, binop::<TEST>);
+    t.set_mnemonic(Mnemonic::Inc, incdec::<true>);
+    t.set_mnemonic(Mnemonic::Dec, incdec::<false>);
+    t.set_mnemonic(Mnemonic::Neg, neg);
+    t.set_mnemonic(Mnemonic::Not, not);
+}
+
+const ADD: u8 = 0;
+const OR: u8 = 1;
+const ADC: u8 = 2;
+const SBB: u8 = 3;
+const AND: u8 = 4;
+const SUB: u8 = 5;
+const XOR: u8 = 6;
+const CMP: u8 = 7;
+const TEST: u8 = 8;
+
+fn binop<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let size = d.size as usize;
+    let a = cpu.op_read(p, d, 0, size)?;
+    let b = cpu.op_read(p, d, 1, size)?;
+    let w = size as u32 * 8;
+    let (r, op, carry) = match OP {
+        ADD => (a.wrapping_add(b), FlagOp::Add, false),
+        OR => (a | b, FlagOp::Logic, false),
+        ADC => {
+            let c = cpu.flags.cf();
+            (a.wrapping_add(b).wrapping_add(c as u64), FlagOp::Adc, c)
+        }
+        SBB => {
+            let c = cpu.flags.cf();
+            (a.wrapping_sub(b).wrapping_sub(c as u64), FlagOp::Sbb, c)
+        }
+        AND | TEST => (a & b, FlagOp::Logic, false),
+        SUB | CMP => (a.wrapping_sub(b), FlagOp::Sub, false),
+        _ => (a ^ b, FlagOp::Logic, false),
+    };
+    let r = r & mask(size);
+    if OP != CMP && OP != TEST {
+        cpu.op0_write(p, d, size, r)?;
+    }
+    if matches!(OP, ADC | SBB) {
+        cpu.flags.set_lazy_carry(op, w, a, b, r, carry);
+    } else {
+        cpu.flags.set_lazy(op, w, a, b, r);
+    }
+    Ok(())
+}
+
+fn incdec<const INC: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let size = d.size as usize;
+    let a = cpu.op_read(p, d, 0, size)?;
+    let r = if INC { a.wrapping_add(1) } else { a.wrapping_sub(1) } & mask(size);
+    cpu.op0_write(p, d, size, r)?;
+    cpu.flags.set_incdec(INC, size as u32 * 8, a, r);
+    Ok(())
+}
+
+fn neg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let size = d.size as usize;
+    let a = cpu.op_read(p, d, 0, size)?;
+    let r = 0u64.wrapping_sub(a) & mask(size);
+    cpu.op0_write(p, d, size, r)?;
+    cpu.flags.set_lazy(FlagOp::Sub, size as u32 * 8, 0, a, r);
+    Ok(())
+}
+
+fn not(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let size = d.size as usize;
+    let a = cpu.op_read(p, d, 0, size)?;
+    cpu.op0_write(p, d, size, !a & mask(size))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::flags::*;
+    use crate::insn::testutil::*;
+    use crate::state::gpr::*;
+
+    #[test]
+    fn add_sub_cmp_flags_64() {
+        // add rax, rbx ; sub rcx, 1 ; cmp rdx, rdx
+        let code = [0x48, 0x01, 0xd8, 0x48, 0x83, 0xe9, 0x01, 0x48, 0x39, 0xd2];
+        let c = run(Mode::Long64, &code, |c| {
+            c.set_gpr(RAX, u64::MAX);
+            c.set_gpr(RBX, 2);
+            c.set_gpr(RCX, 0);
+            c.set_gpr(RDX, 7);
+        });
+        assert_eq!(c.gpr(RAX), 1);
+        assert_eq!(c.gpr(RCX), u64::MAX);
+        assert_eq!(c.rflags() & ARITH, ZF | PF);
+    }
+
+    #[test]
+    fn partial_registers_and_memory_operands_32() {
+        // add al, 0x80 (04 80) ; or ah, 1 (80 cc 01) ; xor ebx, ebx (31 db)
+        // adc dword [0x2000], ecx (11 0d 00 20 00 00) ; inc word [0x2004] (66 ff 05 04 20 00 00)
+        let code = [
+            0x04, 0x80, 0x80, 0xcc, 0x01, 0x31, 0xdb, 0x11, 0x0d, 0x00, 0x20, 0x00, 0x00, 0x66, 0xff, 0x05, 0x04,
+            0x20, 0x00, 0x00,
+        ];
+        let c = run(Mode::Prot32, &code, |c| {
+            c.set_gpr(RAX, 0x1234_5680);
+            c.set_gpr(RBX, 0xdead);
+            c.set_gpr(RCX, 5);
+            write_phys(c, 0x2000, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        });
+        assert_eq!(c.gpr(RAX), 0x1234_5700);
+        assert_eq!(c.gpr(RBX), 0);
+        // 0xffffffff + 5 + CF(0: xor cleared it) = 4
+        assert_eq!(read_phys(&c, 0x2000, 4), 4);
+        assert_eq!(read_phys(&c, 0x2004, 2), 0);
+        // inc sets ZF, keeps CF from adc (which carried).
+        assert_eq!(c.rflags() & (ZF | CF), ZF | CF);
+    }
+
+    #[test]
+    fn neg_not_inc_dec_16() {
+        // neg ax (f7 d8) ; not bx (f7 d3) ; dec cx (49)
+        let code = [0xf7, 0xd8, 0xf7, 0xd3, 0x49];
+        let c = run(Mode::Real16, &code, |c| {
+            c.set_gpr(RAX, 0xffff_0001);
+            c.set_gpr(RBX, 0x00ff);
+            c.set_gpr(RCX, 0);
+        });
+        assert_eq!(c.gpr(RAX), 0xffff_ffff);
+        assert_eq!(c.gpr(RBX), 0xff00);
+        assert_eq!(c.gpr(RCX), 0xffff);
+        // dec keeps CF set by neg of a non-zero value.
+        assert_eq!(c.rflags() & (CF | SF | AF), CF | SF | AF);
+    }
+}

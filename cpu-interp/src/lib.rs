@@ -1,0 +1,51 @@
+//! duet's x86-64 interpreter.
+//!
+//! Instructions are decoded with iced-x86 once per block ([`block`]) and
+//! executed through a dispatch table indexed by iced's `Code`
+//! ([`dispatch`]). Arithmetic flags are lazy ([`flags`]); faults travel as
+//! `Result<_, Exception>` ([`exception`]) and are delivered through the IVT
+//! or IDT ([`interrupt`]). Memory goes through segmentation ([`segment`])
+//! and paging with a software TLB ([`mmu`]) straight to the host mapping of
+//! guest RAM ([`memory`]); everything else reaches the machine through the
+//! [`Platform`] trait. The crate knows nothing of devices.
+
+pub mod block;
+pub mod cpu;
+pub mod cpuid;
+pub mod dispatch;
+pub mod exception;
+mod exec;
+pub mod flags;
+pub mod fpu;
+pub mod insn;
+pub mod interrupt;
+pub mod memory;
+pub mod mmu;
+pub mod platform;
+pub mod segment;
+pub mod state;
+
+pub use cpu::{Cpu, CpuExit};
+pub use exception::Exception;
+pub use memory::Ram;
+pub use platform::{NullPlatform, Platform};
+
+/// Intel-syntax disassembly of one instruction, for messages.
+pub fn disasm(i: &iced_x86::Instruction) -> String {
+    use iced_x86::Formatter;
+    let mut f = iced_x86::IntelFormatter::new();
+    let mut s = String::new();
+    f.format(i, &mut s);
+    s
+}
+
+/// Disassemble `bytes` as one instruction at `ip` in `bits`-bit code.
+pub fn disasm_bytes(bits: u32, ip: u64, bytes: &[u8]) -> String {
+    let mut d = iced_x86::Decoder::with_ip(bits, bytes, ip, iced_x86::DecoderOptions::NONE);
+    let i = d.decode();
+    if i.is_invalid() {
+        "(invalid)".to_string()
+    } else {
+        disasm(&i)
+    }
+}

@@ -1,0 +1,45 @@
+//! What the interpreter needs from the machine around it.
+//!
+//! RAM is reached directly through the guest memory mapping (see
+//! [`crate::memory`]); everything else — port I/O, physical addresses that are
+//! not RAM, the clock — goes through this trait. The interpreter knows nothing
+//! of devices, buses or backends.
+
+/// Services the interpreter calls synchronously, in the middle of an
+/// instruction when needed (an MMIO read inside `add [mem], eax`).
+pub trait Platform {
+    /// `IN`: fill `data` (1, 2 or 4 bytes) from `port`.
+    fn io_read(&mut self, port: u16, data: &mut [u8]);
+    /// `OUT`: write `data` (1, 2 or 4 bytes) to `port`.
+    fn io_write(&mut self, port: u16, data: &[u8]);
+    /// A read of guest-physical memory that is not RAM.
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]);
+    /// A write of guest-physical memory that is not RAM.
+    fn mmio_write(&mut self, addr: u64, data: &[u8]);
+    /// True when the machine wants the CPU to stop at the next instruction
+    /// boundary (a device asked for a VM-level action such as reset).
+    fn stop_requested(&self) -> bool {
+        false
+    }
+    /// The time-stamp counter: what `RDTSC` returns before the TSC offset.
+    /// `None` lets the interpreter use its retired-instruction count.
+    fn tsc(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// A platform with nothing attached: reads return all ones, writes are dropped.
+/// Useful for tests and for the differential harness.
+#[derive(Debug, Default)]
+pub struct NullPlatform;
+
+impl Platform for NullPlatform {
+    fn io_read(&mut self, _port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn io_write(&mut self, _port: u16, _data: &[u8]) {}
+    fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&mut self, _addr: u64, _data: &[u8]) {}
+}

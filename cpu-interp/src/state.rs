@@ -1,0 +1,303 @@
+//! Plain, backend-neutral x86-64 CPU state.
+//!
+//! These structs are the currency between backends: the KVM backend converts
+//! its kvm-bindings structures to and from them, the interpreter runs on them
+//! directly, and later snapshots serialise them. They hold data only.
+
+/// Indices into [`Regs::gpr`].
+pub mod gpr {
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RSP: usize = 4;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+    pub const R8: usize = 8;
+    pub const R9: usize = 9;
+    pub const R10: usize = 10;
+    pub const R11: usize = 11;
+    pub const R12: usize = 12;
+    pub const R13: usize = 13;
+    pub const R14: usize = 14;
+    pub const R15: usize = 15;
+}
+
+/// General-purpose registers, RIP and RFLAGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (hardware encoding order).
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A segment register with its hidden descriptor cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    /// Limit in bytes (already scaled by the granularity bit).
+    pub limit: u32,
+    /// Descriptor type field (4 bits).
+    pub type_: u8,
+    /// S bit: 1 for code/data, 0 for system segments.
+    pub s: bool,
+    pub dpl: u8,
+    pub present: bool,
+    pub avl: bool,
+    /// L bit (64-bit code segment).
+    pub l: bool,
+    /// D/B bit (default operation size / big).
+    pub db: bool,
+    /// Granularity bit (kept for round trips; `limit` is already scaled).
+    pub g: bool,
+    /// Unusable segment (a null selector loaded in protected mode).
+    pub unusable: bool,
+}
+
+impl Segment {
+    /// A real-mode style segment: base = selector << 4, 64 KiB limit.
+    pub fn real_mode(selector: u16, code: bool) -> Self {
+        Segment {
+            selector,
+            base: u64::from(selector) << 4,
+            limit: 0xffff,
+            type_: if code { 0xb } else { 0x3 },
+            s: true,
+            dpl: 0,
+            present: true,
+            ..Default::default()
+        }
+    }
+
+    /// A flat system segment (used for LDTR/TR defaults).
+    pub fn system(type_: u8) -> Self {
+        Segment {
+            limit: 0xffff,
+            type_,
+            present: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// GDTR / IDTR.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// Segment, control and descriptor-table registers plus EFER and APIC base.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sregs {
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub ss: Segment,
+    pub tr: Segment,
+    pub ldt: Segment,
+    pub gdt: DescriptorTable,
+    pub idt: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+}
+
+/// Debug registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DebugRegs {
+    pub db: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// x87 / MMX / SSE state in the FXSAVE layout's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FpuState {
+    /// ST0..ST7 as 80-bit values in physical register order R0..R7
+    /// (the FXSAVE image stores them by stack position; converters rotate).
+    pub st: [[u8; 10]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    /// Full (not abridged) tag word: 2 bits per physical register.
+    pub ftw: u16,
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+    pub xmm: [u128; 16],
+    pub mxcsr: u32,
+}
+
+impl Default for FpuState {
+    fn default() -> Self {
+        FpuState {
+            st: [[0; 10]; 8],
+            fcw: 0x37f,
+            fsw: 0,
+            ftw: 0xffff,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            xmm: [0; 16],
+            mxcsr: 0x1f80,
+        }
+    }
+}
+
+/// MSR numbers the interpreter models (and the KVM backend transfers).
+pub mod msr {
+    pub const TSC: u32 = 0x10;
+    pub const APIC_BASE: u32 = 0x1b;
+    pub const MTRRCAP: u32 = 0xfe;
+    pub const SYSENTER_CS: u32 = 0x174;
+    pub const SYSENTER_ESP: u32 = 0x175;
+    pub const SYSENTER_EIP: u32 = 0x176;
+    pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const PAT: u32 = 0x277;
+    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
+    pub const EFER: u32 = 0xc000_0080;
+    pub const STAR: u32 = 0xc000_0081;
+    pub const LSTAR: u32 = 0xc000_0082;
+    pub const CSTAR: u32 = 0xc000_0083;
+    pub const SFMASK: u32 = 0xc000_0084;
+    pub const FS_BASE: u32 = 0xc000_0100;
+    pub const GS_BASE: u32 = 0xc000_0101;
+    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    pub const TSC_AUX: u32 = 0xc000_0103;
+}
+
+/// MSRs that live outside [`Sregs`] (EFER and APIC base are there;
+/// FS/GS bases are in the segment caches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msrs {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub sfmask: u64,
+    pub kernel_gs_base: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub pat: u64,
+    pub tsc_aux: u64,
+    pub misc_enable: u64,
+}
+
+impl Default for Msrs {
+    fn default() -> Self {
+        Msrs {
+            star: 0,
+            lstar: 0,
+            cstar: 0,
+            sfmask: 0,
+            kernel_gs_base: 0,
+            sysenter_cs: 0,
+            sysenter_esp: 0,
+            sysenter_eip: 0,
+            pat: 0x0007_0406_0007_0406,
+            tsc_aux: 0,
+            misc_enable: 1, // fast strings
+        }
+    }
+}
+
+/// Interrupt-related state that is not in registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEvents {
+    /// An external interrupt accepted for injection but not yet delivered.
+    pub interrupt: Option<u8>,
+    /// An NMI is pending.
+    pub nmi_pending: bool,
+    /// NMIs are blocked (inside an NMI handler until IRET).
+    pub nmi_masked: bool,
+    /// STI interrupt shadow active for the next instruction.
+    pub sti_shadow: bool,
+    /// MOV SS / POP SS shadow active for the next instruction.
+    pub mov_ss_shadow: bool,
+    /// The CPU is halted waiting for an interrupt.
+    pub halted: bool,
+}
+
+/// Everything needed to move a vCPU between backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    pub regs: Regs,
+    pub sregs: Sregs,
+    pub msrs: Msrs,
+    pub fpu: FpuState,
+    pub debug: DebugRegs,
+    pub xcr0: u64,
+    pub events: PendingEvents,
+    /// Time-stamp counter value.
+    pub tsc: u64,
+}
+
+impl CpuState {
+    /// The architectural state after RESET (SDM vol. 3, table 9-1), with the
+    /// conventional CS:IP of F000:FFF0.
+    pub fn reset() -> Self {
+        let mut cs = Segment::real_mode(0xf000, true);
+        cs.base = 0xffff_0000;
+        let data = Segment::real_mode(0, false);
+        CpuState {
+            regs: Regs {
+                gpr: [0; 16],
+                rip: 0xfff0,
+                rflags: 0x2,
+            },
+            sregs: Sregs {
+                cs,
+                ds: data,
+                es: data,
+                fs: data,
+                gs: data,
+                ss: data,
+                tr: Segment::system(0xb),
+                ldt: Segment::system(0x2),
+                gdt: DescriptorTable {
+                    base: 0,
+                    limit: 0xffff,
+                },
+                idt: DescriptorTable {
+                    base: 0,
+                    limit: 0xffff,
+                },
+                cr0: 0x6000_0010,
+                cr2: 0,
+                cr3: 0,
+                cr4: 0,
+                cr8: 0,
+                efer: 0,
+                apic_base: 0xfee0_0900,
+            },
+            msrs: Msrs::default(),
+            fpu: FpuState::default(),
+            debug: DebugRegs {
+                db: [0; 4],
+                dr6: 0xffff_0ff0,
+                dr7: 0x400,
+            },
+            xcr0: 1,
+            events: PendingEvents::default(),
+            tsc: 0,
+        }
+    }
+
+    /// Real mode at `cs:ip` with all data segments zero-based — what the
+    /// built-in guests and flat real-mode loaders start from.
+    pub fn real_mode_at(cs: u16, ip: u16) -> Self {
+        let mut s = Self::reset();
+        s.sregs.cs = Segment::real_mode(cs, true);
+        s.regs.rip = u64::from(ip);
+        s
+    }
+}

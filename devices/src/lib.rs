@@ -1,0 +1,19 @@
+//! Device models and the buses that carry guest accesses to them.
+//!
+//! This crate knows nothing of KVM or of the interpreter. Devices see guest
+//! accesses through [`bus::BusDevice`], raise interrupts through an abstract
+//! [`irq::IrqLine`], and ask for VM-level actions (reset, power off, debug
+//! exit) through a [`vm_control::VmControl`] handle.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod irq;
+pub mod post_code;
+pub mod ratelimit;
+pub mod uart16550;
+pub mod vm_control;
+
+pub use bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
+pub use irq::{IrqLine, NullIrq};
+pub use vm_control::{VmAction, VmControl};

@@ -1,0 +1,140 @@
+//! The interpreter backend: adapts `cpu_interp::Cpu` to the [`Vcpu`] trait.
+
+use cpu_interp::{Cpu, CpuExit, Platform, Ram};
+
+use super::{Backend, CpuState, GuestMemory, IoHandler, Result, Vcpu, VcpuExit, VcpuStats};
+
+/// Instructions the interpreter runs before returning `Interrupted`, so the
+/// VMM gets regular chances to look at the outside world.
+pub const DEFAULT_BUDGET: u64 = 4_000_000;
+
+/// Presents the VMM's [`IoHandler`] as the interpreter's [`Platform`].
+/// Shared with the KVM backend's fallback path.
+pub struct IoPlatform<'a> {
+    pub io: &'a mut dyn IoHandler,
+}
+
+impl Platform for IoPlatform<'_> {
+    fn io_read(&mut self, port: u16, data: &mut [u8]) {
+        self.io.pio_read(port, data);
+    }
+    fn io_write(&mut self, port: u16, data: &[u8]) {
+        self.io.pio_write(port, data);
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.io.mmio_read(addr, data);
+    }
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.io.mmio_write(addr, data);
+    }
+    fn stop_requested(&self) -> bool {
+        self.io.exit_requested()
+    }
+    fn tsc(&mut self) -> Option<u64> {
+        self.io.tsc()
+    }
+}
+
+/// One VM on the interpreter.
+pub struct InterpBackend {
+    mem: GuestMemory,
+}
+
+impl InterpBackend {
+    pub fn new(mem: GuestMemory) -> Self {
+        InterpBackend { mem }
+    }
+}
+
+impl Backend for InterpBackend {
+    fn name(&self) -> &'static str {
+        "interp"
+    }
+
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let mut cpu = Cpu::new(Ram::new(self.mem.clone()));
+        cpu.set_cpuid_config(cpu_interp::cpuid::CpuidConfig {
+            apic_id: id,
+            ..Default::default()
+        });
+        Ok(Box::new(InterpVcpu {
+            cpu,
+            budget: DEFAULT_BUDGET,
+            exits: Default::default(),
+        }))
+    }
+}
+
+/// A vCPU on the interpreter.
+pub struct InterpVcpu {
+    cpu: Cpu,
+    budget: u64,
+    exits: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl InterpVcpu {
+    /// Change how many instructions run between `Interrupted` returns.
+    pub fn set_budget(&mut self, budget: u64) {
+        self.budget = budget.max(1);
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.exits.entry(what).or_default() += 1;
+    }
+}
+
+impl Vcpu for InterpVcpu {
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
+        let mut plat = IoPlatform { io };
+        let exit = match self.cpu.run(&mut plat, self.budget) {
+            CpuExit::Halted => VcpuExit::Halted,
+            CpuExit::InterruptWindow => VcpuExit::InterruptWindow,
+            CpuExit::TripleFault => VcpuExit::Shutdown(super::ShutdownReason::TripleFault),
+            CpuExit::BudgetExhausted => VcpuExit::Interrupted,
+            CpuExit::StopRequested => VcpuExit::IoRequest,
+        };
+        self.count(match exit {
+            VcpuExit::Halted => "hlt",
+            VcpuExit::InterruptWindow => "irq-window",
+            VcpuExit::Shutdown(_) => "shutdown",
+            VcpuExit::IoRequest => "io-request",
+            VcpuExit::Interrupted => "budget",
+        });
+        Ok(exit)
+    }
+
+    fn state(&mut self) -> Result<CpuState> {
+        Ok(self.cpu.state())
+    }
+
+    fn set_state(&mut self, state: &CpuState) -> Result<()> {
+        self.cpu.set_state(state);
+        Ok(())
+    }
+
+    fn ready_for_interrupt(&mut self) -> bool {
+        self.cpu.interrupts_enabled() && self.cpu.events().interrupt.is_none()
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<()> {
+        self.cpu.inject_interrupt(vector);
+        Ok(())
+    }
+
+    fn inject_nmi(&mut self) -> Result<()> {
+        self.cpu.inject_nmi();
+        Ok(())
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.cpu.request_interrupt_window(on);
+    }
+
+    fn stats(&self) -> VcpuStats {
+        VcpuStats {
+            instructions: Some(self.cpu.retired()),
+            exits: self.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            interp_fallbacks: 0,
+        }
+    }
+}

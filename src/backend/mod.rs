@@ -1,0 +1,196 @@
+//! The execution backends behind one pair of traits.
+//!
+//! A [`Backend`] is one VM over duet's guest memory; it creates [`Vcpu`]s.
+//! A vCPU runs guest code until something the VMM must act on happens, and
+//! services port I/O and MMIO synchronously through an [`IoHandler`] while it
+//! runs, so that the interpreter can complete an MMIO access in the middle of
+//! an instruction and KVM can complete its I/O exits, both through the same
+//! device bus. No KVM type crosses these traits: registers are the neutral
+//! structs of [`cpu_interp::state`].
+
+use std::fmt;
+
+pub use cpu_interp::state::{
+    CpuState, DebugRegs, DescriptorTable, FpuState, Msrs, PendingEvents, Regs, Segment, Sregs,
+};
+
+pub mod interp;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
+
+/// Guest memory as shared by both backends.
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// Services the VMM provides to a running vCPU.
+pub trait IoHandler {
+    /// Port read of `data.len()` bytes (1, 2 or 4).
+    fn pio_read(&mut self, port: u16, data: &mut [u8]);
+    /// Port write.
+    fn pio_write(&mut self, port: u16, data: &[u8]);
+    /// Read of guest-physical memory that is not RAM.
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]);
+    /// Write to guest-physical memory that is not RAM.
+    fn mmio_write(&mut self, addr: u64, data: &[u8]);
+    /// Checked by the backend after every access it services: true when the
+    /// VMM needs the vCPU back (a device asked for a VM-level action). The
+    /// backend completes the current instruction and returns
+    /// [`VcpuExit::IoRequest`].
+    fn exit_requested(&self) -> bool;
+    /// The VM clock's time-stamp counter, when the VMM owns time.
+    fn tsc(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// Why the guest shut down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// A fault while delivering a double fault.
+    TripleFault,
+    /// HLT with interrupts disabled and nothing that could wake the CPU.
+    HaltedWithInterruptsOff,
+    /// The backend gave up on the guest (e.g. an instruction neither KVM nor
+    /// the interpreter can execute). The message says what and where.
+    Unrecoverable(String),
+}
+
+impl fmt::Display for ShutdownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShutdownReason::TripleFault => write!(f, "triple fault"),
+            ShutdownReason::HaltedWithInterruptsOff => {
+                write!(f, "guest stopped: HLT with interrupts disabled")
+            }
+            ShutdownReason::Unrecoverable(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// What a vCPU returns to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// HLT with interrupts enabled: the vCPU waits for an interrupt.
+    Halted,
+    /// The interrupt window requested with [`Vcpu::request_interrupt_window`]
+    /// is open: an interrupt can be injected now.
+    InterruptWindow,
+    /// The guest shut down.
+    Shutdown(ShutdownReason),
+    /// The [`IoHandler`] asked for the vCPU back (see
+    /// [`IoHandler::exit_requested`]); the VMM knows why.
+    IoRequest,
+    /// The run was interrupted from outside (a kick or an instruction budget
+    /// running out); nothing happened that needs action.
+    Interrupted,
+}
+
+/// Host-side failures of a backend. Guest-caused conditions are never
+/// errors: they come back as [`VcpuExit`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("KVM is not available: {0}")]
+    KvmUnavailable(String),
+    #[error("KVM ioctl {op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("backend '{0}' is not compiled into this build")]
+    NotCompiled(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Counters a backend keeps for `--stats`.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuStats {
+    /// Guest instructions retired, where the backend knows them.
+    pub instructions: Option<u64>,
+    /// Exits taken, by reason (backend-specific names).
+    pub exits: Vec<(String, u64)>,
+    /// Instructions the KVM backend handed to the interpreter.
+    pub interp_fallbacks: u64,
+}
+
+/// One virtual CPU.
+pub trait Vcpu: Send {
+    /// Run until something the VMM must act on. I/O is serviced through `io`.
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit>;
+
+    /// The complete architectural state.
+    fn state(&mut self) -> Result<CpuState>;
+    /// Replace the complete architectural state.
+    fn set_state(&mut self, state: &CpuState) -> Result<()>;
+
+    /// General registers, RIP and RFLAGS.
+    fn regs(&mut self) -> Result<Regs> {
+        Ok(self.state()?.regs)
+    }
+    /// Segment, control and descriptor-table registers.
+    fn sregs(&mut self) -> Result<Sregs> {
+        Ok(self.state()?.sregs)
+    }
+
+    /// True when an external interrupt injected now would be taken at once
+    /// (IF set, no interrupt shadow, nothing else pending).
+    fn ready_for_interrupt(&mut self) -> bool;
+    /// Queue external interrupt `vector` for delivery at the next boundary.
+    fn inject_interrupt(&mut self, vector: u8) -> Result<()>;
+    /// Queue a non-maskable interrupt.
+    fn inject_nmi(&mut self) -> Result<()>;
+    /// Ask to return [`VcpuExit::InterruptWindow`] as soon as the guest can
+    /// take an interrupt.
+    fn request_interrupt_window(&mut self, on: bool);
+
+    /// Counters for `--stats`.
+    fn stats(&self) -> VcpuStats;
+}
+
+/// One VM on one backend.
+pub trait Backend {
+    /// Short name: "kvm" or "interp".
+    fn name(&self) -> &'static str;
+    /// Create vCPU `id` in its reset state.
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>>;
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Kvm,
+    Interp,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Kvm => "kvm",
+            BackendKind::Interp => "interp",
+        }
+    }
+}
+
+/// Is KVM usable here? `Err` carries a reason a user can act on.
+pub fn kvm_available() -> std::result::Result<(), String> {
+    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    {
+        kvm::probe()
+    }
+    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+    {
+        Err("this build of duet has no KVM backend (feature `kvm`, Linux x86_64 only)".into())
+    }
+}
+
+/// Create a VM on the chosen backend over `mem`.
+pub fn create(kind: BackendKind, mem: &GuestMemory) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Interp => Ok(Box::new(interp::InterpBackend::new(mem.clone()))),
+        #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+        BackendKind::Kvm => Ok(Box::new(kvm::KvmBackend::new(mem)?)),
+        #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+        BackendKind::Kvm => Err(BackendError::NotCompiled("kvm")),
+    }
+}

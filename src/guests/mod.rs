@@ -1,0 +1,49 @@
+//! Built-in guests: small programs assembled at run time with iced-x86's
+//! code assembler, each exercising one part of the machine. They talk to the
+//! outside world only through the UART (COM1, port 0x3f8) and end with
+//! `cli; hlt` (a clean stop, exit status 0) or through the debug-exit port.
+
+use cpu_interp::state::CpuState;
+
+pub mod asm;
+pub mod hello_real;
+pub mod long_mode;
+
+/// A guest program ready to load: byte blobs at guest-physical addresses
+/// and the CPU state to start from.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// (guest-physical address, bytes) to copy into RAM before start.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+    /// Initial vCPU state (all built-in guests start in real mode).
+    pub entry: CpuState,
+}
+
+/// An entry of the built-in guest list.
+pub struct BuiltinGuest {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub build: fn() -> GuestImage,
+}
+
+/// Every built-in guest, in the order `duet guests` lists them.
+pub fn all() -> &'static [BuiltinGuest] {
+    &[BuiltinGuest {
+        name: hello_real::NAME,
+        description: hello_real::DESCRIPTION,
+        build: hello_real::build,
+    },
+    BuiltinGuest {
+        name: long_mode::NAME,
+        description: long_mode::DESCRIPTION,
+        build: long_mode::build,
+    }]
+}
+
+/// Look up a built-in guest by name.
+pub fn find(name: &str) -> Option<&'static BuiltinGuest> {
+    all().iter().find(|g| g.name == name)
+}
+
+/// The guest `duet run` boots when none is named.
+pub const DEFAULT_GUEST: &str = "long-mode";

@@ -1,0 +1,106 @@
+//! The PC memory map and every device address and port duet uses, in one
+//! place.
+//!
+//! ```text
+//! 0x0000_0000 .. 0x000a_0000   low RAM (640 KiB)
+//! 0x000a_0000 .. 0x0010_0000   legacy hole (VGA window, option ROMs, BIOS)
+//! 0x0010_0000 .. min(RAM, 3 GiB)  RAM
+//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO gap (IOAPIC, LAPIC, PCI, ...)
+//! 0x1_0000_0000 ..               RAM that did not fit below the gap
+//! ```
+
+use vm_memory::GuestAddress;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+/// End of conventional memory.
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// Start of extended memory.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO gap below 4 GiB.
+pub const MMIO_GAP_START: u64 = 3 * GIB;
+/// End of the 32-bit MMIO gap.
+pub const MMIO_GAP_END: u64 = 4 * GIB;
+/// Where RAM resumes above the gap.
+pub const HIGH_MEM_START: u64 = 4 * GIB;
+
+/// Smallest guest memory duet accepts.
+pub const MIN_MEMORY: u64 = 2 * MIB;
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 * MIB;
+
+/// IOAPIC and local APIC (used from issue 4 on; reserved in the gap now).
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+
+/// Port I/O.
+pub mod ports {
+    /// COM1 16550A UART.
+    pub const COM1: u16 = 0x3f8;
+    pub const COM1_LEN: u16 = 8;
+    /// i8042 keyboard controller data and command/status ports.
+    pub const I8042_DATA: u16 = 0x60;
+    pub const I8042_COMMAND: u16 = 0x64;
+    /// POST code port (ignored).
+    pub const POST_CODE: u16 = 0x80;
+    /// QEMU isa-debug-exit compatible port.
+    pub const DEBUG_EXIT: u16 = 0xf4;
+}
+
+/// The guest-physical RAM ranges for `size` bytes of memory.
+///
+/// RAM is one range from 0 (the legacy hole stays RAM-backed, as in QEMU,
+/// where ROM shadows live; nothing is mapped over it yet) up to the MMIO
+/// gap, and the remainder above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let below = size.min(MMIO_GAP_START);
+    let mut v = vec![(GuestAddress(0), below as usize)];
+    if size > below {
+        v.push((GuestAddress(HIGH_MEM_START), (size - below) as usize));
+    }
+    v
+}
+
+/// The e820-style view of RAM the guest should be told about: usable RAM
+/// excludes the legacy hole.
+pub fn usable_ram(size: u64) -> Vec<(u64, u64)> {
+    let below = size.min(MMIO_GAP_START);
+    let mut v = vec![(0, LOW_RAM_END.min(below))];
+    if below > HIGH_RAM_START {
+        v.push((HIGH_RAM_START, below - HIGH_RAM_START));
+    }
+    if size > below {
+        v.push((HIGH_MEM_START, size - below));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        let r = ram_ranges(256 * MIB);
+        assert_eq!(r, vec![(GuestAddress(0), (256 * MIB) as usize)]);
+        assert_eq!(usable_ram(256 * MIB), vec![(0, LOW_RAM_END), (HIGH_RAM_START, 255 * MIB)]);
+    }
+
+    #[test]
+    fn large_memory_splits_around_the_gap() {
+        let r = ram_ranges(5 * GIB);
+        assert_eq!(
+            r,
+            vec![(GuestAddress(0), (3 * GIB) as usize), (GuestAddress(4 * GIB), (2 * GIB) as usize)]
+        );
+        let u = usable_ram(5 * GIB);
+        assert_eq!(u[2], (4 * GIB, 2 * GIB));
+        // Nothing usable overlaps the gap or the legacy hole.
+        for (s, l) in u {
+            assert!(s + l <= MMIO_GAP_START || s >= MMIO_GAP_END);
+            assert!(s + l <= LOW_RAM_END || s >= HIGH_RAM_START);
+        }
+    }
+}

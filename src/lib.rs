@@ -1,0 +1,15 @@
+//! duet: one x86-64 machine model, run on KVM or on duet's own interpreter.
+//!
+//! - [`backend`]: the `Backend`/`Vcpu` traits and the KVM and interpreter
+//!   implementations.
+//! - [`layout`]: the PC memory map and every device address.
+//! - [`machine`]: builds guest memory, the buses and devices, and runs the
+//!   vCPU loop.
+//! - [`trace`]: the single observation point every device access passes.
+//! - [`guests`]: built-in guest programs.
+
+pub mod backend;
+pub mod guests;
+pub mod layout;
+pub mod machine;
+pub mod trace;

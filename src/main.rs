@@ -1,0 +1,157 @@
+//! The `duet` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use duet::backend::{self, BackendKind};
+use duet::guests;
+use duet::layout;
+use duet::machine::{Machine, MachineConfig};
+
+#[derive(Parser)]
+#[command(name = "duet", version, about = "A userspace x86-64 hypervisor: one machine model on KVM or on duet's own interpreter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest (by default the demo guest on the best backend).
+    Run(RunArgs),
+    /// List the built-in guests.
+    Guests,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BackendArg {
+    /// KVM when /dev/kvm opens, else the interpreter.
+    Auto,
+    Kvm,
+    Interp,
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// Execution backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Option<BackendArg>,
+    /// Built-in guest to boot (see `duet guests`).
+    #[arg(long)]
+    guest: Option<String>,
+    /// Guest memory size, e.g. 256M, 1G, 512MiB or a byte count.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Write one line per device access to FILE.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Print device-access, exit and instruction counters at exit.
+    #[arg(long)]
+    stats: bool,
+}
+
+/// Parse "256M", "1G", "512MiB", "4096", "2 GiB" ...
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("'{s}' is not a size (expected e.g. 256M or 1G)"));
+    }
+    let n: u64 = num.parse().map_err(|_| format!("'{s}': number too large"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => layout::KIB,
+        "m" | "mb" | "mib" => layout::MIB,
+        "g" | "gb" | "gib" => layout::GIB,
+        "t" | "tb" | "tib" => 1024 * layout::GIB,
+        u => return Err(format!("'{s}': unknown unit '{u}' (use K, M, G or T)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn choose_backend(arg: BackendArg) -> Result<BackendKind> {
+    match arg {
+        BackendArg::Interp => Ok(BackendKind::Interp),
+        BackendArg::Kvm => match backend::kvm_available() {
+            Ok(()) => Ok(BackendKind::Kvm),
+            Err(why) => bail!("--backend kvm: {why}"),
+        },
+        BackendArg::Auto => Ok(match backend::kvm_available() {
+            Ok(()) => BackendKind::Kvm,
+            Err(why) => {
+                log::info!("KVM unavailable ({why}); using the interpreter");
+                BackendKind::Interp
+            }
+        }),
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
+    let guest = guests::find(name).with_context(|| {
+        let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
+        format!("no built-in guest named '{name}' (available: {})", names.join(", "))
+    })?;
+    let kind = choose_backend(args.backend.unwrap_or(BackendArg::Auto))?;
+    let cfg = MachineConfig {
+        backend: kind,
+        memory: args.memory.unwrap_or(layout::DEFAULT_MEMORY),
+        trace: args.trace.clone(),
+        serial_out: Box::new(std::io::stdout()),
+    };
+    let mut m = Machine::new(cfg).context("cannot build the machine")?;
+    m.load(&(guest.build)()).context("cannot load the guest")?;
+    let outcome = m.run().context("the VM failed")?;
+    let status = outcome.exit_status();
+    if status != 0 {
+        eprintln!("duet: {}", outcome.describe());
+    } else {
+        log::info!("{}", outcome.describe());
+    }
+    if args.stats {
+        eprint!("{}", m.stats_report());
+    }
+    Ok(ExitCode::from(status as u8))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
+        Command::Run(a) => run(a),
+        Command::Guests => {
+            for g in guests::all() {
+                println!("{:<12} {}", g.name, g.description);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match r {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("duet: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("20000000000T").is_err());
+    }
+}
