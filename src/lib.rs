@@ -9,6 +9,7 @@
 //! - [`guests`]: built-in guest programs.
 
 pub mod backend;
+pub mod bench;
 pub mod guests;
 pub mod layout;
 pub mod machine;

@@ -24,6 +24,31 @@ enum Command {
     Run(RunArgs),
     /// List the built-in guests.
     Guests,
+    /// Measure guest MIPS on three loops (ALU, memory with paging, syscall).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// What to measure: the interpreter or KVM.
+    #[arg(value_enum, default_value = "interp")]
+    target: BenchTarget,
+    /// Loop iterations per workload.
+    #[arg(long, default_value_t = 20_000_000)]
+    iterations: u64,
+    /// Also run the workloads under this QEMU command line (e.g.
+    /// "qemu-system-x86_64 -accel tcg"), as multiboot kernels.
+    #[arg(long, value_name = "CMD")]
+    qemu: Option<String>,
+    /// Only these workloads (alu, mem, syscall); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BenchTarget {
+    Interp,
+    Kvm,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -118,11 +143,61 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(status as u8))
 }
 
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    use duet::bench::{run_duet, run_qemu, Workload};
+    let kind = match args.target {
+        BenchTarget::Interp => BackendKind::Interp,
+        BenchTarget::Kvm => choose_backend(BackendArg::Kvm)?,
+    };
+    let workloads: Vec<Workload> = if args.only.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for n in &args.only {
+            match Workload::ALL.iter().find(|w| w.name() == n) {
+                Some(w) => v.push(*w),
+                None => bail!("unknown workload '{n}' (alu, mem, syscall)"),
+            }
+        }
+        v
+    };
+    let qemu: Option<Vec<String>> = args.qemu.as_ref().map(|q| q.split_whitespace().map(String::from).collect());
+    if qemu.as_ref().is_some_and(|q| q.is_empty()) {
+        bail!("--qemu needs a command");
+    }
+    println!("{:<8} {:>14} {:>10} {:>10}  {}", "workload", "instructions", "seconds", "MIPS", "runner");
+    for w in workloads {
+        let m = run_duet(kind, w, args.iterations).with_context(|| format!("{} on duet", w.name()))?;
+        println!(
+            "{:<8} {:>14} {:>10.3} {:>10.1}  duet {}",
+            w.name(),
+            m.loop_instructions,
+            m.elapsed.as_secs_f64(),
+            m.mips(),
+            kind.name()
+        );
+        if let Some(q) = &qemu {
+            let m = run_qemu(q, w, args.iterations / 10, &std::env::temp_dir())
+                .with_context(|| format!("{} under {}", w.name(), q.join(" ")))?;
+            println!(
+                "{:<8} {:>14} {:>10.3} {:>10.1}  {}",
+                w.name(),
+                m.loop_instructions,
+                m.elapsed.as_secs_f64(),
+                m.mips(),
+                q.join(" ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Run(a) => run(a),
+        Command::Bench(a) => bench(a),
         Command::Guests => {
             for g in guests::all() {
                 println!("{:<12} {}", g.name, g.description);

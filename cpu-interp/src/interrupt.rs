@@ -49,6 +49,12 @@ impl Cpu {
     /// instruction for faults, after it for traps), applying the double-fault
     /// rules. A triple fault sets `triple_fault`.
     pub(crate) fn raise(&mut self, p: &mut dyn Platform, exc: Exception) {
+        log::debug!(
+            "interpreter: {exc} at {:04x}:{:#x} (cr2 {:#x})",
+            self.seg[sreg::CS].selector,
+            self.rip,
+            self.cr2
+        );
         self.deliver_with_nesting(p, exc, EventKind::Exception);
     }
 
