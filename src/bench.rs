@@ -101,13 +101,22 @@ pub fn image(w: Workload, iterations: u64) -> Result<Vec<u8>, BenchError> {
 fn assemble(w: Workload, iterations: u64) -> Result<Vec<u8>, String> {
     let (code32, code64) = assemble_parts(w, iterations).map_err(|e| e.to_string())?;
     if code32.len() as u64 > CODE64_OFFSET {
-        return Err(format!("32-bit part is {} bytes, more than {CODE64_OFFSET}", code32.len()));
+        return Err(format!(
+            "32-bit part is {} bytes, more than {CODE64_OFFSET}",
+            code32.len()
+        ));
     }
     let mut bytes = code32;
     bytes.resize(CODE64_OFFSET as usize, 0);
     bytes.extend_from_slice(&code64);
     let end = LOAD_ADDR + bytes.len() as u64;
-    let fields = [LOAD_ADDR, LOAD_ADDR, end, end, LOAD_ADDR + ENTRY_OFFSET as u64];
+    let fields = [
+        LOAD_ADDR,
+        LOAD_ADDR,
+        end,
+        end,
+        LOAD_ADDR + ENTRY_OFFSET as u64,
+    ];
     for (k, f) in fields.iter().enumerate() {
         bytes[12 + 4 * k..16 + 4 * k].copy_from_slice(&(*f as u32).to_le_bytes());
     }
@@ -300,7 +309,9 @@ pub fn multiboot_entry_state(entry: u64) -> CpuState {
 /// The workload as a duet guest image.
 pub fn guest_image(w: Workload, iterations: u64) -> Result<GuestImage, BenchError> {
     let bytes = image(w, iterations)?;
-    let entry = u64::from(u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]));
+    let entry = u64::from(u32::from_le_bytes([
+        bytes[28], bytes[29], bytes[30], bytes[31],
+    ]));
     Ok(GuestImage {
         blobs: vec![(LOAD_ADDR, bytes)],
         entry: multiboot_entry_state(entry),
@@ -333,7 +344,10 @@ pub enum BenchError {
     #[error("machine: {0}")]
     Machine(#[from] crate::machine::MachineError),
     #[error("the {workload} workload ended unexpectedly: {outcome}")]
-    BadOutcome { workload: &'static str, outcome: String },
+    BadOutcome {
+        workload: &'static str,
+        outcome: String,
+    },
     #[error("running {cmd}: {err}")]
     Spawn { cmd: String, err: std::io::Error },
     #[error("writing {path}: {err}")]
@@ -341,7 +355,11 @@ pub enum BenchError {
 }
 
 /// Run a workload on a duet backend and time `Machine::run`.
-pub fn run_duet(kind: BackendKind, w: Workload, iterations: u64) -> Result<Measurement, BenchError> {
+pub fn run_duet(
+    kind: BackendKind,
+    w: Workload,
+    iterations: u64,
+) -> Result<Measurement, BenchError> {
     let img = guest_image(w, iterations)?;
     let cfg = MachineConfig {
         backend: kind,
@@ -372,7 +390,12 @@ pub fn run_duet(kind: BackendKind, w: Workload, iterations: u64) -> Result<Measu
 /// Run a workload under QEMU (`qemu_cmd` is the binary and any -accel
 /// options) twice, with `iterations` and 10× that, and attribute the time
 /// difference to the extra iterations (this cancels QEMU's start-up).
-pub fn run_qemu(qemu: &[String], w: Workload, iterations: u64, dir: &Path) -> Result<Measurement, BenchError> {
+pub fn run_qemu(
+    qemu: &[String],
+    w: Workload,
+    iterations: u64,
+    dir: &Path,
+) -> Result<Measurement, BenchError> {
     let time_one = |n: u64| -> Result<Duration, BenchError> {
         let img = image(w, n)?;
         let path = dir.join(format!("duet-bench-{}-{n}.bin", w.name()));
@@ -437,12 +460,17 @@ mod tests {
     fn images_have_a_valid_multiboot_header() {
         for w in Workload::ALL {
             let b = image(w, 10).unwrap();
-            let word = |k: usize| u32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]);
+            let word =
+                |k: usize| u32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]);
             assert_eq!(word(0), 0x1bad_b002);
             assert_eq!(word(0).wrapping_add(word(1)).wrapping_add(word(2)), 0);
             assert_eq!(u64::from(word(4)), LOAD_ADDR);
             assert_eq!(u64::from(word(6)), LOAD_ADDR + b.len() as u64);
-            assert_eq!(b[(u64::from(word(7)) - LOAD_ADDR) as usize], 0xfa, "entry is the CLI");
+            assert_eq!(
+                b[(u64::from(word(7)) - LOAD_ADDR) as usize],
+                0xfa,
+                "entry is the CLI"
+            );
         }
     }
 

@@ -85,7 +85,10 @@ mod tests {
     fn small_memory_is_one_range() {
         let r = ram_ranges(256 * MIB);
         assert_eq!(r, vec![(GuestAddress(0), (256 * MIB) as usize)]);
-        assert_eq!(usable_ram(256 * MIB), vec![(0, LOW_RAM_END), (HIGH_RAM_START, 255 * MIB)]);
+        assert_eq!(
+            usable_ram(256 * MIB),
+            vec![(0, LOW_RAM_END), (HIGH_RAM_START, 255 * MIB)]
+        );
     }
 
     #[test]
@@ -93,7 +96,10 @@ mod tests {
         let r = ram_ranges(5 * GIB);
         assert_eq!(
             r,
-            vec![(GuestAddress(0), (3 * GIB) as usize), (GuestAddress(4 * GIB), (2 * GIB) as usize)]
+            vec![
+                (GuestAddress(0), (3 * GIB) as usize),
+                (GuestAddress(4 * GIB), (2 * GIB) as usize)
+            ]
         );
         let u = usable_ram(5 * GIB);
         assert_eq!(u[2], (4 * GIB, 2 * GIB));

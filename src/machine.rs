@@ -76,7 +76,9 @@ impl Outcome {
     pub fn describe(&self) -> String {
         match self {
             Outcome::Stopped => "guest stopped (HLT with interrupts disabled)".into(),
-            Outcome::DebugExit(s) => format!("guest exited through the debug-exit port with status {s}"),
+            Outcome::DebugExit(s) => {
+                format!("guest exited through the debug-exit port with status {s}")
+            }
             Outcome::Reset => "guest requested a reset".into(),
             Outcome::PowerOff => "guest powered off".into(),
             Outcome::Shutdown(r) => format!("guest shut down: {r}"),
@@ -99,11 +101,17 @@ pub fn create_memory(size: u64) -> Result<GuestMemory, MachineError> {
     if size < layout::MIN_MEMORY {
         return Err(MachineError::MemorySize(
             size,
-            format!("at least {} MiB are needed", layout::MIN_MEMORY / layout::MIB),
+            format!(
+                "at least {} MiB are needed",
+                layout::MIN_MEMORY / layout::MIB
+            ),
         ));
     }
     if size % 4096 != 0 {
-        return Err(MachineError::MemorySize(size, "must be a multiple of 4 KiB".into()));
+        return Err(MachineError::MemorySize(
+            size,
+            "must be a multiple of 4 KiB".into(),
+        ));
     }
     GuestMemory::from_ranges(&layout::ram_ranges(size)).map_err(|e| MachineError::MemoryAlloc {
         size,
@@ -118,11 +126,23 @@ impl Machine {
         let mut pio = Bus::new(BusKind::Pio);
         let mmio = Bus::new(BusKind::Mmio);
 
-        let uart = Arc::new(Mutex::new(Uart16550::new(Box::new(NullIrq), cfg.serial_out)));
-        pio.insert("com1", u64::from(ports::COM1), u64::from(ports::COM1_LEN), uart)?;
+        let uart = Arc::new(Mutex::new(Uart16550::new(
+            Box::new(NullIrq),
+            cfg.serial_out,
+        )));
+        pio.insert(
+            "com1",
+            u64::from(ports::COM1),
+            u64::from(ports::COM1_LEN),
+            uart,
+        )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
         pio.insert("debug-exit", u64::from(ports::DEBUG_EXIT), 1, debug_exit)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(control.clone(), Box::new(NullIrq), Box::new(NullIrq))));
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            control.clone(),
+            Box::new(NullIrq),
+            Box::new(NullIrq),
+        )));
         pio.insert(
             "i8042",
             u64::from(ports::I8042_DATA),
@@ -135,7 +155,12 @@ impl Machine {
             1,
             Arc::new(Mutex::new(devices::i8042::command_port(i8042))),
         )?;
-        pio.insert("post", u64::from(ports::POST_CODE), 1, Arc::new(Mutex::new(PostCode::default())))?;
+        pio.insert(
+            "post",
+            u64::from(ports::POST_CODE),
+            1,
+            Arc::new(Mutex::new(PostCode::default())),
+        )?;
 
         let tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p)?,
@@ -189,7 +214,8 @@ impl Machine {
                     // controller is wired): a halt with IF set would wait
                     // forever. Report it instead of hanging.
                     break Outcome::Shutdown(ShutdownReason::Unrecoverable(
-                        "guest halted with interrupts enabled but no interrupt source exists".into(),
+                        "guest halted with interrupts enabled but no interrupt source exists"
+                            .into(),
                     ));
                 }
                 VcpuExit::InterruptWindow => {
@@ -221,10 +247,19 @@ impl Machine {
         s.push_str(&format!("backend: {}\n", self.backend_name));
         s.push_str("device accesses (reads/writes):\n");
         for ((kind, name), c) in counts {
-            s.push_str(&format!("  {:<4} {:<12} {:>10} {:>10}\n", kind.as_str(), name, c.reads, c.writes));
+            s.push_str(&format!(
+                "  {:<4} {:<12} {:>10} {:>10}\n",
+                kind.as_str(),
+                name,
+                c.reads,
+                c.writes
+            ));
         }
         if unmapped.reads + unmapped.writes > 0 {
-            s.push_str(&format!("  {:<4} {:<12} {:>10} {:>10}\n", "", "(unmapped)", unmapped.reads, unmapped.writes));
+            s.push_str(&format!(
+                "  {:<4} {:<12} {:>10} {:>10}\n",
+                "", "(unmapped)", unmapped.reads, unmapped.writes
+            ));
         }
         let v = self.vcpu.stats();
         s.push_str("vcpu exits:\n");

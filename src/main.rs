@@ -12,7 +12,11 @@ use duet::layout;
 use duet::machine::{Machine, MachineConfig};
 
 #[derive(Parser)]
-#[command(name = "duet", version, about = "A userspace x86-64 hypervisor: one machine model on KVM or on duet's own interpreter")]
+#[command(
+    name = "duet",
+    version,
+    about = "A userspace x86-64 hypervisor: one machine model on KVM or on duet's own interpreter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -86,7 +90,9 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     if num.is_empty() {
         return Err(format!("'{s}' is not a size (expected e.g. 256M or 1G)"));
     }
-    let n: u64 = num.parse().map_err(|_| format!("'{s}': number too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}': number too large"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => layout::KIB,
@@ -95,7 +101,8 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" | "tb" | "tib" => 1024 * layout::GIB,
         u => return Err(format!("'{s}': unknown unit '{u}' (use K, M, G or T)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn choose_backend(arg: BackendArg) -> Result<BackendKind> {
@@ -119,7 +126,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
     let guest = guests::find(name).with_context(|| {
         let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
-        format!("no built-in guest named '{name}' (available: {})", names.join(", "))
+        format!(
+            "no built-in guest named '{name}' (available: {})",
+            names.join(", ")
+        )
     })?;
     let kind = choose_backend(args.backend.unwrap_or(BackendArg::Auto))?;
     let cfg = MachineConfig {
@@ -161,13 +171,20 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         }
         v
     };
-    let qemu: Option<Vec<String>> = args.qemu.as_ref().map(|q| q.split_whitespace().map(String::from).collect());
+    let qemu: Option<Vec<String>> = args
+        .qemu
+        .as_ref()
+        .map(|q| q.split_whitespace().map(String::from).collect());
     if qemu.as_ref().is_some_and(|q| q.is_empty()) {
         bail!("--qemu needs a command");
     }
-    println!("{:<8} {:>14} {:>10} {:>10}  {}", "workload", "instructions", "seconds", "MIPS", "runner");
+    println!(
+        "{:<8} {:>14} {:>10} {:>10}  {}",
+        "workload", "instructions", "seconds", "MIPS", "runner"
+    );
     for w in workloads {
-        let m = run_duet(kind, w, args.iterations).with_context(|| format!("{} on duet", w.name()))?;
+        let m =
+            run_duet(kind, w, args.iterations).with_context(|| format!("{} on duet", w.name()))?;
         println!(
             "{:<8} {:>14} {:>10.3} {:>10.1}  duet {}",
             w.name(),

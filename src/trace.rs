@@ -27,7 +27,10 @@ use crate::backend::IoHandler;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     #[error("cannot create trace file {path}: {source}")]
-    Create { path: String, source: std::io::Error },
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write trace file: {0}")]
     Write(#[from] std::io::Error),
 }
@@ -47,7 +50,10 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn disabled() -> Self {
-        Tracer { out: None, error: None }
+        Tracer {
+            out: None,
+            error: None,
+        }
     }
 
     pub fn to_file(path: &Path) -> Result<Self, TraceError> {
@@ -219,7 +225,8 @@ mod tests {
     #[test]
     fn trace_lines_and_counts() {
         let mut pio = Bus::new(BusKind::Pio);
-        pio.insert("echo", 0x3f8, 8, Arc::new(Mutex::new(Echo(0)))).unwrap();
+        pio.insert("echo", 0x3f8, 8, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
         let dir = std::env::temp_dir().join(format!("duet-trace-test-{}", std::process::id()));
         let tracer = Tracer::to_file(&dir).unwrap();
         let mut io = DeviceIo::new(pio, Bus::new(BusKind::Mmio), tracer, VmControl::new());
@@ -238,7 +245,10 @@ mod tests {
         let (counts, unmapped) = io.counts();
         assert_eq!(
             counts[&(BusKind::Pio, "echo".to_string())],
-            AccessCount { reads: 1, writes: 1 }
+            AccessCount {
+                reads: 1,
+                writes: 1
+            }
         );
         assert_eq!(unmapped.reads, 1);
     }

@@ -12,7 +12,10 @@ fn guests_lists_every_builtin_guest() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for g in ["hello-real", "long-mode", "checksum", "fault", "swint"] {
-        assert!(text.lines().any(|l| l.starts_with(g)), "{g} missing from:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(g)),
+            "{g} missing from:\n{text}"
+        );
     }
 }
 
@@ -22,8 +25,17 @@ fn run_prints_serial_output_and_exits_zero() {
         .args(["run", "--backend", "interp", "--guest", "hello-real"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    let golden = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/golden/hello-real.serial.txt")).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let golden = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/golden/hello-real.serial.txt"
+    ))
+    .unwrap();
     assert_eq!(out.stdout, golden);
 }
 
@@ -34,13 +46,23 @@ fn debug_exit_status_becomes_the_process_status() {
         .output()
         .unwrap();
     let expected = duet::guests::checksum::expected_checksum();
-    assert_eq!(out.status.code(), Some(((((expected & 0xff) << 1) | 1) & 0xff) as i32));
+    assert_eq!(
+        out.status.code(),
+        Some(((((expected & 0xff) << 1) | 1) & 0xff) as i32)
+    );
 }
 
 #[test]
 fn stats_report_counts() {
     let out = duet()
-        .args(["run", "--backend", "interp", "--guest", "hello-real", "--stats"])
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--guest",
+            "hello-real",
+            "--stats",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -61,12 +83,23 @@ fn bad_arguments_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 
-    let out = duet().args(["run", "--backend", "interp", "--memory", "1M"]).output().unwrap();
+    let out = duet()
+        .args(["run", "--backend", "interp", "--memory", "1M"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2 MiB"));
 
     let out = duet()
-        .args(["run", "--backend", "interp", "--guest", "hello-real", "--trace", "/nonexistent/dir/t"])
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--guest",
+            "hello-real",
+            "--trace",
+            "/nonexistent/dir/t",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -90,5 +123,10 @@ fn kvm_backend_without_kvm_is_a_clear_error() {
         .args(["run", "--guest", "hello-real"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

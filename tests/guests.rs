@@ -10,7 +10,11 @@ use duet::machine::Outcome;
 
 fn check_interp(name: &str) -> RunResult {
     let r = run_guest(name, BackendKind::Interp);
-    assert_eq!(r.serial, golden(name), "{name}: interpreter serial output differs from golden");
+    assert_eq!(
+        r.serial,
+        golden(name),
+        "{name}: interpreter serial output differs from golden"
+    );
     assert!(!r.trace.is_empty(), "{name}: empty trace");
     r
 }
@@ -21,7 +25,11 @@ fn check_both(name: &str) {
         return;
     }
     let k = run_guest(name, BackendKind::Kvm);
-    assert_eq!(k.serial, golden(name), "{name}: KVM serial output differs from golden");
+    assert_eq!(
+        k.serial,
+        golden(name),
+        "{name}: KVM serial output differs from golden"
+    );
     assert_eq!(i.outcome, k.outcome, "{name}: outcomes differ");
     assert!(
         i.trace == k.trace,
@@ -45,7 +53,11 @@ fn checksum() {
     check_both("checksum");
     let r = run_guest("checksum", BackendKind::Interp);
     let expected = duet::guests::checksum::expected_checksum();
-    assert!(r.serial.contains(&format!("{expected:#010x}")), "serial: {}", r.serial);
+    assert!(
+        r.serial.contains(&format!("{expected:#010x}")),
+        "serial: {}",
+        r.serial
+    );
     assert_eq!(r.outcome, Outcome::DebugExit(((expected & 0xff) << 1) | 1));
 }
 
@@ -79,7 +91,10 @@ fn kvm_falls_back_to_the_interpreter() {
 #[test]
 fn interpreter_counts_instructions() {
     let r = run_guest("hello-real", BackendKind::Interp);
-    let n = r.stats.instructions.expect("the interpreter knows its instruction count");
+    let n = r
+        .stats
+        .instructions
+        .expect("the interpreter knows its instruction count");
     // The guest prints ~23 characters with a polling loop each.
     assert!(n > 100, "only {n} instructions retired");
 }

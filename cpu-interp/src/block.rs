@@ -31,6 +31,13 @@ pub struct Insn {
     pub size: u8,
     /// Segment register index of the memory operand.
     pub seg: u8,
+    /// GPR index of operand 0 / operand 1 when they are full-width-indexable
+    /// registers (AL..R15 except AH/CH/DH/BH), else 0xff. For fast handlers.
+    pub r0: u8,
+    pub r1: u8,
+    /// The immediate operand (op 1 or op 2), sign-extended as the
+    /// instruction defines and masked to the operand size.
+    pub imm: u64,
 }
 
 pub struct Block {

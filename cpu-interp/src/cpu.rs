@@ -10,7 +10,9 @@ use crate::flags::{self, Flags};
 use crate::fpu::Fpu;
 use crate::memory::Ram;
 use crate::mmu::Tlb;
-use crate::state::{CpuState, DebugRegs, DescriptorTable, Msrs, PendingEvents, Regs, Segment, Sregs};
+use crate::state::{
+    CpuState, DebugRegs, DescriptorTable, Msrs, PendingEvents, Regs, Segment, Sregs,
+};
 
 /// Segment register numbers (hardware encoding, also iced's order).
 pub mod sreg {

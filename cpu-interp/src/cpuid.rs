@@ -90,7 +90,8 @@ pub const EXT1_ECX: u32 = ext1_ecx::LAHF_LM;
 const MAX_BASIC: u32 = 0x16;
 const MAX_EXT: u32 = 0x8000_0008;
 /// "duet virtual CPU" padded to 48 bytes.
-const BRAND: &[u8; 48] = b"duet virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+const BRAND: &[u8; 48] =
+    b"duet virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
 /// Family 6, model 0x0f, stepping 1 (a Core 2-era signature: new enough for
 /// Linux to trust PAT, old enough to carry no model-specific quirks).

@@ -38,14 +38,50 @@ pub(crate) fn make_insn(i: Instruction, bits: u32, h: Handler) -> Insn {
         Register::None => sreg::DS as u8,
         r => (r as usize - Register::ES as usize) as u8,
     };
-    Insn {
+    let gpr_index = |n: u32| -> u8 {
+        if n >= i.op_count() || i.op_kind(n) != OpKind::Register {
+            return 0xff;
+        }
+        let r = i.op_register(n) as usize;
+        match r {
+            1..=4 => (r - 1) as u8,
+            9..=20 => (r - 5) as u8,
+            21..=36 => (r - 21) as u8,
+            37..=52 => (r - 37) as u8,
+            53..=68 => (r - 53) as u8,
+            _ => 0xff,
+        }
+    };
+    let imm = (0..i.op_count())
+        .find(|&n| {
+            matches!(
+                i.op_kind(n),
+                OpKind::Immediate8
+                    | OpKind::Immediate16
+                    | OpKind::Immediate32
+                    | OpKind::Immediate64
+                    | OpKind::Immediate8to16
+                    | OpKind::Immediate8to32
+                    | OpKind::Immediate8to64
+                    | OpKind::Immediate32to64
+            )
+        })
+        .map_or(0, |n| {
+            i.immediate(n) & crate::insn::mask(size.max(1) as usize)
+        });
+    let mut insn = Insn {
         next: i.next_ip() & ipmask,
         h,
         amask,
         size,
         seg,
+        r0: gpr_index(0),
+        r1: gpr_index(1),
+        imm,
         i,
-    }
+    };
+    insn.h = crate::insn::specialize(&insn, h);
+    insn
 }
 
 /// The address size of an instruction as a mask.
@@ -67,7 +103,9 @@ fn address_mask(i: &Instruction, bits: u32) -> u64 {
     for n in 0..i.op_count() {
         match i.op_kind(n) {
             OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => return 0xffff,
-            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => return 0xffff_ffff,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => {
+                return 0xffff_ffff
+            }
             OpKind::MemorySegRSI | OpKind::MemoryESRDI | OpKind::MemorySegRDI => return u64::MAX,
             _ => {}
         }
@@ -120,7 +158,11 @@ impl Cpu {
             Ok(i) => i,
             Err(exc) => {
                 self.raise(p, exc);
-                return if self.triple_fault { Some(CpuExit::TripleFault) } else { None };
+                return if self.triple_fault {
+                    Some(CpuExit::TripleFault)
+                } else {
+                    None
+                };
             }
         };
         let rip = self.rip;
@@ -163,7 +205,13 @@ impl Cpu {
 
     /// Fetch up to `buf.len()` bytes: stop early at the CS limit, fault only
     /// if the first byte cannot be fetched; stop at an unfetchable page.
-    fn fetch_upto(&mut self, p: &mut dyn Platform, lin: u64, buf: &mut [u8], user: bool) -> XResult<usize> {
+    fn fetch_upto(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        buf: &mut [u8],
+        user: bool,
+    ) -> XResult<usize> {
         let avail = self.cs_bytes_available(self.rip).min(buf.len() as u64) as usize;
         if avail == 0 {
             return Err(Exception::gp0());
@@ -172,7 +220,10 @@ impl Cpu {
         self.fetch_bytes(p, lin, &mut buf[..first], user)?;
         if first < avail {
             let next = lin.wrapping_add(first as u64) & self.lin_mask();
-            if self.fetch_bytes(p, next, &mut buf[first..avail], user).is_err() {
+            if self
+                .fetch_bytes(p, next, &mut buf[first..avail], user)
+                .is_err()
+            {
                 return Ok(first);
             }
         }
@@ -228,7 +279,13 @@ impl Cpu {
         Ok(self.blocks.insert(paddr, block))
     }
 
-    fn translate_block(&mut self, p: &mut dyn Platform, lin: u64, paddr: u64, user: bool) -> XResult<Block> {
+    fn translate_block(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        paddr: u64,
+        user: bool,
+    ) -> XResult<Block> {
         let bits = self.bits;
         let page_left = 0x1000 - (lin & 0xfff) as usize;
         let avail = self.cs_bytes_available(self.rip).min(page_left as u64) as usize;

@@ -313,7 +313,7 @@ mod tests {
         assert!(f.cond(0x2)); // jb
         assert!(f.cond(0xc)); // jl
         assert!(!f.cond(0x7)); // ja
-        // 0x80000000 - 1 overflows.
+                               // 0x80000000 - 1 overflows.
         f.set_lazy(FlagOp::Sub, 32, 0x8000_0000, 1, 0x7fff_ffff);
         assert!(f.of() && !f.cf());
     }

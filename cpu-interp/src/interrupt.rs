@@ -41,7 +41,10 @@ impl EventKind {
 /// Is `vector` a fault (RIP points at the faulting instruction, RF pushed set)?
 fn is_fault(vector: u8) -> bool {
     use exception::*;
-    matches!(vector, DE | BR | UD | NM | TS | NP | SS | GP | PF | MF | AC | XM)
+    matches!(
+        vector,
+        DE | BR | UD | NM | TS | NP | SS | GP | PF | MF | AC | XM
+    )
 }
 
 impl Cpu {
@@ -59,7 +62,12 @@ impl Cpu {
     }
 
     /// Deliver any event, handling faults raised during its delivery.
-    pub(crate) fn deliver_with_nesting(&mut self, p: &mut dyn Platform, first: Exception, kind: EventKind) {
+    pub(crate) fn deliver_with_nesting(
+        &mut self,
+        p: &mut dyn Platform,
+        first: Exception,
+        kind: EventKind,
+    ) {
         let mut cur = first;
         let mut cur_kind = kind;
         // At most: original, (serial benign), #DF, then shutdown.
@@ -91,7 +99,13 @@ impl Cpu {
 
     /// Deliver one event. `Err` is a fault raised during delivery; no
     /// register has changed then.
-    pub(crate) fn deliver(&mut self, p: &mut dyn Platform, vector: u8, error_code: Option<u32>, kind: EventKind) -> XResult<()> {
+    pub(crate) fn deliver(
+        &mut self,
+        p: &mut dyn Platform,
+        vector: u8,
+        error_code: Option<u32>,
+        kind: EventKind,
+    ) -> XResult<()> {
         self.events.halted = false;
         let r = if !self.protected() {
             self.deliver_real(p, vector)
@@ -138,7 +152,12 @@ impl Cpu {
     /// Push `vals` (each `size` bytes) on the current stack, checking every
     /// slot before anything is written. Returns the new stack pointer
     /// (already masked to the stack width); the caller commits it.
-    pub(crate) fn push_values(&mut self, p: &mut dyn Platform, vals: &[u64], size: usize) -> XResult<u64> {
+    pub(crate) fn push_values(
+        &mut self,
+        p: &mut dyn Platform,
+        vals: &[u64],
+        size: usize,
+    ) -> XResult<u64> {
         let ss = self.seg[sreg::SS];
         let wide = self.stack_width();
         let mut sp = self.gpr[crate::state::gpr::RSP];
@@ -180,9 +199,17 @@ impl Cpu {
 
     /// Linear address of a stack slot in segment `ss` (which may not be the
     /// current SS, during a stack switch).
-    pub(crate) fn stack_linear(&self, ss: &Segment, off: u64, size: usize, mode64: bool) -> XResult<u64> {
+    pub(crate) fn stack_linear(
+        &self,
+        ss: &Segment,
+        off: u64,
+        size: usize,
+        mode64: bool,
+    ) -> XResult<u64> {
         if mode64 {
-            if !crate::segment::canonical(off) || !crate::segment::canonical(off.wrapping_add(size as u64 - 1)) {
+            if !crate::segment::canonical(off)
+                || !crate::segment::canonical(off.wrapping_add(size as u64 - 1))
+            {
                 return Err(Exception::ss(0));
             }
             return Ok(off);
@@ -272,7 +299,13 @@ impl Cpu {
         })
     }
 
-    fn deliver_protected(&mut self, p: &mut dyn Platform, vector: u8, error_code: Option<u32>, kind: EventKind) -> XResult<()> {
+    fn deliver_protected(
+        &mut self,
+        p: &mut dyn Platform,
+        vector: u8,
+        error_code: Option<u32>,
+        kind: EventKind,
+    ) -> XResult<()> {
         let g = self.read_gate(p, vector, kind)?;
         let ext = kind.ext();
         let size = if g.gtype & 8 != 0 { 4 } else { 2 };
@@ -320,7 +353,11 @@ impl Cpu {
             // Commit.
             self.seg[sreg::SS] = new_ss;
             let rsp = &mut self.gpr[crate::state::gpr::RSP];
-            *rsp = if wide == 0xffff { (*rsp & !0xffff) | sp } else { sp };
+            *rsp = if wide == 0xffff {
+                (*rsp & !0xffff) | sp
+            } else {
+                sp
+            };
             if vm86 {
                 for s in [sreg::GS, sreg::FS, sreg::DS, sreg::ES] {
                     self.seg[s] = Segment {
@@ -368,12 +405,23 @@ impl Cpu {
         if ss_off + 1 > u64::from(tr.limit) {
             return Err(Exception::ts(terr));
         }
-        let sp = self.read_lin(p, tr.base.wrapping_add(sp_off) & 0xffff_ffff, sp_size, false)?;
+        let sp = self.read_lin(
+            p,
+            tr.base.wrapping_add(sp_off) & 0xffff_ffff,
+            sp_size,
+            false,
+        )?;
         let ss = self.read_lin(p, tr.base.wrapping_add(ss_off) & 0xffff_ffff, 2, false)? as u16;
         Ok((ss, sp))
     }
 
-    fn deliver_long(&mut self, p: &mut dyn Platform, vector: u8, error_code: Option<u32>, kind: EventKind) -> XResult<()> {
+    fn deliver_long(
+        &mut self,
+        p: &mut dyn Platform,
+        vector: u8,
+        error_code: Option<u32>,
+        kind: EventKind,
+    ) -> XResult<()> {
         let g = self.read_gate(p, vector, kind)?;
         let conforming = g.code.type_ & 4 != 0;
         let new_cpl = if conforming { self.cpl } else { g.code.dpl };
@@ -464,7 +512,13 @@ impl Cpu {
         let w = self.stack_width();
         let sp0 = self.gpr[crate::state::gpr::RSP];
         let mode64 = self.bits == 64;
-        let frame = Frame { ss, sp0, w, size, mode64 };
+        let frame = Frame {
+            ss,
+            sp0,
+            w,
+            size,
+            mode64,
+        };
         let pop = |cpu: &mut Cpu, p: &mut dyn Platform, k: u64| cpu.frame_read(p, &frame, k);
         let new_ip = pop(self, p, 0)?;
         let new_cs = pop(self, p, 1)? as u16;
@@ -480,7 +534,8 @@ impl Cpu {
             for (k, v) in vals.iter_mut().enumerate() {
                 *v = pop(self, p, 3 + k as u64)?;
             }
-            let (nsp, nss, nes, nds, nfs, ngs) = (vals[0], vals[1], vals[2], vals[3], vals[4], vals[5]);
+            let (nsp, nss, nes, nds, nfs, ngs) =
+                (vals[0], vals[1], vals[2], vals[3], vals[4], vals[5]);
             self.flags.set(new_flags);
             self.cpl = 3;
             for (s, v) in [
@@ -527,7 +582,8 @@ impl Cpu {
             return Err(Exception::gp0());
         }
         // Flags: IOPL only at CPL 0, IF only when CPL <= IOPL; VIF/VIP as is.
-        let mut mask = flags::ARITH | flags::TF | flags::DF | flags::NT | flags::RF | flags::AC | flags::ID;
+        let mut mask =
+            flags::ARITH | flags::TF | flags::DF | flags::NT | flags::RF | flags::AC | flags::ID;
         if self.cpl <= self.flags.iopl() {
             mask |= flags::IF;
         }
@@ -544,7 +600,11 @@ impl Cpu {
             Some(s) => {
                 self.seg[sreg::SS] = s;
                 if self.bits == 64 || s.db {
-                    self.gpr[crate::state::gpr::RSP] = if self.bits == 64 { new_sp } else { new_sp & 0xffff_ffff };
+                    self.gpr[crate::state::gpr::RSP] = if self.bits == 64 {
+                        new_sp
+                    } else {
+                        new_sp & 0xffff_ffff
+                    };
                 } else {
                     let r = &mut self.gpr[crate::state::gpr::RSP];
                     *r = (*r & !0xffff) | (new_sp & 0xffff);
@@ -563,7 +623,11 @@ impl Cpu {
                 }
             }
         }
-        self.rip = if self.bits == 64 { new_ip } else { new_ip & 0xffff_ffff };
+        self.rip = if self.bits == 64 {
+            new_ip
+        } else {
+            new_ip & 0xffff_ffff
+        };
         self.update_mode();
         Ok(())
     }
@@ -583,7 +647,14 @@ impl Cpu {
         if ip > u64::from(self.seg[sreg::CS].limit) && !vm86 {
             return Err(Exception::gp0());
         }
-        let mut mask = flags::ARITH | flags::TF | flags::IF | flags::DF | flags::NT | flags::AC | flags::ID | flags::RF;
+        let mut mask = flags::ARITH
+            | flags::TF
+            | flags::IF
+            | flags::DF
+            | flags::NT
+            | flags::AC
+            | flags::ID
+            | flags::RF;
         if !vm86 {
             mask |= flags::IOPL;
         }

@@ -41,10 +41,7 @@ impl Ram {
             })
             .collect();
         regions.sort_by_key(|r| r.start);
-        Ram {
-            regions,
-            _mem: mem,
-        }
+        Ram { regions, _mem: mem }
     }
 
     /// An empty RAM (every physical address is MMIO). For tests.

@@ -10,7 +10,9 @@
 //! invalidate). Two entry sets exist, one for supervisor and one for user
 //! accesses, so a privilege change needs no flush.
 
-use crate::cpu::{Cpu, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE};
+use crate::cpu::{
+    Cpu, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,
+};
 use crate::exception::{Exception, XResult, PF};
 use crate::memory::{load, store};
 use crate::platform::Platform;
@@ -167,7 +169,13 @@ impl Cpu {
 
     /// Read `size` bytes (1, 2, 4, 8) at linear `lin`.
     #[inline(always)]
-    pub(crate) fn read_lin(&mut self, p: &mut dyn Platform, lin: u64, size: usize, user: bool) -> XResult<u64> {
+    pub(crate) fn read_lin(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        size: usize,
+        user: bool,
+    ) -> XResult<u64> {
         let e = self.tlb_entry(user, lin);
         if e.read == lin & !0xfff && (lin & 0xfff) as usize <= 0x1000 - size {
             let host = e.addend.wrapping_add(lin as usize) as *const u8;
@@ -181,7 +189,14 @@ impl Cpu {
 
     /// Write `size` bytes of `v` at linear `lin`.
     #[inline(always)]
-    pub(crate) fn write_lin(&mut self, p: &mut dyn Platform, lin: u64, size: usize, v: u64, user: bool) -> XResult<()> {
+    pub(crate) fn write_lin(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        size: usize,
+        v: u64,
+        user: bool,
+    ) -> XResult<()> {
         let e = self.tlb_entry(user, lin);
         if e.write == lin & !0xfff && (lin & 0xfff) as usize <= 0x1000 - size {
             let host = e.addend.wrapping_add(lin as usize) as *mut u8;
@@ -194,7 +209,13 @@ impl Cpu {
     }
 
     #[inline(never)]
-    fn read_lin_slow(&mut self, p: &mut dyn Platform, lin: u64, size: usize, user: bool) -> XResult<u64> {
+    fn read_lin_slow(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        size: usize,
+        user: bool,
+    ) -> XResult<u64> {
         if (lin & 0xfff) as usize + size > 0x1000 {
             // Crosses a page: both pages must be readable before anything is read.
             let next = (lin & !0xfff).wrapping_add(0x1000) & self.lin_mask();
@@ -218,7 +239,14 @@ impl Cpu {
     }
 
     #[inline(never)]
-    fn write_lin_slow(&mut self, p: &mut dyn Platform, lin: u64, size: usize, v: u64, user: bool) -> XResult<()> {
+    fn write_lin_slow(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        size: usize,
+        v: u64,
+        user: bool,
+    ) -> XResult<()> {
         if (lin & 0xfff) as usize + size > 0x1000 {
             let next = (lin & !0xfff).wrapping_add(0x1000) & self.lin_mask();
             self.translate(p, lin, Access::Write, user)?;
@@ -259,7 +287,13 @@ impl Cpu {
 
     /// Translate a linear address for `access`, filling the TLB. Returns
     /// the physical address.
-    pub(crate) fn translate(&mut self, p: &mut dyn Platform, lin: u64, access: Access, user: bool) -> XResult<u64> {
+    pub(crate) fn translate(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        access: Access,
+        user: bool,
+    ) -> XResult<u64> {
         let page = lin & !0xfff;
         let idx = ((lin >> 12) as usize) & (TLB_SIZE - 1);
         {
@@ -277,7 +311,11 @@ impl Cpu {
         let ppage = t.paddr & !0xfff;
         let host = self.ram.host_page(ppage);
         let mmio = if host.is_none() { TLB_MMIO } else { 0 };
-        let code = if self.blocks.is_code_page(ppage) { TLB_CODE } else { 0 };
+        let code = if self.blocks.is_code_page(ppage) {
+            TLB_CODE
+        } else {
+            0
+        };
         let e = &mut self.tlb.sets[user as usize][idx];
         let same = e.paddr == ppage && e.read & TLB_INVALID == 0 && e.read & !TLB_FLAGS == page;
         if !same {
@@ -323,7 +361,14 @@ impl Cpu {
         }
     }
 
-    fn page_fault(&mut self, lin: u64, access: Access, user: bool, present: bool, rsvd: bool) -> Exception {
+    fn page_fault(
+        &mut self,
+        lin: u64,
+        access: Access,
+        user: bool,
+        present: bool,
+        rsvd: bool,
+    ) -> Exception {
         let mut code = 0u32;
         if present {
             code |= 1;
@@ -337,7 +382,8 @@ impl Cpu {
         if rsvd {
             code |= 8;
         }
-        let nx_on = (self.cr4 & CR4_PAE != 0 && self.efer & EFER_NXE != 0) || self.cr4 & CR4_SMEP != 0;
+        let nx_on =
+            (self.cr4 & CR4_PAE != 0 && self.efer & EFER_NXE != 0) || self.cr4 & CR4_SMEP != 0;
         if access == Access::Exec && nx_on {
             code |= 16;
         }
@@ -347,7 +393,13 @@ impl Cpu {
 
     /// Walk the page tables for `lin`. Sets accessed and dirty bits on
     /// success; raises #PF (with CR2 written) on failure.
-    pub(crate) fn walk(&mut self, p: &mut dyn Platform, lin: u64, access: Access, user: bool) -> XResult<Translation> {
+    pub(crate) fn walk(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        access: Access,
+        user: bool,
+    ) -> XResult<Translation> {
         if self.cr0 & CR0_PG == 0 {
             return Ok(Translation {
                 paddr: lin & 0xffff_ffff,
@@ -467,7 +519,8 @@ impl Cpu {
                 if user {
                     us && rw
                 } else {
-                    (rw || !wp) && !(us && self.cr4 & CR4_SMAP != 0 && !self.flags.test(crate::flags::AC))
+                    (rw || !wp)
+                        && !(us && self.cr4 & CR4_SMAP != 0 && !self.flags.test(crate::flags::AC))
                 }
             }
             Access::Exec => {
@@ -496,8 +549,13 @@ impl Cpu {
         let leaf_e = path[leaf].1 | if access == Access::Write { 0x40 } else { 0 };
         let pge = self.cr4 & CR4_PGE != 0;
         // Writable for the TLB: the path allows writes at this privilege.
-        let writable = if user { us && rw } else { rw || !wp } && !(!user && us && self.cr4 & CR4_SMAP != 0);
-        let executable = if user { us && !xd } else { !xd && !(us && self.cr4 & CR4_SMEP != 0) };
+        let writable =
+            if user { us && rw } else { rw || !wp } && !(!user && us && self.cr4 & CR4_SMAP != 0);
+        let executable = if user {
+            us && !xd
+        } else {
+            !xd && !(us && self.cr4 & CR4_SMEP != 0)
+        };
         let readable_super_ok = !(!user && us && self.cr4 & CR4_SMAP != 0);
         let _ = readable_super_ok;
         Ok(Translation {
@@ -520,7 +578,13 @@ impl Cpu {
 
     /// Read `buf.len()` bytes of code or data at linear `lin` for decoding,
     /// translated as instruction fetches.
-    pub(crate) fn fetch_bytes(&mut self, p: &mut dyn Platform, lin: u64, buf: &mut [u8], user: bool) -> XResult<()> {
+    pub(crate) fn fetch_bytes(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        buf: &mut [u8],
+        user: bool,
+    ) -> XResult<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let a = lin.wrapping_add(done as u64) & self.lin_mask();

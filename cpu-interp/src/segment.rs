@@ -10,7 +10,11 @@ use crate::state::Segment;
 pub fn parse_descriptor(raw: u64) -> Segment {
     let limit_raw = (raw & 0xffff) as u32 | (((raw >> 48) & 0xf) as u32) << 16;
     let g = raw & (1 << 55) != 0;
-    let limit = if g { (limit_raw << 12) | 0xfff } else { limit_raw };
+    let limit = if g {
+        (limit_raw << 12) | 0xfff
+    } else {
+        limit_raw
+    };
     Segment {
         selector: 0,
         base: ((raw >> 16) & 0xff_ffff) | (((raw >> 56) & 0xff) << 24),
@@ -40,9 +44,17 @@ impl Cpu {
     pub(crate) fn linear(&self, seg: usize, off: u64, size: u64, write: bool) -> XResult<u64> {
         let s = &self.seg[seg];
         if self.bits == 64 {
-            let lin = if seg >= sreg::FS { s.base.wrapping_add(off) } else { off };
+            let lin = if seg >= sreg::FS {
+                s.base.wrapping_add(off)
+            } else {
+                off
+            };
             if !canonical(lin) || !canonical(lin.wrapping_add(size - 1)) {
-                return Err(if seg == sreg::SS { Exception::ss(0) } else { Exception::gp0() });
+                return Err(if seg == sreg::SS {
+                    Exception::ss(0)
+                } else {
+                    Exception::gp0()
+                });
             }
             return Ok(lin);
         }
@@ -52,7 +64,13 @@ impl Cpu {
     #[inline(always)]
     fn linear_legacy(&self, seg: usize, off: u64, size: u64, write: bool) -> XResult<u64> {
         let s = &self.seg[seg];
-        let fault = || if seg == sreg::SS { Exception::ss(0) } else { Exception::gp0() };
+        let fault = || {
+            if seg == sreg::SS {
+                Exception::ss(0)
+            } else {
+                Exception::gp0()
+            }
+        };
         if self.protected() && !self.vm86() {
             if s.unusable {
                 return Err(fault());
@@ -81,7 +99,13 @@ impl Cpu {
 
     /// Read `size` bytes at `seg:off`.
     #[inline(always)]
-    pub(crate) fn read_mem(&mut self, p: &mut dyn Platform, seg: usize, off: u64, size: usize) -> XResult<u64> {
+    pub(crate) fn read_mem(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        size: usize,
+    ) -> XResult<u64> {
         let lin = self.linear(seg, off, size as u64, false)?;
         let user = self.user();
         self.read_lin(p, lin, size, user)
@@ -89,7 +113,14 @@ impl Cpu {
 
     /// Write `size` bytes of `v` at `seg:off`.
     #[inline(always)]
-    pub(crate) fn write_mem(&mut self, p: &mut dyn Platform, seg: usize, off: u64, size: usize, v: u64) -> XResult<()> {
+    pub(crate) fn write_mem(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        size: usize,
+        v: u64,
+    ) -> XResult<()> {
         let lin = self.linear(seg, off, size as u64, true)?;
         let user = self.user();
         self.write_lin(p, lin, size, v, user)
@@ -97,13 +128,25 @@ impl Cpu {
 
     /// Check that `seg:off` can be written without writing it (for
     /// instructions that must fault before changing any state).
-    pub(crate) fn probe_write(&mut self, p: &mut dyn Platform, seg: usize, off: u64, size: usize) -> XResult<()> {
+    pub(crate) fn probe_write(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        size: usize,
+    ) -> XResult<()> {
         let lin = self.linear(seg, off, size as u64, true)?;
         let user = self.user();
         self.probe_lin_write(p, lin, size, user)
     }
 
-    pub(crate) fn probe_lin_write(&mut self, p: &mut dyn Platform, lin: u64, size: usize, user: bool) -> XResult<()> {
+    pub(crate) fn probe_lin_write(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        size: usize,
+        user: bool,
+    ) -> XResult<()> {
         self.translate(p, lin, crate::mmu::Access::Write, user)?;
         let last = lin.wrapping_add(size as u64 - 1) & self.lin_mask();
         if last & !0xfff != lin & !0xfff {
@@ -149,7 +192,11 @@ impl Cpu {
     }
 
     /// Read a 16-byte system descriptor (long mode) and return (low, high).
-    pub(crate) fn read_system_descriptor(&mut self, p: &mut dyn Platform, sel: u16) -> XResult<(u64, u64)> {
+    pub(crate) fn read_system_descriptor(
+        &mut self,
+        p: &mut dyn Platform,
+        sel: u16,
+    ) -> XResult<(u64, u64)> {
         let lo = self.read_descriptor(p, sel)?;
         if !self.long_mode() {
             return Ok((lo, 0));
@@ -247,7 +294,12 @@ impl Cpu {
     /// privilege `new_cpl`. Checks follow SDM "JMP"/"CALL" pseudo-code for
     /// the direct code-segment case. Returns the parsed descriptor with its
     /// raw value for the caller to commit with [`Cpu::commit_cs`].
-    pub(crate) fn check_code_descriptor(&mut self, p: &mut dyn Platform, sel: u16, for_return: bool) -> XResult<(Segment, u64)> {
+    pub(crate) fn check_code_descriptor(
+        &mut self,
+        p: &mut dyn Platform,
+        sel: u16,
+        for_return: bool,
+    ) -> XResult<(Segment, u64)> {
         let err = u32::from(sel & !3);
         if sel & !3 == 0 {
             return Err(Exception::gp0());
@@ -280,7 +332,14 @@ impl Cpu {
     }
 
     /// Commit a checked code segment as CS with privilege `cpl`.
-    pub(crate) fn commit_cs(&mut self, p: &mut dyn Platform, sel: u16, mut d: Segment, raw: u64, cpl: u8) -> XResult<()> {
+    pub(crate) fn commit_cs(
+        &mut self,
+        p: &mut dyn Platform,
+        sel: u16,
+        mut d: Segment,
+        raw: u64,
+        cpl: u8,
+    ) -> XResult<()> {
         self.set_accessed(p, sel, raw)?;
         d.type_ |= 1;
         d.selector = (sel & !3) | u16::from(cpl);
@@ -310,9 +369,21 @@ impl Cpu {
 
     /// SS for a privilege change (interrupt delivery, far RET to outer
     /// level): fetch and check the stack segment for privilege `cpl`.
-    pub(crate) fn check_stack_descriptor(&mut self, p: &mut dyn Platform, sel: u16, cpl: u8, ts: bool) -> XResult<Segment> {
+    pub(crate) fn check_stack_descriptor(
+        &mut self,
+        p: &mut dyn Platform,
+        sel: u16,
+        cpl: u8,
+        ts: bool,
+    ) -> XResult<Segment> {
         let err = u32::from(sel & !3);
-        let fault = |c| if ts { Exception::ts(c) } else { Exception::gp(c) };
+        let fault = |c| {
+            if ts {
+                Exception::ts(c)
+            } else {
+                Exception::gp(c)
+            }
+        };
         if sel & !3 == 0 {
             if self.long_mode() && cpl != 3 {
                 // 64-bit mode allows a null SS at privilege 0..2.
@@ -327,7 +398,9 @@ impl Cpu {
             }
             return Err(fault(err));
         }
-        let raw = self.read_descriptor(p, sel).map_err(|e| if ts { Exception::ts(err) } else { e })?;
+        let raw = self
+            .read_descriptor(p, sel)
+            .map_err(|e| if ts { Exception::ts(err) } else { e })?;
         let mut d = parse_descriptor(raw);
         if (sel & 3) as u8 != cpl || d.dpl != cpl || !d.s || d.type_ & 0xa != 0x2 {
             return Err(fault(err));

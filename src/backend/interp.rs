@@ -133,7 +133,11 @@ impl Vcpu for InterpVcpu {
     fn stats(&self) -> VcpuStats {
         VcpuStats {
             instructions: Some(self.cpu.retired()),
-            exits: self.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            exits: self
+                .exits
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             interp_fallbacks: 0,
         }
     }

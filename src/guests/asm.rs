@@ -193,8 +193,7 @@ impl DataBlock {
     }
 
     fn next_address(&self) -> u32 {
-        u32::try_from(self.base + self.bytes.len() as u64)
-            .expect("guest data lies below 4 GiB")
+        u32::try_from(self.base + self.bytes.len() as u64).expect("guest data lies below 4 GiB")
     }
 
     /// Raw bytes aligned to `align`; returns their address.
@@ -380,6 +379,15 @@ pub fn emit_enable_long_mode(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(cr0, eax)
 }
 
+/// Straight from real mode to 64-bit code at [`map::CODE64`]: `lgdt`, turn
+/// on long mode with CR0.PE and CR0.PG in one write, far-jump through
+/// [`selector::CODE64`]. 16-bit code, after the page tables are built.
+pub fn emit_real_mode_to_long_mode(a: &mut CodeAssembler, gdtr: u32) -> Result<(), IcedError> {
+    emit_load_gdt(a, gdtr)?;
+    emit_enable_long_mode(a)?;
+    a.jmp_far(selector::CODE64, map::CODE64 as u32)
+}
+
 /// `cli; hlt`, looping back should the CPU ever continue.
 pub fn emit_halt(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut halt = a.create_label();
@@ -562,7 +570,11 @@ pub(crate) mod testing {
     pub fn check_layout(program: &GuestProgram) {
         let mut ranges: Vec<(u64, u64, String)> = Vec::new();
         for c in &program.code {
-            ranges.push((c.addr, c.addr + c.bytes.len() as u64, format!("{}-bit code", c.bitness)));
+            ranges.push((
+                c.addr,
+                c.addr + c.bytes.len() as u64,
+                format!("{}-bit code", c.bitness),
+            ));
         }
         for (addr, bytes) in &program.data {
             ranges.push((*addr, addr + bytes.len() as u64, "data".to_string()));
@@ -572,8 +584,14 @@ pub(crate) mod testing {
         }
         for (start, end, what) in &ranges {
             assert!(start < end, "{what} at {start:#x} is empty");
-            assert!(*start >= map::GDT, "{what} at {start:#x} overlaps the real-mode IVT/BDA");
-            assert!(*end <= map::LOW_MEMORY_END, "{what} at {start:#x}..{end:#x} crosses 1 MiB");
+            assert!(
+                *start >= map::GDT,
+                "{what} at {start:#x} overlaps the real-mode IVT/BDA"
+            );
+            assert!(
+                *end <= map::LOW_MEMORY_END,
+                "{what} at {start:#x}..{end:#x} crosses 1 MiB"
+            );
         }
         ranges.sort();
         for pair in ranges.windows(2) {
@@ -591,7 +609,10 @@ pub(crate) mod testing {
         let entry = &program.entry;
         let entry_address = entry.sregs.cs.base + entry.regs.rip;
         assert!(
-            program.code.iter().any(|c| c.bitness == 16 && c.addr == entry_address),
+            program
+                .code
+                .iter()
+                .any(|c| c.bitness == 16 && c.addr == entry_address),
             "entry {entry_address:#x} is not the start of 16-bit code"
         );
         assert_eq!(entry.sregs.cr0 & 1, 0, "guests start in real mode");

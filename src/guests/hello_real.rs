@@ -66,12 +66,3 @@ mod tests {
         );
     }
 }
-#[cfg(test)]
-mod tmp_dump {
-    #[test]
-    fn dump() {
-        for c in &super::program().code {
-            for l in crate::guests::asm::testing::disassemble(c) { println!("{l}"); }
-        }
-    }
-}

@@ -6,8 +6,11 @@
 use cpu_interp::state::CpuState;
 
 pub mod asm;
+pub mod checksum;
+pub mod fault;
 pub mod hello_real;
 pub mod long_mode;
+pub mod swint;
 
 /// A guest program ready to load: byte blobs at guest-physical addresses
 /// and the CPU state to start from.
@@ -28,16 +31,33 @@ pub struct BuiltinGuest {
 
 /// Every built-in guest, in the order `duet guests` lists them.
 pub fn all() -> &'static [BuiltinGuest] {
-    &[BuiltinGuest {
-        name: hello_real::NAME,
-        description: hello_real::DESCRIPTION,
-        build: hello_real::build,
-    },
-    BuiltinGuest {
-        name: long_mode::NAME,
-        description: long_mode::DESCRIPTION,
-        build: long_mode::build,
-    }]
+    &[
+        BuiltinGuest {
+            name: hello_real::NAME,
+            description: hello_real::DESCRIPTION,
+            build: hello_real::build,
+        },
+        BuiltinGuest {
+            name: long_mode::NAME,
+            description: long_mode::DESCRIPTION,
+            build: long_mode::build,
+        },
+        BuiltinGuest {
+            name: checksum::NAME,
+            description: checksum::DESCRIPTION,
+            build: checksum::build,
+        },
+        BuiltinGuest {
+            name: fault::NAME,
+            description: fault::DESCRIPTION,
+            build: fault::build,
+        },
+        BuiltinGuest {
+            name: swint::NAME,
+            description: swint::DESCRIPTION,
+            build: swint::build,
+        },
+    ]
 }
 
 /// Look up a built-in guest by name.

@@ -77,7 +77,9 @@ pub fn run_guest(name: &str, kind: BackendKind) -> RunResult {
 
 /// The golden serial output of a guest.
 pub fn golden(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(format!("{name}.serial.txt"));
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("{name}.serial.txt"));
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -88,5 +90,9 @@ pub fn first_difference(a: &str, b: &str) -> String {
             return format!("line {}: interp `{x}` vs kvm `{y}`", k + 1);
         }
     }
-    format!("lengths differ: {} vs {} lines", a.lines().count(), b.lines().count())
+    format!(
+        "lengths differ: {} vs {} lines",
+        a.lines().count(),
+        b.lines().count()
+    )
 }

@@ -1,7 +1,7 @@
 //! Integer arithmetic and logic: ADD OR ADC SBB AND SUB XOR CMP TEST, INC
 //! DEC NEG NOT.
 
-use iced_x86::Mnemonic;
+use iced_x86::{Mnemonic, OpKind};
 
 use super::mask;
 use crate::block::Insn;
@@ -25,6 +25,128 @@ pub fn register(t: &mut Table) {
     t.set_mnemonic(Mnemonic::Dec, incdec::<false>);
     t.set_mnemonic(Mnemonic::Neg, neg);
     t.set_mnemonic(Mnemonic::Not, not);
+}
+
+/// Fast forms: register/register and register/immediate with 4- or 8-byte
+/// operands, the shapes compilers emit most.
+pub(crate) fn specialize(d: &Insn) -> Option<crate::dispatch::Handler> {
+    let op = match d.i.mnemonic() {
+        Mnemonic::Add => ADD,
+        Mnemonic::Or => OR,
+        Mnemonic::Adc => ADC,
+        Mnemonic::Sbb => SBB,
+        Mnemonic::And => AND,
+        Mnemonic::Sub => SUB,
+        Mnemonic::Xor => XOR,
+        Mnemonic::Cmp => CMP,
+        Mnemonic::Test => TEST,
+        Mnemonic::Inc | Mnemonic::Dec => {
+            if d.r0 == 0xff || !matches!(d.size, 4 | 8) {
+                return None;
+            }
+            let inc = d.i.mnemonic() == Mnemonic::Inc;
+            return Some(match (inc, d.size) {
+                (true, 4) => incdec_r::<true, 4>,
+                (true, _) => incdec_r::<true, 8>,
+                (false, 4) => incdec_r::<false, 4>,
+                (false, _) => incdec_r::<false, 8>,
+            });
+        }
+        _ => return None,
+    };
+    if d.r0 == 0xff || !matches!(d.size, 4 | 8) || d.i.op_count() != 2 {
+        return None;
+    }
+    let reg_src = d.r1 != 0xff;
+    let imm_src = !reg_src && d.i.op1_kind() != OpKind::Memory;
+    macro_rules! pick {
+        ($($k:ident),*) => {
+            match (op, d.size, reg_src) {
+                $(
+                    ($k, 4, true) => Some(binop_rr::<$k, 4> as crate::dispatch::Handler),
+                    ($k, 8, true) => Some(binop_rr::<$k, 8>),
+                    ($k, 4, false) if imm_src => Some(binop_ri::<$k, 4>),
+                    ($k, 8, false) if imm_src => Some(binop_ri::<$k, 8>),
+                )*
+                _ => None,
+            }
+        };
+    }
+    pick!(ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST)
+}
+
+#[inline(always)]
+fn alu_core<const OP: u8, const SIZE: usize>(cpu: &mut Cpu, r0: usize, a: u64, b: u64) {
+    let w = SIZE as u32 * 8;
+    let m = mask(SIZE);
+    let (r, op) = match OP {
+        ADD => (a.wrapping_add(b), FlagOp::Add),
+        OR => (a | b, FlagOp::Logic),
+        ADC => {
+            let c = cpu.flags.cf();
+            let r = a.wrapping_add(b).wrapping_add(c as u64) & m;
+            cpu.flags.set_lazy_carry(FlagOp::Adc, w, a, b, r, c);
+            cpu.gpr[r0] = r;
+            return;
+        }
+        SBB => {
+            let c = cpu.flags.cf();
+            let r = a.wrapping_sub(b).wrapping_sub(c as u64) & m;
+            cpu.flags.set_lazy_carry(FlagOp::Sbb, w, a, b, r, c);
+            cpu.gpr[r0] = r;
+            return;
+        }
+        AND | TEST => (a & b, FlagOp::Logic),
+        SUB | CMP => (a.wrapping_sub(b), FlagOp::Sub),
+        _ => (a ^ b, FlagOp::Logic),
+    };
+    let r = r & m;
+    if OP != CMP && OP != TEST {
+        // 32-bit results zero-extend; the mask already did it.
+        cpu.gpr[r0] = r;
+    }
+    cpu.flags.set_lazy(op, w, a, b, r);
+}
+
+fn binop_rr<const OP: u8, const SIZE: usize>(
+    cpu: &mut Cpu,
+    _p: &mut dyn Platform,
+    d: &Insn,
+) -> XResult<()> {
+    let m = mask(SIZE);
+    let (r0, r1) = (d.r0 as usize, d.r1 as usize);
+    let a = cpu.gpr[r0] & m;
+    let b = cpu.gpr[r1] & m;
+    alu_core::<OP, SIZE>(cpu, r0, a, b);
+    Ok(())
+}
+
+fn binop_ri<const OP: u8, const SIZE: usize>(
+    cpu: &mut Cpu,
+    _p: &mut dyn Platform,
+    d: &Insn,
+) -> XResult<()> {
+    let r0 = d.r0 as usize;
+    let a = cpu.gpr[r0] & mask(SIZE);
+    alu_core::<OP, SIZE>(cpu, r0, a, d.imm);
+    Ok(())
+}
+
+fn incdec_r<const INC: bool, const SIZE: usize>(
+    cpu: &mut Cpu,
+    _p: &mut dyn Platform,
+    d: &Insn,
+) -> XResult<()> {
+    let r0 = d.r0 as usize;
+    let a = cpu.gpr[r0] & mask(SIZE);
+    let r = if INC {
+        a.wrapping_add(1)
+    } else {
+        a.wrapping_sub(1)
+    } & mask(SIZE);
+    cpu.gpr[r0] = r;
+    cpu.flags.set_incdec(INC, SIZE as u32 * 8, a, r);
+    Ok(())
 }
 
 const ADD: u8 = 0;
@@ -72,7 +194,11 @@ fn binop<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult
 fn incdec<const INC: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
     let a = cpu.op_read(p, d, 0, size)?;
-    let r = if INC { a.wrapping_add(1) } else { a.wrapping_sub(1) } & mask(size);
+    let r = if INC {
+        a.wrapping_add(1)
+    } else {
+        a.wrapping_sub(1)
+    } & mask(size);
     cpu.op0_write(p, d, size, r)?;
     cpu.flags.set_incdec(INC, size as u32 * 8, a, r);
     Ok(())
@@ -119,8 +245,8 @@ mod tests {
         // add al, 0x80 (04 80) ; or ah, 1 (80 cc 01) ; xor ebx, ebx (31 db)
         // adc dword [0x2000], ecx (11 0d 00 20 00 00) ; inc word [0x2004] (66 ff 05 04 20 00 00)
         let code = [
-            0x04, 0x80, 0x80, 0xcc, 0x01, 0x31, 0xdb, 0x11, 0x0d, 0x00, 0x20, 0x00, 0x00, 0x66, 0xff, 0x05, 0x04,
-            0x20, 0x00, 0x00,
+            0x04, 0x80, 0x80, 0xcc, 0x01, 0x31, 0xdb, 0x11, 0x0d, 0x00, 0x20, 0x00, 0x00, 0x66,
+            0xff, 0x05, 0x04, 0x20, 0x00, 0x00,
         ];
         let c = run(Mode::Prot32, &code, |c| {
             c.set_gpr(RAX, 0x1234_5680);

@@ -36,7 +36,8 @@ fn daa(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         al = (al + 0x60) & 0xff;
     }
     cpu.set_reg(Register::AL, al);
-    cpu.flags.set_arith(szp(8, al) | bit(cf, flags::CF) | bit(af, flags::AF));
+    cpu.flags
+        .set_arith(szp(8, al) | bit(cf, flags::CF) | bit(af, flags::AF));
     Ok(())
 }
 
@@ -57,7 +58,8 @@ fn das(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         cf = true;
     }
     cpu.set_reg(Register::AL, al);
-    cpu.flags.set_arith(szp(8, al) | bit(cf, flags::CF) | bit(af, flags::AF));
+    cpu.flags
+        .set_arith(szp(8, al) | bit(cf, flags::CF) | bit(af, flags::AF));
     Ok(())
 }
 
@@ -68,7 +70,8 @@ fn aaa(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     let nax = nax & 0xff0f;
     cpu.set_gpr_sized(gpr::RAX, 2, nax);
     let keep = cpu.flags.arith() & (flags::SF | flags::ZF | flags::PF | flags::OF);
-    cpu.flags.set_arith(keep | bit(adjust, flags::CF | flags::AF));
+    cpu.flags
+        .set_arith(keep | bit(adjust, flags::CF | flags::AF));
     Ok(())
 }
 
@@ -84,7 +87,8 @@ fn aas(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     };
     cpu.set_gpr_sized(gpr::RAX, 2, nax & 0xff0f);
     let keep = cpu.flags.arith() & (flags::SF | flags::ZF | flags::PF | flags::OF);
-    cpu.flags.set_arith(keep | bit(adjust, flags::CF | flags::AF));
+    cpu.flags
+        .set_arith(keep | bit(adjust, flags::CF | flags::AF));
     Ok(())
 }
 

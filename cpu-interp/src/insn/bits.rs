@@ -33,7 +33,8 @@ fn bt<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()
     let size = d.size as usize;
     let bits = size as u64 * 8;
     let raw = cpu.op_read(p, d, 1, size)?;
-    let (bit, byte_off) = if d.i.op0_kind() == OpKind::Memory && d.i.op1_kind() == OpKind::Register {
+    let (bit, byte_off) = if d.i.op0_kind() == OpKind::Memory && d.i.op1_kind() == OpKind::Register
+    {
         // A register bit offset addresses memory beyond the operand.
         let off = sext(raw, size) as i64;
         let word = off >> bits.trailing_zeros();
@@ -60,7 +61,8 @@ fn bt<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()
             None => cpu.set_reg(d.i.op0_register(), nv),
         }
     }
-    cpu.flags.update_arith(flags::CF, if cf { flags::CF } else { 0 });
+    cpu.flags
+        .update_arith(flags::CF, if cf { flags::CF } else { 0 });
     Ok(())
 }
 
@@ -108,8 +110,8 @@ mod tests {
         // bts eax, 5 (0f ba e8 05) ; btr dword [0x2000], ecx (0f b3 0d 00 20 00 00) with ecx = 35
         // bsf edx, esi (0f bc d6) ; bsr edi, esi (0f bd fe) ; popcnt ebx, esi (f3 0f b8 de)
         let code = [
-            0x0f, 0xba, 0xe8, 0x05, 0x0f, 0xb3, 0x0d, 0x00, 0x20, 0, 0, 0x0f, 0xbc, 0xd6, 0x0f, 0xbd, 0xfe, 0xf3,
-            0x0f, 0xb8, 0xde,
+            0x0f, 0xba, 0xe8, 0x05, 0x0f, 0xb3, 0x0d, 0x00, 0x20, 0, 0, 0x0f, 0xbc, 0xd6, 0x0f,
+            0xbd, 0xfe, 0xf3, 0x0f, 0xb8, 0xde,
         ];
         let c = run(Mode::Prot32, &code, |c| {
             c.set_gpr(RAX, 0);

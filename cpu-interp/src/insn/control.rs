@@ -17,7 +17,12 @@ use crate::state::gpr;
 pub fn register(t: &mut Table) {
     for &c in t.codes(Mnemonic::Jmp).to_vec().iter() {
         let h: crate::dispatch::Handler = match c {
-            Code::Jmp_rel8_16 | Code::Jmp_rel8_32 | Code::Jmp_rel8_64 | Code::Jmp_rel16 | Code::Jmp_rel32_32 | Code::Jmp_rel32_64 => jmp_rel,
+            Code::Jmp_rel8_16
+            | Code::Jmp_rel8_32
+            | Code::Jmp_rel8_64
+            | Code::Jmp_rel16
+            | Code::Jmp_rel32_32
+            | Code::Jmp_rel32_64 => jmp_rel,
             Code::Jmp_rm16 | Code::Jmp_rm32 | Code::Jmp_rm64 => jmp_near_indirect,
             Code::Jmp_ptr1616 | Code::Jmp_ptr1632 => jmp_far_ptr,
             _ => jmp_far_mem,
@@ -149,8 +154,14 @@ fn ret(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     };
     let t = cpu.peek(p, size, 0)?;
     check_near_target(cpu, t)?;
-    let extra = if d.i.op_count() > 0 { d.i.immediate(0) & 0xffff } else { 0 };
-    let sp = cpu.gpr[gpr::RSP].wrapping_add(size as u64).wrapping_add(extra);
+    let extra = if d.i.op_count() > 0 {
+        d.i.immediate(0) & 0xffff
+    } else {
+        0
+    };
+    let sp = cpu.gpr[gpr::RSP]
+        .wrapping_add(size as u64)
+        .wrapping_add(extra);
     cpu.set_sp(sp);
     cpu.rip = t;
     Ok(())
@@ -179,7 +190,11 @@ fn loop_(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         check_near_target(cpu, t)?;
     }
     let c = &mut cpu.gpr[gpr::RCX];
-    *c = if am == 0xffff { (*c & !0xffff) | count } else { count };
+    *c = if am == 0xffff {
+        (*c & !0xffff) | count
+    } else {
+        count
+    };
     if take {
         cpu.rip = t;
     }
@@ -233,7 +248,11 @@ fn check_far_offset(cpu: &Cpu, d: &crate::state::Segment, off: u64) -> XResult<(
 
 impl Cpu {
     /// The code-segment checks of a far JMP/CALL (gates are not supported).
-    fn check_far_target(&mut self, p: &mut dyn Platform, sel: u16) -> XResult<(crate::state::Segment, u64)> {
+    fn check_far_target(
+        &mut self,
+        p: &mut dyn Platform,
+        sel: u16,
+    ) -> XResult<(crate::state::Segment, u64)> {
         if sel & !3 != 0 {
             let raw = self.read_descriptor(p, sel)?;
             if raw & (1 << 44) == 0 {
@@ -246,7 +265,12 @@ impl Cpu {
 }
 
 fn jmp_far_ptr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    far_jump(cpu, p, d.i.far_branch_selector(), u64::from(d.i.far_branch32()))
+    far_jump(
+        cpu,
+        p,
+        d.i.far_branch_selector(),
+        u64::from(d.i.far_branch32()),
+    )
 }
 
 /// Read a far pointer m16:16/32/64 (offset first, then selector).
@@ -254,7 +278,12 @@ fn read_far_pointer(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<(u
     let osize = d.i.memory_size().size() - 2;
     let off = cpu.ea(d);
     let v = cpu.read_mem(p, d.seg as usize, off, osize)?;
-    let sel = cpu.read_mem(p, d.seg as usize, off.wrapping_add(osize as u64) & d.amask, 2)? as u16;
+    let sel = cpu.read_mem(
+        p,
+        d.seg as usize,
+        off.wrapping_add(osize as u64) & d.amask,
+        2,
+    )? as u16;
     Ok((sel, v))
 }
 
@@ -287,8 +316,18 @@ fn far_call(cpu: &mut Cpu, p: &mut dyn Platform, sel: u16, off: u64, size: usize
 }
 
 fn call_far_ptr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    let size = if d.i.code() == Code::Call_ptr1616 { 2 } else { 4 };
-    far_call(cpu, p, d.i.far_branch_selector(), u64::from(d.i.far_branch32()), size)
+    let size = if d.i.code() == Code::Call_ptr1616 {
+        2
+    } else {
+        4
+    };
+    far_call(
+        cpu,
+        p,
+        d.i.far_branch_selector(),
+        u64::from(d.i.far_branch32()),
+        size,
+    )
 }
 
 fn call_far_mem(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
@@ -303,7 +342,11 @@ fn retf(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         Code::Retfd | Code::Retfd_imm16 => 4,
         _ => 8,
     };
-    let extra = if d.i.op_count() > 0 { d.i.immediate(0) & 0xffff } else { 0 };
+    let extra = if d.i.op_count() > 0 {
+        d.i.immediate(0) & 0xffff
+    } else {
+        0
+    };
     let ip = cpu.peek(p, size, 0)? & mask(size);
     let sel = cpu.peek(p, size, size as u64)? as u16;
     if cpu.real_like() {
@@ -399,7 +442,8 @@ mod tests {
         // l: add eax, 2 (83 c0 02) ; loop l (e2 fb)
         // call f (e8 01 00 00 00) ; hlt (f4) ; f: inc ebx (ff c3) ; ret (c3)
         let code = [
-            0xb9, 0x05, 0, 0, 0, 0x83, 0xc0, 0x02, 0xe2, 0xfb, 0xe8, 0x01, 0, 0, 0, 0xf4, 0xff, 0xc3, 0xc3,
+            0xb9, 0x05, 0, 0, 0, 0x83, 0xc0, 0x02, 0xe2, 0xfb, 0xe8, 0x01, 0, 0, 0, 0xf4, 0xff,
+            0xc3, 0xc3,
         ];
         let c = run(Mode::Long64, &code, |_| {});
         assert_eq!(c.gpr(RAX), 10);
@@ -412,7 +456,9 @@ mod tests {
     fn jcc_and_indirect_jumps_32() {
         // cmp eax, 3 (83 f8 03) ; jne skip (75 05) ; mov ebx, 1 (bb 01 00 00 00)
         // skip: jmp [0x2000] (ff 25 00 20 00 00)   -> target at 0x2000
-        let code = [0x83, 0xf8, 0x03, 0x75, 0x05, 0xbb, 0x01, 0, 0, 0, 0xff, 0x25, 0x00, 0x20, 0, 0];
+        let code = [
+            0x83, 0xf8, 0x03, 0x75, 0x05, 0xbb, 0x01, 0, 0, 0, 0xff, 0x25, 0x00, 0x20, 0, 0,
+        ];
         let c = run(Mode::Prot32, &code, |c| {
             c.set_gpr(RAX, 3);
             // Target: mov ecx, 7 ; hlt at 0x3000.

@@ -19,7 +19,12 @@ impl Cpu {
     /// #GP(0) unless the current privilege may access `size` ports at
     /// `port`: always in real mode and when CPL <= IOPL, else (and always in
     /// virtual-8086 mode) only if the TSS I/O bitmap clears every bit.
-    pub(crate) fn check_io_permission(&mut self, p: &mut dyn Platform, port: u16, size: usize) -> XResult<()> {
+    pub(crate) fn check_io_permission(
+        &mut self,
+        p: &mut dyn Platform,
+        port: u16,
+        size: usize,
+    ) -> XResult<()> {
         if !self.protected() || (!self.vm86() && self.cpl <= self.flags.iopl()) {
             return Ok(());
         }
@@ -80,7 +85,9 @@ mod tests {
     fn in_out_forms() {
         // out 0x80, al (e6 80) ; mov dx, 0x3f8 (66 ba f8 03) ; out dx, eax (ef)
         // in ax, dx (66 ed) ; in al, 0x61 (e4 61)
-        let code = [0xe6, 0x80, 0x66, 0xba, 0xf8, 0x03, 0xef, 0x66, 0xed, 0xe4, 0x61];
+        let code = [
+            0xe6, 0x80, 0x66, 0xba, 0xf8, 0x03, 0xef, 0x66, 0xed, 0xe4, 0x61,
+        ];
         let (c, p) = run_with(Mode::Prot32, &code, |c| c.set_gpr(RAX, 0x1122_3344));
         assert_eq!(p.out[0], (0x80, vec![0x44]));
         assert_eq!(p.out[1], (0x3f8, vec![0x44, 0x33, 0x22, 0x11]));

@@ -17,12 +17,15 @@ pub mod bcd;
 pub mod bits;
 pub mod control;
 pub mod io;
+pub mod mmx;
 pub mod mov;
 pub mod muldiv;
 pub mod shift;
+pub mod sse;
 pub mod stack;
 pub mod string;
 pub mod system;
+pub mod x87;
 
 /// Register every group's handlers.
 pub fn register_all(t: &mut Table) {
@@ -37,6 +40,20 @@ pub fn register_all(t: &mut Table) {
     stack::register(t);
     string::register(t);
     system::register(t);
+    // Floating point and vectors last: they override string-instruction
+    // mnemonics shared with SSE (MOVSD, CMPSD).
+    x87::register(t);
+    mmx::register(t);
+    sse::register(t);
+}
+
+/// Pick a faster handler for common operand forms (register and
+/// immediate operands resolved at decode time). Returns `h` unchanged when
+/// no special form applies.
+pub fn specialize(d: &Insn, h: crate::dispatch::Handler) -> crate::dispatch::Handler {
+    alu::specialize(d)
+        .or_else(|| mov::specialize(d))
+        .unwrap_or(h)
 }
 
 /// Mask of the low `size` bytes.
@@ -76,7 +93,13 @@ impl Cpu {
     /// Read operand `n` as `size` bytes (immediates are sign-extended by
     /// the decoder and masked here).
     #[inline(always)]
-    pub(crate) fn op_read(&mut self, p: &mut dyn Platform, d: &Insn, n: u32, size: usize) -> XResult<u64> {
+    pub(crate) fn op_read(
+        &mut self,
+        p: &mut dyn Platform,
+        d: &Insn,
+        n: u32,
+        size: usize,
+    ) -> XResult<u64> {
         match d.i.op_kind(n) {
             OpKind::Register => Ok(self.reg(d.i.op_register(n))),
             OpKind::Memory => {
@@ -89,7 +112,13 @@ impl Cpu {
 
     /// Write operand 0 (register or memory) with `size` bytes.
     #[inline(always)]
-    pub(crate) fn op0_write(&mut self, p: &mut dyn Platform, d: &Insn, size: usize, v: u64) -> XResult<()> {
+    pub(crate) fn op0_write(
+        &mut self,
+        p: &mut dyn Platform,
+        d: &Insn,
+        size: usize,
+        v: u64,
+    ) -> XResult<()> {
         if d.i.op0_kind() == OpKind::Register {
             self.set_reg(d.i.op0_register(), v);
             Ok(())

@@ -103,6 +103,60 @@ pub fn register(t: &mut Table) {
     }
 }
 
+/// Fast forms of MOV and LEA with 4- or 8-byte register destinations.
+pub(crate) fn specialize(d: &Insn) -> Option<crate::dispatch::Handler> {
+    if !matches!(d.size, 4 | 8) {
+        return None;
+    }
+    match d.i.mnemonic() {
+        Mnemonic::Mov if d.r0 != 0xff && d.r1 != 0xff => Some(if d.size == 4 {
+            mov_rr::<4>
+        } else {
+            mov_rr::<8>
+        }),
+        Mnemonic::Mov if d.r0 != 0xff && d.i.op1_kind() == OpKind::Memory => Some(if d.size == 4 {
+            mov_rm::<4>
+        } else {
+            mov_rm::<8>
+        }),
+        Mnemonic::Mov if d.r1 != 0xff && d.i.op0_kind() == OpKind::Memory => Some(if d.size == 4 {
+            mov_mr::<4>
+        } else {
+            mov_mr::<8>
+        }),
+        Mnemonic::Mov
+            if d.r0 != 0xff && d.i.op_count() == 2 && d.i.op1_kind() != OpKind::Register =>
+        {
+            Some(mov_ri)
+        }
+        Mnemonic::Lea if d.r0 != 0xff => Some(lea),
+        _ => None,
+    }
+}
+
+fn mov_rr<const SIZE: usize>(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.gpr[d.r0 as usize] = cpu.gpr[d.r1 as usize] & mask(SIZE);
+    Ok(())
+}
+
+fn mov_ri(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.gpr[d.r0 as usize] = d.imm;
+    Ok(())
+}
+
+fn mov_rm<const SIZE: usize>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let off = cpu.ea(d);
+    let v = cpu.read_mem(p, d.seg as usize, off, SIZE)?;
+    cpu.gpr[d.r0 as usize] = v;
+    Ok(())
+}
+
+fn mov_mr<const SIZE: usize>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    let off = cpu.ea(d);
+    let v = cpu.gpr[d.r1 as usize];
+    cpu.write_mem(p, d.seg as usize, off, SIZE, v)
+}
+
 /// Size in bytes of operand `n` (register or memory); 0 for immediates.
 #[inline]
 pub(crate) fn op_size(d: &Insn, n: u32) -> usize {
@@ -220,7 +274,13 @@ fn cmpxchg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         }
         cpu.set_gpr_sized(gpr::RAX, size as u32, dst);
     }
-    cpu.flags.set_lazy(FlagOp::Sub, size as u32 * 8, acc, dst, acc.wrapping_sub(dst));
+    cpu.flags.set_lazy(
+        FlagOp::Sub,
+        size as u32 * 8,
+        acc,
+        dst,
+        acc.wrapping_sub(dst),
+    );
     Ok(())
 }
 
@@ -360,8 +420,9 @@ mod tests {
         // lea rdx, [rbx+rcx*2+8] (48 8d 54 4b 08)
         // movsxd rsi, eax (48 63 f0)
         let code = [
-            0xb8, 0xff, 0xff, 0xff, 0xff, 0x48, 0x0f, 0xbe, 0x1c, 0x25, 0x00, 0x20, 0x00, 0x00, 0x0f, 0xb7, 0x0c,
-            0x25, 0x00, 0x20, 0x00, 0x00, 0x48, 0x8d, 0x54, 0x4b, 0x08, 0x48, 0x63, 0xf0,
+            0xb8, 0xff, 0xff, 0xff, 0xff, 0x48, 0x0f, 0xbe, 0x1c, 0x25, 0x00, 0x20, 0x00, 0x00,
+            0x0f, 0xb7, 0x0c, 0x25, 0x00, 0x20, 0x00, 0x00, 0x48, 0x8d, 0x54, 0x4b, 0x08, 0x48,
+            0x63, 0xf0,
         ];
         let c = run(Mode::Long64, &code, |c| {
             c.set_gpr(RAX, u64::MAX);
@@ -378,7 +439,9 @@ mod tests {
     fn rip_relative_and_moffs() {
         // mov rax, [rip+0x10] (48 8b 05 10 00 00 00) -> reads 0x1000+7+0x10
         // mov [0x2100], eax via moffs (a3 00 21 00 00 00 00 00 00)
-        let code = [0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0xa3, 0x00, 0x21, 0, 0, 0, 0, 0, 0];
+        let code = [
+            0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0xa3, 0x00, 0x21, 0, 0, 0, 0, 0, 0,
+        ];
         let c = run(Mode::Long64, &code, |c| {
             write_phys(c, 0x1017, &0x1122_3344_5566_7788u64.to_le_bytes());
         });
@@ -390,7 +453,9 @@ mod tests {
     fn xchg_xadd_cmpxchg_32() {
         // xchg [0x2000], ecx (87 0d 00 20 00 00) ; xadd eax, ebx (0f c1 d8)
         // cmpxchg [0x2004], edx (0f b1 15 04 20 00 00) with eax != mem
-        let code = [0x87, 0x0d, 0x00, 0x20, 0, 0, 0x0f, 0xc1, 0xd8, 0x0f, 0xb1, 0x15, 0x04, 0x20, 0, 0];
+        let code = [
+            0x87, 0x0d, 0x00, 0x20, 0, 0, 0x0f, 0xc1, 0xd8, 0x0f, 0xb1, 0x15, 0x04, 0x20, 0, 0,
+        ];
         let c = run(Mode::Prot32, &code, |c| {
             c.set_gpr(RCX, 7);
             c.set_gpr(RAX, 10);

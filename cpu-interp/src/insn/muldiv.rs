@@ -93,7 +93,8 @@ fn div(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let dividend: u128 = if size == 1 {
         u128::from(cpu.gpr[gpr::RAX] & 0xffff)
     } else {
-        (u128::from(cpu.gpr[gpr::RDX] & mask(size)) << bits) | u128::from(cpu.gpr[gpr::RAX] & mask(size))
+        (u128::from(cpu.gpr[gpr::RDX] & mask(size)) << bits)
+            | u128::from(cpu.gpr[gpr::RAX] & mask(size))
     };
     let q = dividend / src;
     let r = dividend % src;
@@ -119,7 +120,8 @@ fn idiv(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let dividend: i128 = if size == 1 {
         i128::from(sext(cpu.gpr[gpr::RAX], 2) as i64)
     } else {
-        let raw = (u128::from(cpu.gpr[gpr::RDX] & mask(size)) << bits) | u128::from(cpu.gpr[gpr::RAX] & mask(size));
+        let raw = (u128::from(cpu.gpr[gpr::RDX] & mask(size)) << bits)
+            | u128::from(cpu.gpr[gpr::RAX] & mask(size));
         // Sign-extend the 2*bits-wide value.
         let sh = 128 - 2 * bits as u32;
         ((raw << sh) as i128) >> sh

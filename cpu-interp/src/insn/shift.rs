@@ -50,7 +50,11 @@ fn shift<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult
     let bits = size as u32 * 8;
     let m = mask(size);
     let a = cpu.op_read(p, d, 0, size)? & m;
-    let c = if d.i.op_count() > 1 { count(cpu, d, 1, size) } else { 1 };
+    let c = if d.i.op_count() > 1 {
+        count(cpu, d, 1, size)
+    } else {
+        1
+    };
     if c == 0 {
         // No flags change; a 32-bit register destination is still written
         // (zero-extended), as on hardware.
@@ -69,7 +73,10 @@ fn shift<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult
             let r = if c >= 64 { 0 } else { a >> c };
             let cf = c <= bits && (a >> (c - 1)) & 1 != 0;
             let of = msb(a);
-            (r, szp(bits, r) | flag(cf, flags::CF) | flag(of && c == 1, flags::OF))
+            (
+                r,
+                szp(bits, r) | flag(cf, flags::CF) | flag(of && c == 1, flags::OF),
+            )
         }
         SAR => {
             let sa = super::sext(a, size) as i64;
@@ -147,7 +154,11 @@ fn double_shift<const LEFT: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn)
     // result per the SDM; this matches Intel).
     let (r, cf) = if LEFT {
         let wide = (u128::from(a) << bits) | u128::from(b);
-        let wide = if c > bits { (wide << bits) | u128::from(a) } else { wide };
+        let wide = if c > bits {
+            (wide << bits) | u128::from(a)
+        } else {
+            wide
+        };
         let cc = if c > bits { c - bits } else { c };
         let top = if c > bits { 3 * bits } else { 2 * bits };
         let r = ((wide << cc) >> (top - bits)) as u64 & m;
@@ -155,7 +166,11 @@ fn double_shift<const LEFT: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn)
         (r, cf)
     } else {
         let wide = (u128::from(b) << bits) | u128::from(a);
-        let wide = if c > bits { (u128::from(a) << (2 * bits)) | wide } else { wide };
+        let wide = if c > bits {
+            (u128::from(a) << (2 * bits)) | wide
+        } else {
+            wide
+        };
         let r = (wide >> c) as u64 & m;
         let cf = (wide >> (c - 1)) & 1 != 0;
         (r, cf)
@@ -163,7 +178,8 @@ fn double_shift<const LEFT: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn)
     let msb = |v: u64| (v >> (bits - 1)) & 1 != 0;
     let of = msb(r) ^ msb(a);
     cpu.op0_write(p, d, size, r)?;
-    cpu.flags.set_arith(szp(bits, r) | flag(cf, flags::CF) | flag(of, flags::OF));
+    cpu.flags
+        .set_arith(szp(bits, r) | flag(cf, flags::CF) | flag(of, flags::OF));
     Ok(())
 }
 

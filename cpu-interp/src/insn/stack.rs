@@ -89,25 +89,51 @@ fn pop(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 }
 
 fn pusha(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    let size = if d.i.mnemonic() == Mnemonic::Pushad { 4 } else { 2 };
+    let size = if d.i.mnemonic() == Mnemonic::Pushad {
+        4
+    } else {
+        2
+    };
     let m = mask(size);
-    let vals: Vec<u64> = [gpr::RAX, gpr::RCX, gpr::RDX, gpr::RBX, gpr::RSP, gpr::RBP, gpr::RSI, gpr::RDI]
-        .iter()
-        .map(|&r| cpu.gpr[r] & m)
-        .collect();
+    let vals: Vec<u64> = [
+        gpr::RAX,
+        gpr::RCX,
+        gpr::RDX,
+        gpr::RBX,
+        gpr::RSP,
+        gpr::RBP,
+        gpr::RSI,
+        gpr::RDI,
+    ]
+    .iter()
+    .map(|&r| cpu.gpr[r] & m)
+    .collect();
     let sp = cpu.push_values(p, &vals, size)?;
     cpu.set_sp(sp);
     Ok(())
 }
 
 fn popa(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    let size = if d.i.mnemonic() == Mnemonic::Popad { 4 } else { 2 };
+    let size = if d.i.mnemonic() == Mnemonic::Popad {
+        4
+    } else {
+        2
+    };
     let mut vals = [0u64; 8];
     for (k, v) in vals.iter_mut().enumerate() {
         *v = cpu.peek(p, size, (k * size) as u64)?;
     }
     // Stack order: DI SI BP (SP skipped) BX DX CX AX.
-    let regs = [gpr::RDI, gpr::RSI, gpr::RBP, gpr::RSP, gpr::RBX, gpr::RDX, gpr::RCX, gpr::RAX];
+    let regs = [
+        gpr::RDI,
+        gpr::RSI,
+        gpr::RBP,
+        gpr::RSP,
+        gpr::RBX,
+        gpr::RDX,
+        gpr::RCX,
+        gpr::RAX,
+    ];
     for (k, &r) in regs.iter().enumerate() {
         if r != gpr::RSP {
             cpu.set_gpr_sized(r, size as u32, vals[k]);
@@ -133,7 +159,14 @@ fn popf(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
     let size = cpu.stack_op_size(d);
     let v = cpu.peek(p, size, 0)?;
-    let mut changeable = flags::ARITH | flags::TF | flags::DF | flags::NT | flags::AC | flags::ID | flags::IF | flags::IOPL;
+    let mut changeable = flags::ARITH
+        | flags::TF
+        | flags::DF
+        | flags::NT
+        | flags::AC
+        | flags::ID
+        | flags::IF
+        | flags::IOPL;
     if cpu.protected() {
         if cpu.vm86() || cpu.cpl > 0 {
             changeable &= !flags::IOPL;
@@ -194,7 +227,11 @@ fn enter(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     if cpu.bits != 64 && alloc != 0 {
         cpu.probe_write(p, sreg::SS, sp, 1)?;
     }
-    cpu.set_gpr_sized(gpr::RBP, if size == 8 { 8 } else { size as u32 }, frame_temp);
+    cpu.set_gpr_sized(
+        gpr::RBP,
+        if size == 8 { 8 } else { size as u32 },
+        frame_temp,
+    );
     cpu.set_sp(sp);
     Ok(())
 }
@@ -227,8 +264,12 @@ mod tests {
     fn push_pop_64() {
         // push rax (50) ; push 0x12 (6a 12) ; pop rbx (5b) ; pop qword [rsp-8+8]?:
         // pop rcx (59) ; push word 0x1234 (66 68 34 12) ; pop dx (66 5a)
-        let code = [0x50, 0x6a, 0x12, 0x5b, 0x59, 0x66, 0x68, 0x34, 0x12, 0x66, 0x5a];
-        let c = run(Mode::Long64, &code, |c| c.set_gpr(RAX, 0xdead_beef_0000_0001));
+        let code = [
+            0x50, 0x6a, 0x12, 0x5b, 0x59, 0x66, 0x68, 0x34, 0x12, 0x66, 0x5a,
+        ];
+        let c = run(Mode::Long64, &code, |c| {
+            c.set_gpr(RAX, 0xdead_beef_0000_0001)
+        });
         assert_eq!(c.gpr(RBX), 0x12);
         assert_eq!(c.gpr(RCX), 0xdead_beef_0000_0001);
         assert_eq!(c.gpr(RDX) & 0xffff, 0x1234);
@@ -249,7 +290,9 @@ mod tests {
     fn pushf_popf_pusha_popa_enter_leave_16() {
         // pusha (60) ; mov ax,0 (b8 00 00) ; popa (61) ; pushf (9c) ; popf (9d)
         // enter 8, 0 (c8 08 00 00) ; leave (c9)
-        let code = [0x60, 0xb8, 0, 0, 0x61, 0x9c, 0x9d, 0xc8, 0x08, 0x00, 0x00, 0xc9];
+        let code = [
+            0x60, 0xb8, 0, 0, 0x61, 0x9c, 0x9d, 0xc8, 0x08, 0x00, 0x00, 0xc9,
+        ];
         let c = run(Mode::Real16, &code, |c| {
             c.set_gpr(RAX, 0x4321);
             c.set_gpr(RBP, 0x7777);

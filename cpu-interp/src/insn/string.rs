@@ -18,21 +18,46 @@ use crate::state::gpr;
 pub const CHUNK: u64 = 4096;
 
 pub fn register(t: &mut Table) {
-    for m in [Mnemonic::Movsb, Mnemonic::Movsw, Mnemonic::Movsd, Mnemonic::Movsq] {
+    for m in [
+        Mnemonic::Movsb,
+        Mnemonic::Movsw,
+        Mnemonic::Movsd,
+        Mnemonic::Movsq,
+    ] {
         // MOVSD also names the SSE2 scalar move; only the string forms have
         // string operand kinds, checked in the handler.
         t.set_mnemonic(m, string_op::<MOVS>);
     }
-    for m in [Mnemonic::Stosb, Mnemonic::Stosw, Mnemonic::Stosd, Mnemonic::Stosq] {
+    for m in [
+        Mnemonic::Stosb,
+        Mnemonic::Stosw,
+        Mnemonic::Stosd,
+        Mnemonic::Stosq,
+    ] {
         t.set_mnemonic(m, string_op::<STOS>);
     }
-    for m in [Mnemonic::Lodsb, Mnemonic::Lodsw, Mnemonic::Lodsd, Mnemonic::Lodsq] {
+    for m in [
+        Mnemonic::Lodsb,
+        Mnemonic::Lodsw,
+        Mnemonic::Lodsd,
+        Mnemonic::Lodsq,
+    ] {
         t.set_mnemonic(m, string_op::<LODS>);
     }
-    for m in [Mnemonic::Cmpsb, Mnemonic::Cmpsw, Mnemonic::Cmpsd, Mnemonic::Cmpsq] {
+    for m in [
+        Mnemonic::Cmpsb,
+        Mnemonic::Cmpsw,
+        Mnemonic::Cmpsd,
+        Mnemonic::Cmpsq,
+    ] {
         t.set_mnemonic(m, string_op::<CMPS>);
     }
-    for m in [Mnemonic::Scasb, Mnemonic::Scasw, Mnemonic::Scasd, Mnemonic::Scasq] {
+    for m in [
+        Mnemonic::Scasb,
+        Mnemonic::Scasw,
+        Mnemonic::Scasd,
+        Mnemonic::Scasq,
+    ] {
         t.set_mnemonic(m, string_op::<SCAS>);
     }
     for m in [Mnemonic::Insb, Mnemonic::Insw, Mnemonic::Insd] {
@@ -59,7 +84,11 @@ fn element_size(d: &Insn) -> usize {
 #[inline(always)]
 fn bump(cpu: &mut Cpu, r: usize, delta: u64, am: u64) {
     let v = cpu.gpr[r].wrapping_add(delta) & am;
-    cpu.gpr[r] = if am == 0xffff { (cpu.gpr[r] & !0xffff) | v } else { v };
+    cpu.gpr[r] = if am == 0xffff {
+        (cpu.gpr[r] & !0xffff) | v
+    } else {
+        v
+    };
 }
 
 fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
@@ -86,7 +115,11 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
         let port = cpu.gpr[gpr::RDX] as u16;
         cpu.check_io_permission(p, port, size)?;
     }
-    let step = if cpu.flags.test(flags::DF) { (size as u64).wrapping_neg() } else { size as u64 };
+    let step = if cpu.flags.test(flags::DF) {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
     let mut n = 0u64;
     loop {
         if rep && cpu.gpr[gpr::RCX] & am == 0 {
@@ -116,13 +149,15 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 let b = cpu.read_mem(p, sreg::ES, di, size)?;
                 bump(cpu, gpr::RSI, step, am);
                 bump(cpu, gpr::RDI, step, am);
-                cpu.flags.set_lazy(FlagOp::Sub, size as u32 * 8, a, b, a.wrapping_sub(b));
+                cpu.flags
+                    .set_lazy(FlagOp::Sub, size as u32 * 8, a, b, a.wrapping_sub(b));
             }
             SCAS => {
                 let a = cpu.gpr[gpr::RAX] & super::mask(size);
                 let b = cpu.read_mem(p, sreg::ES, di, size)?;
                 bump(cpu, gpr::RDI, step, am);
-                cpu.flags.set_lazy(FlagOp::Sub, size as u32 * 8, a, b, a.wrapping_sub(b));
+                cpu.flags
+                    .set_lazy(FlagOp::Sub, size as u32 * 8, a, b, a.wrapping_sub(b));
             }
             INS => {
                 // The destination is checked before the port is read.
@@ -237,10 +272,14 @@ mod tests {
             c.set_gpr(RCX, 3);
             c.set_gpr(RDX, 0x3f8);
         });
-        let bytes: Vec<u8> = p.out.iter().map(|(port, d)| {
-            assert_eq!(*port, 0x3f8);
-            d[0]
-        }).collect();
+        let bytes: Vec<u8> = p
+            .out
+            .iter()
+            .map(|(port, d)| {
+                assert_eq!(*port, 0x3f8);
+                d[0]
+            })
+            .collect();
         assert_eq!(bytes, b"hi!");
     }
 }

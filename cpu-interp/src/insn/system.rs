@@ -118,7 +118,8 @@ fn flag_op<const OP: u8>(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XRe
         1 => cpu.flags.update_arith(flags::CF, flags::CF),
         2 => {
             let cf = cpu.flags.cf();
-            cpu.flags.update_arith(flags::CF, if cf { 0 } else { flags::CF });
+            cpu.flags
+                .update_arith(flags::CF, if cf { 0 } else { flags::CF });
         }
         3 => cpu.flags.set_bit(flags::DF, false),
         _ => cpu.flags.set_bit(flags::DF, true),
@@ -153,7 +154,11 @@ fn lgdt_lidt(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 }
 
 fn sgdt_sidt(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    let t = if d.i.mnemonic() == Mnemonic::Sgdt { cpu.gdtr } else { cpu.idtr };
+    let t = if d.i.mnemonic() == Mnemonic::Sgdt {
+        cpu.gdtr
+    } else {
+        cpu.idtr
+    };
     let off = cpu.ea(d);
     let seg = d.seg as usize;
     let base_size = if cpu.bits == 64 { 8 } else { 4 };
@@ -212,7 +217,12 @@ fn ltr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
     let (lo, hi) = cpu.read_system_descriptor(p, sel)?;
     let mut s = parse_descriptor(lo);
-    let ok = !s.s && if cpu.long_mode() { s.type_ == 9 } else { s.type_ == 1 || s.type_ == 9 };
+    let ok = !s.s
+        && if cpu.long_mode() {
+            s.type_ == 9
+        } else {
+            s.type_ == 1 || s.type_ == 9
+        };
     if !ok {
         return Err(Exception::gp(err));
     }
@@ -223,7 +233,12 @@ fn ltr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         s.base |= (hi & 0xffff_ffff) << 32;
     }
     // Mark the descriptor busy.
-    let a = cpu.gdtr.base.wrapping_add(u64::from(sel & !7)).wrapping_add(5) & cpu.lin_mask();
+    let a = cpu
+        .gdtr
+        .base
+        .wrapping_add(u64::from(sel & !7))
+        .wrapping_add(5)
+        & cpu.lin_mask();
     cpu.write_lin(p, a, 1, ((lo >> 40) & 0xff) | 2, false)?;
     s.type_ |= 2;
     s.selector = sel;
@@ -235,7 +250,11 @@ fn sldt_str(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     if !cpu.protected() || cpu.vm86() {
         return Err(Exception::ud());
     }
-    let v = u64::from(if d.i.mnemonic() == Mnemonic::Sldt { cpu.ldtr.selector } else { cpu.tr.selector });
+    let v = u64::from(if d.i.mnemonic() == Mnemonic::Sldt {
+        cpu.ldtr.selector
+    } else {
+        cpu.tr.selector
+    });
     if d.i.op0_kind() == OpKind::Register {
         cpu.set_reg(d.i.op0_register(), v);
         Ok(())
@@ -267,7 +286,17 @@ fn mov_from_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 }
 
 /// CR4 bits the interpreter lets software set.
-const CR4_SUPPORTED: u64 = CR4_VME | CR4_PVI | CR4_TSD | CR4_DE | CR4_PSE | CR4_PAE | CR4_MCE | CR4_PGE | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+const CR4_SUPPORTED: u64 = CR4_VME
+    | CR4_PVI
+    | CR4_TSD
+    | CR4_DE
+    | CR4_PSE
+    | CR4_PAE
+    | CR4_MCE
+    | CR4_PGE
+    | CR4_PCE
+    | CR4_OSFXSR
+    | CR4_OSXMMEXCPT;
 
 impl Cpu {
     /// Write CR0 with the checks and side effects of MOV to CR0.
@@ -459,7 +488,11 @@ fn invlpg(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let off = cpu.ea(d);
     let s = &cpu.seg[d.seg as usize];
     let lin = if cpu.bits == 64 {
-        if d.seg as usize >= sreg::FS { s.base.wrapping_add(off) } else { off }
+        if d.seg as usize >= sreg::FS {
+            s.base.wrapping_add(off)
+        } else {
+            off
+        }
     } else {
         s.base.wrapping_add(off) & 0xffff_ffff
     };
@@ -500,7 +533,9 @@ fn pat_valid(v: u64) -> bool {
 
 const MTRR_PHYS_FIRST: u32 = 0x200;
 const MTRR_PHYS_LAST: u32 = 0x20f;
-const MTRR_FIXED: [u32; 11] = [0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f];
+const MTRR_FIXED: [u32; 11] = [
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+];
 
 impl Cpu {
     /// RDMSR semantics; `None` means #GP (an MSR duet does not know).
@@ -526,7 +561,9 @@ impl Cpu {
             msr::MTRRCAP => 0x508,
             msr::MTRR_DEF_TYPE => *self.mtrr.get(&index).unwrap_or(&0xc06),
             MTRR_PHYS_FIRST..=MTRR_PHYS_LAST => *self.mtrr.get(&index).unwrap_or(&0),
-            i if MTRR_FIXED.contains(&i) => *self.mtrr.get(&index).unwrap_or(&0x0606_0606_0606_0606),
+            i if MTRR_FIXED.contains(&i) => {
+                *self.mtrr.get(&index).unwrap_or(&0x0606_0606_0606_0606)
+            }
             _ => return None,
         })
     }
@@ -560,8 +597,13 @@ impl Cpu {
                 self.end_block = true;
             }
             msr::STAR => self.msrs.star = v,
-            msr::LSTAR | msr::CSTAR | msr::FS_BASE | msr::GS_BASE | msr::KERNEL_GS_BASE
-            | msr::SYSENTER_ESP | msr::SYSENTER_EIP
+            msr::LSTAR
+            | msr::CSTAR
+            | msr::FS_BASE
+            | msr::GS_BASE
+            | msr::KERNEL_GS_BASE
+            | msr::SYSENTER_ESP
+            | msr::SYSENTER_EIP
                 if !canonical(v) =>
             {
                 return gp
@@ -745,8 +787,16 @@ fn sysenter(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     cpu.seg[sreg::CS] = flat_segment(cs, true, long, 0);
     cpu.seg[sreg::SS] = flat_segment(cs.wrapping_add(8), false, false, 0);
     cpu.cpl = 0;
-    cpu.gpr[gpr::RSP] = if long { cpu.msrs.sysenter_esp } else { cpu.msrs.sysenter_esp & 0xffff_ffff };
-    cpu.rip = if long { cpu.msrs.sysenter_eip } else { cpu.msrs.sysenter_eip & 0xffff_ffff };
+    cpu.gpr[gpr::RSP] = if long {
+        cpu.msrs.sysenter_esp
+    } else {
+        cpu.msrs.sysenter_esp & 0xffff_ffff
+    };
+    cpu.rip = if long {
+        cpu.msrs.sysenter_eip
+    } else {
+        cpu.msrs.sysenter_eip & 0xffff_ffff
+    };
     cpu.update_mode();
     cpu.end_block = true;
     Ok(())
@@ -792,10 +842,15 @@ fn lar_lsl<const LAR: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XR
                 matches!(s.type_, 1 | 2 | 3 | 4 | 5 | 9 | 0xb | 0xc)
                     && !(cpu.long_mode() && matches!(s.type_, 1 | 3 | 4 | 5))
             } else {
-                matches!(s.type_, 1 | 2 | 3 | 9 | 0xb) && !(cpu.long_mode() && matches!(s.type_, 1 | 3))
+                matches!(s.type_, 1 | 2 | 3 | 9 | 0xb)
+                    && !(cpu.long_mode() && matches!(s.type_, 1 | 3))
             };
             if valid_type {
-                let v = if LAR { (raw >> 32) & 0x00f0_ff00 } else { u64::from(s.limit) };
+                let v = if LAR {
+                    (raw >> 32) & 0x00f0_ff00
+                } else {
+                    u64::from(s.limit)
+                };
                 let size = d.size as usize;
                 cpu.set_reg(d.i.op0_register(), v & mask(size));
                 true
@@ -805,13 +860,18 @@ fn lar_lsl<const LAR: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XR
         }
         None => false,
     };
-    cpu.flags.update_arith(flags::ZF, if ok { flags::ZF } else { 0 });
+    cpu.flags
+        .update_arith(flags::ZF, if ok { flags::ZF } else { 0 });
     Ok(())
 }
 
 /// The descriptor for `sel` if it exists and passes the DPL checks of
 /// LAR/LSL/VERR/VERW (conforming code is always visible).
-fn descriptor_visible(cpu: &mut Cpu, p: &mut dyn Platform, sel: u16) -> XResult<Option<(u64, Segment)>> {
+fn descriptor_visible(
+    cpu: &mut Cpu,
+    p: &mut dyn Platform,
+    sel: u16,
+) -> XResult<Option<(u64, Segment)>> {
     if sel & !3 == 0 {
         return Ok(None);
     }
@@ -844,7 +904,8 @@ fn verr_verw<const WRITE: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -
         }
         _ => false,
     };
-    cpu.flags.update_arith(flags::ZF, if ok { flags::ZF } else { 0 });
+    cpu.flags
+        .update_arith(flags::ZF, if ok { flags::ZF } else { 0 });
     Ok(())
 }
 
@@ -911,8 +972,8 @@ mod tests {
         // lgdt [0x2000] (0f 01 15 00 20 00 00) ; sgdt [0x2010] (0f 01 05 10 20 00 00)
         // mov eax, cr0 (0f 20 c0) ; or eax, 0x10000 (0d 00 00 01 00) ; mov cr0, eax (0f 22 c0)
         let code = [
-            0x0f, 0x01, 0x15, 0x00, 0x20, 0, 0, 0x0f, 0x01, 0x05, 0x10, 0x20, 0, 0, 0x0f, 0x20, 0xc0, 0x0d, 0x00,
-            0x00, 0x01, 0x00, 0x0f, 0x22, 0xc0,
+            0x0f, 0x01, 0x15, 0x00, 0x20, 0, 0, 0x0f, 0x01, 0x05, 0x10, 0x20, 0, 0, 0x0f, 0x20,
+            0xc0, 0x0d, 0x00, 0x00, 0x01, 0x00, 0x0f, 0x22, 0xc0,
         ];
         let c = run(Mode::Prot32, &code, |c| {
             // A copy of the harness GDT's descriptor (same base) so segments stay valid.
@@ -946,7 +1007,13 @@ mod tests {
         // inc ebx (ff c3) ; cmp ebx, 2 (83 fb 02) ; je done (74 03) ; sysretq (48 0f 07) ; done: hlt
         let code = [0x0f, 0x05, 0x0f, 0x05];
         let c = run(Mode::Long64, &code, |c| {
-            write_phys(c, 0x4000, &[0xff, 0xc3, 0x83, 0xfb, 0x02, 0x74, 0x03, 0x48, 0x0f, 0x07, 0xf4]);
+            write_phys(
+                c,
+                0x4000,
+                &[
+                    0xff, 0xc3, 0x83, 0xfb, 0x02, 0x74, 0x03, 0x48, 0x0f, 0x07, 0xf4,
+                ],
+            );
             let mut s = c.state();
             s.sregs.efer |= EFER_SCE;
             s.msrs.lstar = 0x4000;

@@ -95,12 +95,21 @@ pub fn setup(c: &mut Cpu, mode: Mode) {
     for (k, e) in gdt.iter().enumerate() {
         write_phys(c, GDT + 8 * k as u64, &e.to_le_bytes());
     }
-    s.sregs.gdt = DescriptorTable { base: GDT, limit: 7 * 8 - 1 };
-    s.sregs.idt = DescriptorTable { base: IDT, limit: 0xfff };
+    s.sregs.gdt = DescriptorTable {
+        base: GDT,
+        limit: 7 * 8 - 1,
+    };
+    s.sregs.idt = DescriptorTable {
+        base: IDT,
+        limit: 0xfff,
+    };
     match mode {
         Mode::Real16 => {
             s = CpuState::real_mode_at(0, CODE as u16);
-            s.sregs.idt = DescriptorTable { base: 0, limit: 0x3ff };
+            s.sregs.idt = DescriptorTable {
+                base: 0,
+                limit: 0x3ff,
+            };
         }
         Mode::Prot32 => {
             s.sregs.cr0 = CR0_PE | CR0_ET;
@@ -147,6 +156,11 @@ pub fn run_with(mode: Mode, code: &[u8], init: impl FnOnce(&mut Cpu)) -> (Cpu, T
     init(&mut c);
     let mut p = TestPlatform::default();
     let exit = c.run(&mut p, 1_000_000);
-    assert_eq!(exit, CpuExit::Halted, "test code did not reach HLT (rip {:#x})", c.rip());
+    assert_eq!(
+        exit,
+        CpuExit::Halted,
+        "test code did not reach HLT (rip {:#x})",
+        c.rip()
+    );
     (c, p)
 }
