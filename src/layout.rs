@@ -35,6 +35,30 @@ pub const DEFAULT_MEMORY: u64 = 256 * MIB;
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
 
+/// Where the kernel loaders and firmware tables put things in low memory.
+pub mod boot {
+    /// GDT for the 32-bit boot entry (0x10 code, 0x18 data).
+    pub const GDT: u64 = 0x500;
+    /// PVH hvm_start_info, its module list and memory map.
+    pub const PVH_START_INFO: u64 = 0x6000;
+    pub const PVH_MODLIST: u64 = 0x6040;
+    pub const PVH_MEMMAP: u64 = 0x6100;
+    /// Linux zero page (boot_params).
+    pub const ZERO_PAGE: u64 = 0x7000;
+    /// Multiboot information, module list and memory map.
+    pub const MULTIBOOT_INFO: u64 = 0x8000;
+    pub const MULTIBOOT_MODS: u64 = 0x8100;
+    pub const MULTIBOOT_MMAP: u64 = 0x8200;
+    /// Kernel command line.
+    pub const CMDLINE: u64 = 0x2_0000;
+    pub const CMDLINE_MAX: usize = 0x1_0000;
+    /// Extended BIOS data area: the MP table lives here.
+    pub const EBDA_START: u64 = 0x9_fc00;
+    /// The BIOS area 0xe0000..0x100000: ACPI tables, RSDP at its start.
+    pub const BIOS_START: u64 = 0xe_0000;
+    pub const RSDP: u64 = 0xe_0000;
+}
+
 /// Port I/O.
 pub mod ports {
     /// COM1 16550A UART.

@@ -12,5 +12,6 @@ pub mod backend;
 pub mod bench;
 pub mod guests;
 pub mod layout;
+pub mod loader;
 pub mod machine;
 pub mod trace;

@@ -30,6 +30,8 @@ pub enum MachineError {
     Bus(#[from] devices::BusError),
     #[error("trace: {0}")]
     Trace(#[from] crate::trace::TraceError),
+    #[error(transparent)]
+    Loader(#[from] crate::loader::LoaderError),
     #[error("guest image does not fit in guest memory at {addr:#x} (+{len:#x} bytes)")]
     ImageDoesNotFit { addr: u64, len: usize },
 }
@@ -197,6 +199,14 @@ impl Machine {
                 })?;
         }
         self.vcpu.set_state(&image.entry)?;
+        Ok(())
+    }
+
+    /// Load a kernel (bzImage, PVH ELF or multiboot) with its initrd and
+    /// command line, and set the vCPU's boot state.
+    pub fn load_kernel(&mut self, spec: &crate::loader::KernelSpec) -> Result<(), MachineError> {
+        let state = crate::loader::load(&self.mem, spec)?;
+        self.vcpu.set_state(&state)?;
         Ok(())
     }
 

@@ -69,8 +69,18 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     backend: Option<BackendArg>,
     /// Built-in guest to boot (see `duet guests`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kernel")]
     guest: Option<String>,
+    /// Boot this kernel: a Linux bzImage, an ELF vmlinux with a PVH note, or
+    /// a multiboot kernel.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
     /// Guest memory size, e.g. 256M, 1G, 512MiB or a byte count.
     #[arg(long, value_parser = parse_size)]
     memory: Option<u64>,
@@ -123,14 +133,16 @@ fn choose_backend(arg: BackendArg) -> Result<BackendKind> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
-    let guest = guests::find(name).with_context(|| {
-        let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
-        format!(
-            "no built-in guest named '{name}' (available: {})",
-            names.join(", ")
-        )
-    })?;
+    let guest = match &args.kernel {
+        Some(_) => None,
+        None => {
+            let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
+            Some(guests::find(name).with_context(|| {
+                let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
+                format!("no built-in guest named '{name}' (available: {})", names.join(", "))
+            })?)
+        }
+    };
     let kind = choose_backend(args.backend.unwrap_or(BackendArg::Auto))?;
     let cfg = MachineConfig {
         backend: kind,
@@ -139,7 +151,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         serial_out: Box::new(std::io::stdout()),
     };
     let mut m = Machine::new(cfg).context("cannot build the machine")?;
-    m.load(&(guest.build)()).context("cannot load the guest")?;
+    match (guest, &args.kernel) {
+        (Some(g), _) => m.load(&(g.build)()).context("cannot load the guest")?,
+        (None, Some(k)) => m
+            .load_kernel(&duet::loader::KernelSpec {
+                kernel: k.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone().unwrap_or_else(|| "console=ttyS0".to_string()),
+            })
+            .context("cannot load the kernel")?,
+        (None, None) => unreachable!("a guest or a kernel is always chosen"),
+    }
     let outcome = m.run().context("the VM failed")?;
     let status = outcome.exit_status();
     if status != 0 {

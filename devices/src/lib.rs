@@ -6,6 +6,7 @@
 //! exit) through a [`vm_control::VmControl`] handle.
 
 pub mod bus;
+pub mod clock;
 pub mod debug_exit;
 pub mod i8042;
 pub mod irq;
@@ -15,5 +16,6 @@ pub mod uart16550;
 pub mod vm_control;
 
 pub use bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
+pub use clock::{Clock, ManualClock, TimeTaint, Timed};
 pub use irq::{IrqLine, NullIrq};
 pub use vm_control::{VmAction, VmControl};

@@ -557,6 +557,8 @@ impl Cpu {
             msr::PAT => self.msrs.pat,
             msr::TSC_AUX => self.msrs.tsc_aux,
             msr::MISC_ENABLE => self.msrs.misc_enable,
+            // IA32_BIOS_SIGN_ID: microcode revision 0 (no microcode loaded).
+            msr::BIOS_SIGN_ID => 0,
             // 8 variable ranges, fixed ranges, write-combining.
             msr::MTRRCAP => 0x508,
             msr::MTRR_DEF_TYPE => *self.mtrr.get(&index).unwrap_or(&0xc06),
@@ -630,6 +632,8 @@ impl Cpu {
                 self.msrs.tsc_aux = v;
             }
             msr::MISC_ENABLE => self.msrs.misc_enable = v,
+            // Writing 0 before CPUID is how software asks for the revision.
+            msr::BIOS_SIGN_ID => {}
             msr::MTRR_DEF_TYPE => {
                 if v & !0xcff != 0 {
                     return gp;

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Guest kit: Debian bookworm's own kernels and busybox, and an initramfs.
+#
+# Fetches (with `apt-get download`, nothing is committed):
+#   linux-image-<ver>-cloud-amd64-unsigned   cloud kernel (LZ4 bzImage)
+#   linux-image-<ver>-amd64-unsigned         generic kernel (XZ bzImage)
+#   busybox-static
+# and produces, in $DUET_GUEST_DIR (default: <repo>/.cache/linux-guest):
+#   vmlinuz-cloud     bzImage of the cloud kernel
+#   vmlinuz-generic   bzImage of the generic kernel
+#   vmlinux-cloud     the cloud kernel's ELF vmlinux (PVH entry), extracted
+#                     from the bzImage payload
+#   initramfs.cpio.gz busybox initramfs; /init mounts proc, sys, devtmpfs,
+#                     prints "DUET-INIT-READY" and runs a shell on the console
+#                     (or, with `duet.poweroff` on the kernel command line,
+#                     prints the marker and powers off at once)
+#   VERSION           the kernel version string
+#
+# Re-running reuses what is already there. Needs: apt-get, dpkg-deb, python3,
+# lz4 and xz (the script installs lz4/xz-utils with apt-get when missing and
+# it runs as root).
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+out="${DUET_GUEST_DIR:-$repo/.cache/linux-guest}"
+mkdir -p "$out/debs" "$out/extract"
+
+need() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y "$2" >/dev/null
+    else
+        echo "linux-guest.sh: '$1' is missing (install the Debian package $2)" >&2
+        exit 1
+    fi
+}
+need dpkg-deb dpkg
+need lz4 lz4
+need xz xz-utils
+need python3 python3
+
+newest() {
+    # Newest package whose name matches the regex $1.
+    apt-cache pkgnames linux-image-6 | grep -E "$1" | sort -V | tail -n 1
+}
+
+fetch() {
+    local pkg="$1"
+    if ! ls "$out/debs/${pkg}_"*.deb >/dev/null 2>&1; then
+        (cd "$out/debs" && apt-get download "$pkg" >/dev/null) || {
+            echo "linux-guest.sh: apt-get download $pkg failed (try apt-get update)" >&2
+            exit 1
+        }
+    fi
+    ls "$out/debs/${pkg}_"*.deb | head -n 1
+}
+
+if [ ! -s "$out/VERSION" ] || [ ! -s "$out/vmlinuz-cloud" ] || [ ! -s "$out/vmlinuz-generic" ]; then
+    cloud_pkg="$(newest '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$')"
+    if [ -z "$cloud_pkg" ]; then
+        apt-get update >/dev/null 2>&1 || true
+        cloud_pkg="$(newest '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$')"
+    fi
+    [ -n "$cloud_pkg" ] || { echo "linux-guest.sh: no linux-image-*-cloud-amd64-unsigned package found" >&2; exit 1; }
+    abi="${cloud_pkg#linux-image-}"
+    abi="${abi%-cloud-amd64-unsigned}"
+    generic_pkg="linux-image-${abi}-amd64-unsigned"
+    for pkg in "$cloud_pkg" "$generic_pkg"; do
+        deb="$(fetch "$pkg")"
+        rm -rf "$out/extract/$pkg"
+        dpkg-deb -x "$deb" "$out/extract/$pkg"
+    done
+    cp "$out/extract/$cloud_pkg"/boot/vmlinuz-* "$out/vmlinuz-cloud"
+    cp "$out/extract/$generic_pkg"/boot/vmlinuz-* "$out/vmlinuz-generic"
+    basename "$out/extract/$cloud_pkg"/boot/vmlinuz-* | sed 's/^vmlinuz-//' > "$out/VERSION"
+fi
+
+if [ ! -s "$out/vmlinux-cloud" ]; then
+    # The bzImage payload is the compressed ELF vmlinux; the cloud kernel
+    # uses LZ4 (legacy frame, magic 02 21 4c 18).
+    python3 - "$out/vmlinuz-cloud" "$out/vmlinux-cloud.lz4" <<'PY'
+import sys
+data = open(sys.argv[1], "rb").read()
+setup_sects = data[0x1f1] or 4
+payload_offset = int.from_bytes(data[0x248:0x24c], "little")
+payload_length = int.from_bytes(data[0x24c:0x250], "little")
+start = (setup_sects + 1) * 512 + payload_offset
+open(sys.argv[2], "wb").write(data[start:start + payload_length])
+PY
+    lz4 -dc "$out/vmlinux-cloud.lz4" > "$out/vmlinux-cloud.tmp" 2>/dev/null || true
+    rm -f "$out/vmlinux-cloud.lz4"
+    if [ "$(head -c 4 "$out/vmlinux-cloud.tmp" | od -An -tx1 | tr -d ' ')" != "7f454c46" ]; then
+        echo "linux-guest.sh: extracting vmlinux from the cloud bzImage failed" >&2
+        exit 1
+    fi
+    mv "$out/vmlinux-cloud.tmp" "$out/vmlinux-cloud"
+fi
+
+if [ ! -s "$out/busybox" ]; then
+    deb="$(fetch busybox-static)"
+    rm -rf "$out/extract/busybox"
+    dpkg-deb -x "$deb" "$out/extract/busybox"
+    cp "$out/extract/busybox/bin/busybox" "$out/busybox"
+fi
+
+if [ ! -s "$out/initramfs.cpio.gz" ] || [ "$0" -nt "$out/initramfs.cpio.gz" ]; then
+    python3 - "$out/busybox" "$out/initramfs.cpio.gz" <<'PY'
+# A deterministic newc cpio (fixed mtimes and owners), gzip-compressed.
+import gzip, sys
+
+busybox = open(sys.argv[1], "rb").read()
+init = b"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "DUET-INIT-READY"
+if grep -q duet.poweroff /proc/cmdline; then
+    poweroff -f
+fi
+exec setsid cttyhack sh
+"""
+entries = [
+    ("bin", 0o040755, b""),
+    ("sbin", 0o040755, b""),
+    ("dev", 0o040755, b""),
+    ("proc", 0o040755, b""),
+    ("sys", 0o040755, b""),
+    ("tmp", 0o041777, b""),
+    ("root", 0o040700, b""),
+    ("bin/busybox", 0o100755, busybox),
+    ("init", 0o100755, init),
+]
+out = bytearray()
+ino = 1
+def pad4(b):
+    while len(b) % 4:
+        b.append(0)
+for name, mode, data in entries + [("TRAILER!!!", 0, b"")]:
+    nm = name.encode() + b"\0"
+    fields = [ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0, len(nm), 0]
+    out += b"070701" + b"".join(b"%08X" % f for f in fields) + nm
+    pad4(out)
+    out += data
+    pad4(out)
+    ino += 1
+with open(sys.argv[2], "wb") as f:
+    f.write(gzip.compress(bytes(out), mtime=0))
+PY
+fi
+
+echo "$out"
