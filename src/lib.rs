@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod clock;
 pub mod guests;
 pub mod layout;
 pub mod loader;

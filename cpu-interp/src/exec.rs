@@ -398,6 +398,7 @@ impl Cpu {
         if self.events.halted {
             return Some(CpuExit::Halted);
         }
+        p.retired_hint(self.retired);
         if p.stop_requested() {
             return Some(CpuExit::StopRequested);
         }

@@ -23,6 +23,7 @@ pub mod memory;
 pub mod mmu;
 pub mod platform;
 pub mod segment;
+pub mod softfloat80;
 pub mod state;
 
 pub use cpu::{Cpu, CpuExit};

@@ -234,6 +234,7 @@ impl Cpu {
             return self.read_lin(p, lin, size, user);
         }
         let mut buf = [0u8; 8];
+        p.retired_hint(self.retired);
         p.mmio_read(paddr, &mut buf[..size]);
         Ok(u64::from_le_bytes(buf))
     }
@@ -271,6 +272,7 @@ impl Cpu {
         if e.write == lin & !0xfff {
             return self.write_lin(p, lin, size, v, user);
         }
+        p.retired_hint(self.retired);
         p.mmio_write(paddr, &v.to_le_bytes()[..size]);
         Ok(())
     }

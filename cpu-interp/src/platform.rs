@@ -21,6 +21,11 @@ pub trait Platform {
     fn stop_requested(&self) -> bool {
         false
     }
+    /// Told the number of instructions retired so far, right before every
+    /// port or MMIO access and every stop check, so a machine whose clock
+    /// is derived from the instruction count (virtual time) is exact at the
+    /// access.
+    fn retired_hint(&mut self, _retired: u64) {}
     /// The time-stamp counter: what `RDTSC` returns before the TSC offset.
     /// `None` lets the interpreter use its retired-instruction count.
     fn tsc(&mut self) -> Option<u64> {

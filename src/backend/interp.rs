@@ -27,6 +27,9 @@ impl Platform for IoPlatform<'_> {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.io.mmio_write(addr, data);
     }
+    fn retired_hint(&mut self, retired: u64) {
+        self.io.instructions_retired(retired);
+    }
     fn stop_requested(&self) -> bool {
         self.io.exit_requested()
     }

@@ -36,6 +36,9 @@ pub trait IoHandler {
     /// backend completes the current instruction and returns
     /// [`VcpuExit::IoRequest`].
     fn exit_requested(&self) -> bool;
+    /// The interpreter reports its retired-instruction count before every
+    /// access and stop check (the basis of virtual time). KVM never calls it.
+    fn instructions_retired(&mut self, _n: u64) {}
     /// The VM clock's time-stamp counter, when the VMM owns time.
     fn tsc(&mut self) -> Option<u64> {
         None

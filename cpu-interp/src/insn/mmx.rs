@@ -123,18 +123,29 @@ pub fn register(t: &mut Table) {
 
 /// Apply `f` lane by lane (`W`-byte lanes) over the low `n` bytes of `a`
 /// and `b`; lanes are passed zero-extended and the result is truncated.
+/// Works on 64-bit halves to keep the shifts cheap.
 #[inline(always)]
 fn map2<const W: usize>(a: u128, b: u128, n: usize, f: impl Fn(u64, u64) -> u64) -> u128 {
-    let bits = W * 8;
-    let m: u64 = if W >= 8 { u64::MAX } else { (1u64 << bits) - 1 };
-    let mut r = 0u128;
-    for i in 0..n / W {
-        let sh = i * bits;
-        let x = (a >> sh) as u64 & m;
-        let y = (b >> sh) as u64 & m;
-        r |= u128::from(f(x, y) & m) << sh;
-    }
-    r
+    let m: u64 = if W >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (W * 8)) - 1
+    };
+    let half = |x: u64, y: u64| {
+        let mut r = 0u64;
+        for i in 0..8 / W {
+            let sh = i * W * 8;
+            r |= (f((x >> sh) & m, (y >> sh) & m) & m) << sh;
+        }
+        r
+    };
+    let lo = half(a as u64, b as u64);
+    let hi = if n > 8 {
+        half((a >> 64) as u64, (b >> 64) as u64)
+    } else {
+        0
+    };
+    u128::from(lo) | (u128::from(hi) << 64)
 }
 
 /// Sign-extend a `W`-byte lane.
@@ -330,9 +341,9 @@ int_ops! {
     pmulhrsw, PMULHRSW = |a, b, n, _| map2::<2>(a, b, n, |x, y| {
         ((((sx::<2>(x) * sx::<2>(y)) >> 14) + 1) >> 1) as u64
     });
-    psignb, PSIGNB = |a, b, n, _| map2::<1>(a, b, n, |x, y| sign::<1>(x, y));
-    psignw, PSIGNW = |a, b, n, _| map2::<2>(a, b, n, |x, y| sign::<2>(x, y));
-    psignd, PSIGND = |a, b, n, _| map2::<4>(a, b, n, |x, y| sign::<4>(x, y));
+    psignb, PSIGNB = |a, b, n, _| map2::<1>(a, b, n, sign::<1>);
+    psignw, PSIGNW = |a, b, n, _| map2::<2>(a, b, n, sign::<2>);
+    psignd, PSIGND = |a, b, n, _| map2::<4>(a, b, n, sign::<4>);
 }
 
 /// PSLL/PSRL/PSRA (KIND 0/1/2) of `W`-byte lanes by the count in the low
@@ -648,7 +659,7 @@ mod tests {
             PSIGNW(0x0005_0005_0005, 0x8000_0000_0001, 8, 0),
             0xfffb_0000_0005
         );
-        assert_eq!(PABSB(0, 0x80ff_01, 8, 0), 0x8001_01);
+        assert_eq!(PABSB(0, 0x0080_ff01, 8, 0), 0x0080_0101);
     }
 
     #[test]
@@ -723,7 +734,7 @@ mod tests {
 
     #[test]
     fn sse2_integer_ops() {
-        // pcmpeqb xmm0, [rip+0x10]... use absolute: pcmpeqb xmm0, [0x2000] (66 0f 74 04 25 00 20 00 00)
+        // pcmpeqb xmm0, [0x2000] (66 0f 74 04 25 00 20 00 00)
         // pmovmskb eax, xmm0 (66 0f d7 c0)
         // pminub xmm1, xmm2 (66 0f da ca) ; psubq xmm3, xmm4 (66 0f fb dc)
         let code = [
@@ -744,8 +755,7 @@ mod tests {
             c.fpu.xmm[4] = 7 | (1u128 << 64);
             c.set_gpr(RAX, u64::MAX);
         });
-        // byte 0 equal (0x20 == 0x20), bytes 6 and 9..15 are zero? no: only
-        // bytes equal to the memory bytes (0x20 at 0, zeros elsewhere).
+        // Equal bytes: 0 (0x20) and 10 (0x00).
         assert_eq!(c.gpr(RAX), 0b0000_0100_0000_0001);
         assert_eq!(c.fpu.xmm[1], 0x1001_0080);
         assert_eq!(c.fpu.xmm[3], 0xffff_ffff_ffff_fffe);
@@ -815,6 +825,93 @@ mod tests {
         assert_eq!(c.fpu.xmm[0], 0xbeefu128 << 80);
         assert_eq!(c.gpr(RBX), 0xbeef);
         assert_eq!(mm(&c, 1), 0x1111_2222_3333_4444);
-        assert_eq!(read_phys(&c, 0x2000, 8), 0x1155_5555_5555_3344);
+        assert_eq!(read_phys(&c, 0x2000, 8), 0x1155_5555_5555_4444);
+    }
+
+    #[test]
+    fn mmx_shifts_and_multiplies() {
+        // psllw mm0, 4 (0f 71 f0 04) ; psrad mm1, mm2 (0f e2 ca)
+        // psrlq mm3, [0x2000] (0f d3 1c 25 00 20 00 00) ; pmulhw mm4, mm5 (0f e5 e5)
+        // pmuludq mm6, mm7 (0f f4 f7) ; pavgb mm5, mm5 (0f e0 ed)
+        let code = [
+            0x0f, 0x71, 0xf0, 0x04, 0x0f, 0xe2, 0xca, 0x0f, 0xd3, 0x1c, 0x25, 0x00, 0x20, 0x00,
+            0x00, 0x0f, 0xe5, 0xe5, 0x0f, 0xf4, 0xf7, 0x0f, 0xe0, 0xed,
+        ];
+        let c = run(Mode::Long64, &code, |c| {
+            set_mm(c, 0, 0x1234_8001_0fff_0001);
+            set_mm(c, 1, 0x8000_0000_7fff_ffff);
+            set_mm(c, 2, 31);
+            set_mm(c, 3, 0x8000_0000_0000_0000);
+            write_phys(c, 0x2000, &63u64.to_le_bytes());
+            set_mm(c, 4, 0x8000_7fff_0002_ffff);
+            set_mm(c, 5, 0x8000_7fff_8000_0003);
+            set_mm(c, 6, 0xffff_ffff_ffff_ffff);
+            set_mm(c, 7, 0x0000_0000_ffff_ffff);
+        });
+        assert_eq!(mm(&c, 0), 0x2340_0010_fff0_0010);
+        assert_eq!(mm(&c, 1), 0xffff_ffff_0000_0000);
+        assert_eq!(mm(&c, 3), 1);
+        // 0x8000*0x8000 = 2^30 -> 0x4000; 0x7fff^2 -> 0x3fff; 2*-32768 -> -1; -1*3 -> -1
+        assert_eq!(mm(&c, 4), 0x4000_3fff_ffff_ffff);
+        assert_eq!(mm(&c, 6), 0xffff_fffe_0000_0001);
+        assert_eq!(mm(&c, 5), 0x8000_7fff_8000_0003);
+    }
+
+    #[test]
+    fn ssse3_xmm_forms() {
+        // palignr xmm0, xmm1, 5 (66 0f 3a 0f c1 05) ; phaddw xmm2, xmm3 (66 0f 38 01 d3)
+        // pabsd xmm4, xmm5 (66 0f 38 1e e5) ; psignb xmm6, xmm7 (66 0f 38 08 f7)
+        let code = [
+            0x66, 0x0f, 0x3a, 0x0f, 0xc1, 0x05, 0x66, 0x0f, 0x38, 0x01, 0xd3, 0x66, 0x0f, 0x38,
+            0x1e, 0xe5, 0x66, 0x0f, 0x38, 0x08, 0xf7,
+        ];
+        let c = run(Mode::Long64, &code, |c| {
+            sse_on(c);
+            c.fpu.xmm[0] = 0x1f1e_1d1c_1b1a_1918_1716_1514_1312_1110;
+            c.fpu.xmm[1] = 0x0f0e_0d0c_0b0a_0908_0706_0504_0302_0100;
+            c.fpu.xmm[2] = 0x0008_0007_0006_0005_0004_0003_0002_0001;
+            c.fpu.xmm[3] = 0xffff_0001_7fff_0001_0000_0000_0010_0020;
+            c.fpu.xmm[5] = 0x8000_0000_ffff_ffff_0000_0005_ffff_fffb;
+            c.fpu.xmm[6] = 0x0101_0101_0101_0101_0101_0101_0101_0101;
+            c.fpu.xmm[7] = 0x0000_0000_0000_0000_0000_0000_0000_ff01;
+        });
+        assert_eq!(c.fpu.xmm[0], 0x1413_1211_100f_0e0d_0c0b_0a09_0807_0605);
+        assert_eq!(c.fpu.xmm[2], 0x0000_8000_0000_0030_000f_000b_0007_0003);
+        assert_eq!(c.fpu.xmm[4], 0x8000_0000_0000_0001_0000_0005_0000_0005);
+        assert_eq!(c.fpu.xmm[6], 0xff01);
+    }
+
+    #[test]
+    fn psadbw_packuswb_32bit_mode() {
+        // psadbw xmm0, [0x2000] (66 0f f6 05 00 20 00 00)
+        // packuswb xmm1, xmm2 (66 0f 67 ca)
+        // psadbw mm0, [0x2010] (0f f6 05 10 20 00 00) -- misaligned m64 is fine
+        // pmaddwd xmm3, [0x2001] (66 0f f5 1d 01 20 00 00) -- misaligned m128: #GP
+        let code = [
+            0x66, 0x0f, 0xf6, 0x05, 0x00, 0x20, 0x00, 0x00, 0x66, 0x0f, 0x67, 0xca, 0x0f, 0xf6,
+            0x05, 0x10, 0x20, 0x00, 0x00,
+        ];
+        let c = run(Mode::Prot32, &code, |c| {
+            sse_on(c);
+            c.fpu.xmm[0] = 0xff00_ff00_ff00_ff00_0102_0304_0506_0708;
+            write_phys(
+                c,
+                0x2000,
+                &0x00ff_00ff_00ff_00ff_0807_0605_0403_0201u128.to_le_bytes(),
+            );
+            c.fpu.xmm[1] = 0x7fff_8000_0100_00ff_0080_007f_0001_0000;
+            c.fpu.xmm[2] = 0xffff_ff7f_0000_0001_0002_0003_0004_0005;
+            set_mm(c, 0, 0x0000_0000_0000_00ff);
+            write_phys(c, 0x2010, &0x0000_0000_0000_0100u64.to_le_bytes());
+        });
+        assert_eq!(c.fpu.xmm[0], (0x7f8u128 << 64) | 32);
+        assert_eq!(c.fpu.xmm[1], 0x0000_0001_0203_0405_ff00_ffff_807f_0100);
+        assert_eq!(mm(&c, 0), 0xff + 1);
+        let (_, r) = exec1(
+            Mode::Prot32,
+            &[0x66, 0x0f, 0xf5, 0x1d, 0x01, 0x20, 0x00, 0x00],
+            sse_on,
+        );
+        assert_eq!(r, Err(Exception::gp0()));
     }
 }

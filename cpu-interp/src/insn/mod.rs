@@ -21,6 +21,8 @@ pub mod mmx;
 pub mod mov;
 pub mod muldiv;
 pub mod shift;
+pub mod simd;
+pub mod simd_fp;
 pub mod sse;
 pub mod stack;
 pub mod string;
