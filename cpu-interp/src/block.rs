@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
 
 use iced_x86::Instruction;
 
@@ -42,6 +41,8 @@ pub struct Insn {
 
 pub struct Block {
     pub insns: Box<[Insn]>,
+    /// Physical address of the first byte (the lookup key).
+    pub key_paddr: u64,
     pub rip: u64,
     pub bits: u32,
     /// Physical pages the block's bytes come from.
@@ -76,17 +77,31 @@ impl Hasher for FxHasher {
 type Fx = BuildHasherDefault<FxHasher>;
 type Key = (u64, u64, u32);
 
-#[derive(Clone)]
+/// Index of a block in the arena.
+pub type BlockId = u32;
+
+#[derive(Clone, Copy)]
 struct FastEntry {
     key: Key,
-    block: Option<Arc<Block>>,
+    id: BlockId,
 }
 
+const NO_KEY: Key = (u64::MAX, 0, 0);
+
+/// Blocks live in an arena of boxes that is only emptied by [`clear`]
+/// (never while a block executes): invalidation unlinks a block from the
+/// lookup structures but keeps its memory, so a block that rewrote itself
+/// can finish safely. [`clear`] runs when dead blocks pile up, at a point
+/// where nothing is executing.
+///
+/// [`clear`]: BlockCache::clear
 pub struct BlockCache {
-    map: HashMap<Key, Arc<Block>, Fx>,
-    by_page: HashMap<u64, Vec<Key>, Fx>,
+    arena: Vec<Box<Block>>,
+    map: HashMap<Key, BlockId, Fx>,
+    by_page: HashMap<u64, Vec<BlockId>, Fx>,
     code_pages: HashSet<u64, Fx>,
     fast: Vec<FastEntry>,
+    dead: usize,
 }
 
 impl Default for BlockCache {
@@ -98,53 +113,65 @@ impl Default for BlockCache {
 impl BlockCache {
     pub fn new() -> Self {
         BlockCache {
+            arena: Vec::new(),
             map: HashMap::default(),
             by_page: HashMap::default(),
             code_pages: HashSet::default(),
-            fast: vec![
-                FastEntry {
-                    key: (u64::MAX, 0, 0),
-                    block: None
-                };
-                FAST_SIZE
-            ],
+            fast: vec![FastEntry { key: NO_KEY, id: 0 }; FAST_SIZE],
+            dead: 0,
         }
     }
 
     #[inline(always)]
-    fn fast_index(paddr: u64) -> usize {
-        ((paddr ^ (paddr >> 12)) as usize) & (FAST_SIZE - 1)
+    fn fast_index(paddr: u64, rip: u64) -> usize {
+        ((paddr ^ (paddr >> 12) ^ (rip << 3)) as usize) & (FAST_SIZE - 1)
     }
 
+    /// The block for this key, if decoded.
     #[inline]
-    pub fn get(&mut self, paddr: u64, rip: u64, bits: u32) -> Option<Arc<Block>> {
+    pub fn get(&mut self, paddr: u64, rip: u64, bits: u32) -> Option<BlockId> {
         let key = (paddr, rip, bits);
-        let fi = Self::fast_index(paddr);
-        let f = &self.fast[fi];
+        let fi = Self::fast_index(paddr, rip);
+        let f = self.fast[fi];
         if f.key == key {
-            return f.block.clone();
+            return Some(f.id);
         }
-        let b = self.map.get(&key)?.clone();
-        self.fast[fi] = FastEntry {
-            key,
-            block: Some(b.clone()),
-        };
-        Some(b)
+        let id = *self.map.get(&key)?;
+        self.fast[fi] = FastEntry { key, id };
+        Some(id)
     }
 
-    pub fn insert(&mut self, paddr: u64, block: Block) -> Arc<Block> {
+    /// The block with this id. Ids stay valid until [`BlockCache::clear`].
+    #[inline(always)]
+    pub fn block(&self, id: BlockId) -> &Block {
+        &self.arena[id as usize]
+    }
+
+    /// A pointer to the block, stable until [`BlockCache::clear`] (the
+    /// block is boxed; the arena only grows in between).
+    #[inline(always)]
+    pub fn block_ptr(&self, id: BlockId) -> *const Block {
+        &*self.arena[id as usize] as *const Block
+    }
+
+    pub fn insert(&mut self, paddr: u64, block: Block) -> BlockId {
         let key = (paddr, block.rip, block.bits);
         let pages = block.pages;
-        let b = Arc::new(block);
-        self.map.insert(key, b.clone());
+        let id = self.arena.len() as BlockId;
+        self.arena.push(Box::new(block));
+        if let Some(old) = self.map.insert(key, id) {
+            let _ = old;
+            self.dead += 1;
+        }
         for (k, pg) in pages.iter().enumerate() {
             if k == 1 && *pg == pages[0] {
                 continue;
             }
-            self.by_page.entry(*pg).or_default().push(key);
+            self.by_page.entry(*pg).or_default().push(id);
             self.code_pages.insert(*pg);
         }
-        b
+        self.fast[Self::fast_index(paddr, key.1)] = FastEntry { key, id };
+        id
     }
 
     #[inline]
@@ -152,44 +179,52 @@ impl BlockCache {
         !self.code_pages.is_empty() && self.code_pages.contains(&paddr_page)
     }
 
-    /// Drop every block with bytes on this physical page. True if any was.
+    /// Unlink every block with bytes on this physical page. True if any was.
     pub fn invalidate_page(&mut self, page: u64) -> bool {
         if !self.code_pages.remove(&page) {
             return false;
         }
-        if let Some(keys) = self.by_page.remove(&page) {
-            for k in keys {
-                if let Some(b) = self.map.remove(&k) {
-                    // A block spanning two pages is also listed under the other.
-                    for pg in b.pages {
-                        if pg != page {
-                            if let Some(v) = self.by_page.get_mut(&pg) {
-                                v.retain(|x| *x != k);
-                            }
+        if let Some(ids) = self.by_page.remove(&page) {
+            for id in ids {
+                let b = &self.arena[id as usize];
+                let key = (b.key_paddr, b.rip, b.bits);
+                if self.map.get(&key) == Some(&id) {
+                    self.map.remove(&key);
+                    self.dead += 1;
+                }
+                for pg in b.pages {
+                    if pg != page {
+                        if let Some(v) = self.by_page.get_mut(&pg) {
+                            v.retain(|x| *x != id);
                         }
                     }
                 }
             }
         }
         for f in self.fast.iter_mut() {
-            if let Some(b) = &f.block {
+            if f.key != NO_KEY {
+                let b = &self.arena[f.id as usize];
                 if b.pages[0] == page || b.pages[1] == page {
-                    f.key = (u64::MAX, 0, 0);
-                    f.block = None;
+                    f.key = NO_KEY;
                 }
             }
         }
         true
     }
 
+    /// Blocks unlinked but still in memory.
+    pub fn dead(&self) -> usize {
+        self.dead
+    }
+
+    /// Drop every block. Must not be called while a block executes.
     pub fn clear(&mut self) {
+        self.arena.clear();
         self.map.clear();
         self.by_page.clear();
         self.code_pages.clear();
-        for f in self.fast.iter_mut() {
-            f.key = (u64::MAX, 0, 0);
-            f.block = None;
-        }
+        self.fast.fill(FastEntry { key: NO_KEY, id: 0 });
+        self.dead = 0;
     }
 
     pub fn len(&self) -> usize {

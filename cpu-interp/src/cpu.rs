@@ -59,6 +59,26 @@ pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
 pub const EFER_NXE: u64 = 1 << 11;
 
+pub(crate) const CHAIN_SIZE: usize = 4096;
+
+/// A cached link from one block to the block that followed it.
+#[derive(Clone, Copy)]
+pub(crate) struct ChainEntry {
+    pub from: crate::block::BlockId,
+    pub rip: u64,
+    pub epoch: u64,
+    pub to: crate::block::BlockId,
+}
+
+impl ChainEntry {
+    pub const EMPTY: ChainEntry = ChainEntry {
+        from: u32::MAX,
+        rip: 0,
+        epoch: u64::MAX,
+        to: 0,
+    };
+}
+
 /// Why [`Cpu::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuExit {
@@ -123,6 +143,10 @@ pub struct Cpu {
     /// Don't use or fill the block cache (single-step fallback for KVM).
     pub(crate) uncached: bool,
     pub(crate) unimplemented_seen: Vec<u64>,
+    /// A port or MMIO access happened since the last event check.
+    pub(crate) io_happened: bool,
+    /// Block-to-block links: (from block, next RIP) → next block.
+    pub(crate) chain: Box<[ChainEntry]>,
     /// What CPUID reports.
     pub(crate) cpuid_cfg: crate::cpuid::CpuidConfig,
     /// MTRR MSRs written by the guest.
@@ -169,6 +193,8 @@ impl Cpu {
             pending_exit: None,
             uncached: false,
             unimplemented_seen: vec![0; iced_x86::Code::values().len().div_ceil(64)],
+            io_happened: false,
+            chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
             mtrr: std::collections::BTreeMap::new(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
@@ -191,12 +217,19 @@ impl Cpu {
     /// afresh). Used when another agent (KVM) also changes memory.
     pub fn set_uncached(&mut self, on: bool) {
         self.uncached = on;
+        self.clear_blocks();
+    }
+
+    /// Drop all decoded blocks and links (only between runs).
+    pub(crate) fn clear_blocks(&mut self) {
         self.blocks.clear();
+        self.chain.fill(ChainEntry::EMPTY);
+        self.tlb.bump();
     }
 
     /// Forget decoded code and translations (memory changed behind our back).
     pub fn flush_caches(&mut self) {
-        self.blocks.clear();
+        self.clear_blocks();
         self.tlb.flush_all();
     }
 
@@ -208,6 +241,7 @@ impl Cpu {
         while page < end {
             if self.blocks.invalidate_page(page) {
                 self.tlb.clear_code_page(page);
+                self.tlb.bump();
             }
             page += 0x1000;
         }
@@ -304,6 +338,7 @@ impl Cpu {
             16
         };
         self.tlb.select(self.cpl == 3);
+        self.tlb.bump();
     }
 
     // ---- modes ------------------------------------------------------------

@@ -1,11 +1,9 @@
 //! The execution loop: event checks at block boundaries, block lookup or
 //! translation, and instruction dispatch.
 
-use std::sync::Arc;
-
 use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 
-use crate::block::{Block, Insn, MAX_BLOCK};
+use crate::block::{Block, BlockId, Insn, MAX_BLOCK};
 use crate::cpu::{sreg, Cpu, CpuExit};
 use crate::dispatch::{self, Handler};
 use crate::exception::{Exception, XResult};
@@ -128,24 +126,92 @@ impl Cpu {
     /// instructions (checked at block boundaries).
     pub fn run(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
         let limit = self.retired.saturating_add(budget);
+        if self.blocks.dead() > 8192 {
+            // Nothing executes now: reclaim blocks unlinked by code writes.
+            self.clear_blocks();
+        }
+        let mut prev: Option<BlockId> = None;
+        let mut quiet_blocks = 0u32;
         loop {
-            if let Some(e) = self.check_events(p) {
-                return e;
+            // Events are checked at every boundary where something may have
+            // changed (I/O, pending interrupts, HLT, ...) and at least every
+            // 64 blocks for requests from outside (kicks, timers).
+            quiet_blocks += 1;
+            if quiet_blocks >= 64 || self.io_happened || self.may_have_events() {
+                quiet_blocks = 0;
+                self.io_happened = false;
+                if let Some(e) = self.check_events(p) {
+                    return e;
+                }
             }
             if self.retired >= limit {
                 return CpuExit::BudgetExhausted;
             }
             self.events.sti_shadow = false;
             self.events.mov_ss_shadow = false;
-            let block = match self.get_block(p) {
-                Ok(b) => b,
-                Err(exc) => {
-                    self.raise(p, exc);
-                    continue;
-                }
+            let id = match prev.and_then(|from| self.chained(from)) {
+                Some(id) => id,
+                None => match self.get_block(p) {
+                    Ok(id) => {
+                        if let Some(from) = prev {
+                            self.link(from, id);
+                        }
+                        id
+                    }
+                    Err(exc) => {
+                        self.raise(p, exc);
+                        prev = None;
+                        continue;
+                    }
+                },
             };
-            self.exec_block(p, &block);
+            let block = self.blocks.block_ptr(id);
+            // SAFETY: blocks are boxed in an arena that only grows until
+            // `clear_blocks`, which is never called while a block executes
+            // (only above, between blocks, or outside `run`); invalidation
+            // during execution merely unlinks the block.
+            let block = unsafe { &*block };
+            prev = if self.exec_block(p, block) { Some(id) } else { None };
         }
+    }
+
+    /// Anything pending that `check_events` must look at now?
+    #[inline(always)]
+    fn may_have_events(&self) -> bool {
+        self.triple_fault
+            || self.events.halted
+            || self.events.nmi_pending
+            || self.pending_exit.is_some()
+            || ((self.events.interrupt.is_some() || self.irq_window) && self.flags.test(crate::flags::IF))
+    }
+
+    #[inline(always)]
+    fn chain_index(from: BlockId, rip: u64) -> usize {
+        ((from as usize).wrapping_mul(0x9e37) ^ (rip as usize)) & (crate::cpu::CHAIN_SIZE - 1)
+    }
+
+    /// The block that followed `from` last time at the current RIP, if the
+    /// link is still valid.
+    #[inline(always)]
+    fn chained(&self, from: BlockId) -> Option<BlockId> {
+        if self.uncached {
+            return None;
+        }
+        let e = &self.chain[Self::chain_index(from, self.rip)];
+        (e.from == from && e.rip == self.rip && e.epoch == self.tlb.epoch).then_some(e.to)
+    }
+
+    #[inline(always)]
+    fn link(&mut self, from: BlockId, to: BlockId) {
+        if self.uncached {
+            return;
+        }
+        self.chain[Self::chain_index(from, self.rip)] = crate::cpu::ChainEntry {
+            from,
+            rip: self.rip,
+            epoch: self.tlb.epoch,
+            to,
+        };
     }
 
     /// Execute exactly one instruction (decoded afresh, no caches), then
@@ -257,7 +323,7 @@ impl Cpu {
     }
 
     /// Find or translate the block at CS:RIP.
-    fn get_block(&mut self, p: &mut dyn Platform) -> XResult<Arc<Block>> {
+    fn get_block(&mut self, p: &mut dyn Platform) -> XResult<BlockId> {
         let lin = self.code_linear(self.rip)?;
         let user = self.user();
         let paddr = self.translate(p, lin, Access::Exec, user)?;
@@ -267,9 +333,6 @@ impl Cpu {
             }
         }
         let block = self.translate_block(p, lin, paddr, user)?;
-        if self.uncached {
-            return Ok(Arc::new(block));
-        }
         let pages = block.pages;
         for pg in pages {
             if !self.blocks.is_code_page(pg) {
@@ -343,13 +406,16 @@ impl Cpu {
         }
         Ok(Block {
             insns: insns.into_boxed_slice(),
+            key_paddr: paddr,
             rip: self.rip,
             bits,
             pages,
         })
     }
 
-    fn exec_block(&mut self, p: &mut dyn Platform, block: &Block) {
+    /// Execute a block. Returns true when it ran to its end (so the next
+    /// block may be linked to it), false after an exception or an early exit.
+    fn exec_block(&mut self, p: &mut dyn Platform, block: &Block) -> bool {
         for insn in block.insns.iter() {
             let rip = self.rip;
             self.rip = insn.next;
@@ -358,15 +424,16 @@ impl Cpu {
                 self.end_block = false;
                 self.code_written = false;
                 self.raise(p, exc);
-                return;
+                return false;
             }
             self.retired += 1;
             if self.end_block | self.code_written {
                 self.end_block = false;
                 self.code_written = false;
-                return;
+                return false;
             }
         }
+        true
     }
 
     /// Deliver pending events and decide whether to return.

@@ -59,6 +59,9 @@ pub struct Tlb {
     pub sets: [[TlbEntry; TLB_SIZE]; 2],
     /// Index of the set serving the current privilege.
     pub cur: usize,
+    /// Bumped whenever a translation, the code mode or decoded code changes:
+    /// cached block-to-block links from an older epoch are stale.
+    pub epoch: u64,
 }
 
 impl Default for Tlb {
@@ -72,6 +75,7 @@ impl Tlb {
         Tlb {
             sets: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
             cur: 0,
+            epoch: 0,
         }
     }
 
@@ -79,7 +83,14 @@ impl Tlb {
         self.cur = user as usize;
     }
 
+    /// Invalidate cached block links (see `epoch`).
+    #[inline]
+    pub fn bump(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+
     pub fn flush_all(&mut self) {
+        self.bump();
         for set in &mut self.sets {
             set.fill(TlbEntry::EMPTY);
         }
@@ -87,6 +98,7 @@ impl Tlb {
 
     /// Flush non-global entries (a CR3 write with CR4.PGE set).
     pub fn flush_nonglobal(&mut self) {
+        self.bump();
         for set in &mut self.sets {
             for e in set.iter_mut() {
                 if !e.global {
@@ -98,6 +110,7 @@ impl Tlb {
 
     /// INVLPG: drop the translation of one linear page.
     pub fn flush_page(&mut self, lin: u64) {
+        self.bump();
         let idx = ((lin >> 12) as usize) & (TLB_SIZE - 1);
         let page = lin & !0xfff;
         for set in &mut self.sets {
@@ -235,6 +248,7 @@ impl Cpu {
         }
         let mut buf = [0u8; 8];
         p.retired_hint(self.retired);
+        self.io_happened = true;
         p.mmio_read(paddr, &mut buf[..size]);
         Ok(u64::from_le_bytes(buf))
     }
@@ -265,6 +279,7 @@ impl Cpu {
             let page = e.paddr;
             if self.blocks.invalidate_page(page) {
                 self.code_written = true;
+                self.tlb.bump();
             }
             self.tlb.clear_code_page(page);
         }
@@ -273,6 +288,7 @@ impl Cpu {
             return self.write_lin(p, lin, size, v, user);
         }
         p.retired_hint(self.retired);
+        self.io_happened = true;
         p.mmio_write(paddr, &v.to_le_bytes()[..size]);
         Ok(())
     }
@@ -359,6 +375,7 @@ impl Cpu {
         // Page tables may share a page with code.
         if self.blocks.is_code_page(paddr & !0xfff) && self.blocks.invalidate_page(paddr & !0xfff) {
             self.tlb.clear_code_page(paddr & !0xfff);
+            self.tlb.bump();
             self.code_written = true;
         }
     }

@@ -61,6 +61,7 @@ fn in_(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_io_permission(p, port, size)?;
     let mut buf = [0u8; 4];
     p.retired_hint(cpu.retired);
+    cpu.io_happened = true;
     p.io_read(port, &mut buf[..size]);
     cpu.set_gpr_sized(gpr::RAX, size as u32, u64::from(u32::from_le_bytes(buf)));
     cpu.end_block = true;
@@ -73,6 +74,7 @@ fn out(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_io_permission(p, port, size)?;
     let v = cpu.gpr[gpr::RAX];
     p.retired_hint(cpu.retired);
+    cpu.io_happened = true;
     p.io_write(port, &v.to_le_bytes()[..size]);
     cpu.end_block = true;
     Ok(())

@@ -164,6 +164,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 cpu.probe_write(p, sreg::ES, di, size)?;
                 let mut buf = [0u8; 4];
                 p.retired_hint(cpu.retired);
+    cpu.io_happened = true;
                 p.io_read(cpu.gpr[gpr::RDX] as u16, &mut buf[..size]);
                 cpu.write_mem(p, sreg::ES, di, size, u64::from(u32::from_le_bytes(buf)))?;
                 bump(cpu, gpr::RDI, step, am);
@@ -171,6 +172,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
             _ => {
                 let v = cpu.read_mem(p, src_seg, si, size)?;
                 p.retired_hint(cpu.retired);
+    cpu.io_happened = true;
                 p.io_write(cpu.gpr[gpr::RDX] as u16, &v.to_le_bytes()[..size]);
                 bump(cpu, gpr::RSI, step, am);
             }
