@@ -352,6 +352,23 @@ impl Cpu {
         Ok(t.paddr)
     }
 
+    /// The host address of linear `lin` for `access`, when it is plain RAM
+    /// the TLB lets that access reach directly (a write to a page holding
+    /// decoded code or to MMIO gives `None`). Faults as the access would.
+    pub(crate) fn host_ptr(&mut self, p: &mut dyn Platform, lin: u64, access: Access, user: bool) -> XResult<Option<*mut u8>> {
+        self.translate(p, lin, access, user)?;
+        let e = self.tlb_entry(user, lin);
+        let tag = match access {
+            Access::Read => e.read,
+            Access::Write => e.write,
+            Access::Exec => e.exec,
+        };
+        if tag != lin & !0xfff {
+            return Ok(None);
+        }
+        Ok(Some(e.addend.wrapping_add(lin as usize) as *mut u8))
+    }
+
     /// Read a paging-structure entry.
     fn read_pte(&mut self, p: &mut dyn Platform, paddr: u64, size: usize) -> u64 {
         match self.ram.host_page(paddr) {

@@ -121,9 +121,22 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
         size as u64
     };
     let mut n = 0u64;
+    let fast = rep && (OP == MOVS || OP == STOS) && step == size as u64;
     loop {
         if rep && cpu.gpr[gpr::RCX] & am == 0 {
             break;
+        }
+        if fast {
+            if let Some(k) = fast_chunk::<OP>(cpu, p, size, am, src_seg)? {
+                // Count page-sized chunks lightly against the yield budget.
+                n += k.div_ceil(16);
+                if n >= CHUNK && cpu.gpr[gpr::RCX] & am != 0 {
+                    cpu.rip = d.i.ip();
+                    cpu.end_block = true;
+                    break;
+                }
+                continue;
+            }
         }
         let si = cpu.gpr[gpr::RSI] & am;
         let di = cpu.gpr[gpr::RDI] & am;
@@ -208,6 +221,81 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
     Ok(())
 }
 
+/// REP MOVS / REP STOS with DF = 0 on RAM: do as many elements as fit in
+/// the current source and destination pages with one host copy. Returns
+/// `None` when the slow path must take the next element (MMIO, a page
+/// holding decoded code, an element crossing a page, an address-size wrap).
+fn fast_chunk<const OP: u8>(
+    cpu: &mut Cpu,
+    p: &mut dyn Platform,
+    size: usize,
+    am: u64,
+    src_seg: usize,
+) -> XResult<Option<u64>> {
+    let count = cpu.gpr[gpr::RCX] & am;
+    let di = cpu.gpr[gpr::RDI] & am;
+    let user = cpu.user();
+    let dst_lin = cpu.linear(sreg::ES, di, size as u64, true)?;
+    let mut k = count.min(((0x1000 - (dst_lin & 0xfff)) / size as u64) as u64);
+    // Stay below the address-size wrap.
+    k = k.min((am - di) / size as u64 + 1);
+    let si = cpu.gpr[gpr::RSI] & am;
+    let src_lin = if OP == MOVS {
+        let l = cpu.linear(src_seg, si, size as u64, false)?;
+        k = k.min((0x1000 - (l & 0xfff)) / size as u64);
+        k = k.min((am - si) / size as u64 + 1);
+        l
+    } else {
+        0
+    };
+    if k < 2 {
+        return Ok(None);
+    }
+    let bytes = k * size as u64;
+    // Segment limits for the whole chunk.
+    cpu.linear(sreg::ES, di, bytes, true)?;
+    if OP == MOVS {
+        cpu.linear(src_seg, si, bytes, false)?;
+    }
+    let Some(dst) = cpu.host_ptr(p, dst_lin, crate::mmu::Access::Write, user)? else {
+        return Ok(None);
+    };
+    if OP == MOVS {
+        let Some(src) = cpu.host_ptr(p, src_lin, crate::mmu::Access::Read, user)? else {
+            return Ok(None);
+        };
+        let (s0, d0) = (src as usize, dst as usize);
+        if d0 > s0 && d0 < s0 + bytes as usize {
+            // Overlap with the destination ahead: x86 copies forward one
+            // element at a time, replicating the pattern.
+            for e in 0..k as usize * size {
+                // SAFETY: both ranges lie inside one mapped RAM page each
+                // (host_ptr checked the page, k keeps the range in it).
+                unsafe { *dst.add(e) = *src.add(e) };
+            }
+        } else {
+            // SAFETY: as above; `copy` handles the remaining overlap case
+            // (destination before source), where a forward copy is exact.
+            unsafe { std::ptr::copy(src, dst, bytes as usize) };
+        }
+        bump(cpu, gpr::RSI, bytes, am);
+    } else {
+        let v = cpu.gpr[gpr::RAX].to_le_bytes();
+        if size == 1 {
+            // SAFETY: the range lies inside one mapped RAM page.
+            unsafe { std::ptr::write_bytes(dst, v[0], bytes as usize) };
+        } else {
+            for e in 0..k as usize {
+                // SAFETY: as above, element e ends within the page.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.add(e * size), size) };
+            }
+        }
+    }
+    bump(cpu, gpr::RDI, bytes, am);
+    bump(cpu, gpr::RCX, k.wrapping_neg(), am);
+    Ok(Some(k))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::flags::*;
@@ -264,6 +352,48 @@ mod tests {
         assert_eq!(c.rflags() & (ZF | CF), CF);
         // lodsw at ESI=0x200c reads 0, then ESI -= 2.
         assert_eq!(c.gpr(RSI), 0x200a);
+    }
+
+    #[test]
+    fn fast_rep_paths_match_x86_semantics() {
+        // rep movsb (f3 a4) with the destination one byte ahead of the
+        // source replicates the first byte; then rep stosd (f3 ab) across a
+        // page boundary.
+        let code = [0xf3, 0xa4, 0xbf, 0xf8, 0x2f, 0x00, 0x00, 0xb9, 0x04, 0, 0, 0, 0xf3, 0xab];
+        let c = run(Mode::Prot32, &code, |c| {
+            write_phys(c, 0x5000, b"abcdefgh");
+            c.set_gpr(RSI, 0x5000);
+            c.set_gpr(RDI, 0x5001);
+            c.set_gpr(RCX, 7);
+            c.set_gpr(RAX, 0x1122_3344);
+        });
+        let mut b = [0u8; 8];
+        assert!(c.ram().read(0x5000, &mut b));
+        assert_eq!(&b, b"aaaaaaaa");
+        // mov edi, 0x2ff8 ; mov ecx, 4 ; rep stosd: 16 bytes over 0x3000.
+        for k in 0..4 {
+            assert_eq!(read_phys(&c, 0x2ff8 + 4 * k, 4), 0x1122_3344);
+        }
+        assert_eq!(c.gpr(RDI), 0x3008);
+        assert_eq!(c.gpr(RCX), 0);
+    }
+
+    #[test]
+    fn rep_movs_into_code_invalidates_it() {
+        // The copy overwrites the HLT that follows with a NOP... the
+        // block containing it was decoded already, so the write must drop it.
+        // rep movsb (f3 a4) copying one NOP (0x90) over the byte at CODE+2,
+        // then inc ebx (43) and HLT.
+        let code = [0xf3, 0xa4, 0xf4, 0x43];
+        let c = run(Mode::Prot32, &code, |c| {
+            write_phys(c, 0x5000, &[0x90, 0x90]);
+            c.set_gpr(RSI, 0x5000);
+            c.set_gpr(RDI, CODE + 2);
+            c.set_gpr(RCX, 2);
+        });
+        // Both the HLT and the INC were replaced by NOPs; the appended HLT ran.
+        assert_eq!(c.gpr(RBX), 0);
+        assert_eq!(c.rip(), CODE + 5);
     }
 
     #[test]
