@@ -29,7 +29,9 @@ pub struct HostClock {
 
 impl HostClock {
     pub fn new() -> Self {
-        HostClock { start: Instant::now() }
+        HostClock {
+            start: Instant::now(),
+        }
     }
 }
 
@@ -78,7 +80,8 @@ impl VirtualClock {
 
 impl Clock for VirtualClock {
     fn now_ns(&self) -> u64 {
-        self.instructions.load(Ordering::Relaxed) * VIRTUAL_NS_PER_INSTRUCTION + self.skipped.load(Ordering::Relaxed)
+        self.instructions.load(Ordering::Relaxed) * VIRTUAL_NS_PER_INSTRUCTION
+            + self.skipped.load(Ordering::Relaxed)
     }
 }
 

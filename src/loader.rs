@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{self as ll, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -31,7 +33,10 @@ pub struct KernelSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a kernel duet can boot: {reason}")]
     BadImage { path: String, reason: String },
     #[error("{path}: {reason}")]
@@ -76,7 +81,10 @@ fn find_multiboot(head: &[u8]) -> Option<usize> {
     let word = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
     (0..head.len().min(8192).saturating_sub(11))
         .step_by(4)
-        .find(|&o| word(o) == 0x1bad_b002 && word(o).wrapping_add(word(o + 4)).wrapping_add(word(o + 8)) == 0)
+        .find(|&o| {
+            word(o) == 0x1bad_b002
+                && word(o).wrapping_add(word(o + 4)).wrapping_add(word(o + 8)) == 0
+        })
 }
 
 /// Identify a kernel file from its first bytes.
@@ -147,8 +155,16 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
         .map(|(s, l)| (s, l, RAM))
         .collect();
     // Firmware area where the ACPI tables and the MP table live.
-    v.push((boot::EBDA_START, layout::LOW_RAM_END - boot::EBDA_START, RESERVED));
-    v.push((boot::BIOS_START, layout::HIGH_RAM_START - boot::BIOS_START, RESERVED));
+    v.push((
+        boot::EBDA_START,
+        layout::LOW_RAM_END - boot::EBDA_START,
+        RESERVED,
+    ));
+    v.push((
+        boot::BIOS_START,
+        layout::HIGH_RAM_START - boot::BIOS_START,
+        RESERVED,
+    ));
     // The usable low range stops at the EBDA.
     if let Some(first) = v.first_mut() {
         first.1 = first.1.min(boot::EBDA_START);
@@ -158,7 +174,12 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
 }
 
 /// Place the initrd at the top of RAM below `limit`, page aligned.
-fn load_initrd(mem: &GuestMemory, path: &Path, limit: u64, kernel_end: u64) -> Result<(u64, u64), LoaderError> {
+fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    limit: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), LoaderError> {
     let mut data = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))
@@ -173,23 +194,28 @@ fn load_initrd(mem: &GuestMemory, path: &Path, limit: u64, kernel_end: u64) -> R
             limit: top,
         });
     }
-    mem.write_slice(&data, GuestAddress(addr)).map_err(mem_err)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(mem_err)?;
     Ok((addr, size))
 }
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<(), LoaderError> {
     let mut c = Cmdline::new(max).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
     if !cmdline.is_empty() {
-        c.insert_str(cmdline).map_err(|e| LoaderError::Cmdline(format!("{e} ({} bytes, at most {max})", cmdline.len())))?;
+        c.insert_str(cmdline).map_err(|e| {
+            LoaderError::Cmdline(format!("{e} ({} bytes, at most {max})", cmdline.len()))
+        })?;
     }
-    ll::load_cmdline(mem, GuestAddress(boot::CMDLINE), &c).map_err(|e| LoaderError::Cmdline(e.to_string()))
+    ll::load_cmdline(mem, GuestAddress(boot::CMDLINE), &c)
+        .map_err(|e| LoaderError::Cmdline(e.to_string()))
 }
 
 /// The GDT boot protocols expect: 0x10 flat 32-bit code, 0x18 flat data.
 fn write_boot_gdt(mem: &GuestMemory) -> Result<(), LoaderError> {
     let gdt: [u64; 4] = [0, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
     for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(boot::GDT + 8 * k as u64)).map_err(mem_err)?;
+        mem.write_obj(*d, GuestAddress(boot::GDT + 8 * k as u64))
+            .map_err(mem_err)?;
     }
     Ok(())
 }
@@ -230,13 +256,24 @@ fn protected_mode_entry(entry: u64) -> CpuState {
 fn load_bzimage(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, LoaderError> {
     let path = &spec.kernel;
     let mut f = File::open(path).map_err(read_err(path))?;
-    let res = ll::bzimage::BzImage::load(mem, None, &mut f, Some(GuestAddress(layout::HIGH_RAM_START)))
-        .map_err(|e| bad(path, format!("bzImage: {e}")))?;
-    let mut hdr = res.setup_header.ok_or_else(|| bad(path, "bzImage without a setup header"))?;
+    let res = ll::bzimage::BzImage::load(
+        mem,
+        None,
+        &mut f,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
+    )
+    .map_err(|e| bad(path, format!("bzImage: {e}")))?;
+    let mut hdr = res
+        .setup_header
+        .ok_or_else(|| bad(path, "bzImage without a setup header"))?;
     if hdr.version < 0x0206 {
         return Err(bad(
             path,
-            format!("boot protocol {}.{} is too old (2.06 or later needed)", hdr.version >> 8, hdr.version & 0xff),
+            format!(
+                "boot protocol {}.{} is too old (2.06 or later needed)",
+                hdr.version >> 8,
+                hdr.version & 0xff
+            ),
         ));
     }
     let max_cmdline = (hdr.cmdline_size as usize).clamp(256, boot::CMDLINE_MAX);
@@ -263,7 +300,8 @@ fn load_bzimage(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Loader
         };
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
-    mem.write_obj(params, GuestAddress(boot::ZERO_PAGE)).map_err(mem_err)?;
+    mem.write_obj(params, GuestAddress(boot::ZERO_PAGE))
+        .map_err(mem_err)?;
     write_boot_gdt(mem)?;
     let entry = u64::from(params.hdr.code32_start).max(res.kernel_load.0);
     let mut s = protected_mode_entry(entry);
@@ -274,8 +312,13 @@ fn load_bzimage(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Loader
 fn load_pvh(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, LoaderError> {
     let path = &spec.kernel;
     let mut f = File::open(path).map_err(read_err(path))?;
-    let res = ll::elf::Elf::load(mem, None, &mut f, Some(GuestAddress(layout::HIGH_RAM_START)))
-        .map_err(|e| bad(path, format!("ELF: {e}")))?;
+    let res = ll::elf::Elf::load(
+        mem,
+        None,
+        &mut f,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
+    )
+    .map_err(|e| bad(path, format!("ELF: {e}")))?;
     let entry = match res.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => a.0,
         _ => {
@@ -301,7 +344,8 @@ fn load_pvh(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, LoaderErro
             size,
             ..Default::default()
         };
-        mem.write_obj(module, GuestAddress(boot::PVH_MODLIST)).map_err(mem_err)?;
+        mem.write_obj(module, GuestAddress(boot::PVH_MODLIST))
+            .map_err(mem_err)?;
         info.nr_modules = 1;
         info.modlist_paddr = boot::PVH_MODLIST;
     }
@@ -313,11 +357,13 @@ fn load_pvh(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, LoaderErro
             type_: *type_,
             reserved: 0,
         };
-        mem.write_obj(e, GuestAddress(boot::PVH_MEMMAP + 24 * k as u64)).map_err(mem_err)?;
+        mem.write_obj(e, GuestAddress(boot::PVH_MEMMAP + 24 * k as u64))
+            .map_err(mem_err)?;
     }
     info.memmap_paddr = boot::PVH_MEMMAP;
     info.memmap_entries = map.len() as u32;
-    mem.write_obj(info, GuestAddress(boot::PVH_START_INFO)).map_err(mem_err)?;
+    mem.write_obj(info, GuestAddress(boot::PVH_START_INFO))
+        .map_err(mem_err)?;
     write_boot_gdt(mem)?;
     let mut s = protected_mode_entry(entry);
     s.regs.gpr[cpu_interp::state::gpr::RBX] = boot::PVH_START_INFO;
@@ -338,23 +384,37 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
         .and_then(|mut f| f.read_to_end(&mut data))
         .map_err(read_err(path))?;
     let off = find_multiboot(&data).ok_or_else(|| bad(path, "no multiboot header"))?;
-    let word = |o: usize| -> Option<u32> { data.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) };
+    let word = |o: usize| -> Option<u32> {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let flags = word(off + 4).unwrap_or(0);
     if flags & 0xffff & !0x7 != 0 {
-        return Err(bad(path, format!("multiboot header requests unsupported features (flags {flags:#x})")));
+        return Err(bad(
+            path,
+            format!("multiboot header requests unsupported features (flags {flags:#x})"),
+        ));
     }
     let (entry, kernel_end) = if flags & (1 << 16) != 0 {
         // a.out kludge: addresses from the header.
-        let f = |k: usize| word(off + 12 + 4 * k).ok_or_else(|| bad(path, "truncated multiboot header"));
-        let (header_addr, load_addr, load_end, bss_end, entry) = (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?);
+        let f = |k: usize| {
+            word(off + 12 + 4 * k).ok_or_else(|| bad(path, "truncated multiboot header"))
+        };
+        let (header_addr, load_addr, load_end, bss_end, entry) =
+            (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?);
         if header_addr < load_addr || (header_addr - load_addr) as usize > off {
-            return Err(bad(path, "multiboot header_addr is below load_addr or outside the file"));
+            return Err(bad(
+                path,
+                "multiboot header_addr is below load_addr or outside the file",
+            ));
         }
         let file_start = off - (header_addr - load_addr) as usize;
         let len = if load_end == 0 {
             data.len() - file_start
         } else {
-            load_end.checked_sub(load_addr).ok_or_else(|| bad(path, "load_end_addr below load_addr"))? as usize
+            load_end
+                .checked_sub(load_addr)
+                .ok_or_else(|| bad(path, "load_end_addr below load_addr"))? as usize
         };
         let bytes = data
             .get(file_start..file_start + len)
@@ -368,7 +428,8 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
         let bss_end = u64::from(bss_end);
         if bss_end > end {
             let zeros = vec![0u8; (bss_end - end) as usize];
-            mem.write_slice(&zeros, GuestAddress(end)).map_err(mem_err)?;
+            mem.write_slice(&zeros, GuestAddress(end))
+                .map_err(mem_err)?;
         }
         (u64::from(entry), end.max(bss_end))
     } else {
@@ -379,9 +440,13 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
     let mut cmd_bytes = cmd.into_bytes();
     cmd_bytes.push(0);
     if cmd_bytes.len() > boot::CMDLINE_MAX {
-        return Err(LoaderError::Cmdline(format!("longer than {} bytes", boot::CMDLINE_MAX)));
+        return Err(LoaderError::Cmdline(format!(
+            "longer than {} bytes",
+            boot::CMDLINE_MAX
+        )));
     }
-    mem.write_slice(&cmd_bytes, GuestAddress(boot::CMDLINE)).map_err(mem_err)?;
+    mem.write_slice(&cmd_bytes, GuestAddress(boot::CMDLINE))
+        .map_err(mem_err)?;
     let mut info = [0u32; 22];
     info[0] = MB_INFO_MEMORY | MB_INFO_CMDLINE | MB_INFO_MMAP;
     let below = ram_below_gap(mem);
@@ -392,10 +457,12 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
         let (addr, size) = load_initrd(mem, initrd, 0xffff_ffff, kernel_end)?;
         let name = format!("{}\0", initrd.display());
         let name_addr = boot::CMDLINE + cmd_bytes.len() as u64;
-        mem.write_slice(name.as_bytes(), GuestAddress(name_addr)).map_err(mem_err)?;
+        mem.write_slice(name.as_bytes(), GuestAddress(name_addr))
+            .map_err(mem_err)?;
         let module = [addr as u32, (addr + size) as u32, name_addr as u32, 0];
         for (k, w) in module.iter().enumerate() {
-            mem.write_obj(*w, GuestAddress(boot::MULTIBOOT_MODS + 4 * k as u64)).map_err(mem_err)?;
+            mem.write_obj(*w, GuestAddress(boot::MULTIBOOT_MODS + 4 * k as u64))
+                .map_err(mem_err)?;
         }
         info[0] |= MB_INFO_MODS;
         info[5] = 1;
@@ -407,12 +474,14 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
         mem.write_obj(20u32, GuestAddress(a)).map_err(mem_err)?;
         mem.write_obj(*addr, GuestAddress(a + 4)).map_err(mem_err)?;
         mem.write_obj(*len, GuestAddress(a + 12)).map_err(mem_err)?;
-        mem.write_obj(*type_, GuestAddress(a + 20)).map_err(mem_err)?;
+        mem.write_obj(*type_, GuestAddress(a + 20))
+            .map_err(mem_err)?;
     }
     info[11] = 24 * map.len() as u32;
     info[12] = boot::MULTIBOOT_MMAP as u32;
     for (k, w) in info.iter().enumerate() {
-        mem.write_obj(*w, GuestAddress(boot::MULTIBOOT_INFO + 4 * k as u64)).map_err(mem_err)?;
+        mem.write_obj(*w, GuestAddress(boot::MULTIBOOT_INFO + 4 * k as u64))
+            .map_err(mem_err)?;
     }
     write_boot_gdt(mem)?;
     let mut s = protected_mode_entry(entry);
@@ -425,10 +494,15 @@ fn load_multiboot(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Load
 fn load_elf32(mem: &GuestMemory, path: &Path, data: &[u8]) -> Result<(u64, u64), LoaderError> {
     let err = |r: &str| bad(path, format!("multiboot ELF: {r}"));
     if data.len() < 52 || data[..4] != *b"\x7fELF" || data[4] != 1 || data[5] != 1 {
-        return Err(err("not a little-endian 32-bit ELF file (use the a.out kludge or ELF32)"));
+        return Err(err(
+            "not a little-endian 32-bit ELF file (use the a.out kludge or ELF32)",
+        ));
     }
     let h16 = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
-    let h32 = |o: usize| -> Option<u32> { data.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) };
+    let h32 = |o: usize| -> Option<u32> {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let entry = u64::from(h32(24).ok_or_else(|| err("truncated header"))?);
     let phoff = h32(28).ok_or_else(|| err("truncated header"))? as usize;
     let phentsize = h16(42) as usize;
@@ -436,19 +510,30 @@ fn load_elf32(mem: &GuestMemory, path: &Path, data: &[u8]) -> Result<(u64, u64),
     let mut end = 0u64;
     for k in 0..phnum {
         let ph = phoff + k * phentsize;
-        let field = |i: usize| h32(ph + 4 * i).ok_or_else(|| err("program header past the end of the file"));
+        let field = |i: usize| {
+            h32(ph + 4 * i).ok_or_else(|| err("program header past the end of the file"))
+        };
         if field(0)? != 1 {
             continue; // not PT_LOAD
         }
-        let (offset, paddr, filesz, memsz) = (field(1)? as usize, u64::from(field(3)?), field(4)? as usize, u64::from(field(5)?));
-        let bytes = data.get(offset..offset + filesz).ok_or_else(|| err("segment past the end of the file"))?;
-        mem.write_slice(bytes, GuestAddress(paddr)).map_err(|e| LoaderError::Load {
-            path: path.display().to_string(),
-            reason: format!("segment at {paddr:#x} does not fit in guest memory: {e}"),
-        })?;
+        let (offset, paddr, filesz, memsz) = (
+            field(1)? as usize,
+            u64::from(field(3)?),
+            field(4)? as usize,
+            u64::from(field(5)?),
+        );
+        let bytes = data
+            .get(offset..offset + filesz)
+            .ok_or_else(|| err("segment past the end of the file"))?;
+        mem.write_slice(bytes, GuestAddress(paddr))
+            .map_err(|e| LoaderError::Load {
+                path: path.display().to_string(),
+                reason: format!("segment at {paddr:#x} does not fit in guest memory: {e}"),
+            })?;
         if memsz > filesz as u64 {
             let zeros = vec![0u8; (memsz - filesz as u64) as usize];
-            mem.write_slice(&zeros, GuestAddress(paddr + filesz as u64)).map_err(mem_err)?;
+            mem.write_slice(&zeros, GuestAddress(paddr + filesz as u64))
+                .map_err(mem_err)?;
         }
         end = end.max(paddr + memsz);
     }
@@ -484,7 +569,9 @@ mod tests {
         let e = detect(&p).unwrap_err().to_string();
         assert!(e.contains("is not a kernel duet can boot"), "{e}");
         assert!(e.contains(&p.display().to_string()), "{e}");
-        let e = detect(Path::new("/nonexistent/kernel")).unwrap_err().to_string();
+        let e = detect(Path::new("/nonexistent/kernel"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read /nonexistent/kernel"), "{e}");
         std::fs::remove_file(p).ok();
     }
@@ -522,13 +609,18 @@ mod tests {
         assert_eq!(s.regs.gpr[3], boot::MULTIBOOT_INFO);
         assert_eq!(s.regs.rip, crate::bench::LOAD_ADDR + 40);
         let mut back = vec![0u8; img.len()];
-        mem.read_slice(&mut back, GuestAddress(crate::bench::LOAD_ADDR)).unwrap();
+        mem.read_slice(&mut back, GuestAddress(crate::bench::LOAD_ADDR))
+            .unwrap();
         assert_eq!(back, img);
         let flags: u32 = mem.read_obj(GuestAddress(boot::MULTIBOOT_INFO)).unwrap();
-        assert_eq!(flags & (MB_INFO_MODS | MB_INFO_MMAP | MB_INFO_CMDLINE), MB_INFO_MODS | MB_INFO_MMAP | MB_INFO_CMDLINE);
+        assert_eq!(
+            flags & (MB_INFO_MODS | MB_INFO_MMAP | MB_INFO_CMDLINE),
+            MB_INFO_MODS | MB_INFO_MMAP | MB_INFO_CMDLINE
+        );
         let mod_start: u32 = mem.read_obj(GuestAddress(boot::MULTIBOOT_MODS)).unwrap();
         let mut m = [0u8; 15];
-        mem.read_slice(&mut m, GuestAddress(u64::from(mod_start))).unwrap();
+        mem.read_slice(&mut m, GuestAddress(u64::from(mod_start)))
+            .unwrap();
         assert_eq!(&m, b"module contents");
         std::fs::remove_file(p).ok();
         std::fs::remove_file(initrd).ok();

@@ -139,7 +139,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
             Some(guests::find(name).with_context(|| {
                 let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
-                format!("no built-in guest named '{name}' (available: {})", names.join(", "))
+                format!(
+                    "no built-in guest named '{name}' (available: {})",
+                    names.join(", ")
+                )
             })?)
         }
     };
@@ -157,7 +160,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             .load_kernel(&duet::loader::KernelSpec {
                 kernel: k.clone(),
                 initrd: args.initrd.clone(),
-                cmdline: args.cmdline.clone().unwrap_or_else(|| "console=ttyS0".to_string()),
+                cmdline: args
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| "console=ttyS0".to_string()),
             })
             .context("cannot load the kernel")?,
         (None, None) => unreachable!("a guest or a kernel is always chosen"),

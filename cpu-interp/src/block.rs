@@ -96,6 +96,8 @@ const NO_KEY: Key = (u64::MAX, 0, 0);
 ///
 /// [`clear`]: BlockCache::clear
 pub struct BlockCache {
+    // Boxed on purpose: a block's address must survive the arena growing.
+    #[allow(clippy::vec_box)]
     arena: Vec<Box<Block>>,
     map: HashMap<Key, BlockId, Fx>,
     by_page: HashMap<u64, Vec<BlockId>, Fx>,

@@ -5,7 +5,7 @@
 //! instructions it covers. The table is documented in docs/CPUID.md.
 
 /// Knobs the machine sets (per vCPU).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct CpuidConfig {
     /// Initial APIC ID reported in leaf 1 EBX[31:24] (and leaf 0xb).
     pub apic_id: u32,
@@ -13,16 +13,6 @@ pub struct CpuidConfig {
     pub apic: bool,
     /// TSC frequency in kHz, for leaves 0x15/0x16 (None hides them).
     pub tsc_khz: Option<u32>,
-}
-
-impl Default for CpuidConfig {
-    fn default() -> Self {
-        CpuidConfig {
-            apic_id: 0,
-            apic: false,
-            tsc_khz: None,
-        }
-    }
 }
 
 pub mod leaf1_edx {
@@ -75,11 +65,26 @@ pub mod ext1_ecx {
 /// Feature bits the interpreter implements today.
 pub const LEAF1_EDX: u32 = {
     use leaf1_edx::*;
-    PSE | TSC | MSR | PAE | CX8 | SEP | MTRR | PGE | CMOV | PAT | PSE36 | CLFSH
+    FPU | PSE
+        | TSC
+        | MSR
+        | PAE
+        | CX8
+        | SEP
+        | MTRR
+        | PGE
+        | CMOV
+        | PAT
+        | PSE36
+        | CLFSH
+        | MMX
+        | FXSR
+        | SSE
+        | SSE2
 };
 pub const LEAF1_ECX: u32 = {
     use leaf1_ecx::*;
-    CX16 | POPCNT | HYPERVISOR
+    SSE3 | SSSE3 | CX16 | POPCNT | HYPERVISOR
 };
 pub const EXT1_EDX: u32 = {
     use ext1_edx::*;
@@ -147,7 +152,7 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
             let w = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
             [w(0), w(4), w(8), w(12)]
         }
-        0x8000_0005 | 0x8000_0006 | 0x8000_0007 => [0, 0, 0, 0],
+        0x8000_0005..=0x8000_0007 => [0, 0, 0, 0],
         0x8000_0008 => [crate::mmu::PHYS_ADDR_BITS | (48 << 8), 0, 0, 0],
         // Intel returns the highest basic leaf's data for out-of-range leaves.
         l if l > MAX_BASIC && l < 0x8000_0000 => query(cfg, MAX_BASIC, subleaf),

@@ -171,7 +171,11 @@ impl Cpu {
             // (only above, between blocks, or outside `run`); invalidation
             // during execution merely unlinks the block.
             let block = unsafe { &*block };
-            prev = if self.exec_block(p, block) { Some(id) } else { None };
+            prev = if self.exec_block(p, block) {
+                Some(id)
+            } else {
+                None
+            };
         }
     }
 
@@ -182,7 +186,8 @@ impl Cpu {
             || self.events.halted
             || self.events.nmi_pending
             || self.pending_exit.is_some()
-            || ((self.events.interrupt.is_some() || self.irq_window) && self.flags.test(crate::flags::IF))
+            || ((self.events.interrupt.is_some() || self.irq_window)
+                && self.flags.test(crate::flags::IF))
     }
 
     #[inline(always)]

@@ -355,7 +355,13 @@ impl Cpu {
     /// The host address of linear `lin` for `access`, when it is plain RAM
     /// the TLB lets that access reach directly (a write to a page holding
     /// decoded code or to MMIO gives `None`). Faults as the access would.
-    pub(crate) fn host_ptr(&mut self, p: &mut dyn Platform, lin: u64, access: Access, user: bool) -> XResult<Option<*mut u8>> {
+    pub(crate) fn host_ptr(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        access: Access,
+        user: bool,
+    ) -> XResult<Option<*mut u8>> {
         self.translate(p, lin, access, user)?;
         let e = self.tlb_entry(user, lin);
         let tag = match access {
@@ -542,30 +548,24 @@ impl Cpu {
             }
         };
 
-        // Permission checks (SDM vol. 3, 4.6).
+        // Permission checks (SDM vol. 3, 4.6). SMAP applies to supervisor
+        // data accesses to user pages unless RFLAGS.AC is set; SMEP to
+        // supervisor fetches from user pages. (CR4 rejects both bits while
+        // CPUID does not advertise them, so they are inert today.)
+        let smap_blocks =
+            !user && us && self.cr4 & CR4_SMAP != 0 && !self.flags.test(crate::flags::AC);
+        let readable = if user { us } else { !smap_blocks };
+        let writable = if user {
+            us && rw
+        } else {
+            (rw || !wp) && !smap_blocks
+        };
+        let smep_blocks = us && self.cr4 & CR4_SMEP != 0;
+        let executable = !xd && if user { us } else { !smep_blocks };
         let ok = match access {
-            Access::Read => {
-                if user {
-                    us
-                } else {
-                    !(us && self.cr4 & CR4_SMAP != 0 && !self.flags.test(crate::flags::AC))
-                }
-            }
-            Access::Write => {
-                if user {
-                    us && rw
-                } else {
-                    (rw || !wp)
-                        && !(us && self.cr4 & CR4_SMAP != 0 && !self.flags.test(crate::flags::AC))
-                }
-            }
-            Access::Exec => {
-                if user {
-                    us && !xd
-                } else {
-                    !xd && !(us && self.cr4 & CR4_SMEP != 0)
-                }
-            }
+            Access::Read => readable,
+            Access::Write => writable,
+            Access::Exec => executable,
         };
         if !ok {
             return Err(self.page_fault(lin, access, user, true, false));
@@ -584,16 +584,6 @@ impl Cpu {
         }
         let leaf_e = path[leaf].1 | if access == Access::Write { 0x40 } else { 0 };
         let pge = self.cr4 & CR4_PGE != 0;
-        // Writable for the TLB: the path allows writes at this privilege.
-        let writable =
-            if user { us && rw } else { rw || !wp } && !(!user && us && self.cr4 & CR4_SMAP != 0);
-        let executable = if user {
-            us && !xd
-        } else {
-            !xd && !(us && self.cr4 & CR4_SMEP != 0)
-        };
-        let readable_super_ok = !(!user && us && self.cr4 & CR4_SMAP != 0);
-        let _ = readable_super_ok;
         Ok(Translation {
             paddr: paddr & PHYS_MASK,
             writable,

@@ -172,15 +172,6 @@ impl Cpu {
         }
     }
 
-    /// Pop `size` bytes.
-    #[inline(always)]
-    pub(crate) fn pop(&mut self, p: &mut dyn Platform, size: usize) -> XResult<u64> {
-        let v = self.peek(p, size, 0)?;
-        let sp = self.gpr[gpr::RSP].wrapping_add(size as u64);
-        self.set_sp(sp);
-        Ok(v)
-    }
-
     /// Privilege check for instructions that require CPL 0.
     #[inline]
     pub(crate) fn require_cpl0(&self) -> XResult<()> {

@@ -128,7 +128,7 @@ fn idiv(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     };
     let q = dividend / src;
     let r = dividend % src;
-    let max = i128::from(mask(size) >> 1) as i128;
+    let max = i128::from(mask(size) >> 1);
     if q > max || q < -max - 1 {
         return Err(Exception::de());
     }

@@ -177,7 +177,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 cpu.probe_write(p, sreg::ES, di, size)?;
                 let mut buf = [0u8; 4];
                 p.retired_hint(cpu.retired);
-    cpu.io_happened = true;
+                cpu.io_happened = true;
                 p.io_read(cpu.gpr[gpr::RDX] as u16, &mut buf[..size]);
                 cpu.write_mem(p, sreg::ES, di, size, u64::from(u32::from_le_bytes(buf)))?;
                 bump(cpu, gpr::RDI, step, am);
@@ -185,7 +185,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
             _ => {
                 let v = cpu.read_mem(p, src_seg, si, size)?;
                 p.retired_hint(cpu.retired);
-    cpu.io_happened = true;
+                cpu.io_happened = true;
                 p.io_write(cpu.gpr[gpr::RDX] as u16, &v.to_le_bytes()[..size]);
                 bump(cpu, gpr::RSI, step, am);
             }
@@ -207,12 +207,10 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
             cpu.end_block = true;
             break;
         }
-        if OP == INS || OP == OUTS {
-            if p.stop_requested() && cpu.gpr[gpr::RCX] & am != 0 {
-                cpu.rip = d.i.ip();
-                cpu.end_block = true;
-                break;
-            }
+        if (OP == INS || OP == OUTS) && p.stop_requested() && cpu.gpr[gpr::RCX] & am != 0 {
+            cpu.rip = d.i.ip();
+            cpu.end_block = true;
+            break;
         }
     }
     if OP == INS || OP == OUTS {
@@ -236,7 +234,7 @@ fn fast_chunk<const OP: u8>(
     let di = cpu.gpr[gpr::RDI] & am;
     let user = cpu.user();
     let dst_lin = cpu.linear(sreg::ES, di, size as u64, true)?;
-    let mut k = count.min(((0x1000 - (dst_lin & 0xfff)) / size as u64) as u64);
+    let mut k = count.min((0x1000 - (dst_lin & 0xfff)) / size as u64);
     // Stay below the address-size wrap.
     k = k.min((am - di) / size as u64 + 1);
     let si = cpu.gpr[gpr::RSI] & am;
@@ -359,7 +357,9 @@ mod tests {
         // rep movsb (f3 a4) with the destination one byte ahead of the
         // source replicates the first byte; then rep stosd (f3 ab) across a
         // page boundary.
-        let code = [0xf3, 0xa4, 0xbf, 0xf8, 0x2f, 0x00, 0x00, 0xb9, 0x04, 0, 0, 0, 0xf3, 0xab];
+        let code = [
+            0xf3, 0xa4, 0xbf, 0xf8, 0x2f, 0x00, 0x00, 0xb9, 0x04, 0, 0, 0, 0xf3, 0xab,
+        ];
         let c = run(Mode::Prot32, &code, |c| {
             write_phys(c, 0x5000, b"abcdefgh");
             c.set_gpr(RSI, 0x5000);

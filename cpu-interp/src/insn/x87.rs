@@ -42,8 +42,9 @@ use crate::softfloat80::trans::{self, Trig, W};
 use crate::softfloat80::{self as sf, Cmp, Ctx, Res, DE, IE, INDEFINITE, OE, UE, ZE};
 
 /// Record FOP on every non-control instruction (the 387 behaviour, and
-/// that of later processors in FOP compatibility mode). When false, FOP
-/// would only follow instructions that raise an unmasked exception.
+/// that of later processors in FOP compatibility mode, IA32_MISC_ENABLE
+/// bit 2). When false, FOP is only recorded while an unmasked exception
+/// is pending (the default of Pentium 4 and later).
 pub const FOP_ALWAYS: bool = true;
 
 pub fn register(t: &mut Table) {
@@ -284,19 +285,22 @@ fn modrm_mem(i: &Instruction, reg: u8) -> u8 {
     (md(base) << 6) | r | (base.number() & 7) as u8
 }
 
+/// FCW invalid-operation mask.
+const FCW_IM: u16 = 1;
+
 /// Stack underflow (IE + SF, C1 = 0). True when masked: the masked
 /// response (write the real indefinite) proceeds.
 fn underflow(f: &mut Fpu) -> bool {
     f.set_c1(false);
     f.raise(FSW_IE | FSW_SF);
-    f.fcw & FSW_IE != 0
+    f.fcw & FCW_IM != 0
 }
 
 /// Stack overflow (IE + SF, C1 = 1). True when masked.
 fn overflow(f: &mut Fpu) -> bool {
     f.set_c1(true);
     f.raise(FSW_IE | FSW_SF);
-    f.fcw & FSW_IE != 0
+    f.fcw & FCW_IM != 0
 }
 
 /// Record an operation's flags. False when an unmasked invalid-operation,
@@ -608,7 +612,7 @@ fn fst<const POP: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResul
         }
     };
     let store = if empty {
-        cpu.fpu.fcw & FSW_IE != 0
+        cpu.fpu.fcw & FCW_IM != 0
     } else {
         store_ok(&cpu.fpu, r.flags)
     };
@@ -649,7 +653,7 @@ fn fist<const POP: bool, const TRUNC: bool>(
         r.v
     };
     let store = if empty {
-        cpu.fpu.fcw & FSW_IE != 0
+        cpu.fpu.fcw & FCW_IM != 0
     } else {
         store_ok(&cpu.fpu, r.flags)
     };
@@ -675,7 +679,7 @@ fn fbstp(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let r = sf::to_bcd(cpu.fpu.st(0), ctx(cpu).rc);
     let v = if empty { sf::BCD_INDEFINITE } else { r.v };
     let store = if empty {
-        cpu.fpu.fcw & FSW_IE != 0
+        cpu.fpu.fcw & FCW_IM != 0
     } else {
         store_ok(&cpu.fpu, r.flags)
     };
