@@ -169,7 +169,7 @@ impl Machine {
             None => Tracer::disabled(),
         };
         let io = DeviceIo::new(pio, mmio, tracer, control);
-        let mut be = backend::create(cfg.backend, &mem)?;
+        let mut be = backend::create(cfg.backend, &mem, backend::VmOptions::default())?;
         let vcpu = be.create_vcpu(0)?;
         Ok(Machine {
             mem,

@@ -29,7 +29,7 @@ pub mod state;
 pub use cpu::{Cpu, CpuExit};
 pub use exception::Exception;
 pub use memory::Ram;
-pub use platform::{NullPlatform, Platform};
+pub use platform::{MsrResult, NullPlatform, Platform};
 
 /// Intel-syntax disassembly of one instruction, for messages.
 pub fn disasm(i: &iced_x86::Instruction) -> String {

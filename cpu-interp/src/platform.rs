@@ -5,6 +5,17 @@
 //! not RAM, the clock — goes through this trait. The interpreter knows nothing
 //! of devices, buses or backends.
 
+/// The machine's answer to an MSR access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrResult {
+    /// Not a machine MSR: the CPU handles it (or raises #GP).
+    Unhandled,
+    /// Handled; for reads, the value.
+    Done(u64),
+    /// The machine rejects the access: #GP(0).
+    Fault,
+}
+
 /// Services the interpreter calls synchronously, in the middle of an
 /// instruction when needed (an MMIO read inside `add [mem], eax`).
 pub trait Platform {
@@ -26,6 +37,15 @@ pub trait Platform {
     /// is derived from the instruction count (virtual time) is exact at the
     /// access.
     fn retired_hint(&mut self, _retired: u64) {}
+    /// RDMSR of an MSR the machine may own (local APIC: IA32_APIC_BASE,
+    /// x2APIC 0x800–0x8ff, TSC_DEADLINE). Asked before the CPU's own MSRs.
+    fn read_msr(&mut self, _msr: u32) -> MsrResult {
+        MsrResult::Unhandled
+    }
+    /// WRMSR counterpart of [`Platform::read_msr`].
+    fn write_msr(&mut self, _msr: u32, _value: u64) -> MsrResult {
+        MsrResult::Unhandled
+    }
     /// The time-stamp counter: what `RDTSC` returns before the TSC offset.
     /// `None` lets the interpreter use its retired-instruction count.
     fn tsc(&mut self) -> Option<u64> {

@@ -1,5 +1,8 @@
 //! The interpreter backend: adapts `cpu_interp::Cpu` to the [`Vcpu`] trait.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use cpu_interp::{Cpu, CpuExit, Platform, Ram};
 
 use super::{Backend, CpuState, GuestMemory, IoHandler, Result, Vcpu, VcpuExit, VcpuStats};
@@ -12,6 +15,17 @@ pub const DEFAULT_BUDGET: u64 = 4_000_000;
 /// Shared with the KVM backend's fallback path.
 pub struct IoPlatform<'a> {
     pub io: &'a mut dyn IoHandler,
+    /// Set by [`InterpKick`]; makes the CPU stop at the next check.
+    pub kick: &'a AtomicBool,
+}
+
+/// The interpreter's kick: a flag the CPU polls at block boundaries.
+pub struct InterpKick(pub Arc<AtomicBool>);
+
+impl super::Kick for InterpKick {
+    fn kick(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Platform for IoPlatform<'_> {
@@ -27,11 +41,17 @@ impl Platform for IoPlatform<'_> {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.io.mmio_write(addr, data);
     }
+    fn read_msr(&mut self, msr: u32) -> cpu_interp::MsrResult {
+        self.io.msr_read(msr)
+    }
+    fn write_msr(&mut self, msr: u32, value: u64) -> cpu_interp::MsrResult {
+        self.io.msr_write(msr, value)
+    }
     fn retired_hint(&mut self, retired: u64) {
         self.io.instructions_retired(retired);
     }
     fn stop_requested(&self) -> bool {
-        self.io.exit_requested()
+        self.kick.load(std::sync::atomic::Ordering::Relaxed) || self.io.exit_requested()
     }
     fn tsc(&mut self) -> Option<u64> {
         self.io.tsc()
@@ -64,6 +84,7 @@ impl Backend for InterpBackend {
             cpu,
             budget: DEFAULT_BUDGET,
             exits: Default::default(),
+            kick: Arc::new(AtomicBool::new(false)),
         }))
     }
 }
@@ -73,6 +94,7 @@ pub struct InterpVcpu {
     cpu: Cpu,
     budget: u64,
     exits: std::collections::BTreeMap<&'static str, u64>,
+    kick: Arc<AtomicBool>,
 }
 
 impl InterpVcpu {
@@ -88,13 +110,19 @@ impl InterpVcpu {
 
 impl Vcpu for InterpVcpu {
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
-        let mut plat = IoPlatform { io };
+        let mut plat = IoPlatform { io, kick: &self.kick };
         let exit = match self.cpu.run(&mut plat, self.budget) {
             CpuExit::Halted => VcpuExit::Halted,
             CpuExit::InterruptWindow => VcpuExit::InterruptWindow,
             CpuExit::TripleFault => VcpuExit::Shutdown(super::ShutdownReason::TripleFault),
             CpuExit::BudgetExhausted => VcpuExit::Interrupted,
-            CpuExit::StopRequested => VcpuExit::IoRequest,
+            CpuExit::StopRequested => {
+                if self.kick.swap(false, Ordering::Relaxed) {
+                    VcpuExit::Interrupted
+                } else {
+                    VcpuExit::IoRequest
+                }
+            }
         };
         self.count(match exit {
             VcpuExit::Halted => "hlt",
@@ -131,6 +159,10 @@ impl Vcpu for InterpVcpu {
 
     fn request_interrupt_window(&mut self, on: bool) {
         self.cpu.request_interrupt_window(on);
+    }
+
+    fn kicker(&self) -> Arc<dyn super::Kick> {
+        Arc::new(InterpKick(self.kick.clone()))
     }
 
     fn stats(&self) -> VcpuStats {

@@ -47,6 +47,8 @@
 //! returns [`VcpuExit::Halted`] again until an interrupt or NMI is queued —
 //! the same contract as the interpreter backend.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 
@@ -193,6 +195,14 @@ pub struct KvmBackend {
 impl KvmBackend {
     /// Open KVM, create a VM and register every region of `mem` as a
     /// memory slot.
+    /// Create a VM with the given options.
+    pub fn with_options(mem: &GuestMemory, opts: super::VmOptions) -> Result<Self> {
+        if opts.irqchip == super::IrqchipKind::Kernel {
+            return Err(BackendError::Unsupported("--irqchip kernel is not implemented yet".into()));
+        }
+        Self::new(mem)
+    }
+
     pub fn new(mem: &GuestMemory) -> Result<Self> {
         let kvm = open_kvm().map_err(BackendError::KvmUnavailable)?;
         check_api_version(&kvm).map_err(BackendError::KvmUnavailable)?;
@@ -292,6 +302,7 @@ impl KvmBackend {
             fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         }
         let mut vcpu = KvmVcpu {
+            kick: Arc::new(AtomicBool::new(false)),
             fd,
             id,
             caps: self.caps,
@@ -350,6 +361,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
     caps: Caps,
+    /// Set by the kicker; checked before each KVM_RUN.
+    kick: Arc<AtomicBool>,
     /// Size of the kvm_run mapping (bounds the PIO data area).
     run_size: usize,
     /// The VMM asked for [`VcpuExit::InterruptWindow`].
@@ -678,7 +691,8 @@ impl KvmVcpu {
         let mut state = cpu.state();
         self.read_core(&mut state)?;
         cpu.set_state(&state);
-        let mut plat = IoPlatform { io };
+        let kick = self.kick.clone();
+        let mut plat = IoPlatform { io, kick: &kick };
         let decoded = cpu.decode_one(&mut plat);
         let full = match &decoded {
             Ok(insn) => needs_full_state(&insn.i, &state),
@@ -1286,6 +1300,10 @@ impl Vcpu for KvmVcpu {
             exits,
             interp_fallbacks: self.fallbacks,
         }
+    }
+
+    fn kicker(&self) -> Arc<dyn super::Kick> {
+        Arc::new(super::interp::InterpKick(self.kick.clone()))
     }
 }
 

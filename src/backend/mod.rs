@@ -21,6 +21,30 @@ pub mod kvm;
 /// Guest memory as shared by both backends.
 pub type GuestMemory = vm_memory::GuestMemoryMmap;
 
+pub use cpu_interp::MsrResult;
+
+/// Makes a running [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon; safe
+/// to call from any thread (timer threads, input threads).
+pub trait Kick: Send + Sync {
+    fn kick(&self);
+}
+
+/// Which interrupt controllers a VM uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IrqchipKind {
+    /// duet's own PIC/IOAPIC/LAPIC/PIT models (both backends; the default).
+    #[default]
+    Userspace,
+    /// KVM's in-kernel PIC/IOAPIC/LAPIC and PIT (KVM only, for comparison).
+    Kernel,
+}
+
+/// Options for creating a VM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmOptions {
+    pub irqchip: IrqchipKind,
+}
+
 /// Services the VMM provides to a running vCPU.
 pub trait IoHandler {
     /// Port read of `data.len()` bytes (1, 2 or 4).
@@ -36,6 +60,16 @@ pub trait IoHandler {
     /// backend completes the current instruction and returns
     /// [`VcpuExit::IoRequest`].
     fn exit_requested(&self) -> bool;
+    /// RDMSR of an MSR the machine may own (the local APIC's: IA32_APIC_BASE,
+    /// x2APIC 0x800–0x8ff, TSC_DEADLINE 0x6e0). `Unhandled` lets the CPU (or
+    /// KVM) handle it.
+    fn msr_read(&mut self, _msr: u32) -> MsrResult {
+        MsrResult::Unhandled
+    }
+    /// WRMSR counterpart of [`IoHandler::msr_read`].
+    fn msr_write(&mut self, _msr: u32, _value: u64) -> MsrResult {
+        MsrResult::Unhandled
+    }
     /// The interpreter reports its retired-instruction count before every
     /// access and stop check (the basis of virtual time). KVM never calls it.
     fn instructions_retired(&mut self, _n: u64) {}
@@ -102,6 +136,8 @@ pub enum BackendError {
     Memory(String),
     #[error("backend '{0}' is not compiled into this build")]
     NotCompiled(&'static str),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -149,6 +185,9 @@ pub trait Vcpu: Send {
 
     /// Counters for `--stats`.
     fn stats(&self) -> VcpuStats;
+
+    /// A handle other threads use to make `run` return soon.
+    fn kicker(&self) -> std::sync::Arc<dyn Kick>;
 }
 
 /// One VM on one backend.
@@ -157,6 +196,17 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// Create vCPU `id` in its reset state.
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>>;
+
+    /// Drive an interrupt line of the in-kernel irqchip (only when the VM
+    /// was created with [`IrqchipKind::Kernel`]).
+    fn set_irq_line(&self, _gsi: u32, _level: bool) -> Result<()> {
+        Err(BackendError::NotCompiled("in-kernel irqchip"))
+    }
+
+    /// The TSC frequency guests see, in kHz, when the backend knows it.
+    fn tsc_khz(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Which backend to use.
@@ -188,11 +238,18 @@ pub fn kvm_available() -> std::result::Result<(), String> {
 }
 
 /// Create a VM on the chosen backend over `mem`.
-pub fn create(kind: BackendKind, mem: &GuestMemory) -> Result<Box<dyn Backend>> {
+pub fn create(kind: BackendKind, mem: &GuestMemory, opts: VmOptions) -> Result<Box<dyn Backend>> {
     match kind {
-        BackendKind::Interp => Ok(Box::new(interp::InterpBackend::new(mem.clone()))),
+        BackendKind::Interp => {
+            if opts.irqchip == IrqchipKind::Kernel {
+                return Err(BackendError::Unsupported(
+                    "--irqchip kernel needs the KVM backend; the interpreter has only the userspace irqchip".into(),
+                ));
+            }
+            Ok(Box::new(interp::InterpBackend::new(mem.clone())))
+        }
         #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
-        BackendKind::Kvm => Ok(Box::new(kvm::KvmBackend::new(mem)?)),
+        BackendKind::Kvm => Ok(Box::new(kvm::KvmBackend::with_options(mem, opts)?)),
         #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
         BackendKind::Kvm => Err(BackendError::NotCompiled("kvm")),
     }

@@ -658,7 +658,12 @@ fn rdmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
-    match cpu.read_msr(p, idx) {
+    let from_machine = match p.read_msr(idx) {
+        crate::platform::MsrResult::Done(v) => Some(v),
+        crate::platform::MsrResult::Fault => return Err(Exception::gp0()),
+        crate::platform::MsrResult::Unhandled => cpu.read_msr(p, idx),
+    };
+    match from_machine {
         Some(v) => {
             cpu.gpr[gpr::RAX] = v & 0xffff_ffff;
             cpu.gpr[gpr::RDX] = v >> 32;
@@ -678,6 +683,17 @@ fn wrmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
     let v = (cpu.gpr[gpr::RDX] << 32) | (cpu.gpr[gpr::RAX] & 0xffff_ffff);
+    match p.write_msr(idx, v) {
+        crate::platform::MsrResult::Done(_) => {
+            if idx == msr::APIC_BASE {
+                cpu.apic_base = v;
+            }
+            cpu.end_block = true;
+            return Ok(());
+        }
+        crate::platform::MsrResult::Fault => return Err(Exception::gp0()),
+        crate::platform::MsrResult::Unhandled => {}
+    }
     let r = cpu.write_msr(p, idx, v);
     if r.is_err() && cpu.read_msr(p, idx).is_none() {
         cpu.note_unknown_msr(idx, true);

@@ -1,0 +1,475 @@
+//! Comparing the two sides of a case, with the masking rules:
+//!
+//! - flags (and x87 condition codes) the SDM leaves undefined at the point
+//!   where the case stopped are masked, in RFLAGS and in the RFLAGS image
+//!   of an exception frame;
+//! - general registers holding an undefined result are skipped;
+//! - a stop-port write's data (AL) is not compared, only the port;
+//! - x87 FIP/FDP/FOP are not compared (Sapphire Rapids deprecates FCS/FDS
+//!   and the emulator does not maintain them);
+//! - segment attributes are compared only for non-null selectors.
+
+use std::fmt::Write as _;
+
+use cpu_interp::state::{CpuState, Segment};
+
+use super::case::{Analysis, Assembled, Case, Point, ARITH};
+use super::env;
+use super::harness::{End, Outcome, Snapshot};
+use super::Mode;
+
+/// One differing field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diff {
+    pub field: String,
+    pub kvm: String,
+    pub interp: String,
+}
+
+impl Diff {
+    fn new(field: impl Into<String>, kvm: impl Into<String>, interp: impl Into<String>) -> Self {
+        Diff {
+            field: field.into(),
+            kvm: kvm.into(),
+            interp: interp.into(),
+        }
+    }
+}
+
+/// The verdict on one case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Match,
+    Diverged(Vec<Diff>),
+    /// KVM refused an instruction: no oracle.
+    Refused { rip: u64, message: String },
+    /// Both sides ran out of time (a case that loops): nothing to compare.
+    BothTimedOut,
+    /// The harness could not run the case on KVM.
+    Broken(String),
+}
+
+/// An exception frame found on the stack of a stub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub vector: u8,
+    pub error_code: Option<u64>,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    /// Address of the RFLAGS image.
+    pub rflags_at: u64,
+    pub width: u64,
+}
+
+fn read_le(mem: &[u8], at: u64, width: u64) -> Option<u64> {
+    let a = usize::try_from(at).ok()?;
+    let w = width as usize;
+    let bytes = mem.get(a..a.checked_add(w)?)?;
+    let mut b = [0u8; 8];
+    b[..w].copy_from_slice(bytes);
+    Some(u64::from_le_bytes(b))
+}
+
+/// Where a side stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// At the terminator.
+    Done,
+    /// In the stub of `vector`.
+    Vector(u8),
+    /// Somewhere else.
+    Elsewhere(u64),
+}
+
+pub fn stop_of(s: &CpuState, asm: &Assembled) -> Stop {
+    if let Some(v) = env::stub_vector(s.sregs.cs.base, s.regs.rip) {
+        return Stop::Vector(v);
+    }
+    if s.sregs.cs.base.wrapping_add(s.regs.rip) == asm.end_addr {
+        return Stop::Done;
+    }
+    Stop::Elsewhere(s.regs.rip)
+}
+
+/// The frame the stub of `vector` sits on, in `mode`, interrupting code
+/// with selector `cs`.
+pub fn frame(mode: Mode, s: &CpuState, mem: &[u8], vector: u8, cs: u16) -> Option<Frame> {
+    let width: u64 = if mode.long() {
+        8
+    } else if mode.real() {
+        2
+    } else {
+        4
+    };
+    let sp = s.sregs.ss.base.wrapping_add(s.regs.gpr[4] & if mode.real() { 0xffff } else { u64::MAX });
+    let cs = u64::from(cs);
+    let at = |k: u64| read_le(mem, sp + k * width, width);
+    let (ec, base) = if mode.real() {
+        (None, 0)
+    } else if at(1)? == cs {
+        (None, 0)
+    } else if at(2)? == cs {
+        (Some(at(0)?), 1)
+    } else {
+        return None;
+    };
+    Some(Frame {
+        vector,
+        error_code: ec,
+        rip: at(base)?,
+        cs: at(base + 1)?,
+        rflags: at(base + 2)?,
+        rflags_at: sp + (base + 2) * width,
+        width,
+    })
+}
+
+fn seg_diffs(name: &str, a: &Segment, b: &Segment, out: &mut Vec<Diff>) {
+    if a.selector != b.selector {
+        out.push(Diff::new(
+            format!("{name}.selector"),
+            format!("{:#06x}", a.selector),
+            format!("{:#06x}", b.selector),
+        ));
+        return;
+    }
+    if a.selector & !3 == 0 {
+        return;
+    }
+    let show = |s: &Segment| {
+        format!(
+            "base {:#x} limit {:#x} type {:#x} dpl {} p {} db {} l {}",
+            s.base, s.limit, s.type_, s.dpl, s.present as u8, s.db as u8, s.l as u8
+        )
+    };
+    let key = |s: &Segment| (s.base, s.limit, s.type_, s.dpl, s.present, s.db, s.l);
+    if key(a) != key(b) {
+        out.push(Diff::new(name, show(a), show(b)));
+    }
+}
+
+const GPR_NAMES: [&str; 16] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+    "r13", "r14", "r15",
+];
+
+/// Abridged x87 tag (bit set: register not empty).
+fn abridged(ftw: u16) -> u8 {
+    (0..8).fold(0, |acc, r| {
+        if (ftw >> (2 * r)) & 3 != 3 {
+            acc | (1 << r)
+        } else {
+            acc
+        }
+    })
+}
+
+/// Compare two final states under the undefined-ness at `p`.
+pub fn state_diffs(a: &CpuState, b: &CpuState, p: &Point, out: &mut Vec<Diff>) {
+    for n in 0..16 {
+        if p.poison & (1 << n) != 0 {
+            continue;
+        }
+        if a.regs.gpr[n] != b.regs.gpr[n] {
+            out.push(Diff::new(
+                GPR_NAMES[n],
+                format!("{:#018x}", a.regs.gpr[n]),
+                format!("{:#018x}", b.regs.gpr[n]),
+            ));
+        }
+    }
+    if a.regs.rip != b.regs.rip {
+        out.push(Diff::new(
+            "rip",
+            format!("{:#x}", a.regs.rip),
+            format!("{:#x}", b.regs.rip),
+        ));
+    }
+    let fmask = !(p.mask & 0xffff_ffff);
+    if (a.regs.rflags ^ b.regs.rflags) & fmask != 0 {
+        out.push(Diff::new(
+            format!("rflags (undefined {:#x} masked)", p.mask & ARITH),
+            format!("{:#x}", a.regs.rflags),
+            format!("{:#x}", b.regs.rflags),
+        ));
+    }
+    let (sa, sb) = (&a.sregs, &b.sregs);
+    for (name, x, y) in [
+        ("cs", &sa.cs, &sb.cs),
+        ("ss", &sa.ss, &sb.ss),
+        ("ds", &sa.ds, &sb.ds),
+        ("es", &sa.es, &sb.es),
+        ("fs", &sa.fs, &sb.fs),
+        ("gs", &sa.gs, &sb.gs),
+    ] {
+        seg_diffs(name, x, y, out);
+    }
+    for (name, x, y) in [
+        ("cr0", sa.cr0 | 0x10, sb.cr0 | 0x10),
+        ("cr2", sa.cr2, sb.cr2),
+        ("cr3", sa.cr3, sb.cr3),
+        ("cr4", sa.cr4, sb.cr4),
+        ("efer", sa.efer, sb.efer),
+    ] {
+        if x != y {
+            out.push(Diff::new(name, format!("{x:#x}"), format!("{y:#x}")));
+        }
+    }
+    if sa.gdt != sb.gdt || sa.idt != sb.idt {
+        out.push(Diff::new(
+            "gdtr/idtr",
+            format!("{:x?} {:x?}", sa.gdt, sa.idt),
+            format!("{:x?} {:x?}", sb.gdt, sb.idt),
+        ));
+    }
+    // x87 / SSE.
+    let (fa, fb) = (&a.fpu, &b.fpu);
+    if fa.fcw != fb.fcw {
+        out.push(Diff::new(
+            "fcw",
+            format!("{:#x}", fa.fcw),
+            format!("{:#x}", fb.fcw),
+        ));
+    }
+    let cc_mask = ((p.mask >> 32) & 0xffff) as u16;
+    if (fa.fsw ^ fb.fsw) & !cc_mask != 0 {
+        out.push(Diff::new(
+            format!("fsw (undefined {cc_mask:#x} masked)"),
+            format!("{:#x}", fa.fsw),
+            format!("{:#x}", fb.fsw),
+        ));
+    }
+    if abridged(fa.ftw) != abridged(fb.ftw) {
+        out.push(Diff::new(
+            "ftw (abridged)",
+            format!("{:#04x}", abridged(fa.ftw)),
+            format!("{:#04x}", abridged(fb.ftw)),
+        ));
+    }
+    for r in 0..8 {
+        if fa.st[r] != fb.st[r] {
+            out.push(Diff::new(
+                format!("r{r} (x87 physical)"),
+                hex(&fa.st[r]),
+                hex(&fb.st[r]),
+            ));
+        }
+    }
+    for r in 0..16 {
+        if fa.xmm[r] != fb.xmm[r] {
+            out.push(Diff::new(
+                format!("xmm{r}"),
+                format!("{:#034x}", fa.xmm[r]),
+                format!("{:#034x}", fb.xmm[r]),
+            ));
+        }
+    }
+    if fa.mxcsr != fb.mxcsr {
+        out.push(Diff::new(
+            "mxcsr",
+            format!("{:#x}", fa.mxcsr),
+            format!("{:#x}", fb.mxcsr),
+        ));
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().rev().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Byte ranges where `a` and `b` differ, at most `max` of them.
+fn mem_diffs(a: &[u8], b: &[u8], masks: &[(u64, u8)], out: &mut Vec<Diff>) {
+    let n = a.len().min(b.len());
+    let masked = |i: usize| -> u8 {
+        masks
+            .iter()
+            .filter(|(at, _)| *at == i as u64)
+            .fold(0xff, |m, (_, k)| m & !k)
+    };
+    let mut i = 0;
+    let mut ranges = 0;
+    while i < n {
+        if (a[i] ^ b[i]) & masked(i) == 0 {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < n && i - start < 32 && (a[i] ^ b[i]) & masked(i) != 0 {
+            i += 1;
+        }
+        ranges += 1;
+        if ranges > 8 {
+            out.push(Diff::new("memory", "(more ranges)", "(more ranges)"));
+            return;
+        }
+        out.push(Diff::new(
+            format!("memory {start:#06x}..{i:#06x}"),
+            a[start..i].iter().map(|x| format!("{x:02x}")).collect::<String>(),
+            b[start..i].iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        ));
+    }
+    if a.len() != b.len() {
+        out.push(Diff::new(
+            "memory size",
+            a.len().to_string(),
+            b.len().to_string(),
+        ));
+    }
+}
+
+fn end_name(e: &End) -> String {
+    match e {
+        End::Stop => "stop".into(),
+        End::Halted => "hlt".into(),
+        End::TripleFault => "triple fault".into(),
+        End::Refused { .. } => "refused".into(),
+        End::Timeout => "timeout".into(),
+        End::Failed(m) => format!("failed: {m}"),
+    }
+}
+
+/// Compare the outcome of `case`.
+pub fn compare(case: &Case, an: &Analysis, out: &Outcome) -> Verdict {
+    let (k, i) = (&out.kvm, &out.interp);
+    match &k.end {
+        End::Refused { rip, message } => {
+            return Verdict::Refused {
+                rip: *rip,
+                message: message.clone(),
+            }
+        }
+        End::Failed(m) => return Verdict::Broken(m.clone()),
+        End::Timeout if i.end == End::Timeout => return Verdict::BothTimedOut,
+        _ => {}
+    }
+    let mut diffs = Vec::new();
+    if k.end != i.end {
+        diffs.push(Diff::new("end", end_name(&k.end), end_name(&i.end)));
+        // A side that did not stop has no meaningful state.
+        if !matches!(k.end, End::Stop | End::Halted) || !matches!(i.end, End::Stop | End::Halted) {
+            return Verdict::Diverged(diffs);
+        }
+    }
+    if k.end == End::TripleFault {
+        return Verdict::Match;
+    }
+    if k.io != i.io {
+        diffs.push(Diff::new(
+            "i/o",
+            format!("{:x?}", k.io),
+            format!("{:x?}", i.io),
+        ));
+    }
+    diff_snapshots(case, an, &out.asm, k, i, &mut diffs);
+    if diffs.is_empty() {
+        Verdict::Match
+    } else {
+        Verdict::Diverged(diffs)
+    }
+}
+
+fn diff_snapshots(
+    case: &Case,
+    an: &Analysis,
+    asm: &Assembled,
+    k: &Snapshot,
+    i: &Snapshot,
+    diffs: &mut Vec<Diff>,
+) {
+    let cs = case.init.sregs.cs.selector;
+    // Where did KVM stop, and what is undefined there?
+    let (point, frame) = match stop_of(&k.state, asm) {
+        Stop::Done => (an.end, None),
+        Stop::Vector(v) => match frame(case.mode, &k.state, &k.mem, v, cs) {
+            Some(f) => (an.at_addr(asm, f.rip), Some(f)),
+            None => (an.at_addr(asm, u64::MAX), None),
+        },
+        Stop::Elsewhere(_) => (an.at_addr(asm, u64::MAX), None),
+    };
+    state_diffs(&k.state, &i.state, &point, diffs);
+    // Mask undefined flags in the frame's RFLAGS image (when both sides
+    // put the frame at the same place).
+    let mut masks = Vec::new();
+    if let Some(f) = frame {
+        if k.state.regs.gpr[4] == i.state.regs.gpr[4] {
+            let m = point.mask & ARITH;
+            for b in 0..f.width.min(8) {
+                let mb = (m >> (8 * b)) as u8;
+                if mb != 0 {
+                    masks.push((f.rflags_at + b, mb));
+                }
+            }
+        }
+    }
+    mem_diffs(&k.mem, &i.mem, &masks, diffs);
+}
+
+/// A human-readable description of how a side ended.
+pub fn describe_end(case: &Case, asm: &Assembled, s: &Snapshot) -> String {
+    let mut t = end_name(&s.end);
+    if s.end == End::Stop || s.end == End::Halted {
+        match stop_of(&s.state, asm) {
+            Stop::Done => t = "reached the terminator".into(),
+            Stop::Vector(v) => {
+                t = format!("exception vector {v}");
+                if let Some(f) = frame(case.mode, &s.state, &s.mem, v, case.init.sregs.cs.selector) {
+                    let _ = write!(t, " at rip {:#x}", f.rip);
+                    if let Some(ec) = f.error_code {
+                        let _ = write!(t, " error code {ec:#x}");
+                    }
+                    if v == 14 {
+                        let _ = write!(t, " cr2 {:#x}", s.state.sregs.cr2);
+                    }
+                }
+            }
+            Stop::Elsewhere(rip) => t = format!("stopped at rip {rip:#x}"),
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_found_with_and_without_error_codes() {
+        let mut s = env::base_state(Mode::Long64Ring3);
+        s.regs.gpr[4] = 0x8fd0;
+        let mut mem = vec![0u8; env::SPACE as usize];
+        // #PF: error code, RIP, CS, RFLAGS, RSP, SS.
+        for (k, v) in [6u64, 0x9003, 0x2b, 0x3246, 0xa800, 0x23].iter().enumerate() {
+            mem[0x8fd0 + 8 * k..][..8].copy_from_slice(&v.to_le_bytes());
+        }
+        let f = frame(Mode::Long64Ring3, &s, &mem, 14, 0x2b).unwrap();
+        assert_eq!(f.error_code, Some(6));
+        assert_eq!(f.rip, 0x9003);
+        assert_eq!(f.rflags, 0x3246);
+        assert_eq!(f.rflags_at, 0x8fe8);
+        // #UD: no error code.
+        s.regs.gpr[4] = 0x8fd8;
+        let f = frame(Mode::Long64Ring3, &s, &mem, 6, 0x2b).unwrap();
+        assert_eq!(f.error_code, None);
+        assert_eq!(f.rip, 0x9003);
+    }
+
+    #[test]
+    fn undefined_flags_and_poisoned_registers_are_masked() {
+        let a = env::base_state(Mode::Long64Ring3);
+        let mut b = a;
+        b.regs.rflags ^= super::super::case::AF;
+        b.regs.gpr[0] ^= 1;
+        let mut d = Vec::new();
+        state_diffs(&a, &b, &Point::default(), &mut d);
+        assert_eq!(d.len(), 2);
+        let p = Point {
+            mask: super::super::case::AF,
+            poison: 1,
+            reachable: true,
+        };
+        d.clear();
+        state_diffs(&a, &b, &p, &mut d);
+        assert!(d.is_empty(), "{d:?}");
+    }
+}
