@@ -362,10 +362,8 @@ pub fn run_duet(
 ) -> Result<Measurement, BenchError> {
     let img = guest_image(w, iterations)?;
     let cfg = MachineConfig {
-        backend: kind,
         memory: 64 << 20,
-        trace: None,
-        serial_out: Box::new(std::io::sink()),
+        ..MachineConfig::new(kind, Box::new(std::io::sink()))
     };
     let mut m = Machine::new(cfg)?;
     m.load(&img)?;

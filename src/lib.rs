@@ -11,7 +11,9 @@
 pub mod backend;
 pub mod bench;
 pub mod clock;
+pub mod difftest;
 pub mod guests;
+pub mod irqchip;
 pub mod layout;
 pub mod loader;
 pub mod machine;

@@ -1,21 +1,32 @@
-//! The machine: guest memory, buses, devices, one vCPU on a backend, and
-//! the run loop that turns vCPU exits into a VM outcome.
+//! The machine: guest memory, buses, devices, the userspace interrupt
+//! controllers and timers, one vCPU on a backend, and the run loop that
+//! turns vCPU exits into a VM outcome.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::debug_exit::DebugExit;
 use devices::i8042::I8042;
+use devices::ioapic::Ioapic;
+use devices::lapic::Lapic;
+use devices::pic8259::{self, Pic8259Pair};
+use devices::pit8254::{self, Pit8254};
 use devices::post_code::PostCode;
+use devices::rtc_cmos::RtcCmos;
 use devices::uart16550::Uart16550;
-use devices::{Bus, BusKind, NullIrq, VmAction, VmControl};
+use devices::{Bus, BusKind, Clock, TimeTaint, Timed, VmAction, VmControl};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::backend::{self, BackendKind, GuestMemory, ShutdownReason, Vcpu, VcpuExit, VcpuStats};
+use crate::backend::{
+    self, BackendKind, GuestMemory, IrqchipKind, ShutdownReason, Vcpu, VcpuExit, VcpuStats,
+};
+use crate::clock::{ClockKind, HostClock, VirtualClock};
 use crate::guests::GuestImage;
+use crate::irqchip::{Delivery, IrqRouter, IsaIrq};
 use crate::layout::{self, ports};
-use crate::trace::{DeviceIo, Tracer};
+use crate::trace::{DeviceIo, Timers, Tracer};
 
 /// Errors building or running a machine (host-side failures only).
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +45,8 @@ pub enum MachineError {
     Loader(#[from] crate::loader::LoaderError),
     #[error("guest image does not fit in guest memory at {addr:#x} (+{len:#x} bytes)")]
     ImageDoesNotFit { addr: u64, len: usize },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What to build.
@@ -43,6 +56,24 @@ pub struct MachineConfig {
     pub trace: Option<PathBuf>,
     /// Where the UART's output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// Host time (default) or virtual time (interpreter only).
+    pub clock: ClockKind,
+    /// duet's interrupt controllers (default) or KVM's in-kernel ones.
+    pub irqchip: IrqchipKind,
+}
+
+impl MachineConfig {
+    /// A configuration with defaults for everything but the backend.
+    pub fn new(backend: BackendKind, serial_out: Box<dyn Write + Send>) -> Self {
+        MachineConfig {
+            backend,
+            memory: layout::DEFAULT_MEMORY,
+            trace: None,
+            serial_out,
+            clock: ClockKind::Host,
+            irqchip: IrqchipKind::Userspace,
+        }
+    }
 }
 
 /// How a VM run ended.
@@ -88,12 +119,24 @@ impl Outcome {
     }
 }
 
+/// The TSC frequency of the interpreter's virtual CPU (and the LAPIC's TSC
+/// view on the interpreter).
+pub const INTERP_TSC_HZ: u64 = 2_000_000_000;
+
+/// A fixed wall-clock start (2026-01-01T00:00:00Z) for virtual-time runs,
+/// so that they are repeatable.
+pub const VIRTUAL_EPOCH: u64 = 1_767_225_600;
+
 /// A built machine, ready to load a guest and run.
 pub struct Machine {
     mem: GuestMemory,
     io: DeviceIo,
     vcpu: Box<dyn Vcpu>,
     backend_name: &'static str,
+    clock_kind: ClockKind,
+    vclock: Option<VirtualClock>,
+    /// Kept for later issues (serial input) to reach the UART.
+    pub uart: Arc<Mutex<Uart16550>>,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
 }
@@ -121,30 +164,125 @@ pub fn create_memory(size: u64) -> Result<GuestMemory, MachineError> {
     })
 }
 
+fn host_unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Machine {
     pub fn new(cfg: MachineConfig) -> Result<Self, MachineError> {
+        if cfg.clock == ClockKind::Virtual && cfg.backend != BackendKind::Interp {
+            return Err(MachineError::Config(
+                "--clock virtual needs the interpreter backend (time derives from its instruction count)".into(),
+            ));
+        }
         let mem = create_memory(cfg.memory)?;
         let control = VmControl::new();
+        let taint = TimeTaint::new();
+        let vclock = (cfg.clock == ClockKind::Virtual).then(VirtualClock::new);
+        let clock: Arc<dyn Clock> = match &vclock {
+            Some(v) => Arc::new(v.clone()),
+            None => Arc::new(HostClock::new()),
+        };
         let mut pio = Bus::new(BusKind::Pio);
-        let mmio = Bus::new(BusKind::Mmio);
+        let mut mmio = Bus::new(BusKind::Mmio);
 
-        let uart = Arc::new(Mutex::new(Uart16550::new(
-            Box::new(NullIrq),
-            cfg.serial_out,
+        let mut be = backend::create(
+            cfg.backend,
+            &mem,
+            backend::VmOptions {
+                irqchip: cfg.irqchip,
+            },
+        )?;
+        let tsc_hz = match cfg.backend {
+            BackendKind::Interp => INTERP_TSC_HZ,
+            BackendKind::Kvm => be.tsc_khz().map_or(INTERP_TSC_HZ, |k| u64::from(k) * 1000),
+        };
+
+        // Interrupt controllers.
+        let lapic = Lapic::new(
+            0,
+            true,
+            clock.clone(),
+            taint.clone(),
+            devices::lapic::DEFAULT_TIMER_HZ,
+            tsc_hz,
+        );
+        let router = IrqRouter::new(Pic8259Pair::new(), Ioapic::new(), lapic);
+        let isa = |irq: u8| -> Box<dyn devices::IrqLine> {
+            Box::new(IsaIrq {
+                router: router.clone(),
+                irq,
+            })
+        };
+        let userspace = cfg.irqchip == IrqchipKind::Userspace;
+        if userspace {
+            let pic = router.pic.clone();
+            pio.insert(
+                "pic-master",
+                0x20,
+                2,
+                Arc::new(Mutex::new(pic8259::pic_master_port(pic.clone()))),
+            )?;
+            pio.insert(
+                "pic-slave",
+                0xa0,
+                2,
+                Arc::new(Mutex::new(pic8259::pic_slave_port(pic.clone()))),
+            )?;
+            pio.insert(
+                "elcr",
+                0x4d0,
+                2,
+                Arc::new(Mutex::new(pic8259::elcr_port(pic))),
+            )?;
+            mmio.insert("ioapic", layout::IOAPIC_BASE, 0x1000, router.ioapic.clone())?;
+            mmio.insert("lapic", layout::LAPIC_BASE, 0x1000, router.lapic.clone())?;
+        }
+
+        // Timers.
+        let pit = Arc::new(Mutex::new(Pit8254::new(
+            clock.clone(),
+            isa(0),
+            taint.clone(),
         )));
+        if userspace {
+            pio.insert(
+                "pit",
+                0x40,
+                4,
+                Arc::new(Mutex::new(pit8254::pit_ports(pit.clone()))),
+            )?;
+            pio.insert(
+                "port61",
+                0x61,
+                1,
+                Arc::new(Mutex::new(pit8254::port61(pit.clone()))),
+            )?;
+        }
+        let rtc_start = if vclock.is_some() {
+            VIRTUAL_EPOCH
+        } else {
+            host_unix_time()
+        };
+        let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), isa(8), rtc_start);
+        let below = cfg.memory.min(layout::MMIO_GAP_START);
+        rtc.set_memory_size(below, cfg.memory - below);
+        let rtc = Arc::new(Mutex::new(rtc));
+        pio.insert("rtc", 0x70, devices::rtc_cmos::PORT_COUNT, rtc.clone())?;
+
+        // Other devices.
+        let uart = Arc::new(Mutex::new(Uart16550::new(isa(4), cfg.serial_out)));
         pio.insert(
             "com1",
             u64::from(ports::COM1),
             u64::from(ports::COM1_LEN),
-            uart,
+            uart.clone(),
         )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
         pio.insert("debug-exit", u64::from(ports::DEBUG_EXIT), 1, debug_exit)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            control.clone(),
-            Box::new(NullIrq),
-            Box::new(NullIrq),
-        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(control.clone(), isa(1), isa(12))));
         pio.insert(
             "i8042",
             u64::from(ports::I8042_DATA),
@@ -168,14 +306,30 @@ impl Machine {
             Some(p) => Tracer::to_file(p)?,
             None => Tracer::disabled(),
         };
-        let io = DeviceIo::new(pio, mmio, tracer, control);
-        let mut be = backend::create(cfg.backend, &mem, backend::VmOptions::default())?;
+        let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc];
+        if userspace {
+            timed.push(pit);
+            timed.push(router.lapic.clone());
+        }
+        let timers = Timers::new(clock, timed, vclock.clone());
+        let io = DeviceIo::new(
+            pio,
+            mmio,
+            tracer,
+            control,
+            taint,
+            timers,
+            userspace.then_some(router),
+        );
         let vcpu = be.create_vcpu(0)?;
         Ok(Machine {
             mem,
             io,
             vcpu,
             backend_name: be.name(),
+            clock_kind: cfg.clock,
+            vclock,
+            uart,
             _backend: be,
         })
     }
@@ -210,27 +364,54 @@ impl Machine {
         Ok(())
     }
 
+    /// Inject what the interrupt controllers have for the vCPU, or ask for
+    /// an interrupt window. Returns true when something was injected.
+    fn service_interrupts(&mut self) -> Result<bool, MachineError> {
+        let Some(router) = self.io.router().cloned() else {
+            return Ok(false);
+        };
+        router.waker.clear();
+        router.pump();
+        let Some(req) = router.pending() else {
+            self.vcpu.request_interrupt_window(false);
+            return Ok(false);
+        };
+        let nmi = req == devices::lapic::InterruptRequest::Nmi;
+        if !nmi && !self.vcpu.ready_for_interrupt() {
+            self.vcpu.request_interrupt_window(true);
+            return Ok(false);
+        }
+        let injected = match router.acknowledge() {
+            Some(Delivery::Vector(v)) => {
+                self.vcpu.inject_interrupt(v)?;
+                true
+            }
+            Some(Delivery::Nmi) => {
+                self.vcpu.inject_nmi()?;
+                true
+            }
+            None => false,
+        };
+        self.vcpu
+            .request_interrupt_window(router.pending().is_some());
+        Ok(injected)
+    }
+
     /// Run until the guest stops, exits, resets or shuts down.
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         let outcome = loop {
-            match self.vcpu.run(&mut self.io)? {
+            self.io.timers.advance_due();
+            self.io.refresh_deadline();
+            self.service_interrupts()?;
+            let exit = self.vcpu.run(&mut self.io)?;
+            self.io.timers.advance_due();
+            match exit {
                 VcpuExit::Halted => {
-                    let s = self.vcpu.state()?;
-                    let if_set = s.regs.rflags & cpu_interp::flags::IF != 0;
-                    if !if_set && !s.events.nmi_pending {
-                        break Outcome::Stopped;
+                    if let Some(o) = self.idle()? {
+                        break o;
                     }
-                    // Nothing can interrupt the CPU yet (no interrupt
-                    // controller is wired): a halt with IF set would wait
-                    // forever. Report it instead of hanging.
-                    break Outcome::Shutdown(ShutdownReason::Unrecoverable(
-                        "guest halted with interrupts enabled but no interrupt source exists"
-                            .into(),
-                    ));
                 }
-                VcpuExit::InterruptWindow => {
-                    self.vcpu.request_interrupt_window(false);
-                }
+                VcpuExit::InterruptWindow | VcpuExit::Interrupted => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
                 VcpuExit::IoRequest => match self.io.control.take() {
                     Some(VmAction::DebugExit(s)) => break Outcome::DebugExit(s),
@@ -238,11 +419,54 @@ impl Machine {
                     Some(VmAction::PowerOff) => break Outcome::PowerOff,
                     None => {}
                 },
-                VcpuExit::Interrupted => {}
             }
         };
         self.io.tracer.finish()?;
         Ok(outcome)
+    }
+
+    /// The vCPU halted: wait (without spinning) until an interrupt can wake
+    /// it, or decide that nothing ever will.
+    fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
+        loop {
+            self.io.timers.advance_due();
+            if self.service_interrupts()? {
+                return Ok(None);
+            }
+            let s = self.vcpu.state()?;
+            let if_set = s.regs.rflags & cpu_interp::flags::IF != 0;
+            let pending = self.io.router().is_some_and(|r| r.pending().is_some());
+            if !if_set && !pending && !s.events.nmi_pending {
+                return Ok(Some(Outcome::Stopped));
+            }
+            if self.io.router().is_none() {
+                // In-kernel irqchip: KVM handles HLT; come back to it.
+                return Ok(None);
+            }
+            let deadline = self.io.timers.next_deadline();
+            match self.clock_kind {
+                ClockKind::Virtual => match (deadline, &self.vclock) {
+                    (Some(d), Some(v)) => v.skip_to(d),
+                    _ => {
+                        return Ok(Some(Outcome::Shutdown(ShutdownReason::Unrecoverable(
+                            "guest halted waiting for an interrupt, and no timer is armed".into(),
+                        ))))
+                    }
+                },
+                ClockKind::Host => {
+                    let now = self.io.timers.now();
+                    let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+                    if let Some(r) = self.io.router() {
+                        // Bounded so that host-side events not wired to the
+                        // waker yet are still noticed.
+                        r.waker.wait(Some(
+                            wait.unwrap_or(Duration::from_millis(100))
+                                .min(Duration::from_secs(1)),
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// The vCPU's counters.

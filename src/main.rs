@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use duet::backend::{self, BackendKind};
+use duet::backend::{self, BackendKind, IrqchipKind};
+use duet::clock::ClockKind;
 use duet::guests;
 use duet::layout;
 use duet::machine::{Machine, MachineConfig};
@@ -30,6 +31,80 @@ enum Command {
     Guests,
     /// Measure guest MIPS on three loops (ALU, memory with paging, syscall).
     Bench(BenchArgs),
+    /// Differential testing: the interpreter against KVM, instruction by instruction.
+    Difftest(DifftestArgs),
+}
+
+#[derive(clap::Args)]
+struct DifftestArgs {
+    /// Seed of the random cases (the same seed replays the same cases).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Random cases per mode.
+    #[arg(long, default_value_t = 10_000)]
+    cases: u64,
+    /// Code size: 64, 32 or 16 (default: all three).
+    #[arg(long, value_parser = ["64", "32", "16"])]
+    mode: Vec<String>,
+    /// Privilege: 0, 3 or both (ring 0 of 16-bit is real mode).
+    #[arg(long, default_value = "both", value_parser = ["0", "3", "both"])]
+    ring: String,
+    /// Which cases: random sequences, the targeted corpora, or both.
+    #[arg(long, default_value = "all", value_parser = ["random", "targeted", "all"])]
+    corpus: String,
+    /// Divergences to minimize and print in full.
+    #[arg(long, default_value_t = 20)]
+    max_reports: usize,
+    /// Longest random sequence (instructions under test).
+    #[arg(long, default_value_t = 8)]
+    max_len: usize,
+    /// Print a progress line every N cases.
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
+}
+
+/// `duet difftest`: exit status 0 without divergences, 3 with.
+fn difftest(args: DifftestArgs) -> Result<ExitCode> {
+    use duet::difftest::{run_campaign, CampaignConfig, Corpus, Mode};
+    let bits: Vec<u32> = if args.mode.is_empty() {
+        vec![64, 32, 16]
+    } else {
+        args.mode.iter().filter_map(|m| m.parse().ok()).collect()
+    };
+    let rings: Vec<u8> = match args.ring.as_str() {
+        "0" => vec![0],
+        "3" => vec![3],
+        _ => vec![0, 3],
+    };
+    let modes: Vec<Mode> = bits
+        .iter()
+        .flat_map(|&b| {
+            rings
+                .iter()
+                .filter_map(move |&r| Mode::from_bits_ring(b, r))
+        })
+        .collect();
+    let corpus = match args.corpus.as_str() {
+        "random" => Corpus::Random,
+        "targeted" => Corpus::Targeted,
+        _ => Corpus::All,
+    };
+    let cfg = CampaignConfig {
+        seed: args.seed,
+        cases: args.cases,
+        modes,
+        corpus,
+        max_reports: args.max_reports,
+        progress_every: args.progress,
+        max_len: args.max_len.max(1),
+    };
+    let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
+    print!("{}", summary.render());
+    Ok(if summary.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 #[derive(clap::Args)]
@@ -90,6 +165,27 @@ struct RunArgs {
     /// Print device-access, exit and instruction counters at exit.
     #[arg(long)]
     stats: bool,
+    /// VM clock: host monotonic time, or virtual time derived from the
+    /// interpreter's instruction count (bit-for-bit repeatable runs).
+    #[arg(long, value_enum, default_value = "host")]
+    clock: ClockArg,
+    /// Interrupt controllers: duet's own (userspace) or KVM's in-kernel ones.
+    #[arg(long, value_enum, default_value = "userspace")]
+    irqchip: IrqchipArg,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum ClockArg {
+    #[default]
+    Host,
+    Virtual,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum IrqchipArg {
+    #[default]
+    Userspace,
+    Kernel,
 }
 
 /// Parse "256M", "1G", "512MiB", "4096", "2 GiB" ...
@@ -148,10 +244,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let kind = choose_backend(args.backend.unwrap_or(BackendArg::Auto))?;
     let cfg = MachineConfig {
-        backend: kind,
         memory: args.memory.unwrap_or(layout::DEFAULT_MEMORY),
         trace: args.trace.clone(),
-        serial_out: Box::new(std::io::stdout()),
+        clock: match args.clock {
+            ClockArg::Host => ClockKind::Host,
+            ClockArg::Virtual => ClockKind::Virtual,
+        },
+        irqchip: match args.irqchip {
+            IrqchipArg::Userspace => IrqchipKind::Userspace,
+            IrqchipArg::Kernel => IrqchipKind::Kernel,
+        },
+        ..MachineConfig::new(kind, Box::new(std::io::stdout()))
     };
     let mut m = Machine::new(cfg).context("cannot build the machine")?;
     match (guest, &args.kernel) {
@@ -243,6 +346,7 @@ fn main() -> ExitCode {
     let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Run(a) => run(a),
         Command::Bench(a) => bench(a),
+        Command::Difftest(a) => difftest(a),
         Command::Guests => {
             for g in guests::all() {
                 println!("{:<12} {}", g.name, g.description);

@@ -12,16 +12,23 @@
 //! ```
 //!
 //! (kind, r/w, address, size in bytes, value as little-endian integer, the
-//! device's name or `-` for unmapped addresses).
+//! device's name or `-` for unmapped addresses). A read whose value depends
+//! on elapsed time (a PIT count, the LAPIC current count, RTC time, the TSC
+//! through port 0x61 polling...) ends in ` time`; [`compare_traces`] masks
+//! the value of such lines.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use devices::{Bus, BusKind, VmControl};
+use std::sync::{Arc, Mutex};
 
-use crate::backend::IoHandler;
+use devices::{Bus, BusKind, Clock, TimeTaint, Timed, VmControl};
+
+use crate::backend::{IoHandler, MsrResult};
+use crate::clock::VirtualClock;
+use crate::irqchip::IrqRouter;
 
 /// Errors of the trace writer.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +79,15 @@ impl Tracer {
         self.out.is_some()
     }
 
-    fn record(&mut self, kind: BusKind, write: bool, addr: u64, data: &[u8], device: &str) {
+    fn record(
+        &mut self,
+        kind: BusKind,
+        write: bool,
+        addr: u64,
+        data: &[u8],
+        device: &str,
+        timed: bool,
+    ) {
         let Some(out) = self.out.as_mut() else {
             return;
         };
@@ -80,10 +95,11 @@ impl Tracer {
         let n = data.len().min(8);
         v[..n].copy_from_slice(&data[..n]);
         let value = u64::from_le_bytes(v);
+        let mark = if timed { " time" } else { "" };
         let r = match kind {
             BusKind::Pio => writeln!(
                 out,
-                "pio  {} {:#06x} {} {:#0w$x} {}",
+                "pio  {} {:#06x} {} {:#0w$x} {}{mark}",
                 if write { 'w' } else { 'r' },
                 addr,
                 data.len(),
@@ -93,7 +109,7 @@ impl Tracer {
             ),
             BusKind::Mmio => writeln!(
                 out,
-                "mmio {} {:#010x} {} {:#0w$x} {}",
+                "mmio {} {:#010x} {} {:#0w$x} {}{mark}",
                 if write { 'w' } else { 'r' },
                 addr,
                 data.len(),
@@ -121,26 +137,138 @@ impl Tracer {
     }
 }
 
-/// The VMM side of device I/O: buses, tracer, counters, VM control.
+/// Compare two traces, masking the value of time-dependent reads. Returns
+/// the first difference (1-based line number and both lines).
+pub fn compare_traces(a: &str, b: &str) -> Option<(usize, String, String)> {
+    fn mask(l: &str) -> String {
+        if let Some(stripped) = l.strip_suffix(" time") {
+            let mut f: Vec<&str> = stripped.split_whitespace().collect();
+            if f.len() >= 5 {
+                f[4] = "<time>";
+            }
+            f.join(" ")
+        } else {
+            l.to_string()
+        }
+    }
+    let (mut la, mut lb) = (a.lines(), b.lines());
+    let mut n = 0;
+    loop {
+        n += 1;
+        match (la.next(), lb.next()) {
+            (None, None) => return None,
+            (x, y) => {
+                let (x, y) = (x.unwrap_or("<end>"), y.unwrap_or("<end>"));
+                if mask(x) != mask(y) {
+                    return Some((n, x.to_string(), y.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// The machine's timed devices and its clock.
+pub struct Timers {
+    clock: Arc<dyn Clock>,
+    timed: Vec<Arc<Mutex<dyn Timed + Send>>>,
+    vclock: Option<VirtualClock>,
+    /// Cached earliest deadline (ns), `u64::MAX` when none.
+    deadline: u64,
+}
+
+impl Timers {
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        timed: Vec<Arc<Mutex<dyn Timed + Send>>>,
+        vclock: Option<VirtualClock>,
+    ) -> Self {
+        let mut t = Timers {
+            clock,
+            timed,
+            vclock,
+            deadline: u64::MAX,
+        };
+        t.deadline = t.compute_deadline();
+        t
+    }
+
+    pub fn now(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    fn compute_deadline(&self) -> u64 {
+        self.timed
+            .iter()
+            .filter_map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).next_deadline())
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// The earliest timer deadline.
+    pub fn next_deadline(&self) -> Option<u64> {
+        (self.deadline != u64::MAX).then_some(self.deadline)
+    }
+
+    /// Fire every timer that fell due; recompute the deadline.
+    pub fn advance_due(&mut self) {
+        let now = self.now();
+        if now >= self.deadline {
+            for t in &self.timed {
+                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                if t.next_deadline().is_some_and(|d| d <= now) {
+                    t.advance(now);
+                }
+            }
+        }
+        self.deadline = self.compute_deadline();
+    }
+}
+
+/// The VMM side of device I/O: buses, tracer, counters, VM control, the
+/// interrupt controllers and timers.
 pub struct DeviceIo {
     pub pio: Bus,
     pub mmio: Bus,
     pub tracer: Tracer,
     pub control: VmControl,
+    pub taint: TimeTaint,
+    pub timers: Timers,
+    router: Option<Arc<IrqRouter>>,
     counts: BTreeMap<(BusKind, String), AccessCount>,
     unmapped: AccessCount,
 }
 
 impl DeviceIo {
-    pub fn new(pio: Bus, mmio: Bus, tracer: Tracer, control: VmControl) -> Self {
+    pub fn new(
+        pio: Bus,
+        mmio: Bus,
+        tracer: Tracer,
+        control: VmControl,
+        taint: TimeTaint,
+        timers: Timers,
+        router: Option<Arc<IrqRouter>>,
+    ) -> Self {
         DeviceIo {
             pio,
             mmio,
             tracer,
             control,
+            taint,
+            timers,
+            router,
             counts: BTreeMap::new(),
             unmapped: AccessCount::default(),
         }
+    }
+
+    /// The userspace interrupt controllers (None with KVM's in-kernel ones).
+    pub fn router(&self) -> Option<&Arc<IrqRouter>> {
+        self.router.as_ref()
+    }
+
+    /// Re-read the timers' earliest deadline (after guest accesses).
+    pub fn refresh_deadline(&mut self) {
+        self.timers.deadline = self.timers.compute_deadline();
     }
 
     fn access(&mut self, kind: BusKind, addr: u64, data: &mut [u8], write: bool) {
@@ -169,10 +297,22 @@ impl DeviceIo {
         } else {
             c.reads += 1;
         }
+        let timed = self.taint.take() && !write;
         if self.tracer.enabled() {
-            self.tracer
-                .record(kind, write, addr, data, name.as_deref().unwrap_or("-"));
+            self.tracer.record(
+                kind,
+                write,
+                addr,
+                data,
+                name.as_deref().unwrap_or("-"),
+                timed,
+            );
         }
+        if let Some(r) = &self.router {
+            r.pump();
+        }
+        // The access may have armed or moved a timer.
+        self.refresh_deadline();
     }
 
     /// Per-device access counts (bus, device name) → counts, plus the
@@ -203,6 +343,61 @@ impl IoHandler for DeviceIo {
     }
     fn exit_requested(&self) -> bool {
         self.control.is_pending()
+            || self.router.as_ref().is_some_and(|r| r.waker.pending())
+            || self.timers.deadline <= self.timers.now()
+    }
+
+    fn instructions_retired(&mut self, n: u64) {
+        if let Some(v) = &self.timers.vclock {
+            v.set_instructions(n);
+        }
+    }
+
+    fn msr_read(&mut self, msr: u32) -> MsrResult {
+        match &self.router {
+            Some(r) if devices::lapic::Lapic::handles_msr(msr) => {
+                match r
+                    .lapic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_msr(msr)
+                {
+                    Some(v) => MsrResult::Done(v),
+                    None => MsrResult::Fault,
+                }
+            }
+            _ => MsrResult::Unhandled,
+        }
+    }
+
+    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+        let r = match &self.router {
+            Some(r) if devices::lapic::Lapic::handles_msr(msr) => {
+                if r.lapic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_msr(msr, value)
+                {
+                    MsrResult::Done(0)
+                } else {
+                    MsrResult::Fault
+                }
+            }
+            _ => MsrResult::Unhandled,
+        };
+        if r == MsrResult::Done(0) {
+            if let Some(rt) = &self.router {
+                rt.pump();
+            }
+            self.refresh_deadline();
+        }
+        r
+    }
+
+    fn tsc(&mut self) -> Option<u64> {
+        self.router
+            .as_ref()
+            .map(|r| r.lapic.lock().unwrap_or_else(|e| e.into_inner()).tsc())
     }
 }
 
@@ -229,7 +424,17 @@ mod tests {
             .unwrap();
         let dir = std::env::temp_dir().join(format!("duet-trace-test-{}", std::process::id()));
         let tracer = Tracer::to_file(&dir).unwrap();
-        let mut io = DeviceIo::new(pio, Bus::new(BusKind::Mmio), tracer, VmControl::new());
+        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
+        let timers = Timers::new(clock, Vec::new(), None);
+        let mut io = DeviceIo::new(
+            pio,
+            Bus::new(BusKind::Mmio),
+            tracer,
+            VmControl::new(),
+            TimeTaint::new(),
+            timers,
+            None,
+        );
         io.pio_write(0x3f8, &[0x48]);
         let mut b = [0u8; 1];
         io.pio_read(0x3fd, &mut b);
@@ -251,5 +456,18 @@ mod tests {
             }
         );
         assert_eq!(unmapped.reads, 1);
+    }
+
+    #[test]
+    fn comparison_masks_time_dependent_values_only() {
+        let a = "pio  r 0x0040 1 0x12 pit time\npio  w 0x03f8 1 0x41 com1\n";
+        let b = "pio  r 0x0040 1 0x99 pit time\npio  w 0x03f8 1 0x41 com1\n";
+        assert_eq!(compare_traces(a, b), None);
+        let c = "pio  r 0x0040 1 0x12 pit time\npio  w 0x03f8 1 0x42 com1\n";
+        assert_eq!(compare_traces(a, c).unwrap().0, 2);
+        // A missing marker or a different address is a difference.
+        let d = "pio  r 0x0041 1 0x12 pit time\npio  w 0x03f8 1 0x41 com1\n";
+        assert_eq!(compare_traces(a, d).unwrap().0, 1);
+        assert_eq!(compare_traces(a, "").unwrap().0, 1);
     }
 }

@@ -9,9 +9,14 @@ pub mod bus;
 pub mod clock;
 pub mod debug_exit;
 pub mod i8042;
+pub mod ioapic;
 pub mod irq;
+pub mod lapic;
+pub mod pic8259;
+pub mod pit8254;
 pub mod post_code;
 pub mod ratelimit;
+pub mod rtc_cmos;
 pub mod uart16550;
 pub mod vm_control;
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use duet::backend::{self, BackendKind, VcpuStats};
+use duet::clock::ClockKind;
 use duet::guests;
 use duet::machine::{Machine, MachineConfig, Outcome};
 
@@ -50,14 +51,19 @@ fn temp_path(tag: &str) -> PathBuf {
 
 /// Boot built-in guest `name` on `kind` with tracing on.
 pub fn run_guest(name: &str, kind: BackendKind) -> RunResult {
+    run_guest_with(name, kind, ClockKind::Host)
+}
+
+/// Boot built-in guest `name` on `kind` with the given clock.
+pub fn run_guest_with(name: &str, kind: BackendKind, clock: ClockKind) -> RunResult {
     let guest = guests::find(name).unwrap_or_else(|| panic!("no built-in guest {name}"));
     let out = SharedBuf::default();
     let trace = temp_path(name);
     let cfg = MachineConfig {
-        backend: kind,
         memory: 64 << 20,
         trace: Some(trace.clone()),
-        serial_out: Box::new(out.clone()),
+        clock,
+        ..MachineConfig::new(kind, Box::new(out.clone()))
     };
     let mut m = Machine::new(cfg).expect("machine");
     m.load(&(guest.build)()).expect("load");

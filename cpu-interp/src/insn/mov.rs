@@ -92,6 +92,12 @@ pub fn register(t: &mut Table) {
         Mnemonic::Lfence,
         Mnemonic::Sfence,
         Mnemonic::Mfence,
+        // CET is not advertised: these live in the hint-NOP space and are
+        // NOPs on processors without it (SDM vol. 1, 17.2).
+        Mnemonic::Endbr64,
+        Mnemonic::Endbr32,
+        Mnemonic::Rdsspd,
+        Mnemonic::Rdsspq,
     ] {
         t.set_mnemonic(m, nop);
     }
@@ -485,6 +491,18 @@ mod tests {
         // cwd of ax=0x0080 gives dx=0 (overwriting the cmov result), then cbw sign-extends 0x80.
         assert_eq!(c.gpr(RDX), 0x1234_0000);
         assert_eq!(c.gpr(RAX), 0xff80);
+    }
+
+    #[test]
+    fn cet_hint_nops_are_nops() {
+        // endbr64 (f3 0f 1e fa) ; endbr32 (f3 0f 1e fb) ; rdsspq rax (f3 48 0f 1e c8) ; inc eax (ff c0)
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0xf3, 0x0f, 0x1e, 0xfb, 0xf3, 0x48, 0x0f, 0x1e, 0xc8, 0xff,
+            0xc0,
+        ];
+        let c = run(Mode::Long64, &code, |c| c.set_gpr(RAX, 41));
+        // RDSSP leaves its destination unchanged when CET is off.
+        assert_eq!(c.gpr(RAX), 42);
     }
 
     #[test]
