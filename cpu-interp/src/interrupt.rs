@@ -162,14 +162,16 @@ impl Cpu {
         let wide = self.stack_width();
         let mut sp = self.gpr[crate::state::gpr::RSP];
         let user = self.user();
-        let mut lins = [0u64; 8];
-        for (k, _) in vals.iter().enumerate() {
+        // ENTER with nesting level 31 pushes 32 values, the most of anyone.
+        let mut lins = [0u64; 32];
+        debug_assert!(vals.len() <= lins.len());
+        for (k, _) in vals.iter().enumerate().take(lins.len()) {
             sp = sp.wrapping_sub(size as u64) & wide;
             lins[k] = self.stack_linear(&ss, sp, size, self.bits == 64)?;
             self.probe_lin_write(p, lins[k], size, user)?;
         }
-        for (k, &v) in vals.iter().enumerate() {
-            self.write_lin(p, lins[k], size, v, user)?;
+        for (&lin, &v) in lins.iter().zip(vals) {
+            self.write_lin(p, lin, size, v, user)?;
         }
         Ok(sp)
     }

@@ -110,7 +110,10 @@ impl InterpVcpu {
 
 impl Vcpu for InterpVcpu {
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
-        let mut plat = IoPlatform { io, kick: &self.kick };
+        let mut plat = IoPlatform {
+            io,
+            kick: &self.kick,
+        };
         let exit = match self.cpu.run(&mut plat, self.budget) {
             CpuExit::Halted => VcpuExit::Halted,
             CpuExit::InterruptWindow => VcpuExit::InterruptWindow,

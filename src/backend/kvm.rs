@@ -3,14 +3,41 @@
 //!
 //! # Design
 //!
-//! - No in-kernel irqchip and no in-kernel PIT: every port and MMIO access
-//!   exits to userspace and goes through the VMM's [`IoHandler`], exactly as
-//!   with the interpreter. String port I/O (`rep outsb`) is handed to the
-//!   handler one element at a time, so both backends produce the same trace.
-//! - External interrupts are queued with `KVM_INTERRUPT` (userspace irqchip
-//!   semantics: KVM injects at the next entry whatever is queued, so it is
-//!   only queued when the guest can take it; otherwise it is held here and
-//!   injected from an interrupt-window exit).
+//! - Interrupt controllers ([`IrqchipKind`]):
+//!   - `Userspace` (the default): no in-kernel irqchip and no in-kernel PIT.
+//!     Every port and MMIO access exits to userspace and goes through the
+//!     VMM's [`IoHandler`], exactly as with the interpreter. External
+//!     interrupts are queued with `KVM_INTERRUPT` (userspace irqchip
+//!     semantics: KVM injects at the next entry whatever is queued, so it
+//!     is only queued when the guest can take it; otherwise it is held here
+//!     and injected from an interrupt-window exit).
+//!   - `Kernel` (for comparison): KVM's PIC, IOAPIC, local APICs and PIT
+//!     (`KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`). Their ports (0x20/0x21,
+//!     0xa0/0xa1, 0x4d0/0x4d1, 0x40–0x43 and, with the PIT's speaker dummy,
+//!     0x61) and MMIO (IOAPIC 0xfec00000, LAPIC 0xfee00000) never reach the
+//!     [`IoHandler`]; the VMM raises interrupt lines with
+//!     [`Backend::set_irq_line`]; HLT waits in the kernel (so `run` does not
+//!     return `Halted`; a kick ends the wait); [`Vcpu::inject_interrupt`] is
+//!     an error and [`Vcpu::request_interrupt_window`] is ignored (KVM
+//!     rejects `KVM_INTERRUPT` with an in-kernel irqchip and injects by
+//!     itself); the machine's MSRs are KVM's.
+//! - The machine's MSRs (userspace irqchip): IA32_APIC_BASE (0x1b),
+//!   IA32_TSC_DEADLINE (0x6e0) and the x2APIC range (0x800–0x8ff) reach
+//!   [`IoHandler::msr_read`]/[`IoHandler::msr_write`] through
+//!   `KVM_CAP_X86_USER_SPACE_MSR` exits, as they do on the interpreter (see
+//!   [`USER_SPACE_MSR_REASONS`] and [`MACHINE_MSR_RANGES`]). Only then are
+//!   x2APIC and TSC-deadline advertised in CPUID
+//!   ([`KvmBackend::machine_msrs_supported`]).
+//! - Kicks ([`Vcpu::kicker`]): a kick sets `kvm_run.immediate_exit` and a
+//!   pending flag, and sends [`kick_signal`] (a real-time signal with a
+//!   no-op handler, installed once per process without `SA_RESTART`) to
+//!   the vCPU thread while it is inside `KVM_RUN`, so an in-progress
+//!   `KVM_RUN` returns `EINTR` at once and one about to start returns
+//!   before entering the guest. Every return from `run` consumes pending
+//!   kicks (they asked for exactly that return), so a stale kick causes at
+//!   most one early return.
+//! - String port I/O (`rep outsb`) is handed to the handler one element at
+//!   a time, so both backends produce the same trace.
 //! - When KVM cannot emulate an instruction (`KVM_EXIT_INTERNAL_ERROR` with
 //!   suberror `KVM_INTERNAL_ERROR_EMULATION`, which KVM-PVM hosts produce
 //!   for several ring-0 instructions), the vCPU state is copied into a
@@ -45,32 +72,40 @@
 //! without an in-kernel LAPIC). The halted state is therefore kept here:
 //! after a HLT exit [`CpuState::events`]`.halted` reads true and `run`
 //! returns [`VcpuExit::Halted`] again until an interrupt or NMI is queued —
-//! the same contract as the interpreter backend.
+//! the same contract as the interpreter backend. (With the in-kernel
+//! irqchip KVM keeps the halted state itself, in the vCPU's MP state.)
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cpu_interp::state::msr;
 use cpu_interp::{Cpu, CpuExit, Ram};
 use iced_x86::{Code, Mnemonic};
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_interrupt, kvm_msr_entry, kvm_regs, kvm_run,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs as KvmMsrs, Xsave, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_fpu, kvm_interrupt, kvm_msr_entry,
+    kvm_pit_config, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs as KvmMsrs, Xsave,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS,
-    KVM_SYNC_X86_SREGS, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW,
-    KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SHADOW, KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
 };
-use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, SyncReg,
+    VcpuExit as KvmExit, VcpuFd, VmFd,
+};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::interp::IoPlatform;
 use super::{
     Backend, BackendError, CpuState, DebugRegs, DescriptorTable, FpuState, GuestMemory, IoHandler,
-    Msrs, PendingEvents, Regs, Result, Segment, ShutdownReason, Sregs, Vcpu, VcpuExit, VcpuStats,
+    IrqchipKind, Kick, MsrResult, Msrs, PendingEvents, Regs, Result, Segment, ShutdownReason,
+    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions,
 };
 
 /// The only KVM API version there has ever been.
@@ -83,9 +118,54 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// Guest-physical address of the one-page identity map for the same purpose.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
-/// CPUID.1:ECX bits cleared because duet has no in-kernel local APIC.
+/// CPUID.1:ECX bits of local-APIC features: advertised when the machine's
+/// LAPIC model (userspace irqchip, MSR exits available) or KVM's (kernel
+/// irqchip) implements them, cleared otherwise.
 const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// IA32_TSC_DEADLINE.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// First x2APIC MSR (0x800–0x8ff).
+const MSR_X2APIC_FIRST: u32 = 0x800;
+/// IA32_APIC_BASE bits a WRMSR may set (BSP, x2APIC enable, enable, base
+/// below 64 GiB): the interpreter's check, applied when duet stores the
+/// value for a machine that does not own the MSR.
+const APIC_BASE_WRITABLE: u64 = 0xf_ffff_fd00;
+
+/// The machine's MSRs, as `(first, count)`: KVM's MSR filter denies guest
+/// accesses to them, which `KVM_MSR_EXIT_REASON_FILTER` turns into exits to
+/// the [`IoHandler`]. (Without an in-kernel LAPIC KVM would store
+/// IA32_APIC_BASE and ignore relocation, disable and x2APIC enable, and
+/// would fail the others.)
+pub const MACHINE_MSR_RANGES: [(u32, u32); 3] = [
+    (msr::APIC_BASE, 1),
+    (MSR_TSC_DEADLINE, 1),
+    (MSR_X2APIC_FIRST, 0x100),
+];
+
+/// Which failed guest MSR accesses KVM hands to userspace
+/// (`KVM_CAP_X86_USER_SPACE_MSR`):
+/// - `FILTER`: the [`MACHINE_MSR_RANGES`].
+/// - `INVAL`: KVM ignores MSR filters over the x2APIC range and, without an
+///   in-kernel LAPIC, fails those accesses as invalid; this is how they
+///   reach the machine. Other invalid accesses (reserved bits, ...) go to
+///   the machine too, which leaves them `Unhandled`; KVM then injects #GP,
+///   as it would have.
+/// - `UNKNOWN`: MSRs KVM does not implement reach the machine like on the
+///   interpreter (which asks the machine about every MSR first);
+///   `Unhandled` ones get #GP, as KVM would have given.
+///
+/// MSRs KVM implements (EFER, STAR, PAT, ...) never reach the machine.
+pub const USER_SPACE_MSR_REASONS: u32 =
+    KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN;
+
+/// The in-kernel PIT's configuration with `--irqchip kernel`: the speaker
+/// dummy is on, so port 0x61 (PIT channel 2 gate and output, read by
+/// guests calibrating their clocks against the PIT) is served by the kernel
+/// coherently with its PIT instead of by a userspace model that cannot see
+/// channel 2.
+const KERNEL_PIT_FLAGS: u32 = KVM_PIT_SPEAKER_DUMMY;
 
 /// The MSRs transferred with the state, TSC last.
 const STATE_MSRS: [u32; 12] = [
@@ -103,10 +183,158 @@ const STATE_MSRS: [u32; 12] = [
     msr::TSC,
 ];
 
-/// `KVM_INTERRUPT`, which kvm-ioctls does not wrap.
+/// `KVM_INTERRUPT`, which kvm-ioctls does not wrap, and `KVM_GET_TSC_KHZ`,
+/// which it wraps for vCPUs only (it also works on a VM fd since Linux 6.0).
 mod ioctls {
     use kvm_bindings::{kvm_interrupt, KVMIO};
     vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+}
+
+// ---- kicks -----------------------------------------------------------------
+
+/// The signal that interrupts a vCPU thread's `KVM_RUN`: SIGRTMIN+1, with a
+/// no-op handler installed once per process (without `SA_RESTART`, so the
+/// ioctl returns `EINTR`). `None` if the handler could not be installed;
+/// kicks then still work, except that a guest already running inside
+/// `KVM_RUN` is only interrupted at its next exit.
+pub fn kick_signal() -> Option<libc::c_int> {
+    static SIGNAL: OnceLock<Option<libc::c_int>> = OnceLock::new();
+    *SIGNAL.get_or_init(|| {
+        extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        let sig = vmm_sys_util::signal::SIGRTMIN() + 1;
+        match vmm_sys_util::signal::register_signal_handler(sig, noop) {
+            Ok(()) => Some(sig),
+            Err(e) => {
+                log::warn!(
+                    "kvm: cannot install the vCPU kick signal handler for signal {sig} ({e}); \
+                     kicks wait for the guest's next exit"
+                );
+                None
+            }
+        }
+    })
+}
+
+/// `kvm_run.immediate_exit` of one vCPU, written from any thread.
+struct ImmediateExit(NonNull<u8>);
+
+// SAFETY: the pointer is only dereferenced (atomically) while the vCPU that
+// owns the mapping is alive: `KvmVcpu::drop` removes it, under the mutex
+// every user holds, before the mapping goes away.
+unsafe impl Send for ImmediateExit {}
+
+impl ImmediateExit {
+    fn store(&self, v: u8) {
+        // SAFETY: `self.0` points at the `immediate_exit` byte of the vCPU's
+        // kvm_run mapping, which is live (see the `Send` impl) and suitably
+        // aligned for a u8. The byte is shared with the kernel (which only
+        // reads it at KVM_RUN entry) and written by duet only through this
+        // atomic view, from the vCPU thread and from kicking threads.
+        let byte = unsafe { AtomicU8::from_ptr(self.0.as_ptr()) };
+        byte.store(v, Ordering::SeqCst);
+    }
+}
+
+/// Who to interrupt, guarded by [`KvmKick::target`].
+struct KickTarget {
+    /// The vCPU thread, while it is inside (or about to enter) `KVM_RUN`.
+    thread: Option<libc::pthread_t>,
+    /// `None` once the vCPU is gone.
+    immediate_exit: Option<ImmediateExit>,
+}
+
+/// A vCPU's kick, shared with the threads that kick it.
+///
+/// Invariant: `pending` and `immediate_exit` are set together by [`Kick::kick`]
+/// and cleared together by [`KvmKick::consume`], both under `target`, so a
+/// kick is never half-consumed. The vCPU thread also sets `immediate_exit`
+/// on its own (to complete an I/O exit without re-entering the guest),
+/// which never conflicts with a kick.
+pub struct KvmKick {
+    /// A kick not yet answered by a return from `run`. Also what the
+    /// interpreter fallback polls (through [`IoPlatform`]).
+    pending: AtomicBool,
+    target: Mutex<KickTarget>,
+    signal: Option<libc::c_int>,
+}
+
+impl KvmKick {
+    fn new(immediate_exit: NonNull<u8>) -> Self {
+        KvmKick {
+            pending: AtomicBool::new(false),
+            target: Mutex::new(KickTarget {
+                thread: None,
+                immediate_exit: Some(ImmediateExit(immediate_exit)),
+            }),
+            signal: kick_signal(),
+        }
+    }
+
+    fn target(&self) -> std::sync::MutexGuard<'_, KickTarget> {
+        self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The vCPU thread is about to enter `KVM_RUN`.
+    fn enter(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.target().thread = Some(me);
+    }
+
+    /// The vCPU thread is back from `KVM_RUN`.
+    fn leave(&self) {
+        self.target().thread = None;
+    }
+
+    /// Set `immediate_exit` from the vCPU thread (to complete a pending
+    /// I/O exit without re-entering the guest).
+    fn set_immediate_exit(&self) {
+        if let Some(ie) = &self.target().immediate_exit {
+            ie.store(1);
+        }
+    }
+
+    /// `run` is returning: pending kicks are answered. Clears
+    /// `immediate_exit`; true if a kick was pending.
+    fn consume(&self) -> bool {
+        let t = self.target();
+        if let Some(ie) = &t.immediate_exit {
+            ie.store(0);
+        }
+        self.pending.swap(false, Ordering::SeqCst)
+    }
+
+    fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// The vCPU is being destroyed: its kvm_run mapping goes away.
+    fn detach(&self) {
+        let mut t = self.target();
+        t.immediate_exit = None;
+        t.thread = None;
+    }
+}
+
+impl Kick for KvmKick {
+    fn kick(&self) {
+        let t = self.target();
+        self.pending.store(true, Ordering::SeqCst);
+        if let Some(ie) = &t.immediate_exit {
+            ie.store(1);
+        }
+        if let (Some(thread), Some(sig)) = (t.thread, self.signal) {
+            // SAFETY: `thread` is registered by the vCPU thread right before
+            // KVM_RUN and removed right after, both under the lock held
+            // here, so it names a live thread; the signal's handler is a
+            // no-op installed for the whole process.
+            let r = unsafe { libc::pthread_kill(thread, sig) };
+            if r != 0 {
+                log::debug!("kvm: pthread_kill for a vCPU kick failed: errno {r}");
+            }
+        }
+    }
 }
 
 /// A `BackendError::Kvm` for ioctl `op`.
@@ -179,6 +407,10 @@ struct Caps {
     /// KVM_CAP_SYNC_REGS covers regs, sregs and events: KVM stores them in
     /// kvm_run on every exit, so reading them costs no ioctl.
     sync_regs: bool,
+    /// KVM's PIC/IOAPIC/LAPIC/PIT serve the guest (`IrqchipKind::Kernel`).
+    kernel_irqchip: bool,
+    /// The machine's MSRs exit to userspace (see [`MACHINE_MSR_RANGES`]).
+    machine_msrs: bool,
 }
 
 /// One VM on KVM.
@@ -188,22 +420,87 @@ pub struct KvmBackend {
     caps: Caps,
     supported_cpuid: CpuId,
     run_size: usize,
+    irqchip: IrqchipKind,
+    /// CPUID.1:ECX.TSC_DEADLINE may be advertised with the kernel irqchip.
+    kernel_tsc_deadline: bool,
+    /// KVM's TSC frequency in kHz; 0 until known (from the VM, else from the
+    /// first vCPU).
+    tsc_khz: AtomicU32,
     /// The guest memory the slots point into (kept alive as long as the VM).
     mem: GuestMemory,
 }
 
+/// Log `msg` at info level once per process for `key`.
+fn info_once(key: &'static str, msg: impl FnOnce() -> String) {
+    static SEEN: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    if SEEN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key)
+    {
+        log::info!("{}", msg());
+    }
+}
+
+/// Turn on MSR exits for the machine's MSRs (`KVM_CAP_X86_USER_SPACE_MSR`
+/// plus an MSR filter over [`MACHINE_MSR_RANGES`]). `Err` says why not;
+/// nothing is left enabled then.
+fn enable_machine_msrs(vm: &VmFd) -> std::result::Result<(), String> {
+    if !vm.check_extension(Cap::X86UserSpaceMsr) {
+        return Err("this KVM lacks KVM_CAP_X86_USER_SPACE_MSR".into());
+    }
+    if !vm.check_extension(Cap::X86MsrFilter) {
+        return Err("this KVM lacks KVM_CAP_X86_MSR_FILTER".into());
+    }
+    let user_space_msr = |reasons: u32| kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(reasons), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&user_space_msr(USER_SPACE_MSR_REASONS))
+        .map_err(|e| format!("enabling KVM_CAP_X86_USER_SPACE_MSR failed: {e}"))?;
+    // A clear bit denies the access, i.e. sends it to userspace.
+    let deny = [0u8; 0x100 / 8];
+    let ranges = MACHINE_MSR_RANGES.map(|(base, count)| MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base,
+        msr_count: count,
+        bitmap: &deny[..count.div_ceil(8) as usize],
+    });
+    if let Err(e) = vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges) {
+        let _ = vm.enable_cap(&user_space_msr(0));
+        return Err(format!("KVM_X86_SET_MSR_FILTER failed: {e}"));
+    }
+    Ok(())
+}
+
 impl KvmBackend {
-    /// Open KVM, create a VM and register every region of `mem` as a
-    /// memory slot.
-    /// Create a VM with the given options.
-    pub fn with_options(mem: &GuestMemory, opts: super::VmOptions) -> Result<Self> {
-        if opts.irqchip == super::IrqchipKind::Kernel {
-            return Err(BackendError::Unsupported("--irqchip kernel is not implemented yet".into()));
-        }
-        Self::new(mem)
+    /// Open KVM, create a VM with the default options (userspace irqchip)
+    /// and register every region of `mem` as a memory slot.
+    pub fn new(mem: &GuestMemory) -> Result<Self> {
+        Self::with_options(mem, VmOptions::default())
     }
 
-    pub fn new(mem: &GuestMemory) -> Result<Self> {
+    /// Whether the machine's MSRs (IA32_APIC_BASE, IA32_TSC_DEADLINE,
+    /// x2APIC 0x800–0x8ff) reach the [`IoHandler`] on this VM. True with the
+    /// userspace irqchip on a KVM with `KVM_CAP_X86_USER_SPACE_MSR` and
+    /// `KVM_CAP_X86_MSR_FILTER`; only then do the vCPUs' CPUID advertise
+    /// x2APIC and TSC-deadline (implemented by the machine's LAPIC model).
+    /// False with the kernel irqchip (KVM's LAPIC owns them).
+    pub fn machine_msrs_supported(&self) -> bool {
+        self.caps.machine_msrs
+    }
+
+    /// The interrupt controllers this VM uses.
+    pub fn irqchip(&self) -> IrqchipKind {
+        self.irqchip
+    }
+
+    /// Open KVM, create a VM as `opts` says and register every region of
+    /// `mem` as a memory slot. With [`IrqchipKind::Kernel`], KVM's irqchip
+    /// and PIT are created here (before any vCPU, as KVM requires);
+    /// `BackendError::Unsupported` explains a KVM that refuses them.
+    pub fn with_options(mem: &GuestMemory, opts: VmOptions) -> Result<Self> {
         let kvm = open_kvm().map_err(BackendError::KvmUnavailable)?;
         check_api_version(&kvm).map_err(BackendError::KvmUnavailable)?;
         for (cap, name) in [
@@ -228,11 +525,30 @@ impl KvmBackend {
         } else {
             FpuApi::Fpu
         };
+        let kernel_irqchip = opts.irqchip == IrqchipKind::Kernel;
+        if kernel_irqchip {
+            create_kernel_irqchip(&kvm, &vm)?;
+        }
+        let machine_msrs = !kernel_irqchip
+            && match enable_machine_msrs(&vm) {
+                Ok(()) => true,
+                Err(why) => {
+                    info_once("machine-msrs", || {
+                        format!(
+                            "kvm: {why}: the machine's MSRs (APIC base, TSC deadline, x2APIC) \
+                             stay with KVM; x2APIC and TSC-deadline are not advertised to guests"
+                        )
+                    });
+                    false
+                }
+            };
         let sync_all = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
         let caps = Caps {
             xcrs: kvm.check_extension(Cap::Xcrs),
             fpu,
             sync_regs: vm.check_extension_int(Cap::SyncRegs) as u32 & sync_all == sync_all,
+            kernel_irqchip,
+            machine_msrs,
         };
 
         // Real mode on VMX without unrestricted guest needs these; other
@@ -278,11 +594,19 @@ impl KvmBackend {
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
+        // The VM's TSC frequency (a VM ioctl since Linux 6.0); older
+        // kernels answer it per vCPU, so the first vCPU fills it in.
+        // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the
+        // frequency or -1; `vm` is a VM fd.
+        let khz = unsafe { vmm_sys_util::ioctl::ioctl(&vm, ioctls::KVM_GET_TSC_KHZ()) };
         Ok(KvmBackend {
             vm,
             caps,
             supported_cpuid,
             run_size,
+            irqchip: opts.irqchip,
+            kernel_tsc_deadline: kernel_irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
+            tsc_khz: AtomicU32::new(u32::try_from(khz).unwrap_or(0)),
             mem: mem.clone(),
         })
     }
@@ -294,15 +618,28 @@ impl KvmBackend {
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = self.supported_cpuid.clone();
-        fixup_cpuid(cpuid.as_mut_slice(), id);
+        let (x2apic, tsc_deadline) = if self.caps.kernel_irqchip {
+            (true, self.kernel_tsc_deadline)
+        } else {
+            (self.caps.machine_msrs, self.caps.machine_msrs)
+        };
+        fixup_cpuid(cpuid.as_mut_slice(), id, x2apic, tsc_deadline);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
             fd.set_sync_valid_reg(SyncReg::SystemRegister);
             fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         }
+        if self.tsc_khz.load(Ordering::Relaxed) == 0 {
+            match fd.get_tsc_khz() {
+                Ok(khz) => self.tsc_khz.store(khz, Ordering::Relaxed),
+                Err(e) => log::debug!("kvm: KVM_GET_TSC_KHZ failed: {e}"),
+            }
+        }
+        let run = fd.get_kvm_run();
+        let immediate_exit = NonNull::from(&mut run.immediate_exit);
         let mut vcpu = KvmVcpu {
-            kick: Arc::new(AtomicBool::new(false)),
+            kick: Arc::new(KvmKick::new(immediate_exit)),
             fd,
             id,
             caps: self.caps,
@@ -320,6 +657,7 @@ impl KvmBackend {
             fallback_mnemonics: HashMap::new(),
             logged_codes: HashSet::new(),
             bad_msrs: BTreeSet::new(),
+            unowned_msrs: BTreeSet::new(),
             logged: BTreeSet::new(),
             mem: self.mem.clone(),
         };
@@ -332,13 +670,53 @@ impl KvmBackend {
     }
 }
 
-/// Adjust KVM's supported CPUID for vCPU `id` without an in-kernel LAPIC.
-fn fixup_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], id: u32) {
+/// Create KVM's PIC, IOAPIC and PIT for `IrqchipKind::Kernel`.
+fn create_kernel_irqchip(kvm: &Kvm, vm: &VmFd) -> Result<()> {
+    let unsupported = |what: &str| {
+        BackendError::Unsupported(format!(
+            "--irqchip kernel: {what}; this host's KVM cannot provide the in-kernel \
+             PIC/IOAPIC/LAPIC/PIT (use --irqchip userspace, duet's own models)"
+        ))
+    };
+    if !kvm.check_extension(Cap::Irqchip) {
+        return Err(unsupported("KVM lacks KVM_CAP_IRQCHIP"));
+    }
+    if !kvm.check_extension(Cap::Pit2) {
+        return Err(unsupported("KVM lacks KVM_CAP_PIT2"));
+    }
+    vm.create_irq_chip()
+        .map_err(|e| unsupported(&format!("KVM_CREATE_IRQCHIP failed ({e})")))?;
+    let pit = kvm_pit_config {
+        flags: KERNEL_PIT_FLAGS,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| unsupported(&format!("KVM_CREATE_PIT2 failed ({e})")))?;
+    Ok(())
+}
+
+/// Adjust KVM's supported CPUID for vCPU `id`: the APIC ID, and x2APIC /
+/// TSC-deadline as whichever LAPIC the guest gets implements them.
+fn fixup_cpuid(
+    entries: &mut [kvm_bindings::kvm_cpuid_entry2],
+    id: u32,
+    x2apic: bool,
+    tsc_deadline: bool,
+) {
     for e in entries.iter_mut() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0x00ff_ffff) | ((id & 0xff) << 24);
-                e.ecx &= !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE);
+                for (bit, on) in [
+                    (CPUID1_ECX_X2APIC, x2apic),
+                    (CPUID1_ECX_TSC_DEADLINE, tsc_deadline),
+                ] {
+                    if on {
+                        e.ecx |= bit;
+                    } else {
+                        e.ecx &= !bit;
+                    }
+                }
             }
             0xb | 0x1f => e.edx = id,
             _ => {}
@@ -354,6 +732,28 @@ impl Backend for KvmBackend {
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
         Ok(Box::new(self.create_kvm_vcpu(id)?))
     }
+
+    /// `KVM_IRQ_LINE` on the in-kernel irqchip: GSIs 0–15 reach the PIC and
+    /// the IOAPIC, 16–23 the IOAPIC (KVM's default routing).
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        if self.irqchip != IrqchipKind::Kernel {
+            return Err(BackendError::Unsupported(
+                "set_irq_line drives KVM's in-kernel irqchip, but this VM uses duet's userspace \
+                 irqchip (create it with IrqchipKind::Kernel)"
+                    .into(),
+            ));
+        }
+        self.vm
+            .set_irq_line(gsi, level)
+            .map_err(kvm_err("KVM_IRQ_LINE"))
+    }
+
+    fn tsc_khz(&self) -> Option<u32> {
+        match self.tsc_khz.load(Ordering::Relaxed) {
+            0 => None,
+            khz => Some(khz),
+        }
+    }
 }
 
 /// A vCPU on KVM.
@@ -361,8 +761,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
     caps: Caps,
-    /// Set by the kicker; checked before each KVM_RUN.
-    kick: Arc<AtomicBool>,
+    /// Shared with the kickers (see [`KvmKick`]).
+    kick: Arc<KvmKick>,
     /// Size of the kvm_run mapping (bounds the PIO data area).
     run_size: usize,
     /// The VMM asked for [`VcpuExit::InterruptWindow`].
@@ -391,10 +791,20 @@ pub struct KvmVcpu {
     logged_codes: HashSet<Code>,
     /// MSRs this KVM refused to read or write.
     bad_msrs: BTreeSet<u32>,
+    /// MSRs that exited to userspace and that the machine did not own (#GP).
+    unowned_msrs: BTreeSet<u32>,
     /// Once-only log keys.
     logged: BTreeSet<&'static str>,
     // Last: the memory KVM's slots point into outlives the vCPU fd.
     mem: GuestMemory,
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        // Kickers may outlive the vCPU: keep them off the kvm_run mapping,
+        // which goes away with `fd` right after this.
+        self.kick.detach();
+    }
 }
 
 /// A KVM exit, once the borrow of kvm_run it came with has ended.
@@ -403,6 +813,10 @@ enum Raw {
     Pio,
     /// KVM_EXIT_MMIO, already serviced.
     Mmio,
+    /// KVM_EXIT_X86_RDMSR of this MSR.
+    Rdmsr(u32),
+    /// KVM_EXIT_X86_WRMSR of this MSR and value.
+    Wrmsr(u32, u64),
     Hlt,
     IrqWindow,
     Shutdown,
@@ -458,11 +872,16 @@ impl KvmVcpu {
     // ---- the run loop ---------------------------------------------------
 
     fn run_loop(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
-        if self.halted {
+        if self.halted && !self.caps.kernel_irqchip {
             if !self.wake_pending()? {
                 return Ok(VcpuExit::Halted);
             }
             self.halted = false;
+        }
+        if self.kick.is_pending() {
+            // Kicked while not in KVM_RUN: answer without entering.
+            self.count("intr");
+            return Ok(VcpuExit::Interrupted);
         }
         // Set when the VMM is to get the vCPU back after an I/O exit: KVM
         // completes the pending instruction and, because of immediate_exit,
@@ -474,15 +893,18 @@ impl KvmVcpu {
                     self.kvm_interrupt(v)?;
                 }
             }
-            {
-                let want_window = self.window_requested || self.deferred_irq.is_some();
-                let run = self.fd.get_kvm_run();
-                run.request_interrupt_window = u8::from(want_window);
-                if exiting.is_some() {
-                    run.immediate_exit = 1;
-                }
+            let want_window = self.window_requested || self.deferred_irq.is_some();
+            self.fd.get_kvm_run().request_interrupt_window = u8::from(want_window);
+            if exiting.is_some() {
+                self.kick.set_immediate_exit();
             }
-            let raw = match self.fd.run() {
+            // A kick from here on sets immediate_exit (KVM_RUN then returns
+            // before entering the guest) or signals this thread (an
+            // in-progress KVM_RUN returns EINTR).
+            self.kick.enter();
+            let result = self.fd.run();
+            self.kick.leave();
+            let raw = match result {
                 Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..)) => Raw::Pio,
                 Ok(KvmExit::MmioRead(addr, data)) => {
                     io.mmio_read(addr, data);
@@ -492,6 +914,8 @@ impl KvmVcpu {
                     io.mmio_write(addr, data);
                     Raw::Mmio
                 }
+                Ok(KvmExit::X86Rdmsr(m)) => Raw::Rdmsr(m.index),
+                Ok(KvmExit::X86Wrmsr(m)) => Raw::Wrmsr(m.index, m.data),
                 Ok(KvmExit::Hlt) => Raw::Hlt,
                 Ok(KvmExit::IrqWindowOpen) => Raw::IrqWindow,
                 Ok(KvmExit::Shutdown) => Raw::Shutdown,
@@ -499,9 +923,9 @@ impl KvmVcpu {
                 Ok(KvmExit::InternalError) => Raw::Internal,
                 Ok(other) => Raw::Other(format!("{other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // A kick (signal + immediate_exit), or our own
-                    // immediate_exit after completing the I/O: consume it.
-                    self.fd.set_kvm_immediate_exit(0);
+                    // A kick (signal and/or immediate_exit), or our own
+                    // immediate_exit after completing the I/O. `run`
+                    // clears immediate_exit and the kick on return.
                     self.run_valid = true;
                     self.sync_fresh = self.caps.sync_regs;
                     self.irq_queued = false;
@@ -512,12 +936,7 @@ impl KvmVcpu {
                     });
                     return Ok(exiting.unwrap_or(VcpuExit::Interrupted));
                 }
-                Err(e) => {
-                    if exiting.is_some() {
-                        self.fd.set_kvm_immediate_exit(0);
-                    }
-                    return Err(kvm_err("KVM_RUN")(e));
-                }
+                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
             self.run_valid = true;
             self.sync_fresh = self.caps.sync_regs;
@@ -530,6 +949,16 @@ impl KvmVcpu {
                 }
                 Raw::Mmio => {
                     self.count("mmio");
+                    Next::Serviced
+                }
+                Raw::Rdmsr(index) => {
+                    self.count("rdmsr");
+                    self.service_msr(io, index, None)?;
+                    Next::Serviced
+                }
+                Raw::Wrmsr(index, value) => {
+                    self.count("wrmsr");
+                    self.service_msr(io, index, Some(value))?;
                     Next::Serviced
                 }
                 Raw::Hlt => {
@@ -576,7 +1005,6 @@ impl KvmVcpu {
                 }
                 Next::Return(e) => {
                     if let Some(pending) = exiting {
-                        self.fd.set_kvm_immediate_exit(0);
                         // What the vCPU was leaving for stands, unless the
                         // guest itself ended.
                         if !matches!(e, VcpuExit::Shutdown(_)) {
@@ -586,6 +1014,111 @@ impl KvmVcpu {
                     return Ok(e);
                 }
             }
+        }
+    }
+
+    /// Complete the current `KVM_EXIT_X86_RDMSR` (`write` None) or
+    /// `KVM_EXIT_X86_WRMSR` with the machine's answer. `Unhandled` means
+    /// what KVM would have done: IA32_APIC_BASE is stored in (and read
+    /// from) KVM, anything else gets #GP.
+    fn service_msr(
+        &mut self,
+        io: &mut dyn IoHandler,
+        index: u32,
+        write: Option<u64>,
+    ) -> Result<()> {
+        let (data, fault) = match write {
+            None => match io.msr_read(index) {
+                MsrResult::Done(v) => (Some(v), false),
+                MsrResult::Fault => (None, true),
+                MsrResult::Unhandled if index == msr::APIC_BASE => {
+                    (Some(self.kvm_apic_base()?), false)
+                }
+                MsrResult::Unhandled => {
+                    self.note_unowned_msr(index, "read");
+                    (None, true)
+                }
+            },
+            Some(v) => match io.msr_write(index, v) {
+                MsrResult::Done(_) => {
+                    // As on the interpreter, the CPU's copy follows the
+                    // machine's (so `state()` agrees).
+                    if index == msr::APIC_BASE
+                        && !self.store_apic_base(v)?
+                        && self.log_once("apic-base-store")
+                    {
+                        log::debug!(
+                            "kvm: KVM refused to store IA32_APIC_BASE {v:#x} accepted by the \
+                             machine (logged once)"
+                        );
+                    }
+                    (None, false)
+                }
+                MsrResult::Fault => (None, true),
+                MsrResult::Unhandled if index == msr::APIC_BASE => {
+                    (None, !self.store_apic_base(v)?)
+                }
+                MsrResult::Unhandled => {
+                    self.note_unowned_msr(index, "write");
+                    (None, true)
+                }
+            },
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last KVM_RUN returned KVM_EXIT_X86_RDMSR or
+        // KVM_EXIT_X86_WRMSR, so `msr` is the active member of the exit
+        // union; KVM reads `error` (and `data` for reads) at the next
+        // KVM_RUN, which completes the instruction.
+        let m = unsafe { &mut run.__bindgen_anon_1.msr };
+        if let Some(v) = data {
+            m.data = v;
+        }
+        m.error = u8::from(fault);
+        Ok(())
+    }
+
+    /// IA32_APIC_BASE as KVM holds it.
+    fn kvm_apic_base(&mut self) -> Result<u64> {
+        if self.sync_fresh {
+            return Ok(self.fd.sync_regs().sregs.apic_base);
+        }
+        Ok(self
+            .fd
+            .get_sregs()
+            .map_err(kvm_err("KVM_GET_SREGS"))?
+            .apic_base)
+    }
+
+    /// Store IA32_APIC_BASE in KVM as a guest WRMSR would (the interpreter's
+    /// reserved-bit check). False if the value is refused (#GP).
+    fn store_apic_base(&mut self, v: u64) -> Result<bool> {
+        if v & !APIC_BASE_WRITABLE != 0 {
+            return Ok(false);
+        }
+        let entry = kvm_msr_entry {
+            index: msr::APIC_BASE,
+            data: v,
+            ..Default::default()
+        };
+        let msrs = KvmMsrs::from_entries(&[entry]).map_err(fam_err("KVM_SET_MSRS"))?;
+        if self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))? != 1 {
+            return Ok(false);
+        }
+        if self.sync_fresh {
+            // Keep the copy in kvm_run's sync area (read instead of
+            // ioctls until the next exit) current. Not marked dirty: KVM
+            // already has the value.
+            self.fd.sync_regs_mut().sregs.apic_base = v;
+        }
+        Ok(true)
+    }
+
+    fn note_unowned_msr(&mut self, index: u32, what: &str) {
+        if self.unowned_msrs.len() < 1024 && self.unowned_msrs.insert(index) {
+            log::debug!(
+                "kvm: guest {what} of MSR {index:#x}, which neither KVM nor the machine \
+                 implements: #GP (logged once per MSR)"
+            );
         }
     }
 
@@ -692,7 +1225,10 @@ impl KvmVcpu {
         self.read_core(&mut state)?;
         cpu.set_state(&state);
         let kick = self.kick.clone();
-        let mut plat = IoPlatform { io, kick: &kick };
+        let mut plat = IoPlatform {
+            io,
+            kick: &kick.pending,
+        };
         let decoded = cpu.decode_one(&mut plat);
         let full = match &decoded {
             Ok(insn) => needs_full_state(&insn.i, &state),
@@ -749,14 +1285,30 @@ impl KvmVcpu {
             }
             _ => {}
         }
+        // A single step reports HLT in the state (`events.halted`).
+        let halted = new_state.events.halted || matches!(exit, Some(CpuExit::Halted));
         Ok(match exit {
             Some(CpuExit::TripleFault) => {
                 Next::Return(VcpuExit::Shutdown(ShutdownReason::TripleFault))
             }
-            Some(CpuExit::Halted) => Next::Return(VcpuExit::Halted),
-            // HLT and triple faults are the only exits a single step makes.
-            // Any I/O it did went through `io` and is complete: nothing is
-            // pending in KVM, so a VMM request can be answered at once.
+            _ if halted && self.caps.kernel_irqchip => {
+                // KVM's LAPIC does the waiting.
+                self.flush_sync()?;
+                self.sync_fresh = false;
+                self.fd
+                    .set_mp_state(kvm_bindings::kvm_mp_state {
+                        mp_state: KVM_MP_STATE_HALTED,
+                    })
+                    .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+                Next::Continue
+            }
+            _ if halted => {
+                self.halted = true;
+                Next::Return(VcpuExit::Halted)
+            }
+            // Any I/O the instruction did went through `io` and is
+            // complete: nothing is pending in KVM, so a VMM request can be
+            // answered at once.
             _ if io_requested => Next::Return(VcpuExit::IoRequest),
             _ => Next::Continue,
         })
@@ -995,7 +1547,7 @@ impl KvmVcpu {
             && !s.events.sti_shadow
             && !s.events.mov_ss_shadow;
         if let Some(v) = events.interrupt {
-            if !can_take {
+            if !can_take && !self.caps.kernel_irqchip {
                 self.deferred_irq = Some(v);
                 events.interrupt = None;
             }
@@ -1063,17 +1615,22 @@ impl KvmVcpu {
                 .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         }
         // Without an in-kernel LAPIC KVM only accepts RUNNABLE; halted is
-        // kept in `self.halted`.
+        // kept in `self.halted`. With one, KVM keeps it.
         if current.is_none() {
+            let kernel_halt = self.caps.kernel_irqchip && s.events.halted;
             if let Err(e) = self.fd.set_mp_state(kvm_bindings::kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
+                mp_state: if kernel_halt {
+                    KVM_MP_STATE_HALTED
+                } else {
+                    KVM_MP_STATE_RUNNABLE
+                },
             }) {
                 if self.log_once("mp-state") {
                     log::debug!("kvm: KVM_SET_MP_STATE failed: {e} (logged once)");
                 }
             }
         }
-        self.halted = s.events.halted;
+        self.halted = s.events.halted && !self.caps.kernel_irqchip;
         self.run_valid = false;
         self.sync_fresh = via_sync;
         self.irq_queued = false;
@@ -1230,7 +1787,11 @@ fn fam_err(op: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error) -> Backend
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
-        self.run_loop(io)
+        let r = self.run_loop(io);
+        // Whatever this returns answers the kicks made so far; clearing
+        // immediate_exit here also ends our own use of it.
+        self.kick.consume();
+        r
     }
 
     fn state(&mut self) -> Result<CpuState> {
@@ -1259,11 +1820,20 @@ impl Vcpu for KvmVcpu {
         ))
     }
 
+    /// Always false with the kernel irqchip (KVM injects by itself).
     fn ready_for_interrupt(&mut self) -> bool {
-        self.deferred_irq.is_none() && self.ready_for_interrupt_kvm()
+        !self.caps.kernel_irqchip && self.deferred_irq.is_none() && self.ready_for_interrupt_kvm()
     }
 
+    /// An error with the kernel irqchip: raise a line with
+    /// [`Backend::set_irq_line`] instead.
     fn inject_interrupt(&mut self, vector: u8) -> Result<()> {
+        if self.caps.kernel_irqchip {
+            return Err(BackendError::Unsupported(format!(
+                "inject_interrupt({vector:#x}): this VM uses KVM's in-kernel irqchip, which \
+                 injects interrupts itself; raise an interrupt line with set_irq_line"
+            )));
+        }
         if self.ready_for_interrupt() {
             self.kvm_interrupt(vector)
         } else {
@@ -1280,8 +1850,10 @@ impl Vcpu for KvmVcpu {
         self.fd.nmi().map_err(kvm_err("KVM_NMI"))
     }
 
+    /// Ignored with the kernel irqchip (KVM opens its own windows; `run`
+    /// never returns `InterruptWindow` then).
     fn request_interrupt_window(&mut self, on: bool) {
-        self.window_requested = on;
+        self.window_requested = on && !self.caps.kernel_irqchip;
     }
 
     fn stats(&self) -> VcpuStats {
@@ -1302,8 +1874,11 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    fn kicker(&self) -> Arc<dyn super::Kick> {
-        Arc::new(super::interp::InterpKick(self.kick.clone()))
+    /// Sets `kvm_run.immediate_exit` and signals the vCPU thread if it is
+    /// inside `KVM_RUN` (see [`KvmKick`]); usable from any thread, also
+    /// after the vCPU is gone (then it does nothing).
+    fn kicker(&self) -> Arc<dyn Kick> {
+        self.kick.clone()
     }
 }
 
@@ -2150,12 +2725,17 @@ mod tests {
                 ..Default::default()
             },
         ];
-        fixup_cpuid(&mut entries, 3);
+        fixup_cpuid(&mut entries, 3, false, false);
         assert_eq!(entries[0].ebx, 0x0308_0800);
         assert_eq!(entries[0].ecx & (1 << 21), 0);
         assert_eq!(entries[0].ecx & (1 << 24), 0);
         assert_eq!(entries[0].ecx | (1 << 21) | (1 << 24), 0xffff_ffff);
         assert_eq!(entries[1].edx, 3);
+        entries[0].ecx = 0;
+        fixup_cpuid(&mut entries, 3, true, true);
+        assert_eq!(entries[0].ecx, (1 << 21) | (1 << 24));
+        fixup_cpuid(&mut entries, 3, true, false);
+        assert_eq!(entries[0].ecx, 1 << 21);
     }
 
     // ---- guests on KVM --------------------------------------------------
@@ -2177,15 +2757,23 @@ mod tests {
         Out(u16, Vec<u8>),
         MmioRead(u64, usize),
         MmioWrite(u64, Vec<u8>),
+        /// An MSR read that reached the machine, and its answer.
+        Rdmsr(u32, MsrResult),
+        /// An MSR write that reached the machine, and its answer.
+        Wrmsr(u32, u64, MsrResult),
     }
 
     /// Records every access; requests an exit on writes to `exit_port`.
+    /// MSRs: the machine owns those in `msrs` (reads return the stored
+    /// value, writes store) and faults those in `msr_faults`.
     #[derive(Default)]
     struct Recorder {
         log: Vec<Access>,
         in_value: u32,
         exit_port: Option<u16>,
         requested: bool,
+        msrs: BTreeMap<u32, u64>,
+        msr_faults: BTreeSet<u32>,
     }
 
     impl Recorder {
@@ -2225,6 +2813,29 @@ mod tests {
         }
         fn exit_requested(&self) -> bool {
             self.requested
+        }
+        fn msr_read(&mut self, msr: u32) -> MsrResult {
+            let r = if self.msr_faults.contains(&msr) {
+                MsrResult::Fault
+            } else {
+                self.msrs
+                    .get(&msr)
+                    .map_or(MsrResult::Unhandled, |v| MsrResult::Done(*v))
+            };
+            self.log.push(Access::Rdmsr(msr, r));
+            r
+        }
+        fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+            let r = if self.msr_faults.contains(&msr) {
+                MsrResult::Fault
+            } else if let Some(v) = self.msrs.get_mut(&msr) {
+                *v = value;
+                MsrResult::Done(0)
+            } else {
+                MsrResult::Unhandled
+            };
+            self.log.push(Access::Wrmsr(msr, value, r));
+            r
         }
     }
 
@@ -2723,6 +3334,541 @@ mod tests {
         assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
         assert_eq!(io.out_bytes(PORT_END), b"K");
         assert!(rig.vcpu.stats().exits.iter().any(|(k, _)| k == "intr"));
+    }
+
+    // ---- kicks ----------------------------------------------------------
+
+    /// A kick from another thread ends an in-progress KVM_RUN of a guest
+    /// spinning on `jmp $` (in real mode and in 64-bit ring 0); the vCPU
+    /// then runs on. Prints the latency.
+    #[test]
+    fn kick_interrupts_a_spinning_guest() {
+        use std::time::{Duration, Instant};
+        if !kvm_usable() {
+            return;
+        }
+        for mode in [Mode::Real, Mode::Long64] {
+            let mut rig = rig();
+            rig.setup(mode);
+            // jmp $; mov al, 'E'; out PORT_END, al; hlt
+            rig.write(CODE, &[0xeb, 0xfe, 0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
+            rig.vcpu.set_state(&mode_state(mode)).unwrap();
+            let mut io = Recorder::default();
+            let mut latencies = Vec::new();
+            for round in 0..5 {
+                let kicker = rig.vcpu.kicker();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let done = Arc::new(AtomicBool::new(false));
+                let done2 = done.clone();
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let at = Instant::now();
+                    kicker.kick();
+                    tx.send(at).unwrap();
+                    // Watchdog: a lost kick fails the test instead of
+                    // hanging it.
+                    for _ in 0..200 {
+                        if done2.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    kicker.kick();
+                });
+                let start = Instant::now();
+                let exit = rig.vcpu.run(&mut io).unwrap();
+                let back = Instant::now();
+                done.store(true, Ordering::Relaxed);
+                t.join().unwrap();
+                let kicked_at = rx.recv().unwrap();
+                assert_eq!(exit, VcpuExit::Interrupted, "{mode:?} round {round}");
+                assert!(
+                    back - start >= Duration::from_millis(40),
+                    "{mode:?} round {round}: run returned after {:?}, before the kick",
+                    back - start
+                );
+                latencies.push(back.saturating_duration_since(kicked_at));
+                assert_eq!(rig.vcpu.regs().unwrap().rip, CODE, "still spinning");
+            }
+            latencies.sort();
+            println!(
+                "{mode:?}: kick latency (kick() to run() returning), 5 rounds: min {:?} median \
+                 {:?} max {:?}",
+                latencies[0], latencies[2], latencies[4]
+            );
+            assert!(
+                latencies[4] < Duration::from_secs(1),
+                "{mode:?}: a kick was lost (the watchdog's kick ended the run): {latencies:?}"
+            );
+            // No kick is left over: with the loop patched away the guest
+            // runs to its end.
+            rig.write(CODE, &[0x90, 0x90]);
+            assert_eq!(rig.run(&mut io), VcpuExit::Halted);
+            assert_eq!(io.out_bytes(PORT_END), b"E", "{mode:?}");
+            assert_eq!(io.log.len(), 1, "{mode:?}: {:?}", io.log);
+        }
+    }
+
+    /// A kick while the vCPU is outside `run` is answered by the next `run`
+    /// (once, however many kicks), and a kicker outliving its vCPU is
+    /// harmless.
+    #[test]
+    fn kick_outside_run_is_kept_once() {
+        if !kvm_usable() {
+            return;
+        }
+        let mut rig = rig();
+        rig.write(CODE, &[0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
+        rig.vcpu
+            .set_state(&CpuState::real_mode_at(0, CODE as u16))
+            .unwrap();
+        let kicker = rig.vcpu.kicker();
+        kicker.kick();
+        kicker.kick();
+        let mut io = Recorder::default();
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Interrupted);
+        assert!(io.log.is_empty());
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        assert_eq!(io.out_bytes(PORT_END), b"E");
+        // A kick while halted is answered by the next return, Halted; it
+        // leaves nothing behind.
+        kicker.kick();
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        drop(rig);
+        kicker.kick();
+    }
+
+    /// A kick from inside an I/O handler (as a device thread's kick may
+    /// land between exits): the instruction completes, then `run` returns.
+    #[test]
+    fn kick_between_exits_completes_the_instruction() {
+        if !kvm_usable() {
+            return;
+        }
+        struct KickOnOut {
+            rec: Recorder,
+            kick: Arc<dyn Kick>,
+        }
+        impl IoHandler for KickOnOut {
+            fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+                self.rec.pio_read(port, data)
+            }
+            fn pio_write(&mut self, port: u16, data: &[u8]) {
+                self.rec.pio_write(port, data);
+                if port == 0x83 {
+                    self.kick.kick();
+                }
+            }
+            fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+                self.rec.mmio_read(addr, data)
+            }
+            fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+                self.rec.mmio_write(addr, data)
+            }
+            fn exit_requested(&self) -> bool {
+                false
+            }
+        }
+        let mut rig = rig();
+        // out 0x83, al; mov al, 'E'; out PORT_END, al; hlt
+        rig.write(CODE, &[0xe6, 0x83, 0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
+        rig.vcpu
+            .set_state(&CpuState::real_mode_at(0, CODE as u16))
+            .unwrap();
+        let mut io = KickOnOut {
+            rec: Recorder::default(),
+            kick: rig.vcpu.kicker(),
+        };
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Interrupted);
+        assert_eq!(rig.vcpu.regs().unwrap().rip, CODE + 2);
+        assert!(io.rec.outs(PORT_END).is_empty());
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        assert_eq!(io.rec.out_bytes(PORT_END), b"E");
+    }
+
+    // ---- the machine's MSRs ---------------------------------------------
+
+    /// A real-mode program using the machine's MSRs; results go to port
+    /// 0x83 as dwords.
+    fn msr_program() -> Vec<u8> {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(16).unwrap();
+        let body = |a: &mut CodeAssembler| -> std::result::Result<(), IcedError> {
+            // TSC deadline: write, read back.
+            a.mov(ecx, MSR_TSC_DEADLINE)?;
+            a.mov(eax, 0x1122_3344)?;
+            a.mov(edx, 0x55)?;
+            a.wrmsr()?;
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.rdmsr()?;
+            a.out(0x83, eax)?;
+            a.mov(eax, edx)?;
+            a.out(0x83, eax)?;
+            // x2APIC: read the APIC ID register, write the ICR.
+            a.mov(ecx, 0x802)?;
+            a.rdmsr()?;
+            a.out(0x83, eax)?;
+            a.mov(ecx, 0x830)?;
+            a.mov(eax, 0x4000)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            // APIC base: read, relocate, read back.
+            a.mov(ecx, msr::APIC_BASE)?;
+            a.rdmsr()?;
+            a.out(0x83, eax)?;
+            a.mov(eax, 0xfed0_0900u32 as i32)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.xor(eax, eax)?;
+            a.rdmsr()?;
+            a.out(0x83, eax)?;
+            // STAR: KVM's (the interpreter asks the machine first).
+            a.mov(ecx, msr::STAR as i32)?;
+            a.rdmsr()?;
+            a.mov(al, u32::from(b'E'))?;
+            a.out(PORT_END as u32, al)?;
+            a.hlt()
+        };
+        body(&mut a).unwrap();
+        a.assemble(CODE).unwrap()
+    }
+
+    /// `rdmsr` of `index` (or `wrmsr` of 0 to it), then 'E' and HLT; a #GP
+    /// shows as vector 13 on PORT_EXC instead.
+    fn msr_access_program(index: u32, write: bool) -> Vec<u8> {
+        let mut code = vec![0x66, 0xb9];
+        code.extend(index.to_le_bytes()); // mov ecx, index
+        code.extend([0x66, 0x31, 0xc0, 0x66, 0x31, 0xd2]); // xor eax,eax; xor edx,edx
+        code.extend(if write { [0x0f, 0x30] } else { [0x0f, 0x32] });
+        code.extend([0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
+        code
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum MsrPath {
+        /// KVM with MSR exits.
+        KvmExits,
+        /// Every instruction through the KVM backend's interpreter fallback
+        /// (the machine seen through `IoPlatform`).
+        Fallback,
+        /// The interpreter backend.
+        Interp,
+    }
+
+    /// Run `code` (real mode, IVT stubs) on `path`; the recorder and the
+    /// final IA32_APIC_BASE as the vCPU state has it. On KVM, checks that
+    /// the MSRs came through MSR exits.
+    fn run_msr_path(path: MsrPath, code: &[u8], io: Recorder) -> (Recorder, u64) {
+        let (io, apic_base, stats) = run_msr_path_stats(path, code, io);
+        if path == MsrPath::KvmExits {
+            // Through MSR exits, not through the fallback.
+            assert_eq!(stats.interp_fallbacks, 0, "{stats:?}");
+            assert!(
+                stats
+                    .exits
+                    .iter()
+                    .any(|(k, _)| k == "rdmsr" || k == "wrmsr"),
+                "{stats:?}"
+            );
+        }
+        (io, apic_base)
+    }
+
+    /// [`run_msr_path`] plus the KVM vCPU's stats.
+    fn run_msr_path_stats(
+        path: MsrPath,
+        code: &[u8],
+        mut io: Recorder,
+    ) -> (Recorder, u64, VcpuStats) {
+        let mut rig = rig();
+        rig.setup(Mode::Real);
+        rig.write(CODE, code);
+        let s = mode_state(Mode::Real);
+        let apic_base = match path {
+            MsrPath::KvmExits => {
+                rig.vcpu.set_state(&s).unwrap();
+                assert_eq!(rig.run(&mut io), VcpuExit::Halted);
+                rig.vcpu.state().unwrap().sregs.apic_base
+            }
+            MsrPath::Fallback => {
+                rig.vcpu.set_state(&s).unwrap();
+                let mut steps = 0;
+                loop {
+                    match rig.vcpu.fallback(&mut io, &[]).unwrap() {
+                        Next::Continue => {}
+                        Next::Return(VcpuExit::Halted) => break,
+                        Next::Return(e) => panic!("fallback path: {e:?}"),
+                        Next::Serviced => unreachable!(),
+                    }
+                    steps += 1;
+                    assert!(
+                        steps < 10_000,
+                        "fallback path did not halt: {:?}\n{:?}",
+                        &io.log[..io.log.len().min(20)],
+                        rig.vcpu.state().unwrap().regs
+                    );
+                }
+                rig.vcpu.state().unwrap().sregs.apic_base
+            }
+            MsrPath::Interp => {
+                let mut b = super::super::interp::InterpBackend::new(rig.mem.clone());
+                let mut v = b.create_vcpu(0).unwrap();
+                v.set_state(&s).unwrap();
+                loop {
+                    match v.run(&mut io).unwrap() {
+                        VcpuExit::Halted => break,
+                        VcpuExit::Interrupted | VcpuExit::IoRequest => {}
+                        e => panic!("interpreter: {e:?}"),
+                    }
+                }
+                v.state().unwrap().sregs.apic_base
+            }
+        };
+        (io, apic_base, rig.vcpu.stats())
+    }
+
+    /// What the machine saw, without the MSRs KVM implements itself (the
+    /// interpreter asks the machine about every MSR first; KVM only about
+    /// the machine's and those it does not know).
+    fn machine_view(io: &Recorder) -> Vec<Access> {
+        io.log
+            .iter()
+            .filter(
+                |a| !matches!(a, Access::Rdmsr(i, _) | Access::Wrmsr(i, _, _) if *i == msr::STAR),
+            )
+            .cloned()
+            .collect()
+    }
+
+    /// The machine's MSRs reach the IoHandler through MSR exits, with the
+    /// same accesses, answers and results as on the KVM fallback path and
+    /// on the interpreter. Prints which path this host's KVM takes.
+    #[test]
+    fn machine_msrs_reach_the_handler() {
+        if !kvm_usable() {
+            return;
+        }
+        let supported = rig()._backend.machine_msrs_supported();
+        println!(
+            "this KVM: machine MSR exits {}",
+            if supported {
+                "supported (KVM_CAP_X86_USER_SPACE_MSR + KVM_X86_SET_MSR_FILTER)"
+            } else {
+                "NOT supported: the machine's MSRs stay with KVM"
+            }
+        );
+        // CPUID.1:ECX advertises x2APIC and TSC-deadline exactly then.
+        // mov eax, 1; cpuid; mov eax, ecx; out 0x83, eax
+        let cpuid = [
+            0x66, 0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x66, 0x89, 0xc8, 0x66, 0xe7, 0x83,
+        ];
+        let (exit, io, _rig) = run_snippet(Mode::Real, &cpuid, true, 0);
+        assert_eq!(exit, VcpuExit::Halted);
+        let b = io.out_bytes(0x83);
+        let ecx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        assert_eq!(
+            ecx & (CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE),
+            if supported {
+                CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE
+            } else {
+                0
+            },
+            "CPUID.1:ECX {ecx:#x}"
+        );
+        if !supported {
+            return;
+        }
+
+        let code = msr_program();
+        for own_apic_base in [false, true] {
+            let recorder = || {
+                let mut r = Recorder::default();
+                r.msrs.insert(MSR_TSC_DEADLINE, 0);
+                r.msrs.insert(0x802, 0x0300_0000);
+                r.msrs.insert(0x830, 0);
+                if own_apic_base {
+                    r.msrs.insert(msr::APIC_BASE, 0xfee0_0900);
+                }
+                r
+            };
+            let mut results = Vec::new();
+            for path in [MsrPath::KvmExits, MsrPath::Fallback, MsrPath::Interp] {
+                let (io, apic_base) = run_msr_path(path, &code, recorder());
+                assert_eq!(io.out_bytes(PORT_END), b"E", "{path:?}: {:?}", io.log);
+                assert!(io.outs(PORT_EXC).is_empty(), "{path:?}: {:?}", io.log);
+                let outs: Vec<u32> = io
+                    .outs(0x83)
+                    .iter()
+                    .map(|d| u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+                    .collect();
+                assert_eq!(
+                    outs,
+                    [0x1122_3344, 0x55, 0x0300_0000, 0xfee0_0900, 0xfed0_0900],
+                    "{path:?} (machine owns APIC base: {own_apic_base})"
+                );
+                assert_eq!(apic_base, 0xfed0_0900, "{path:?}");
+                assert_eq!(io.msrs.get(&0x830), Some(&0x4000), "{path:?}");
+                let star_asked = io
+                    .log
+                    .iter()
+                    .any(|a| matches!(a, Access::Rdmsr(i, _) if *i == msr::STAR));
+                assert_eq!(star_asked, path != MsrPath::KvmExits, "{path:?}");
+                results.push((path, machine_view(&io)));
+            }
+            for (path, view) in &results[1..] {
+                assert_eq!(
+                    view, &results[0].1,
+                    "{path:?} and KvmExits disagree (machine owns APIC base: {own_apic_base})"
+                );
+            }
+            if own_apic_base {
+                assert!(results[0].1.contains(&Access::Wrmsr(
+                    msr::APIC_BASE,
+                    0xfed0_0900,
+                    MsrResult::Done(0)
+                )));
+            }
+        }
+
+        // Faults: the machine's Fault, and an MSR nobody implements, are
+        // #GP on every path.
+        for (index, write) in [(0x8ff, false), (0x8ff, true), (0x1234_5678, false)] {
+            let code = msr_access_program(index, write);
+            let mut views = Vec::new();
+            for path in [MsrPath::KvmExits, MsrPath::Fallback, MsrPath::Interp] {
+                let mut r = Recorder::default();
+                r.msr_faults.insert(0x8ff);
+                let (io, _) = run_msr_path(path, &code, r);
+                assert_eq!(io.out_bytes(PORT_EXC), vec![13], "{path:?} {index:#x}");
+                assert!(io.outs(PORT_END).is_empty(), "{path:?} {index:#x}");
+                views.push(machine_view(&io));
+            }
+            assert_eq!(views[0].len(), 2, "{index:#x}: {:?}", views[0]);
+            assert!(
+                views.iter().all(|v| *v == views[0]),
+                "{index:#x}: {views:?}"
+            );
+        }
+    }
+
+    // ---- the in-kernel irqchip ------------------------------------------
+
+    /// `--irqchip kernel`: the VM gets KVM's PIC (its ports never reach the
+    /// handler), an interrupt line raised from another thread wakes a
+    /// guest halted in the kernel, and userspace injection is refused.
+    #[test]
+    fn kernel_irqchip_runs_a_guest() {
+        use std::time::Duration;
+        if !kvm_usable() {
+            return;
+        }
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let opts = VmOptions {
+            irqchip: IrqchipKind::Kernel,
+        };
+        let mut backend = match KvmBackend::with_options(&mem, opts) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("this KVM has no in-kernel irqchip: {e}");
+                assert!(matches!(e, BackendError::Unsupported(ref m) if m.contains("irqchip")));
+                return;
+            }
+        };
+        println!("this KVM: in-kernel irqchip and PIT created");
+        assert_eq!(backend.irqchip(), IrqchipKind::Kernel);
+        assert!(!backend.machine_msrs_supported());
+        let vcpu = backend.create_kvm_vcpu(0).expect("create vCPU");
+        let mut rig = Rig {
+            vcpu,
+            mem,
+            _backend: backend,
+        };
+        rig.setup(Mode::Real);
+        #[rustfmt::skip]
+        let code = [
+            0xb0, 0x11, 0xe6, 0x20, // ICW1
+            0xb0, 0x20, 0xe6, 0x21, // ICW2: vectors 0x20..
+            0xb0, 0x04, 0xe6, 0x21, // ICW3
+            0xb0, 0x01, 0xe6, 0x21, // ICW4
+            0xb0, 0xfd, 0xe6, 0x21, // mask all but IRQ1
+            0xe4, 0x21, 0xe6, 0x83, // in al, 0x21; out 0x83, al
+            0xb0, b'R', 0xe6, PORT_END as u8, // ready
+            0xfb, 0xf4, // sti; hlt (in the kernel)
+            0xb0, b'E', 0xe6, PORT_END as u8,
+            0xe6, 0xf4, // exit request
+            0xfa, 0xf4,
+        ];
+        rig.write(CODE, &code);
+        rig.vcpu.set_state(&mode_state(Mode::Real)).unwrap();
+        assert!(!rig.vcpu.ready_for_interrupt());
+        assert!(matches!(
+            rig.vcpu.inject_interrupt(0x21),
+            Err(BackendError::Unsupported(_))
+        ));
+        let mut io = Recorder {
+            exit_port: Some(0xf4),
+            ..Default::default()
+        };
+        let kicker = rig.vcpu.kicker();
+        let (backend, vcpu) = (&rig._backend, &mut rig.vcpu);
+        let done = AtomicBool::new(false);
+        let done = &done;
+        let exit = std::thread::scope(|sc| {
+            sc.spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                backend.set_irq_line(1, true).unwrap();
+                backend.set_irq_line(1, false).unwrap();
+                // Watchdog: a guest that never wakes is kicked out.
+                for _ in 0..500 {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                kicker.kick();
+            });
+            let exit = vcpu.run(&mut io);
+            done.store(true, Ordering::Relaxed);
+            exit
+        })
+        .unwrap();
+        assert_eq!(exit, VcpuExit::IoRequest, "{:?}", io.log);
+        assert_eq!(io.out_bytes(0x83), vec![0xfd], "PIC mask read back");
+        assert_eq!(io.out_bytes(PORT_HANDLED), vec![0x21]);
+        assert_eq!(io.out_bytes(PORT_END), b"RE");
+        assert!(
+            !io.log.iter().any(|a| matches!(a,
+                Access::In(p, _) | Access::Out(p, _) if matches!(p, 0x20 | 0x21))),
+            "PIC ports reached userspace: {:?}",
+            io.log
+        );
+        assert!(!rig.vcpu.stats().exits.iter().any(|(k, _)| k == "hlt"));
+        assert!(rig._backend.tsc_khz().is_some());
+    }
+
+    /// set_irq_line needs the kernel irqchip.
+    #[test]
+    fn set_irq_line_needs_the_kernel_irqchip() {
+        if !kvm_usable() {
+            return;
+        }
+        let rig = rig();
+        let e = rig._backend.set_irq_line(4, true).unwrap_err();
+        assert!(matches!(e, BackendError::Unsupported(_)), "{e}");
+    }
+
+    /// KVM's TSC frequency is known and plausible.
+    #[test]
+    fn tsc_khz_is_plausible() {
+        if !kvm_usable() {
+            return;
+        }
+        let rig = rig();
+        let khz = rig._backend.tsc_khz().expect("TSC frequency");
+        println!("this KVM: TSC {khz} kHz");
+        assert!(khz > 100_000, "{khz} kHz");
     }
 
     /// MMIO from KVM and from the fallback reaches the same handler.

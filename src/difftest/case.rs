@@ -73,8 +73,12 @@ pub struct Case {
     pub origin: String,
 }
 
-/// The terminator appended to every case: `out 0xff, al`.
-pub fn terminator() -> Instruction {
+/// The terminator appended to every case: `out 0xff, al` in ring 0 and
+/// real mode, `int3` in ring 3 (whose stub writes port 3).
+pub fn terminator(mode: Mode) -> Instruction {
+    if mode.ring() == 3 {
+        return Instruction::with(Code::Int3);
+    }
     let mut i = Instruction::with(Code::Out_imm8_AL);
     i.set_op0_kind(OpKind::Immediate8);
     i.set_immediate8(env::PORT_END);
@@ -151,7 +155,7 @@ pub fn assemble(mode: Mode, items: &[Item]) -> Result<Assembled, DifftestError> 
             i.set_ip(vip(pos));
             instrs.push(i);
         }
-        let mut t = terminator();
+        let mut t = terminator(mode);
         t.set_ip(vip(items.len()));
         instrs.push(t);
         let r = BlockEncoder::encode(
@@ -167,7 +171,9 @@ pub fn assemble(mode: Mode, items: &[Item]) -> Result<Assembled, DifftestError> 
         offs.iter()
             .map(|&o| {
                 if o == u32::MAX {
-                    Err(DifftestError::Assemble("an instruction was rewritten".into()))
+                    Err(DifftestError::Assemble(
+                        "an instruction was rewritten".into(),
+                    ))
                 } else {
                     Ok(rip + u64::from(o))
                 }
@@ -428,6 +434,33 @@ enum Succ {
     Stop,
 }
 
+/// Why an item is not valid at its point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Invalid {
+    /// It reads flags (or x87 condition codes) that are undefined here.
+    Flags(u64),
+    /// It reads registers (bit mask) holding undefined values.
+    Registers(u32),
+    /// A control transfer that does not go forward.
+    Backward,
+    /// A control transfer without a target item.
+    NoTarget,
+    /// Its memory result would be undefined (16-bit SHLD/SHRD count).
+    UndefinedMemory,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Flags(m) => write!(f, "reads undefined flags {m:#x}"),
+            Invalid::Registers(m) => write!(f, "reads undefined registers {m:#x}"),
+            Invalid::Backward => write!(f, "backward control transfer"),
+            Invalid::NoTarget => write!(f, "control transfer without a target"),
+            Invalid::UndefinedMemory => write!(f, "memory result undefined (SHLD/SHRD count)"),
+        }
+    }
+}
+
 /// The analysis state at one point.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Point {
@@ -458,7 +491,6 @@ pub struct Flow {
     cl: Option<u8>,
     pending: BTreeMap<usize, Point>,
     prev: Option<Instruction>,
-    bits: u32,
 }
 
 /// What stepping one item did.
@@ -469,7 +501,7 @@ pub struct Stepped {
 }
 
 impl Flow {
-    pub fn new(mode: Mode) -> Self {
+    pub fn new(_mode: Mode) -> Self {
         Flow {
             info: InstructionInfoFactory::new(),
             cur: Point {
@@ -479,7 +511,6 @@ impl Flow {
             cl: None,
             pending: BTreeMap::new(),
             prev: None,
-            bits: mode.bits(),
         }
     }
 
@@ -518,37 +549,34 @@ impl Flow {
     }
 
     /// Would `item` be valid next? (Does not change the state.)
-    pub fn check(&mut self, item: &Item) -> Result<(), String> {
+    pub fn check(&mut self, item: &Item) -> Result<(), Invalid> {
+        if let Some(t) = item.target {
+            if t <= item.id {
+                return Err(Invalid::Backward);
+            }
+        }
+        if item.target.is_none() && needs_target(&item.instr) {
+            return Err(Invalid::NoTarget);
+        }
         let here = self.peek(item.id);
         if !here.reachable {
             return Ok(());
         }
         let (fx, reads, _) = self.effects(&item.instr);
         if fx.read & here.mask != 0 {
-            return Err(format!(
-                "reads undefined flags {:#x}",
-                fx.read & here.mask & 0xffff_ffff
-            ));
+            return Err(Invalid::Flags(fx.read & here.mask));
         }
         if reads & here.poison != 0 {
-            return Err(format!("reads undefined registers {:#x}", reads & here.poison));
-        }
-        if let Some(t) = item.target {
-            if t <= item.id {
-                return Err("backward control transfer".into());
-            }
-        }
-        if item.target.is_none() && needs_target(&item.instr) {
-            return Err("control transfer without a target".into());
+            return Err(Invalid::Registers(reads & here.poison));
         }
         if self.undefined_memory_result(&item.instr) {
-            return Err("memory result undefined (SHLD/SHRD count)".into());
+            return Err(Invalid::UndefinedMemory);
         }
         Ok(())
     }
 
     /// Step over `item`: `Err` if it is invalid at this point.
-    pub fn step(&mut self, item: &Item) -> Result<Stepped, String> {
+    pub fn step(&mut self, item: &Item) -> Result<Stepped, Invalid> {
         let before = self.arrive(item.id);
         self.cur = before;
         if !before.reachable {
@@ -561,6 +589,7 @@ impl Flow {
         self.check(item)?;
         let i = &item.instr;
         let (fx, _, writes) = self.effects(i);
+        let writes: Vec<(Register, bool)> = writes;
         let mut after = before;
         after.mask = (after.mask & !fx.defined) | fx.undefined;
         // Register results.
@@ -585,7 +614,9 @@ impl Flow {
                 Code::Mov_r8_imm8 | Code::Mov_rm8_imm8 if i.op0_register() == Register::CL => {
                     Some(i.immediate8())
                 }
-                Code::Mov_r32_imm32 | Code::Mov_r16_imm16 if gpr_index(i.op0_register()) == Some(1) => {
+                Code::Mov_r32_imm32 | Code::Mov_r16_imm16
+                    if gpr_index(i.op0_register()) == Some(1) =>
+                {
                     Some(i.immediate(1) as u8)
                 }
                 _ => None,
@@ -626,7 +657,6 @@ impl Flow {
         if reads_x87_status(m) {
             fx.read |= X87_CC;
         }
-        let bits = self.bits;
         let info = self.info.info(i);
         let mut reads = 0u32;
         let mut writes = Vec::new();
@@ -634,15 +664,17 @@ impl Flow {
             let r = u.register();
             let Some(n) = gpr_index(r) else { continue };
             match u.access() {
-                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
+                OpAccess::Read
+                | OpAccess::CondRead
+                | OpAccess::ReadWrite
+                | OpAccess::ReadCondWrite => {
                     reads |= 1 << n;
                 }
                 _ => {}
             }
             if matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite) {
                 // 32-bit writes zero-extend; 8/16-bit writes merge.
-                let full = r.size() >= 4 || (bits != 64 && r.size() >= 4);
-                writes.push((r, full));
+                writes.push((r, r.size() >= 4));
             }
         }
         // Zeroing idioms read nothing that matters.
@@ -847,7 +879,10 @@ mod tests {
     use super::*;
     use iced_x86::code_asm::*;
 
-    fn items_of(bits: u32, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<Item> {
+    fn items_of(
+        bits: u32,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Vec<Item> {
         let mut a = CodeAssembler::new(bits).unwrap();
         f(&mut a).unwrap();
         a.instructions()
@@ -896,7 +931,10 @@ mod tests {
             a.mov(cl, 1)?;
             a.shl(eax, cl)
         });
-        assert_eq!(analyze(Mode::Prot32Ring0, &it).unwrap().end.mask & ARITH, AF);
+        assert_eq!(
+            analyze(Mode::Prot32Ring0, &it).unwrap().end.mask & ARITH,
+            AF
+        );
         // 16-bit shld by an unknown count poisons the destination.
         let it = items_of(32, |a| a.shld(ax, dx, cl));
         assert_eq!(analyze(Mode::Prot32Ring0, &it).unwrap().end.poison, 1);

@@ -42,7 +42,10 @@ pub enum Verdict {
     Match,
     Diverged(Vec<Diff>),
     /// KVM refused an instruction: no oracle.
-    Refused { rip: u64, message: String },
+    Refused {
+        rip: u64,
+        message: String,
+    },
     /// Both sides ran out of time (a case that loops): nothing to compare.
     BothTimedOut,
     /// The harness could not run the case on KVM.
@@ -82,8 +85,16 @@ pub enum Stop {
     Elsewhere(u64),
 }
 
-pub fn stop_of(s: &CpuState, asm: &Assembled) -> Stop {
+pub fn stop_of(case: &Case, s: &CpuState, mem: &[u8], asm: &Assembled) -> Stop {
     if let Some(v) = env::stub_vector(s.sregs.cs.base, s.regs.rip) {
+        // Ring-3 cases end with INT 0x80: its frame points past it.
+        if case.mode.ring() == 3 && v == env::VECTOR_END {
+            if let Some(f) = frame(case.mode, s, mem, v, case.init.sregs.cs.selector) {
+                if f.rip == asm.end_addr {
+                    return Stop::Done;
+                }
+            }
+        }
         return Stop::Vector(v);
     }
     if s.sregs.cs.base.wrapping_add(s.regs.rip) == asm.end_addr {
@@ -102,7 +113,11 @@ pub fn frame(mode: Mode, s: &CpuState, mem: &[u8], vector: u8, cs: u16) -> Optio
     } else {
         4
     };
-    let sp = s.sregs.ss.base.wrapping_add(s.regs.gpr[4] & if mode.real() { 0xffff } else { u64::MAX });
+    let sp = s
+        .sregs
+        .ss
+        .base
+        .wrapping_add(s.regs.gpr[4] & if mode.real() { 0xffff } else { u64::MAX });
     let cs = u64::from(cs);
     let at = |k: u64| read_le(mem, sp + k * width, width);
     let (ec, base) = if mode.real() {
@@ -150,8 +165,8 @@ fn seg_diffs(name: &str, a: &Segment, b: &Segment, out: &mut Vec<Diff>) {
 }
 
 const GPR_NAMES: [&str; 16] = [
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
-    "r13", "r14", "r15",
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
 ];
 
 /// Abridged x87 tag (bit set: register not empty).
@@ -305,8 +320,14 @@ fn mem_diffs(a: &[u8], b: &[u8], masks: &[(u64, u8)], out: &mut Vec<Diff>) {
         }
         out.push(Diff::new(
             format!("memory {start:#06x}..{i:#06x}"),
-            a[start..i].iter().map(|x| format!("{x:02x}")).collect::<String>(),
-            b[start..i].iter().map(|x| format!("{x:02x}")).collect::<String>(),
+            a[start..i]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>(),
+            b[start..i]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>(),
         ));
     }
     if a.len() != b.len() {
@@ -379,8 +400,11 @@ fn diff_snapshots(
 ) {
     let cs = case.init.sregs.cs.selector;
     // Where did KVM stop, and what is undefined there?
-    let (point, frame) = match stop_of(&k.state, asm) {
-        Stop::Done => (an.end, None),
+    let (point, frame) = match stop_of(case, &k.state, &k.mem, asm) {
+        Stop::Done => (
+            an.end,
+            frame(case.mode, &k.state, &k.mem, env::VECTOR_END, cs),
+        ),
         Stop::Vector(v) => match frame(case.mode, &k.state, &k.mem, v, cs) {
             Some(f) => (an.at_addr(asm, f.rip), Some(f)),
             None => (an.at_addr(asm, u64::MAX), None),
@@ -409,11 +433,12 @@ fn diff_snapshots(
 pub fn describe_end(case: &Case, asm: &Assembled, s: &Snapshot) -> String {
     let mut t = end_name(&s.end);
     if s.end == End::Stop || s.end == End::Halted {
-        match stop_of(&s.state, asm) {
+        match stop_of(case, &s.state, &s.mem, asm) {
             Stop::Done => t = "reached the terminator".into(),
             Stop::Vector(v) => {
                 t = format!("exception vector {v}");
-                if let Some(f) = frame(case.mode, &s.state, &s.mem, v, case.init.sregs.cs.selector) {
+                if let Some(f) = frame(case.mode, &s.state, &s.mem, v, case.init.sregs.cs.selector)
+                {
                     let _ = write!(t, " at rip {:#x}", f.rip);
                     if let Some(ec) = f.error_code {
                         let _ = write!(t, " error code {ec:#x}");
@@ -439,7 +464,10 @@ mod tests {
         s.regs.gpr[4] = 0x8fd0;
         let mut mem = vec![0u8; env::SPACE as usize];
         // #PF: error code, RIP, CS, RFLAGS, RSP, SS.
-        for (k, v) in [6u64, 0x9003, 0x2b, 0x3246, 0xa800, 0x23].iter().enumerate() {
+        for (k, v) in [6u64, 0x9003, 0x2b, 0x3246, 0xa800, 0x23]
+            .iter()
+            .enumerate()
+        {
             mem[0x8fd0 + 8 * k..][..8].copy_from_slice(&v.to_le_bytes());
         }
         let f = frame(Mode::Long64Ring3, &s, &mem, 14, 0x2b).unwrap();

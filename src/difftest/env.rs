@@ -84,8 +84,13 @@ pub const SEL_TSS64: u16 = 0x50;
 pub const SEL_TSS32: u16 = 0x60;
 const GDT_ENTRIES: usize = 14;
 
-/// Port the case code writes to when it reaches its end.
+/// Port the case code writes to when it reaches its end (ring 0 and real
+/// mode: `out 0xff, al`).
 pub const PORT_END: u8 = 0xff;
+/// Vector ring-3 cases end with (`int3`): KVM-PVM runs guest ring 3 with
+/// IOPL 0 whatever RFLAGS says, so a ring-3 `out` always faults, and it
+/// turns every ring-3 `int n` but `int3`/`int 4` into #UD.
+pub const VECTOR_END: u8 = 3;
 /// Software-interrupt vectors with DPL-3 gates (callable from ring 3).
 pub const USER_VECTORS: [u8; 4] = [0x80, 0x81, 0x82, 0x83];
 /// A software-interrupt vector with a DPL-0 gate (#GP from ring 3).
@@ -118,7 +123,7 @@ fn gdt() -> [u64; GDT_ENTRIES] {
     g[7] = desc(0, 0xffff, 0xfb, 0x0); // 0x38 code16 DPL3
     g[8] = desc(0, 0xffff, 0xf3, 0x0); // 0x40 data16 DPL3
     g[9] = desc(LIMITED_BASE as u32, LIMITED_LIMIT, 0xf3, 0x4); // 0x48 limited data DPL3
-    // 0x50: 64-bit TSS (busy), 16 bytes.
+                                                                // 0x50: 64-bit TSS (busy), 16 bytes.
     g[10] = desc(TSS64 as u32, 0x67, 0x8b, 0x0);
     g[11] = 0;
     // 0x60: 32-bit TSS (busy).
@@ -257,10 +262,9 @@ const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-/// RFLAGS bits of the environment: IF and IOPL 3 in ring 3 (so the
-/// terminating OUT is allowed), nothing in ring 0.
+/// RFLAGS bits of the environment: IF in ring 3 (IOPL stays 0: KVM-PVM
+/// forces it there), nothing in ring 0.
 pub const RFLAGS_IF: u64 = 1 << 9;
-pub const RFLAGS_IOPL3: u64 = 3 << 12;
 
 /// Segment base of segment register `sr` (iced order ES CS SS DS FS GS) as
 /// the initial state of `mode` has it.
@@ -325,7 +329,15 @@ pub fn base_state(mode: Mode) -> CpuState {
             s.sregs.cs = seg(SEL_CODE32, 0, flat, 0xb, 0, true, false);
             let d = seg(SEL_DATA0, 0, flat, 0x3, 0, true, false);
             (s.sregs.ds, s.sregs.es, s.sregs.gs, s.sregs.ss) = (d, d, d, d);
-            s.sregs.fs = seg(SEL_LIMITED, LIMITED_BASE, LIMITED_LIMIT, 0x3, 3, true, false);
+            s.sregs.fs = seg(
+                SEL_LIMITED,
+                LIMITED_BASE,
+                LIMITED_LIMIT,
+                0x3,
+                3,
+                true,
+                false,
+            );
             s.sregs.idt = DescriptorTable {
                 base: IDT32,
                 limit: 0x7ff,
@@ -357,33 +369,51 @@ pub fn base_state(mode: Mode) -> CpuState {
                 ..Default::default()
             };
             match mode {
+                // 64-bit code: FS and GS hold null selectors with their
+                // bases set directly, as 64-bit OSes do (under KVM-PVM the
+                // guest's FS/GS selectors never reach the hardware).
                 Mode::Long64Ring0 => {
                     s.sregs.cs = seg(SEL_CODE64, 0, flat, 0xb, 0, false, true);
                     let d = seg(SEL_DATA0, 0, flat, 0x3, 0, true, false);
                     (s.sregs.ds, s.sregs.es, s.sregs.ss) = (d, d, d);
-                    s.sregs.fs = seg(SEL_DATA0, FS_BASE64, flat, 0x3, 0, true, false);
-                    s.sregs.gs = d;
+                    s.sregs.fs = seg(0, FS_BASE64, flat, 0x3, 0, true, false);
+                    s.sregs.gs = seg(0, 0, flat, 0x3, 0, true, false);
                 }
                 Mode::Long64Ring3 => {
                     s.sregs.cs = seg(SEL_CODE64_3, 0, flat, 0xb, 3, false, true);
                     let d = seg(SEL_DATA3, 0, flat, 0x3, 3, true, false);
-                    (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.gs) = (d, d, d, d);
-                    s.sregs.fs = seg(SEL_DATA3, FS_BASE64, flat, 0x3, 3, true, false);
+                    (s.sregs.ds, s.sregs.es, s.sregs.ss) = (d, d, d);
+                    s.sregs.fs = seg(0, FS_BASE64, flat, 0x3, 3, true, false);
+                    s.sregs.gs = seg(0, 0, flat, 0x3, 3, true, false);
                 }
                 Mode::Compat32Ring3 => {
                     s.sregs.cs = seg(SEL_CODE32_3, 0, flat, 0xb, 3, true, false);
                     let d = seg(SEL_DATA3, 0, flat, 0x3, 3, true, false);
                     (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.gs) = (d, d, d, d);
-                    s.sregs.fs =
-                        seg(SEL_LIMITED, LIMITED_BASE, LIMITED_LIMIT, 0x3, 3, true, false);
+                    s.sregs.fs = seg(
+                        SEL_LIMITED,
+                        LIMITED_BASE,
+                        LIMITED_LIMIT,
+                        0x3,
+                        3,
+                        true,
+                        false,
+                    );
                 }
                 _ => {
                     // Compat16Ring3: 16-bit code, 16-bit data and stack.
                     s.sregs.cs = seg(SEL_CODE16_3, 0, 0xffff, 0xb, 3, false, false);
                     let d = seg(SEL_DATA16_3, 0, 0xffff, 0x3, 3, false, false);
                     (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.gs) = (d, d, d, d);
-                    s.sregs.fs =
-                        seg(SEL_LIMITED, LIMITED_BASE, LIMITED_LIMIT, 0x3, 3, true, false);
+                    s.sregs.fs = seg(
+                        SEL_LIMITED,
+                        LIMITED_BASE,
+                        LIMITED_LIMIT,
+                        0x3,
+                        3,
+                        true,
+                        false,
+                    );
                 }
             }
         }
@@ -393,7 +423,7 @@ pub fn base_state(mode: Mode) -> CpuState {
         limit: (GDT_ENTRIES * 8 - 1) as u16,
     };
     if mode.ring() == 3 {
-        s.regs.rflags |= RFLAGS_IF | RFLAGS_IOPL3;
+        s.regs.rflags |= RFLAGS_IF;
     }
     s
 }
@@ -429,7 +459,8 @@ mod tests {
         let s = (STUBS + 14 * STUB_SIZE) as usize;
         assert_eq!(&low[s..s + 5], &[0xe6, 14, 0xf4, 0xeb, 0xfd]);
         // The window's unmapped neighbour and the null page are absent.
-        let pte = |p: u64| u64::from_le_bytes(low[(PT + p * 8) as usize..][..8].try_into().unwrap());
+        let pte =
+            |p: u64| u64::from_le_bytes(low[(PT + p * 8) as usize..][..8].try_into().unwrap());
         assert_eq!(pte(0), 0);
         assert_eq!(pte(0xf), 0);
         assert_eq!(pte(0xd) & 7, 7);

@@ -58,7 +58,10 @@ pub enum End {
     Halted,
     TripleFault,
     /// KVM could not emulate an instruction (no oracle).
-    Refused { rip: u64, message: String },
+    Refused {
+        rip: u64,
+        message: String,
+    },
     /// The run did not stop in time.
     Timeout,
     /// Something else went wrong on this side.
@@ -161,22 +164,32 @@ impl InterpSide {
 
     /// Run from `init` until a stop port, HLT, triple fault or `budget`
     /// instructions.
+    /// A panic inside the interpreter ends the run as `End::Failed`.
     pub fn run(&mut self, init: &CpuState, budget: u64) -> (End, Vec<IoEvent>) {
         self.cpu.set_state(init);
         let mut rec = Recorder::default();
         let start = self.cpu.retired();
-        let end = loop {
-            let left = budget.saturating_sub(self.cpu.retired() - start);
+        let cpu = &mut self.cpu;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            let left = budget.saturating_sub(cpu.retired() - start);
             if left == 0 {
                 break End::Timeout;
             }
-            match self.cpu.run(&mut rec, left) {
+            match cpu.run(&mut rec, left) {
                 CpuExit::StopRequested => break End::Stop,
                 CpuExit::Halted => break End::Halted,
                 CpuExit::TripleFault => break End::TripleFault,
                 CpuExit::BudgetExhausted | CpuExit::InterruptWindow => {}
             }
-        };
+        }));
+        let end = r.unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            End::Failed(format!("interpreter panicked: {msg}"))
+        });
         (end, rec.io)
     }
 }
@@ -254,7 +267,11 @@ pub struct Harness {
 
 /// Does `mem[0..pristine.len()]` still hold `pristine` up to the case area?
 /// If not, restore it.
-fn restore_env(mem: &GuestMemory, pristine: &[u8], scratch: &mut Vec<u8>) -> Result<(), DifftestError> {
+fn restore_env(
+    mem: &GuestMemory,
+    pristine: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), DifftestError> {
     let n = env::CASE_AREA as usize;
     scratch.resize(n, 0);
     mem.read_slice(&mut scratch[..n], GuestAddress(0))

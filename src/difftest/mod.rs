@@ -183,3 +183,60 @@ impl fmt::Display for Mode {
 pub fn kvm_usable() -> Result<(), String> {
     crate::backend::kvm_available()
 }
+
+#[cfg(test)]
+mod scratch {
+    use super::case::{Case, Item};
+    use super::compare::describe_end;
+    use super::harness::Harness;
+    use super::*;
+    use iced_x86::code_asm::*;
+
+    fn run_snippet(
+        mode: Mode,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> String {
+        let mut a = CodeAssembler::new(mode.bits()).unwrap();
+        f(&mut a).unwrap();
+        let items: Vec<Item> = a
+            .instructions()
+            .iter()
+            .enumerate()
+            .map(|(k, i)| Item::new(k, *i))
+            .collect();
+        let g = gen::Generator::new(mode);
+        let mut rng = rng::Rng::new(1);
+        let case = Case {
+            mode,
+            init: env::base_state(mode),
+            area: g.init_area(&mut rng),
+            items,
+            origin: "scratch".into(),
+        };
+        let mut h = Harness::new().unwrap();
+        let out = h.run(&case).unwrap();
+        format!(
+            "kvm: {} | interp: {}",
+            describe_end(&case, &out.asm, &out.kvm),
+            describe_end(&case, &out.asm, &out.interp)
+        )
+    }
+
+    #[test]
+    #[ignore]
+    fn probe() {
+        for v in [0x80u32, 0x81, 0x82, 0x83, 3, 4, 0x84, 0x20, 0x21] {
+            println!(
+                "int {v:#x}: {}",
+                run_snippet(Mode::Long64Ring3, |a| a.int(v))
+            );
+        }
+        println!("int3: {}", run_snippet(Mode::Long64Ring3, |a| a.int3()));
+        println!("ud2: {}", run_snippet(Mode::Long64Ring3, |a| a.ud2()));
+        println!(
+            "syscall: {}",
+            run_snippet(Mode::Long64Ring3, |a| a.syscall())
+        );
+        println!("nop: {}", run_snippet(Mode::Long64Ring3, |a| a.nop()));
+    }
+}

@@ -19,6 +19,9 @@
 //! 0x0000_9000 .. 0x0000_a000  64-bit code
 //! 0x0000_a000 .. 0x0000_b000  data: descriptor-table registers, strings, slots
 //! 0x0000_b000 .. 0x0000_c000  IDT, 256 long-mode gates (built at run time)
+//! 0x0000_c000 .. 0x0000_d000  PD for 3 .. 4 GiB: 2 MiB uncached pages over
+//!                             the IOAPIC and the local APIC (built at run
+//!                             time by the guests that use them)
 //! ```
 //!
 //! # Subroutine conventions
@@ -60,6 +63,9 @@ pub mod map {
     pub const IDT: u64 = 0xb000;
     /// 256 gates of 16 bytes.
     pub const IDT_END: u64 = 0xc000;
+    /// PD for 3 .. 4 GiB (see [`super::emit_map_apic_pages`]).
+    pub const PD_MMIO: u64 = 0xc000;
+    pub const PD_MMIO_END: u64 = 0xd000;
     /// Virtual address where the alias PD maps physical 0 with a 2 MiB page.
     pub const ALIAS_BASE: u64 = 0x4000_0000;
     /// Everything a built-in guest places or builds lies below this.
@@ -103,6 +109,8 @@ pub mod pte {
     pub const PRESENT: u32 = 1 << 0;
     pub const WRITABLE: u32 = 1 << 1;
     pub const LARGE_PAGE: u32 = 1 << 7;
+    pub const WRITE_THROUGH: u32 = 1 << 3;
+    pub const CACHE_DISABLE: u32 = 1 << 4;
 }
 
 /// UART register offsets from COM1 and the LSR bit the guests poll.
@@ -360,6 +368,29 @@ pub fn emit_build_page_tables(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jnz(fill)
 }
 
+/// Map the IOAPIC and local APIC pages (16- or 32-bit code, after
+/// [`emit_build_page_tables`]): zero [`map::PD_MMIO`], point PDPT[3]
+/// (3 .. 4 GiB) at it, and identity-map the 2 MiB pages holding
+/// [`apic::IOAPIC_BASE`] and [`apic::LAPIC_BASE`], uncached (PCD | PWT).
+/// Clobbers EAX, ECX, EDI.
+pub fn emit_map_apic_pages(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    const TWO_MIB: u64 = 2 << 20;
+    let table = pte::PRESENT | pte::WRITABLE;
+    let mmio_page = table | pte::LARGE_PAGE | pte::CACHE_DISABLE | pte::WRITE_THROUGH;
+    a.cld()?;
+    a.xor(eax, eax)?;
+    a.mov(edi, map::PD_MMIO as u32)?;
+    a.mov(ecx, ((map::PD_MMIO_END - map::PD_MMIO) / 4) as u32)?;
+    a.rep().stosd()?;
+    a.mov(dword_ptr(map::PDPT + 3 * 8), map::PD_MMIO as u32 | table)?;
+    for base in [apic::IOAPIC_BASE, apic::LAPIC_BASE] {
+        let base = u64::from(base);
+        let entry = map::PD_MMIO + ((base % (1 << 30)) / TWO_MIB) * 8;
+        a.mov(dword_ptr(entry), (base & !(TWO_MIB - 1)) as u32 | mmio_page)?;
+    }
+    Ok(())
+}
+
 /// Turn on long mode: CR4.PAE, CR3 = [`map::PML4`], EFER.LME, then CR0.PE
 /// and CR0.PG together (clearing CD/NW). 16- or 32-bit code; the caller
 /// far-jumps to 64-bit code next. Clobbers EAX, ECX, EDX.
@@ -540,6 +571,24 @@ impl IdtBuilder {
         a.call(self.set_gate)
     }
 
+    /// Point all 256 gates at `handler` (a catch-all, before the gates the
+    /// guest wants are installed). Clobbers RAX, RCX, RDX, RDI.
+    pub fn emit_install_all(
+        &self,
+        a: &mut CodeAssembler,
+        handler: CodeLabel,
+    ) -> Result<(), IcedError> {
+        let mut next = a.create_label();
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut next)?;
+        a.lea(rax, ptr(handler))?;
+        a.mov(edi, ecx)?;
+        a.call(self.set_gate)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, 256)?;
+        a.jb(next)
+    }
+
     /// Emit the `set_gate` subroutine.
     pub fn emit(mut self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         a.set_label(&mut self.set_gate)?;
@@ -555,6 +604,233 @@ impl IdtBuilder {
         a.mov(dword_ptr(rdi + 8), edx)?;
         a.mov(dword_ptr(rdi + 12), 0)?;
         a.ret()
+    }
+}
+
+/// `print_dec` for 64-bit code: writes EAX as an unsigned decimal number.
+/// Uses the `putc` of a [`Routines`]; clobbers RAX, RCX, RDX, RDI.
+pub struct DecimalPrinter {
+    pub print_dec: CodeLabel,
+}
+
+impl DecimalPrinter {
+    pub fn new(a: &mut CodeAssembler) -> Self {
+        DecimalPrinter {
+            print_dec: a.create_label(),
+        }
+    }
+
+    /// Print EAX in decimal.
+    pub fn print(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.call(self.print_dec)
+    }
+
+    /// Emit the subroutine (64-bit code).
+    pub fn emit(mut self, a: &mut CodeAssembler, routines: &Routines) -> Result<(), IcedError> {
+        let mut next_digit = a.create_label();
+        let mut put_digit = a.create_label();
+        a.set_label(&mut self.print_dec)?;
+        a.mov(ecx, 10)?;
+        a.xor(edi, edi)?;
+        a.set_label(&mut next_digit)?;
+        a.xor(edx, edx)?;
+        a.div(ecx)?;
+        a.add(edx, i32::from(b'0'))?;
+        a.push(rdx)?;
+        a.inc(edi)?;
+        a.test(eax, eax)?;
+        a.jnz(next_digit)?;
+        a.set_label(&mut put_digit)?;
+        a.pop(rax)?;
+        a.call(routines.putc)?;
+        a.dec(edi)?;
+        a.jnz(put_digit)?;
+        a.ret()
+    }
+}
+
+/// Port I/O with immediate port numbers (any bitness): `mov al, value;
+/// out port, al` / `in al, port`. Clobber AL.
+pub fn emit_outb(a: &mut CodeAssembler, port: u8, value: u8) -> Result<(), IcedError> {
+    a.mov(al, i32::from(value))?;
+    a.out(i32::from(port), al)
+}
+
+pub fn emit_inb(a: &mut CodeAssembler, port: u8) -> Result<(), IcedError> {
+    a.in_(al, i32::from(port))
+}
+
+/// In an interrupt handler of 64-bit code: clear IF in the RFLAGS image
+/// of the interrupt frame at `[rsp + frame]` (the saved RIP's offset), so
+/// the handler's `iretq` returns with interrupts disabled. The guests use
+/// it in the handler of the last interrupt they wait for: whatever the
+/// source does afterwards, no further interrupt is taken.
+pub fn emit_return_with_interrupts_disabled(
+    a: &mut CodeAssembler,
+    frame: i32,
+) -> Result<(), IcedError> {
+    const RFLAGS_IF: i32 = 1 << 9;
+    a.and(qword_ptr(rsp + (frame + 16)), !RFLAGS_IF)
+}
+
+/// The 8259A PIC pair: ports and the commands the guests send.
+pub mod pic {
+    pub const MASTER_COMMAND: u8 = 0x20;
+    pub const MASTER_DATA: u8 = 0x21;
+    pub const SLAVE_COMMAND: u8 = 0xa0;
+    pub const SLAVE_DATA: u8 = 0xa1;
+    /// ICW1: edge-triggered, cascade, ICW4 follows.
+    pub const ICW1: u8 = 0x11;
+    /// ICW3 of the master: a slave on IR2.
+    pub const ICW3_MASTER: u8 = 1 << 2;
+    /// ICW3 of the slave: its cascade identity, 2.
+    pub const ICW3_SLAVE: u8 = 2;
+    /// ICW4: 8086 mode, normal EOI.
+    pub const ICW4: u8 = 0x01;
+    /// OCW2: non-specific EOI.
+    pub const EOI: u8 = 0x20;
+    /// OCW2: specific EOI, add the level (0-7).
+    pub const SPECIFIC_EOI: u8 = 0x60;
+    /// OCW3: the next read of the command port returns ISR / IRR.
+    pub const READ_ISR: u8 = 0x0b;
+    pub const READ_IRR: u8 = 0x0a;
+    /// Vector bases the guests program (as Linux does).
+    pub const MASTER_VECTOR: u8 = 0x20;
+    pub const SLAVE_VECTOR: u8 = 0x28;
+}
+
+/// Initialise both PICs as Linux's `init_8259A` does: mask everything,
+/// ICW1-ICW4 on the master (vectors from `master_vector`, slave on IR2)
+/// and on the slave (vectors from `slave_vector`, identity 2), then mask
+/// everything again (ICW1 clears the mask register). Any bitness.
+/// Clobbers AL.
+pub fn emit_pic_init(
+    a: &mut CodeAssembler,
+    master_vector: u8,
+    slave_vector: u8,
+) -> Result<(), IcedError> {
+    emit_outb(a, pic::MASTER_DATA, 0xff)?;
+    emit_outb(a, pic::SLAVE_DATA, 0xff)?;
+    emit_outb(a, pic::MASTER_COMMAND, pic::ICW1)?;
+    emit_outb(a, pic::MASTER_DATA, master_vector)?;
+    emit_outb(a, pic::MASTER_DATA, pic::ICW3_MASTER)?;
+    emit_outb(a, pic::MASTER_DATA, pic::ICW4)?;
+    emit_outb(a, pic::SLAVE_COMMAND, pic::ICW1)?;
+    emit_outb(a, pic::SLAVE_DATA, slave_vector)?;
+    emit_outb(a, pic::SLAVE_DATA, pic::ICW3_SLAVE)?;
+    emit_outb(a, pic::SLAVE_DATA, pic::ICW4)?;
+    emit_outb(a, pic::MASTER_DATA, 0xff)?;
+    emit_outb(a, pic::SLAVE_DATA, 0xff)
+}
+
+/// The 8254 PIT: ports and the values the guests use.
+pub mod pit {
+    pub const CHANNEL0: u8 = 0x40;
+    pub const COMMAND: u8 = 0x43;
+    /// Control word: channel 0, lobyte/hibyte, mode 2 (rate generator),
+    /// binary.
+    pub const CHANNEL0_RATE_GENERATOR: u8 = 0x34;
+    /// Input clock, Hz.
+    pub const HZ: u32 = 1_193_182;
+    /// Divisor for 1000 Hz, as Linux's `LATCH` for HZ=1000.
+    pub const DIVISOR_1KHZ: u16 = 1193;
+}
+
+/// Program PIT channel 0 as a rate generator (mode 2) with `divisor`: its
+/// OUT, ISA IRQ0, rises once per period. Any bitness. Clobbers AL.
+pub fn emit_pit_rate_generator(a: &mut CodeAssembler, divisor: u16) -> Result<(), IcedError> {
+    let [low, high] = divisor.to_le_bytes();
+    emit_outb(a, pit::COMMAND, pit::CHANNEL0_RATE_GENERATOR)?;
+    emit_outb(a, pit::CHANNEL0, low)?;
+    emit_outb(a, pit::CHANNEL0, high)
+}
+
+/// The local APIC and the IOAPIC as 64-bit code reaches them (through the
+/// pages [`emit_map_apic_pages`] maps): addresses, registers, helpers. The
+/// helpers address the registers through RDX (a 32-bit absolute address
+/// does not fit a sign-extended displacement), with plain 32-bit `mov`s.
+pub mod apic {
+    use iced_x86::code_asm::*;
+
+    pub const LAPIC_BASE: u32 = 0xfee0_0000;
+    pub const IOAPIC_BASE: u32 = 0xfec0_0000;
+
+    // Local APIC registers (offsets in its page).
+    pub const ID: u32 = 0x020;
+    pub const VERSION: u32 = 0x030;
+    pub const TPR: u32 = 0x080;
+    pub const PPR: u32 = 0x0a0;
+    pub const EOI: u32 = 0x0b0;
+    pub const SVR: u32 = 0x0f0;
+    pub const ISR: u32 = 0x100;
+    pub const IRR: u32 = 0x200;
+    pub const ICR_LOW: u32 = 0x300;
+    pub const ICR_HIGH: u32 = 0x310;
+    pub const LVT_TIMER: u32 = 0x320;
+    pub const LVT_LINT0: u32 = 0x350;
+    pub const TIMER_INITIAL: u32 = 0x380;
+    pub const TIMER_CURRENT: u32 = 0x390;
+    pub const TIMER_DIVIDE: u32 = 0x3e0;
+    /// SVR: APIC software enable.
+    pub const SVR_ENABLE: u32 = 1 << 8;
+    /// LVT: masked.
+    pub const LVT_MASKED: u32 = 1 << 16;
+    /// LVT timer mode: periodic.
+    pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+    /// ICR: level "assert" (bit 14), destination shorthands (bits 18-19).
+    pub const ICR_ASSERT: u32 = 1 << 14;
+    pub const ICR_SELF: u32 = 1 << 18;
+    pub const ICR_ALL_INCLUDING_SELF: u32 = 2 << 18;
+    pub const ICR_ALL_EXCLUDING_SELF: u32 = 3 << 18;
+
+    /// The ISR / IRR register (offset from [`ISR`] or [`IRR`]) holding
+    /// `vector`, and its bit there.
+    pub const fn vector_register(first: u32, vector: u8) -> (u32, u32) {
+        (first + (vector as u32 / 32) * 0x10, 1 << (vector % 32))
+    }
+
+    // IOAPIC registers: MMIO offsets, then indices.
+    pub const IOREGSEL: i32 = 0x00;
+    pub const IOWIN: i32 = 0x10;
+    /// Redirection entry `pin`: low dword index (the high dword is + 1).
+    pub const fn redirection(pin: u8) -> u32 {
+        0x10 + 2 * pin as u32
+    }
+    /// Redirection entry bits.
+    pub const RTE_REMOTE_IRR: u32 = 1 << 14;
+    pub const RTE_LEVEL: u32 = 1 << 15;
+    pub const RTE_MASKED: u32 = 1 << 16;
+
+    /// `mov dword [LAPIC_BASE + reg], value`. Clobbers RDX.
+    pub fn lapic_write(a: &mut CodeAssembler, reg: u32, value: u32) -> Result<(), IcedError> {
+        a.mov(edx, LAPIC_BASE)?;
+        a.mov(dword_ptr(rdx + reg), value)
+    }
+
+    /// `mov dword [LAPIC_BASE + reg], eax`. Clobbers RDX.
+    pub fn lapic_write_eax(a: &mut CodeAssembler, reg: u32) -> Result<(), IcedError> {
+        a.mov(edx, LAPIC_BASE)?;
+        a.mov(dword_ptr(rdx + reg), eax)
+    }
+
+    /// `mov eax, dword [LAPIC_BASE + reg]`. Clobbers RDX.
+    pub fn lapic_read(a: &mut CodeAssembler, reg: u32) -> Result<(), IcedError> {
+        a.mov(edx, LAPIC_BASE)?;
+        a.mov(eax, dword_ptr(rdx + reg))
+    }
+
+    /// Write IOAPIC register `index` (IOREGSEL, then IOWIN). Clobbers RDX.
+    pub fn ioapic_write(a: &mut CodeAssembler, index: u32, value: u32) -> Result<(), IcedError> {
+        a.mov(edx, IOAPIC_BASE)?;
+        a.mov(dword_ptr(rdx + IOREGSEL), index)?;
+        a.mov(dword_ptr(rdx + IOWIN), value)
+    }
+
+    /// Read IOAPIC register `index` into EAX. Clobbers RDX.
+    pub fn ioapic_read(a: &mut CodeAssembler, index: u32) -> Result<(), IcedError> {
+        a.mov(edx, IOAPIC_BASE)?;
+        a.mov(dword_ptr(rdx + IOREGSEL), index)?;
+        a.mov(eax, dword_ptr(rdx + IOWIN))
     }
 }
 

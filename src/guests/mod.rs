@@ -9,6 +9,8 @@ pub mod asm;
 pub mod checksum;
 pub mod fault;
 pub mod hello_real;
+pub mod irq_pit_ioapic;
+pub mod irq_pit_pic;
 pub mod long_mode;
 pub mod swint;
 
@@ -56,6 +58,16 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: swint::NAME,
             description: swint::DESCRIPTION,
             build: swint::build,
+        },
+        BuiltinGuest {
+            name: irq_pit_pic::NAME,
+            description: irq_pit_pic::DESCRIPTION,
+            build: irq_pit_pic::build,
+        },
+        BuiltinGuest {
+            name: irq_pit_ioapic::NAME,
+            description: irq_pit_ioapic::DESCRIPTION,
+            build: irq_pit_ioapic::build,
         },
     ]
 }

@@ -89,16 +89,8 @@ pub fn golden(name: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// Show the first differing line of two traces.
-pub fn first_difference(a: &str, b: &str) -> String {
-    for (k, (x, y)) in a.lines().zip(b.lines()).enumerate() {
-        if x != y {
-            return format!("line {}: interp `{x}` vs kvm `{y}`", k + 1);
-        }
-    }
-    format!(
-        "lengths differ: {} vs {} lines",
-        a.lines().count(),
-        b.lines().count()
-    )
+/// Compare two traces (time-dependent values masked); describe the first
+/// difference, or None when they match.
+pub fn trace_difference(a: &str, b: &str) -> Option<String> {
+    duet::trace::compare_traces(a, b).map(|(n, x, y)| format!("line {n}: `{x}` vs `{y}`"))
 }

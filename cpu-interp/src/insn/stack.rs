@@ -32,8 +32,9 @@ pub fn register(t: &mut Table) {
 fn push(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = cpu.stack_op_size(d);
     if d.i.op0_kind() == OpKind::Register && d.i.op0_register().is_segment_register() {
-        // A segment register pushed with a wider operand size writes only
-        // 16 bits (recent Intel processors); the slot is still `size` wide.
+        // SDM (PUSH): with a 64-bit operand size the selector is pushed
+        // zero-extended; with a 32-bit one recent Intel processors write
+        // only 16 bits, leaving the rest of the slot unmodified.
         let v = cpu.reg(d.i.op0_register());
         let w = cpu.stack_width();
         let sp = cpu.gpr[gpr::RSP].wrapping_sub(size as u64) & w;
@@ -43,7 +44,7 @@ fn push(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
                 return Err(Exception::ss(0));
             }
             cpu.probe_lin_write(p, sp, size, user)?;
-            cpu.write_lin(p, sp, 2, v, user)?;
+            cpu.write_lin(p, sp, if size == 8 { 8 } else { 2 }, v, user)?;
         } else {
             cpu.probe_write(p, sreg::SS, sp, size)?;
             cpu.write_mem(p, sreg::SS, sp, 2, v)?;
@@ -284,6 +285,41 @@ mod tests {
         // After the pop ESP = STACK_TOP; the value lands at [STACK_TOP].
         assert_eq!(c.gpr(RSP), STACK_TOP);
         assert_eq!(read_phys(&c, STACK_TOP, 4), 0x55);
+    }
+
+    #[test]
+    fn push_segment_register_64_zero_extends() {
+        // push fs (0f a0): 64-bit operand size, the selector (0x10 in the
+        // test GDT) is written zero-extended to 8 bytes.
+        // push fs with 16-bit operand size (66 0f a0): 2 bytes.
+        let code = [0x0f, 0xa0, 0x66, 0x0f, 0xa0];
+        let c = run(Mode::Long64, &code, |c| {
+            write_phys(c, STACK_TOP - 10, &[0xff; 10]);
+        });
+        assert_eq!(c.gpr(RSP), STACK_TOP - 10);
+        assert_eq!(read_phys(&c, STACK_TOP - 8, 8), 0x10);
+        assert_eq!(read_phys(&c, STACK_TOP - 10, 2), 0x10);
+    }
+
+    #[test]
+    fn enter_with_deep_nesting_level() {
+        // enter 8, 20 (c8 08 00 14): pushes EBP, 19 frame pointers copied
+        // from [ebp-4] .. [ebp-76], and the new frame pointer (21 values;
+        // more than the 8 a PUSHA needs).
+        let code = [0xc8, 0x08, 0x00, 0x14];
+        let c = run(Mode::Prot32, &code, |c| {
+            c.set_gpr(RBP, 0x6000);
+            for k in 1..20u64 {
+                write_phys(c, 0x6000 - 4 * k, &(0x1000 + k as u32).to_le_bytes());
+            }
+        });
+        let frame = STACK_TOP - 4;
+        assert_eq!(c.gpr(RBP), frame);
+        assert_eq!(c.gpr(RSP), STACK_TOP - 4 * 21 - 8);
+        assert_eq!(read_phys(&c, frame, 4), 0x6000);
+        assert_eq!(read_phys(&c, frame - 4, 4), 0x1001);
+        assert_eq!(read_phys(&c, frame - 4 * 19, 4), 0x1000 + 19);
+        assert_eq!(read_phys(&c, frame - 4 * 20, 4), frame);
     }
 
     #[test]

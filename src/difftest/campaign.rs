@@ -1,0 +1,529 @@
+//! The `duet difftest` driver: generate cases per mode, run them on both
+//! sides, minimize and report divergences, and summarize.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use iced_x86::Code;
+
+use cpu_interp::state::CpuState;
+
+use super::case::{analyze, assemble, Case};
+use super::compare::{compare, describe_end, Diff, Verdict};
+use super::corpus;
+use super::gen::Generator;
+use super::harness::{Harness, Outcome};
+use super::minimize::{fields, minimize};
+use super::rng::Rng;
+use super::{DifftestError, Mode, Oracle};
+
+/// Which cases to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corpus {
+    /// Random sequences.
+    Random,
+    /// The deterministic targeted corpora (per instruction class).
+    Targeted,
+    /// Targeted first, then random.
+    All,
+}
+
+/// A campaign.
+#[derive(Clone, Debug)]
+pub struct CampaignConfig {
+    pub seed: u64,
+    /// Random cases per mode.
+    pub cases: u64,
+    pub modes: Vec<Mode>,
+    pub corpus: Corpus,
+    /// Minimize and print divergences (at most this many in full).
+    pub max_reports: usize,
+    /// Print a progress line every this many cases (0: never).
+    pub progress_every: u64,
+    /// Longest random sequence (test instructions).
+    pub max_len: usize,
+}
+
+impl Default for CampaignConfig {
+    fn default() -> Self {
+        CampaignConfig {
+            seed: 1,
+            cases: 1000,
+            modes: Mode::ALL.to_vec(),
+            corpus: Corpus::All,
+            max_reports: 20,
+            progress_every: 0,
+            max_len: 8,
+        }
+    }
+}
+
+/// Counters for one mode.
+#[derive(Clone, Debug, Default)]
+pub struct ModeStats {
+    pub cases: u64,
+    pub matched: u64,
+    pub diverged: u64,
+    pub refused: u64,
+    pub both_timed_out: u64,
+    pub broken: u64,
+    /// Cases the analysis rejected (a generator bug; not run).
+    pub invalid: u64,
+    pub time: Duration,
+}
+
+impl ModeStats {
+    pub fn per_second(&self) -> f64 {
+        let s = self.time.as_secs_f64();
+        if s > 0.0 {
+            self.cases as f64 / s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A reported divergence.
+#[derive(Clone, Debug)]
+pub struct Divergence {
+    pub mode: Mode,
+    pub signature: String,
+    /// Cases that diverged with this signature.
+    pub count: u64,
+    /// The full report of the first (minimized) one.
+    pub report: String,
+}
+
+/// What a campaign found.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub modes: BTreeMap<Mode, ModeStats>,
+    pub divergences: Vec<Divergence>,
+    /// KVM refusals by mode and instruction.
+    pub refusals: BTreeMap<(Mode, String), u64>,
+    /// Generated (and compared) test instructions by iced `Code`.
+    pub coverage: BTreeMap<Code, u64>,
+    /// Broken-case messages (first few).
+    pub broken: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn total_cases(&self) -> u64 {
+        self.modes.values().map(|m| m.cases).sum()
+    }
+
+    pub fn divergent_cases(&self, oracle: Oracle) -> u64 {
+        self.modes
+            .iter()
+            .filter(|(m, _)| m.oracle() == oracle)
+            .map(|(_, s)| s.diverged)
+            .sum()
+    }
+
+    /// No divergence and nothing broken.
+    pub fn clean(&self) -> bool {
+        self.modes
+            .values()
+            .all(|s| s.diverged == 0 && s.broken == 0 && s.invalid == 0)
+    }
+
+    /// The summary as text.
+    pub fn render(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "== difftest summary");
+        let _ = writeln!(
+            t,
+            "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}  oracle",
+            "mode", "cases", "match", "diverged", "refused", "other", "cases/s"
+        );
+        for (m, s) in &self.modes {
+            let _ = writeln!(
+                t,
+                "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9.0}  {}",
+                m.name(),
+                s.cases,
+                s.matched,
+                s.diverged,
+                s.refused,
+                s.both_timed_out + s.broken + s.invalid,
+                s.per_second(),
+                m.oracle()
+            );
+        }
+        let _ = writeln!(
+            t,
+            "total {} cases in {:.1} s ({:.0} cases/s)",
+            self.total_cases(),
+            self.elapsed.as_secs_f64(),
+            self.total_cases() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        );
+        for oracle in [Oracle::Hardware, Oracle::Emulator] {
+            let sigs: Vec<&Divergence> = self
+                .divergences
+                .iter()
+                .filter(|d| d.mode.oracle() == oracle)
+                .collect();
+            let _ = writeln!(
+                t,
+                "divergences ({oracle}): {} cases, {} distinct",
+                self.divergent_cases(oracle),
+                sigs.len()
+            );
+            for d in sigs {
+                let _ = writeln!(t, "  {:>7}x  {}: {}", d.count, d.mode.name(), d.signature);
+            }
+        }
+        if !self.refusals.is_empty() {
+            let _ = writeln!(t, "KVM refused (no oracle for these cases):");
+            for ((m, what), n) in &self.refusals {
+                let _ = writeln!(t, "  {n:>7}x  {}: {what}", m.name());
+            }
+        }
+        if !self.broken.is_empty() {
+            let _ = writeln!(t, "harness problems:");
+            for b in &self.broken {
+                let _ = writeln!(t, "  {b}");
+            }
+        }
+        let _ = writeln!(
+            t,
+            "coverage: {} distinct instruction forms (iced Code) exercised",
+            self.coverage.len()
+        );
+        t
+    }
+
+    /// Coverage by mnemonic, for the docs.
+    pub fn coverage_by_mnemonic(&self) -> BTreeMap<String, (usize, u64)> {
+        let mut m: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+        for (c, n) in &self.coverage {
+            let e = m
+                .entry(format!("{:?}", c.mnemonic()).to_lowercase())
+                .or_default();
+            e.0 += 1;
+            e.1 += n;
+        }
+        m
+    }
+}
+
+/// Code at `addr` in the case, if it is one of its items.
+fn code_at(case: &Case, rip: u64) -> Option<Code> {
+    let asm = assemble(case.mode, &case.items).ok()?;
+    asm.index_of(rip)
+        .and_then(|k| case.items.get(k))
+        .map(|it| it.instr.code())
+}
+
+/// The text of a case: bytes and disassembly per item.
+pub fn listing(case: &Case) -> String {
+    let mut t = String::new();
+    let Ok(asm) = assemble(case.mode, &case.items) else {
+        return "(does not assemble)\n".into();
+    };
+    let bits = case.mode.bits();
+    let mut addrs: Vec<u64> = asm.addrs.clone();
+    addrs.push(asm.term_addr);
+    for (k, a) in addrs.iter().enumerate() {
+        let end = addrs.get(k + 1).copied().unwrap_or(asm.end_addr);
+        let off = (a - asm.addrs.first().copied().unwrap_or(asm.term_addr)) as usize;
+        let len = (end - a) as usize;
+        let bytes = &asm.code[off..off + len];
+        let hex: String = bytes.iter().map(|b| format!("{b:02x} ")).collect();
+        let dis = cpu_interp::disasm_bytes(bits, *a, bytes);
+        let note = match case.items.get(k) {
+            Some(it) if it.setup => "   ; setup",
+            Some(_) => "",
+            None => "   ; terminator",
+        };
+        let _ = writeln!(t, "  {a:#07x}: {hex:<36} {dis}{note}");
+    }
+    t
+}
+
+fn describe_state(s: &CpuState, bits: u32) -> String {
+    const N: [&str; 16] = [
+        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15",
+    ];
+    let n = if bits == 64 { 16 } else { 8 };
+    let mut t = String::new();
+    for k in 0..n {
+        let _ = write!(t, "{}={:#x} ", N[k], s.regs.gpr[k]);
+        if k % 4 == 3 {
+            t.push_str("\n    ");
+        }
+    }
+    let _ = write!(
+        t,
+        "rflags={:#x} rip={:#x} cs={:#x}",
+        s.regs.rflags, s.regs.rip, s.sregs.cs.selector
+    );
+    t
+}
+
+fn render_divergence(case: &Case, out: &Outcome, diffs: &[Diff], original_len: usize) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "--- divergence in {} ({}), case {}",
+        case.mode.name(),
+        case.mode.oracle(),
+        case.origin
+    );
+    let _ = writeln!(
+        t,
+        "code ({} items, minimized from {original_len}):",
+        case.items.len()
+    );
+    t.push_str(&listing(case));
+    let _ = writeln!(
+        t,
+        "initial state:\n    {}",
+        describe_state(&case.init, case.mode.bits())
+    );
+    let _ = writeln!(t, "kvm:    {}", describe_end(case, &out.asm, &out.kvm));
+    let _ = writeln!(t, "interp: {}", describe_end(case, &out.asm, &out.interp));
+    let _ = writeln!(t, "differences (kvm | interp):");
+    for d in diffs {
+        let _ = writeln!(t, "  * {:<28} {} | {}", d.field, d.kvm, d.interp);
+    }
+    t
+}
+
+/// The mnemonic of the last reachable test item before where KVM stopped
+/// (or the last test item), for grouping divergences.
+fn culprit(case: &Case) -> String {
+    case.items
+        .iter()
+        .rev()
+        .find(|it| !it.setup)
+        .map(|it| format!("{:?}", it.instr.code()))
+        .unwrap_or_else(|| "(empty)".into())
+}
+
+/// Runs cases and collects the summary.
+pub struct Campaign<'a> {
+    pub h: Harness,
+    pub summary: Summary,
+    cfg: CampaignConfig,
+    out: &'a mut dyn Write,
+    seen: BTreeMap<(Mode, String), usize>,
+    minimized: usize,
+    printed: usize,
+}
+
+impl<'a> Campaign<'a> {
+    pub fn new(cfg: CampaignConfig, out: &'a mut dyn Write) -> Result<Self, DifftestError> {
+        Ok(Campaign {
+            h: Harness::new()?,
+            summary: Summary::default(),
+            cfg,
+            out,
+            seen: BTreeMap::new(),
+            minimized: 0,
+            printed: 0,
+        })
+    }
+
+    /// Run one case; returns its verdict (and records it).
+    pub fn run_case(
+        &mut self,
+        case: &Case,
+        gen: Option<&mut Generator>,
+    ) -> Result<Verdict, DifftestError> {
+        let t0 = Instant::now();
+        let stats = self.summary.modes.entry(case.mode).or_default();
+        stats.cases += 1;
+        let an = match analyze(case.mode, &case.items) {
+            Ok(a) => a,
+            Err(e) => {
+                stats.invalid += 1;
+                if self.summary.broken.len() < 20 {
+                    self.summary.broken.push(format!(
+                        "{}: invalid case {}: {e}",
+                        case.mode.name(),
+                        case.origin
+                    ));
+                }
+                return Ok(Verdict::Broken(e));
+            }
+        };
+        let out = match self.h.run(case) {
+            Ok(o) => o,
+            Err(DifftestError::Assemble(e)) => {
+                stats.invalid += 1;
+                return Ok(Verdict::Broken(e));
+            }
+            Err(e) => return Err(e),
+        };
+        let v = compare(case, &an, &out);
+        let stats = self.summary.modes.entry(case.mode).or_default();
+        stats.time += t0.elapsed();
+        match &v {
+            Verdict::Match => {
+                stats.matched += 1;
+                self.cover(case);
+            }
+            Verdict::BothTimedOut => stats.both_timed_out += 1,
+            Verdict::Broken(m) => {
+                stats.broken += 1;
+                if self.summary.broken.len() < 20 {
+                    self.summary.broken.push(format!(
+                        "{}: case {}: {m}",
+                        case.mode.name(),
+                        case.origin
+                    ));
+                }
+            }
+            Verdict::Refused { rip, message } => {
+                stats.refused += 1;
+                let what = match code_at(case, *rip) {
+                    Some(c) => {
+                        if let Some(g) = gen {
+                            g.ban(c);
+                        }
+                        format!("{c:?}")
+                    }
+                    None => message.lines().next().unwrap_or("").to_string(),
+                };
+                *self.summary.refusals.entry((case.mode, what)).or_default() += 1;
+            }
+            Verdict::Diverged(diffs) => {
+                stats.diverged += 1;
+                self.cover(case);
+                self.divergence(case, &out, diffs)?;
+            }
+        }
+        Ok(v)
+    }
+
+    fn cover(&mut self, case: &Case) {
+        for it in &case.items {
+            if !it.setup {
+                *self.summary.coverage.entry(it.instr.code()).or_default() += 1;
+            }
+        }
+    }
+
+    fn divergence(
+        &mut self,
+        case: &Case,
+        out: &Outcome,
+        diffs: &[Diff],
+    ) -> Result<(), DifftestError> {
+        let pre = format!("{} [{}]", culprit(case), fields(diffs).join(","));
+        let key = (case.mode, pre.clone());
+        if let Some(&k) = self.seen.get(&key) {
+            if let Some(d) = self.summary.divergences.get_mut(k) {
+                d.count += 1;
+            }
+            return Ok(());
+        }
+        let mut report = String::new();
+        let mut signature = pre.clone();
+        if self.minimized < self.cfg.max_reports.saturating_mul(4).max(50) {
+            self.minimized += 1;
+            let (small, _runs) = minimize(&mut self.h, case, diffs)?;
+            // Re-run the minimized case for its own report.
+            let an = analyze(small.mode, &small.items).ok();
+            let rerun = self.h.run(&small).ok();
+            if let (Some(an), Some(o)) = (an, rerun) {
+                if let Verdict::Diverged(d2) = compare(&small, &an, &o) {
+                    signature = format!("{} [{}]", culprit(&small), fields(&d2).join(","));
+                    report = render_divergence(&small, &o, &d2, case.items.len());
+                }
+            }
+        }
+        // The same minimized divergence was seen before: count it there.
+        if let Some(k) = self
+            .summary
+            .divergences
+            .iter()
+            .position(|d| d.mode == case.mode && d.signature == signature)
+        {
+            self.summary.divergences[k].count += 1;
+            self.seen.insert(key, k);
+            return Ok(());
+        }
+        if report.is_empty() {
+            report = render_divergence(case, out, diffs, case.items.len());
+        }
+        if self.printed < self.cfg.max_reports {
+            self.printed += 1;
+            let _ = writeln!(self.out, "{report}");
+        }
+        self.seen.insert(key, self.summary.divergences.len());
+        self.summary.divergences.push(Divergence {
+            mode: case.mode,
+            signature,
+            count: 1,
+            report,
+        });
+        Ok(())
+    }
+
+    /// The targeted corpora for `mode`.
+    pub fn run_targeted(&mut self, mode: Mode) -> Result<(), DifftestError> {
+        let cases = corpus::cases(mode, self.cfg.seed);
+        let n = cases.len() as u64;
+        for (k, c) in cases.iter().enumerate() {
+            self.run_case(c, None)?;
+            self.progress(mode, k as u64 + 1, n);
+        }
+        Ok(())
+    }
+
+    /// `n` random cases in `mode`.
+    pub fn run_random(&mut self, mode: Mode, n: u64) -> Result<(), DifftestError> {
+        let mut g = Generator::new(mode);
+        g.max_len = self.cfg.max_len;
+        for k in 0..n {
+            let mut rng = Rng::derive(self.cfg.seed, (mode as u64) << 48 | k);
+            let case = g.case(&mut rng, format!("seed {} random #{k}", self.cfg.seed));
+            self.run_case(&case, Some(&mut g))?;
+            self.progress(mode, k + 1, n);
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, mode: Mode, done: u64, of: u64) {
+        let every = self.cfg.progress_every;
+        if every > 0 && (done % every == 0 || done == of) {
+            let s = self.summary.modes.get(&mode).cloned().unwrap_or_default();
+            let _ = writeln!(
+                self.out,
+                "[{}] {done}/{of}: {} match, {} diverged, {} refused ({:.0} cases/s)",
+                mode.name(),
+                s.matched,
+                s.diverged,
+                s.refused,
+                s.per_second()
+            );
+        }
+    }
+
+    pub fn finish(mut self, start: Instant) -> Summary {
+        self.summary.elapsed = start.elapsed();
+        self.summary
+    }
+}
+
+/// Run a whole campaign, writing divergence reports and progress to `out`.
+pub fn run_campaign(cfg: &CampaignConfig, out: &mut dyn Write) -> Result<Summary, DifftestError> {
+    let start = Instant::now();
+    let mut c = Campaign::new(cfg.clone(), out)?;
+    let modes: BTreeSet<Mode> = cfg.modes.iter().copied().collect();
+    for mode in modes {
+        if matches!(cfg.corpus, Corpus::Targeted | Corpus::All) {
+            c.run_targeted(mode)?;
+        }
+        if matches!(cfg.corpus, Corpus::Random | Corpus::All) {
+            c.run_random(mode, cfg.cases)?;
+        }
+    }
+    Ok(c.finish(start))
+}

@@ -1,0 +1,1 @@
+//! Random bytes as guest code (filled in below).
