@@ -57,6 +57,10 @@ pub mod boot {
     /// The BIOS area 0xe0000..0x100000: ACPI tables, RSDP at its start.
     pub const BIOS_START: u64 = 0xe_0000;
     pub const RSDP: u64 = 0xe_0000;
+    /// ACPI PM1a event/control blocks and PM timer (12 ports).
+    pub const ACPI_PM_BASE: u16 = 0x600;
+    /// The MP floating pointer and configuration table (in the EBDA).
+    pub const MPTABLE: u64 = EBDA_START;
 }
 
 /// Port I/O.
@@ -71,6 +75,8 @@ pub mod ports {
     pub const POST_CODE: u16 = 0x80;
     /// QEMU isa-debug-exit compatible port.
     pub const DEBUG_EXIT: u16 = 0xf4;
+    /// Reset control register (the FADT's RESET_REG).
+    pub const RESET_CONTROL: u16 = 0xcf9;
 }
 
 /// The guest-physical RAM ranges for `size` bytes of memory.

@@ -8,13 +8,16 @@
 //! - [`trace`]: the single observation point every device access passes.
 //! - [`guests`]: built-in guest programs.
 
+pub mod acpi;
 pub mod backend;
 pub mod bench;
 pub mod clock;
+pub mod console;
 pub mod difftest;
 pub mod guests;
 pub mod irqchip;
 pub mod layout;
 pub mod loader;
 pub mod machine;
+pub mod mptable;
 pub mod trace;

@@ -88,6 +88,8 @@ pub enum Outcome {
     Reset,
     /// The guest powered off.
     PowerOff,
+    /// The user quit from the console (Ctrl-A x).
+    HostQuit,
     /// The guest shut down abnormally.
     Shutdown(ShutdownReason),
 }
@@ -97,7 +99,7 @@ impl Outcome {
     /// statuses are always odd; duet's own are even.
     pub fn exit_status(&self) -> i32 {
         match self {
-            Outcome::Stopped | Outcome::PowerOff => 0,
+            Outcome::Stopped | Outcome::PowerOff | Outcome::HostQuit => 0,
             Outcome::DebugExit(s) => (*s & 0xff) as i32,
             Outcome::Reset => 2,
             Outcome::Shutdown(ShutdownReason::TripleFault) => 4,
@@ -114,6 +116,7 @@ impl Outcome {
             }
             Outcome::Reset => "guest requested a reset".into(),
             Outcome::PowerOff => "guest powered off".into(),
+            Outcome::HostQuit => "quit from the console".into(),
             Outcome::Shutdown(r) => format!("guest shut down: {r}"),
         }
     }
@@ -121,7 +124,7 @@ impl Outcome {
 
 /// The TSC frequency of the interpreter's virtual CPU (and the LAPIC's TSC
 /// view on the interpreter).
-pub const INTERP_TSC_HZ: u64 = 2_000_000_000;
+pub const INTERP_TSC_HZ: u64 = crate::backend::interp::INTERP_TSC_KHZ as u64 * 1000;
 
 /// A fixed wall-clock start (2026-01-01T00:00:00Z) for virtual-time runs,
 /// so that they are repeatable.
@@ -206,7 +209,7 @@ impl Machine {
             true,
             clock.clone(),
             taint.clone(),
-            devices::lapic::DEFAULT_TIMER_HZ,
+            u64::from(backend::interp::LAPIC_TIMER_HZ),
             tsc_hz,
         );
         let router = IrqRouter::new(Pic8259Pair::new(), Ioapic::new(), lapic);
@@ -301,6 +304,20 @@ impl Machine {
             1,
             Arc::new(Mutex::new(PostCode::default())),
         )?;
+        let pm = devices::acpi_pm::AcpiPm::new(clock.clone(), taint.clone(), control.clone());
+        pio.insert(
+            "acpi-pm",
+            u64::from(layout::boot::ACPI_PM_BASE),
+            devices::acpi_pm::BLOCK_LEN,
+            Arc::new(Mutex::new(pm)),
+        )?;
+        let reset = devices::reset_control::ResetControl::new(control.clone());
+        pio.insert(
+            "reset",
+            u64::from(ports::RESET_CONTROL),
+            1,
+            Arc::new(Mutex::new(reset)),
+        )?;
 
         let tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p)?,
@@ -334,6 +351,16 @@ impl Machine {
         })
     }
 
+    /// A handle that makes a running vCPU return soon (for host threads).
+    pub fn kicker(&self) -> Arc<dyn backend::Kick> {
+        self.vcpu.kicker()
+    }
+
+    /// The VM-level request channel devices and host threads post to.
+    pub fn control(&self) -> VmControl {
+        self.io.control.clone()
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.backend_name
     }
@@ -359,6 +386,9 @@ impl Machine {
     /// Load a kernel (bzImage, PVH ELF or multiboot) with its initrd and
     /// command line, and set the vCPU's boot state.
     pub fn load_kernel(&mut self, spec: &crate::loader::KernelSpec) -> Result<(), MachineError> {
+        crate::acpi::write(&self.mem, &crate::acpi::AcpiConfig { cpus: 1 })
+            .map_err(|e| MachineError::Config(e.to_string()))?;
+        crate::mptable::write(&self.mem, 1).map_err(|e| MachineError::Config(e.to_string()))?;
         let state = crate::loader::load(&self.mem, spec)?;
         self.vcpu.set_state(&state)?;
         Ok(())
@@ -417,6 +447,7 @@ impl Machine {
                     Some(VmAction::DebugExit(s)) => break Outcome::DebugExit(s),
                     Some(VmAction::Reset) => break Outcome::Reset,
                     Some(VmAction::PowerOff) => break Outcome::PowerOff,
+                    Some(VmAction::HostQuit) => break Outcome::HostQuit,
                     None => {}
                 },
             }

@@ -61,6 +61,9 @@ struct DifftestArgs {
     /// Print a progress line every N cases.
     #[arg(long, default_value_t = 0)]
     progress: u64,
+    /// Replay only random case N (printed in full, whatever the verdict).
+    #[arg(long)]
+    case: Option<u64>,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -85,6 +88,7 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         })
         .collect();
     let corpus = match args.corpus.as_str() {
+        _ if args.case.is_some() => Corpus::Random,
         "random" => Corpus::Random,
         "targeted" => Corpus::Targeted,
         _ => Corpus::All,
@@ -97,6 +101,7 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         max_reports: args.max_reports,
         progress_every: args.progress,
         max_len: args.max_len.max(1),
+        only: args.case,
     };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());
@@ -271,7 +276,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             .context("cannot load the kernel")?,
         (None, None) => unreachable!("a guest or a kernel is always chosen"),
     }
-    let outcome = m.run().context("the VM failed")?;
+    // The serial console: stdin feeds the UART (raw mode on a terminal,
+    // Ctrl-A x quits).
+    let raw = duet::console::RawMode::enter().context("serial console")?;
+    let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
+    duet::console::spawn_stdin(input, m.control(), m.kicker(), raw.is_some());
+    let outcome = m.run();
+    drop(raw);
+    let outcome = outcome.context("the VM failed")?;
     let status = outcome.exit_status();
     if status != 0 {
         eprintln!("duet: {}", outcome.describe());

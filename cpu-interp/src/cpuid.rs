@@ -13,6 +13,13 @@ pub struct CpuidConfig {
     pub apic: bool,
     /// TSC frequency in kHz, for leaves 0x15/0x16 (None hides them).
     pub tsc_khz: Option<u32>,
+    /// The core crystal clock (Hz) of leaf 0x15: the local APIC timer's
+    /// input, which Linux takes from here instead of calibrating.
+    pub crystal_hz: u32,
+    /// Advertise x2APIC (the machine's local APIC model answers the MSRs).
+    pub x2apic: bool,
+    /// Advertise the TSC-deadline timer mode.
+    pub tsc_deadline: bool,
 }
 
 pub mod leaf1_edx {
@@ -107,6 +114,14 @@ fn str_regs(s: &[u8]) -> [u32; 3] {
     [w(0), w(4), w(8)]
 }
 
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// CPUID(`leaf`, `subleaf`) → [EAX, EBX, ECX, EDX].
 pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
     match leaf {
@@ -118,10 +133,17 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
         1 => {
             let ebx = (cfg.apic_id << 24) | (1 << 16) | (8 << 8);
             let mut edx = LEAF1_EDX;
+            let mut ecx = LEAF1_ECX;
             if cfg.apic {
                 edx |= leaf1_edx::APIC;
+                if cfg.x2apic {
+                    ecx |= leaf1_ecx::X2APIC;
+                }
+                if cfg.tsc_deadline {
+                    ecx |= leaf1_ecx::TSC_DEADLINE;
+                }
             }
-            [SIGNATURE, ebx, LEAF1_ECX, edx]
+            [SIGNATURE, ebx, ecx, edx]
         }
         // Deterministic cache parameters: report no caches.
         4 => [0, 0, 0, 0],
@@ -135,12 +157,19 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
             }
         }
         0x15 => match cfg.tsc_khz {
-            // TSC/"core crystal" ratio 1:1 with the crystal at the TSC rate.
-            Some(khz) => [1, 1, khz.saturating_mul(1000), 0],
-            None => [0, 0, 0, 0],
+            // TSC = crystal × EBX / EAX, with the crystal in ECX (Hz). The
+            // ratio is kept reduced: Linux multiplies crystal kHz by EBX in
+            // 32 bits.
+            Some(khz) if cfg.crystal_hz >= 1000 && khz > 0 => {
+                let crystal_khz = cfg.crystal_hz / 1000;
+                let g = gcd(khz, crystal_khz);
+                [crystal_khz / g, khz / g, cfg.crystal_hz, 0]
+            }
+            _ => [0, 0, 0, 0],
         },
         0x16 => match cfg.tsc_khz {
-            Some(khz) => [khz / 1000, khz / 1000, 100, 0],
+            // Base and maximum frequency, bus (reference) frequency, in MHz.
+            Some(khz) => [khz / 1000, khz / 1000, cfg.crystal_hz / 1_000_000, 0],
             None => [0, 0, 0, 0],
         },
         2 | 3 | 5 | 6 | 8..=0xa | 0xc..=0x14 => [0, 0, 0, 0],
@@ -187,6 +216,21 @@ mod tests {
             }
         }
         assert!(brand.starts_with(b"duet virtual CPU"));
+    }
+
+    #[test]
+    fn tsc_leaves_give_linux_the_frequencies() {
+        let c = CpuidConfig {
+            tsc_khz: Some(2_000_000),
+            crystal_hz: 1_000_000_000,
+            ..Default::default()
+        };
+        let [eax, ebx, ecx, _] = query(&c, 0x15, 0);
+        // Linux: tsc_khz = crystal_khz * ebx / eax, computed in 32 bits.
+        let khz = (ecx / 1000).checked_mul(ebx).expect("no 32-bit overflow") / eax;
+        assert_eq!(khz, 2_000_000);
+        assert_eq!(query(&c, 0x16, 0)[0], 2000);
+        assert_eq!(query(&CpuidConfig::default(), 0x15, 0), [0; 4]);
     }
 
     #[test]

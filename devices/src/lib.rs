@@ -5,6 +5,7 @@
 //! [`irq::IrqLine`], and ask for VM-level actions (reset, power off, debug
 //! exit) through a [`vm_control::VmControl`] handle.
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod clock;
 pub mod debug_exit;
@@ -16,6 +17,7 @@ pub mod pic8259;
 pub mod pit8254;
 pub mod post_code;
 pub mod ratelimit;
+pub mod reset_control;
 pub mod rtc_cmos;
 pub mod uart16550;
 pub mod vm_control;

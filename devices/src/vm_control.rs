@@ -16,6 +16,8 @@ pub enum VmAction {
     Reset,
     /// Power off (ACPI S5).
     PowerOff,
+    /// The host user asked to quit (Ctrl-A x on the console).
+    HostQuit,
 }
 
 #[derive(Default)]

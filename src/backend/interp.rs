@@ -7,6 +7,11 @@ use cpu_interp::{Cpu, CpuExit, Platform, Ram};
 
 use super::{Backend, CpuState, GuestMemory, IoHandler, Result, Vcpu, VcpuExit, VcpuStats};
 
+/// The interpreter's TSC frequency (kHz), reported in CPUID leaf 0x15/0x16.
+pub const INTERP_TSC_KHZ: u32 = 2_000_000;
+/// The local APIC timer's input clock, reported as the crystal in leaf 0x15.
+pub const LAPIC_TIMER_HZ: u32 = 1_000_000_000;
+
 /// Instructions the interpreter runs before returning `Interrupted`, so the
 /// VMM gets regular chances to look at the outside world.
 pub const DEFAULT_BUDGET: u64 = 4_000_000;
@@ -74,11 +79,19 @@ impl Backend for InterpBackend {
         "interp"
     }
 
+    fn tsc_khz(&self) -> Option<u32> {
+        Some(INTERP_TSC_KHZ)
+    }
+
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(Ram::new(self.mem.clone()));
         cpu.set_cpuid_config(cpu_interp::cpuid::CpuidConfig {
             apic_id: id,
-            ..Default::default()
+            apic: true,
+            tsc_khz: Some(INTERP_TSC_KHZ),
+            crystal_hz: LAPIC_TIMER_HZ,
+            x2apic: true,
+            tsc_deadline: true,
         });
         Ok(Box::new(InterpVcpu {
             cpu,

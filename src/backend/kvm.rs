@@ -16,11 +16,14 @@
 //!     0xa0/0xa1, 0x4d0/0x4d1, 0x40–0x43 and, with the PIT's speaker dummy,
 //!     0x61) and MMIO (IOAPIC 0xfec00000, LAPIC 0xfee00000) never reach the
 //!     [`IoHandler`]; the VMM raises interrupt lines with
-//!     [`Backend::set_irq_line`]; HLT waits in the kernel (so `run` does not
-//!     return `Halted`; a kick ends the wait); [`Vcpu::inject_interrupt`] is
-//!     an error and [`Vcpu::request_interrupt_window`] is ignored (KVM
-//!     rejects `KVM_INTERRUPT` with an in-kernel irqchip and injects by
-//!     itself); the machine's MSRs are KVM's.
+//!     [`Backend::set_irq_line`]; HLT waits in the kernel, also `cli; hlt`
+//!     (a kick ends the wait, and `run` then returns `Halted` if KVM holds
+//!     the vCPU halted, else `Interrupted`; so the VMM must kick to notice
+//!     a guest that stopped); [`Vcpu::inject_interrupt`] is an error and
+//!     [`Vcpu::request_interrupt_window`] is ignored (KVM rejects
+//!     `KVM_INTERRUPT` with an in-kernel irqchip and injects by itself);
+//!     the machine's MSRs are KVM's, and CPUID advertises x2APIC and (with
+//!     `KVM_CAP_TSC_DEADLINE_TIMER`) TSC-deadline for KVM's LAPIC.
 //! - The machine's MSRs (userspace irqchip): IA32_APIC_BASE (0x1b),
 //!   IA32_TSC_DEADLINE (0x6e0) and the x2APIC range (0x800–0x8ff) reach
 //!   [`IoHandler::msr_read`]/[`IoHandler::msr_write`] through
@@ -195,7 +198,8 @@ mod ioctls {
 
 /// The signal that interrupts a vCPU thread's `KVM_RUN`: SIGRTMIN+1, with a
 /// no-op handler installed once per process (without `SA_RESTART`, so the
-/// ioctl returns `EINTR`). `None` if the handler could not be installed;
+/// ioctl returns `EINTR`), and unblocked by `run` on the thread that calls
+/// it. `None` if the handler could not be installed;
 /// kicks then still work, except that a guest already running inside
 /// `KVM_RUN` is only interrupted at its next exit.
 pub fn kick_signal() -> Option<libc::c_int> {
@@ -251,7 +255,7 @@ struct KickTarget {
 /// kick is never half-consumed. The vCPU thread also sets `immediate_exit`
 /// on its own (to complete an I/O exit without re-entering the guest),
 /// which never conflicts with a kick.
-pub struct KvmKick {
+struct KvmKick {
     /// A kick not yet answered by a return from `run`. Also what the
     /// interpreter fallback polls (through [`IoPlatform`]).
     pending: AtomicBool,
@@ -280,6 +284,22 @@ impl KvmKick {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.target().thread = Some(me);
+    }
+
+    /// Make sure the calling thread (about to run the vCPU) does not block
+    /// the kick signal; `checked` remembers the last thread checked.
+    fn unblock_here(&self, checked: &mut Option<libc::pthread_t>) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if *checked == Some(me) {
+            return;
+        }
+        *checked = Some(me);
+        if let Some(sig) = self.signal {
+            if let Err(e) = vmm_sys_util::signal::unblock_signal(sig) {
+                log::warn!("kvm: cannot unblock the vCPU kick signal {sig} on this thread: {e}");
+            }
+        }
     }
 
     /// The vCPU thread is back from `KVM_RUN`.
@@ -640,6 +660,7 @@ impl KvmBackend {
         let immediate_exit = NonNull::from(&mut run.immediate_exit);
         let mut vcpu = KvmVcpu {
             kick: Arc::new(KvmKick::new(immediate_exit)),
+            kick_unblocked_on: None,
             fd,
             id,
             caps: self.caps,
@@ -763,6 +784,9 @@ pub struct KvmVcpu {
     caps: Caps,
     /// Shared with the kickers (see [`KvmKick`]).
     kick: Arc<KvmKick>,
+    /// The thread on which the kick signal was last made sure to be
+    /// unblocked (vCPUs may move between threads).
+    kick_unblocked_on: Option<libc::pthread_t>,
     /// Size of the kvm_run mapping (bounds the PIO data area).
     run_size: usize,
     /// The VMM asked for [`VcpuExit::InterruptWindow`].
@@ -881,7 +905,7 @@ impl KvmVcpu {
         if self.kick.is_pending() {
             // Kicked while not in KVM_RUN: answer without entering.
             self.count("intr");
-            return Ok(VcpuExit::Interrupted);
+            return self.interrupted();
         }
         // Set when the VMM is to get the vCPU back after an I/O exit: KVM
         // completes the pending instruction and, because of immediate_exit,
@@ -934,7 +958,10 @@ impl KvmVcpu {
                         Some(_) => "irq-window",
                         None => "intr",
                     });
-                    return Ok(exiting.unwrap_or(VcpuExit::Interrupted));
+                    return match exiting {
+                        Some(e) => Ok(e),
+                        None => self.interrupted(),
+                    };
                 }
                 Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
@@ -1015,6 +1042,25 @@ impl KvmVcpu {
                 }
             }
         }
+    }
+
+    /// What a kicked `run` returns: `Interrupted`, except that with the
+    /// kernel irqchip a vCPU KVM holds halted (waiting in the kernel for an
+    /// interrupt) reports `Halted`, so that the VMM can tell a guest that
+    /// stopped (`cli; hlt`) from one that is running: kick, then look at
+    /// IF in [`Vcpu::state`].
+    fn interrupted(&mut self) -> Result<VcpuExit> {
+        if self.caps.kernel_irqchip {
+            let mp = self
+                .fd
+                .get_mp_state()
+                .map_err(kvm_err("KVM_GET_MP_STATE"))?;
+            if mp.mp_state == KVM_MP_STATE_HALTED {
+                self.count("hlt-in-kernel");
+                return Ok(VcpuExit::Halted);
+            }
+        }
+        Ok(VcpuExit::Interrupted)
     }
 
     /// Complete the current `KVM_EXIT_X86_RDMSR` (`write` None) or
@@ -1787,6 +1833,7 @@ fn fam_err(op: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error) -> Backend
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
+        self.kick.unblock_here(&mut self.kick_unblocked_on);
         let r = self.run_loop(io);
         // Whatever this returns answers the kicks made so far; clearing
         // immediate_exit here also ends our own use of it.
@@ -1875,8 +1922,8 @@ impl Vcpu for KvmVcpu {
     }
 
     /// Sets `kvm_run.immediate_exit` and signals the vCPU thread if it is
-    /// inside `KVM_RUN` (see [`KvmKick`]); usable from any thread, also
-    /// after the vCPU is gone (then it does nothing).
+    /// inside `KVM_RUN` (see `KvmKick` in this module); usable from any
+    /// thread, also after the vCPU is gone (then it does nothing).
     fn kicker(&self) -> Arc<dyn Kick> {
         self.kick.clone()
     }
@@ -3347,12 +3394,44 @@ mod tests {
         if !kvm_usable() {
             return;
         }
-        for mode in [Mode::Real, Mode::Long64] {
+        // (mode, ring 3): KVM-PVM emulates ring-0 code in the host kernel
+        // and runs ring 3 natively.
+        for (mode, user) in [
+            (Mode::Real, false),
+            (Mode::Long64, false),
+            (Mode::Long64, true),
+        ] {
             let mut rig = rig();
             rig.setup(mode);
             // jmp $; mov al, 'E'; out PORT_END, al; hlt
             rig.write(CODE, &[0xeb, 0xfe, 0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
-            rig.vcpu.set_state(&mode_state(mode)).unwrap();
+            let mut s = mode_state(mode);
+            if user {
+                // User pages, ring-3 segments, IOPL 3 for the OUT; the HLT
+                // at the end faults (#GP stub: out 13, hlt in ring 0).
+                rig.write(PML4, &(0x2000u64 | 7).to_le_bytes());
+                rig.write(0x2000, &(0x3000u64 | 7).to_le_bytes());
+                rig.write(0x3000, &0x87u64.to_le_bytes());
+                rig.write(GDT + 0x20, &0x00af_fb00_0000_ffffu64.to_le_bytes());
+                rig.write(GDT + 0x28, &0x00cf_f300_0000_ffffu64.to_le_bytes());
+                rig.write(TSS + 4, &STACK_TOP.to_le_bytes()); // RSP0
+                s.sregs.gdt.limit = 0x2f;
+                s.sregs.cs = Segment {
+                    dpl: 3,
+                    ..flat(0x23, true, true)
+                };
+                let data = Segment {
+                    dpl: 3,
+                    ..flat(0x2b, false, false)
+                };
+                s.sregs.ss = data;
+                s.sregs.ds = data;
+                s.sregs.es = data;
+                s.regs.rflags = 0x3002; // IOPL 3
+                s.regs.gpr[cpu_interp::state::gpr::RSP] = STACK_TOP - 0x800;
+            }
+            let mode = format!("{mode:?}{}", if user { " ring 3" } else { "" });
+            rig.vcpu.set_state(&s).unwrap();
             let mut io = Recorder::default();
             let mut latencies = Vec::new();
             for round in 0..5 {
@@ -3381,10 +3460,10 @@ mod tests {
                 done.store(true, Ordering::Relaxed);
                 t.join().unwrap();
                 let kicked_at = rx.recv().unwrap();
-                assert_eq!(exit, VcpuExit::Interrupted, "{mode:?} round {round}");
+                assert_eq!(exit, VcpuExit::Interrupted, "{mode} round {round}");
                 assert!(
                     back - start >= Duration::from_millis(40),
-                    "{mode:?} round {round}: run returned after {:?}, before the kick",
+                    "{mode} round {round}: run returned after {:?}, before the kick",
                     back - start
                 );
                 latencies.push(back.saturating_duration_since(kicked_at));
@@ -3392,21 +3471,64 @@ mod tests {
             }
             latencies.sort();
             println!(
-                "{mode:?}: kick latency (kick() to run() returning), 5 rounds: min {:?} median \
+                "{mode}: kick latency (kick() to run() returning), 5 rounds: min {:?} median \
                  {:?} max {:?}",
                 latencies[0], latencies[2], latencies[4]
             );
             assert!(
                 latencies[4] < Duration::from_secs(1),
-                "{mode:?}: a kick was lost (the watchdog's kick ended the run): {latencies:?}"
+                "{mode}: a kick was lost (the watchdog's kick ended the run): {latencies:?}"
             );
             // No kick is left over: with the loop patched away the guest
             // runs to its end.
             rig.write(CODE, &[0x90, 0x90]);
             assert_eq!(rig.run(&mut io), VcpuExit::Halted);
-            assert_eq!(io.out_bytes(PORT_END), b"E", "{mode:?}");
-            assert_eq!(io.log.len(), 1, "{mode:?}: {:?}", io.log);
+            assert_eq!(io.out_bytes(PORT_END), b"E", "{mode}: {:?}", io.log);
+            let stub = if user { vec![13] } else { vec![] };
+            assert_eq!(io.out_bytes(PORT_EXC), stub, "{mode}: {:?}", io.log);
         }
+    }
+
+    /// `run` unblocks the kick signal on a thread that blocked it (here a
+    /// thread that blocks it before running the vCPU).
+    #[test]
+    fn kick_reaches_a_thread_that_blocked_the_signal() {
+        use std::time::Duration;
+        if !kvm_usable() {
+            return;
+        }
+        let Some(sig) = kick_signal() else {
+            println!("skipping: no kick signal");
+            return;
+        };
+        let mut rig = rig();
+        rig.write(CODE, &[0xeb, 0xfe]); // jmp $
+        rig.vcpu
+            .set_state(&CpuState::real_mode_at(0, CODE as u16))
+            .unwrap();
+        let kicker = rig.vcpu.kicker();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            vmm_sys_util::signal::block_signal(sig).unwrap();
+            tx.send(()).unwrap();
+            let mut io = Recorder::default();
+            rig.vcpu.run(&mut io).unwrap()
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        kicker.kick();
+        for _ in 0..200 {
+            if t.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let finished = t.is_finished();
+        if !finished {
+            kicker.kick(); // would not help: fail instead of hanging
+        }
+        assert!(finished, "the kick did not interrupt KVM_RUN");
+        assert_eq!(t.join().unwrap(), VcpuExit::Interrupted);
     }
 
     /// A kick while the vCPU is outside `run` is answered by the next `run`
@@ -3846,6 +3968,39 @@ mod tests {
         );
         assert!(!rig.vcpu.stats().exits.iter().any(|(k, _)| k == "hlt"));
         assert!(rig._backend.tsc_khz().is_some());
+
+        // `cli; hlt` waits in the kernel for good; a kick shows it halted.
+        io.requested = false;
+        let kicker = rig.vcpu.kicker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            kicker.kick();
+        });
+        let exit = rig.vcpu.run(&mut io).unwrap();
+        t.join().unwrap();
+        assert_eq!(exit, VcpuExit::Halted);
+        let s = rig.vcpu.state().unwrap();
+        assert!(s.events.halted, "{:?}", s.events);
+        assert_eq!(s.regs.rflags & cpu_interp::flags::IF, 0);
+        assert_eq!(s.regs.rip, CODE + code.len() as u64);
+        // Running on is the same wait.
+        let kicker = rig.vcpu.kicker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            kicker.kick();
+        });
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        t.join().unwrap();
+        // An NMI wakes it (vector 2's stub reports and halts again).
+        rig.vcpu.inject_nmi().unwrap();
+        let kicker = rig.vcpu.kicker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            kicker.kick();
+        });
+        assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Halted);
+        t.join().unwrap();
+        assert_eq!(io.out_bytes(PORT_EXC), vec![2]);
     }
 
     /// set_irq_line needs the kernel irqchip.

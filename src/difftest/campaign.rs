@@ -44,6 +44,8 @@ pub struct CampaignConfig {
     pub progress_every: u64,
     /// Longest random sequence (test instructions).
     pub max_len: usize,
+    /// Run only this random case index (and print it in full).
+    pub only: Option<u64>,
 }
 
 impl Default for CampaignConfig {
@@ -56,6 +58,7 @@ impl Default for CampaignConfig {
             max_reports: 20,
             progress_every: 0,
             max_len: 8,
+            only: None,
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct ModeStats {
     /// Cases the analysis rejected (a generator bug; not run).
     pub invalid: u64,
     pub time: Duration,
+    /// The slowest case and its time.
+    pub slowest: Option<(String, Duration)>,
 }
 
 impl ModeStats {
@@ -152,6 +157,16 @@ impl Summary {
                 s.per_second(),
                 m.oracle()
             );
+        }
+        for (m, s) in &self.modes {
+            if let Some((o, d)) = &s.slowest {
+                let _ = writeln!(
+                    t,
+                    "slowest {}: {o} ({:.1} ms)",
+                    m.name(),
+                    d.as_secs_f64() * 1e3
+                );
+            }
         }
         let _ = writeln!(
             t,
@@ -362,7 +377,11 @@ impl<'a> Campaign<'a> {
         };
         let v = compare(case, &an, &out);
         let stats = self.summary.modes.entry(case.mode).or_default();
-        stats.time += t0.elapsed();
+        let dt = t0.elapsed();
+        stats.time += dt;
+        if stats.slowest.as_ref().is_none_or(|(_, t)| dt > *t) {
+            stats.slowest = Some((case.origin.clone(), dt));
+        }
         match &v {
             Verdict::Match => {
                 stats.matched += 1;
@@ -381,14 +400,10 @@ impl<'a> Campaign<'a> {
             }
             Verdict::Refused { rip, message } => {
                 stats.refused += 1;
+                let _ = gen;
                 let what = match code_at(case, *rip) {
-                    Some(c) => {
-                        if let Some(g) = gen {
-                            g.ban(c);
-                        }
-                        format!("{c:?}")
-                    }
-                    None => message.lines().next().unwrap_or("").to_string(),
+                    Some(c) => format!("{c:?}"),
+                    None => format!("(at {rip:#x}) {}", message.lines().next().unwrap_or("")),
                 };
                 *self.summary.refusals.entry((case.mode, what)).or_default() += 1;
             }
@@ -481,12 +496,47 @@ impl<'a> Campaign<'a> {
     pub fn run_random(&mut self, mode: Mode, n: u64) -> Result<(), DifftestError> {
         let mut g = Generator::new(mode);
         g.max_len = self.cfg.max_len;
-        for k in 0..n {
+        let range = match self.cfg.only {
+            Some(k) => k..k + 1,
+            None => 0..n,
+        };
+        for k in range {
             let mut rng = Rng::derive(self.cfg.seed, (mode as u64) << 48 | k);
             let case = g.case(&mut rng, format!("seed {} random #{k}", self.cfg.seed));
-            self.run_case(&case, Some(&mut g))?;
+            let v = self.run_case(&case, Some(&mut g))?;
+            if self.cfg.only.is_some() {
+                self.show(&case, &v)?;
+            }
             self.progress(mode, k + 1, n);
         }
+        Ok(())
+    }
+
+    /// Print a case, both outcomes and the verdict.
+    fn show(&mut self, case: &Case, v: &Verdict) -> Result<(), DifftestError> {
+        let out = self.h.run(case)?;
+        let mut t = String::new();
+        let _ = writeln!(t, "--- {} ({})", case.origin, case.mode.name());
+        t.push_str(&listing(case));
+        let _ = writeln!(
+            t,
+            "initial state:\n    {}",
+            describe_state(&case.init, case.mode.bits())
+        );
+        let _ = writeln!(t, "kvm:    {}", describe_end(case, &out.asm, &out.kvm));
+        let _ = writeln!(
+            t,
+            "        {}",
+            describe_state(&out.kvm.state, case.mode.bits())
+        );
+        let _ = writeln!(t, "interp: {}", describe_end(case, &out.asm, &out.interp));
+        let _ = writeln!(
+            t,
+            "        {}",
+            describe_state(&out.interp.state, case.mode.bits())
+        );
+        let _ = writeln!(t, "verdict: {v:?}");
+        let _ = writeln!(self.out, "{t}");
         Ok(())
     }
 

@@ -20,7 +20,8 @@
 //! 0xd000  window page 2                                                        RW, user
 //! 0xe000  window page 3                                                        RW, user
 //! 0xf000  not present (#PF next to the window)
-//! 0x10000 32-bit page directory and page table (not mapped)
+//! 0x10000 32-bit page directory and page table, 0x12000 PAE PDPT (unused:
+//!         KVM-PVM cannot page in legacy protected mode)
 //! ```
 //!
 //! Page-table entries have their accessed and dirty bits preset so that
@@ -62,6 +63,9 @@ pub const W_RW1: u64 = 0xe000;
 pub const UNMAPPED: u64 = 0xf000;
 pub const PD32: u64 = 0x1_0000;
 const PT32: u64 = 0x1_1000;
+/// PAE page-directory-pointer table for legacy protected mode (its first
+/// entry points at the 64-bit PD, whose entries have the same format).
+pub const PDPT_PAE: u64 = 0x1_2000;
 /// Where the per-case contents start (kernel stack .. end of the space).
 pub const CASE_AREA: u64 = KSTACK;
 
@@ -214,7 +218,10 @@ pub fn image() -> Vec<(u64, Vec<u8>)> {
             pt32[at..at + 4].copy_from_slice(&e);
         }
     }
-    vec![(0, low), (PD32, pt32)]
+    // PAE PDPT: PDPTEs allow only P (and caching bits).
+    let mut pae = vec![0u8; 32];
+    pae[..8].copy_from_slice(&(PD | PTE_P).to_le_bytes());
+    vec![(0, low), (PD32, pt32), (PDPT_PAE, pae)]
 }
 
 /// Write the environment into `mem`.
@@ -323,8 +330,13 @@ pub fn base_state(mode: Mode) -> CpuState {
             return s;
         }
         Mode::Prot32Ring0 => {
-            s.sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-            s.sregs.cr3 = PD32;
+            // No paging: KVM-PVM cannot run legacy protected mode with
+            // paging at all (32-bit or PAE tables: the guest triple-faults
+            // at its first fetch), so this mode is flat segmentation only.
+            // The 32-bit and PAE tables are still installed (PD32,
+            // PDPT_PAE) for interpreter-only use.
+            s.sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE;
+            s.sregs.cr3 = 0;
             s.sregs.efer = 0;
             s.sregs.cs = seg(SEL_CODE32, 0, flat, 0xb, 0, true, false);
             let d = seg(SEL_DATA0, 0, flat, 0x3, 0, true, false);

@@ -1592,6 +1592,9 @@ impl Generator {
                 // #UD: no oracle there.
                 let v = if self.mode.ring() == 3 {
                     3 + rng.below(2)
+                } else if self.mode.real() {
+                    // KVM's real-mode INT n spins forever for n >= 0x80.
+                    rng.below(0x80)
                 } else {
                     match rng.below(3) {
                         0 => u64::from(*rng.pick(&env::USER_VECTORS).unwrap_or(&0x80)),

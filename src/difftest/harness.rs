@@ -342,7 +342,7 @@ impl Harness {
         let kvm = {
             let (end, io) = self.kvm.run(&case.init);
             let state = match &end {
-                End::Failed(_) | End::Timeout => case.init,
+                End::Failed(_) => case.init,
                 _ => self.kvm.vcpu.state().unwrap_or(case.init),
             };
             Snapshot {

@@ -69,7 +69,8 @@ pub enum Mode {
     Long64Ring0,
     /// Long mode, 64-bit code, CPL 3 (KVM-PVM: hardware).
     Long64Ring3,
-    /// Legacy protected mode with 32-bit paging, CPL 0 (emulator).
+    /// Legacy protected mode, flat, no paging (KVM-PVM cannot page there),
+    /// CPL 0 (emulator).
     Prot32Ring0,
     /// Compatibility mode, 32-bit code segment, CPL 3 (hardware).
     Compat32Ring3,
@@ -143,9 +144,10 @@ impl Mode {
         self == Mode::Real16
     }
 
-    /// Paging on (every mode but real mode).
+    /// Paging on (the long modes; KVM-PVM cannot page in legacy
+    /// protected mode).
     pub fn paged(self) -> bool {
-        !self.real()
+        self.long()
     }
 
     /// The mode for `bits` and `ring`.
@@ -165,7 +167,7 @@ impl Mode {
         match self {
             Mode::Long64Ring0 => "64-bit ring 0",
             Mode::Long64Ring3 => "64-bit ring 3",
-            Mode::Prot32Ring0 => "32-bit ring 0 (legacy, paging)",
+            Mode::Prot32Ring0 => "32-bit ring 0 (legacy, no paging)",
             Mode::Compat32Ring3 => "32-bit ring 3 (compatibility)",
             Mode::Real16 => "16-bit real mode",
             Mode::Compat16Ring3 => "16-bit ring 3 (compatibility)",
@@ -192,8 +194,9 @@ mod scratch {
     use super::*;
     use iced_x86::code_asm::*;
 
-    fn run_snippet(
+    fn run_with(
         mode: Mode,
+        tweak: impl FnOnce(&mut cpu_interp::state::CpuState),
         f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
     ) -> String {
         let mut a = CodeAssembler::new(mode.bits()).unwrap();
@@ -206,9 +209,11 @@ mod scratch {
             .collect();
         let g = gen::Generator::new(mode);
         let mut rng = rng::Rng::new(1);
+        let mut init = env::base_state(mode);
+        tweak(&mut init);
         let case = Case {
             mode,
-            init: env::base_state(mode),
+            init,
             area: g.init_area(&mut rng),
             items,
             origin: "scratch".into(),
@@ -216,8 +221,11 @@ mod scratch {
         let mut h = Harness::new().unwrap();
         let out = h.run(&case).unwrap();
         format!(
-            "kvm: {} | interp: {}",
+            "kvm: {} (cs:rip {:x}:{:x} io {:x?}) | interp: {}",
             describe_end(&case, &out.asm, &out.kvm),
+            out.kvm.state.sregs.cs.selector,
+            out.kvm.state.regs.rip,
+            &out.kvm.io[..out.kvm.io.len().min(4)],
             describe_end(&case, &out.asm, &out.interp)
         )
     }
@@ -225,18 +233,11 @@ mod scratch {
     #[test]
     #[ignore]
     fn probe() {
-        for v in [0x80u32, 0x81, 0x82, 0x83, 3, 4, 0x84, 0x20, 0x21] {
-            println!(
-                "int {v:#x}: {}",
-                run_snippet(Mode::Long64Ring3, |a| a.int(v))
-            );
+        let m = Mode::Real16;
+        for v in [0x7fu32, 0x80, 0xf0] {
+            let t = std::time::Instant::now();
+            let r = run_with(m, |_| {}, |a| a.int(v));
+            println!("int {v:#x}: {r} ({} ms)", t.elapsed().as_millis());
         }
-        println!("int3: {}", run_snippet(Mode::Long64Ring3, |a| a.int3()));
-        println!("ud2: {}", run_snippet(Mode::Long64Ring3, |a| a.ud2()));
-        println!(
-            "syscall: {}",
-            run_snippet(Mode::Long64Ring3, |a| a.syscall())
-        );
-        println!("nop: {}", run_snippet(Mode::Long64Ring3, |a| a.nop()));
     }
 }

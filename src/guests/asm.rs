@@ -730,6 +730,11 @@ pub mod pit {
     /// Control word: channel 0, lobyte/hibyte, mode 2 (rate generator),
     /// binary.
     pub const CHANNEL0_RATE_GENERATOR: u8 = 0x34;
+    /// Control word: channel 0, lobyte/hibyte, mode 0 (interrupt on
+    /// terminal count), binary.
+    pub const CHANNEL0_TERMINAL_COUNT: u8 = 0x30;
+    /// Control word: latch channel 0's count.
+    pub const LATCH_CHANNEL0: u8 = 0x00;
     /// Input clock, Hz.
     pub const HZ: u32 = 1_193_182;
     /// Divisor for 1000 Hz, as Linux's `LATCH` for HZ=1000.

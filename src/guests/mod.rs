@@ -9,10 +9,16 @@ pub mod asm;
 pub mod checksum;
 pub mod fault;
 pub mod hello_real;
+pub mod irq_level_eoi;
+pub mod irq_masking;
 pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
+pub mod lapic_timer;
 pub mod long_mode;
+pub mod rtc;
+pub mod self_ipi;
 pub mod swint;
+pub mod tsc_pit;
 
 /// A guest program ready to load: byte blobs at guest-physical addresses
 /// and the CPU state to start from.
@@ -68,6 +74,36 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: irq_pit_ioapic::NAME,
             description: irq_pit_ioapic::DESCRIPTION,
             build: irq_pit_ioapic::build,
+        },
+        BuiltinGuest {
+            name: lapic_timer::NAME,
+            description: lapic_timer::DESCRIPTION,
+            build: lapic_timer::build,
+        },
+        BuiltinGuest {
+            name: self_ipi::NAME,
+            description: self_ipi::DESCRIPTION,
+            build: self_ipi::build,
+        },
+        BuiltinGuest {
+            name: irq_level_eoi::NAME,
+            description: irq_level_eoi::DESCRIPTION,
+            build: irq_level_eoi::build,
+        },
+        BuiltinGuest {
+            name: irq_masking::NAME,
+            description: irq_masking::DESCRIPTION,
+            build: irq_masking::build,
+        },
+        BuiltinGuest {
+            name: rtc::NAME,
+            description: rtc::DESCRIPTION,
+            build: rtc::build,
+        },
+        BuiltinGuest {
+            name: tsc_pit::NAME,
+            description: tsc_pit::DESCRIPTION,
+            build: tsc_pit::build,
         },
     ]
 }

@@ -1,0 +1,266 @@
+//! ACPI tables, built with the `acpi_tables` crate: RSDP → XSDT → FADT
+//! (with FACS and DSDT) and MADT. They describe what duet's machine has:
+//! one local APIC per vCPU, the IOAPIC with the ISA interrupt source
+//! overrides, the PM1 registers and PM timer (a time reference Linux
+//! trusts on a slow CPU), the S5 sleep state for power-off, the reset
+//! register, and the legacy devices in the DSDT.
+//!
+//! Everything lives in the BIOS area at [`boot::RSDP`] (0xe0000), where the
+//! legacy RSDP scan also finds it.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::{aml, Aml};
+use acpi_tables::{facs::FACS, rsdp::Rsdp, xsdt::XSDT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::backend::GuestMemory;
+use crate::layout::{self, boot, ports};
+
+const OEM_ID: [u8; 6] = *b"DUET  ";
+const OEM_TABLE: [u8; 8] = *b"DUETVM  ";
+const OEM_REVISION: u32 = 1;
+
+/// The SCI interrupt (ISA IRQ 9, level, active high).
+pub const SCI_IRQ: u8 = 9;
+
+/// What the tables describe.
+#[derive(Clone, Debug)]
+pub struct AcpiConfig {
+    pub cpus: u32,
+}
+
+/// Errors writing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables ({0} bytes) do not fit in the BIOS area")]
+    TooLarge(usize),
+    #[error("writing ACPI tables into guest memory: {0}")]
+    Memory(String),
+}
+
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_gas(port: u16, bits: u8) -> GAS {
+    let size = match bits {
+        8 => AccessSize::ByteAccess,
+        16 => AccessSize::WordAccess,
+        _ => AccessSize::DwordAccess,
+    };
+    GAS::new(AddressSpace::SystemIo, bits, 0, size, u64::from(port))
+}
+
+/// A legacy ISA device: `_HID` (EISA id), optional `_UID`, and `_CRS` with
+/// fixed I/O ranges and one interrupt.
+fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u32) -> Vec<u8> {
+    let ios: Vec<aml::IO> = io
+        .iter()
+        .map(|&(port, len)| aml::IO::new(port, port, 1, len))
+        .collect();
+    let irq = aml::Interrupt::new(true, true, false, false, irq);
+    let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
+    res.push(&irq);
+    let crs = aml::ResourceTemplate::new(res);
+    let hid = aml::EISAName::new(hid);
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let uid_value = uid.unwrap_or(0);
+    let uid_obj = aml::Name::new("_UID".into(), &uid_value);
+    let mut children: Vec<&dyn Aml> = vec![&hid_name];
+    if uid.is_some() {
+        children.push(&uid_obj);
+    }
+    children.push(&crs_name);
+    bytes_of(&aml::Device::new(name.into(), children))
+}
+
+/// The DSDT: the S5 sleep package and the legacy devices.
+pub fn dsdt() -> Vec<u8> {
+    let slp = u8::try_from(devices::acpi_pm::S5_SLP_TYP).unwrap_or(5);
+    let s5 = bytes_of(&aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&slp, &slp, &0u8, &0u8]),
+    ));
+    let mut devices = Vec::new();
+    devices.extend(isa_device(
+        "COM1",
+        "PNP0501",
+        Some(1),
+        &[(ports::COM1, ports::COM1_LEN as u8)],
+        4,
+    ));
+    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8));
+    devices.extend(isa_device(
+        "KBD_",
+        "PNP0303",
+        None,
+        &[(ports::I8042_DATA, 1), (ports::I8042_COMMAND, 1)],
+        1,
+    ));
+    let sb = aml::Scope::raw("\\_SB_".into(), devices);
+    let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
+    let mut body = s5;
+    body.extend(sb);
+    t.append_slice(&body);
+    t.as_slice().to_vec()
+}
+
+/// The MADT: local APICs, the IOAPIC, ISA overrides and the LINT1 NMI.
+pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut t = Sdt::new(*b"APIC", 44, 4, OEM_ID, OEM_TABLE, OEM_REVISION);
+    t.write_u32(36, layout::LAPIC_BASE as u32);
+    t.write_u32(40, 1); // PCAT_COMPAT: dual 8259 present
+    let mut s = Vec::new();
+    for cpu in 0..cfg.cpus {
+        // Processor local APIC: type 0, length 8, UID, APIC ID, flags enabled.
+        s.extend_from_slice(&[0, 8, cpu as u8, cpu as u8, 1, 0, 0, 0]);
+    }
+    // IOAPIC: type 1, length 12, ID, reserved, address, GSI base.
+    s.extend_from_slice(&[1, 12, 0, 0]);
+    s.extend_from_slice(&(layout::IOAPIC_BASE as u32).to_le_bytes());
+    s.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt source overrides: IRQ0 → GSI2 (conforming), SCI on IRQ9
+    // level-triggered active-high.
+    for (irq, gsi, flags) in [(0u8, 2u32, 0u16), (SCI_IRQ, u32::from(SCI_IRQ), 0x000d)] {
+        s.extend_from_slice(&[2, 10, 0, irq]);
+        s.extend_from_slice(&gsi.to_le_bytes());
+        s.extend_from_slice(&flags.to_le_bytes());
+    }
+    // Local APIC NMI: all processors (0xff), flags conforming, LINT1.
+    s.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    t.append_slice(&s);
+    t.as_slice().to_vec()
+}
+
+/// The FADT, pointing at the FACS and the DSDT.
+pub fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+    let pm = boot::ACPI_PM_BASE;
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE, OEM_REVISION)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        .flag(Flags::SlpButton)
+        .flag(Flags::PwrButton)
+        .flag(Flags::TmrValExt)
+        .flag(Flags::ResetRegSup);
+    f.firmware_ctrl = (facs as u32).into();
+    f.dsdt = (dsdt as u32).into();
+    f.x_firmware_ctrl = facs.into();
+    f.x_dsdt = dsdt.into();
+    f.sci_int = u16::from(SCI_IRQ).into();
+    f.pm1a_evt_blk = u32::from(pm).into();
+    f.pm1a_cnt_blk = u32::from(pm + 4).into();
+    f.pm_tmr_blk = u32::from(pm + 8).into();
+    f.pm1_evt_len = 4;
+    f.pm1_cnt_len = 2;
+    f.pm_tmr_len = 4;
+    f.x_pm1a_evt_blk = io_gas(pm, 32);
+    f.x_pm1a_cnt_blk = io_gas(pm + 4, 16);
+    f.x_pm_tmr_blk = io_gas(pm + 8, 32);
+    f.century = 0x32;
+    // IA-PC boot architecture: legacy devices, 8042 present.
+    f.iapc_boot_arch = 0x0003u16.into();
+    f.reset_reg = io_gas(ports::RESET_CONTROL, 8);
+    f.reset_value = devices::reset_control::RESET_VALUE;
+    bytes_of(&f.finalize())
+}
+
+/// Write all tables at [`boot::RSDP`]. Returns the RSDP address.
+pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
+    let base = boot::RSDP;
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_len = Rsdp::len() as u64;
+    let facs_addr = align(base + rsdp_len);
+    let facs = bytes_of(&FACS::new());
+    let dsdt_addr = align(facs_addr.max((facs_addr + facs.len() as u64 + 63) & !63));
+    let dsdt = dsdt();
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(facs_addr, dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(cfg);
+    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes_of(&xsdt);
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > layout::HIGH_RAM_START {
+        return Err(AcpiError::TooLarge((end - base) as usize));
+    }
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    for (addr, data) in [
+        (base, &rsdp),
+        (facs_addr, &facs),
+        (dsdt_addr, &dsdt),
+        (fadt_addr, &fadt),
+        (madt_addr, &madt),
+        (xsdt_addr, &xsdt),
+    ] {
+        mem.write_slice(data, GuestAddress(addr))
+            .map_err(|e| AcpiError::Memory(e.to_string()))?;
+    }
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(t: &[u8]) -> bool {
+        t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn tables_have_valid_checksums_and_lengths() {
+        for t in [
+            dsdt(),
+            madt(&AcpiConfig { cpus: 1 }),
+            fadt(0xe0040, 0xe0080),
+        ] {
+            assert!(checksum_ok(&t), "{:?}", &t[..4]);
+            let len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize;
+            assert_eq!(len, t.len());
+        }
+    }
+
+    #[test]
+    fn madt_lists_the_ioapic_and_the_irq0_override() {
+        let m = madt(&AcpiConfig { cpus: 2 });
+        assert_eq!(&m[..4], b"APIC");
+        let mut off = 44;
+        let mut seen = Vec::new();
+        while off < m.len() {
+            seen.push((m[off], m.get(off + 3).copied()));
+            off += m[off + 1] as usize;
+        }
+        assert_eq!(seen.iter().filter(|s| s.0 == 0).count(), 2);
+        assert!(seen.iter().any(|s| s.0 == 1));
+        assert!(seen.contains(&(2, Some(0))));
+    }
+
+    #[test]
+    fn dsdt_contains_s5_and_com1() {
+        let d = dsdt();
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_S5_"));
+        assert!(has(b"COM1"));
+    }
+
+    #[test]
+    fn written_rsdp_points_to_a_valid_xsdt() {
+        let mem = crate::machine::create_memory(64 << 20).unwrap();
+        let rsdp = write(&mem, &AcpiConfig { cpus: 1 }).unwrap();
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert!(checksum_ok(&r[..20]));
+        let xsdt = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let mut h = [0u8; 4];
+        mem.read_slice(&mut h, GuestAddress(xsdt)).unwrap();
+        assert_eq!(&h, b"XSDT");
+    }
+}

@@ -1,0 +1,198 @@
+//! The serial console: host stdin feeds the UART's receiver (raw terminal
+//! mode when stdin is a terminal, restored on every exit path), and
+//! Ctrl-A x quits, as in QEMU. Non-terminal stdin (a pipe) works for
+//! scripted sessions; its end of file just stops the input.
+//!
+//! All serial input enters the VM here, through [`SerialInput::feed`]: one
+//! place a later record/replay layer can log and feed back.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use devices::uart16550::Uart16550;
+use devices::{VmAction, VmControl};
+
+use crate::backend::Kick;
+
+/// Ctrl-A, the escape key.
+const ESCAPE: u8 = 0x01;
+
+/// Errors setting up the console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("cannot set the terminal to raw mode: {0}")]
+    Termios(std::io::Error),
+}
+
+static SAVED_TERMIOS: OnceLock<Mutex<Option<libc::termios>>> = OnceLock::new();
+static RESTORED: AtomicBool = AtomicBool::new(false);
+
+fn saved() -> &'static Mutex<Option<libc::termios>> {
+    SAVED_TERMIOS.get_or_init(|| Mutex::new(None))
+}
+
+/// Restore the terminal if raw mode was set (idempotent; async-signal
+/// tolerant enough for our handlers: one tcsetattr call).
+pub fn restore_terminal() {
+    if RESTORED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let t = match saved().try_lock() {
+        Ok(g) => *g,
+        Err(_) => None,
+    };
+    if let Some(t) = t {
+        // SAFETY: tcsetattr on fd 0 with a termios value previously read by
+        // tcgetattr for the same fd.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+    }
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    restore_terminal();
+    // SAFETY: resetting the disposition to the default and re-raising the
+    // signal are async-signal-safe; the process then ends as it would have.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Puts stdin in raw mode while alive; restores it on drop, on panic and on
+/// SIGTERM/SIGHUP/SIGQUIT.
+pub struct RawMode;
+
+impl RawMode {
+    /// Enter raw mode if stdin is a terminal; `None` otherwise.
+    pub fn enter() -> Result<Option<RawMode>, ConsoleError> {
+        // SAFETY: isatty only inspects the file descriptor.
+        if unsafe { libc::isatty(0) } != 1 {
+            return Ok(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a termios struct.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return Err(ConsoleError::Termios(std::io::Error::last_os_error()));
+        }
+        *saved().lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        RESTORED.store(false, Ordering::Release);
+        let mut raw = t;
+        // SAFETY: cfmakeraw edits the struct in place.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so host-side messages stay readable.
+        raw.c_oflag |= libc::OPOST;
+        // SAFETY: valid termios for fd 0.
+        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
+            return Err(ConsoleError::Termios(std::io::Error::last_os_error()));
+        }
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            prev(info);
+        }));
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGINT] {
+            // SAFETY: installing a handler that only calls async-signal-safe
+            // functions (tcsetattr, signal, raise).
+            unsafe {
+                libc::signal(sig, on_signal as usize);
+            }
+        }
+        Ok(Some(RawMode))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+/// Where serial input goes: the UART receiver, paced by its FIFO space.
+pub struct SerialInput {
+    uart: Arc<Mutex<Uart16550>>,
+    kick: Arc<dyn Kick>,
+    pending: Vec<u8>,
+}
+
+impl SerialInput {
+    pub fn new(uart: Arc<Mutex<Uart16550>>, kick: Arc<dyn Kick>) -> Self {
+        SerialInput {
+            uart,
+            kick,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Queue bytes for the guest and push what the UART accepts now.
+    /// Returns how many bytes are still waiting.
+    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.pending.extend_from_slice(bytes);
+        self.flush()
+    }
+
+    /// Push waiting bytes into the UART as its FIFO drains.
+    pub fn flush(&mut self) -> usize {
+        if !self.pending.is_empty() {
+            let n = self
+                .uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(&self.pending);
+            if n > 0 {
+                self.pending.drain(..n);
+                self.kick.kick();
+            }
+        }
+        self.pending.len()
+    }
+}
+
+/// Read host stdin on a thread, handle Ctrl-A escapes, feed the UART.
+pub fn spawn_stdin(mut input: SerialInput, control: VmControl, kick: Arc<dyn Kick>, escape: bool) {
+    std::thread::Builder::new()
+        .name("duet-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            let mut saw_escape = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if escape && saw_escape {
+                        saw_escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                control.request(VmAction::HostQuit);
+                                kick.kick();
+                                return;
+                            }
+                            ESCAPE => out.push(ESCAPE),
+                            _ => {}
+                        }
+                    } else if escape && b == ESCAPE {
+                        saw_escape = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                input.feed(&out);
+                while input.flush() > 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            // End of input: deliver what is left, then stop.
+            while input.flush() > 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .ok();
+}
