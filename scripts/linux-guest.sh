@@ -24,6 +24,9 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="${DUET_GUEST_DIR:-$repo/.cache/linux-guest}"
 mkdir -p "$out/debs" "$out/extract"
+# One builder at a time (tests run in parallel processes).
+exec 9>"$out/.lock"
+flock 9
 
 need() {
     command -v "$1" >/dev/null 2>&1 && return 0

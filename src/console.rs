@@ -99,7 +99,7 @@ impl RawMode {
             // SAFETY: installing a handler that only calls async-signal-safe
             // functions (tcsetattr, signal, raise).
             unsafe {
-                libc::signal(sig, on_signal as usize);
+                libc::signal(sig, on_signal as *const () as libc::sighandler_t);
             }
         }
         Ok(Some(RawMode))

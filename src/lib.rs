@@ -20,4 +20,5 @@ pub mod layout;
 pub mod loader;
 pub mod machine;
 pub mod mptable;
+pub mod ticker;
 pub mod trace;

@@ -138,10 +138,25 @@ pub struct Machine {
     backend_name: &'static str,
     clock_kind: ClockKind,
     vclock: Option<VirtualClock>,
-    /// Kept for later issues (serial input) to reach the UART.
+    /// Serial input reaches the UART through this.
     pub uart: Arc<Mutex<Uart16550>>,
+    /// Kicks a KVM vCPU at timer deadlines (None on the interpreter).
+    ticker: Option<crate::ticker::Ticker>,
+    irqchip: IrqchipKind,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
+}
+
+/// A device interrupt line into the backend's in-kernel irqchip.
+struct GsiLine {
+    sink: Arc<dyn backend::GsiSink>,
+    gsi: u32,
+}
+
+impl devices::IrqLine for GsiLine {
+    fn set_level(&self, level: bool) {
+        self.sink.set_gsi(self.gsi, level);
+    }
 }
 
 /// Create guest memory of `size` bytes laid out as in [`layout`].
@@ -213,11 +228,19 @@ impl Machine {
             tsc_hz,
         );
         let router = IrqRouter::new(Pic8259Pair::new(), Ioapic::new(), lapic);
+        let sink = be.irq_sink();
         let isa = |irq: u8| -> Box<dyn devices::IrqLine> {
-            Box::new(IsaIrq {
-                router: router.clone(),
-                irq,
-            })
+            match &sink {
+                // The in-kernel irqchip: ISA IRQ n is GSI n there.
+                Some(s) => Box::new(GsiLine {
+                    sink: s.clone(),
+                    gsi: u32::from(irq),
+                }),
+                None => Box::new(IsaIrq {
+                    router: router.clone(),
+                    irq,
+                }),
+            }
         };
         let userspace = cfg.irqchip == IrqchipKind::Userspace;
         if userspace {
@@ -245,9 +268,16 @@ impl Machine {
         }
 
         // Timers.
+        // With KVM's in-kernel irqchip the kernel's PIT owns IRQ0; duet's model
+        // then stays disconnected (its ports are not mapped either).
+        let pit_irq: Box<dyn devices::IrqLine> = if userspace {
+            isa(0)
+        } else {
+            Box::new(devices::NullIrq)
+        };
         let pit = Arc::new(Mutex::new(Pit8254::new(
             clock.clone(),
-            isa(0),
+            pit_irq,
             taint.clone(),
         )));
         if userspace {
@@ -339,7 +369,11 @@ impl Machine {
             userspace.then_some(router),
         );
         let vcpu = be.create_vcpu(0)?;
+        let ticker =
+            (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
         Ok(Machine {
+            ticker,
+            irqchip: cfg.irqchip,
             mem,
             io,
             vcpu,
@@ -433,7 +467,12 @@ impl Machine {
             self.io.timers.advance_due();
             self.io.refresh_deadline();
             self.service_interrupts()?;
-            let exit = self.vcpu.run(&mut self.io)?;
+            self.arm_ticker();
+            let exit = self.vcpu.run(&mut self.io);
+            if let Some(t) = &self.ticker {
+                t.disarm();
+            }
+            let exit = exit?;
             self.io.timers.advance_due();
             match exit {
                 VcpuExit::Halted => {
@@ -456,6 +495,23 @@ impl Machine {
         Ok(outcome)
     }
 
+    /// Arm the ticker for the next timer deadline (KVM only). With the
+    /// in-kernel irqchip, a slow periodic kick lets the VMM notice a guest
+    /// that stopped (HLT with interrupts off).
+    fn arm_ticker(&self) {
+        let Some(t) = &self.ticker else {
+            return;
+        };
+        if self.irqchip == IrqchipKind::Kernel {
+            t.arm(Duration::from_millis(100));
+            return;
+        }
+        match self.io.timers.next_deadline() {
+            Some(d) => t.arm(Duration::from_nanos(d.saturating_sub(self.io.timers.now()))),
+            None => t.disarm(),
+        }
+    }
+
     /// The vCPU halted: wait (without spinning) until an interrupt can wake
     /// it, or decide that nothing ever will.
     fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
@@ -466,8 +522,12 @@ impl Machine {
             }
             let s = self.vcpu.state()?;
             let if_set = s.regs.rflags & cpu_interp::flags::IF != 0;
-            let pending = self.io.router().is_some_and(|r| r.pending().is_some());
-            if !if_set && !pending && !s.events.nmi_pending {
+            // With IF clear only an NMI can wake the CPU.
+            let nmi = self
+                .io
+                .router()
+                .is_some_and(|r| r.pending() == Some(devices::lapic::InterruptRequest::Nmi));
+            if !if_set && !nmi && !s.events.nmi_pending {
                 return Ok(Some(Outcome::Stopped));
             }
             if self.io.router().is_none() {

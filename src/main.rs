@@ -64,6 +64,10 @@ struct DifftestArgs {
     /// Replay only random case N (printed in full, whatever the verdict).
     #[arg(long)]
     case: Option<u64>,
+    /// Also generate inputs that hit known open interpreter gaps
+    /// (docs/DIFFTEST.md).
+    #[arg(long)]
+    open_gaps: bool,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -102,6 +106,7 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         progress_every: args.progress,
         max_len: args.max_len.max(1),
         only: args.case,
+        open_gaps: args.open_gaps,
     };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());

@@ -142,6 +142,11 @@ pub struct Cpu {
     pub(crate) pending_exit: Option<CpuExit>,
     /// Don't use or fill the block cache (single-step fallback for KVM).
     pub(crate) uncached: bool,
+    /// Execute instructions of features the interpreter's own CPUID does
+    /// not advertise but the host's does (CLAC/STAC, CLFLUSHOPT, CLWB,
+    /// INVPCID, MOVBE, RDPID): on when the KVM backend hands over an
+    /// instruction its guest chose from the host's CPUID.
+    pub(crate) host_features: bool,
     pub(crate) unimplemented_seen: Vec<u64>,
     /// A port or MMIO access happened since the last event check.
     pub(crate) io_happened: bool,
@@ -192,6 +197,7 @@ impl Cpu {
             triple_fault: false,
             pending_exit: None,
             uncached: false,
+            host_features: false,
             unimplemented_seen: vec![0; iced_x86::Code::values().len().div_ceil(64)],
             io_happened: false,
             chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
@@ -225,6 +231,12 @@ impl Cpu {
         self.blocks.clear();
         self.chain.fill(ChainEntry::EMPTY);
         self.tlb.bump();
+    }
+
+    /// Allow instructions of host CPU features the interpreter's CPUID does
+    /// not advertise (see `host_features`).
+    pub fn set_host_features(&mut self, on: bool) {
+        self.host_features = on;
     }
 
     /// Forget decoded code and translations (memory changed behind our back).

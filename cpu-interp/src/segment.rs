@@ -126,6 +126,21 @@ impl Cpu {
         self.write_lin(p, lin, size, v, user)
     }
 
+    /// Read `size` bytes at `seg:off` for an instruction that writes them
+    /// back (read-modify-write): the access is checked as a write first,
+    /// so a fault on it is reported as a write (#PF error code W/R = 1),
+    /// as the processor does for the load of a read-modify-write.
+    pub(crate) fn read_mem_rmw(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        size: usize,
+    ) -> XResult<u64> {
+        self.probe_write(p, seg, off, size)?;
+        self.read_mem(p, seg, off, size)
+    }
+
     /// Check that `seg:off` can be written without writing it (for
     /// instructions that must fault before changing any state).
     pub(crate) fn probe_write(
@@ -150,7 +165,8 @@ impl Cpu {
         self.translate(p, lin, crate::mmu::Access::Write, user)?;
         let last = lin.wrapping_add(size as u64 - 1) & self.lin_mask();
         if last & !0xfff != lin & !0xfff {
-            self.translate(p, last, crate::mmu::Access::Write, user)?;
+            // A fault on the second page reports its first byte in CR2.
+            self.translate(p, last & !0xfff, crate::mmu::Access::Write, user)?;
         }
         Ok(())
     }
@@ -249,9 +265,9 @@ impl Cpu {
             s.selector = sel;
             s.unusable = true;
             s.present = false;
-            if !(self.bits == 64 && seg >= sreg::FS) {
-                s.base = 0;
-            }
+            // Intel zeroes the base even for FS/GS in 64-bit mode (AMD
+            // keeps it; Linux calls that X86_BUG_NULL_SEG).
+            s.base = 0;
             return Ok(());
         }
         let err = u32::from(sel & !3);
@@ -419,4 +435,21 @@ impl Cpu {
 #[inline(always)]
 pub fn canonical(a: u64) -> bool {
     ((a as i64) << 16 >> 16) as u64 == a
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cpu::sreg;
+    use crate::insn::testutil::*;
+
+    #[test]
+    fn null_selector_load_zeroes_fs_base_in_64_bit_mode() {
+        // xor eax, eax (31 c0) ; mov fs, eax (8e e0): an Intel processor
+        // zeroes FS.base when a null selector is loaded in 64-bit mode.
+        let c = run(Mode::Long64, &[0x31, 0xc0, 0x8e, 0xe0], |c| {
+            c.seg[sreg::FS].base = 0x1234_0000;
+        });
+        assert_eq!(c.seg[sreg::FS].selector, 0);
+        assert_eq!(c.seg[sreg::FS].base, 0);
+    }
 }

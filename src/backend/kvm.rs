@@ -436,7 +436,7 @@ struct Caps {
 /// One VM on KVM.
 pub struct KvmBackend {
     // Field order is drop order: the VM fd goes before the memory it maps.
-    vm: VmFd,
+    vm: Arc<VmFd>,
     caps: Caps,
     supported_cpuid: CpuId,
     run_size: usize,
@@ -620,7 +620,7 @@ impl KvmBackend {
         // frequency or -1; `vm` is a VM fd.
         let khz = unsafe { vmm_sys_util::ioctl::ioctl(&vm, ioctls::KVM_GET_TSC_KHZ()) };
         Ok(KvmBackend {
-            vm,
+            vm: Arc::new(vm),
             caps,
             supported_cpuid,
             run_size,
@@ -638,12 +638,20 @@ impl KvmBackend {
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = self.supported_cpuid.clone();
+        // TSC-deadline with the userspace LAPIC would need the model's TSC
+        // to be the guest's hardware TSC (offset from host boot): not yet,
+        // so it is advertised only with the in-kernel LAPIC.
         let (x2apic, tsc_deadline) = if self.caps.kernel_irqchip {
             (true, self.kernel_tsc_deadline)
         } else {
-            (self.caps.machine_msrs, self.caps.machine_msrs)
+            (self.caps.machine_msrs, false)
         };
         fixup_cpuid(cpuid.as_mut_slice(), id, x2apic, tsc_deadline);
+        if !self.caps.kernel_irqchip {
+            let khz = self.tsc_khz.load(Ordering::Relaxed);
+            fixup_tsc_leaves(cpuid.as_mut_slice(), khz, super::interp::LAPIC_TIMER_HZ);
+        }
+
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
@@ -713,7 +721,44 @@ fn create_kernel_irqchip(kvm: &Kvm, vm: &VmFd) -> Result<()> {
     };
     vm.create_pit2(pit)
         .map_err(|e| unsupported(&format!("KVM_CREATE_PIT2 failed ({e})")))?;
+    set_pc_gsi_routing(vm)
+        .map_err(|e| unsupported(&format!("KVM_SET_GSI_ROUTING failed ({e})")))?;
     Ok(())
+}
+
+/// The PC routing (as on duet's userspace irqchip and in QEMU): GSI n < 16
+/// drives PIC input n and IOAPIC pin n, except that GSI 0 (the PIT) drives
+/// IOAPIC pin 2 — the MADT's IRQ0 override; GSIs 16–23 drive IOAPIC pins.
+fn set_pc_gsi_routing(vm: &VmFd) -> std::result::Result<(), vmm_sys_util::errno::Error> {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+        KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQ_ROUTING_IRQCHIP,
+    };
+    let entry = |gsi: u32, chip: u32, pin: u32| kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin },
+        },
+        ..Default::default()
+    };
+    let mut entries = Vec::new();
+    for gsi in 0..24u32 {
+        if gsi < 8 {
+            entries.push(entry(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+        } else if gsi < 16 {
+            entries.push(entry(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+        }
+        if gsi == 0 {
+            entries.push(entry(0, KVM_IRQCHIP_IOAPIC, 2));
+        } else if gsi != 2 {
+            entries.push(entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+    }
+    let routing = KvmIrqRouting::from_entries(&entries)
+        .map_err(|_| vmm_sys_util::errno::Error::new(libc::EINVAL))?;
+    vm.set_gsi_routing(&routing)
 }
 
 /// Adjust KVM's supported CPUID for vCPU `id`: the APIC ID, and x2APIC /
@@ -745,6 +790,45 @@ fn fixup_cpuid(
     }
 }
 
+/// Leaves 0x15/0x16 describe the userspace LAPIC's timer clock as the
+/// "core crystal" (Linux takes the APIC timer rate from it) and the host
+/// TSC as crystal × EBX / EAX.
+pub fn fixup_tsc_leaves(
+    entries: &mut [kvm_bindings::kvm_cpuid_entry2],
+    tsc_khz: u32,
+    crystal_hz: u32,
+) {
+    if tsc_khz == 0 || crystal_hz < 1000 {
+        return;
+    }
+    let gcd = |mut a: u32, mut b: u32| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a.max(1)
+    };
+    let crystal_khz = crystal_hz / 1000;
+    let g = gcd(tsc_khz, crystal_khz);
+    for e in entries.iter_mut() {
+        match e.function {
+            0x15 => {
+                e.eax = crystal_khz / g;
+                e.ebx = tsc_khz / g;
+                e.ecx = crystal_hz;
+                e.edx = 0;
+            }
+            0x16 => {
+                e.eax = tsc_khz / 1000;
+                e.ebx = tsc_khz / 1000;
+                e.ecx = crystal_hz / 1_000_000;
+                e.edx = 0;
+            }
+            0 => e.eax = e.eax.max(0x16),
+            _ => {}
+        }
+    }
+}
+
 impl Backend for KvmBackend {
     fn name(&self) -> &'static str {
         "kvm"
@@ -769,10 +853,26 @@ impl Backend for KvmBackend {
             .map_err(kvm_err("KVM_IRQ_LINE"))
     }
 
+    fn irq_sink(&self) -> Option<Arc<dyn super::GsiSink>> {
+        (self.irqchip == IrqchipKind::Kernel)
+            .then(|| Arc::new(KvmGsiSink(self.vm.clone())) as Arc<dyn super::GsiSink>)
+    }
+
     fn tsc_khz(&self) -> Option<u32> {
         match self.tsc_khz.load(Ordering::Relaxed) {
             0 => None,
             khz => Some(khz),
+        }
+    }
+}
+
+/// Drives the in-kernel irqchip's GSIs (`KVM_IRQ_LINE`) from device lines.
+struct KvmGsiSink(Arc<VmFd>);
+
+impl super::GsiSink for KvmGsiSink {
+    fn set_gsi(&self, gsi: u32, level: bool) {
+        if let Err(e) = self.0.set_irq_line(gsi, level) {
+            log::warn!("kvm: KVM_IRQ_LINE {gsi} failed: {e}");
         }
     }
 }
@@ -1243,6 +1343,7 @@ impl KvmVcpu {
             None => {
                 let mut c = Cpu::new(Ram::new(self.mem.clone()));
                 c.set_uncached(true);
+                c.set_host_features(true);
                 c.set_cpuid_config(cpu_interp::cpuid::CpuidConfig {
                     apic_id: self.id,
                     ..Default::default()
@@ -3781,7 +3882,8 @@ mod tests {
                 "NOT supported: the machine's MSRs stay with KVM"
             }
         );
-        // CPUID.1:ECX advertises x2APIC and TSC-deadline exactly then.
+        // CPUID.1:ECX advertises x2APIC exactly then (TSC-deadline only
+        // with the in-kernel LAPIC, see create_kvm_vcpu).
         // mov eax, 1; cpuid; mov eax, ecx; out 0x83, eax
         let cpuid = [
             0x66, 0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x66, 0x89, 0xc8, 0x66, 0xe7, 0x83,
@@ -3792,11 +3894,7 @@ mod tests {
         let ecx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         assert_eq!(
             ecx & (CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE),
-            if supported {
-                CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE
-            } else {
-                0
-            },
+            if supported { CPUID1_ECX_X2APIC } else { 0 },
             "CPUID.1:ECX {ecx:#x}"
         );
         if !supported {
@@ -4290,15 +4388,17 @@ mod tests {
         if !kvm_usable() {
             return;
         }
-        assert!(!cpu_interp::dispatch::implemented(Code::Clac));
+        // XSAVE: KVM-PVM refuses it in ring 0 and the interpreter does not
+        // implement it (it advertises no XSAVE).
+        assert!(!cpu_interp::dispatch::implemented(Code::Xsave_mem));
         for mode in [Mode::Real, Mode::Long64] {
-            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0x01, 0xca], true, 0);
+            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0xae, 0x20], true, 0);
             let VcpuExit::Shutdown(ShutdownReason::Unrecoverable(msg)) = exit else {
                 panic!("{mode:?}: expected an unrecoverable shutdown, got {exit:?}");
             };
             println!("{msg}");
-            assert!(msg.contains("`clac`"), "{msg}");
-            assert!(msg.contains("0f 01 ca"), "{msg}");
+            assert!(msg.contains("`xsave"), "{msg}");
+            assert!(msg.contains("0f ae 20"), "{msg}");
             assert!(msg.contains(&format!("RIP={CODE:#018x}")), "{msg}");
             assert!(msg.contains("CR0="), "{msg}");
             assert!(msg.contains("RAX="), "{msg}");

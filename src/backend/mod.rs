@@ -29,6 +29,11 @@ pub trait Kick: Send + Sync {
     fn kick(&self);
 }
 
+/// Receives device interrupt lines by GSI (the in-kernel irqchip).
+pub trait GsiSink: Send + Sync {
+    fn set_gsi(&self, gsi: u32, level: bool);
+}
+
 /// Which interrupt controllers a VM uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IrqchipKind {
@@ -205,6 +210,12 @@ pub trait Backend {
 
     /// The TSC frequency guests see, in kHz, when the backend knows it.
     fn tsc_khz(&self) -> Option<u32> {
+        None
+    }
+
+    /// Where device interrupt lines go when the backend's in-kernel
+    /// irqchip is used (None with duet's userspace irqchip).
+    fn irq_sink(&self) -> Option<std::sync::Arc<dyn GsiSink>> {
         None
     }
 }

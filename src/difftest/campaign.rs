@@ -46,6 +46,8 @@ pub struct CampaignConfig {
     pub max_len: usize,
     /// Run only this random case index (and print it in full).
     pub only: Option<u64>,
+    /// Also generate inputs for known open interpreter gaps.
+    pub open_gaps: bool,
 }
 
 impl Default for CampaignConfig {
@@ -59,6 +61,7 @@ impl Default for CampaignConfig {
             progress_every: 0,
             max_len: 8,
             only: None,
+            open_gaps: false,
         }
     }
 }
@@ -106,8 +109,8 @@ pub struct Divergence {
 pub struct Summary {
     pub modes: BTreeMap<Mode, ModeStats>,
     pub divergences: Vec<Divergence>,
-    /// KVM refusals by mode and instruction.
-    pub refusals: BTreeMap<(Mode, String), u64>,
+    /// KVM refusals by mode and instruction: count and the first case.
+    pub refusals: BTreeMap<(Mode, String), (u64, String)>,
     /// Generated (and compared) test instructions by iced `Code`.
     pub coverage: BTreeMap<Code, u64>,
     /// Broken-case messages (first few).
@@ -193,8 +196,8 @@ impl Summary {
         }
         if !self.refusals.is_empty() {
             let _ = writeln!(t, "KVM refused (no oracle for these cases):");
-            for ((m, what), n) in &self.refusals {
-                let _ = writeln!(t, "  {n:>7}x  {}: {what}", m.name());
+            for ((m, what), (n, first)) in &self.refusals {
+                let _ = writeln!(t, "  {n:>7}x  {}: {what} (first: {first})", m.name());
             }
         }
         if !self.broken.is_empty() {
@@ -405,7 +408,12 @@ impl<'a> Campaign<'a> {
                     Some(c) => format!("{c:?}"),
                     None => format!("(at {rip:#x}) {}", message.lines().next().unwrap_or("")),
                 };
-                *self.summary.refusals.entry((case.mode, what)).or_default() += 1;
+                let e = self
+                    .summary
+                    .refusals
+                    .entry((case.mode, what))
+                    .or_insert_with(|| (0, case.origin.clone()));
+                e.0 += 1;
             }
             Verdict::Diverged(diffs) => {
                 stats.diverged += 1;
@@ -496,6 +504,7 @@ impl<'a> Campaign<'a> {
     pub fn run_random(&mut self, mode: Mode, n: u64) -> Result<(), DifftestError> {
         let mut g = Generator::new(mode);
         g.max_len = self.cfg.max_len;
+        g.open_gaps = self.cfg.open_gaps;
         let range = match self.cfg.only {
             Some(k) => k..k + 1,
             None => 0..n,

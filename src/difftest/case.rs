@@ -45,6 +45,9 @@ pub struct Item {
     /// The immediate operand is the address of this item (for
     /// `push label; ret` and `mov reg, label; jmp reg`).
     pub imm_target: Option<usize>,
+    /// Id of the first item of the template this item belongs to (branch
+    /// targets are moved to group starts so no setup is jumped over).
+    pub group: usize,
 }
 
 impl Item {
@@ -55,6 +58,7 @@ impl Item {
             setup: false,
             target: None,
             imm_target: None,
+            group: id,
         }
     }
 }
@@ -71,13 +75,16 @@ pub struct Case {
     pub items: Vec<Item>,
     /// Where the case came from (corpus name, seed and index).
     pub origin: String,
+    /// Compare without the masks for known open interpreter gaps
+    /// (docs/DIFFTEST.md).
+    pub open_gaps: bool,
 }
 
 /// The terminator appended to every case: `out 0xff, al` in ring 0 and
-/// real mode, `int3` in ring 3 (whose stub writes port 3).
+/// real mode, `ud2` in ring 3 (#UD, whose stub writes port 6).
 pub fn terminator(mode: Mode) -> Instruction {
     if mode.ring() == 3 {
-        return Instruction::with(Code::Int3);
+        return Instruction::with(Code::Ud2);
     }
     let mut i = Instruction::with(Code::Out_imm8_AL);
     i.set_op0_kind(OpKind::Immediate8);
@@ -109,8 +116,10 @@ impl Assembled {
     }
 }
 
-const VIP_BASE: u64 = 0x4000_0000;
-const VIP_STEP: u64 = 0x100;
+/// Virtual IPs the block encoder matches branch targets against. They fit
+/// 16 bits because 16-bit near branches (in any mode) carry 16-bit targets.
+const VIP_BASE: u64 = 0x1000;
+const VIP_STEP: u64 = 0x10;
 
 fn vip(pos: usize) -> u64 {
     VIP_BASE + pos as u64 * VIP_STEP
@@ -124,10 +133,10 @@ fn resolve(items: &[Item], id: usize) -> usize {
         .unwrap_or(items.len())
 }
 
-fn set_near_target(i: &mut Instruction, bits: u32, target: u64) {
-    match bits {
-        64 => i.set_near_branch64(target),
-        32 => i.set_near_branch32(target as u32),
+fn set_near_target(i: &mut Instruction, target: u64) {
+    match i.op0_kind() {
+        OpKind::NearBranch64 => i.set_near_branch64(target),
+        OpKind::NearBranch32 => i.set_near_branch32(target as u32),
         _ => i.set_near_branch16(target as u16),
     }
 }
@@ -145,7 +154,7 @@ pub fn assemble(mode: Mode, items: &[Item]) -> Result<Assembled, DifftestError> 
                     i.op0_kind(),
                     OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
                 ) {
-                    set_near_target(&mut i, bits, vip(resolve(items, t)));
+                    set_near_target(&mut i, vip(resolve(items, t)));
                 }
             }
             if let Some(t) = it.imm_target {
@@ -194,6 +203,9 @@ pub fn assemble(mode: Mode, items: &[Item]) -> Result<Assembled, DifftestError> 
         all = a2;
     }
     let _ = offs;
+    if items.len() as u64 >= (0x1_0000 - VIP_BASE) / VIP_STEP {
+        return Err(DifftestError::Assemble("too many items".into()));
+    }
     if code.len() as u64 > 0x1000 - 16 {
         return Err(DifftestError::Assemble(format!(
             "code is {} bytes, more than a page",
@@ -399,6 +411,22 @@ fn shift_count(i: &Instruction, cl: Option<u8>) -> Option<u8> {
     }
 }
 
+/// Longest REP string instruction a case may run (iterations).
+pub const MAX_REP: u64 = 4096;
+
+/// Address size of a string instruction, from its implicit operands.
+fn string_addr_size(i: &Instruction) -> u32 {
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => return 16,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => return 32,
+            OpKind::MemorySegRSI | OpKind::MemoryESRDI | OpKind::MemorySegRDI => return 64,
+            _ => {}
+        }
+    }
+    64
+}
+
 /// Index 0..16 of a general-purpose register (any size), if it is one.
 pub fn gpr_index(r: Register) -> Option<usize> {
     if !r.is_gpr() {
@@ -447,6 +475,8 @@ pub enum Invalid {
     NoTarget,
     /// Its memory result would be undefined (16-bit SHLD/SHRD count).
     UndefinedMemory,
+    /// A REP string instruction without a known small count.
+    UnboundedRep,
 }
 
 impl std::fmt::Display for Invalid {
@@ -457,6 +487,9 @@ impl std::fmt::Display for Invalid {
             Invalid::Backward => write!(f, "backward control transfer"),
             Invalid::NoTarget => write!(f, "control transfer without a target"),
             Invalid::UndefinedMemory => write!(f, "memory result undefined (SHLD/SHRD count)"),
+            Invalid::UnboundedRep => {
+                write!(f, "REP string instruction without a known small count")
+            }
         }
     }
 }
@@ -469,6 +502,9 @@ pub struct Point {
     /// Undefined general registers (bit per register index).
     pub poison: u32,
     pub reachable: bool,
+    /// A transcendental ran: compare x87 registers without the low 16
+    /// significand bits, and C1 (see [`super::fp`]).
+    pub fuzzy_x87: bool,
 }
 
 impl Point {
@@ -478,6 +514,7 @@ impl Point {
         }
         self.mask |= o.mask;
         self.poison |= o.poison;
+        self.fuzzy_x87 |= o.fuzzy_x87;
         self.reachable = true;
     }
 }
@@ -489,8 +526,13 @@ pub struct Flow {
     cur: Point,
     /// Known value of CL (reset at joins and by writes to RCX).
     cl: Option<u8>,
+    /// Known bits of RCX: (value, mask of known bits).
+    rcx: Option<(u64, u64)>,
     pending: BTreeMap<usize, Point>,
     prev: Option<Instruction>,
+    /// The oracle is KVM's instruction emulator: flags it is known to get
+    /// wrong count as undefined too.
+    emulated: bool,
 }
 
 /// What stepping one item did.
@@ -501,14 +543,16 @@ pub struct Stepped {
 }
 
 impl Flow {
-    pub fn new(_mode: Mode) -> Self {
+    pub fn new(mode: Mode) -> Self {
         Flow {
+            emulated: mode.oracle() == super::Oracle::Emulator,
             info: InstructionInfoFactory::new(),
             cur: Point {
                 reachable: true,
                 ..Default::default()
             },
             cl: None,
+            rcx: None,
             pending: BTreeMap::new(),
             prev: None,
         }
@@ -529,6 +573,7 @@ impl Flow {
         }
         if joined {
             self.cl = None;
+            self.rcx = None;
             self.prev = None;
         }
         p
@@ -572,6 +617,18 @@ impl Flow {
         if self.undefined_memory_result(&item.instr) {
             return Err(Invalid::UndefinedMemory);
         }
+        let i = &item.instr;
+        if (i.has_rep_prefix() || i.has_repne_prefix()) && i.code().is_string_instruction() {
+            let amask = match string_addr_size(i) {
+                16 => 0xffff,
+                32 => 0xffff_ffff,
+                _ => u64::MAX,
+            };
+            match self.rcx {
+                Some((v, known)) if known & amask == amask && v & amask <= MAX_REP => {}
+                _ => return Err(Invalid::UnboundedRep),
+            }
+        }
         Ok(())
     }
 
@@ -610,17 +667,23 @@ impl Flow {
             .iter()
             .any(|u| gpr_index(u.register()) == Some(1) && is_write(u.access()));
         if writes_rcx {
-            self.cl = match i.code() {
-                Code::Mov_r8_imm8 | Code::Mov_rm8_imm8 if i.op0_register() == Register::CL => {
-                    Some(i.immediate8())
+            let r = i.op0_register();
+            self.rcx = match i.code() {
+                Code::Mov_r8_imm8 | Code::Mov_rm8_imm8 if r == Register::CL => {
+                    Some((i.immediate(1) & 0xff, 0xff))
                 }
-                Code::Mov_r32_imm32 | Code::Mov_r16_imm16
-                    if gpr_index(i.op0_register()) == Some(1) =>
-                {
-                    Some(i.immediate(1) as u8)
+                Code::Mov_r16_imm16 if r == Register::CX => Some((i.immediate(1) & 0xffff, 0xffff)),
+                Code::Mov_r32_imm32 if r == Register::ECX => {
+                    Some((i.immediate(1) & 0xffff_ffff, u64::MAX))
+                }
+                Code::Mov_rm64_imm32 | Code::Mov_r64_imm64 if r == Register::RCX => {
+                    Some((i.immediate(1), u64::MAX))
                 }
                 _ => None,
             };
+            self.cl = self
+                .rcx
+                .and_then(|(v, k)| (k & 0xff == 0xff).then_some(v as u8));
         }
         // Successors.
         let succ = successors(i, item.target.is_some());
@@ -656,6 +719,23 @@ impl Flow {
         }
         if reads_x87_status(m) {
             fx.read |= X87_CC;
+        }
+        // A REP CMPS/SCAS with a zero count changes no flag.
+        if (i.has_rep_prefix() || i.has_repne_prefix()) && i.code().is_string_instruction() {
+            let amask = match string_addr_size(i) {
+                16 => 0xffff,
+                32 => 0xffff_ffff,
+                _ => u64::MAX,
+            };
+            if !matches!(self.rcx, Some((v, known)) if known & amask == amask && v & amask != 0) {
+                fx.defined = 0;
+                fx.undefined = 0;
+            }
+        }
+        if self.emulated && matches!(m, Mnemonic::Aam | Mnemonic::Aad) {
+            // KVM's emulator sets SF/ZF/PF from AX, the SDM from AL.
+            fx.defined &= !(SF | ZF | PF);
+            fx.undefined |= SF | ZF | PF;
         }
         let info = self.info.info(i);
         let mut reads = 0u32;

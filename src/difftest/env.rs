@@ -91,10 +91,11 @@ const GDT_ENTRIES: usize = 14;
 /// Port the case code writes to when it reaches its end (ring 0 and real
 /// mode: `out 0xff, al`).
 pub const PORT_END: u8 = 0xff;
-/// Vector ring-3 cases end with (`int3`): KVM-PVM runs guest ring 3 with
-/// IOPL 0 whatever RFLAGS says, so a ring-3 `out` always faults, and it
-/// turns every ring-3 `int n` but `int3`/`int 4` into #UD.
-pub const VECTOR_END: u8 = 3;
+/// Vector ring-3 cases end with (`ud2`: #UD, whose frame points at the
+/// terminator itself). KVM-PVM runs guest ring 3 with IOPL 0 whatever
+/// RFLAGS says, so a ring-3 `out` always faults; it turns every ring-3
+/// `int n` but `int3`/`int 4` into #UD, and in compatibility mode those too.
+pub const VECTOR_END: u8 = 6;
 /// Software-interrupt vectors with DPL-3 gates (callable from ring 3).
 pub const USER_VECTORS: [u8; 4] = [0x80, 0x81, 0x82, 0x83];
 /// A software-interrupt vector with a DPL-0 gate (#GP from ring 3).

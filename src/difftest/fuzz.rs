@@ -205,7 +205,11 @@ pub fn fuzz(seed: u64, cases: u64, modes: &[Mode], kvm: bool) -> Result<FuzzRepo
                 let r = catch_unwind(AssertUnwindSafe(|| side.run(&init)));
                 let mut recreate = false;
                 match r {
-                    Ok((End::Failed(m), _)) => {
+                    // A host-side failure (an ioctl error): recorded, and
+                    // the VM is recreated.
+                    Ok((End::Failed(m), _))
+                        if m.starts_with("KVM_RUN") || m.starts_with("KVM set_state") =>
+                    {
                         if report.kvm_errors.len() < 20 {
                             report.kvm_errors.push(format!(
                                 "{}: code {}: {m}",
@@ -213,8 +217,13 @@ pub fn fuzz(seed: u64, cases: u64, modes: &[Mode], kvm: bool) -> Result<FuzzRepo
                                 hex(&code)
                             ));
                         }
-                        *report.ends.entry("kvm: failed".into()).or_default() += 1;
-                        recreate = m.starts_with("KVM_RUN") || m.starts_with("KVM set_state");
+                        *report.ends.entry("kvm: host error".into()).or_default() += 1;
+                        recreate = true;
+                    }
+                    // The backend gave up on the guest (neither KVM nor the
+                    // interpreter has the instruction): a normal ending.
+                    Ok((End::Failed(_), _)) => {
+                        *report.ends.entry("kvm: unrecoverable".into()).or_default() += 1;
                     }
                     Ok((end, _)) => {
                         *report

@@ -47,6 +47,8 @@ pub enum IoEvent {
     In(u16, usize),
     MmioRead(u64, usize),
     MmioWrite(u64, Vec<u8>),
+    /// This many more events were not recorded.
+    Dropped(u64),
 }
 
 /// How one side's run ended.
@@ -86,29 +88,48 @@ pub struct Outcome {
     pub interp: Snapshot,
 }
 
+/// Events a run records before it only counts them (a string instruction
+/// over MMIO can make billions).
+pub const MAX_IO_EVENTS: usize = 4096;
+
 /// Records I/O and asks for the vCPU back at a stop port.
 #[derive(Default)]
 struct Recorder {
     io: Vec<IoEvent>,
     stop: bool,
     reads: u32,
+    /// Events beyond [`MAX_IO_EVENTS`].
+    dropped: u64,
 }
 
 impl Recorder {
+    fn record(&mut self, e: IoEvent) {
+        if self.io.len() < MAX_IO_EVENTS {
+            self.io.push(e);
+        } else {
+            self.dropped += 1;
+        }
+    }
     fn read(&mut self, port: u16, data: &mut [u8]) {
-        self.io.push(IoEvent::In(port, data.len()));
+        self.record(IoEvent::In(port, data.len()));
         for b in data.iter_mut() {
             *b = in_value(port, self.reads);
-            self.reads += 1;
+            self.reads = self.reads.wrapping_add(1);
         }
     }
     fn write(&mut self, port: u16, data: &[u8]) {
         if port < STOP_PORTS_BELOW {
-            self.io.push(IoEvent::Stop(port));
+            self.record(IoEvent::Stop(port));
             self.stop = true;
         } else {
-            self.io.push(IoEvent::Out(port, data.to_vec()));
+            self.record(IoEvent::Out(port, data.to_vec()));
         }
+    }
+    fn finish(mut self) -> Vec<IoEvent> {
+        if self.dropped > 0 {
+            self.io.push(IoEvent::Dropped(self.dropped));
+        }
+        self.io
     }
 }
 
@@ -120,11 +141,11 @@ impl IoHandler for Recorder {
         self.write(port, data);
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.io.push(IoEvent::MmioRead(addr, data.len()));
+        self.record(IoEvent::MmioRead(addr, data.len()));
         data.fill(0xff);
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.io.push(IoEvent::MmioWrite(addr, data.to_vec()));
+        self.record(IoEvent::MmioWrite(addr, data.to_vec()));
     }
     fn exit_requested(&self) -> bool {
         self.stop
@@ -190,7 +211,7 @@ impl InterpSide {
                 .unwrap_or_else(|| "(no message)".into());
             End::Failed(format!("interpreter panicked: {msg}"))
         });
-        (end, rec.io)
+        (end, rec.finish())
     }
 }
 
@@ -252,7 +273,7 @@ impl KvmSide {
             }
         };
         self.watchdog.disarm();
-        (end, rec.io)
+        (end, rec.finish())
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use duet::backend::{self, BackendKind, VcpuStats};
+use duet::backend::{self, BackendKind, IrqchipKind, VcpuStats};
 use duet::clock::ClockKind;
 use duet::guests;
 use duet::machine::{Machine, MachineConfig, Outcome};
@@ -56,6 +56,20 @@ pub fn run_guest(name: &str, kind: BackendKind) -> RunResult {
 
 /// Boot built-in guest `name` on `kind` with the given clock.
 pub fn run_guest_with(name: &str, kind: BackendKind, clock: ClockKind) -> RunResult {
+    run_guest_full(name, kind, clock, IrqchipKind::Userspace)
+}
+
+/// Boot built-in guest `name` with the given interrupt controllers.
+pub fn run_guest_irqchip(name: &str, kind: BackendKind, irqchip: IrqchipKind) -> RunResult {
+    run_guest_full(name, kind, ClockKind::Host, irqchip)
+}
+
+fn run_guest_full(
+    name: &str,
+    kind: BackendKind,
+    clock: ClockKind,
+    irqchip: IrqchipKind,
+) -> RunResult {
     let guest = guests::find(name).unwrap_or_else(|| panic!("no built-in guest {name}"));
     let out = SharedBuf::default();
     let trace = temp_path(name);
@@ -63,6 +77,7 @@ pub fn run_guest_with(name: &str, kind: BackendKind, clock: ClockKind) -> RunRes
         memory: 64 << 20,
         trace: Some(trace.clone()),
         clock,
+        irqchip,
         ..MachineConfig::new(kind, Box::new(out.clone()))
     };
     let mut m = Machine::new(cfg).expect("machine");

@@ -159,9 +159,30 @@ const XOR: u8 = 6;
 const CMP: u8 = 7;
 const TEST: u8 = 8;
 
+impl Cpu {
+    /// Read operand 0 of a read-modify-write instruction; a memory operand
+    /// is checked for writing first (see [`Cpu::read_mem_rmw`]).
+    pub(crate) fn op0_read_rmw(
+        &mut self,
+        p: &mut dyn Platform,
+        d: &Insn,
+        size: usize,
+    ) -> XResult<u64> {
+        if d.i.op0_kind() == OpKind::Memory {
+            let off = self.ea(d);
+            return self.read_mem_rmw(p, d.seg as usize, off, size);
+        }
+        self.op_read(p, d, 0, size)
+    }
+}
+
 fn binop<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = if OP == CMP || OP == TEST {
+        cpu.op_read(p, d, 0, size)?
+    } else {
+        cpu.op0_read_rmw(p, d, size)?
+    };
     let b = cpu.op_read(p, d, 1, size)?;
     let w = size as u32 * 8;
     let (r, op, carry) = match OP {
@@ -193,7 +214,7 @@ fn binop<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult
 
 fn incdec<const INC: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = cpu.op0_read_rmw(p, d, size)?;
     let r = if INC {
         a.wrapping_add(1)
     } else {
@@ -206,7 +227,7 @@ fn incdec<const INC: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
 
 fn neg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = cpu.op0_read_rmw(p, d, size)?;
     let r = 0u64.wrapping_sub(a) & mask(size);
     cpu.op0_write(p, d, size, r)?;
     cpu.flags.set_lazy(FlagOp::Sub, size as u32 * 8, 0, a, r);
@@ -215,7 +236,7 @@ fn neg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn not(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = cpu.op0_read_rmw(p, d, size)?;
     cpu.op0_write(p, d, size, !a & mask(size))
 }
 
@@ -224,6 +245,40 @@ mod tests {
     use crate::flags::*;
     use crate::insn::testutil::*;
     use crate::state::gpr::*;
+
+    #[test]
+    fn read_modify_write_faults_report_a_write() {
+        // With the 1 GiB at 0x40000000 not mapped (PDPT entry 1 empty):
+        // add dword [0x40000000], eax (01 04 25 00 00 00 40) is a
+        // read-modify-write, so its #PF error code has W/R set (2, not
+        // present, supervisor) as on hardware; cmp dword [0x40000000], eax
+        // (39 04 25 00 00 00 40) only reads (error code 0).
+        for (code, want) in [
+            ([0x01u8, 0x04, 0x25, 0x00, 0x00, 0x00, 0x40], 2u32),
+            ([0x39u8, 0x04, 0x25, 0x00, 0x00, 0x00, 0x40], 0u32),
+        ] {
+            let mut c = new_cpu();
+            setup(&mut c, Mode::Long64);
+            write_phys(&c, CODE, &code);
+            let mut p = TestPlatform::default();
+            let insn = c.decode_one(&mut p).expect("decodable");
+            let r = (insn.h)(&mut c, &mut p, &insn);
+            let e = r.expect_err("#PF");
+            assert_eq!(e.vector, crate::exception::PF);
+            assert_eq!(e.error_code, Some(want));
+            assert_eq!(c.cr2, 0x4000_0000);
+        }
+        // or qword [0x3ffffffc], rax (48 09 04 25 fc ff ff 3f) straddles
+        // into the unmapped GiB: CR2 is the first byte of that page.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0x48, 0x09, 0x04, 0x25, 0xfc, 0xff, 0xff, 0x3f]);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.error_code, Some(2));
+        assert_eq!(c.cr2, 0x4000_0000);
+    }
 
     #[test]
     fn add_sub_cmp_flags_64() {

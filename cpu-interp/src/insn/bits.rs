@@ -44,7 +44,12 @@ fn bt<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()
     };
     let (v, write_at) = if d.i.op0_kind() == OpKind::Memory {
         let off = cpu.ea(d).wrapping_add(byte_off) & d.amask;
-        (cpu.read_mem(p, d.seg as usize, off, size)?, Some(off))
+        let v = if OP == BT {
+            cpu.read_mem(p, d.seg as usize, off, size)?
+        } else {
+            cpu.read_mem_rmw(p, d.seg as usize, off, size)?
+        };
+        (v, Some(off))
     } else {
         (cpu.reg(d.i.op0_register()), None)
     };

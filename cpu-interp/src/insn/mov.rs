@@ -32,6 +32,7 @@ pub fn register(t: &mut Table) {
     t.set_mnemonic(Mnemonic::Cmpxchg8b, cmpxchg8b);
     t.set_mnemonic(Mnemonic::Cmpxchg16b, cmpxchg16b);
     t.set_mnemonic(Mnemonic::Bswap, bswap);
+    t.set_mnemonic(Mnemonic::Movbe, movbe);
     for m in [
         Mnemonic::Cmovo,
         Mnemonic::Cmovno,
@@ -236,7 +237,7 @@ fn lea(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn xchg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = cpu.op0_read_rmw(p, d, size)?;
     let b = cpu.op_read(p, d, 1, size)?;
     // Memory (if any) is operand 0 or 1; write it first so a fault changes nothing.
     if d.i.op1_kind() == OpKind::Memory {
@@ -252,7 +253,7 @@ fn xchg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn xadd(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let a = cpu.op_read(p, d, 0, size)?;
+    let a = cpu.op0_read_rmw(p, d, size)?;
     let b = cpu.op_read(p, d, 1, size)?;
     let r = a.wrapping_add(b) & mask(size);
     cpu.op0_write(p, d, size, r)?;
@@ -267,7 +268,7 @@ fn xadd(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn cmpxchg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
-    let dst = cpu.op_read(p, d, 0, size)?;
+    let dst = cpu.op0_read_rmw(p, d, size)?;
     let src = cpu.op_read(p, d, 1, size)?;
     let acc = cpu.gpr[gpr::RAX] & mask(size);
     let equal = acc == dst;
@@ -293,7 +294,7 @@ fn cmpxchg(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn cmpxchg8b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let off = cpu.ea(d);
     let seg = d.seg as usize;
-    let cur = cpu.read_mem(p, seg, off, 8)?;
+    let cur = cpu.read_mem_rmw(p, seg, off, 8)?;
     let expect = (cpu.gpr[gpr::RDX] & 0xffff_ffff) << 32 | (cpu.gpr[gpr::RAX] & 0xffff_ffff);
     if cur == expect {
         let new = (cpu.gpr[gpr::RCX] & 0xffff_ffff) << 32 | (cpu.gpr[gpr::RBX] & 0xffff_ffff);
@@ -310,13 +311,16 @@ fn cmpxchg8b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn cmpxchg16b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let off = cpu.ea(d);
+    let seg = d.seg as usize;
+    // The canonical (#GP/#SS) check comes before the alignment check, as
+    // on hardware.
+    cpu.linear(seg, off, 16, true)?;
     if off & 15 != 0 {
         return Err(Exception::gp0());
     }
-    let seg = d.seg as usize;
+    cpu.probe_write(p, seg, off, 16)?;
     let lo = cpu.read_mem(p, seg, off, 8)?;
     let hi = cpu.read_mem(p, seg, off.wrapping_add(8) & d.amask, 8)?;
-    cpu.probe_write(p, seg, off, 16)?;
     if lo == cpu.gpr[gpr::RAX] && hi == cpu.gpr[gpr::RDX] {
         let (nl, nh) = (cpu.gpr[gpr::RBX], cpu.gpr[gpr::RCX]);
         cpu.write_mem(p, seg, off, 8, nl)?;
@@ -343,6 +347,22 @@ fn bswap(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     };
     cpu.set_reg(r, nv);
     Ok(())
+}
+
+/// MOVBE: a load or store with the bytes reversed. Not advertised by the
+/// interpreter; runs only for a KVM guest that found it in the host CPUID.
+fn movbe(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    if !cpu.host_features {
+        return Err(Exception::ud());
+    }
+    let size = d.size as usize;
+    let v = cpu.op_read(p, d, 1, size)?;
+    let swapped = match size {
+        2 => u64::from((v as u16).swap_bytes()),
+        4 => u64::from((v as u32).swap_bytes()),
+        _ => v.swap_bytes(),
+    };
+    cpu.op0_write(p, d, size, swapped)
 }
 
 /// The x86 condition nibble of a Jcc/SETcc/CMOVcc.
@@ -417,6 +437,20 @@ mod tests {
     use crate::flags::*;
     use crate::insn::testutil::*;
     use crate::state::gpr::*;
+
+    #[test]
+    fn cmpxchg16b_checks_the_address_before_alignment() {
+        // ss: cmpxchg16b [rcx+0x1e] (36 48 0f c7 49 1e) with a non-canonical,
+        // misaligned address: #SS(0) (canonical check first), as on hardware.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0x36, 0x48, 0x0f, 0xc7, 0x49, 0x1e]);
+        c.set_gpr(RCX, 0x7fff_ffff_ffff_ffff);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#SS");
+        assert_eq!(e.vector, crate::exception::SS);
+    }
 
     #[test]
     fn mov_forms_64() {

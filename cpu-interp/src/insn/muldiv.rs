@@ -126,8 +126,11 @@ fn idiv(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         let sh = 128 - 2 * bits as u32;
         ((raw << sh) as i128) >> sh
     };
-    let q = dividend / src;
-    let r = dividend % src;
+    // -2^127 / -1 overflows i128 itself (RDX:RAX = 0x8000..:0, src = -1):
+    // that quotient does not fit either, so it is #DE like any other.
+    let (Some(q), Some(r)) = (dividend.checked_div(src), dividend.checked_rem(src)) else {
+        return Err(Exception::de());
+    };
     let max = i128::from(mask(size) >> 1);
     if q > max || q < -max - 1 {
         return Err(Exception::de());
@@ -183,6 +186,23 @@ mod tests {
         // eax = 0x10000000 -> ax = 0 -> idiv cl: q=0, r=0
         assert_eq!(c.gpr(RDX), 5);
         assert_eq!(c.gpr(RAX), 0x1000_0000);
+    }
+
+    #[test]
+    fn idiv_of_the_most_negative_128_bit_dividend_is_a_divide_error() {
+        // idiv r11 (49 f7 fb) with RDX:RAX = 0x8000000000000000:0 and
+        // R11 = -1: the quotient 2^127 fits nowhere, #DE (no panic).
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0x49, 0xf7, 0xfb]);
+        c.set_gpr(RDX, 0x8000_0000_0000_0000);
+        c.set_gpr(RAX, 0);
+        c.set_gpr(R11, u64::MAX);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#DE");
+        assert_eq!(e.vector, DE);
+        assert_eq!(c.gpr(RAX), 0);
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn shift<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult
     let size = d.size as usize;
     let bits = size as u32 * 8;
     let m = mask(size);
-    let a = cpu.op_read(p, d, 0, size)? & m;
+    let a = cpu.op0_read_rmw(p, d, size)? & m;
     let c = if d.i.op_count() > 1 {
         count(cpu, d, 1, size)
     } else {
@@ -143,7 +143,7 @@ fn double_shift<const LEFT: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn)
     let size = d.size as usize;
     let bits = size as u32 * 8;
     let m = mask(size);
-    let a = cpu.op_read(p, d, 0, size)? & m;
+    let a = cpu.op0_read_rmw(p, d, size)? & m;
     let b = cpu.op_read(p, d, 1, size)? & m;
     let c = count(cpu, d, 2, size);
     if c == 0 {

@@ -202,31 +202,47 @@ fn enter(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let alloc = d.i.immediate(0) & 0xffff;
     let level = d.i.immediate(1) & 0x1f;
     let w = cpu.stack_width();
-    let bp_mask = w;
     let rbp = cpu.gpr[gpr::RBP];
-    // Build the whole frame first so a fault changes no register.
-    let mut vals = vec![rbp & mask(size)];
-    let mut sp = cpu.gpr[gpr::RSP].wrapping_sub(size as u64) & w;
+    let ss = cpu.seg[sreg::SS];
+    let long = cpu.bits == 64;
+    let user = cpu.user();
+    // Each value is stored as soon as it is known, as on hardware: a fault
+    // (on a frame-pointer read or a later push) leaves the earlier pushes
+    // in memory but changes no register.
+    let push = |cpu: &mut Cpu, p: &mut dyn Platform, sp: &mut u64, v: u64| -> XResult<()> {
+        *sp = sp.wrapping_sub(size as u64) & w;
+        let lin = cpu.stack_linear(&ss, *sp, size, long)?;
+        cpu.probe_lin_write(p, lin, size, user)?;
+        cpu.write_lin(p, lin, size, v, user)
+    };
+    let mut sp = cpu.gpr[gpr::RSP];
+    push(cpu, p, &mut sp, rbp & mask(size))?;
     let frame_temp = sp;
     if level > 0 {
         let mut bp = rbp;
         for _ in 1..level {
-            bp = bp.wrapping_sub(size as u64) & bp_mask;
-            let v = if cpu.bits == 64 {
-                let user = cpu.user();
+            bp = bp.wrapping_sub(size as u64) & w;
+            let v = if long {
+                if !crate::segment::canonical(bp) {
+                    return Err(Exception::ss(0));
+                }
                 cpu.read_lin(p, bp, size, user)?
             } else {
                 cpu.read_mem(p, sreg::SS, bp, size)?
             };
-            vals.push(v);
+            push(cpu, p, &mut sp, v)?;
         }
-        vals.push(frame_temp);
+        push(cpu, p, &mut sp, frame_temp)?;
     }
-    let new_sp = cpu.push_values(p, &vals, size)?;
-    sp = new_sp.wrapping_sub(alloc) & w;
-    // The final stack pointer must be valid too.
-    if cpu.bits != 64 && alloc != 0 {
-        cpu.probe_write(p, sreg::SS, sp, 1)?;
+    sp = sp.wrapping_sub(alloc) & w;
+    // The final stack pointer must be writable too (in every mode).
+    if alloc != 0 {
+        if long {
+            let lin = cpu.stack_linear(&ss, sp, 1, true)?;
+            cpu.probe_lin_write(p, lin, 1, user)?;
+        } else {
+            cpu.probe_write(p, sreg::SS, sp, 1)?;
+        }
     }
     cpu.set_gpr_sized(
         gpr::RBP,
@@ -299,6 +315,42 @@ mod tests {
         assert_eq!(c.gpr(RSP), STACK_TOP - 10);
         assert_eq!(read_phys(&c, STACK_TOP - 8, 8), 0x10);
         assert_eq!(read_phys(&c, STACK_TOP - 10, 2), 0x10);
+    }
+
+    #[test]
+    fn enter_faults_after_its_earlier_pushes() {
+        // enter 8, 2 (c8 08 00 02) with RBP = 0x40000008: the push of RBP
+        // is stored, then reading the frame pointer at [0x40000000] (an
+        // unmapped GiB) faults; no register changes (as on hardware).
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0xc8, 0x08, 0x00, 0x02]);
+        c.set_gpr(RBP, 0x4000_0008);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.vector, crate::exception::PF);
+        assert_eq!(read_phys(&c, STACK_TOP - 8, 8), 0x4000_0008);
+        assert_eq!((c.gpr(RSP), c.gpr(RBP)), (STACK_TOP, 0x4000_0008));
+        // enter 0xffff, 0 (c8 ff ff 00): the final RSP (below 0, unmapped)
+        // is checked for writing in 64-bit mode too.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0xc8, 0xff, 0xff, 0x00]);
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.error_code, Some(2));
+        assert_eq!(c.cr2, (STACK_TOP - 8).wrapping_sub(0xffff));
+        assert_eq!(c.gpr(RSP), STACK_TOP);
+        // enter 0, 2 with a non-canonical RBP: reading the frame pointer is
+        // a stack access, #SS(0) (not a page walk of that address).
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0xc8, 0x00, 0x00, 0x02]);
+        c.set_gpr(RBP, 0xc2cd_37c9_c113_cabb);
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#SS");
+        assert_eq!(e.vector, crate::exception::SS);
     }
 
     #[test]

@@ -120,6 +120,36 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
     } else {
         size as u64
     };
+    if rep && am == 0xffff_ffff {
+        // With a 32-bit address size, REP writes ECX back (zero-extended)
+        // even when it runs no iteration or faults in the first one, and
+        // REP MOVS/STOS do the same with their pointers (as hardware does;
+        // REP LODS/CMPS/SCAS leave the pointers alone until they move).
+        cpu.gpr[gpr::RCX] &= am;
+        if matches!(OP, MOVS | STOS) {
+            cpu.gpr[gpr::RDI] &= am;
+        }
+        if OP == MOVS {
+            cpu.gpr[gpr::RSI] &= am;
+        }
+    }
+    // A REP CMPS/SCAS that faults part-way leaves RFLAGS as it was before
+    // the instruction (hardware and KVM agree); the registers show the
+    // progress so far.
+    let saved_flags = cpu.flags;
+    macro_rules! keep_flags {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => {
+                    if rep {
+                        cpu.flags = saved_flags;
+                    }
+                    return Err(e);
+                }
+            }
+        };
+    }
     let mut n = 0u64;
     let fast = rep && (OP == MOVS || OP == STOS) && step == size as u64;
     loop {
@@ -158,8 +188,10 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 bump(cpu, gpr::RSI, step, am);
             }
             CMPS => {
-                let a = cpu.read_mem(p, src_seg, si, size)?;
-                let b = cpu.read_mem(p, sreg::ES, di, size)?;
+                // Hardware accesses ES:[rDI] before DS:[rSI] here (unlike
+                // MOVS): a fault on both reports the rDI one.
+                let b = keep_flags!(cpu.read_mem(p, sreg::ES, di, size));
+                let a = keep_flags!(cpu.read_mem(p, src_seg, si, size));
                 bump(cpu, gpr::RSI, step, am);
                 bump(cpu, gpr::RDI, step, am);
                 cpu.flags
@@ -167,7 +199,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
             }
             SCAS => {
                 let a = cpu.gpr[gpr::RAX] & super::mask(size);
-                let b = cpu.read_mem(p, sreg::ES, di, size)?;
+                let b = keep_flags!(cpu.read_mem(p, sreg::ES, di, size));
                 bump(cpu, gpr::RDI, step, am);
                 cpu.flags
                     .set_lazy(FlagOp::Sub, size as u32 * 8, a, b, a.wrapping_sub(b));
@@ -232,44 +264,57 @@ fn fast_chunk<const OP: u8>(
 ) -> XResult<Option<u64>> {
     let count = cpu.gpr[gpr::RCX] & am;
     let di = cpu.gpr[gpr::RDI] & am;
+    let si = cpu.gpr[gpr::RSI] & am;
     let user = cpu.user();
+    // MOVS reads its source first: its faults come first, as on hardware.
+    let src_lin = if OP == MOVS {
+        cpu.linear(src_seg, si, size as u64, false)?
+    } else {
+        0
+    };
     let dst_lin = cpu.linear(sreg::ES, di, size as u64, true)?;
     let mut k = count.min((0x1000 - (dst_lin & 0xfff)) / size as u64);
     // Stay below the address-size wrap.
     k = k.min((am - di) / size as u64 + 1);
-    let si = cpu.gpr[gpr::RSI] & am;
-    let src_lin = if OP == MOVS {
-        let l = cpu.linear(src_seg, si, size as u64, false)?;
-        k = k.min((0x1000 - (l & 0xfff)) / size as u64);
+    if OP == MOVS {
+        k = k.min((0x1000 - (src_lin & 0xfff)) / size as u64);
         k = k.min((am - si) / size as u64 + 1);
-        l
-    } else {
-        0
-    };
+    }
     if k < 2 {
         return Ok(None);
     }
     let bytes = k * size as u64;
     // Segment limits for the whole chunk.
-    cpu.linear(sreg::ES, di, bytes, true)?;
     if OP == MOVS {
         cpu.linear(src_seg, si, bytes, false)?;
     }
+    cpu.linear(sreg::ES, di, bytes, true)?;
+    let src = if OP == MOVS {
+        match cpu.host_ptr(p, src_lin, crate::mmu::Access::Read, user)? {
+            Some(s) => s,
+            None => return Ok(None),
+        }
+    } else {
+        std::ptr::null_mut()
+    };
     let Some(dst) = cpu.host_ptr(p, dst_lin, crate::mmu::Access::Write, user)? else {
         return Ok(None);
     };
     if OP == MOVS {
-        let Some(src) = cpu.host_ptr(p, src_lin, crate::mmu::Access::Read, user)? else {
-            return Ok(None);
-        };
         let (s0, d0) = (src as usize, dst as usize);
         if d0 > s0 && d0 < s0 + bytes as usize {
-            // Overlap with the destination ahead: x86 copies forward one
-            // element at a time, replicating the pattern.
-            for e in 0..k as usize * size {
+            // Overlap with the destination ahead: x86 moves one element at
+            // a time, each read whole before it is written (so a distance
+            // smaller than the element size does not replicate bytes).
+            for e in 0..k as usize {
+                let mut tmp = [0u8; 8];
                 // SAFETY: both ranges lie inside one mapped RAM page each
-                // (host_ptr checked the page, k keeps the range in it).
-                unsafe { *dst.add(e) = *src.add(e) };
+                // (host_ptr checked the page, k keeps the range in it);
+                // `tmp` holds `size` <= 8 bytes and overlaps neither.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.add(e * size), tmp.as_mut_ptr(), size);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(e * size), size);
+                }
             }
         } else {
             // SAFETY: as above; `copy` handles the remaining overlap case
@@ -317,6 +362,91 @@ mod tests {
         // RCX was 0 for the stosd: nothing stored, RDI stays.
         assert_eq!(c.gpr(RDI), 0x3005);
         assert_eq!(c.gpr(RSI), 0x2005);
+    }
+
+    #[test]
+    fn rep_with_32_bit_addresses_writes_back_32_bit_registers() {
+        // rep stosq [edi] (67 f3 48 ab) in 64-bit mode with RCX = 0 and
+        // RDI = 0x1_0000_3000: no iteration, but RDI is written back as EDI
+        // (zero-extended), as on hardware; a plain stosq [edi] (67 48 ab)
+        // updates RDI as EDI + 8; rep lodsb [esi] (67 f3 ac) with RCX = 0
+        // leaves RSI alone but writes ECX back.
+        let c = run(Mode::Long64, &[0x67, 0xf3, 0x48, 0xab], |c| {
+            c.set_gpr(RDI, 0x1_0000_3000);
+            c.set_gpr(RCX, 0);
+        });
+        assert_eq!(c.gpr(RDI), 0x3000);
+        let c = run(Mode::Long64, &[0x67, 0x48, 0xab], |c| {
+            c.set_gpr(RDI, 0x1_0000_3000);
+        });
+        assert_eq!(c.gpr(RDI), 0x3008);
+        let c = run(Mode::Long64, &[0x67, 0xf3, 0xac], |c| {
+            c.set_gpr(RSI, 0x1_0000_3000);
+            c.set_gpr(RCX, 0x1_0000_0000);
+        });
+        assert_eq!((c.gpr(RSI), c.gpr(RCX)), (0x1_0000_3000, 0));
+    }
+
+    #[test]
+    fn faulting_rep_cmps_keeps_the_flags_from_before() {
+        // repne scasb (f2 ae) from 0x1ffffe into the 2 MiB page at 0x200000
+        // made not present, with AL = 0xff and no match: two iterations,
+        // then #PF; RFLAGS is as before the instruction (ZF CF set) while
+        // RDI/RCX show the progress.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0xf2, 0xae]);
+        write_phys(&c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+        write_phys(&c, 0x1f_fffe, &[1, 2]);
+        c.set_gpr(RDI, 0x1f_fffe);
+        c.set_gpr(RCX, 5);
+        c.set_gpr(RAX, 0xff);
+        c.flags = crate::flags::Flags::new(0x2 | ZF | CF);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.vector, crate::exception::PF);
+        assert_eq!((c.gpr(RDI), c.gpr(RCX)), (0x20_0000, 3));
+        assert_eq!(c.rflags() & (ZF | CF | SF), ZF | CF);
+    }
+
+    #[test]
+    fn overlapping_rep_movsq_moves_whole_elements() {
+        // rep movsq (f3 48 a5) with RDI = RSI + 3 and RCX = 4: each 8-byte
+        // element is read, then written, so element k sees the 3 bytes the
+        // previous one wrote and 5 original ones (as on hardware).
+        let src: Vec<u8> = (0u8..40).collect();
+        let c = run(Mode::Long64, &[0xf3, 0x48, 0xa5], |c| {
+            write_phys(c, 0x2000, &src);
+            c.set_gpr(RSI, 0x2000);
+            c.set_gpr(RDI, 0x2003);
+            c.set_gpr(RCX, 4);
+        });
+        let mut want = src.clone();
+        for e in 0..4 {
+            let tmp: Vec<u8> = want[8 * e..8 * e + 8].to_vec();
+            want[3 + 8 * e..3 + 8 * e + 8].copy_from_slice(&tmp);
+        }
+        let mut got = vec![0u8; 40];
+        assert!(c.ram().read(0x2000, &mut got));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn cmps_reads_the_destination_first() {
+        // cmpsb (a6) with RSI and RDI both in the unmapped 1 GiB at
+        // 0x40000000: the #PF reports the ES:[RDI] access (CR2 = RDI), as
+        // on hardware.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0xa6]);
+        c.set_gpr(RSI, 0x4000_0100);
+        c.set_gpr(RDI, 0x4000_0200);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.vector, crate::exception::PF);
+        assert_eq!(c.cr2, 0x4000_0200);
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub fn register(t: &mut Table) {
     t.set_mnemonic(Mnemonic::Arpl, arpl);
     t.set_mnemonic(Mnemonic::Xgetbv, xgetbv);
     t.set_mnemonic(Mnemonic::Xsetbv, xsetbv);
+    t.set_mnemonic(Mnemonic::Clac, clac_stac::<false>);
+    t.set_mnemonic(Mnemonic::Stac, clac_stac::<true>);
+    t.set_mnemonic(Mnemonic::Clflushopt, host_clflush);
+    t.set_mnemonic(Mnemonic::Clwb, host_clflush);
+    t.set_mnemonic(Mnemonic::Invpcid, invpcid);
+    t.set_mnemonic(Mnemonic::Rdpid, rdpid);
     t.set_mnemonic(Mnemonic::Ud0, crate::dispatch::invalid);
     t.set_mnemonic(Mnemonic::Ud1, crate::dispatch::invalid);
     t.set_mnemonic(Mnemonic::Ud2, crate::dispatch::invalid);
@@ -513,6 +519,58 @@ fn clflush(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     // Faults like a byte read; no other effect.
     let off = cpu.ea(d);
     cpu.read_mem(p, d.seg as usize, off, 1).map(|_| ())
+}
+
+/// Instructions of features the interpreter does not advertise run only
+/// for a KVM guest that picked them from the host's CPUID.
+fn require_host_feature(cpu: &Cpu) -> XResult<()> {
+    if cpu.host_features {
+        Ok(())
+    } else {
+        Err(Exception::ud())
+    }
+}
+
+fn clac_stac<const SET: bool>(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
+    require_host_feature(cpu)?;
+    if cpu.protected() && cpu.cpl != 0 || cpu.vm86() {
+        return Err(Exception::ud());
+    }
+    cpu.flags.set_bit(flags::AC, SET);
+    cpu.tlb.flush_all();
+    Ok(())
+}
+
+fn host_clflush(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    require_host_feature(cpu)?;
+    clflush(cpu, p, d)
+}
+
+fn invpcid(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    require_host_feature(cpu)?;
+    cpu.require_cpl0()?;
+    let kind = cpu.reg(d.i.op0_register());
+    let off = cpu.ea(d);
+    let pcid = cpu.read_mem(p, d.seg as usize, off, 8)?;
+    let lin = cpu.read_mem(p, d.seg as usize, off.wrapping_add(8) & d.amask, 8)?;
+    if kind > 3 || pcid > 0xfff || (kind == 0 && !canonical(lin)) {
+        return Err(Exception::gp0());
+    }
+    // The interpreter keeps no PCID-tagged entries: flush what it has.
+    match kind {
+        0 => cpu.tlb.flush_page(lin),
+        1 | 3 => cpu.tlb.flush_nonglobal(),
+        _ => cpu.tlb.flush_all(),
+    }
+    cpu.end_block = true;
+    Ok(())
+}
+
+fn rdpid(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    require_host_feature(cpu)?;
+    let v = cpu.msrs.tsc_aux;
+    cpu.set_reg(d.i.op0_register(), v);
+    Ok(())
 }
 
 fn cpuid(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
@@ -1019,6 +1077,27 @@ mod tests {
         assert_eq!(c.state().msrs.star, 0x2222_0000_1111);
         assert_eq!(c.gpr(RAX), 0x8100_0000);
         assert_eq!(c.gpr(RDX), 0xffff_ffff);
+    }
+
+    #[test]
+    fn host_feature_instructions_need_the_host_flag() {
+        // stac (0f 01 cb) raises #UD on the interpreter's own CPU...
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0x0f, 0x01, 0xcb, 0xf4]);
+        let mut p = TestPlatform::default();
+        // (the harness's IDT is empty, so the #UD escalates to a triple fault)
+        assert_eq!(c.step(&mut p), Some(CpuExit::TripleFault));
+        // With host features (KVM fallback) it sets AC; clac clears it.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        c.set_host_features(true);
+        write_phys(&c, CODE, &[0x0f, 0x01, 0xcb, 0x0f, 0x01, 0xca]);
+        c.step(&mut p);
+        assert_ne!(c.rflags() & AC, 0);
+        c.step(&mut p);
+        assert_eq!(c.rflags() & AC, 0);
+        assert_eq!(c.rip(), CODE + 6);
     }
 
     #[test]

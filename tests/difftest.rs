@@ -1,0 +1,163 @@
+//! Differential tests: the interpreter against KVM, in every mode.
+//!
+//! Each mode runs random sequences and a sample of the targeted corpora
+//! and must show no divergence (see docs/DIFFTEST.md for the oracles and
+//! masking rules); a proptest over random sequences with a fixed seed; and
+//! random bytes as guest code on KVM (with the interpreter fallback) and on
+//! the interpreter alone, which must not panic. Without /dev/kvm every
+//! test prints "skipping: <reason>" and returns.
+
+use std::cell::RefCell;
+
+use duet::difftest::campaign::{Campaign, CampaignConfig};
+use duet::difftest::compare::Verdict;
+use duet::difftest::gen::Generator;
+use duet::difftest::rng::Rng as CaseRng;
+use duet::difftest::{corpus, fuzz, kvm_usable, Mode};
+
+/// Random cases per mode.
+const RANDOM: u64 = 3000;
+/// Every n-th targeted case per mode.
+const TARGETED_STEP: usize = 8;
+
+fn kvm_or_skip() -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            println!("skipping: {why}");
+            false
+        }
+    }
+}
+
+/// Random cases and a targeted sample in `mode`; panics with the reports
+/// of any divergence.
+fn run_mode(mode: Mode, seed: u64) {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cfg = CampaignConfig {
+        seed,
+        cases: RANDOM,
+        modes: vec![mode],
+        max_reports: 10,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let start = std::time::Instant::now();
+    let mut c = Campaign::new(cfg, &mut out).expect("harness");
+    c.run_random(mode, RANDOM).expect("random cases");
+    for case in corpus::sample(mode, TARGETED_STEP) {
+        c.run_case(&case, None).expect("targeted case");
+    }
+    let summary = c.finish(start);
+    let text = summary.render();
+    println!("{text}");
+    assert!(
+        summary.total_cases() >= RANDOM + 1000,
+        "too few cases ran:\n{text}"
+    );
+    assert!(
+        summary.clean(),
+        "{mode}: divergences\n{}\n{text}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn difftest_64_bit_ring3() {
+    run_mode(Mode::Long64Ring3, 0x64_03);
+}
+
+#[test]
+fn difftest_64_bit_ring0() {
+    run_mode(Mode::Long64Ring0, 0x64_00);
+}
+
+#[test]
+fn difftest_32_bit_ring3() {
+    run_mode(Mode::Compat32Ring3, 0x32_03);
+}
+
+#[test]
+fn difftest_32_bit_ring0() {
+    run_mode(Mode::Prot32Ring0, 0x32_00);
+}
+
+#[test]
+fn difftest_16_bit_ring3() {
+    run_mode(Mode::Compat16Ring3, 0x16_03);
+}
+
+#[test]
+fn difftest_real_mode() {
+    run_mode(Mode::Real16, 0x16_00);
+}
+
+#[test]
+fn difftest_proptest_random_sequences() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    if !kvm_or_skip() {
+        return;
+    }
+    let cfg = CampaignConfig {
+        modes: Mode::ALL.to_vec(),
+        max_reports: 0,
+        ..Default::default()
+    };
+    let mut sink = Vec::new();
+    let campaign = RefCell::new(Campaign::new(cfg, &mut sink).expect("harness"));
+    let config = Config {
+        cases: 600,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[0x5e; 32]);
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    // A case is (mode, seed, length); shrinking shortens the sequence.
+    let strategy = (0..Mode::ALL.len(), any::<u64>(), 1usize..16);
+    let result = runner.run(&strategy, |(m, seed, len)| {
+        let mode = Mode::ALL[m];
+        let mut g = Generator::new(mode);
+        g.max_len = len;
+        let case = g.case(
+            &mut CaseRng::new(seed),
+            format!("proptest seed {seed:#x} len {len}"),
+        );
+        let v = campaign
+            .borrow_mut()
+            .run_case(&case, None)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        match v {
+            Verdict::Diverged(d) => Err(TestCaseError::fail(format!(
+                "{mode}: {} diverged: {d:?}",
+                case.origin
+            ))),
+            Verdict::Broken(m) => Err(TestCaseError::fail(format!("{mode}: broken: {m}"))),
+            _ => Ok(()),
+        }
+    });
+    drop(campaign);
+    if let Err(e) = result {
+        panic!("{e}\n{}", String::from_utf8_lossy(&sink));
+    }
+}
+
+#[test]
+fn difftest_random_bytes_do_not_crash() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let modes = [
+        Mode::Long64Ring0,
+        Mode::Long64Ring3,
+        Mode::Prot32Ring0,
+        Mode::Compat32Ring3,
+    ];
+    let report = fuzz::fuzz(0xf022, 500, &modes, true).expect("fuzz harness");
+    println!("{}", report.render());
+    assert_eq!(report.cases, 2000);
+    assert!(report.panics.is_empty(), "{}", report.render());
+    assert!(report.kvm_errors.is_empty(), "{}", report.render());
+}

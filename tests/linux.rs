@@ -1,0 +1,235 @@
+//! Debian's own Linux kernels boot to a busybox shell, driven over the
+//! serial console: `uname -r`, `/proc/interrupts`, `/proc/cpuinfo`, the
+//! kernel log, and `poweroff -f` with exit status 0.
+//!
+//! The kernels, busybox and the initramfs come from `scripts/linux-guest.sh`
+//! (Debian packages fetched with apt-get, cached under `.cache/linux-guest`
+//! or `$DUET_GUEST_DIR`). On the interpreter these tests always run; the KVM
+//! variant is opt-in (`cargo nextest run --run-ignored only -E 'test(kvm)'`):
+//! on hosts whose KVM emulates ring-0 code in software (KVM-PVM) a boot
+//! takes many minutes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+fn kit() -> &'static PathBuf {
+    static KIT: OnceLock<PathBuf> = OnceLock::new();
+    KIT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/linux-guest.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run scripts/linux-guest.sh");
+        assert!(
+            out.status.success(),
+            "scripts/linux-guest.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string(),
+        )
+    })
+}
+
+/// A duet process with its serial console on pipes.
+struct Console {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    seen: usize,
+}
+
+impl Console {
+    fn boot(backend: &str, kernel: &Path, extra_cmdline: &str) -> Console {
+        let dir = kit();
+        let cmdline = format!("console=ttyS0 panic=-1 {extra_cmdline}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+            .args(["run", "--backend", backend, "--memory", "256M", "--kernel"])
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(dir.join("initramfs.cpio.gz"))
+            .args(["--cmdline", &cmdline])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn duet");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().expect("stdout");
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Console {
+            child,
+            out,
+            seen: 0,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Wait until `needle` appears after what was already consumed; return
+    /// the text up to and including it.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let t = self.text();
+            if let Some(pos) = t[self.seen.min(t.len())..].find(needle) {
+                let end = self.seen + pos + needle.len();
+                let got = t[self.seen..end].to_string();
+                self.seen = end;
+                return got;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {needle:?}; console so far:\n{t}");
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("duet exited ({st}) while waiting for {needle:?}; console:\n{t}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(line.as_bytes())
+            .expect("write to the console");
+        stdin.write_all(b"\n").expect("write to the console");
+        stdin.flush().ok();
+    }
+
+    /// Run a shell command and return its output (between markers).
+    fn run(&mut self, cmd: &str, timeout: Duration) -> String {
+        self.send(&format!("echo '<<'BEGIN; {cmd}; echo '<<'END"));
+        self.wait_for("<<BEGIN", timeout);
+        let out = self.wait_for("<<END", timeout);
+        out.trim_end_matches("<<END").to_string()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().ok();
+        }
+        self.child.wait().ok();
+    }
+}
+
+fn check_boot(backend: &str, kernel: &str, boot_timeout: Duration) {
+    let dir = kit();
+    let version = std::fs::read_to_string(dir.join("VERSION"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let expected_release = if kernel.contains("generic") {
+        version.replace("-cloud-amd64", "-amd64")
+    } else {
+        version.clone()
+    };
+    let step = boot_timeout;
+    let mut c = Console::boot(backend, &dir.join(kernel), "");
+    c.wait_for("DUET-INIT-READY", boot_timeout);
+
+    let uname = c.run("uname -r", step);
+    assert!(uname.contains(&expected_release), "uname -r said: {uname}");
+
+    let irqs = c.run("cat /proc/interrupts", step);
+    let line = |needle: &str| {
+        irqs.lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_string)
+    };
+    let timer =
+        line("timer").unwrap_or_else(|| panic!("no timer line in /proc/interrupts:\n{irqs}"));
+    assert!(
+        timer.contains("IO-APIC"),
+        "timer not on the IO-APIC: {timer}"
+    );
+    let serial =
+        line("ttyS0").unwrap_or_else(|| panic!("no ttyS0 line in /proc/interrupts:\n{irqs}"));
+    assert!(
+        serial.contains("IO-APIC"),
+        "ttyS0 not on the IO-APIC: {serial}"
+    );
+    // The serial interrupt fired (we have been typing): a non-zero count.
+    let count: u64 = serial
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(count > 0, "ttyS0 took no interrupts: {serial}");
+
+    let cpuinfo = c.run("cat /proc/cpuinfo", step);
+    assert!(cpuinfo.contains("duet virtual CPU"), "{cpuinfo}");
+    assert!(cpuinfo.contains(" sse2"), "{cpuinfo}");
+    assert!(cpuinfo.contains(" apic"), "{cpuinfo}");
+
+    let log = c.run("dmesg | grep -i -e apic -e acpi -e clocksource", step);
+    assert!(log.contains("IOAPIC[0]"), "{log}");
+    assert!(log.contains("ACPI: PM-Timer IO Port"), "{log}");
+    assert!(
+        log.contains("clocksource: Switched to clocksource tsc"),
+        "{log}"
+    );
+    assert!(!log.contains("unstable"), "{log}");
+
+    c.send("poweroff -f");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = c.child.try_wait() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < step,
+            "duet did not exit after poweroff -f:\n{}",
+            c.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "console:\n{}", c.text());
+}
+
+#[test]
+fn cloud_bzimage_on_the_interpreter() {
+    check_boot("interp", "vmlinuz-cloud", Duration::from_secs(300));
+}
+
+#[test]
+fn generic_xz_bzimage_on_the_interpreter() {
+    check_boot("interp", "vmlinuz-generic", Duration::from_secs(600));
+}
+
+#[test]
+fn cloud_pvh_vmlinux_on_the_interpreter() {
+    check_boot("interp", "vmlinux-cloud", Duration::from_secs(300));
+}
+
+/// Opt-in: on KVM-PVM the kernel's ring-0 code is emulated by the host at a
+/// few MIPS, with duet's interpreter taking the instructions it refuses.
+#[test]
+#[ignore = "slow on KVM-PVM hosts; run with --run-ignored"]
+fn cloud_pvh_vmlinux_on_kvm() {
+    if duet::backend::kvm_available().is_err() {
+        eprintln!("skipping: KVM is not available");
+        return;
+    }
+    check_boot("kvm", "vmlinux-cloud", Duration::from_secs(3600));
+}
