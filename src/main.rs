@@ -68,6 +68,9 @@ struct DifftestArgs {
     /// (docs/DIFFTEST.md).
     #[arg(long)]
     open_gaps: bool,
+    /// Write every exercised instruction form (iced Code) and its count.
+    #[arg(long, value_name = "FILE")]
+    coverage: Option<PathBuf>,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -110,6 +113,10 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
     };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());
+    if let Some(path) = &args.coverage {
+        std::fs::write(path, summary.coverage_list())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(if summary.clean() {
         ExitCode::SUCCESS
     } else {

@@ -211,6 +211,40 @@ impl Summary {
             "coverage: {} distinct instruction forms (iced Code) exercised",
             self.coverage.len()
         );
+        for (class, (hit, all)) in self.coverage_by_class() {
+            let _ = writeln!(t, "  {class:<8} {hit:>4} of {all:>4} implemented forms");
+        }
+        t
+    }
+
+    /// Exercised vs implemented forms per class (integer/x87/MMX/SSE).
+    pub fn coverage_by_class(&self) -> Vec<(&'static str, (usize, usize))> {
+        let mut v: Vec<(&'static str, (usize, usize))> = ["integer", "x87", "mmx", "sse"]
+            .iter()
+            .map(|c| (*c, (0, 0)))
+            .collect();
+        for c in Code::values() {
+            if c.encoding() != iced_x86::EncodingKind::Legacy
+                || !cpu_interp::dispatch::implemented(c)
+                || c == Code::INVALID
+            {
+                continue;
+            }
+            let k = class_of(c);
+            v[k].1 .1 += 1;
+            if self.coverage.contains_key(&c) {
+                v[k].1 .0 += 1;
+            }
+        }
+        v
+    }
+
+    /// Every exercised form with its count, one per line (`Code count`).
+    pub fn coverage_list(&self) -> String {
+        let mut t = String::new();
+        for (c, n) in &self.coverage {
+            let _ = writeln!(t, "{c:?} {n}");
+        }
         t
     }
 
@@ -225,6 +259,23 @@ impl Summary {
             e.1 += n;
         }
         m
+    }
+}
+
+/// 0 integer, 1 x87, 2 MMX, 3 SSE (by CPUID feature and operands).
+fn class_of(c: Code) -> usize {
+    use iced_x86::CpuidFeature as F;
+    let f = c.cpuid_features();
+    if f.iter()
+        .any(|x| matches!(x, F::FPU | F::FPU287 | F::FPU387))
+    {
+        1
+    } else if super::fp::x87_or_mmx(c) {
+        2
+    } else if super::fp::is_fp(c) {
+        3
+    } else {
+        0
     }
 }
 
@@ -269,8 +320,8 @@ fn describe_state(s: &CpuState, bits: u32) -> String {
     ];
     let n = if bits == 64 { 16 } else { 8 };
     let mut t = String::new();
-    for k in 0..n {
-        let _ = write!(t, "{}={:#x} ", N[k], s.regs.gpr[k]);
+    for (k, name) in N.iter().enumerate().take(n) {
+        let _ = write!(t, "{name}={:#x} ", s.regs.gpr[k]);
         if k % 4 == 3 {
             t.push_str("\n    ");
         }

@@ -1066,7 +1066,7 @@ mod tests {
         let short: Vec<Item> = it[..3].to_vec();
         let asm = assemble(Mode::Long64Ring3, &short).unwrap();
         let mut d = iced_x86::Decoder::with_ip(64, &asm.code, env::CODE, 0);
-        d.decode();
+        let _ = d.decode();
         assert_eq!(d.decode().near_branch_target(), asm.term_addr);
         // Backward targets are invalid.
         let mut back = it.clone();

@@ -120,9 +120,9 @@ pub fn frame(mode: Mode, s: &CpuState, mem: &[u8], vector: u8, cs: u16) -> Optio
         .wrapping_add(s.regs.gpr[4] & if mode.real() { 0xffff } else { u64::MAX });
     let cs = u64::from(cs);
     let at = |k: u64| read_le(mem, sp + k * width, width);
-    let (ec, base) = if mode.real() {
-        (None, 0)
-    } else if at(1)? == cs {
+    // Real mode pushes no error code; otherwise CS sits one slot further
+    // up when one was pushed.
+    let (ec, base) = if mode.real() || at(1)? == cs {
         (None, 0)
     } else if at(2)? == cs {
         (Some(at(0)?), 1)
@@ -182,13 +182,13 @@ fn abridged(ftw: u16) -> u8 {
 
 /// Compare two final states under the undefined-ness at `p`.
 pub fn state_diffs(a: &CpuState, b: &CpuState, p: &Point, out: &mut Vec<Diff>) {
-    for n in 0..16 {
+    for (n, name) in GPR_NAMES.iter().enumerate() {
         if p.poison & (1 << n) != 0 {
             continue;
         }
         if a.regs.gpr[n] != b.regs.gpr[n] {
             out.push(Diff::new(
-                GPR_NAMES[n],
+                *name,
                 format!("{:#018x}", a.regs.gpr[n]),
                 format!("{:#018x}", b.regs.gpr[n]),
             ));

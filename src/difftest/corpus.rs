@@ -969,6 +969,80 @@ fn faults(mk: &mut Maker) {
     }
 }
 
+/// Every SSE..SSSE3 XMM form with each MXCSR rounding mode and XMM lanes
+/// full of special values (64-bit ring 3 only: the only FP oracle here).
+fn sse(mk: &mut Maker) {
+    if mk.mode != Mode::Long64Ring3 {
+        return;
+    }
+    mk.name = "sse";
+    let xmm = [Register::XMM1, Register::XMM2, Register::XMM3];
+    let codes: Vec<Code> = super::fp::fp_groups(mk.mode, |_| true)
+        .into_iter()
+        .flatten()
+        .filter(|c| !super::fp::x87_or_mmx(*c))
+        .collect();
+    for code in codes {
+        let kinds: Vec<K> = code.op_code().op_kinds().to_vec();
+        for rc in 0..4u32 {
+            for k in 0..3usize {
+                let mut cb = Cb::new();
+                let mut ops = Vec::new();
+                for (n, &kind) in kinds.iter().enumerate() {
+                    let op = match kind {
+                        K::xmm_reg | K::xmm_rm | K::xmm_or_mem => Opnd::Reg(xmm[(n + k) % 3]),
+                        K::r32_or_mem | K::r32_reg | K::r32_rm => {
+                            let r = reg_sized([0, 1, 2][(n + k) % 3], 4);
+                            cb.push(mov_reg_imm(r, edges(32)[(rc as usize + k) % 6]), true);
+                            Opnd::Reg(r)
+                        }
+                        K::r64_or_mem | K::r64_reg | K::r64_rm => {
+                            let r = reg_sized([0, 1, 2][(n + k) % 3], 8);
+                            cb.push(mov_reg_imm(r, edges(64)[(rc as usize + k) % 6]), true);
+                            Opnd::Reg(r)
+                        }
+                        K::imm8 => {
+                            Opnd::Imm([0x00, 0x1b, 0xe4, 0xff, 0x4e, 0x8d][(rc as usize + k) % 6])
+                        }
+                        K::mem => {
+                            let mm = mk.mem_rbx(MEM_DISP & !15);
+                            if code.mnemonic() == Mnemonic::Ldmxcsr {
+                                // A valid MXCSR (reserved bits raise #GP,
+                                // which KVM-PVM turns into #UD in ring 3).
+                                cb.push(mov_mem_imm(mm, 4, 0x1f80 | u64::from(rc << 13)), true);
+                            }
+                            Opnd::Mem(mm)
+                        }
+                        _ => {
+                            ops.clear();
+                            break;
+                        }
+                    };
+                    ops.push(op);
+                }
+                if ops.len() != kinds.len() {
+                    continue;
+                }
+                let Some(i) = build(code, &ops) else { continue };
+                if iced_x86::Encoder::new(64).encode(&i, env::CODE).is_err() {
+                    continue;
+                }
+                cb.push(Some(i), false);
+                let idx = mk.n;
+                mk.emit_with(cb, 0, false, |case| {
+                    let mut rng = Rng::derive(0xf9, idx);
+                    super::fp::randomize(&mut rng, &mut case.init, false);
+                    case.init.fpu.mxcsr = 0x1f80 | (rc << 13);
+                    if k == 2 {
+                        case.init.fpu.mxcsr |= 0x8000; // FTZ (DAZ: open gap G9)
+                    }
+                    super::fp::sprinkle(&mut rng, &mut case.area);
+                });
+            }
+        }
+    }
+}
+
 /// The targeted cases for `mode` (independent of the campaign seed).
 pub fn cases(mode: Mode, _seed: u64) -> Vec<Case> {
     let mut mk = Maker::new(mode);
@@ -979,6 +1053,7 @@ pub fn cases(mode: Mode, _seed: u64) -> Vec<Case> {
     branches(&mut mk);
     frames(&mut mk);
     faults(&mut mk);
+    sse(&mut mk);
     mk.out
 }
 

@@ -724,7 +724,7 @@ impl Generator {
             let mut init = self.init_state(rng);
             let mut area = self.init_area(rng);
             if fp_case {
-                super::fp::randomize(rng, &mut init);
+                super::fp::randomize(rng, &mut init, self.open_gaps);
                 super::fp::sprinkle(rng, &mut area);
             }
             let items = self.sequence(rng, &init, fp_case);
