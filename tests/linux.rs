@@ -226,6 +226,28 @@ fn cloud_pvh_vmlinux_on_the_interpreter() {
     check_boot("interp", "vmlinux-cloud", Duration::from_secs(300));
 }
 
+/// `reboot -f` resets the machine (ACPI reset register / i8042); duet ends
+/// with its "reset requested" status, 2.
+#[test]
+fn reboot_ends_duet_with_the_reset_status() {
+    let dir = kit();
+    let mut c = Console::boot("interp", &dir.join("vmlinux-cloud"), "");
+    c.wait_for("DUET-INIT-READY", Duration::from_secs(300));
+    // Make sure the shell is up before typing.
+    let echo = c.run("echo up", Duration::from_secs(120));
+    assert!(echo.contains("up"));
+    c.send("reboot -f");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = c.child.try_wait() {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no exit after reboot -f:\n{}", c.text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(2), "console:\n{}", c.text());
+}
+
 /// Opt-in: on KVM-PVM the kernel's ring-0 code is emulated by the host at a
 /// few MIPS, with duet's interpreter taking the instructions it refuses.
 #[test]
