@@ -16,6 +16,7 @@ pub mod alu;
 pub mod bcd;
 pub mod bits;
 pub mod control;
+pub mod fast;
 pub mod io;
 pub mod mmx;
 pub mod mov;
@@ -55,6 +56,7 @@ pub fn register_all(t: &mut Table) {
 pub fn specialize(d: &Insn, h: crate::dispatch::Handler) -> crate::dispatch::Handler {
     alu::specialize(d)
         .or_else(|| mov::specialize(d))
+        .or_else(|| fast::specialize(d))
         .unwrap_or(h)
 }
 
