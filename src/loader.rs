@@ -288,9 +288,11 @@ fn load_bzimage(mem: &GuestMemory, spec: &KernelSpec) -> Result<CpuState, Loader
         hdr.ramdisk_image = addr as u32;
         hdr.ramdisk_size = size as u32;
     }
-    let mut params = boot_params::default();
-    params.hdr = hdr;
-    params.acpi_rsdp_addr = boot::RSDP;
+    let mut params = boot_params {
+        hdr,
+        acpi_rsdp_addr: boot::RSDP,
+        ..Default::default()
+    };
     let map = e820_map(mem);
     for (k, (addr, size, type_)) in map.iter().enumerate().take(params.e820_table.len()) {
         params.e820_table[k] = boot_e820_entry {

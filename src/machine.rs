@@ -480,15 +480,12 @@ impl Machine {
                         break o;
                     }
                 }
-                VcpuExit::InterruptWindow | VcpuExit::Interrupted => {}
+                VcpuExit::InterruptWindow | VcpuExit::Interrupted | VcpuExit::IoRequest => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
-                VcpuExit::IoRequest => match self.io.control.take() {
-                    Some(VmAction::DebugExit(s)) => break Outcome::DebugExit(s),
-                    Some(VmAction::Reset) => break Outcome::Reset,
-                    Some(VmAction::PowerOff) => break Outcome::PowerOff,
-                    Some(VmAction::HostQuit) => break Outcome::HostQuit,
-                    None => {}
-                },
+            }
+            // Devices and host threads (Ctrl-A x) post VM-level actions.
+            if let Some(o) = self.take_action() {
+                break o;
             }
         };
         self.io.tracer.finish()?;
@@ -512,10 +509,26 @@ impl Machine {
         }
     }
 
+    /// A VM-level action posted by a device or a host thread, as an outcome.
+    fn take_action(&self) -> Option<Outcome> {
+        if !self.io.control.is_pending() {
+            return None;
+        }
+        match self.io.control.take()? {
+            VmAction::DebugExit(s) => Some(Outcome::DebugExit(s)),
+            VmAction::Reset => Some(Outcome::Reset),
+            VmAction::PowerOff => Some(Outcome::PowerOff),
+            VmAction::HostQuit => Some(Outcome::HostQuit),
+        }
+    }
+
     /// The vCPU halted: wait (without spinning) until an interrupt can wake
     /// it, or decide that nothing ever will.
     fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
         loop {
+            if let Some(o) = self.take_action() {
+                return Ok(Some(o));
+            }
             self.io.timers.advance_due();
             if self.service_interrupts()? {
                 return Ok(None);
@@ -548,11 +561,11 @@ impl Machine {
                     let now = self.io.timers.now();
                     let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
                     if let Some(r) = self.io.router() {
-                        // Bounded so that host-side events not wired to the
-                        // waker yet are still noticed.
+                        // Bounded (100 ms) so that host-side requests such as
+                        // Ctrl-A x are noticed without a waker of their own.
                         r.waker.wait(Some(
                             wait.unwrap_or(Duration::from_millis(100))
-                                .min(Duration::from_secs(1)),
+                                .min(Duration::from_millis(100)),
                         ));
                     }
                 }

@@ -333,10 +333,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if qemu.as_ref().is_some_and(|q| q.is_empty()) {
         bail!("--qemu needs a command");
     }
-    println!(
-        "{:<8} {:>14} {:>10} {:>10}  {}",
-        "workload", "instructions", "seconds", "MIPS", "runner"
-    );
+    println!("workload   instructions    seconds       MIPS  runner");
     for w in workloads {
         let m =
             run_duet(kind, w, args.iterations).with_context(|| format!("{} on duet", w.name()))?;

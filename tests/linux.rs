@@ -242,7 +242,11 @@ fn reboot_ends_duet_with_the_reset_status() {
         if let Ok(Some(st)) = c.child.try_wait() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "no exit after reboot -f:\n{}", c.text());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no exit after reboot -f:\n{}",
+            c.text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(2), "console:\n{}", c.text());

@@ -17,6 +17,7 @@ pub mod lapic_timer;
 pub mod long_mode;
 pub mod rtc;
 pub mod self_ipi;
+pub mod serial_echo;
 pub mod swint;
 pub mod tsc_pit;
 
@@ -35,6 +36,9 @@ pub struct BuiltinGuest {
     pub name: &'static str,
     pub description: &'static str,
     pub build: fn() -> GuestImage,
+    /// The guest waits for serial input and never stops without it (runs
+    /// that feed it nothing must leave it out).
+    pub needs_input: bool,
 }
 
 /// Every built-in guest, in the order `duet guests` lists them.
@@ -44,66 +48,85 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: hello_real::NAME,
             description: hello_real::DESCRIPTION,
             build: hello_real::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: long_mode::NAME,
             description: long_mode::DESCRIPTION,
             build: long_mode::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: checksum::NAME,
             description: checksum::DESCRIPTION,
             build: checksum::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: fault::NAME,
             description: fault::DESCRIPTION,
             build: fault::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: swint::NAME,
             description: swint::DESCRIPTION,
             build: swint::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: irq_pit_pic::NAME,
             description: irq_pit_pic::DESCRIPTION,
             build: irq_pit_pic::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: irq_pit_ioapic::NAME,
             description: irq_pit_ioapic::DESCRIPTION,
             build: irq_pit_ioapic::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: lapic_timer::NAME,
             description: lapic_timer::DESCRIPTION,
             build: lapic_timer::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: self_ipi::NAME,
             description: self_ipi::DESCRIPTION,
             build: self_ipi::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: irq_level_eoi::NAME,
             description: irq_level_eoi::DESCRIPTION,
             build: irq_level_eoi::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: irq_masking::NAME,
             description: irq_masking::DESCRIPTION,
             build: irq_masking::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: rtc::NAME,
             description: rtc::DESCRIPTION,
             build: rtc::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: serial_echo::NAME,
+            description: serial_echo::DESCRIPTION,
+            build: serial_echo::build,
+            needs_input: true,
         },
     ]
 }
