@@ -154,6 +154,8 @@ pub struct Cpu {
     pub(crate) chain: Box<[ChainEntry]>,
     /// What CPUID reports.
     pub(crate) cpuid_cfg: crate::cpuid::CpuidConfig,
+    /// Vendor-specific behaviour (Intel's unless told otherwise).
+    pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
     pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
     unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
@@ -202,6 +204,7 @@ impl Cpu {
             io_happened: false,
             chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
+            quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
         };
@@ -237,6 +240,15 @@ impl Cpu {
     /// not advertise (see `host_features`).
     pub fn set_host_features(&mut self, on: bool) {
         self.host_features = on;
+    }
+
+    /// Behave as `quirks` say where the vendors differ (default: Intel's).
+    pub fn set_quirks(&mut self, quirks: crate::quirks::Quirks) {
+        self.quirks = quirks;
+    }
+
+    pub fn quirks(&self) -> crate::quirks::Quirks {
+        self.quirks
     }
 
     /// Forget decoded code and translations (memory changed behind our back).

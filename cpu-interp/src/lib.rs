@@ -22,6 +22,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
+pub mod quirks;
 pub mod segment;
 pub mod softfloat80;
 pub mod state;

@@ -267,7 +267,9 @@ impl Cpu {
             s.present = false;
             // Intel zeroes the base even for FS/GS in 64-bit mode (AMD
             // keeps it; Linux calls that X86_BUG_NULL_SEG).
-            s.base = 0;
+            if self.quirks.null_selector_clears_base {
+                s.base = 0;
+            }
             return Ok(());
         }
         let err = u32::from(sel & !3);
@@ -451,5 +453,12 @@ mod tests {
         });
         assert_eq!(c.seg[sreg::FS].selector, 0);
         assert_eq!(c.seg[sreg::FS].base, 0);
+        // AMD keeps it (Quirks::null_selector_clears_base).
+        let c = run(Mode::Long64, &[0x31, 0xc0, 0x8e, 0xe0], |c| {
+            c.set_quirks(crate::quirks::Quirks::AMD);
+            c.seg[sreg::FS].base = 0x1234_0000;
+        });
+        assert_eq!(c.seg[sreg::FS].selector, 0);
+        assert_eq!(c.seg[sreg::FS].base, 0x1234_0000);
     }
 }

@@ -717,7 +717,12 @@ impl PitChannelState {
                 start: clamp(start),
                 fired,
                 high_first,
-                pre_value: pre_value % m,
+                // The CE holds 0..=m (m is a full count of 0).
+                pre_value: if pre_value <= m {
+                    pre_value
+                } else {
+                    pre_value % m
+                },
                 pre_out,
             },
         };
@@ -1732,6 +1737,30 @@ mod tests {
         assert!(r.taint.take());
         r.pit.advance(1_000_000);
         assert!(!r.taint.take());
+    }
+
+    #[test]
+    fn restore_keeps_a_full_bcd_count_before_the_load() {
+        // Channel 2 in BCD mode 0 with count 0 (= 10000), gated while it
+        // loads: the CE value before the load tick is the full count, a
+        // legal value the restore must keep (found by the proptest below).
+        let mut r = rig();
+        r.wr(0x61, 1);
+        r.wr(0x43, 0x30);
+        r.wr(0x40, 0);
+        r.wr(0x40, 0);
+        r.wr(0x43, 0xa1);
+        r.wr(0x61, 2);
+        r.wr(0x42, 0x9a);
+        r.wr(0x61, 0x37);
+        let st = r.pit.state();
+        let mut q = Pit8254::new(
+            Arc::new(r.clock.clone()),
+            Box::new(Irq::default()),
+            r.taint.clone(),
+        );
+        q.restore(&st);
+        assert_eq!(q.state(), st);
     }
 
     #[test]

@@ -1344,6 +1344,8 @@ impl KvmVcpu {
                 let mut c = Cpu::new(Ram::new(self.mem.clone()));
                 c.set_uncached(true);
                 c.set_host_features(true);
+                // The guest runs on the host CPU the rest of the time.
+                c.set_quirks(cpu_interp::quirks::Quirks::host());
                 c.set_cpuid_config(cpu_interp::cpuid::CpuidConfig {
                     apic_id: self.id,
                     ..Default::default()

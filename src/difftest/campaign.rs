@@ -144,6 +144,12 @@ impl Summary {
         let _ = writeln!(t, "== difftest summary");
         let _ = writeln!(
             t,
+            "host CPU: {} (the interpreter plays {} quirks, see cpu_interp::quirks)",
+            host_cpu_name(),
+            cpu_interp::quirks::Vendor::host().name()
+        );
+        let _ = writeln!(
+            t,
             "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}  oracle",
             "mode", "cases", "match", "diverged", "refused", "other", "cases/s"
         );
@@ -332,6 +338,28 @@ fn describe_state(s: &CpuState, bits: u32) -> String {
         s.regs.rflags, s.regs.rip, s.sregs.cs.selector
     );
     t
+}
+
+/// The host CPU's brand string (CPUID 0x8000_0002..4), for the summary.
+fn host_cpu_name() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        if __cpuid(0x8000_0000).eax >= 0x8000_0004 {
+            let mut b = Vec::with_capacity(48);
+            for leaf in 0x8000_0002u32..=0x8000_0004 {
+                let r = __cpuid(leaf);
+                for v in [r.eax, r.ebx, r.ecx, r.edx] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            return String::from_utf8_lossy(&b)
+                .trim_matches(char::from(0))
+                .trim()
+                .to_string();
+        }
+    }
+    "unknown".to_string()
 }
 
 fn render_divergence(case: &Case, out: &Outcome, diffs: &[Diff], original_len: usize) -> String {

@@ -445,6 +445,8 @@ struct Builder {
     tests: usize,
     model: Model,
     info: InstructionInfoFactory,
+    /// Linear address the last memory operand was aimed at.
+    last_target: u64,
 }
 
 impl Builder {
@@ -771,6 +773,7 @@ impl Generator {
                 frames: Vec::new(),
             },
             info: InstructionInfoFactory::new(),
+            last_target: 0,
         };
         let want = rng.range(1, self.max_len as u64) as usize;
         let mut attempts = 0;
@@ -806,7 +809,7 @@ impl Generator {
         // nothing (open, docs/DIFFTEST.md).
         let straddle_ok = !(fp && size == 10 && !self.open_gaps);
         let span = |rng: &mut Rng, lo: u64, hi: u64| rng.range(lo, hi.saturating_sub(size).max(lo));
-        match rng.below(100) {
+        let t = match rng.below(100) {
             0..=64 => span(rng, env::W_RW0, env::W_RW1 + 0x1000),
             65..=69 => span(rng, env::W_RO, env::W_RO + 0x1000),
             70..=74 => span(rng, env::W_SUP, env::W_SUP + 0x1000),
@@ -826,6 +829,12 @@ impl Generator {
             90..=92 => env::UNMAPPED + rng.below(0x1000),
             93..=95 => rng.below(0x10) * 0x1000 + rng.below(0x1000),
             _ => 0x10000 - rng.range(1, size + 2),
+        };
+        if self.mode.oracle() == super::Oracle::Emulator && !emulator_straddle_ok(t, size) {
+            // Keep it on the first page (see `emulator_straddle_ok`).
+            (t & !0xfff) + 0x1000 - size
+        } else {
+            t
         }
     }
 
@@ -841,6 +850,7 @@ impl Generator {
             _ => u64::MAX,
         };
         let mut target = self.pick_target(rng, size, b.fp_operand);
+        b.last_target = target;
         // Under KVM-PVM a #GP raised by an x87/SSE instruction in ring 3
         // reaches the guest as #UD (PVM's emulator does not know them):
         // keep their operands aligned and canonical.
@@ -1338,7 +1348,18 @@ impl Generator {
                         r = reg_sized(gpr::RSI, r.size());
                         ops[1] = Opnd::Reg(r);
                     }
-                    let v = (rng.below(512) as i64 - 256) as u64;
+                    let size = r.size() as u64;
+                    let mut v = (rng.below(512) as i64 - 256) as u64;
+                    // With an emulator oracle the bit offset must not move
+                    // the access across a page boundary (see
+                    // `emulator_straddle_ok`).
+                    if self.mode.oracle() == super::Oracle::Emulator {
+                        let delta = ((v as i64) >> (3 + size.trailing_zeros())) * size as i64;
+                        let addr = b.last_target.wrapping_add(delta as u64);
+                        if !emulator_straddle_ok(addr, size) {
+                            v = 0;
+                        }
+                    }
                     b.setup(mov_reg_imm(r, v));
                 }
             }
@@ -1967,6 +1988,17 @@ pub fn mem_size(code: Code) -> usize {
     } else {
         s.size()
     }
+}
+
+/// Can an access of `size` bytes at `addr` be checked against KVM's
+/// emulator? An access that crosses a page boundary is only safe between
+/// the two read-write window pages: when the second page faults KVM's
+/// emulator stores the first page's part before the #PF, and when both
+/// fault it reports the second page; the CPU checks both pages first and
+/// reports the first (docs/DIFFTEST.md, "KVM's emulator wrong").
+fn emulator_straddle_ok(addr: u64, size: u64) -> bool {
+    let last = addr.wrapping_add(size.max(1) - 1);
+    addr >> 12 == last >> 12 || (addr >> 12 == env::W_RW0 >> 12 && last >> 12 == env::W_RW1 >> 12)
 }
 
 #[cfg(test)]

@@ -179,7 +179,10 @@ pub struct InterpSide {
 impl InterpSide {
     pub fn new() -> Result<Self, DifftestError> {
         let mem = env::new_memory()?;
-        let cpu = Cpu::new(Ram::new(mem.clone()));
+        let mut cpu = Cpu::new(Ram::new(mem.clone()));
+        // The oracle is this machine's CPU: where the vendors differ, the
+        // interpreter plays the host's vendor (cpu_interp::quirks).
+        cpu.set_quirks(cpu_interp::quirks::Quirks::host());
         Ok(InterpSide { cpu, mem })
     }
 

@@ -224,7 +224,18 @@ fn movzx(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 fn movsx(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let ss = op_size(d, 1);
-    let v = sext(cpu.op_read(p, d, 1, ss)?, ss);
+    let v = if ss == 2
+        && d.i.code() == Code::Movsxd_r16_rm16
+        && d.i.op1_kind() == OpKind::Memory
+        && cpu.quirks.movsxd16_reads_dword
+    {
+        // AMD reads the whole doubleword (see `Quirks`).
+        let off = cpu.ea(d);
+        cpu.read_mem(p, d.seg as usize, off, 4)? & 0xffff
+    } else {
+        cpu.op_read(p, d, 1, ss)?
+    };
+    let v = sext(v, ss);
     cpu.set_reg(d.i.op0_register(), v & mask(d.size as usize));
     Ok(())
 }
@@ -450,6 +461,37 @@ mod tests {
         let insn = c.decode_one(&mut p).expect("decodable");
         let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#SS");
         assert_eq!(e.vector, crate::exception::SS);
+    }
+
+    #[test]
+    fn movsxd_r16_from_memory_reads_a_word_on_intel_a_dword_on_amd() {
+        // movsxd cx, [0x1ffffe] (66 63 0c 25 fe ff 1f 00) with the 2 MiB
+        // page at 0x200000 not present: Intel reads 2 bytes and loads CX,
+        // AMD reads 4 and page-faults at 0x200000.
+        let code = [0x66, 0x63, 0x0c, 0x25, 0xfe, 0xff, 0x1f, 0x00];
+        for amd in [false, true] {
+            let mut c = new_cpu();
+            setup(&mut c, Mode::Long64);
+            if amd {
+                c.set_quirks(crate::quirks::Quirks::AMD);
+            }
+            write_phys(&c, CODE, &code);
+            write_phys(&c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+            write_phys(&c, 0x1f_fffe, &[0x34, 0x92]);
+            c.set_gpr(RCX, 0x1111_2222_3333_4444);
+            let mut p = TestPlatform::default();
+            let insn = c.decode_one(&mut p).expect("decodable");
+            let r = (insn.h)(&mut c, &mut p, &insn);
+            if amd {
+                let e = r.expect_err("#PF");
+                assert_eq!(e.vector, crate::exception::PF);
+                assert_eq!(c.cr2, 0x20_0000);
+                assert_eq!(c.gpr(RCX), 0x1111_2222_3333_4444);
+            } else {
+                r.expect("loads");
+                assert_eq!(c.gpr(RCX), 0x1111_2222_3333_9234);
+            }
+        }
     }
 
     #[test]

@@ -134,15 +134,16 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
         }
     }
     // A REP CMPS/SCAS that faults part-way leaves RFLAGS as it was before
-    // the instruction (hardware and KVM agree); the registers show the
-    // progress so far.
+    // the instruction on Intel (and KVM's emulator), as the last completed
+    // iteration left them on AMD; the registers show the progress so far.
+    let restore_flags = rep && cpu.quirks.rep_fault_restores_flags;
     let saved_flags = cpu.flags;
     macro_rules! keep_flags {
         ($e:expr) => {
             match $e {
                 Ok(v) => v,
                 Err(e) => {
-                    if rep {
+                    if restore_flags {
                         cpu.flags = saved_flags;
                     }
                     return Err(e);
@@ -408,6 +409,24 @@ mod tests {
         assert_eq!(e.vector, crate::exception::PF);
         assert_eq!((c.gpr(RDI), c.gpr(RCX)), (0x20_0000, 3));
         assert_eq!(c.rflags() & (ZF | CF | SF), ZF | CF);
+
+        // AMD leaves the flags of the last completed compare (0xff - 2:
+        // no borrow, not zero, negative).
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        c.set_quirks(crate::quirks::Quirks::AMD);
+        write_phys(&c, CODE, &[0xf2, 0xae]);
+        write_phys(&c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+        write_phys(&c, 0x1f_fffe, &[1, 2]);
+        c.set_gpr(RDI, 0x1f_fffe);
+        c.set_gpr(RCX, 5);
+        c.set_gpr(RAX, 0xff);
+        c.flags = crate::flags::Flags::new(0x2 | ZF | CF);
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.vector, crate::exception::PF);
+        assert_eq!((c.gpr(RDI), c.gpr(RCX)), (0x20_0000, 3));
+        assert_eq!(c.rflags() & (ZF | CF | SF), SF);
     }
 
     #[test]
