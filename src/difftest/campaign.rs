@@ -144,7 +144,7 @@ impl Summary {
         let _ = writeln!(t, "== difftest summary");
         let _ = writeln!(
             t,
-            "host CPU: {} (the interpreter plays {} quirks, see cpu_interp::quirks)",
+            "host CPU: {} (on the hardware oracle the interpreter plays {} quirks, see cpu_interp::quirks)",
             host_cpu_name(),
             cpu_interp::quirks::Vendor::host().name()
         );

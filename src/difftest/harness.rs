@@ -15,7 +15,7 @@ use cpu_interp::{Cpu, CpuExit, Platform, Ram};
 
 use super::case::{assemble, Assembled, Case};
 use super::env;
-use super::{DifftestError, GuestMemory};
+use super::{DifftestError, GuestMemory, Mode};
 use crate::backend::IoHandler;
 
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
@@ -170,6 +170,18 @@ impl Platform for Recorder {
     }
 }
 
+/// Where the vendors differ, the interpreter plays the oracle's part
+/// (`cpu_interp::quirks`): the host CPU's vendor on the hardware oracle;
+/// Intel's behaviour, which KVM's instruction emulator follows in these
+/// corners (REP CMPS/SCAS faults restore RFLAGS, a null selector load
+/// clears the base), on the emulator oracle.
+pub fn oracle_quirks(mode: Mode) -> cpu_interp::quirks::Quirks {
+    match mode.oracle() {
+        super::Oracle::Hardware => cpu_interp::quirks::Quirks::host(),
+        super::Oracle::Emulator => cpu_interp::quirks::Quirks::INTEL,
+    }
+}
+
 /// The interpreter side.
 pub struct InterpSide {
     pub cpu: Cpu,
@@ -179,10 +191,7 @@ pub struct InterpSide {
 impl InterpSide {
     pub fn new() -> Result<Self, DifftestError> {
         let mem = env::new_memory()?;
-        let mut cpu = Cpu::new(Ram::new(mem.clone()));
-        // The oracle is this machine's CPU: where the vendors differ, the
-        // interpreter plays the host's vendor (cpu_interp::quirks).
-        cpu.set_quirks(cpu_interp::quirks::Quirks::host());
+        let cpu = Cpu::new(Ram::new(mem.clone()));
         Ok(InterpSide { cpu, mem })
     }
 
@@ -392,6 +401,7 @@ impl Harness {
                 io: Vec::new(),
             }
         } else {
+            self.interp.cpu.set_quirks(oracle_quirks(case.mode));
             let (end, io) = self.interp.run(&case.init, INTERP_BUDGET);
             Snapshot {
                 end,
