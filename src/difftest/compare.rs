@@ -456,6 +456,23 @@ fn diff_snapshots(
             }
         }
     }
+    // KVM's emulator stores the present part of an access that straddles
+    // into a faulting page before it reports the #PF (the CPU checks both
+    // pages first): when both sides page-fault at the start of a page, the
+    // bytes just below it are not compared (the generator avoids most such
+    // accesses; an index register changed by a later setup can still make
+    // one).
+    if case.mode.oracle() == super::Oracle::Emulator
+        && matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(14))
+        && matches!(stop_of(case, &i.state, &i.mem, asm), Stop::Vector(14))
+        && k.state.sregs.cr2 == i.state.sregs.cr2
+        && k.state.sregs.cr2 & 0xfff == 0
+    {
+        let cr2 = k.state.sregs.cr2;
+        for a in cr2.saturating_sub(15)..cr2 {
+            masks.push((a, 0xff));
+        }
+    }
     mem_diffs(&k.mem, &i.mem, &masks, diffs);
 }
 

@@ -935,7 +935,18 @@ impl Generator {
                     return m;
                 }
             }
-            match rng.below(8) {
+            // An FP operand must stay aligned (above), and the model's RSP
+            // and RBP are only right on the fall-through path: a forward
+            // branch may skip a CALL, PUSH or ENTER. Only RBX (never
+            // written) bases FP operands.
+            let pick = if b.fp_operand && rng.below(8) != 0 {
+                4
+            } else if b.fp_operand {
+                0
+            } else {
+                rng.below(8)
+            };
+            match pick {
                 0 => {}
                 1 | 2 => {
                     m.base = reg_sized(gpr::RBP, regsz);
