@@ -137,6 +137,9 @@ pub struct Cpu {
     pub(crate) end_block: bool,
     /// Exception currently being delivered (for #DF / triple-fault rules).
     pub(crate) delivering: Option<u8>,
+    /// Events delivered so far (an instruction that delivered one, INT n
+    /// or a fault, takes no single-step trap).
+    pub(crate) deliveries: u64,
     pub(crate) triple_fault: bool,
     /// Exit requested by a handler (HLT).
     pub(crate) pending_exit: Option<CpuExit>,
@@ -196,6 +199,7 @@ impl Cpu {
             code_written: false,
             end_block: false,
             delivering: None,
+            deliveries: 0,
             triple_fault: false,
             pending_exit: None,
             uncached: false,

@@ -11,6 +11,9 @@ use crate::interrupt::EventKind;
 use crate::mmu::Access;
 use crate::platform::Platform;
 
+/// DR6.BS: the debug exception was a single-step trap.
+const DR6_BS: u64 = 1 << 14;
+
 /// Handler for an instruction that runs past the CS limit.
 fn past_limit(_cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     Err(Exception::gp0())
@@ -147,6 +150,16 @@ impl Cpu {
             if self.retired >= limit {
                 return CpuExit::BudgetExhausted;
             }
+            if self.flags.test(crate::flags::TF) {
+                // Single-stepping: one instruction at a time, each followed
+                // by its #DB trap. (Every instruction that can set TF ends
+                // its block.)
+                prev = None;
+                if let Some(e) = self.step(p) {
+                    return e;
+                }
+                continue;
+            }
             self.events.sti_shadow = false;
             self.events.mov_ss_shadow = false;
             let id = match prev.and_then(|from| self.chained(from)) {
@@ -184,6 +197,7 @@ impl Cpu {
     fn may_have_events(&self) -> bool {
         self.triple_fault
             || self.events.halted
+            || self.events.single_step_pending
             || self.events.nmi_pending
             || self.pending_exit.is_some()
             || ((self.events.interrupt.is_some() || self.irq_window)
@@ -223,8 +237,17 @@ impl Cpu {
     /// deliver any exception it raised. Used by the KVM backend's fallback.
     /// Returns an exit if the instruction produced one (HLT, triple fault).
     pub fn step(&mut self, p: &mut dyn Platform) -> Option<CpuExit> {
+        if self.events.single_step_pending && !self.events.halted {
+            self.single_step_trap(p);
+            if self.triple_fault {
+                return Some(CpuExit::TripleFault);
+            }
+        }
         self.events.sti_shadow = false;
         self.events.mov_ss_shadow = false;
+        // TF as the instruction starts decides its single-step trap.
+        let trap = self.flags.test(crate::flags::TF);
+        let delivered = self.deliveries;
         let insn = match self.decode_one(p) {
             Ok(i) => i,
             Err(exc) => {
@@ -239,7 +262,27 @@ impl Cpu {
         let rip = self.rip;
         self.rip = insn.next;
         match (insn.h)(self, p, &insn) {
-            Ok(()) => self.retired += 1,
+            Ok(()) => {
+                self.retired += 1;
+                // The trap follows an instruction that completed without
+                // delivering an event (a fault, INT n, INTO, INT3), except
+                // after MOV SS/POP SS, whose shadow moves it past the next
+                // instruction.
+                if trap
+                    && self.deliveries == delivered
+                    && !self.events.mov_ss_shadow
+                    && !self.triple_fault
+                {
+                    if (self.io_happened && p.stop_requested()) || self.events.halted {
+                        // The VMM takes over first (as after a VM exit on
+                        // hardware), or the CPU halts; the trap follows
+                        // when it resumes or wakes.
+                        self.events.single_step_pending = true;
+                    } else {
+                        self.single_step_trap(p);
+                    }
+                }
+            }
             Err(exc) => {
                 self.rip = rip;
                 self.raise(p, exc);
@@ -251,6 +294,13 @@ impl Cpu {
             return Some(CpuExit::TripleFault);
         }
         self.pending_exit.take()
+    }
+
+    /// Deliver the single-step #DB trap of the instruction just executed.
+    fn single_step_trap(&mut self, p: &mut dyn Platform) {
+        self.events.single_step_pending = false;
+        self.dr.dr6 |= DR6_BS;
+        self.raise(p, Exception::new(crate::exception::DB));
     }
 
     /// Decode the instruction at CS:RIP without touching the block cache.
@@ -449,6 +499,23 @@ impl Cpu {
         if let Some(e) = self.pending_exit.take() {
             return Some(e);
         }
+        if self.events.single_step_pending {
+            if p.stop_requested() {
+                // Still the VMM's turn (see `step`).
+                return Some(CpuExit::StopRequested);
+            }
+            // A trap outranks NMIs and interrupts; a halted CPU takes it
+            // when one of those wakes it.
+            let wake = !self.events.halted
+                || (self.events.nmi_pending && !self.events.nmi_masked)
+                || (self.events.interrupt.is_some() && self.interrupts_enabled());
+            if wake {
+                self.single_step_trap(p);
+                if self.triple_fault {
+                    return Some(CpuExit::TripleFault);
+                }
+            }
+        }
         if self.events.nmi_pending && !self.events.nmi_masked && !self.events.mov_ss_shadow {
             self.events.nmi_pending = false;
             self.events.nmi_masked = true;
@@ -485,5 +552,59 @@ impl Cpu {
     /// Queue an NMI.
     pub fn inject_nmi(&mut self) {
         self.events.nmi_pending = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::insn::testutil::*;
+    use crate::state::gpr::*;
+
+    /// Real mode, #DB handler at 0:0x2000 that counts in DX: `inc dx; iret`.
+    fn with_db_counter(c: &mut crate::Cpu) {
+        write_phys(c, 0x2000, &[0x42, 0xcf]);
+        write_phys(c, 4, &[0x00, 0x20, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn single_step_traps_after_each_instruction_and_rep_iteration() {
+        let code = [
+            0x9c, 0x58, 0x0d, 0x00, 0x01, 0x50, 0x9d, // pushf; pop ax; or ax,0x100; push ax; popf (sets TF: no trap)
+            0xb9, 0x03, 0x00, // mov cx,3            trap 1
+            0xbf, 0x00, 0x30, // mov di,0x3000       trap 2
+            0xf3, 0xaa, //       rep stosb           traps 3, 4, 5 (one per iteration)
+            0x9c, //             pushf               trap 6
+            0x58, //             pop ax              trap 7
+            0x25, 0xff, 0xfe, // and ax,0xfeff       trap 8
+            0x50, //             push ax             trap 9
+            0x9d, //             popf (clears TF)    trap 10: TF was set as it started
+        ]; //                    hlt                 no trap
+        let c = run(Mode::Real16, &code, with_db_counter);
+        assert_eq!(c.gpr(RDX) & 0xffff, 10);
+        assert_eq!(c.gpr(RCX) & 0xffff, 0);
+        assert_eq!(c.gpr(RDI) & 0xffff, 0x3003);
+        assert_eq!(c.rflags() & crate::flags::TF, 0);
+        assert_ne!(c.dr.dr6 & super::DR6_BS, 0);
+        assert!(!c.events().single_step_pending);
+    }
+
+    #[test]
+    fn single_step_skips_event_deliveries_and_waits_out_mov_ss_and_hlt() {
+        let code = [
+            0x9c, 0x58, 0x0d, 0x00, 0x01, 0x50, 0x9d, // set TF
+            0xcd, 0x30, //       int 0x30 (delivers: no trap after it)
+            0x8e, 0xd0, //       mov ss,ax (shadow: the trap waits...)
+            0x41, //             inc cx    (...until after this one: trap 1)
+        ]; //                    hlt: the trap is due but waits for a wake-up
+        let c = run(Mode::Real16, &code, |c| {
+            with_db_counter(c);
+            // int 0x30 handler: iret.
+            write_phys(c, 0x2100, &[0xcf]);
+            write_phys(c, 0x30 * 4, &[0x00, 0x21, 0x00, 0x00]);
+        });
+        assert_eq!(c.gpr(RDX) & 0xffff, 1);
+        assert_eq!(c.gpr(RCX) & 0xffff, 1);
+        assert!(c.events().halted);
+        assert!(c.events().single_step_pending);
     }
 }

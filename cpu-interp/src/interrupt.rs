@@ -107,6 +107,7 @@ impl Cpu {
         kind: EventKind,
     ) -> XResult<()> {
         self.events.halted = false;
+        self.deliveries = self.deliveries.wrapping_add(1);
         let r = if !self.protected() {
             self.deliver_real(p, vector)
         } else if self.long_mode() {

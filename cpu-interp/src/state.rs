@@ -226,6 +226,10 @@ pub struct PendingEvents {
     pub mov_ss_shadow: bool,
     /// The CPU is halted waiting for an interrupt.
     pub halted: bool,
+    /// A single-step #DB trap is due before the next instruction: the
+    /// instruction that took it ended in an exit to the VMM (a port write
+    /// that stops the VM, say) before the trap could be delivered.
+    pub single_step_pending: bool,
 }
 
 /// Everything needed to move a vCPU between backends.

@@ -2617,6 +2617,12 @@ fn events_to_kvm(e: &PendingEvents) -> kvm_vcpu_events {
     k.interrupt.shadow = shadow as u8;
     k.nmi.pending = u8::from(e.nmi_pending);
     k.nmi.masked = u8::from(e.nmi_masked);
+    if e.single_step_pending {
+        // A #DB trap KVM delivers as it resumes (DR6.BS travels in the
+        // debug registers).
+        k.exception.injected = 1;
+        k.exception.nr = 1;
+    }
     k
 }
 
@@ -2632,6 +2638,9 @@ fn events_from_kvm(k: &kvm_vcpu_events) -> PendingEvents {
         sti_shadow: shadow & KVM_X86_SHADOW_INT_STI != 0,
         mov_ss_shadow: shadow & KVM_X86_SHADOW_INT_MOV_SS != 0,
         halted: false,
+        single_step_pending: k.exception.injected != 0
+            && k.exception.nr == 1
+            && k.exception.has_error_code == 0,
     }
 }
 
@@ -2854,6 +2863,7 @@ mod tests {
                 sti_shadow: bits & 8 != 0,
                 mov_ss_shadow: bits & 16 != 0,
                 halted: false,
+                single_step_pending: bits & 1 == 0 && bits & 2 != 0,
             };
             assert_eq!(events_from_kvm(&events_to_kvm(&e)), e);
         }

@@ -1649,9 +1649,8 @@ impl Generator {
                 if self.mode.ring() == 3 {
                     v |= env::RFLAGS_IF;
                 }
-                // TF: the interpreter has no single-step trap yet (open,
-                // docs/DIFFTEST.md); only with `open_gaps`.
-                if self.open_gaps && rng.chance(1, 30) {
+                // TF: single-step traps after the following instructions.
+                if rng.chance(1, 30) {
                     v |= 1 << 8;
                 }
                 if rng.chance(1, 20) {

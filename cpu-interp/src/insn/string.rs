@@ -152,7 +152,10 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
         };
     }
     let mut n = 0u64;
-    let fast = rep && (OP == MOVS || OP == STOS) && step == size as u64;
+    // Single-stepping traps after every iteration: do one, then come back.
+    let tf = cpu.flags.test(flags::TF);
+    let chunk = if tf { 1 } else { CHUNK };
+    let fast = rep && !tf && (OP == MOVS || OP == STOS) && step == size as u64;
     loop {
         if rep && cpu.gpr[gpr::RCX] & am == 0 {
             break;
@@ -234,7 +237,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
             }
         }
         n += 1;
-        if n >= CHUNK && cpu.gpr[gpr::RCX] & am != 0 {
+        if n >= chunk && cpu.gpr[gpr::RCX] & am != 0 {
             // Yield: re-execute this instruction after event checks.
             cpu.rip = d.i.ip();
             cpu.end_block = true;
