@@ -35,10 +35,23 @@ pub(crate) fn make_insn(i: Instruction, bits: u32, h: Handler) -> Insn {
             _ => 0,
         },
     };
-    let seg = match i.memory_segment() {
+    let mut seg = match i.memory_segment() {
         Register::None => sreg::DS as u8,
         r => (r as usize - Register::ES as usize) as u8,
     };
+    if bits == 64
+        && matches!(
+            i.segment_prefix(),
+            Register::ES | Register::CS | Register::DS
+        )
+    {
+        // These overrides do nothing in 64-bit mode: an rBP/rSP-based
+        // access stays a stack access (a non-canonical one is #SS).
+        seg = match i.memory_base() {
+            Register::RBP | Register::RSP | Register::EBP | Register::ESP => sreg::SS as u8,
+            _ => sreg::DS as u8,
+        };
+    }
     let gpr_index = |n: u32| -> u8 {
         if n >= i.op_count() || i.op_kind(n) != OpKind::Register {
             return 0xff;
@@ -569,7 +582,8 @@ mod tests {
     #[test]
     fn single_step_traps_after_each_instruction_and_rep_iteration() {
         let code = [
-            0x9c, 0x58, 0x0d, 0x00, 0x01, 0x50, 0x9d, // pushf; pop ax; or ax,0x100; push ax; popf (sets TF: no trap)
+            0x9c, 0x58, 0x0d, 0x00, 0x01, 0x50,
+            0x9d, // pushf; pop ax; or ax,0x100; push ax; popf (sets TF: no trap)
             0xb9, 0x03, 0x00, // mov cx,3            trap 1
             0xbf, 0x00, 0x30, // mov di,0x3000       trap 2
             0xf3, 0xaa, //       rep stosb           traps 3, 4, 5 (one per iteration)

@@ -61,6 +61,57 @@ impl Cpu {
         self.linear_legacy(seg, off, size, write)
     }
 
+    /// [`Self::linear`] for an access about to be made: an access that
+    /// starts canonical and runs into the non-canonical hole (only from the
+    /// page below 2^47) translates its first page before the #GP/#SS, so a
+    /// #PF there comes first, as on hardware.
+    #[inline(always)]
+    pub(crate) fn linear_access(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        size: u64,
+        write: bool,
+    ) -> XResult<u64> {
+        match self.linear(seg, off, size, write) {
+            Ok(lin) => Ok(lin),
+            Err(e) => Err(self.canonical_straddle(p, seg, off, write, e)),
+        }
+    }
+
+    #[cold]
+    fn canonical_straddle(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: usize,
+        off: u64,
+        write: bool,
+        e: Exception,
+    ) -> Exception {
+        if self.bits != 64 {
+            return e;
+        }
+        let lin = if seg >= sreg::FS {
+            self.seg[seg].base.wrapping_add(off)
+        } else {
+            off
+        };
+        if !canonical(lin) {
+            return e;
+        }
+        let access = if write {
+            crate::mmu::Access::Write
+        } else {
+            crate::mmu::Access::Read
+        };
+        let user = self.user();
+        match self.translate(p, lin, access, user) {
+            Err(pf) => pf,
+            Ok(_) => e,
+        }
+    }
+
     #[inline(always)]
     fn linear_legacy(&self, seg: usize, off: u64, size: u64, write: bool) -> XResult<u64> {
         let s = &self.seg[seg];
@@ -106,7 +157,7 @@ impl Cpu {
         off: u64,
         size: usize,
     ) -> XResult<u64> {
-        let lin = self.linear(seg, off, size as u64, false)?;
+        let lin = self.linear_access(p, seg, off, size as u64, false)?;
         let user = self.user();
         self.read_lin(p, lin, size, user)
     }
@@ -121,7 +172,7 @@ impl Cpu {
         size: usize,
         v: u64,
     ) -> XResult<()> {
-        let lin = self.linear(seg, off, size as u64, true)?;
+        let lin = self.linear_access(p, seg, off, size as u64, true)?;
         let user = self.user();
         self.write_lin(p, lin, size, v, user)
     }
@@ -150,7 +201,7 @@ impl Cpu {
         off: u64,
         size: usize,
     ) -> XResult<()> {
-        let lin = self.linear(seg, off, size as u64, true)?;
+        let lin = self.linear_access(p, seg, off, size as u64, true)?;
         let user = self.user();
         self.probe_lin_write(p, lin, size, user)
     }
@@ -443,6 +494,52 @@ pub fn canonical(a: u64) -> bool {
 mod tests {
     use crate::cpu::sreg;
     use crate::insn::testutil::*;
+
+    fn fault_of(code: &[u8], init: impl FnOnce(&mut crate::Cpu)) -> (crate::Exception, u64) {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, code);
+        init(&mut c);
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("faults");
+        (e, c.cr2)
+    }
+
+    #[test]
+    fn an_access_into_the_non_canonical_hole_translates_its_first_page_first() {
+        use crate::state::gpr::RSI;
+        // mov rax, [rsi+4] (48 8b 46 04), RSI = 0x7fff_ffff_fff8: the 8
+        // bytes run past 2^47. The first page is not mapped: #PF there
+        // (CR2 = the address), not #GP.
+        let (e, cr2) = fault_of(&[0x48, 0x8b, 0x46, 0x04], |c| {
+            c.set_gpr(RSI, 0x7fff_ffff_fff8)
+        });
+        assert_eq!(e.vector, crate::exception::PF);
+        assert_eq!(cr2, 0x7fff_ffff_fffc);
+        // A mapped first page (1 GiB identity map: 0x3fff_fffc) is not the
+        // case here; a wholly non-canonical address is still #GP(0).
+        let (e, _) = fault_of(&[0x48, 0x8b, 0x46, 0x04], |c| {
+            c.set_gpr(RSI, 0x8000_0000_0000)
+        });
+        assert_eq!(e, crate::Exception::gp0());
+    }
+
+    #[test]
+    fn es_cs_ds_overrides_leave_stack_accesses_stack_accesses_in_64_bit_mode() {
+        use crate::state::gpr::RBP;
+        // ds: mov rax, [rbp] (3e 48 8b 45 00) with a non-canonical RBP:
+        // the override is ignored, the access is a stack access: #SS(0).
+        let (e, _) = fault_of(&[0x3e, 0x48, 0x8b, 0x45, 0x00], |c| {
+            c.set_gpr(RBP, 0x8000_0000_0000)
+        });
+        assert_eq!(e, crate::Exception::ss(0));
+        // fs: counts: #GP(0).
+        let (e, _) = fault_of(&[0x64, 0x48, 0x8b, 0x45, 0x00], |c| {
+            c.set_gpr(RBP, 0x8000_0000_0000)
+        });
+        assert_eq!(e, crate::Exception::gp0());
+    }
 
     #[test]
     fn null_selector_load_zeroes_fs_base_in_64_bit_mode() {

@@ -927,11 +927,20 @@ impl Generator {
                     .pick(&[0usize, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
                     .unwrap_or(&0);
                 let r = reg_sized(n, 8);
-                let v = (0x8000_0000_0000u64 << rng.below(16)) | rng.below(0x1000);
+                // Sometimes just below 2^47, so that the access runs from
+                // the last canonical page (not present) into the hole.
+                let (v, disp) = if rng.chance(1, 4) {
+                    (0x7fff_ffff_f000 + 0x1000 - rng.range(1, 9), rng.below(8))
+                } else {
+                    (
+                        (0x8000_0000_0000u64 << rng.below(16)) | rng.below(0x1000),
+                        rng.below(0x40),
+                    )
+                };
                 if asize == 64 && b.setup(mov_reg_imm(r, v)) {
                     m.base = r;
                     m.displ_size = 1;
-                    m.disp = rng.below(0x40);
+                    m.disp = disp;
                     return m;
                 }
             }
@@ -978,16 +987,6 @@ impl Generator {
                     index_val = v;
                 }
             }
-        }
-        // Open gap: in 64-bit mode an ES/CS/DS override is ignored, so a
-        // non-canonical rBP/rSP-based access still faults with #SS; the
-        // interpreter raises #GP (docs/DIFFTEST.md).
-        if b.bits == 64
-            && ss_default
-            && !self.open_gaps
-            && matches!(seg, Register::ES | Register::CS | Register::DS)
-        {
-            m.seg = Register::None;
         }
         let seg = m.seg;
         let eff_seg = if seg != Register::None {

@@ -137,7 +137,8 @@ impl Cpu {
     /// checked first).
     #[inline]
     pub(crate) fn vec_linear(
-        &self,
+        &mut self,
+        p: &mut dyn Platform,
         d: &Insn,
         size: usize,
         write: bool,
@@ -155,7 +156,7 @@ impl Cpu {
                 return Err(Exception::gp0());
             }
         }
-        self.linear(seg, off, size as u64, write)
+        self.linear_access(p, seg, off, size as u64, write)
     }
 
     /// Load the memory operand (`size` of 1, 2, 4, 8 or 16 bytes).
@@ -172,7 +173,7 @@ impl Cpu {
                 Ok(u128::from(self.read_mem(p, d.seg as usize, off, size)?))
             }
             16 => {
-                let lin = self.vec_linear(d, 16, false, align)?;
+                let lin = self.vec_linear(p, d, 16, false, align)?;
                 let user = self.user();
                 let lo = self.read_lin(p, lin, 8, user)?;
                 let hi_lin = lin.wrapping_add(8) & self.lin_mask();
@@ -199,7 +200,7 @@ impl Cpu {
                 self.write_mem(p, d.seg as usize, off, size, v as u64)
             }
             16 => {
-                let lin = self.vec_linear(d, 16, true, align)?;
+                let lin = self.vec_linear(p, d, 16, true, align)?;
                 let user = self.user();
                 self.probe_lin_write(p, lin, 16, user)?;
                 self.write_lin(p, lin, 8, v as u64, user)?;
