@@ -64,10 +64,6 @@ struct DifftestArgs {
     /// Replay only random case N (printed in full, whatever the verdict).
     #[arg(long)]
     case: Option<u64>,
-    /// Also generate inputs that hit known open interpreter gaps
-    /// (docs/DIFFTEST.md).
-    #[arg(long)]
-    open_gaps: bool,
     /// Write every exercised instruction form (iced Code) and its count.
     #[arg(long, value_name = "FILE")]
     coverage: Option<PathBuf>,
@@ -109,7 +105,6 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         progress_every: args.progress,
         max_len: args.max_len.max(1),
         only: args.case,
-        open_gaps: args.open_gaps,
     };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());

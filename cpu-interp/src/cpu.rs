@@ -248,7 +248,11 @@ impl Cpu {
 
     /// Behave as `quirks` say where the vendors differ (default: Intel's).
     pub fn set_quirks(&mut self, quirks: crate::quirks::Quirks) {
-        self.quirks = quirks;
+        if quirks != self.quirks {
+            // Decoded blocks carry quirk-dependent choices.
+            self.quirks = quirks;
+            self.clear_blocks();
+        }
     }
 
     pub fn quirks(&self) -> crate::quirks::Quirks {

@@ -46,7 +46,8 @@ pub(crate) fn make_insn(i: Instruction, bits: u32, h: Handler) -> Insn {
         )
     {
         // These overrides do nothing in 64-bit mode: an rBP/rSP-based
-        // access stays a stack access (a non-canonical one is #SS).
+        // access stays a stack access (a non-canonical one is #SS). An SS
+        // override does count: #SS whatever the base.
         seg = match i.memory_base() {
             Register::RBP | Register::RSP | Register::EBP | Register::ESP => sreg::SS as u8,
             _ => sreg::DS as u8,

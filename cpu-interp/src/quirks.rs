@@ -26,6 +26,15 @@ pub struct Quirks {
     /// 0x8000_0021:EAX[6]); older AMD processors keep it (Linux's
     /// X86_BUG_NULL_SEG).
     pub null_selector_clears_base: bool,
+    /// An MMX instruction makes its x87 → MMX transition (TOP = 0, all
+    /// tags valid) before its memory access, so that a #PF leaves the CPU
+    /// in MMX state (Intel); AMD makes it after the access (both before a
+    /// SIMD exception of CVTPS2PI and friends).
+    pub mmx_switch_before_fault: bool,
+    /// An 80-bit store (FSTP m80, FBSTP) is an 8-byte store and then a
+    /// 2-byte one, so that a #PF on its last two bytes comes after the
+    /// first eight are written (Intel); AMD checks all ten bytes first.
+    pub m80_store_split: bool,
 }
 
 /// A CPU vendor, as far as [`Quirks`] tell them apart.
@@ -67,12 +76,16 @@ impl Quirks {
         rep_fault_restores_flags: true,
         movsxd16_reads_dword: false,
         null_selector_clears_base: true,
+        mmx_switch_before_fault: true,
+        m80_store_split: true,
     };
     /// An AMD processor before Zen 3.
     pub const AMD: Quirks = Quirks {
         rep_fault_restores_flags: false,
         movsxd16_reads_dword: true,
         null_selector_clears_base: false,
+        mmx_switch_before_fault: false,
+        m80_store_split: false,
     };
 
     pub fn of(vendor: Vendor) -> Quirks {

@@ -539,6 +539,13 @@ mod tests {
             c.set_gpr(RBP, 0x8000_0000_0000)
         });
         assert_eq!(e, crate::Exception::gp0());
+        // ss: mov rax, [rax] (36 48 8b 00), non-canonical RAX: the SS
+        // override counts (#SS).
+        use crate::state::gpr::RAX;
+        let (e, _) = fault_of(&[0x36, 0x48, 0x8b, 0x00], |c| {
+            c.set_gpr(RAX, 0x8000_0000_0000)
+        });
+        assert_eq!(e, crate::Exception::ss(0));
     }
 
     #[test]

@@ -204,6 +204,18 @@ pub fn classify(x: u128) -> Class {
     }
 }
 
+/// A pseudo-denormal (exponent 0, integer bit set) in its normal form:
+/// exponent 1, the same value. The processors return them so when an
+/// operation passes an operand through.
+#[inline]
+fn canonical(x: u128) -> u128 {
+    if exp_field(x) == 0 && sig_field(x) & INT_BIT != 0 {
+        x | (1 << 64)
+    } else {
+        x
+    }
+}
+
 #[inline]
 fn is_nan(c: Class) -> bool {
     matches!(c, Class::QNaN | Class::SNaN)
@@ -587,7 +599,9 @@ pub fn div(a: u128, b: u128, ctx: &Ctx) -> Res<u128> {
         (Class::Zero, Class::Zero) | (Class::Infinity, Class::Infinity) => invalid(),
         (Class::Infinity, _) => Res::exact(inf(s)).with(de),
         (_, Class::Infinity) => Res::exact(zero(s)).with(de),
-        (_, Class::Zero) => Res::exact(inf(s)).with(de | ZE),
+        // A zero divisor reports only #Z, even for a denormal dividend
+        // (hardware does not report D then).
+        (_, Class::Zero) => Res::exact(inf(s)).with(ZE),
         (Class::Zero, _) => Res::exact(zero(s)).with(de),
         _ => {
             let (ua, ub) = (unpack(a), unpack(b));
@@ -869,10 +883,11 @@ fn to_narrow(a: u128, fmt: Fmt, ctx: &Ctx) -> Res<u128> {
         }
         Class::Infinity => Res::exact(sbit | exp_all),
         Class::Zero => Res::exact(sbit),
+        // A denormal source raises no #D here (the SDM lists none for
+        // FST m32/m64, and the processors report none).
         _ => {
-            let de = if ca == Class::Denormal { DE } else { 0 };
             let u = unpack(a);
-            round_pack(u.sign, u.e, u128::from(u.sig) << 64, fmt, ctx).with(de)
+            round_pack(u.sign, u.e, u128::from(u.sig) << 64, fmt, ctx)
         }
     }
 }
@@ -995,8 +1010,9 @@ pub fn scale(a: u128, b: u128, ctx: &Ctx) -> Res<u128> {
             mag
         }
     };
+    // Scaling by 2^0 returns the operand (a pseudo-denormal normalised).
     if n == 0 {
-        return Res::exact(a).with(de);
+        return Res::exact(canonical(a)).with(de);
     }
     let u = unpack(a);
     round_pack(sa, u.e + n, u128::from(u.sig) << 64, Fmt::Ext, &ctx.full()).with(de)
@@ -1051,8 +1067,10 @@ pub fn rem(a: u128, b: u128, ieee: bool, ctx: &Ctx) -> Rem {
         invalid: false,
     };
     if let Some(r) = special2(a, ca, b, cb) {
+        // A NaN result (quiet or invalid) leaves C0 and C3 alone, as on
+        // the processors.
         return Rem {
-            invalid: r.flags & IE != 0,
+            invalid: true,
             ..done(r, 0, false)
         };
     }
@@ -1064,7 +1082,7 @@ pub fn rem(a: u128, b: u128, ieee: bool, ctx: &Ctx) -> Rem {
     }
     let de = de_flag(ca, cb);
     if cb == Class::Infinity || ca == Class::Zero {
-        return done(Res::exact(a).with(de), 0, false);
+        return done(Res::exact(canonical(a)).with(de), 0, false);
     }
     let ctx = ctx.full();
     let (ua, ub) = (unpack(a), unpack(b));

@@ -46,8 +46,6 @@ pub struct CampaignConfig {
     pub max_len: usize,
     /// Run only this random case index (and print it in full).
     pub only: Option<u64>,
-    /// Also generate inputs for known open interpreter gaps.
-    pub open_gaps: bool,
 }
 
 impl Default for CampaignConfig {
@@ -61,7 +59,6 @@ impl Default for CampaignConfig {
             progress_every: 0,
             max_len: 8,
             only: None,
-            open_gaps: false,
         }
     }
 }
@@ -337,6 +334,26 @@ fn describe_state(s: &CpuState, bits: u32) -> String {
         "rflags={:#x} rip={:#x} cs={:#x}",
         s.regs.rflags, s.regs.rip, s.sregs.cs.selector
     );
+    let f = &s.fpu;
+    let d = cpu_interp::state::FpuState::default();
+    if (f.fcw, f.fsw, f.ftw, f.st) != (d.fcw, d.fsw, d.ftw, d.st) {
+        let _ = write!(
+            t,
+            "\n    fcw={:#06x} fsw={:#06x} (top {}) ftw={:#06x} mxcsr={:#x}",
+            f.fcw,
+            f.fsw,
+            (f.fsw >> 11) & 7,
+            f.ftw,
+            f.mxcsr
+        );
+        for (k, r) in f.st.iter().enumerate() {
+            if k % 4 == 0 {
+                t.push_str("\n    ");
+            }
+            let hex: String = r.iter().rev().map(|b| format!("{b:02x}")).collect();
+            let _ = write!(t, "r{k}={hex} ");
+        }
+    }
     t
 }
 
@@ -583,7 +600,6 @@ impl<'a> Campaign<'a> {
     pub fn run_random(&mut self, mode: Mode, n: u64) -> Result<(), DifftestError> {
         let mut g = Generator::new(mode);
         g.max_len = self.cfg.max_len;
-        g.open_gaps = self.cfg.open_gaps;
         let range = match self.cfg.only {
             Some(k) => k..k + 1,
             None => 0..n,

@@ -75,9 +75,6 @@ pub struct Case {
     pub items: Vec<Item>,
     /// Where the case came from (corpus name, seed and index).
     pub origin: String,
-    /// Compare without the masks for known open interpreter gaps
-    /// (docs/DIFFTEST.md).
-    pub open_gaps: bool,
 }
 
 /// The terminator appended to every case: `out 0xff, al` in ring 0 and
@@ -719,6 +716,14 @@ impl Flow {
         }
         if reads_x87_status(m) {
             fx.read |= X87_CC;
+        }
+        // FCMOVcc and FCOMI/FUCOMI(P) keep C1 on the processors unless the
+        // stack underflows (iced's tables, after the SDM, say "set to 0"):
+        // C1 stays whatever it was, undefined included.
+        let name = format!("{m:?}");
+        if name.starts_with("Fcmov") || name.starts_with("Fcomi") || name.starts_with("Fucomi") {
+            fx.defined &= !X87_C1;
+            fx.undefined &= !X87_C1;
         }
         // A REP CMPS/SCAS with a zero count changes no flag.
         if (i.has_rep_prefix() || i.has_repne_prefix()) && i.code().is_string_instruction() {

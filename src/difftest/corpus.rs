@@ -112,7 +112,6 @@ impl Maker {
             area: self.gen.init_area(&mut rng),
             items: cb.items,
             origin: format!("targeted {} #{idx}", self.name),
-            open_gaps: false,
         };
         tweak(&mut case);
         // No oracle for what KVM refuses here (see `kvm_refusals`; nested
@@ -1031,7 +1030,7 @@ fn sse(mk: &mut Maker) {
                 let idx = mk.n;
                 mk.emit_with(cb, 0, false, |case| {
                     let mut rng = Rng::derive(0xf9, idx);
-                    super::fp::randomize(&mut rng, &mut case.init, false);
+                    super::fp::randomize(&mut rng, &mut case.init);
                     case.init.fpu.mxcsr = 0x1f80 | (rc << 13);
                     if k == 2 {
                         case.init.fpu.mxcsr |= 0x8000; // FTZ (DAZ: open gap G9)

@@ -204,9 +204,7 @@ pub fn x87_tag(v: &[u8; 10]) -> u16 {
 /// Random x87 stack (0..=8 values), control words, XMM lanes full of
 /// special values and MXCSR (rounding, FTZ/DAZ, sometimes unmasked
 /// exceptions).
-/// `daz`: allow MXCSR.DAZ (open gap G9: MAX/MIN with DAZ return a
-/// denormal operand unflushed in the interpreter).
-pub fn randomize(rng: &mut Rng, s: &mut CpuState, daz: bool) {
+pub fn randomize(rng: &mut Rng, s: &mut CpuState) {
     let f = &mut s.fpu;
     let depth = rng.below(9) as usize;
     let top = (8 - depth) % 8;
@@ -247,9 +245,7 @@ pub fn randomize(rng: &mut Rng, s: &mut CpuState, daz: bool) {
     let mut mxcsr = 0x1f80 | ((rng.below(4) as u32) << 13);
     if rng.chance(1, 5) {
         mxcsr |= (rng.next_u32() & 1) << 15; // FTZ
-        if daz {
-            mxcsr |= (rng.next_u32() & 1) << 6; // DAZ
-        }
+        mxcsr |= (rng.next_u32() & 1) << 6; // DAZ
     }
     if rng.chance(1, 10) {
         mxcsr &= !((rng.next_u32() & 0x3f) << 7); // unmask some exceptions
@@ -289,7 +285,7 @@ mod tests {
         let mut rng = Rng::new(3);
         for _ in 0..100 {
             let mut s = CpuState::default();
-            randomize(&mut rng, &mut s, true);
+            randomize(&mut rng, &mut s);
             let top = usize::from((s.fpu.fsw >> 11) & 7);
             for r in 0..8 {
                 let t = (s.fpu.ftw >> (2 * r)) & 3;

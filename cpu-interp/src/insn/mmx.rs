@@ -442,6 +442,8 @@ fn sign<const W: usize>(x: u64, y: u64) -> u64 {
 
 fn emms(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     cpu.mmx_prepare()?;
+    // EMMS empties every tag and, as the processors do, sets TOP to 0.
+    cpu.fpu.set_top(0);
     cpu.fpu.ftw = 0xffff;
     Ok(())
 }
@@ -730,6 +732,29 @@ mod tests {
         // SSE2 form without CR4.OSFXSR → #UD: paddb xmm0, xmm1 (66 0f fc c1)
         let (_, r) = exec1(Mode::Long64, &[0x66, 0x0f, 0xfc, 0xc1], |_| {});
         assert_eq!(r, Err(Exception::ud()));
+    }
+
+    #[test]
+    fn a_faulting_mmx_load_leaves_x87_state_per_vendor() {
+        // paddb mm0, [0x20_0000] (0f fc 04 25 00 00 20 00) with that 2 MiB
+        // page not present and TOP = 4: #PF. Intel has already made the
+        // x87 → MMX transition (TOP 0, tags valid), AMD has not.
+        for (quirks, top, ftw) in [
+            (crate::quirks::Quirks::INTEL, 0, 0),
+            (crate::quirks::Quirks::AMD, 4, 0xffff),
+        ] {
+            let (c, r) = exec1(
+                Mode::Long64,
+                &[0x0f, 0xfc, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00],
+                |c| {
+                    c.set_quirks(quirks);
+                    write_phys(c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+                    c.fpu.set_top(4);
+                },
+            );
+            assert_eq!(r.map_err(|e| e.vector), Err(crate::exception::PF));
+            assert_eq!((c.fpu.top(), c.fpu.ftw), (top, ftw), "{quirks:?}");
+        }
     }
 
     #[test]

@@ -323,9 +323,10 @@ fn cmpxchg8b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn cmpxchg16b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let off = cpu.ea(d);
     let seg = d.seg as usize;
-    // The canonical (#GP/#SS) check comes before the alignment check, as
-    // on hardware.
-    cpu.linear(seg, off, 16, true)?;
+    // The canonical (#GP/#SS) check of the address comes before the
+    // alignment check, as on hardware (a misaligned operand that starts
+    // canonical and runs into the hole is #GP for its alignment).
+    cpu.linear(seg, off, 1, true)?;
     if off & 15 != 0 {
         return Err(Exception::gp0());
     }

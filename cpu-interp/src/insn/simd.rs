@@ -82,9 +82,25 @@ impl Cpu {
 
     /// Checks before an MMX instruction: #UD (CR0.EM), #NM (CR0.TS), #MF.
     #[inline]
-    pub(crate) fn mmx_prepare(&self) -> XResult<()> {
+    /// The checks of an MMX instruction (#UD, #NM, a pending x87 #MF),
+    /// then, on Intel, its x87 → MMX transition (see [`Self::mmx_early_switch`]).
+    pub(crate) fn mmx_prepare(&mut self) -> XResult<()> {
         self.check_mmx()?;
-        self.x87_pending_check()
+        self.x87_pending_check()?;
+        self.mmx_early_switch();
+        Ok(())
+    }
+
+    /// Intel makes the x87 → MMX transition before the instruction's
+    /// memory access or SIMD exception, so that a fault leaves the CPU in
+    /// MMX state; AMD only when the instruction completes
+    /// (`Quirks::mmx_switch_before_fault`). Handlers call
+    /// [`Self::mmx_switch`] again as they complete.
+    #[inline(always)]
+    pub(crate) fn mmx_early_switch(&mut self) {
+        if self.quirks.mmx_switch_before_fault {
+            self.mmx_switch();
+        }
     }
 
     /// The x87 → MMX transition every MMX instruction makes (except EMMS):

@@ -477,7 +477,12 @@ pub fn cmp_pred<T: Fmt>(e: &mut Env, a: u64, b: u64, imm: u8) -> u64 {
 pub fn min<T: Fmt>(e: &mut Env, a: u64, b: u64) -> u64 {
     if is_nan::<T>(a) || is_nan::<T>(b) {
         e.flags |= IE;
-        return b;
+        // The second operand is returned as DAZ leaves it.
+        return if e.daz() && is_denormal::<T>(b) {
+            b & T::SIGN
+        } else {
+            b
+        };
     }
     let a = input::<T>(e, a, true);
     let b = input::<T>(e, b, true);
@@ -492,7 +497,12 @@ pub fn min<T: Fmt>(e: &mut Env, a: u64, b: u64) -> u64 {
 pub fn max<T: Fmt>(e: &mut Env, a: u64, b: u64) -> u64 {
     if is_nan::<T>(a) || is_nan::<T>(b) {
         e.flags |= IE;
-        return b;
+        // The second operand is returned as DAZ leaves it.
+        return if e.daz() && is_denormal::<T>(b) {
+            b & T::SIGN
+        } else {
+            b
+        };
     }
     let a = input::<T>(e, a, true);
     let b = input::<T>(e, b, true);
@@ -763,6 +773,20 @@ mod tests {
         let mut e = Env::new(RN);
         assert_eq!(div::<F32>(&mut e, qa, f(0.0)), qa);
         assert_eq!(e.flags, 0);
+    }
+
+    #[test]
+    fn min_max_return_the_second_operand_as_daz_leaves_it() {
+        // MAXPD/MINPD with a NaN return the second operand: a denormal
+        // comes back as the zero DAZ makes of it.
+        let den = 0x0003_9b72_47a8_7bf5u64 | F64::SIGN;
+        for op in [max::<F64>, min::<F64>] {
+            let mut e = Env::new(RN | DAZ);
+            assert_eq!(op(&mut e, 0x7ff8_0000_0000_0000, den), F64::SIGN);
+            assert_eq!(e.flags, IE);
+            let mut e = Env::new(RN);
+            assert_eq!(op(&mut e, 0x7ff8_0000_0000_0000, den), den);
+        }
     }
 
     #[test]

@@ -558,6 +558,7 @@ fn cvtpi2p<T: Fmt>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()>
     let from_mm = d.i.op1_kind() == OpKind::Register;
     if from_mm {
         cpu.x87_pending_check()?;
+        cpu.mmx_early_switch();
     }
     let b = cpu.vec_read(p, d, 1, false)?;
     let dst = d.i.op0_register();
@@ -567,10 +568,11 @@ fn cvtpi2p<T: Fmt>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()>
         let v = sf::from_int::<T>(&mut e, i32_of(lane(b, i, 4)));
         r = set_lane(r, i, T::BYTES, v);
     }
-    cpu.sse_commit_flags(e.flags)?;
     if from_mm {
+        // Before a SIMD exception on both vendors.
         cpu.mmx_switch();
     }
+    cpu.sse_commit_flags(e.flags)?;
     cpu.set_xmm_reg(dst, r);
     Ok(())
 }
@@ -583,6 +585,7 @@ fn cvtp2pi<T: Fmt, const TRUNC: bool>(
 ) -> XResult<()> {
     cpu.check_sse()?;
     cpu.x87_pending_check()?;
+    cpu.mmx_early_switch();
     let b = cpu.vec_read(p, d, 1, true)?;
     let mut e = Env::new(cpu.fpu.mxcsr);
     let mut r = 0u64;
@@ -590,8 +593,9 @@ fn cvtp2pi<T: Fmt, const TRUNC: bool>(
         let v = sf::to_int::<T>(&mut e, lane(b, i, T::BYTES), 32, TRUNC);
         r |= v << (32 * i);
     }
-    cpu.sse_commit_flags(e.flags)?;
+    // Before a SIMD exception on both vendors.
     cpu.mmx_switch();
+    cpu.sse_commit_flags(e.flags)?;
     cpu.set_mm_reg(d.i.op0_register(), r);
     Ok(())
 }

@@ -307,6 +307,9 @@ fn overflow(f: &mut Fpu) -> bool {
 /// denormal or zero-divide exception suppresses the result (only those
 /// pre-computation flags are recorded then).
 fn accept(f: &mut Fpu, flags: u16) -> bool {
+    // An invalid operation takes precedence over a denormal operand: only
+    // IE is reported (as on the processors).
+    let flags = if flags & IE != 0 { flags & !DE } else { flags };
     let pre = IE | DE | ZE;
     if flags & f.unmasked() & pre != 0 {
         f.raise(flags & pre);
@@ -429,9 +432,27 @@ fn read_m80(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<u128> {
     Ok(u128::from_le_bytes(b))
 }
 
+/// On Intel an m80 store is an 8-byte store, then a 2-byte one: when only
+/// the last two bytes fall in a faulting page, the first eight are already
+/// written (`Quirks::m80_store_split`).
 fn write_m80(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, v: u128) -> XResult<()> {
     let off = cpu.ea(d);
-    write_bytes(cpu, p, d.seg as usize, off, d.amask, &v.to_le_bytes()[..10])
+    let seg = d.seg as usize;
+    if !cpu.quirks.m80_store_split {
+        // AMD checks all ten bytes first.
+        return write_bytes(cpu, p, seg, off, d.amask, &v.to_le_bytes()[..10]);
+    }
+    cpu.linear(seg, off, 10, true)?;
+    cpu.write_mem(p, seg, off, 8, v as u64)?;
+    let hi = off.wrapping_add(8) & d.amask;
+    cpu.write_mem(p, seg, hi, 2, (v >> 64) as u64 & 0xffff)
+}
+
+/// A store an unmasked exception suppresses still checks its destination
+/// (a #PF there comes first, as on the processors).
+fn probe_m(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, size: usize) -> XResult<()> {
+    let off = cpu.ea(d);
+    cpu.probe_write(p, d.seg as usize, off, size)
 }
 
 fn read_m(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, size: usize) -> XResult<u64> {
@@ -551,7 +572,12 @@ fn fst<const POP: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResul
         // Register destinations copy the raw value: no exceptions.
         let i = sti(d.i.op0_register());
         let f = &mut cpu.fpu;
-        if f.st_empty(0) {
+        if f.st_empty(0) && d.i.mnemonic() == Mnemonic::Fstpnce {
+            // The undocumented D9 D8+i alias does not check for an empty
+            // ST(0): no underflow, nothing stored, just the pop (C1 = 0).
+            f.set_c1(false);
+            f.pop();
+        } else if f.st_empty(0) {
             if underflow(f) {
                 f.set_st(i, INDEFINITE);
                 if POP {
@@ -622,6 +648,8 @@ fn fst<const POP: bool>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResul
         } else {
             write_m(cpu, p, d, size, bits as u64)?;
         }
+    } else {
+        probe_m(cpu, p, d, size)?;
     }
     let f = &mut cpu.fpu;
     if empty {
@@ -659,6 +687,8 @@ fn fist<const POP: bool, const TRUNC: bool>(
     };
     if store {
         write_m(cpu, p, d, size, v as u64 & super::mask(size))?;
+    } else {
+        probe_m(cpu, p, d, size)?;
     }
     let f = &mut cpu.fpu;
     if empty {
@@ -685,6 +715,8 @@ fn fbstp(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     };
     if store {
         write_m80(cpu, p, d, v)?;
+    } else {
+        probe_m(cpu, p, d, 10)?;
     }
     let f = &mut cpu.fpu;
     if empty {
@@ -737,12 +769,10 @@ fn fcmov<const CC: u8>(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResul
         if underflow(f) {
             f.set_st(0, INDEFINITE);
         }
-    } else {
-        f.set_c1(false);
-        if cond {
-            let v = f.st(i);
-            f.set_st(0, v);
-        }
+    } else if cond {
+        // C1 is kept (only a stack underflow clears it), as on hardware.
+        let v = f.st(i);
+        f.set_st(0, v);
     }
     note(cpu, d);
     Ok(())
@@ -786,6 +816,10 @@ fn arith<const OP: u8, const POP: bool>(
         return Ok(());
     }
     let x = f.st(dst);
+    // With a NaN operand the result is the NaN: a denormal memory
+    // operand is not reported then (as on the processors).
+    let nan = |v: u128| matches!(sf::classify(v), sf::Class::QNaN | sf::Class::SNaN);
+    let conv = if nan(x) || nan(src) { conv & !DE } else { conv };
     let (a, b) = if OP == SUBR || OP == DIVR {
         (src, x)
     } else {
@@ -955,18 +989,16 @@ fn fcom<const POPS: u8, const QUIET: bool>(
         (cpu.fpu.st(i), 0, cpu.fpu.st_empty(i))
     };
     let f = &mut cpu.fpu;
+    // The condition codes are set even when an unmasked exception stops
+    // the pop (as the processors do): unordered after a stack underflow.
     let done = if f.st_empty(0) || b_empty {
         let masked = underflow(f);
-        if masked {
-            f.set_cc(CC3, CC3);
-        }
+        f.set_cc(CC3, CC3);
         masked
     } else {
         let (c, flags) = sf::compare(f.st(0), b, QUIET);
         let ok = accept(f, flags | conv);
-        if ok {
-            f.set_cc(CC3, cc_of(c));
-        }
+        f.set_cc(CC3, cc_of(c));
         f.set_c1(false);
         ok
     };
@@ -988,32 +1020,25 @@ fn fcomi<const POP: bool, const QUIET: bool>(
     begin(cpu)?;
     let i = sti(d.i.op1_register());
     let f = &mut cpu.fpu;
-    let res = if f.st_empty(0) || f.st_empty(i) {
-        if underflow(f) {
-            Some(ZF | PF | CF)
-        } else {
-            None
-        }
+    // EFLAGS take the result even when an unmasked exception stops the
+    // pop (as the processors do): unordered after a stack underflow.
+    let (bits, done) = if f.st_empty(0) || f.st_empty(i) {
+        (ZF | PF | CF, underflow(f))
     } else {
+        // C1 is kept (only a stack underflow clears it), as on hardware.
         let (c, flags) = sf::compare(f.st(0), f.st(i), QUIET);
-        f.set_c1(false);
-        if accept(f, flags) {
-            Some(match c {
-                Cmp::Greater => 0,
-                Cmp::Less => CF,
-                Cmp::Equal => ZF,
-                Cmp::Unordered => ZF | PF | CF,
-            })
-        } else {
-            None
-        }
+        let bits = match c {
+            Cmp::Greater => 0,
+            Cmp::Less => CF,
+            Cmp::Equal => ZF,
+            Cmp::Unordered => ZF | PF | CF,
+        };
+        (bits, accept(f, flags))
     };
-    if let Some(bits) = res {
-        // OF, SF and AF are cleared.
-        cpu.flags.set_arith(bits);
-        if POP {
-            cpu.fpu.pop();
-        }
+    // OF, SF and AF are cleared.
+    cpu.flags.set_arith(bits);
+    if done && POP {
+        cpu.fpu.pop();
     }
     note(cpu, d);
     Ok(())
@@ -1022,16 +1047,15 @@ fn fcomi<const POP: bool, const QUIET: bool>(
 fn ftst(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     begin(cpu)?;
     let f = &mut cpu.fpu;
+    // Condition codes as in `fcom`, whatever the masks.
     if f.st_empty(0) {
-        if underflow(f) {
-            f.set_cc(CC3, CC3);
-        }
+        underflow(f);
+        f.set_cc(CC3, CC3);
     } else {
         let (c, flags) = sf::compare(f.st(0), 0, false);
         f.set_c1(false);
-        if accept(f, flags) {
-            f.set_cc(CC3, cc_of(c));
-        }
+        accept(f, flags);
+        f.set_cc(CC3, cc_of(c));
     }
     note(cpu, d);
     Ok(())
@@ -2559,5 +2583,160 @@ mod tests {
                 assert!(c.fpu.top() < 8);
             }
         }
+    }
+
+    // ---- behaviour settled against the hardware oracle (docs/DIFFTEST.md) --
+
+    /// FLDCW [D] with `cw`, then `prog`, in 32-bit protected mode.
+    fn with_cw(cw: u16, prog: &[&[u8]], init: impl FnOnce(&mut Cpu)) -> Cpu {
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let ld = m(&[0xd9], 5, D);
+        parts.push(&ld);
+        parts.extend_from_slice(prog);
+        let all = code(&parts);
+        run(Mode::Prot32, &all, |c| {
+            put_u16(c, D, cw);
+            init(c);
+        })
+    }
+
+    #[test]
+    fn fcmov_and_fcomi_keep_c1() {
+        // fcmovb st, st(1) (da c1); fcomi st, st(1) (db f1) on a stack of
+        // two ones with C1 set: both leave it set.
+        for op in [[0xda, 0xc1], [0xdb, 0xf1]] {
+            let c = run(Mode::Prot32, &op, |c| {
+                c.fpu.push(f(1.0));
+                c.fpu.push(f(1.0));
+                c.fpu.fsw |= FSW_C1;
+            });
+            assert_ne!(c.fpu.fsw & FSW_C1, 0, "{op:02x?}");
+        }
+    }
+
+    #[test]
+    fn compares_set_condition_codes_even_with_unmasked_exceptions() {
+        let qnan = f64::from_bits(0x7ff8_0000_0000_0001);
+        // FCW 0x37e (IE unmasked): fld qword [D+8] (a QNaN); fcomp st(0)
+        // (d8 d8): IE, C3 C2 C0 = unordered, and no pop.
+        let ld = m(&[0xdd], 0, D + 8);
+        let c = with_cw(0x37e, &[&ld, &[0xd8, 0xd8]], |c| put_f64(c, D + 8, qnan));
+        assert_eq!(
+            c.fpu.fsw & (FSW_C0 | FSW_C2 | FSW_C3),
+            FSW_C0 | FSW_C2 | FSW_C3
+        );
+        assert_ne!(c.fpu.fsw & FSW_IE, 0);
+        assert_eq!(c.fpu.top(), 7);
+        // fcomi st, st(0) (db f0): ZF PF CF even though IE is unmasked.
+        let c = with_cw(0x37e, &[&ld, &[0xdb, 0xf0]], |c| put_f64(c, D + 8, qnan));
+        assert_eq!(c.rflags() & (ZF | PF | CF), ZF | PF | CF);
+        // ftst (d9 e4) on an empty stack with IE unmasked: unordered too.
+        let c = with_cw(0x37e, &[&[0xd9, 0xe4]], |_| {});
+        assert_eq!(
+            c.fpu.fsw & (FSW_C0 | FSW_C2 | FSW_C3),
+            FSW_C0 | FSW_C2 | FSW_C3
+        );
+    }
+
+    #[test]
+    fn fstp1_alias_pops_an_empty_register_quietly() {
+        // d9 d8+i (FSTP1, "fstpnce"): with ST(0) empty nothing is stored,
+        // no underflow is raised, C1 = 0, and TOP moves on.
+        let c = run(Mode::Prot32, &[0xd9, 0xdf], |c| {
+            c.fpu.fsw |= FSW_C1;
+        });
+        assert_eq!(c.fpu.fsw & (FSW_IE | FSW_SF | FSW_C1), 0);
+        assert_eq!(c.fpu.top(), 1);
+        assert_eq!(c.fpu.ftw, 0xffff);
+    }
+
+    #[test]
+    fn denormal_operand_rules() {
+        let den = f64::from_bits(1); // smallest double denormal
+                                     // fld tbyte [D+0x20] (an extended denormal); fldz; fdivp st(1), st
+                                     // (de f9): denormal / 0 reports ZE only.
+        let ld = m(&[0xdb], 5, D + 0x20);
+        let put_den = |c: &mut Cpu| {
+            write_phys(c, u64::from(D) + 0x20, &x(0, 1).to_le_bytes()[..10]);
+        };
+        let c = run(
+            Mode::Prot32,
+            &code(&[&ld, &[0xd9, 0xee], &[0xde, 0xf9]]),
+            put_den,
+        );
+        assert_eq!(c.fpu.fsw & 0x3f, FSW_ZE);
+        // fst qword [D+0x10] (dd /2) of it: UE PE, no DE.
+        let st = m(&[0xdd], 2, D + 0x10);
+        let c = run(Mode::Prot32, &code(&[&ld, &st]), put_den);
+        assert_eq!(c.fpu.fsw & FSW_DE, 0);
+        assert_ne!(c.fpu.fsw & FSW_UE, 0);
+        // fld qword [D] (QNaN); fnclex; fmul qword [D+8] (denormal): the
+        // NaN propagates, no DE for the memory denormal.
+        let ld0 = m(&[0xdd], 0, D);
+        let mul = m(&[0xdc], 1, D + 8);
+        let c = run(Mode::Prot32, &code(&[&ld0, &[0xdb, 0xe2], &mul]), |c| {
+            put_f64(c, D, f64::NAN);
+            put_f64(c, D + 8, den);
+        });
+        assert_eq!(c.fpu.fsw & FSW_DE, 0);
+    }
+
+    #[test]
+    fn pseudo_denormals_come_back_normalised() {
+        // fld tbyte [D] (a pseudo-denormal: exponent 0, integer bit set);
+        // fldz; fxch; fscale (d9 fd) by 0: exponent 1, same significand.
+        let ld = m(&[0xdb], 5, D);
+        let st = m(&[0xdb], 7, D + 0x10);
+        let c = run(
+            Mode::Prot32,
+            &code(&[&[0xd9, 0xee], &ld, &[0xd9, 0xfd], &st]),
+            |c| {
+                let v = x(0x8000, 0xd7e1_0009_3601_7524);
+                write_phys(c, u64::from(D), &v.to_le_bytes()[..10]);
+            },
+        );
+        assert_eq!(read80(&c, D + 0x10), x(0x8001, 0xd7e1_0009_3601_7524));
+    }
+
+    #[test]
+    fn an_m80_store_into_a_faulting_page_per_vendor() {
+        // fstp tbyte [0x1f_fff8] (db 3c 25 f8 ff 1f 00) with the 2 MiB page
+        // at 0x20_0000 not present: #PF either way; Intel has written the
+        // first eight bytes, AMD nothing.
+        for (q, written) in [
+            (crate::quirks::Quirks::INTEL, true),
+            (crate::quirks::Quirks::AMD, false),
+        ] {
+            let mut c = new_cpu();
+            setup(&mut c, Mode::Long64);
+            c.set_quirks(q);
+            write_phys(&c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+            write_phys(&c, CODE, &[0xdb, 0x3c, 0x25, 0xf8, 0xff, 0x1f, 0x00]);
+            c.fpu.push(f(1.0));
+            let mut p = TestPlatform::default();
+            let insn = c.decode_one(&mut p).expect("decodable");
+            let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+            assert_eq!(e.vector, crate::exception::PF);
+            let low = read_phys(&c, 0x1f_fff8, 8);
+            assert_eq!(low == f(1.0) as u64, written, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn a_suppressed_store_still_checks_its_destination() {
+        // An unmasked invalid operation (empty ST(0), FCW 0x37e) suppresses
+        // the store of FIST, but a #PF on its destination comes first.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        // 2 MiB page at 0x20_0000 not present.
+        write_phys(&c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+        // fist word [0x20_0000] (df 14 25 00 00 20 00) with an empty
+        // ST(0) and IE unmasked.
+        write_phys(&c, CODE, &[0xdf, 0x14, 0x25, 0x00, 0x00, 0x20, 0x00]);
+        c.fpu.fcw = 0x37e;
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+        assert_eq!(e.vector, crate::exception::PF);
     }
 }

@@ -515,7 +515,8 @@ pub fn fyl2x(x: u128, y: u128, ctx: &Ctx) -> Res<u128> {
             return match cy {
                 Class::Zero => invalid(),
                 Class::Infinity => Res::exact(inf(!sign(y))).with(de),
-                _ => Res::exact(inf(!sign(y))).with(de | ZE),
+                // Only #Z, as for a division by zero.
+                _ => Res::exact(inf(!sign(y))).with(ZE),
             };
         }
         Class::Infinity => {
@@ -585,7 +586,8 @@ pub fn fyl2xp1(x: u128, y: u128, ctx: &Ctx) -> Res<u128> {
             return match cy {
                 Class::Zero => invalid(),
                 Class::Infinity => Res::exact(inf(!sign(y))).with(de),
-                _ => Res::exact(inf(!sign(y))).with(de | ZE),
+                // Only #Z, as for a division by zero.
+                _ => Res::exact(inf(!sign(y))).with(ZE),
             };
         }
         if z.neg {
