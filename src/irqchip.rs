@@ -87,6 +87,10 @@ pub struct IrqRouter {
     pub ioapic: Arc<Mutex<Ioapic>>,
     pub lapic: Arc<Mutex<Lapic>>,
     pub waker: Arc<Waker>,
+    /// The VMM has seen the LAPIC's pending interrupt (it injected it or
+    /// asked for an interrupt window), so a running vCPU need not come back
+    /// for it. See [`IrqRouter::pump`].
+    vmm_saw_pending: AtomicBool,
 }
 
 /// The PIC's INTR output, wired to LINT0 of the local APIC.
@@ -111,6 +115,7 @@ impl IrqRouter {
             ioapic: Arc::new(Mutex::new(ioapic)),
             lapic: Arc::new(Mutex::new(lapic)),
             waker: Arc::new(Waker::default()),
+            vmm_saw_pending: AtomicBool::new(false),
         });
         lock(&r.pic).set_intr_line(Box::new(PicIntrToLint0 {
             lapic: r.lapic.clone(),
@@ -165,9 +170,41 @@ impl IrqRouter {
         }
     }
 
-    /// Carry LAPIC messages (EOI broadcasts, IPIs) to their targets. Call
-    /// after guest accesses to the LAPIC and after timers advance.
+    /// Carry LAPIC and IOAPIC messages (EOI broadcasts, IPIs, deliveries
+    /// caused by an unmask) to their targets. Call after guest accesses to
+    /// the interrupt controllers and after timers advance.
+    ///
+    /// Then, if the LAPIC has an interrupt to deliver that the VMM has not
+    /// seen (an EOI or a TPR write uncovered one, or an IPI arrived), wake
+    /// the VMM: a running vCPU comes back at the next instruction boundary
+    /// to have it injected.
     pub fn pump(&self) {
+        self.carry_messages();
+        let pending = lock(&self.lapic).pending_interrupt().is_some();
+        if pending && !self.vmm_saw_pending.load(Ordering::Acquire) {
+            self.waker.notify();
+        }
+    }
+
+    /// Record whether the VMM has dealt with what the LAPIC holds (see
+    /// [`IrqRouter::pump`]): true after it injected an interrupt and asked
+    /// for a window for the next one, or asked for a window.
+    pub fn set_vmm_saw_pending(&self, saw: bool) {
+        self.vmm_saw_pending.store(saw, Ordering::Release);
+    }
+
+    fn carry_messages(&self) {
+        let io_msgs = {
+            let mut io = lock(&self.ioapic);
+            if io.has_messages() {
+                io.take_messages()
+            } else {
+                Vec::new()
+            }
+        };
+        if !io_msgs.is_empty() {
+            self.deliver_ioapic(io_msgs);
+        }
         loop {
             let msgs = lock(&self.lapic).take_messages();
             if msgs.is_empty() {
@@ -308,6 +345,79 @@ mod tests {
         r.set_isa_irq(0, false);
         // In service until EOI: nothing more.
         assert_eq!(r.acknowledge(), None);
+    }
+
+    fn enable_lapic(r: &IrqRouter) {
+        use devices::BusDevice;
+        lock(&r.lapic).write(0xf0, &0x1ffu32.to_le_bytes());
+    }
+
+    #[test]
+    fn unmasking_an_asserted_ioapic_pin_through_its_registers_wakes_the_vmm() {
+        use devices::BusDevice;
+        let r = router();
+        enable_lapic(&r);
+        {
+            let mut io = lock(&r.ioapic);
+            let mut w = |reg: u32, v: u32| {
+                io.write(0, &reg.to_le_bytes());
+                io.write(0x10, &v.to_le_bytes());
+            };
+            // Pin 5, level-triggered, vector 0x45, masked.
+            w(0x10 + 2 * 5, 0x45 | (1 << 15) | (1 << 16));
+            w(0x11 + 2 * 5, 0);
+        }
+        r.set_ioapic_pin(5, true);
+        r.pump();
+        r.waker.clear();
+        assert_eq!(r.pending(), None);
+        // The guest unmasks it with an MMIO write: the bus reaches the
+        // IOAPIC directly, then the VMM pumps.
+        {
+            let mut io = lock(&r.ioapic);
+            io.write(0, &(0x10u32 + 2 * 5).to_le_bytes());
+            io.write(0x10, &(0x45u32 | (1 << 15)).to_le_bytes());
+        }
+        r.pump();
+        assert!(r.waker.pending(), "the VMM must come back for it");
+        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x45)));
+    }
+
+    #[test]
+    fn eoi_or_tpr_uncovering_a_pending_vector_wakes_the_vmm_once() {
+        use devices::BusDevice;
+        let r = router();
+        enable_lapic(&r);
+        // TPR 0x40 holds vector 0x31 back.
+        lock(&r.lapic).write(0x80, &0x40u32.to_le_bytes());
+        assert!(lock(&r.lapic).accept(0x31, false));
+        r.waker.clear();
+        r.pump();
+        assert!(!r.waker.pending());
+        r.set_vmm_saw_pending(false);
+        // Lowering the TPR makes it deliverable: the VMM is woken.
+        lock(&r.lapic).write(0x80, &0u32.to_le_bytes());
+        r.pump();
+        assert!(r.waker.pending());
+        // Once the VMM has seen it (asked for a window), no more wake-ups.
+        r.waker.clear();
+        r.set_vmm_saw_pending(true);
+        r.pump();
+        assert!(!r.waker.pending());
+        // An EOI uncovering a lower vector: 0x51 in service, 0x41 waits.
+        r.set_vmm_saw_pending(false);
+        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x31)));
+        lock(&r.lapic).write(0xb0, &0u32.to_le_bytes());
+        assert!(lock(&r.lapic).accept(0x51, false));
+        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x51)));
+        assert!(lock(&r.lapic).accept(0x41, false));
+        r.waker.clear();
+        r.pump();
+        assert!(!r.waker.pending(), "0x41 is below the vector in service");
+        lock(&r.lapic).write(0xb0, &0u32.to_le_bytes());
+        r.pump();
+        assert!(r.waker.pending(), "the EOI uncovered 0x41");
+        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x41)));
     }
 
     #[test]

@@ -436,13 +436,16 @@ impl Machine {
         };
         router.waker.clear();
         router.pump();
+        router.waker.clear();
         let Some(req) = router.pending() else {
             self.vcpu.request_interrupt_window(false);
+            router.set_vmm_saw_pending(false);
             return Ok(false);
         };
         let nmi = req == devices::lapic::InterruptRequest::Nmi;
         if !nmi && !self.vcpu.ready_for_interrupt() {
             self.vcpu.request_interrupt_window(true);
+            router.set_vmm_saw_pending(true);
             return Ok(false);
         }
         let injected = match router.acknowledge() {
@@ -456,8 +459,9 @@ impl Machine {
             }
             None => false,
         };
-        self.vcpu
-            .request_interrupt_window(router.pending().is_some());
+        let more = router.pending().is_some();
+        self.vcpu.request_interrupt_window(more);
+        router.set_vmm_saw_pending(more);
         Ok(injected)
     }
 

@@ -98,6 +98,11 @@ fn self_ipi() {
 }
 
 #[test]
+fn irq_boundary() {
+    check_both("irq-boundary");
+}
+
+#[test]
 fn irq_masking() {
     check_both("irq-masking");
 }

@@ -129,6 +129,9 @@ pub struct Cpu {
     pub(crate) tlb: Box<Tlb>,
     pub(crate) blocks: BlockCache,
     pub(crate) retired: u64,
+    /// The retired count at which the run loop next checks events (the
+    /// budget's end, a platform deadline, a poll): blocks stop there.
+    pub(crate) stop_at: u64,
     pub(crate) irq_window: bool,
     /// Set when a write hit a page with decoded code; the current block ends.
     pub(crate) code_written: bool,
@@ -195,6 +198,7 @@ impl Cpu {
             tlb: Box::new(Tlb::new()),
             blocks: BlockCache::new(),
             retired: 0,
+            stop_at: 0,
             irq_window: false,
             code_written: false,
             end_block: false,
@@ -460,6 +464,7 @@ impl Cpu {
 
     /// Time-stamp counter as RDTSC sees it.
     pub(crate) fn read_tsc(&mut self, p: &mut dyn crate::Platform) -> u64 {
+        p.retired_hint(self.retired);
         let base = p.tsc().unwrap_or(self.retired);
         base.wrapping_add(self.tsc_offset)
     }

@@ -61,6 +61,15 @@ impl Platform for IoPlatform<'_> {
     fn tsc(&mut self) -> Option<u64> {
         self.io.tsc()
     }
+    fn next_check(&mut self, retired: u64) -> u64 {
+        self.io.next_check(retired)
+    }
+    fn read_cr8(&mut self) -> Option<u64> {
+        self.io.cr8_read()
+    }
+    fn write_cr8(&mut self, cr8: u64) -> bool {
+        self.io.cr8_write(cr8)
+    }
 }
 
 /// One VM on the interpreter.

@@ -945,6 +945,8 @@ enum Raw {
     IrqWindow,
     Shutdown,
     Intr,
+    /// KVM_EXIT_SET_TPR: the guest lowered CR8 (synced at every exit).
+    SetTpr,
     /// KVM_EXIT_INTERNAL_ERROR: the details are in kvm_run.
     Internal,
     /// Anything else, as kvm-ioctls describes it.
@@ -1022,6 +1024,16 @@ impl KvmVcpu {
             if exiting.is_some() {
                 self.kick.set_immediate_exit();
             }
+            // With duet's LAPIC, CR8 is its TPR's priority class: KVM loads
+            // kvm_run.cr8 at entry and stores the guest's CR8 there at exit.
+            let cr8_in = if self.caps.kernel_irqchip {
+                None
+            } else {
+                io.cr8_read()
+            };
+            if let Some(c) = cr8_in {
+                self.fd.get_kvm_run().cr8 = c;
+            }
             // A kick from here on sets immediate_exit (KVM_RUN then returns
             // before entering the guest) or signals this thread (an
             // in-progress KVM_RUN returns EINTR).
@@ -1029,6 +1041,7 @@ impl KvmVcpu {
             let result = self.fd.run();
             self.kick.leave();
             let raw = match result {
+                Ok(KvmExit::SetTpr) => Raw::SetTpr,
                 Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..)) => Raw::Pio,
                 Ok(KvmExit::MmioRead(addr, data)) => {
                     io.mmio_read(addr, data);
@@ -1050,6 +1063,7 @@ impl KvmVcpu {
                     // A kick (signal and/or immediate_exit), or our own
                     // immediate_exit after completing the I/O. `run`
                     // clears immediate_exit and the kick on return.
+                    self.sync_cr8(io, cr8_in);
                     self.run_valid = true;
                     self.sync_fresh = self.caps.sync_regs;
                     self.irq_queued = false;
@@ -1065,10 +1079,18 @@ impl KvmVcpu {
                 }
                 Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
+            // (An MMIO exit was serviced above already: a TPR write through
+            // the MMIO page right after a MOV to CR8 with no exit between
+            // lands before it. Guests do not mix the two.)
+            let cr8_changed = self.sync_cr8(io, cr8_in);
             self.run_valid = true;
             self.sync_fresh = self.caps.sync_regs;
             self.irq_queued = false;
             let next = match raw {
+                Raw::SetTpr => {
+                    self.count("set-tpr");
+                    Next::Serviced
+                }
                 Raw::Pio => {
                     self.count("io");
                     self.service_pio(io)?;
@@ -1118,6 +1140,10 @@ impl KvmVcpu {
                     Next::Return(self.unexpected_exit(exit_reason, &what))
                 }
             };
+            let next = match next {
+                Next::Continue if cr8_changed => Next::Serviced,
+                n => n,
+            };
             match next {
                 Next::Continue => {}
                 Next::Serviced => {
@@ -1161,6 +1187,21 @@ impl KvmVcpu {
             }
         }
         Ok(VcpuExit::Interrupted)
+    }
+
+    /// After an exit: hand a CR8 the guest changed (`kvm_run.cr8` differs
+    /// from `entered`, what the VMM loaded at entry) to the LAPIC's TPR.
+    /// True when it changed.
+    fn sync_cr8(&mut self, io: &mut dyn IoHandler, entered: Option<u64>) -> bool {
+        let Some(before) = entered else {
+            return false;
+        };
+        let now = self.fd.get_kvm_run().cr8;
+        if now == before {
+            return false;
+        }
+        io.cr8_write(now);
+        true
     }
 
     /// Complete the current `KVM_EXIT_X86_RDMSR` (`write` None) or

@@ -82,6 +82,23 @@ pub trait IoHandler {
     fn tsc(&mut self) -> Option<u64> {
         None
     }
+    /// The interpreter's retired-instruction count at which it must next
+    /// stop and ask [`IoHandler::exit_requested`] (`retired` is the count
+    /// now): the next timer deadline in virtual time, exactly; a poll
+    /// interval with host time. KVM never calls it.
+    fn next_check(&mut self, retired: u64) -> u64 {
+        retired.saturating_add(cpu_interp::platform::DEFAULT_CHECK_INTERVAL)
+    }
+    /// MOV from CR8: the local APIC's task-priority class (TPR bits 7:4),
+    /// when the machine's LAPIC owns it (`None` otherwise).
+    fn cr8_read(&mut self) -> Option<u64> {
+        None
+    }
+    /// MOV to CR8: set the local APIC's TPR to `cr8 << 4`. True when the
+    /// machine's LAPIC took it.
+    fn cr8_write(&mut self, _cr8: u64) -> bool {
+        false
+    }
 }
 
 /// Why the guest shut down.
