@@ -577,6 +577,12 @@ impl Machine {
         }
     }
 
+    /// Return to the VMM after at most this many instructions per vCPU run
+    /// (interpreter; see [`Vcpu::set_run_budget`]).
+    pub fn set_run_budget(&mut self, instructions: u64) {
+        self.vcpu.set_run_budget(instructions);
+    }
+
     /// The vCPU's counters.
     pub fn vcpu_stats(&self) -> VcpuStats {
         self.vcpu.stats()

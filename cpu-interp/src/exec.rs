@@ -220,6 +220,21 @@ impl Cpu {
         }
     }
 
+    /// Run until exactly `target` instructions have retired in total (see
+    /// [`Cpu::retired`]), or an earlier exit. At the target the CPU stops
+    /// at that instruction boundary (inside a block if need be) and
+    /// returns [`CpuExit::BudgetExhausted`]: the point where record/replay
+    /// applies an event stamped with that count. Events already pending
+    /// are delivered first; a target at or below the current count
+    /// executes nothing.
+    ///
+    /// A REP string instruction retires once per chunk of iterations it
+    /// runs between two event checks (see `insn::string`), so counts are
+    /// exact and repeatable, not those of a hardware counter.
+    pub fn run_until(&mut self, p: &mut dyn Platform, target: u64) -> CpuExit {
+        self.run(p, target.saturating_sub(self.retired))
+    }
+
     /// The retired count of the next forced event check: the budget's end,
     /// or earlier when the platform wants a look (a timer deadline, a poll
     /// for host requests). Always after the current count, so the CPU makes
@@ -862,5 +877,110 @@ mod tests {
             assert_eq!(read_phys(&c, 0x4000, 4), read_phys(&reference, 0x4000, 4));
             assert!(stops >= (total - 1) / n);
         }
+    }
+
+    /// A block-heavy 64-bit program: nested loops, calls and returns,
+    /// pushes, a short REP MOVSB, a jump across a page end, memory
+    /// read-modify-writes. Returns the code (at CODE) and its data area.
+    fn block_heavy_program() -> Vec<u8> {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut outer = a.create_label();
+        let mut inner = a.create_label();
+        let mut func = a.create_label();
+        let mut far = a.create_label();
+        let mut back = a.create_label();
+        a.mov(r8d, 7).unwrap();
+        a.mov(rbx, 0x20_0000u64).unwrap();
+        a.set_label(&mut outer).unwrap();
+        a.mov(ecx, 5).unwrap();
+        a.set_label(&mut inner).unwrap();
+        a.add(qword_ptr(rbx + rcx * 8), rcx).unwrap();
+        a.lea(rax, qword_ptr(rcx + rcx * 2 + 1)).unwrap();
+        a.xor(qword_ptr(rbx + 0x100), rax).unwrap();
+        a.call(func).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(inner).unwrap();
+        a.lea(rsi, qword_ptr(rbx)).unwrap();
+        a.lea(rdi, qword_ptr(rbx + 0x200)).unwrap();
+        a.mov(ecx, 24).unwrap();
+        a.rep().movsb().unwrap();
+        a.jmp(far).unwrap();
+        a.set_label(&mut back).unwrap();
+        a.dec(r8d).unwrap();
+        a.jnz(outer).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.push(rcx).unwrap();
+        a.imul_3(edx, ecx, 13).unwrap();
+        a.adc(qword_ptr(rbx + 0x108), rdx).unwrap();
+        a.pop(rcx).unwrap();
+        a.ret().unwrap();
+        // Pad so that `far` straddles into the next page.
+        for _ in 0..(0xffa - 0x80) {
+            a.nop().unwrap();
+        }
+        a.set_label(&mut far).unwrap();
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.add(qword_ptr(rbx + 0x110), rax).unwrap();
+        a.jmp(back).unwrap();
+        a.assemble(CODE).unwrap()
+    }
+
+    fn run_block_heavy(stops: &[u64]) -> (crate::Cpu, Vec<u64>) {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &block_heavy_program());
+        let mut seen = Vec::new();
+        for &n in stops {
+            assert_eq!(
+                c.run_until(&mut crate::NullPlatform, n),
+                CpuExit::BudgetExhausted
+            );
+            seen.push(c.retired());
+        }
+        assert_eq!(c.run(&mut crate::NullPlatform, u64::MAX), CpuExit::Halted);
+        (c, seen)
+    }
+
+    fn data_area(c: &crate::Cpu) -> Vec<u64> {
+        (0..0x240)
+            .step_by(8)
+            .map(|o| read_phys(c, 0x20_0000 + o, 8))
+            .collect()
+    }
+
+    #[test]
+    fn stopping_at_every_count_gives_the_state_of_running_through() {
+        let (reference, _) = run_block_heavy(&[]);
+        let total = reference.retired();
+        assert!(total > 400, "the program retires {total}");
+        for n in 1..total {
+            let (c, seen) = run_block_heavy(&[n]);
+            assert_eq!(seen, vec![n], "stop at {n} not exact");
+            assert_eq!(c.state(), reference.state(), "stopped at {n}");
+            assert_eq!(data_area(&c), data_area(&reference), "stopped at {n}");
+        }
+        // Many stops in one run (every 3rd and every 17th instruction).
+        for step in [3u64, 17] {
+            let stops: Vec<u64> = (1..total / step).map(|k| k * step).collect();
+            let (c, seen) = run_block_heavy(&stops);
+            assert_eq!(seen, stops);
+            assert_eq!(c.state(), reference.state(), "every {step}");
+        }
+        // A target at or below the count executes nothing.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &block_heavy_program());
+        assert_eq!(
+            c.run_until(&mut crate::NullPlatform, 10),
+            CpuExit::BudgetExhausted
+        );
+        let before = c.state();
+        assert_eq!(
+            c.run_until(&mut crate::NullPlatform, 5),
+            CpuExit::BudgetExhausted
+        );
+        assert_eq!(c.state(), before);
     }
 }

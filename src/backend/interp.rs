@@ -186,6 +186,10 @@ impl Vcpu for InterpVcpu {
         self.cpu.request_interrupt_window(on);
     }
 
+    fn set_run_budget(&mut self, instructions: u64) {
+        self.set_budget(instructions);
+    }
+
     fn kicker(&self) -> Arc<dyn super::Kick> {
         Arc::new(InterpKick(self.kick.clone()))
     }

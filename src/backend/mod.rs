@@ -208,6 +208,11 @@ pub trait Vcpu: Send {
     /// Counters for `--stats`.
     fn stats(&self) -> VcpuStats;
 
+    /// How many instructions [`Vcpu::run`] executes at most before it
+    /// returns [`VcpuExit::Interrupted`] (exact on the interpreter; KVM
+    /// has no instruction count and ignores it).
+    fn set_run_budget(&mut self, _instructions: u64) {}
+
     /// A handle other threads use to make `run` return soon.
     fn kicker(&self) -> std::sync::Arc<dyn Kick>;
 }
