@@ -615,6 +615,18 @@ impl Machine {
             s.push_str(&format!("  {name:<20} {n:>10}\n"));
         }
         s.push_str(&format!("interpreter fallbacks: {}\n", v.interp_fallbacks));
+        if let Some(c) = v.code_cache {
+            s.push_str(&format!(
+                "decoded-block cache: {} live blocks, {} KiB (peak {} KiB, limit {} MiB), {} decoded, {} flushes when full, {} pages invalidated\n",
+                c.live_blocks,
+                c.bytes >> 10,
+                c.peak_bytes >> 10,
+                c.limit >> 20,
+                c.decoded_blocks,
+                c.flushes,
+                c.invalidated_pages
+            ));
+        }
         match v.instructions {
             Some(n) => s.push_str(&format!("guest instructions retired: {n}\n")),
             None => s.push_str("guest instructions retired: (not known on this backend)\n"),

@@ -237,11 +237,33 @@ impl Cpu {
         self.clear_blocks();
     }
 
-    /// Drop all decoded blocks and links (only between runs).
+    /// Drop all decoded blocks and links (only between blocks).
     pub(crate) fn clear_blocks(&mut self) {
         self.blocks.clear();
+        self.clear_links();
+    }
+
+    /// Forget block-to-block links (their block ids are stale).
+    pub(crate) fn clear_links(&mut self) {
         self.chain.fill(ChainEntry::EMPTY);
         self.tlb.bump();
+        // Pages no longer hold decoded code: writes may take the fast path.
+        for set in &mut self.tlb.sets {
+            for e in set.iter_mut() {
+                e.write &= !crate::mmu::TLB_CODE;
+            }
+        }
+    }
+
+    /// Bound the host memory of the decoded-block cache (default
+    /// [`crate::block::DEFAULT_CACHE_LIMIT`]).
+    pub fn set_cache_limit(&mut self, bytes: usize) {
+        self.blocks.set_limit(bytes);
+    }
+
+    /// The decoded-block cache's counters.
+    pub fn cache_stats(&self) -> crate::block::CacheStats {
+        self.blocks.stats()
     }
 
     /// Allow instructions of host CPU features the interpreter's CPUID does

@@ -184,7 +184,15 @@ impl Cpu {
             let shadow = self.events.sti_shadow | self.events.mov_ss_shadow;
             self.events.sti_shadow = false;
             self.events.mov_ss_shadow = false;
-            let id = match prev.and_then(|from| self.chained(from)) {
+            let chained = prev.and_then(|from| self.chained(from));
+            if chained.is_none() && self.blocks.over_limit() {
+                // The cache reached its bound. Nothing executes between
+                // blocks: reclaim it all.
+                self.blocks.flush_for_space();
+                self.clear_links();
+                prev = None;
+            }
+            let id = match chained {
                 Some(id) => id,
                 None => match self.get_block(p) {
                     Ok(id) => {

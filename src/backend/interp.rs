@@ -203,6 +203,7 @@ impl Vcpu for InterpVcpu {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             interp_fallbacks: 0,
+            code_cache: Some(self.cpu.cache_stats()),
         }
     }
 }

@@ -2062,6 +2062,7 @@ impl Vcpu for KvmVcpu {
             instructions: None,
             exits,
             interp_fallbacks: self.fallbacks,
+            ..Default::default()
         }
     }
 

@@ -173,6 +173,8 @@ pub struct VcpuStats {
     pub exits: Vec<(String, u64)>,
     /// Instructions the KVM backend handed to the interpreter.
     pub interp_fallbacks: u64,
+    /// The interpreter's decoded-block cache (None on KVM).
+    pub code_cache: Option<cpu_interp::block::CacheStats>,
 }
 
 /// One virtual CPU.
