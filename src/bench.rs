@@ -357,12 +357,14 @@ pub enum BenchError {
 /// Run a workload on a duet backend and time `Machine::run`.
 pub fn run_duet(
     kind: BackendKind,
+    tier: cpu_interp::Tier,
     w: Workload,
     iterations: u64,
 ) -> Result<Measurement, BenchError> {
     let img = guest_image(w, iterations)?;
     let cfg = MachineConfig {
         memory: 64 << 20,
+        tier,
         ..MachineConfig::new(kind, Box::new(std::io::sink()))
     };
     let mut m = Machine::new(cfg)?;
@@ -474,11 +476,18 @@ mod tests {
 
     #[test]
     fn workloads_run_on_the_interpreter_and_retire_the_expected_count() {
-        for w in Workload::ALL {
-            let small = run_duet(BackendKind::Interp, w, 1000).unwrap();
-            let big = run_duet(BackendKind::Interp, w, 3000).unwrap();
-            let diff = big.retired.unwrap() - small.retired.unwrap();
-            assert_eq!(diff, 2000 * w.insns_per_iteration(), "{}", w.name());
+        for tier in [cpu_interp::Tier::Interp, cpu_interp::Tier::best()] {
+            for w in Workload::ALL {
+                let small = run_duet(BackendKind::Interp, tier, w, 1000).unwrap();
+                let big = run_duet(BackendKind::Interp, tier, w, 3000).unwrap();
+                let diff = big.retired.unwrap() - small.retired.unwrap();
+                assert_eq!(
+                    diff,
+                    2000 * w.insns_per_iteration(),
+                    "{} {tier:?}",
+                    w.name()
+                );
+            }
         }
     }
 }

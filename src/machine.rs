@@ -60,6 +60,19 @@ pub struct MachineConfig {
     pub clock: ClockKind,
     /// duet's interrupt controllers (default) or KVM's in-kernel ones.
     pub irqchip: IrqchipKind,
+    /// The interpreter backend's execution tier (default: the fastest the
+    /// host supports, or `DUET_TIER=interp|jit`).
+    pub tier: cpu_interp::Tier,
+}
+
+/// The default tier: `DUET_TIER` (`interp` or `jit`) when set, else the
+/// fastest this host supports.
+pub fn default_tier() -> cpu_interp::Tier {
+    match std::env::var("DUET_TIER").as_deref() {
+        Ok("interp") => cpu_interp::Tier::Interp,
+        Ok("jit") => cpu_interp::Tier::Jit,
+        _ => cpu_interp::Tier::best(),
+    }
 }
 
 impl MachineConfig {
@@ -72,6 +85,7 @@ impl MachineConfig {
             serial_out,
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
+            tier: default_tier(),
         }
     }
 }
@@ -211,6 +225,7 @@ impl Machine {
             &mem,
             backend::VmOptions {
                 irqchip: cfg.irqchip,
+                tier: cfg.tier,
             },
         )?;
         let tsc_hz = match cfg.backend {
@@ -577,6 +592,16 @@ impl Machine {
         }
     }
 
+    /// `--profile`: count guest block executions and time the tiers.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.vcpu.set_profiling(on);
+    }
+
+    /// The `--profile` report, when the backend keeps one.
+    pub fn profile_report(&self) -> Option<String> {
+        self.vcpu.profile_report()
+    }
+
     /// Return to the VMM after at most this many instructions per vCPU run
     /// (interpreter; see [`Vcpu::set_run_budget`]).
     pub fn set_run_budget(&mut self, instructions: u64) {
@@ -625,6 +650,27 @@ impl Machine {
                 c.decoded_blocks,
                 c.flushes,
                 c.invalidated_pages
+            ));
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = v.jit {
+            s.push_str(&format!(
+                "translation tier: {} blocks translated ({} instructions: {} native, {} through the interpreter), \
+                 {} KiB of host code (limit {} MiB), {:.1} ms translating, {} links, {} invalidated, {} flushes\n",
+                j.translations,
+                j.translated_insns,
+                j.native_insns,
+                j.helper_insns,
+                j.host_bytes >> 10,
+                j.code_limit >> 20,
+                j.translate_ns as f64 / 1e6,
+                j.links,
+                j.invalidated,
+                j.flushes,
+            ));
+            s.push_str(&format!(
+                "translation tier exits: {} entries, {} unlinked chain, {} lookup misses ({} refilled, {} stale), {} budget, {} to the interpreter, {} to untranslated code\n",
+                j.entries, j.exits_chain, j.exits_lookup, j.lookup_refills, j.lookup_stale, j.exits_budget, j.exits_helper, j.exits_untranslated
             ));
         }
         match v.instructions {

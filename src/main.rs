@@ -134,6 +134,9 @@ struct BenchArgs {
     /// Only these workloads (alu, mem, syscall); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Interpreter backend's execution tier (default: the fastest).
+    #[arg(long, value_enum)]
+    tier: Option<TierArg>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -184,6 +187,31 @@ struct RunArgs {
     /// Interrupt controllers: duet's own (userspace) or KVM's in-kernel ones.
     #[arg(long, value_enum, default_value = "userspace")]
     irqchip: IrqchipArg,
+    /// Interpreter backend's execution tier: the interpreter alone, or hot
+    /// code translated to host code (default: the fastest this host
+    /// supports).
+    #[arg(long, value_enum)]
+    tier: Option<TierArg>,
+    /// Print the hottest guest blocks and where host time went (translated
+    /// code, interpreter helpers, interpreter, translating) at exit.
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum TierArg {
+    Interp,
+    Jit,
+}
+
+impl TierArg {
+    fn tier(arg: Option<TierArg>) -> cpu_interp::Tier {
+        match arg {
+            Some(TierArg::Interp) => cpu_interp::Tier::Interp,
+            Some(TierArg::Jit) => cpu_interp::Tier::Jit,
+            None => duet::machine::default_tier(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -266,9 +294,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             IrqchipArg::Userspace => IrqchipKind::Userspace,
             IrqchipArg::Kernel => IrqchipKind::Kernel,
         },
+        tier: TierArg::tier(args.tier),
         ..MachineConfig::new(kind, Box::new(std::io::stdout()))
     };
     let mut m = Machine::new(cfg).context("cannot build the machine")?;
+    if args.profile {
+        m.set_profiling(true);
+    }
     match (guest, &args.kernel) {
         (Some(g), _) => m.load(&(g.build)()).context("cannot load the guest")?,
         (None, Some(k)) => m
@@ -300,6 +332,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if args.stats {
         eprint!("{}", m.stats_report());
     }
+    if args.profile {
+        match m.profile_report() {
+            Some(r) => eprint!("{r}"),
+            None => eprintln!("duet: --profile: this backend keeps no profile"),
+        }
+    }
     Ok(ExitCode::from(status as u8))
 }
 
@@ -330,15 +368,21 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
     println!("workload   instructions    seconds       MIPS  runner");
     for w in workloads {
-        let m =
-            run_duet(kind, w, args.iterations).with_context(|| format!("{} on duet", w.name()))?;
+        let tier = TierArg::tier(args.tier);
+        let m = run_duet(kind, tier, w, args.iterations)
+            .with_context(|| format!("{} on duet", w.name()))?;
         println!(
-            "{:<8} {:>14} {:>10.3} {:>10.1}  duet {}",
+            "{:<8} {:>14} {:>10.3} {:>10.1}  duet {}{}",
             w.name(),
             m.loop_instructions,
             m.elapsed.as_secs_f64(),
             m.mips(),
-            kind.name()
+            kind.name(),
+            if kind == BackendKind::Interp {
+                format!(" ({})", tier.name())
+            } else {
+                String::new()
+            }
         );
         if let Some(q) = &qemu {
             let m = run_qemu(q, w, args.iterations / 10, &std::env::temp_dir())

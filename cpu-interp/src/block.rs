@@ -82,6 +82,12 @@ pub struct Block {
     pub bits: u32,
     /// Physical pages the block's bytes come from.
     pub pages: [u64; 2],
+    /// Executions so far (translated when hot).
+    pub heat: std::cell::Cell<u32>,
+    /// Translation id + 1 per privilege (supervisor, user); 0: none.
+    pub jit: [std::cell::Cell<u32>; 2],
+    /// Interpreted executions (counted only while profiling).
+    pub execs: std::cell::Cell<u64>,
 }
 
 /// FxHash: fast hashing of integer keys.
@@ -262,6 +268,12 @@ impl BlockCache {
 
     /// Unlink every block with bytes on this physical page. True if any was.
     pub fn invalidate_page(&mut self, page: u64) -> bool {
+        self.invalidate_page_with(page, |_| {})
+    }
+
+    /// [`BlockCache::invalidate_page`], calling `dropped` for each block
+    /// unlinked (so translations of it can be dropped too).
+    pub fn invalidate_page_with(&mut self, page: u64, mut dropped: impl FnMut(&Block)) -> bool {
         if !self.code_pages.remove(&page) {
             return false;
         }
@@ -269,6 +281,7 @@ impl BlockCache {
         if let Some(ids) = self.by_page.remove(&page) {
             for id in ids {
                 let b = &self.arena[id as usize];
+                dropped(b);
                 let key = (b.key_paddr, b.rip, b.bits);
                 if self.map.get(&key) == Some(&id) {
                     self.map.remove(&key);
@@ -292,6 +305,11 @@ impl BlockCache {
             }
         }
         true
+    }
+
+    /// Live blocks (for profiles).
+    pub fn live(&self) -> impl Iterator<Item = &Block> {
+        self.map.values().map(|&id| &*self.arena[id as usize])
     }
 
     /// Blocks unlinked but still in memory.
@@ -389,8 +407,16 @@ mod tests {
     /// Run the generator with a cache limit, sampling the accounted bytes
     /// (and the RSS) every 50,000 instructions. Returns (cpu, peak
     /// accounted bytes seen, peak RSS growth).
-    fn run_generator(limit: usize, passes: u32) -> (crate::Cpu, u64, Option<u64>) {
-        let mut c = new_cpu();
+    fn run_generator(
+        limit: usize,
+        passes: u32,
+        interp_only: bool,
+    ) -> (crate::Cpu, u64, Option<u64>) {
+        let mut c = if interp_only {
+            new_cpu_interp()
+        } else {
+            new_cpu()
+        };
         setup(&mut c, Mode::Long64);
         c.set_cache_limit(limit);
         write_phys(&c, CODE, &code_generator(passes));
@@ -423,7 +449,7 @@ mod tests {
     fn fresh_code_in_a_loop_stays_under_the_cache_bound() {
         const LIMIT: usize = 8 << 20;
         let passes = 3;
-        let (c, peak, rss_growth) = run_generator(LIMIT, passes);
+        let (c, peak, rss_growth) = run_generator(LIMIT, passes, false);
         assert_eq!(
             c.gpr(crate::state::gpr::R14),
             expected_sum(u64::from(passes)),
@@ -449,8 +475,11 @@ mod tests {
                 g >> 10,
                 LIMIT >> 10
             );
+            // On the translation tier its code and metadata have the same
+            // bound.
+            let bounds: u64 = if c.tier() == crate::Tier::Jit { 2 } else { 1 };
             assert!(
-                g < (LIMIT as u64) + (24 << 20),
+                g < bounds * (LIMIT as u64) + (24 << 20),
                 "RSS grew by {} MiB",
                 g >> 20
             );
@@ -461,7 +490,7 @@ mod tests {
     fn without_the_bound_the_same_guest_would_hold_much_more() {
         // The control for the test above: with no effective bound the
         // cache holds every block it decoded.
-        let (c, peak, _) = run_generator(usize::MAX, 3);
+        let (c, peak, _) = run_generator(usize::MAX, 3, true);
         assert_eq!(c.gpr(crate::state::gpr::R14), expected_sum(3));
         assert_eq!(c.cache_stats().flushes, 0);
         // Each pass after the first rewrites code pages: invalidations.
@@ -473,7 +502,7 @@ mod tests {
     fn invalidation_keeps_working_after_a_flush() {
         // Tiny bound: flushes all the time; code rewritten in place must
         // still be seen (the SMC path after flushes).
-        let (c, _, _) = run_generator(64 << 10, 2);
+        let (c, _, _) = run_generator(64 << 10, 2, false);
         assert_eq!(c.gpr(crate::state::gpr::R14), expected_sum(2));
         assert!(c.cache_stats().flushes > 100);
     }

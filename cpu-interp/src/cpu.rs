@@ -126,7 +126,9 @@ pub struct Cpu {
 
     // Machinery.
     pub(crate) ram: Ram,
-    pub(crate) tlb: Box<Tlb>,
+    /// Inline (not boxed): translated code reaches it at a fixed offset
+    /// from the `Cpu`.
+    pub(crate) tlb: Tlb,
     pub(crate) blocks: BlockCache,
     pub(crate) retired: u64,
     /// The retired count at which the run loop next checks events (the
@@ -165,6 +167,16 @@ pub struct Cpu {
     /// MTRR MSRs written by the guest.
     pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
     unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
+    /// The translation tier (None: interpreter only).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub(crate) jit: Option<Box<crate::jit::Jit>>,
+    /// The budget register as translated code left it.
+    pub(crate) jit_budget: u64,
+    /// The code buffer filled up: flush all code caches between blocks.
+    pub(crate) jit_flush_pending: bool,
+    /// `--profile`: count block executions and time the tiers.
+    pub(crate) profiling: bool,
+    pub(crate) profile: crate::profile::Totals,
 }
 
 impl Cpu {
@@ -195,7 +207,7 @@ impl Cpu {
             cpl: 0,
             bits: 16,
             ram,
-            tlb: Box::new(Tlb::new()),
+            tlb: Tlb::new(),
             blocks: BlockCache::new(),
             retired: 0,
             stop_at: 0,
@@ -215,6 +227,12 @@ impl Cpu {
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            jit: None,
+            jit_budget: 0,
+            jit_flush_pending: false,
+            profiling: false,
+            profile: Default::default(),
         };
         cpu.set_state(&CpuState::reset());
         cpu
@@ -237,10 +255,86 @@ impl Cpu {
         self.clear_blocks();
     }
 
-    /// Drop all decoded blocks and links (only between blocks).
+    /// Drop all decoded blocks, translations and links (only between
+    /// blocks).
     pub(crate) fn clear_blocks(&mut self) {
         self.blocks.clear();
         self.clear_links();
+        self.jit_flush();
+    }
+
+    /// Drop every translation (with the blocks they came from).
+    pub(crate) fn jit_flush(&mut self) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = self.jit.as_mut() {
+            j.flush();
+        }
+        self.jit_flush_pending = false;
+    }
+
+    /// Drop the decoded blocks (and translations) with bytes on physical
+    /// page `page`. True if there were any.
+    pub(crate) fn invalidate_code_page(&mut self, page: u64) -> bool {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = self.jit.as_mut() {
+            return self.blocks.invalidate_page_with(page, |b| {
+                for slot in &b.jit {
+                    let t = slot.get();
+                    if t != 0 {
+                        j.kill(t - 1);
+                        slot.set(0);
+                    }
+                }
+            });
+        }
+        self.blocks.invalidate_page(page)
+    }
+
+    /// Choose the execution tier (default: the interpreter). `Jit` falls
+    /// back to the interpreter, with an error, where the host cannot run
+    /// translated code.
+    pub fn set_tier(&mut self, tier: crate::Tier) -> Result<(), crate::TierError> {
+        match tier {
+            crate::Tier::Interp => {
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                {
+                    self.jit = None;
+                }
+                self.clear_blocks();
+                Ok(())
+            }
+            crate::Tier::Jit => {
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                {
+                    if self.jit.is_none() {
+                        let j = crate::jit::Jit::new(crate::jit::DEFAULT_CODE_SIZE)
+                            .map_err(|e| crate::TierError::Unavailable(e.to_string()))?;
+                        self.jit = Some(Box::new(j));
+                    }
+                    self.clear_blocks();
+                    Ok(())
+                }
+                #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+                Err(crate::TierError::Unavailable(
+                    "the translation tier needs an x86-64 Linux host".into(),
+                ))
+            }
+        }
+    }
+
+    /// The tier in use.
+    pub fn tier(&self) -> crate::Tier {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.jit.is_some() {
+            return crate::Tier::Jit;
+        }
+        crate::Tier::Interp
+    }
+
+    /// The translation tier's counters (None on the interpreter).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub fn jit_stats(&self) -> Option<crate::jit::JitStats> {
+        self.jit.as_ref().map(|j| j.stats)
     }
 
     /// Forget block-to-block links (their block ids are stale).
@@ -257,8 +351,13 @@ impl Cpu {
 
     /// Bound the host memory of the decoded-block cache (default
     /// [`crate::block::DEFAULT_CACHE_LIMIT`]).
+    /// The translation tier's code buffer gets the same bound.
     pub fn set_cache_limit(&mut self, bytes: usize) {
         self.blocks.set_limit(bytes);
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = self.jit.as_mut() {
+            j.set_limit(bytes);
+        }
     }
 
     /// The decoded-block cache's counters.
@@ -297,7 +396,7 @@ impl Cpu {
         let mut page = start & !0xfff;
         let end = start.saturating_add(len);
         while page < end {
-            if self.blocks.invalidate_page(page) {
+            if self.invalidate_code_page(page) {
                 self.tlb.clear_code_page(page);
                 self.tlb.bump();
             }

@@ -150,9 +150,21 @@ impl Cpu {
     /// is pending and IF allows it) and at the retired count the platform
     /// names in [`Platform::next_check`] (timer deadlines).
     pub fn run(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
+        if self.profiling {
+            let t0 = crate::profile::now();
+            let e = self.run_inner(p, budget);
+            self.profile.run_cycles += crate::profile::now().wrapping_sub(t0);
+            return e;
+        }
+        self.run_inner(p, budget)
+    }
+
+    fn run_inner(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
         let limit = self.retired.saturating_add(budget);
-        if self.blocks.dead() > 8192 {
+        if self.blocks.dead() > 8192 && self.tier() == crate::Tier::Interp {
             // Nothing executes now: reclaim blocks unlinked by code writes.
+            // (With translations, dead blocks wait for the cache bound: a
+            // flush would also drop every translation.)
             self.clear_blocks();
         }
         let mut prev: Option<BlockId> = None;
@@ -185,11 +197,12 @@ impl Cpu {
             self.events.sti_shadow = false;
             self.events.mov_ss_shadow = false;
             let chained = prev.and_then(|from| self.chained(from));
-            if chained.is_none() && self.blocks.over_limit() {
-                // The cache reached its bound. Nothing executes between
-                // blocks: reclaim it all.
+            if chained.is_none() && (self.blocks.over_limit() || self.jit_flush_pending) {
+                // The cache reached its bound (or the translation buffer
+                // is full). Nothing executes between blocks: reclaim it all.
                 self.blocks.flush_for_space();
                 self.clear_links();
+                self.jit_flush();
                 prev = None;
             }
             let id = match chained {
@@ -214,12 +227,27 @@ impl Cpu {
             // (only above, between blocks, or outside `run`); invalidation
             // during execution merely unlinks the block.
             let block = unsafe { &*block };
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if !shadow
+                && block.bits == 64
+                && self.jit.is_some()
+                && self.stop_at - self.retired >= block.insns.len() as u64
+            {
+                if let Some(t) = self.jit_translation(id, block) {
+                    self.jit_dispatch(p, t);
+                    prev = None;
+                    continue;
+                }
+            }
             let max = if shadow {
                 self.io_happened = true;
                 1
             } else {
                 self.stop_at - self.retired
             };
+            if self.profiling {
+                block.execs.set(block.execs.get() + 1);
+            }
             prev = if self.exec_block(p, block, max) {
                 Some(id)
             } else {
@@ -241,6 +269,101 @@ impl Cpu {
     /// exact and repeatable, not those of a hardware counter.
     pub fn run_until(&mut self, p: &mut dyn Platform, target: u64) -> CpuExit {
         self.run(p, target.saturating_sub(self.retired))
+    }
+
+    /// The translation of `block` for the current privilege, translating
+    /// it when it has become hot.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn jit_translation(&mut self, id: BlockId, block: &Block) -> Option<u32> {
+        let slot = usize::from(self.user());
+        let t = block.jit[slot].get();
+        let j = self.jit.as_mut()?;
+        if t != 0 {
+            return Some(t - 1);
+        }
+        let heat = block.heat.get() + 1;
+        block.heat.set(heat);
+        if heat < j.hot {
+            return None;
+        }
+        if j.nearly_full() {
+            self.jit_flush_pending = true;
+            return None;
+        }
+        let single_page = block.pages[0] == block.pages[1];
+        let t = j.translate(id, &block.insns, slot == 1, single_page, block.key_paddr)?;
+        block.jit[slot].set(t + 1);
+        Some(t)
+    }
+
+    /// The live translation for the block at CS:RIP, if there is one
+    /// (no side effects beyond the TLB fill a fetch would make).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn jit_find(&mut self, p: &mut dyn Platform) -> Option<u32> {
+        if self.bits != 64 || self.flags.test(crate::flags::TF) {
+            return None;
+        }
+        let lin = self.code_linear(self.rip).ok()?;
+        let user = self.user();
+        let cr2 = self.cr2;
+        let paddr = match self.translate(p, lin, Access::Exec, user) {
+            Ok(pa) => pa,
+            Err(_) => {
+                // The main loop raises the fault itself.
+                self.cr2 = cr2;
+                return None;
+            }
+        };
+        let bid = self.blocks.get(paddr, self.rip, 64)?;
+        let t = self.blocks.block(bid).jit[usize::from(user)].get();
+        (t != 0).then(|| t - 1)
+    }
+
+    /// Run translated code from translation `t`, following chained and
+    /// looked-up successors, until it leaves for the interpreter.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn jit_dispatch(&mut self, p: &mut dyn Platform, mut t: u32) {
+        use crate::jit::{Jit, JitExit};
+        loop {
+            // Translated code reads the arithmetic flags from `bits`.
+            self.flags.set(self.flags.get());
+            let exit = Jit::run(self, p, t);
+            if exit == JitExit::Lookup {
+                let user = self.user();
+                let rip = self.rip;
+                if let Some(j) = self.jit.as_mut() {
+                    if j.holds(rip, user) {
+                        j.stats.lookup_stale += 1;
+                    }
+                }
+            }
+            match exit {
+                JitExit::Helper | JitExit::Budget => return,
+                JitExit::Chain(_) | JitExit::Lookup => {
+                    if self.retired >= self.stop_at {
+                        return;
+                    }
+                    let Some(next) = self.jit_find(p) else {
+                        if let Some(j) = self.jit.as_mut() {
+                            j.stats.exits_untranslated += 1;
+                        }
+                        return;
+                    };
+                    let rip = self.rip;
+                    let j = self.jit.as_mut().expect("JIT present");
+                    if exit == JitExit::Lookup {
+                        j.stats.lookup_refills += 1;
+                    }
+                    match exit {
+                        JitExit::Chain(e) => {
+                            j.link(e, next);
+                        }
+                        _ => j.remember(rip, next),
+                    }
+                    t = next;
+                }
+            }
+        }
     }
 
     /// The retired count of the next forced event check: the budget's end,
@@ -525,6 +648,9 @@ impl Cpu {
             rip: self.rip,
             bits,
             pages,
+            heat: std::cell::Cell::new(0),
+            jit: Default::default(),
+            execs: std::cell::Cell::new(0),
         })
     }
 

@@ -19,9 +19,12 @@ pub mod flags;
 pub mod fpu;
 pub mod insn;
 pub mod interrupt;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
+pub mod profile;
 pub mod quirks;
 pub mod segment;
 pub mod softfloat80;
@@ -31,6 +34,41 @@ pub use cpu::{Cpu, CpuExit};
 pub use exception::Exception;
 pub use memory::Ram;
 pub use platform::{MsrResult, NullPlatform, Platform};
+
+/// Which engine executes guest code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// The interpreter alone.
+    Interp,
+    /// Hot 64-bit blocks translated to host code, the interpreter for the
+    /// rest (x86-64 Linux hosts).
+    Jit,
+}
+
+impl Tier {
+    /// The fastest tier this host supports.
+    pub fn best() -> Tier {
+        if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+            Tier::Jit
+        } else {
+            Tier::Interp
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Interp => "interp",
+            Tier::Jit => "jit",
+        }
+    }
+}
+
+/// Why a tier cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    #[error("the translation tier is unavailable: {0}")]
+    Unavailable(String),
+}
 
 /// Intel-syntax disassembly of one instruction, for messages.
 pub fn disasm(i: &iced_x86::Instruction) -> String {

@@ -17,7 +17,7 @@ use crate::exception::{Exception, XResult, PF};
 use crate::memory::{load, store};
 use crate::platform::Platform;
 
-pub const TLB_BITS: u32 = 8;
+pub const TLB_BITS: u32 = 10;
 pub const TLB_SIZE: usize = 1 << TLB_BITS;
 /// Never matches a page-aligned address.
 pub const TLB_INVALID: u64 = 1;
@@ -31,7 +31,9 @@ const TLB_FLAGS: u64 = 0xfff;
 pub const PHYS_ADDR_BITS: u32 = 40;
 const PHYS_MASK: u64 = (1 << PHYS_ADDR_BITS) - 1;
 
+/// 64 bytes (translated code indexes entries with a shift).
 #[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
 pub struct TlbEntry {
     pub read: u64,
     pub write: u64,
@@ -277,7 +279,7 @@ impl Cpu {
         if e.write & TLB_CODE != 0 {
             // Self-modifying code: drop the decoded blocks of this page.
             let page = e.paddr;
-            if self.blocks.invalidate_page(page) {
+            if self.invalidate_code_page(page) {
                 self.code_written = true;
                 self.tlb.bump();
             }
@@ -400,7 +402,7 @@ impl Cpu {
             None => p.mmio_write(paddr, &v.to_le_bytes()[..size]),
         }
         // Page tables may share a page with code.
-        if self.blocks.is_code_page(paddr & !0xfff) && self.blocks.invalidate_page(paddr & !0xfff) {
+        if self.blocks.is_code_page(paddr & !0xfff) && self.invalidate_code_page(paddr & !0xfff) {
             self.tlb.clear_code_page(paddr & !0xfff);
             self.tlb.bump();
             self.code_written = true;

@@ -75,11 +75,17 @@ impl Platform for IoPlatform<'_> {
 /// One VM on the interpreter.
 pub struct InterpBackend {
     mem: GuestMemory,
+    tier: cpu_interp::Tier,
 }
 
 impl InterpBackend {
+    /// On the fastest tier the host supports.
     pub fn new(mem: GuestMemory) -> Self {
-        InterpBackend { mem }
+        Self::with_tier(mem, cpu_interp::Tier::best())
+    }
+
+    pub fn with_tier(mem: GuestMemory, tier: cpu_interp::Tier) -> Self {
+        InterpBackend { mem, tier }
     }
 }
 
@@ -102,6 +108,9 @@ impl Backend for InterpBackend {
             x2apic: true,
             tsc_deadline: true,
         });
+        if let Err(e) = cpu.set_tier(self.tier) {
+            log::warn!("{e}; running on the interpreter alone");
+        }
         Ok(Box::new(InterpVcpu {
             cpu,
             budget: DEFAULT_BUDGET,
@@ -186,6 +195,14 @@ impl Vcpu for InterpVcpu {
         self.cpu.request_interrupt_window(on);
     }
 
+    fn set_profiling(&mut self, on: bool) {
+        self.cpu.set_profiling(on);
+    }
+
+    fn profile_report(&self) -> Option<String> {
+        Some(self.cpu.profile_report())
+    }
+
     fn set_run_budget(&mut self, instructions: u64) {
         self.set_budget(instructions);
     }
@@ -204,6 +221,8 @@ impl Vcpu for InterpVcpu {
                 .collect(),
             interp_fallbacks: 0,
             code_cache: Some(self.cpu.cache_stats()),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            jit: self.cpu.jit_stats(),
         }
     }
 }

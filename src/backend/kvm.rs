@@ -4041,6 +4041,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let opts = VmOptions {
             irqchip: IrqchipKind::Kernel,
+            ..VmOptions::default()
         };
         let mut backend = match KvmBackend::with_options(&mem, opts) {
             Ok(b) => b,

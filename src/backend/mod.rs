@@ -45,9 +45,20 @@ pub enum IrqchipKind {
 }
 
 /// Options for creating a VM.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct VmOptions {
     pub irqchip: IrqchipKind,
+    /// The interpreter backend's execution tier (KVM ignores it).
+    pub tier: cpu_interp::Tier,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            irqchip: IrqchipKind::default(),
+            tier: cpu_interp::Tier::best(),
+        }
+    }
 }
 
 /// Services the VMM provides to a running vCPU.
@@ -175,6 +186,9 @@ pub struct VcpuStats {
     pub interp_fallbacks: u64,
     /// The interpreter's decoded-block cache (None on KVM).
     pub code_cache: Option<cpu_interp::block::CacheStats>,
+    /// The translation tier's counters, when it runs.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub jit: Option<cpu_interp::jit::JitStats>,
 }
 
 /// One virtual CPU.
@@ -209,6 +223,16 @@ pub trait Vcpu: Send {
 
     /// Counters for `--stats`.
     fn stats(&self) -> VcpuStats;
+
+    /// `--profile`: count block executions and time the execution tiers
+    /// (interpreter backend only).
+    fn set_profiling(&mut self, _on: bool) {}
+
+    /// The `--profile` report (hottest guest blocks, time split), when the
+    /// backend keeps one.
+    fn profile_report(&self) -> Option<String> {
+        None
+    }
 
     /// How many instructions [`Vcpu::run`] executes at most before it
     /// returns [`VcpuExit::Interrupted`] (exact on the interpreter; KVM
@@ -281,7 +305,10 @@ pub fn create(kind: BackendKind, mem: &GuestMemory, opts: VmOptions) -> Result<B
                     "--irqchip kernel needs the KVM backend; the interpreter has only the userspace irqchip".into(),
                 ));
             }
-            Ok(Box::new(interp::InterpBackend::new(mem.clone())))
+            Ok(Box::new(interp::InterpBackend::with_tier(
+                mem.clone(),
+                opts.tier,
+            )))
         }
         #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
         BackendKind::Kvm => Ok(Box::new(kvm::KvmBackend::with_options(mem, opts)?)),

@@ -47,7 +47,22 @@ impl Platform for TestPlatform {
     }
 }
 
+/// A CPU over fresh RAM, on the tier `DUET_TEST_TIER` names (`jit` or
+/// `interp`, the default), so the whole unit suite can run on either.
 pub fn new_cpu() -> Cpu {
+    let mut c = new_cpu_interp();
+    if std::env::var("DUET_TEST_TIER").as_deref() == Ok("jit") {
+        c.set_tier(crate::Tier::Jit).expect("JIT available");
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = c.jit.as_mut() {
+            j.hot = 1;
+        }
+    }
+    c
+}
+
+/// A CPU over fresh RAM on the interpreter.
+pub fn new_cpu_interp() -> Cpu {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
     Cpu::new(Ram::new(mem))
 }
