@@ -573,6 +573,12 @@ impl Machine {
         }
     }
 
+    /// The machine's side of device I/O, as a vCPU sees it (benchmarks
+    /// and tests drive accesses through it without a guest).
+    pub fn io_handler(&mut self) -> &mut dyn backend::IoHandler {
+        &mut self.io
+    }
+
     /// The vCPU's counters.
     pub fn vcpu_stats(&self) -> VcpuStats {
         self.vcpu.stats()
