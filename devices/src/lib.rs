@@ -24,7 +24,7 @@ pub mod rtc_cmos;
 pub mod uart16550;
 pub mod vm_control;
 
-pub use bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
+pub use bus::{Bus, BusAccess, BusDevice, BusError, BusKind, DeviceId, SharedDevice};
 pub use clock::{Clock, ManualClock, TimeTaint, Timed};
 pub use irq::{IrqLine, NullIrq};
 pub use vm_control::{VmAction, VmControl};

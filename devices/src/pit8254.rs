@@ -1831,6 +1831,7 @@ mod tests {
         let pit = Arc::new(Mutex::new(r.pit));
         let mut bus = Bus::new(BusKind::Pio);
         bus.insert(
+            crate::bus::DeviceId(0),
             "pit",
             PIT_BASE.into(),
             4,
@@ -1838,6 +1839,7 @@ mod tests {
         )
         .unwrap();
         bus.insert(
+            crate::bus::DeviceId(0),
             "port61",
             PORT_61.into(),
             1,
@@ -1848,13 +1850,13 @@ mod tests {
         assert!(bus.resolve(0x64, 1).is_none());
         // One 16-bit write: control word to 0x43 would be offset 3; write the
         // count bytes with a wide access to 0x40 instead (0x40 then 0x41).
-        assert!(bus.write(0x43, &[0xb0]));
-        assert!(bus.write(0x61, &[0x01]));
-        assert!(bus.write(0x42, &[0x10]));
-        assert!(bus.write(0x42, &[0x00]));
+        assert!(bus.write(0, 0x43, &[0xb0]).is_some());
+        assert!(bus.write(0, 0x61, &[0x01]).is_some());
+        assert!(bus.write(0, 0x42, &[0x10]).is_some());
+        assert!(bus.write(0, 0x42, &[0x00]).is_some());
         clock.set(tick_ns(20));
         let mut b = [0u8];
-        assert!(bus.read(0x61, &mut b));
+        assert!(bus.read(0, 0x61, &mut b).is_some());
         assert_eq!(b[0] & 0x21, 0x21);
         let mut d = pit_ports(pit.clone());
         let mut buf = [0u8; 2];

@@ -875,6 +875,23 @@ impl super::GsiSink for KvmGsiSink {
             log::warn!("kvm: KVM_IRQ_LINE {gsi} failed: {e}");
         }
     }
+
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage) {
+        let m = kvm_bindings::kvm_msi {
+            address_lo: msi.address as u32,
+            address_hi: (msi.address >> 32) as u32,
+            data: msi.data,
+            ..Default::default()
+        };
+        // 0: the kernel's LAPICs refused it (e.g. software-disabled).
+        if let Err(e) = self.0.signal_msi(m) {
+            log::warn!(
+                "kvm: KVM_SIGNAL_MSI {:#x}/{:#x} failed: {e}",
+                msi.address,
+                msi.data
+            );
+        }
+    }
 }
 
 /// A vCPU on KVM.

@@ -29,9 +29,13 @@ pub trait Kick: Send + Sync {
     fn kick(&self);
 }
 
-/// Receives device interrupt lines by GSI (the in-kernel irqchip).
+/// The in-kernel irqchip's inputs: interrupt lines by GSI (0-15 ISA IRQs,
+/// 16-23 IOAPIC pins) and message-signalled interrupts.
 pub trait GsiSink: Send + Sync {
+    /// Drive GSI `gsi` to the (logical, asserted = true) `level`.
     fn set_gsi(&self, gsi: u32, level: bool);
+    /// Deliver an MSI (KVM_SIGNAL_MSI).
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage);
 }
 
 /// Which interrupt controllers a VM uses.

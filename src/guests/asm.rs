@@ -161,6 +161,7 @@ impl GuestProgram {
         GuestImage {
             blobs,
             entry: self.entry,
+            pci_devices: Vec::new(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct GuestImage {
     pub blobs: Vec<(u64, Vec<u8>)>,
     /// Initial vCPU state (all built-in guests start in real mode).
     pub entry: CpuState,
+    /// PCI devices the guest expects (plugged in when it is loaded).
+    pub pci_devices: Vec<crate::machine::PciDeviceSpec>,
 }
 
 /// An entry of the built-in guest list.

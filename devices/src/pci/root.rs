@@ -80,22 +80,25 @@ impl PciRoot {
         }
     }
 
+    /// `slot` if it is free, or the first free slot.
+    pub fn free_slot(&self, slot: Option<u8>) -> Result<u8, PciError> {
+        match slot {
+            Some(s) if s > 31 => Err(PciError::NoSuchSlot(s)),
+            Some(s) if self.functions.contains_key(&(s << 3)) => Err(PciError::SlotTaken(s)),
+            Some(s) => Ok(s),
+            None => (0..32u8)
+                .find(|s| !self.functions.contains_key(&(s << 3)))
+                .ok_or(PciError::Full),
+        }
+    }
+
     /// Plug `device` in as function 0 of `slot`, or of the first free slot.
     pub fn add(
         &mut self,
         slot: Option<u8>,
         device: SharedPciDevice,
     ) -> Result<PciAddress, PciError> {
-        let slot = match slot {
-            Some(s) if s > 31 => return Err(PciError::NoSuchSlot(s)),
-            Some(s) if self.functions.contains_key(&(s << 3)) => {
-                return Err(PciError::SlotTaken(s))
-            }
-            Some(s) => s,
-            None => (0..32u8)
-                .find(|s| !self.functions.contains_key(&(s << 3)))
-                .ok_or(PciError::Full)?,
-        };
+        let slot = self.free_slot(slot)?;
         self.functions.insert(slot << 3, device);
         Ok(PciAddress::new(0, slot, 0))
     }
