@@ -3,7 +3,10 @@
 //! one local APIC per vCPU, the IOAPIC with the ISA interrupt source
 //! overrides, the PM1 registers and PM timer (a time reference Linux
 //! trusts on a slow CPU), the S5 sleep state for power-off, the reset
-//! register, and the legacy devices in the DSDT.
+//! register, the legacy devices and the PCI host bridge (`PCI0`, with its
+//! windows and INTx routing) in the DSDT, and ECAM in the MCFG (reserved
+//! by a motherboard-resources device and in the E820 map, so that Linux
+//! uses it).
 //!
 //! Everything lives in the BIOS area at [`boot::RSDP`] (0xe0000), where the
 //! legacy RSDP scan also finds it.
@@ -79,7 +82,90 @@ fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u32
     bytes_of(&aml::Device::new(name.into(), children))
 }
 
-/// The DSDT: the S5 sleep package and the legacy devices.
+/// The PCI host bridge of segment 0, bus 0: `_CRS` with the bus number,
+/// the configuration ports, the I/O windows around them and the 32-bit
+/// memory window, and a `_PRT` routing every slot's INTA#–INTD# to the
+/// IOAPIC's PCI lines (the swizzle of [`crate::irqchip::pci_intx_gsi`];
+/// GSIs named in a `_PRT` are level-triggered, active-low).
+fn pci_host_bridge() -> Vec<u8> {
+    use crate::layout::pci;
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, u16::from(pci::LAST_BUS));
+    let config = aml::IO::new(ports::PCI_CONFIG, ports::PCI_CONFIG, 1, 8);
+    let io_low = aml::AddressSpace::<u16>::new_io(0, ports::PCI_CONFIG - 1, None);
+    let io_high = aml::AddressSpace::<u16>::new_io(ports::PCI_CONFIG + 8, 0xffff, None);
+    let mem32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci::MEM32_BASE as u32,
+        (pci::MEM32_BASE + pci::MEM32_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config, &io_low, &io_high, &mem32]);
+    // _PRT entries: (address: slot << 16 | 0xffff, pin 0-3, source 0, GSI).
+    let entries: Vec<(u32, u8, u32)> = (0..32u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                (
+                    u32::from(slot) << 16 | 0xffff,
+                    pin,
+                    crate::irqchip::pci_intx_gsi(slot, pin + 1),
+                )
+            })
+        })
+        .collect();
+    let zero = 0u8;
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &zero, gsi]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
+    let zero_u = 0u8;
+    let children: Vec<aml::Name> = vec![
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &zero_u),
+        aml::Name::new("_SEG".into(), &zero_u),
+        aml::Name::new("_UID".into(), &zero_u),
+        aml::Name::new("_BBN".into(), &zero_u),
+        aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
+    ];
+    bytes_of(&aml::Device::new(
+        "PCI0".into(),
+        children.iter().map(|c| c as &dyn Aml).collect(),
+    ))
+}
+
+/// Motherboard resources (`PNP0C02`): the ECAM window, which Linux wants
+/// reserved here before it trusts the MCFG.
+fn motherboard_resources() -> Vec<u8> {
+    use crate::layout::pci;
+    let hid = aml::EISAName::new("PNP0C02");
+    let ecam = aml::Memory32Fixed::new(false, pci::ECAM_BASE as u32, pci::ECAM_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let uid = 0u8;
+    bytes_of(&aml::Device::new(
+        "MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
+/// The MCFG: ECAM for segment 0, buses 0 to [`crate::layout::pci::LAST_BUS`].
+pub fn mcfg() -> Vec<u8> {
+    use crate::layout::pci;
+    let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE, OEM_REVISION);
+    t.add_ecam(pci::ECAM_BASE, 0, 0, pci::LAST_BUS);
+    bytes_of(&t)
+}
+
+/// The DSDT: the S5 sleep package, the legacy devices, the PCI host bridge
+/// and the motherboard resources.
 pub fn dsdt() -> Vec<u8> {
     let slp = u8::try_from(devices::acpi_pm::S5_SLP_TYP).unwrap_or(5);
     let s5 = bytes_of(&aml::Name::new(
@@ -94,7 +180,7 @@ pub fn dsdt() -> Vec<u8> {
         &[(ports::COM1, ports::COM1_LEN as u8)],
         4,
     ));
-    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8));
+    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(ports::RTC, 2)], 8));
     devices.extend(isa_device(
         "KBD_",
         "PNP0303",
@@ -102,6 +188,8 @@ pub fn dsdt() -> Vec<u8> {
         &[(ports::I8042_DATA, 1), (ports::I8042_COMMAND, 1)],
         1,
     ));
+    devices.extend(pci_host_bridge());
+    devices.extend(motherboard_resources());
     let sb = aml::Scope::raw("\\_SB_".into(), devices);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     let mut body = s5;
@@ -182,10 +270,13 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(cfg);
-    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = bytes_of(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::HIGH_RAM_START {
@@ -198,6 +289,7 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(data, GuestAddress(addr))
@@ -218,6 +310,7 @@ mod tests {
     fn tables_have_valid_checksums_and_lengths() {
         for t in [
             dsdt(),
+            mcfg(),
             madt(&AcpiConfig { cpus: 1 }),
             fadt(0xe0040, 0xe0080),
         ] {
@@ -248,6 +341,17 @@ mod tests {
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
+        assert!(has(b"PCI0") && has(b"_PRT") && has(b"MBRD"));
+    }
+
+    #[test]
+    fn mcfg_points_at_ecam_for_bus_zero() {
+        let m = mcfg();
+        assert_eq!(&m[..4], b"MCFG");
+        // Header (36) + reserved (8), then base, segment, start and end bus.
+        let base = u64::from_le_bytes(m[44..52].try_into().unwrap());
+        assert_eq!(base, crate::layout::pci::ECAM_BASE);
+        assert_eq!((m[54], m[55]), (0, crate::layout::pci::LAST_BUS));
     }
 
     #[test]

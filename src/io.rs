@@ -317,13 +317,14 @@ mod tests {
         let tracer = Tracer::to_file(&dir).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
         let timers = Timers::new(clock.clone(), Vec::new(), None);
-        let chip = crate::irqchip::userspace::UserspaceIrqChip::create(crate::irqchip::ChipConfig {
-            vcpus: 1,
-            clock,
-            taint: TimeTaint::new(),
-            lapic_timer_hz: 1_000_000_000,
-            tsc_hz: 1_000_000_000,
-        });
+        let chip =
+            crate::irqchip::userspace::UserspaceIrqChip::create(crate::irqchip::ChipConfig {
+                vcpus: 1,
+                clock,
+                taint: TimeTaint::new(),
+                lapic_timer_hz: 1_000_000_000,
+                tsc_hz: 1_000_000_000,
+            });
         let mut io = DeviceIo::new(tracer, VmControl::new(), TimeTaint::new(), timers, chip);
         let id = io.register("echo");
         io.map(BusKind::Pio, id, 0x3f8, 8, Arc::new(Mutex::new(Echo(0))))
