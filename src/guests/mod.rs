@@ -15,6 +15,7 @@ pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
+pub mod pci;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -122,6 +123,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: pci::NAME,
+            description: pci::DESCRIPTION,
+            build: pci::build,
             needs_input: false,
         },
         BuiltinGuest {
