@@ -131,7 +131,7 @@ fn translate(set_or_id: u8) -> u8 {
 }
 
 /// A byte in (or waiting for) the output buffer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutByte {
     pub value: u8,
     /// From the aux side: status bit 5, IRQ12.
@@ -141,7 +141,7 @@ pub struct OutByte {
 }
 
 /// The controller's and the keyboard's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042State {
     /// Controller RAM; byte 0 is the command byte.
     pub ram: [u8; 32],

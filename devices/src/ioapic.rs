@@ -110,7 +110,7 @@ const RTE_DEST_SHIFT: u32 = 56;
 const RTE_WRITABLE: u64 = 0xff00_0000_0001_afff;
 
 /// How the local APIC is to take the interrupt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryMode {
     Fixed,
     LowestPriority,
@@ -161,7 +161,7 @@ fn is_level(e: u64) -> bool {
 }
 
 /// An interrupt message for the local APIC(s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoapicMessage {
     pub vector: u8,
     pub delivery_mode: DeliveryMode,
@@ -174,7 +174,7 @@ pub struct IoapicMessage {
 }
 
 /// The I/O APIC's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoapicState {
     /// The ID (bits 27:24 of register 0), 0-15.
     pub id: u8,

@@ -21,6 +21,7 @@ pub mod post_code;
 pub mod ratelimit;
 pub mod reset_control;
 pub mod rtc_cmos;
+pub mod state;
 pub mod uart16550;
 pub mod vm_control;
 

@@ -131,7 +131,7 @@ const OCW3_SMM: u8 = 0x20;
 const OCW3_ESMM: u8 = 0x40;
 
 /// The register state of one 8259A.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicChipState {
     /// Interrupt request register.
     pub irr: u8,
@@ -356,7 +356,7 @@ impl PicChipState {
 }
 
 /// Both chips' state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pic8259State {
     pub master: PicChipState,
     pub slave: PicChipState,

@@ -142,7 +142,7 @@ fn bcd_encode(v: u32) -> u16 {
 }
 
 /// What a channel's counting element is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PitCounting {
     /// Not counting: the CE holds `value` and OUT holds `out`. `fired`: the
     /// terminal count was already reached (modes 0 and 4, for resuming).
@@ -164,7 +164,7 @@ pub enum PitCounting {
 
 /// One counter's state. Counts (`value`, `start`) are numbers, not register
 /// encodings: up to 65536 in binary mode, 10000 in BCD mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitChannelState {
     /// Mode bits as programmed (0-7; 6 and 7 act as 2 and 3).
     pub mode: u8,
@@ -730,7 +730,7 @@ impl PitChannelState {
 }
 
 /// The PIT's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pit8254State {
     pub channels: [PitChannelState; 3],
     /// Port 0x61 bits 0-3 as written.
