@@ -2852,6 +2852,7 @@ mod tests {
             pat: 0x0007_0406_0007_0406,
             tsc_aux: 3,
             misc_enable: 0x851,
+            mtrr: Default::default(),
         };
         let entries = msrs_to_entries(&m, Some(123_456));
         assert_eq!(entries.len(), STATE_MSRS.len());
@@ -4295,6 +4296,7 @@ mod tests {
             pat: 0x0007_0106_0007_0406,
             tsc_aux: 3,
             misc_enable: 1,
+            mtrr: Default::default(),
         };
         s.fpu = sample_fpu();
         s.debug = DebugRegs {
