@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use duet::backend::{self, BackendKind, IrqchipKind};
+use duet::backend::{BackendKind, IrqchipKind};
 use duet::clock::ClockKind;
 use duet::guests;
 use duet::layout;
@@ -144,7 +144,8 @@ enum BenchTarget {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BackendArg {
-    /// KVM when /dev/kvm opens, else the interpreter.
+    /// KVM when the CPU virtualizes in hardware (vmx/svm) and /dev/kvm
+    /// works, else the interpreter.
     Auto,
     Kvm,
     Interp,
@@ -223,21 +224,27 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// The backend for `arg`; for `auto`, one line on stderr says which and why.
 fn choose_backend(arg: BackendArg) -> Result<BackendKind> {
-    match arg {
-        BackendArg::Interp => Ok(BackendKind::Interp),
-        BackendArg::Kvm => match backend::kvm_available() {
-            Ok(()) => Ok(BackendKind::Kvm),
-            Err(why) => bail!("--backend kvm: {why}"),
+    use duet::backend::select::{choose, BackendPolicy, HostFacts};
+    let policy = match arg {
+        BackendArg::Auto => BackendPolicy::Auto,
+        BackendArg::Kvm => BackendPolicy::Kvm,
+        BackendArg::Interp => BackendPolicy::Interp,
+    };
+    let facts = match policy {
+        BackendPolicy::Interp => HostFacts {
+            hw_virt_flag: None,
+            kvm_pvm: false,
+            kvm: Err("not probed".into()),
         },
-        BackendArg::Auto => Ok(match backend::kvm_available() {
-            Ok(()) => BackendKind::Kvm,
-            Err(why) => {
-                log::info!("KVM unavailable ({why}); using the interpreter");
-                BackendKind::Interp
-            }
-        }),
+        _ => HostFacts::probe(),
+    };
+    let choice = choose(policy, &facts).map_err(anyhow::Error::msg)?;
+    if policy == BackendPolicy::Auto {
+        eprintln!("duet: backend {}: {}", choice.kind.name(), choice.reason);
     }
+    Ok(choice.kind)
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {

@@ -130,3 +130,99 @@ fn kvm_backend_without_kvm_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A fake host for `--backend auto`: a cpuinfo file and a /sys/module
+/// directory of our own.
+fn fake_host(tag: &str, flags: &str, modules: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("duet-cli-host-{}-{tag}", std::process::id()));
+    let module_dir = dir.join("module");
+    std::fs::create_dir_all(&module_dir).unwrap();
+    for m in modules {
+        std::fs::create_dir_all(module_dir.join(m)).unwrap();
+    }
+    let cpuinfo = dir.join("cpuinfo");
+    std::fs::write(
+        &cpuinfo,
+        format!("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\n"),
+    )
+    .unwrap();
+    (cpuinfo, module_dir)
+}
+
+/// `--backend auto` on a host without hardware virtualization picks the
+/// interpreter and says so in one line, even where /dev/kvm opens; with
+/// `kvm_pvm` loaded too. `--backend kvm` still forces KVM.
+#[test]
+fn auto_backend_avoids_kvm_without_hardware_virtualization() {
+    for (tag, flags, modules, why) in [
+        (
+            "novirt",
+            "fpu tsc msr sse2",
+            &["kvm"][..],
+            "duet: backend interp: the CPU has no hardware virtualization (no vmx or svm flag in /proc/cpuinfo); --backend kvm forces KVM\n",
+        ),
+        (
+            "pvm",
+            "fpu tsc msr sse2 vmx",
+            &["kvm", "kvm_pvm"][..],
+            "duet: backend interp: KVM here is KVM-PVM (module kvm_pvm), which emulates guest ring 0 in software; --backend kvm forces it\n",
+        ),
+    ] {
+        let (cpuinfo, modules) = fake_host(tag, flags, modules);
+        let out = duet()
+            .env("DUET_HOST_CPUINFO", &cpuinfo)
+            .env("DUET_HOST_SYS_MODULE", &modules)
+            .args(["run", "--guest", "hello-real", "--stats"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(err.starts_with(why), "{tag}: {err}");
+        assert!(err.contains("backend: interp"), "{tag}: {err}");
+    }
+}
+
+/// With hardware virtualization faked in and KVM present, `auto` uses KVM;
+/// `--backend kvm` forces KVM on a host without it (where /dev/kvm works).
+#[test]
+fn auto_backend_uses_kvm_with_hardware_virtualization() {
+    if duet::backend::kvm_available().is_err() {
+        eprintln!("skipping: KVM is not available on this host");
+        return;
+    }
+    let (cpuinfo, modules) = fake_host("vmx", "fpu tsc vmx sse2", &["kvm", "kvm_intel"]);
+    let out = duet()
+        .env("DUET_HOST_CPUINFO", &cpuinfo)
+        .env("DUET_HOST_SYS_MODULE", &modules)
+        .args(["run", "--guest", "hello-real", "--stats"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.starts_with(
+            "duet: backend kvm: /dev/kvm works and the CPU virtualizes in hardware (vmx)\n"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("backend: kvm"), "{err}");
+
+    let (cpuinfo, modules) = fake_host("forced", "fpu tsc sse2", &["kvm", "kvm_pvm"]);
+    let out = duet()
+        .env("DUET_HOST_CPUINFO", &cpuinfo)
+        .env("DUET_HOST_SYS_MODULE", &modules)
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "--guest",
+            "hello-real",
+            "--stats",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("duet: backend"), "{err}");
+    assert!(err.contains("backend: kvm"), "{err}");
+}
