@@ -314,7 +314,12 @@ impl Machine {
             uart.clone(),
         )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
-        pio.insert("debug-exit", u64::from(ports::DEBUG_EXIT), 1, debug_exit)?;
+        pio.insert(
+            "debug-exit",
+            u64::from(ports::DEBUG_EXIT),
+            u64::from(ports::DEBUG_EXIT_LEN),
+            debug_exit,
+        )?;
         let i8042 = Arc::new(Mutex::new(I8042::new(control.clone(), isa(1), isa(12))));
         pio.insert(
             "i8042",

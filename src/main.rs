@@ -163,9 +163,11 @@ struct RunArgs {
     /// a multiboot kernel.
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
-    /// Initial ramdisk for --kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
-    initrd: Option<PathBuf>,
+    /// Initial ramdisk for --kernel; several are separated by commas (a
+    /// comma in a name doubled, as in QEMU). For a multiboot kernel each
+    /// item is a module, "FILE ARGS" with its command line.
+    #[arg(long, value_name = "FILE[,FILE...]", requires = "kernel")]
+    initrd: Option<String>,
     /// Kernel command line for --kernel.
     #[arg(long, value_name = "STR", requires = "kernel")]
     cmdline: Option<String>,
@@ -281,7 +283,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         (None, Some(k)) => m
             .load_kernel(&duet::loader::KernelSpec {
                 kernel: k.clone(),
-                initrd: args.initrd.clone(),
+                initrd: args
+                    .initrd
+                    .as_deref()
+                    .map(duet::loader::split_initrd_list)
+                    .unwrap_or_default(),
                 cmdline: args
                     .cmdline
                     .clone()
