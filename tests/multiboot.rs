@@ -297,3 +297,63 @@ fn multiboot_kernel_through_the_command_line() {
         std::fs::remove_file(p).ok();
     }
 }
+
+/// A kernel that checks the machine-check MSRs CPUID advertises: it exits
+/// with MCG_CAP's low 12 bits, plus bit 12 if bank 9's status is not 0 and
+/// bit 13 if MC0_CTL did not keep the all-ones it wrote.
+fn machine_check_kernel(load: u32) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let flags = 0x3u32;
+    a.dd(&[
+        MULTIBOOT_MAGIC,
+        flags,
+        0u32.wrapping_sub(MULTIBOOT_MAGIC).wrapping_sub(flags),
+    ])
+    .unwrap();
+    a.mov(ecx, 0x179u32).unwrap(); // IA32_MCG_CAP
+    a.rdmsr().unwrap();
+    a.mov(esi, eax).unwrap();
+    a.and(esi, 0xfffu32).unwrap();
+    a.mov(ecx, 0x400u32 + 4 * 9 + 1).unwrap(); // IA32_MC9_STATUS
+    a.rdmsr().unwrap();
+    a.or(eax, edx).unwrap();
+    let mut status_zero = a.create_label();
+    a.jz(status_zero).unwrap();
+    a.or(esi, 0x1000u32).unwrap();
+    a.set_label(&mut status_zero).unwrap();
+    a.mov(ecx, 0x400u32).unwrap(); // IA32_MC0_CTL
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.mov(edx, 0xffff_ffffu32).unwrap();
+    a.wrmsr().unwrap();
+    a.xor(eax, eax).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.rdmsr().unwrap();
+    a.and(eax, edx).unwrap();
+    a.cmp(eax, 0xffff_ffffu32).unwrap();
+    let mut ctl_kept = a.create_label();
+    a.je(ctl_kept).unwrap();
+    a.or(esi, 0x2000u32).unwrap();
+    a.set_label(&mut ctl_kept).unwrap();
+    a.mov(eax, esi).unwrap();
+    a.out(DEBUG_EXIT as u32, eax).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(u64::from(load)).unwrap();
+    elf32(&[(load, code.clone(), code.len() as u32)], load + 12)
+}
+
+/// IA32_MCG_CAP reads the same banks on both backends (10, MCG_CTL_P),
+/// bank status reads 0 and bank control takes all ones.
+#[test]
+fn machine_check_msrs_are_consistent_on_both_backends() {
+    let k = temp("mce", &machine_check_kernel(0x10_0000));
+    for kind in backends("machine_check_msrs_are_consistent_on_both_backends") {
+        let r = boot(kind, &k, vec![], "");
+        assert_eq!(
+            r.outcome,
+            Outcome::DebugExit((0x10a << 1) | 1),
+            "{kind:?}: MCG_CAP or the banks differ"
+        );
+    }
+    std::fs::remove_file(k).ok();
+}
