@@ -29,8 +29,10 @@ enum Access {
 
 use Access::*;
 
-/// (feature name, any of these bits implies the MSRs, the MSRs).
-fn table() -> Vec<(&'static str, Vec<Bit>, Vec<(u32, Access)>)> {
+/// A row: feature name, any of these bits implies the MSRs, the MSRs.
+type Row = (&'static str, Vec<Bit>, Vec<(u32, Access)>);
+
+fn table() -> Vec<Row> {
     let mca_banks: Vec<(u32, Access)> = (0..crate::mca::BANKS * 4)
         .map(|k| (crate::mca::MC0_CTL + k, ReadWrite))
         .collect();
