@@ -288,15 +288,13 @@ fn serial_on_a_pseudo_terminal() {
         .spawn()
         .unwrap();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut name = String::new();
-    loop {
+    let name = loop {
         let mut line = String::new();
         assert!(err.read_line(&mut line).unwrap() > 0, "no pty notice");
         if let Some(n) = line.trim().strip_prefix("duet: serial console on ") {
-            name = n.to_string();
-            break;
+            break n.to_string();
         }
-    }
+    };
     let mut pty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
