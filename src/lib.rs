@@ -20,5 +20,7 @@ pub mod layout;
 pub mod loader;
 pub mod machine;
 pub mod mptable;
+pub mod serial_port;
+pub mod stats;
 pub mod ticker;
 pub mod trace;

@@ -164,6 +164,8 @@ pub struct Cpu {
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
     pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
+    /// Machine-check banks (CPUID MCE/MCA).
+    pub(crate) mca: crate::mca::MachineCheck,
     unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
 }
 
@@ -214,6 +216,7 @@ impl Cpu {
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
+            mca: crate::mca::MachineCheck::default(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
         };
         cpu.set_state(&CpuState::reset());

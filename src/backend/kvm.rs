@@ -192,6 +192,23 @@ mod ioctls {
     use kvm_bindings::{kvm_interrupt, KVMIO};
     vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
     vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    vmm_sys_util::ioctl_iow_nr!(KVM_X86_SETUP_MCE, KVMIO, 0x9c, u64);
+}
+
+/// Give the vCPU the interpreter's machine-check banks (KVM_X86_SETUP_MCE),
+/// so MCG_CAP reads the same on both backends (KVM's default is 32 banks
+/// without MCG_CTL).
+fn setup_machine_check(fd: &VcpuFd) {
+    let cap = cpu_interp::mca::MCG_CTL_P | u64::from(cpu_interp::mca::BANKS);
+    // SAFETY: KVM_X86_SETUP_MCE reads one u64 from the pointer, which is
+    // valid for the call.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, ioctls::KVM_X86_SETUP_MCE(), &cap) };
+    if r != 0 {
+        log::debug!(
+            "kvm: KVM_X86_SETUP_MCE failed ({}); MCG_CAP keeps KVM's default",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 // ---- kicks -----------------------------------------------------------------
@@ -653,6 +670,7 @@ impl KvmBackend {
         }
 
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_machine_check(&fd);
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
             fd.set_sync_valid_reg(SyncReg::SystemRegister);

@@ -17,6 +17,7 @@ pub use cpu_interp::state::{
 pub mod interp;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
+pub mod select;
 
 /// Guest memory as shared by both backends.
 pub type GuestMemory = vm_memory::GuestMemoryMmap;

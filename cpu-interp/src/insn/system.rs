@@ -635,6 +635,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 *self.mtrr.get(&index).unwrap_or(&0x0606_0606_0606_0606)
             }
+            i if crate::mca::owns(i) => return self.mca.read(i),
             _ => return None,
         })
     }
@@ -715,6 +716,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 self.mtrr.insert(index, v);
             }
+            i if crate::mca::owns(i) => return self.mca.write(i, v).or(gp),
             _ => return gp,
         }
         Ok(())
