@@ -106,6 +106,14 @@ impl VirtualClock {
         c
     }
 
+    /// The smallest retired-instruction count at which `now_ns() >= ns`
+    /// (with no idle time skipped meanwhile).
+    pub fn instructions_at(&self, ns: u64) -> u64 {
+        let skipped = self.skipped.load(Ordering::Relaxed);
+        ns.saturating_sub(skipped)
+            .div_ceil(VIRTUAL_NS_PER_INSTRUCTION)
+    }
+
     /// While idle: jump forward so that `now_ns() >= ns`.
     pub fn skip_to(&self, ns: u64) {
         let now = self.now_ns();
@@ -169,5 +177,22 @@ mod tests {
         assert_eq!(c.now_ns(), 5000);
         c.set_instructions(2000);
         assert_eq!(c.now_ns(), 5000 + 1000 * VIRTUAL_NS_PER_INSTRUCTION);
+    }
+
+    #[test]
+    fn instruction_count_of_a_deadline() {
+        let c = VirtualClock::new();
+        c.skip_to(500);
+        for deadline in [0, 499, 500, 501, 10_000] {
+            let n = c.instructions_at(deadline);
+            c.set_instructions(n);
+            assert!(c.now_ns() >= deadline, "{deadline}: {n}");
+            if n > 0 {
+                let d = VirtualClock::new();
+                d.skip_to(500);
+                d.set_instructions(n - 1);
+                assert!(d.now_ns() < deadline, "{deadline}: {n} is not the first");
+            }
+        }
     }
 }

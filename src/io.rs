@@ -294,12 +294,102 @@ impl IoHandler for DeviceIo {
     fn tsc(&mut self) -> Option<u64> {
         self.chip.tsc(self.vcpu)
     }
+
+    fn next_check(&mut self, retired: u64) -> u64 {
+        match &self.timers.vclock {
+            // Virtual time: stop exactly where the next deadline falls; poll
+            // now and then for host requests (kicks, serial input).
+            Some(v) => {
+                let poll = retired.saturating_add(VIRTUAL_POLL_INTERVAL);
+                if self.timers.deadline == u64::MAX {
+                    poll
+                } else {
+                    v.instructions_at(self.timers.deadline).min(poll)
+                }
+            }
+            None => retired.saturating_add(HOST_POLL_INTERVAL),
+        }
+    }
+
+    fn cr8_read(&mut self) -> Option<u64> {
+        self.chip.tpr(self.vcpu).map(|t| u64::from(t >> 4))
+    }
+
+    fn cr8_write(&mut self, cr8: u64) -> bool {
+        self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8)
+    }
 }
+
+/// With host time, how many instructions the interpreter runs between two
+/// looks at the clock (timer deadlines) and at host requests: a few
+/// microseconds of guest time.
+pub const HOST_POLL_INTERVAL: u64 = 4096;
+
+/// With virtual time, deadlines are exact; this is how often the
+/// interpreter looks for host requests (Ctrl-A x, serial input).
+pub const VIRTUAL_POLL_INTERVAL: u64 = 1 << 16;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::{BusDevice, Clock};
+    use crate::clock::VirtualClock;
+    use devices::{BusDevice, Clock, Timed};
+
+    struct OneShot(Option<u64>);
+    impl Timed for OneShot {
+        fn next_deadline(&self) -> Option<u64> {
+            self.0
+        }
+        fn advance(&mut self, now: u64) {
+            if self.0.is_some_and(|d| d <= now) {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn chip(clock: Arc<dyn Clock>) -> Arc<dyn IrqChip> {
+        crate::irqchip::userspace::UserspaceIrqChip::create(crate::irqchip::ChipConfig {
+            vcpus: 1,
+            clock,
+            taint: TimeTaint::new(),
+            lapic_timer_hz: 1_000_000_000,
+            tsc_hz: 1_000_000_000,
+        })
+    }
+
+    fn io_with(clock: Arc<dyn Clock>, vclock: Option<VirtualClock>, deadline: u64) -> DeviceIo {
+        let timer: Arc<Mutex<dyn Timed + Send>> = Arc::new(Mutex::new(OneShot(Some(deadline))));
+        let timers = Timers::new(clock.clone(), vec![timer], vclock);
+        DeviceIo::new(
+            Tracer::disabled(),
+            VmControl::new(),
+            TimeTaint::new(),
+            timers,
+            chip(clock),
+        )
+    }
+
+    #[test]
+    fn virtual_time_names_the_exact_instruction_of_a_deadline() {
+        let v = VirtualClock::new();
+        let mut io = io_with(Arc::new(v.clone()), Some(v.clone()), 12_345);
+        let n = io.next_check(100);
+        assert_eq!(n, 12_345 / crate::clock::VIRTUAL_NS_PER_INSTRUCTION);
+        io.instructions_retired(n - 1);
+        assert!(!io.exit_requested(), "one instruction early");
+        io.instructions_retired(n);
+        assert!(io.exit_requested(), "due at exactly that count");
+        // Far deadlines: still a poll for host requests.
+        let mut io = io_with(Arc::new(v.clone()), Some(v), u64::MAX - 1);
+        assert_eq!(io.next_check(0), VIRTUAL_POLL_INTERVAL);
+    }
+
+    #[test]
+    fn host_time_polls_at_a_bounded_interval() {
+        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
+        let mut io = io_with(clock, None, 1_000_000);
+        assert_eq!(io.next_check(7), 7 + HOST_POLL_INTERVAL);
+    }
 
     struct Echo(u8);
     impl BusDevice for Echo {

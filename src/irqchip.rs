@@ -186,6 +186,18 @@ pub trait IrqChip: Send + Sync {
     fn tsc(&self, _vcpu_id: usize) -> Option<u64> {
         None
     }
+
+    /// `vcpu_id`'s task priority (CR8 is TPR bits 7:4), when the chip's
+    /// LAPIC models own it.
+    fn tpr(&self, _vcpu_id: usize) -> Option<u8> {
+        None
+    }
+
+    /// Write `vcpu_id`'s task priority (a MOV to CR8); false when the
+    /// chip does not own it.
+    fn set_tpr(&self, _vcpu_id: usize, _tpr: u8) -> bool {
+        false
+    }
 }
 
 /// Errors building a chip.

@@ -106,8 +106,10 @@ pub mod ports {
     pub const I8042_COMMAND: u16 = 0x64;
     /// POST code port (ignored).
     pub const POST_CODE: u16 = 0x80;
-    /// QEMU isa-debug-exit compatible port.
+    /// QEMU isa-debug-exit compatible ports: 4 wide (QEMU's `iosize=4`),
+    /// so 1-, 2- and 4-byte writes at the base all reach it.
     pub const DEBUG_EXIT: u16 = 0xf4;
+    pub const DEBUG_EXIT_LEN: u16 = 4;
     /// Reset control register (the FADT's RESET_REG).
     pub const RESET_CONTROL: u16 = 0xcf9;
 }

@@ -21,6 +21,8 @@ pub mod layout;
 pub mod loader;
 pub mod machine;
 pub mod mptable;
+pub mod serial_port;
+pub mod stats;
 pub mod ticker;
 pub mod timers;
 pub mod trace;

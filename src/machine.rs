@@ -35,8 +35,15 @@ use crate::trace::Tracer;
 pub enum MachineError {
     #[error("guest memory size {0:#x} is invalid: {1}")]
     MemorySize(u64, String),
-    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    #[error("cannot reserve {} of guest memory: {reason}", human_size(*size))]
     MemoryAlloc { size: u64, reason: String },
+    #[error(
+        "{} of guest memory cannot be reserved on this host: at most {} can be ({why}); give a \
+         smaller size",
+        human_size(*size),
+        human_size(*limit)
+    )]
+    MemoryTooLarge { size: u64, limit: u64, why: String },
     #[error("backend: {0}")]
     Backend(#[from] backend::BackendError),
     #[error("device bus: {0}")]
@@ -136,6 +143,14 @@ pub const INTERP_TSC_HZ: u64 = crate::backend::interp::INTERP_TSC_KHZ as u64 * 1
 /// so that they are repeatable.
 pub const VIRTUAL_EPOCH: u64 = 1_767_225_600;
 
+/// One device's access counts (for `--stats-json`).
+#[derive(Clone, Debug)]
+pub struct DeviceCount {
+    pub bus: &'static str,
+    pub device: String,
+    pub count: crate::io::AccessCount,
+}
+
 /// A built machine, ready to load a guest and run.
 pub struct Machine {
     mem: GuestMemory,
@@ -208,8 +223,60 @@ impl BarAllocator {
     }
 }
 
+/// A byte count for people: "64 TiB", "23.4 GiB", "4097 bytes".
+pub fn human_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    for (u, name) in UNITS {
+        if n >= u {
+            return if n % u == 0 {
+                format!("{} {name}", n / u)
+            } else {
+                format!("{:.1} {name}", n as f64 / u as f64)
+            };
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// The most guest memory this host can back, and why: its RAM plus swap
+/// (what the kernel's overcommit heuristic allows one mapping), capped by
+/// the guest's 40-bit physical address space (RAM above 3 GiB sits above
+/// the 4 GiB line). `None` when /proc/meminfo cannot be read.
+pub fn host_memory_limit() -> (u64, String) {
+    let space =
+        (1u64 << cpu_interp::mmu::PHYS_ADDR_BITS) - (layout::MMIO_GAP_END - layout::MMIO_GAP_START);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    match (field("MemTotal:"), field("SwapTotal:")) {
+        (Some(ram), swap) => {
+            let host = ram + swap.unwrap_or(0);
+            if host < space {
+                (host, "its RAM plus swap".into())
+            } else {
+                (space, "the guest's 40-bit physical address space".into())
+            }
+        }
+        _ => (space, "the guest's 40-bit physical address space".into()),
+    }
+}
+
 /// Create guest memory of `size` bytes laid out as in [`layout`].
 pub fn create_memory(size: u64) -> Result<GuestMemory, MachineError> {
+    let (limit, why) = host_memory_limit();
+    if size > limit {
+        return Err(MachineError::MemoryTooLarge { size, limit, why });
+    }
     if size < layout::MIN_MEMORY {
         return Err(MachineError::MemorySize(
             size,
@@ -321,7 +388,13 @@ impl Machine {
             uart.clone(),
         )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
-        map_one(&mut io, "debug-exit", ports::DEBUG_EXIT, 1, debug_exit)?;
+        map_one(
+            &mut io,
+            "debug-exit",
+            ports::DEBUG_EXIT,
+            u64::from(ports::DEBUG_EXIT_LEN),
+            debug_exit,
+        )?;
         let i8042 = Arc::new(Mutex::new(I8042::new(
             control.clone(),
             chip.irq_line(1),
@@ -614,9 +687,29 @@ impl Machine {
         &mut self.io
     }
 
+    /// Return to the VMM after at most this many instructions per vCPU run
+    /// (interpreter; see [`Vcpu::set_run_budget`]).
+    pub fn set_run_budget(&mut self, instructions: u64) {
+        self.vcpu.set_run_budget(instructions);
+    }
+
     /// The vCPU's counters.
     pub fn vcpu_stats(&self) -> VcpuStats {
         self.vcpu.stats()
+    }
+
+    /// Device access counts by (bus, device), and the unmapped accesses.
+    pub fn device_access_counts(&self) -> (Vec<DeviceCount>, crate::io::AccessCount) {
+        let (counts, unmapped) = self.io.counts();
+        let v = counts
+            .iter()
+            .map(|(kind, name, c)| DeviceCount {
+                bus: kind.as_str(),
+                device: name.to_string(),
+                count: *c,
+            })
+            .collect();
+        (v, unmapped)
     }
 
     /// A `--stats` report.
@@ -647,6 +740,18 @@ impl Machine {
             s.push_str(&format!("  {name:<20} {n:>10}\n"));
         }
         s.push_str(&format!("interpreter fallbacks: {}\n", v.interp_fallbacks));
+        if let Some(c) = v.code_cache {
+            s.push_str(&format!(
+                "decoded-block cache: {} live blocks, {} KiB (peak {} KiB, limit {} MiB), {} decoded, {} flushes when full, {} pages invalidated\n",
+                c.live_blocks,
+                c.bytes >> 10,
+                c.peak_bytes >> 10,
+                c.limit >> 20,
+                c.decoded_blocks,
+                c.flushes,
+                c.invalidated_pages
+            ));
+        }
         match v.instructions {
             Some(n) => s.push_str(&format!("guest instructions retired: {n}\n")),
             None => s.push_str("guest instructions retired: (not known on this backend)\n"),

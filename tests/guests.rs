@@ -98,6 +98,11 @@ fn self_ipi() {
 }
 
 #[test]
+fn irq_boundary() {
+    check_both("irq-boundary");
+}
+
+#[test]
 fn irq_masking() {
     check_both("irq-masking");
 }
@@ -223,4 +228,37 @@ fn interpreter_counts_instructions() {
         .expect("the interpreter knows its instruction count");
     // The guest prints ~23 characters with a polling loop each.
     assert!(n > 100, "only {n} instructions retired");
+}
+
+/// Exact instruction counts: with `--clock virtual`, returning to the VMM
+/// after every N instructions (stops inside blocks, at arbitrary points)
+/// changes nothing the guest or its devices can see. Timers fire at the
+/// same instruction whoever stops the CPU where.
+#[test]
+fn virtual_clock_runs_do_not_depend_on_where_the_cpu_stops() {
+    use duet::backend::IrqchipKind;
+    for g in duet::guests::all().iter().filter(|g| !g.needs_input) {
+        let base = run_guest_with(g.name, BackendKind::Interp, ClockKind::Virtual);
+        for budget in [997u64, 12_345] {
+            let r = run_guest_budget(
+                g.name,
+                BackendKind::Interp,
+                ClockKind::Virtual,
+                IrqchipKind::Userspace,
+                Some(budget),
+            );
+            assert_eq!(r.serial, base.serial, "{}: budget {budget}", g.name);
+            assert!(
+                r.trace == base.trace,
+                "{}: trace differs with budget {budget}: {:?}",
+                g.name,
+                trace_difference(&r.trace, &base.trace)
+            );
+            assert_eq!(
+                r.stats.instructions, base.stats.instructions,
+                "{}: budget {budget}",
+                g.name
+            );
+        }
+    }
 }

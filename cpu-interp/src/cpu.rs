@@ -129,6 +129,9 @@ pub struct Cpu {
     pub(crate) tlb: Box<Tlb>,
     pub(crate) blocks: BlockCache,
     pub(crate) retired: u64,
+    /// The retired count at which the run loop next checks events (the
+    /// budget's end, a platform deadline, a poll): blocks stop there.
+    pub(crate) stop_at: u64,
     pub(crate) irq_window: bool,
     /// Set when a write hit a page with decoded code; the current block ends.
     pub(crate) code_written: bool,
@@ -161,6 +164,8 @@ pub struct Cpu {
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
     pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
+    /// Machine-check banks (CPUID MCE/MCA).
+    pub(crate) mca: crate::mca::MachineCheck,
     unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
 }
 
@@ -195,6 +200,7 @@ impl Cpu {
             tlb: Box::new(Tlb::new()),
             blocks: BlockCache::new(),
             retired: 0,
+            stop_at: 0,
             irq_window: false,
             code_written: false,
             end_block: false,
@@ -210,6 +216,7 @@ impl Cpu {
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
+            mca: crate::mca::MachineCheck::default(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
         };
         cpu.set_state(&CpuState::reset());
@@ -233,11 +240,33 @@ impl Cpu {
         self.clear_blocks();
     }
 
-    /// Drop all decoded blocks and links (only between runs).
+    /// Drop all decoded blocks and links (only between blocks).
     pub(crate) fn clear_blocks(&mut self) {
         self.blocks.clear();
+        self.clear_links();
+    }
+
+    /// Forget block-to-block links (their block ids are stale).
+    pub(crate) fn clear_links(&mut self) {
         self.chain.fill(ChainEntry::EMPTY);
         self.tlb.bump();
+        // Pages no longer hold decoded code: writes may take the fast path.
+        for set in &mut self.tlb.sets {
+            for e in set.iter_mut() {
+                e.write &= !crate::mmu::TLB_CODE;
+            }
+        }
+    }
+
+    /// Bound the host memory of the decoded-block cache (default
+    /// [`crate::block::DEFAULT_CACHE_LIMIT`]).
+    pub fn set_cache_limit(&mut self, bytes: usize) {
+        self.blocks.set_limit(bytes);
+    }
+
+    /// The decoded-block cache's counters.
+    pub fn cache_stats(&self) -> crate::block::CacheStats {
+        self.blocks.stats()
     }
 
     /// Allow instructions of host CPU features the interpreter's CPUID does
@@ -488,6 +517,7 @@ impl Cpu {
 
     /// Time-stamp counter as RDTSC sees it.
     pub(crate) fn read_tsc(&mut self, p: &mut dyn crate::Platform) -> u64 {
+        p.retired_hint(self.retired);
         let base = p.tsc().unwrap_or(self.retired);
         base.wrapping_add(self.tsc_offset)
     }

@@ -9,6 +9,7 @@ pub mod asm;
 pub mod checksum;
 pub mod fault;
 pub mod hello_real;
+pub mod irq_boundary;
 pub mod irq_level_eoi;
 pub mod irq_masking;
 pub mod irq_pit_ioapic;
@@ -99,6 +100,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: self_ipi::NAME,
             description: self_ipi::DESCRIPTION,
             build: self_ipi::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: irq_boundary::NAME,
+            description: irq_boundary::DESCRIPTION,
+            build: irq_boundary::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -37,6 +37,10 @@ pub struct Controllers {
     pub ioapic: Arc<Mutex<Ioapic>>,
     pub lapics: Vec<Arc<Mutex<Lapic>>>,
     pub waker: Arc<Waker>,
+    /// Per vCPU: the VMM has seen its LAPIC's pending interrupt (injected
+    /// it or asked for an interrupt window), so a running vCPU need not
+    /// come back for it. See [`Controllers::pump`].
+    vmm_saw_pending: Vec<std::sync::atomic::AtomicBool>,
     unsupported: LogOnce,
 }
 
@@ -132,7 +136,40 @@ impl Controllers {
         }
     }
 
+    /// Carry IOAPIC and LAPIC messages (deliveries caused by an unmask,
+    /// EOI broadcasts, IPIs) to their targets; then, if a LAPIC has an
+    /// interrupt to deliver that the VMM has not seen (an EOI or a TPR
+    /// write uncovered one, or an IPI arrived), wake the VMM: a running
+    /// vCPU comes back at the next instruction boundary to have it
+    /// injected.
     fn pump(&self) {
+        self.carry_messages();
+        for (i, lapic) in self.lapics.iter().enumerate() {
+            let pending = lock(lapic).pending_interrupt().is_some();
+            if pending && !self.vmm_saw_pending[i].load(std::sync::atomic::Ordering::Acquire) {
+                self.waker.notify();
+            }
+        }
+    }
+
+    fn set_vmm_saw_pending(&self, vcpu: usize, saw: bool) {
+        if let Some(f) = self.vmm_saw_pending.get(vcpu) {
+            f.store(saw, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn carry_messages(&self) {
+        let io_msgs = {
+            let mut io = lock(&self.ioapic);
+            if io.has_messages() {
+                io.take_messages()
+            } else {
+                Vec::new()
+            }
+        };
+        for m in io_msgs {
+            self.deliver(m.into());
+        }
         for (i, lapic) in self.lapics.iter().enumerate() {
             loop {
                 let msgs = lock(lapic).take_messages();
@@ -227,6 +264,7 @@ impl UserspaceIrqChip {
         let c = Arc::new(Controllers {
             pic: Arc::new(Mutex::new(Pic8259Pair::new())),
             ioapic: Arc::new(Mutex::new(Ioapic::new())),
+            vmm_saw_pending: lapics.iter().map(|_| Default::default()).collect(),
             lapics,
             waker: Arc::new(Waker::default()),
             unsupported: LogOnce::new(),
@@ -389,13 +427,16 @@ impl IrqChip for UserspaceIrqChip {
     fn service(&self, vcpu_id: usize, vcpu: &mut dyn Vcpu) -> backend::Result<bool> {
         self.c.waker.clear();
         self.c.pump();
+        self.c.waker.clear();
         let Some(req) = self.pending(vcpu_id) else {
             vcpu.request_interrupt_window(false);
+            self.c.set_vmm_saw_pending(vcpu_id, false);
             return Ok(false);
         };
         let nmi = req == InterruptRequest::Nmi;
         if !nmi && !vcpu.ready_for_interrupt() {
             vcpu.request_interrupt_window(true);
+            self.c.set_vmm_saw_pending(vcpu_id, true);
             return Ok(false);
         }
         let injected = match self.acknowledge(vcpu_id) {
@@ -409,7 +450,9 @@ impl IrqChip for UserspaceIrqChip {
             }
             None => false,
         };
-        vcpu.request_interrupt_window(self.pending(vcpu_id).is_some());
+        let more = self.pending(vcpu_id).is_some();
+        vcpu.request_interrupt_window(more);
+        self.c.set_vmm_saw_pending(vcpu_id, more);
         Ok(injected)
     }
 
@@ -458,6 +501,19 @@ impl IrqChip for UserspaceIrqChip {
 
     fn tsc(&self, vcpu_id: usize) -> Option<u64> {
         self.c.lapics.get(vcpu_id).map(|l| lock(l).tsc())
+    }
+
+    fn tpr(&self, vcpu_id: usize) -> Option<u8> {
+        self.c.lapics.get(vcpu_id).map(|l| lock(l).tpr())
+    }
+
+    fn set_tpr(&self, vcpu_id: usize, tpr: u8) -> bool {
+        let Some(l) = self.c.lapics.get(vcpu_id) else {
+            return false;
+        };
+        lock(l).set_tpr(tpr);
+        self.c.pump();
+        true
     }
 }
 
@@ -580,6 +636,72 @@ mod tests {
         eoi(&c, 0);
         assert_eq!(c.acknowledge(0), None);
         assert!(!lock(&c.c.ioapic).asserted(17));
+    }
+
+    #[test]
+    fn unmasking_an_asserted_ioapic_pin_through_its_registers_wakes_the_vmm() {
+        let c = chip(1);
+        enable_lapic(&c, 0);
+        // Pin 5, level-triggered, vector 0x45, masked.
+        {
+            let mut io = lock(&c.c.ioapic);
+            let mut w = |reg: u32, v: u32| {
+                io.write(0, &reg.to_le_bytes());
+                io.write(0x10, &v.to_le_bytes());
+            };
+            w(0x10 + 2 * 5, 0x45 | (1 << 15) | (1 << 16));
+            w(0x11 + 2 * 5, 0);
+        }
+        c.irq_line(5).set_level(true);
+        c.pump();
+        c.c.waker.clear();
+        assert_eq!(c.pending(0), None);
+        // The guest unmasks it with an MMIO write: the bus reaches the
+        // IOAPIC directly, then the VMM pumps.
+        {
+            let mut io = lock(&c.c.ioapic);
+            io.write(0, &(0x10u32 + 2 * 5).to_le_bytes());
+            io.write(0x10, &(0x45u32 | (1 << 15)).to_le_bytes());
+        }
+        c.pump();
+        assert!(c.attention(), "the VMM must come back for it");
+        assert_eq!(c.acknowledge(0), Some(Acknowledged::Vector(0x45)));
+    }
+
+    #[test]
+    fn eoi_or_tpr_uncovering_a_pending_vector_wakes_the_vmm_once() {
+        let c = chip(1);
+        enable_lapic(&c, 0);
+        let lapic = &c.c.lapics[0];
+        // TPR 0x40 holds vector 0x31 back.
+        lock(lapic).write(0x80, &0x40u32.to_le_bytes());
+        assert!(lock(lapic).accept(0x31, false));
+        c.c.waker.clear();
+        c.pump();
+        assert!(!c.attention());
+        c.c.set_vmm_saw_pending(0, false);
+        // Lowering the TPR makes it deliverable: the VMM is woken.
+        assert!(c.set_tpr(0, 0));
+        assert!(c.attention());
+        // Once the VMM has seen it (asked for a window), no more wake-ups.
+        c.c.waker.clear();
+        c.c.set_vmm_saw_pending(0, true);
+        c.pump();
+        assert!(!c.attention());
+        // An EOI uncovering a lower vector: 0x51 in service, 0x41 waits.
+        c.c.set_vmm_saw_pending(0, false);
+        assert_eq!(c.acknowledge(0), Some(Acknowledged::Vector(0x31)));
+        lock(lapic).write(0xb0, &0u32.to_le_bytes());
+        assert!(lock(lapic).accept(0x51, false));
+        assert_eq!(c.acknowledge(0), Some(Acknowledged::Vector(0x51)));
+        assert!(lock(lapic).accept(0x41, false));
+        c.c.waker.clear();
+        c.pump();
+        assert!(!c.attention(), "0x41 is below the vector in service");
+        lock(lapic).write(0xb0, &0u32.to_le_bytes());
+        c.pump();
+        assert!(c.attention(), "the EOI uncovered 0x41");
+        assert_eq!(c.acknowledge(0), Some(Acknowledged::Vector(0x41)));
     }
 
     #[test]

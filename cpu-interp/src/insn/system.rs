@@ -274,7 +274,7 @@ fn cr_number(r: Register) -> u8 {
     (r as usize - Register::CR0 as usize) as u8
 }
 
-fn mov_from_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+fn mov_from_cr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.require_cpl0()?;
     if cpu.vm86() {
         return Err(Exception::gp0());
@@ -284,7 +284,12 @@ fn mov_from_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         2 => cpu.cr2,
         3 => cpu.cr3,
         4 => cpu.cr4,
-        8 if cpu.bits == 64 => cpu.cr8,
+        8 if cpu.bits == 64 => {
+            if let Some(v) = p.read_cr8() {
+                cpu.cr8 = v & 0xf;
+            }
+            cpu.cr8
+        }
         _ => return Err(Exception::ud()),
     };
     cpu.set_reg(d.i.op0_register(), v);
@@ -378,7 +383,7 @@ impl Cpu {
     }
 }
 
-fn mov_to_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+fn mov_to_cr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.require_cpl0()?;
     if cpu.vm86() {
         return Err(Exception::gp0());
@@ -397,6 +402,12 @@ fn mov_to_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
                 return Err(Exception::gp0());
             }
             cpu.cr8 = v;
+            p.retired_hint(cpu.retired);
+            if p.write_cr8(v) {
+                // A lower priority may let a pending interrupt in: the
+                // machine gets a look at the next boundary.
+                cpu.io_happened = true;
+            }
             cpu.end_block = true;
             Ok(())
         }
@@ -622,6 +633,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 *self.mtrr.get(&index).unwrap_or(&0x0606_0606_0606_0606)
             }
+            i if crate::mca::owns(i) => return self.mca.read(i),
             _ => return None,
         })
     }
@@ -702,6 +714,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 self.mtrr.insert(index, v);
             }
+            i if crate::mca::owns(i) => return self.mca.write(i, v).or(gp),
             _ => return gp,
         }
         Ok(())
@@ -714,6 +727,7 @@ fn rdmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
+    p.retired_hint(cpu.retired);
     let from_machine = match p.read_msr(idx) {
         crate::platform::MsrResult::Done(v) => Some(v),
         crate::platform::MsrResult::Fault => return Err(Exception::gp0()),
@@ -739,11 +753,15 @@ fn wrmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
     let v = (cpu.gpr[gpr::RDX] << 32) | (cpu.gpr[gpr::RAX] & 0xffff_ffff);
+    p.retired_hint(cpu.retired);
     match p.write_msr(idx, v) {
         crate::platform::MsrResult::Done(_) => {
             if idx == msr::APIC_BASE {
                 cpu.apic_base = v;
             }
+            // An EOI, TPR or ICR write may make an interrupt deliverable, a
+            // timer MSR may move the next deadline: check at this boundary.
+            cpu.io_happened = true;
             cpu.end_block = true;
             return Ok(());
         }
