@@ -178,10 +178,8 @@ exit 0
 entries = [
     ("bin", 0o040755, b""),
     ("etc", 0o040755, b""),
-    ("usr", 0o040755, b""),
-    ("usr/share", 0o040755, b""),
-    ("usr/share/udhcpc", 0o040755, b""),
-    ("usr/share/udhcpc/default.script", 0o100755, dhcp_script),
+    ("etc/udhcpc", 0o040755, b""),
+    ("etc/udhcpc/default.script", 0o100755, dhcp_script),
     ("lib", 0o040755, b""),
     ("lib/modules", 0o040755, b""),
     ("sbin", 0o040755, b""),
