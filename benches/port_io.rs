@@ -13,17 +13,22 @@ use std::time::Instant;
 use duet::backend::BackendKind;
 use duet::machine::{Machine, MachineConfig};
 
-const ACCESSES: u32 = 1_000_000;
+fn accesses() -> u32 {
+    std::env::var("PORT_IO_ACCESSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
 const ROUNDS: usize = 7;
 
 fn median_ns(mut f: impl FnMut()) -> f64 {
     let mut samples: Vec<f64> = (0..ROUNDS)
         .map(|_| {
             let start = Instant::now();
-            for _ in 0..ACCESSES {
+            for _ in 0..accesses() {
                 f();
             }
-            start.elapsed().as_nanos() as f64 / f64::from(ACCESSES)
+            start.elapsed().as_nanos() as f64 / f64::from(accesses())
         })
         .collect();
     samples.sort_by(f64::total_cmp);

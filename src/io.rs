@@ -38,6 +38,13 @@ struct PciHook {
     overlap: LogOnce,
 }
 
+/// An access to the device may queue interrupt-controller messages (EOIs,
+/// IPIs, unmasked deliveries, a TPR change): pump them afterwards.
+pub const AFFECTS_INTERRUPTS: u8 = 1 << 0;
+/// An access to the device may arm, move or cancel a timer: re-read the
+/// earliest deadline afterwards.
+pub const AFFECTS_TIMERS: u8 = 1 << 1;
+
 /// The VMM side of device I/O: buses, tracer, counters, VM control, the
 /// interrupt controllers and timers.
 pub struct DeviceIo {
@@ -51,6 +58,9 @@ pub struct DeviceIo {
     /// The vCPU whose accesses are being serviced.
     vcpu: usize,
     names: Vec<String>,
+    /// Per device id: what an access to it may change ([`AFFECTS_INTERRUPTS`],
+    /// [`AFFECTS_TIMERS`]), so that other accesses skip that work.
+    affects: Vec<u8>,
     /// Per device id: port and MMIO counters.
     counts: Vec<[AccessCount; 2]>,
     unmapped: AccessCount,
@@ -75,16 +85,25 @@ impl DeviceIo {
             chip,
             vcpu: 0,
             names: Vec::new(),
+            affects: Vec::new(),
             counts: Vec::new(),
             unmapped: AccessCount::default(),
             pci: None,
         }
     }
 
-    /// Add a device to the machine's list; its id.
+    /// Add a device to the machine's list; its id. Accesses to it are
+    /// routed and counted only (see [`DeviceIo::register_with`]).
     pub fn register(&mut self, name: &str) -> DeviceId {
+        self.register_with(name, 0)
+    }
+
+    /// Add a device whose accesses may affect the interrupt controllers or
+    /// the timers (`affects`: [`AFFECTS_INTERRUPTS`] | [`AFFECTS_TIMERS`]).
+    pub fn register_with(&mut self, name: &str, affects: u8) -> DeviceId {
         let id = DeviceId(self.names.len() as u32);
         self.names.push(name.to_string());
+        self.affects.push(affects);
         self.counts.push(Default::default());
         id
     }
@@ -197,9 +216,12 @@ impl DeviceIo {
         } else {
             bus.read(self.vcpu, addr, data)
         };
-        let c = match hit {
-            Some((id, _)) => &mut self.counts[id.index()][kind as usize],
-            None => &mut self.unmapped,
+        let (c, affects) = match hit {
+            Some((id, _)) => (
+                &mut self.counts[id.index()][kind as usize],
+                self.affects[id.index()],
+            ),
+            None => (&mut self.unmapped, 0),
         };
         if write {
             c.writes += 1;
@@ -211,7 +233,9 @@ impl DeviceIo {
             let name = hit.map_or("-", |(_, n)| n);
             self.tracer.record(kind, write, addr, data, name, timed);
         }
-        self.chip.pump();
+        if affects & AFFECTS_INTERRUPTS != 0 {
+            self.chip.pump();
+        }
         if self
             .pci
             .as_ref()
@@ -219,8 +243,10 @@ impl DeviceIo {
         {
             self.apply_pci_changes();
         }
-        // The access may have armed or moved a timer.
-        self.refresh_deadline();
+        if affects & AFFECTS_TIMERS != 0 {
+            // The access may have armed or moved a timer.
+            self.refresh_deadline();
+        }
     }
 
     /// Per-device access counts: (bus, device name, counts) for every

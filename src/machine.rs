@@ -24,7 +24,7 @@ use crate::backend::{
 };
 use crate::clock::{ClockKind, HostClock, VirtualClock};
 use crate::guests::GuestImage;
-use crate::io::DeviceIo;
+use crate::io::{DeviceIo, AFFECTS_INTERRUPTS, AFFECTS_TIMERS};
 use crate::irqchip::{self, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
 use crate::layout::{self, ports};
 use crate::timers::Timers;
@@ -378,7 +378,7 @@ impl Machine {
 
         // The interrupt controllers' registers (none with the in-kernel chip).
         for d in chip.bus_devices() {
-            let id = io.register(d.name);
+            let id = io.register_with(d.name, AFFECTS_INTERRUPTS | AFFECTS_TIMERS);
             io.map(d.bus, id, d.base, d.len, d.device)?;
         }
 

@@ -148,6 +148,13 @@ pub struct ConfigSpaceState {
     pub regs: Vec<u32>,
 }
 
+/// A configuration access the hardware can express: 1, 2 or 4 bytes
+/// inside one dword (byte enables). Anything else reads all ones and is
+/// dropped (the callers, mechanism #1 and ECAM, never produce it).
+fn fits_one_dword(offset: usize, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && offset % 4 + len <= 4
+}
+
 /// Configuration space of one function.
 #[derive(Clone, Debug)]
 pub struct ConfigSpace {
@@ -264,6 +271,10 @@ impl ConfigSpace {
     /// A configuration read of `data.len()` bytes (1, 2 or 4, naturally
     /// aligned; callers check) at `offset` of the 4 KiB function space.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
+        if !fits_one_dword(offset, data.len()) {
+            data.fill(0xff);
+            return;
+        }
         if offset >= CONFIG_SPACE_LEN {
             data.fill(0);
             return;
@@ -276,7 +287,7 @@ impl ConfigSpace {
     /// writable bits change; write-1-to-clear bits clear where 1 is
     /// written.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
-        if offset >= CONFIG_SPACE_LEN {
+        if offset >= CONFIG_SPACE_LEN || !fits_one_dword(offset, data.len()) {
             return;
         }
         let dword = offset / 4;
@@ -613,6 +624,19 @@ mod tests {
             c.add_bar(1, io(4)),
             Err(ConfigError::BarIndex { .. })
         ));
+    }
+
+    #[test]
+    fn impossible_access_shapes_read_ones_and_change_nothing() {
+        let mut c = ConfigSpace::new(id());
+        let before = c.state();
+        c.write(reg::COMMAND, &[]);
+        c.write(reg::COMMAND + 3, &[0xff, 0xff]);
+        c.write(reg::COMMAND, &[0xff; 3]);
+        assert_eq!(c.state(), before);
+        let mut b = [0u8; 2];
+        c.read(3, &mut b);
+        assert_eq!(b, [0xff; 2]);
     }
 
     #[test]

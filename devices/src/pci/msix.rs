@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{cap_id, ConfigError, ConfigSpace};
 use crate::interrupt::MsiMessage;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::LogOnce;
 
 const CONTROL: usize = 2;
 const TABLE: usize = 4;
@@ -46,7 +46,7 @@ pub struct Msix {
     pba_offset: u64,
     entries: Vec<[u32; 4]>,
     pba: Vec<u64>,
-    malformed: RateLimiter,
+    malformed: LogOnce,
 }
 
 impl Msix {
@@ -78,7 +78,7 @@ impl Msix {
             pba_offset: pba_offset & !7,
             entries: vec![[0, 0, 0, VECTOR_MASKED]; vectors],
             pba: vec![0; vectors.div_ceil(64)],
-            malformed: RateLimiter::new(1),
+            malformed: LogOnce::new(),
         })
     }
 
@@ -169,8 +169,8 @@ impl Msix {
 
     fn aligned(&self, offset: u64, len: usize) -> bool {
         let ok = (len == 4 || len == 8) && offset % len as u64 == 0;
-        if !ok && self.malformed.allow() {
-            log::warn!("msix: {len}-byte access at table/PBA offset {offset:#x} is not an aligned dword or qword: ignored");
+        if !ok && self.malformed.first() {
+            log::warn!("msix: {len}-byte access at table/PBA offset {offset:#x} is not an aligned dword or qword: ignored (logged once)");
         }
         ok
     }
