@@ -117,6 +117,14 @@ fn tsc_pit() {
     check_both("tsc-pit");
 }
 
+/// PCI: enumeration through both configuration mechanisms, BAR sizing and
+/// moving, MSI, MSI-X and a level-triggered line shared by two devices;
+/// identical serial output and device trace on both backends.
+#[test]
+fn pci() {
+    check_both("pci");
+}
+
 /// With `--clock virtual`, runs are bit-for-bit repeatable: three runs of
 /// every guest give byte-identical serial output and traces (time-dependent
 /// values included). Guests that wait for serial input are left out
@@ -148,15 +156,20 @@ fn virtual_clock_runs_are_byte_identical() {
 /// its end with the same story (same lines, same last line). Register
 /// snapshots a guest prints may differ (KVM's LAPIC shows no ISR bit inside
 /// the handler on this host), and the controllers' ports never reach duet,
-/// so traces are not compared. `irq-level-eoi` is left out: its UART level
-/// interrupt, raised with KVM_IRQ_LINE, never reaches the guest through
-/// KVM's IOAPIC on this host (an open item).
+/// so traces are not compared. `pci` checks MSIs (KVM_SIGNAL_MSI) and a
+/// level-triggered PCI line shared by two devices, re-delivered by KVM's
+/// IOAPIC after an EOI while the second device still holds it.
+/// `irq-level-eoi` is left out: its phase 2 (EOI before the UART's level
+/// source on ISA IRQ4 is cleared) never gets the second delivery from
+/// KVM's IOAPIC on this KVM-PVM host, although the same EOI-while-asserted
+/// sequence on PCI GSI 19 works (an open item; see docs/ARCHITECTURE.md).
 #[test]
 fn kernel_irqchip_runs_the_interrupt_guests() {
     if !kvm_or_skip("kernel_irqchip_runs_the_interrupt_guests") {
         return;
     }
     for g in [
+        "pci",
         "irq-pit-pic",
         "irq-pit-ioapic",
         "lapic-timer",

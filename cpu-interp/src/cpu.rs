@@ -166,6 +166,8 @@ pub struct Cpu {
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
     pub(crate) mtrr: std::collections::BTreeMap<u32, u64>,
+    /// Machine-check banks (CPUID MCE/MCA).
+    pub(crate) mca: crate::mca::MachineCheck,
     unknown_msrs_logged: std::collections::BTreeSet<(u32, bool)>,
     /// The translation tier (None: interpreter only).
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -226,6 +228,7 @@ impl Cpu {
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
+            mca: crate::mca::MachineCheck::default(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             jit: None,
@@ -407,6 +410,30 @@ impl Cpu {
     // ---- state transfer -------------------------------------------------
 
     /// The complete architectural state.
+    /// The MTRRs as the guest sees them (defaults where it wrote none).
+    fn mtrr_state(&self) -> crate::state::Mtrrs {
+        use crate::state::{msr, Mtrrs, MTRR_FIXED_MSRS, MTRR_VARIABLE_FIRST};
+        let d = Mtrrs::default();
+        let get = |i: u32, default: u64| *self.mtrr.get(&i).unwrap_or(&default);
+        Mtrrs {
+            def_type: get(msr::MTRR_DEF_TYPE, d.def_type),
+            variable: std::array::from_fn(|k| get(MTRR_VARIABLE_FIRST + k as u32, 0)),
+            fixed: std::array::from_fn(|k| get(MTRR_FIXED_MSRS[k], d.fixed[k])),
+        }
+    }
+
+    fn set_mtrr_state(&mut self, m: &crate::state::Mtrrs) {
+        use crate::state::{msr, MTRR_FIXED_MSRS, MTRR_VARIABLE_FIRST};
+        self.mtrr.clear();
+        self.mtrr.insert(msr::MTRR_DEF_TYPE, m.def_type);
+        for (k, v) in m.variable.iter().enumerate() {
+            self.mtrr.insert(MTRR_VARIABLE_FIRST + k as u32, *v);
+        }
+        for (i, v) in MTRR_FIXED_MSRS.iter().zip(m.fixed) {
+            self.mtrr.insert(*i, v);
+        }
+    }
+
     pub fn state(&self) -> CpuState {
         CpuState {
             regs: Regs {
@@ -433,7 +460,10 @@ impl Cpu {
                 efer: self.efer,
                 apic_base: self.apic_base,
             },
-            msrs: self.msrs,
+            msrs: crate::state::Msrs {
+                mtrr: self.mtrr_state(),
+                ..self.msrs
+            },
             fpu: self.fpu.to_state(),
             debug: self.dr,
             xcr0: self.xcr0,
@@ -463,6 +493,7 @@ impl Cpu {
         self.apic_base = s.sregs.apic_base;
         self.xcr0 = s.xcr0 | 1;
         self.msrs = s.msrs;
+        self.set_mtrr_state(&s.msrs.mtrr);
         self.fpu = Fpu::from_state(&s.fpu);
         self.dr = s.debug;
         self.events = s.events;

@@ -21,8 +21,11 @@ pub mod insn;
 pub mod interrupt;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod jit;
+pub mod mca;
 pub mod memory;
 pub mod mmu;
+#[cfg(test)]
+mod msr_audit;
 pub mod platform;
 pub mod profile;
 pub mod quirks;

@@ -192,6 +192,23 @@ mod ioctls {
     use kvm_bindings::{kvm_interrupt, KVMIO};
     vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
     vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    vmm_sys_util::ioctl_iow_nr!(KVM_X86_SETUP_MCE, KVMIO, 0x9c, u64);
+}
+
+/// Give the vCPU the interpreter's machine-check banks (KVM_X86_SETUP_MCE),
+/// so MCG_CAP reads the same on both backends (KVM's default is 32 banks
+/// without MCG_CTL).
+fn setup_machine_check(fd: &VcpuFd) {
+    let cap = cpu_interp::mca::MCG_CTL_P | u64::from(cpu_interp::mca::BANKS);
+    // SAFETY: KVM_X86_SETUP_MCE reads one u64 from the pointer, which is
+    // valid for the call.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, ioctls::KVM_X86_SETUP_MCE(), &cap) };
+    if r != 0 {
+        log::debug!(
+            "kvm: KVM_X86_SETUP_MCE failed ({}); MCG_CAP keeps KVM's default",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 // ---- kicks -----------------------------------------------------------------
@@ -653,6 +670,7 @@ impl KvmBackend {
         }
 
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_machine_check(&fd);
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
             fd.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -873,6 +891,23 @@ impl super::GsiSink for KvmGsiSink {
     fn set_gsi(&self, gsi: u32, level: bool) {
         if let Err(e) = self.0.set_irq_line(gsi, level) {
             log::warn!("kvm: KVM_IRQ_LINE {gsi} failed: {e}");
+        }
+    }
+
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage) {
+        let m = kvm_bindings::kvm_msi {
+            address_lo: msi.address as u32,
+            address_hi: (msi.address >> 32) as u32,
+            data: msi.data,
+            ..Default::default()
+        };
+        // 0: the kernel's LAPICs refused it (e.g. software-disabled).
+        if let Err(e) = self.0.signal_msi(m) {
+            log::warn!(
+                "kvm: KVM_SIGNAL_MSI {:#x}/{:#x} failed: {e}",
+                msi.address,
+                msi.data
+            );
         }
     }
 }
@@ -2877,6 +2912,7 @@ mod tests {
             pat: 0x0007_0406_0007_0406,
             tsc_aux: 3,
             misc_enable: 0x851,
+            mtrr: Default::default(),
         };
         let entries = msrs_to_entries(&m, Some(123_456));
         assert_eq!(entries.len(), STATE_MSRS.len());
@@ -4321,6 +4357,7 @@ mod tests {
             pat: 0x0007_0106_0007_0406,
             tsc_aux: 3,
             misc_enable: 1,
+            mtrr: Default::default(),
         };
         s.fpu = sample_fpu();
         s.debug = DebugRegs {

@@ -17,6 +17,7 @@ pub use cpu_interp::state::{
 pub mod interp;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
+pub mod select;
 
 /// Guest memory as shared by both backends.
 pub type GuestMemory = vm_memory::GuestMemoryMmap;
@@ -29,9 +30,13 @@ pub trait Kick: Send + Sync {
     fn kick(&self);
 }
 
-/// Receives device interrupt lines by GSI (the in-kernel irqchip).
+/// The in-kernel irqchip's inputs: interrupt lines by GSI (0-15 ISA IRQs,
+/// 16-23 IOAPIC pins) and message-signalled interrupts.
 pub trait GsiSink: Send + Sync {
+    /// Drive GSI `gsi` to the (logical, asserted = true) `level`.
     fn set_gsi(&self, gsi: u32, level: bool);
+    /// Deliver an MSI (KVM_SIGNAL_MSI).
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage);
 }
 
 /// Which interrupt controllers a VM uses.

@@ -16,6 +16,7 @@ pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
+pub mod pci;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -30,6 +31,8 @@ pub struct GuestImage {
     pub blobs: Vec<(u64, Vec<u8>)>,
     /// Initial vCPU state (all built-in guests start in real mode).
     pub entry: CpuState,
+    /// PCI devices the guest expects (plugged in when it is loaded).
+    pub pci_devices: Vec<crate::machine::PciDeviceSpec>,
 }
 
 /// An entry of the built-in guest list.
@@ -127,6 +130,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: pci::NAME,
+            description: pci::DESCRIPTION,
+            build: pci::build,
             needs_input: false,
         },
         BuiltinGuest {

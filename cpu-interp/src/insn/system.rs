@@ -600,11 +600,9 @@ fn pat_valid(v: u64) -> bool {
     (0..8).all(|k| matches!((v >> (8 * k)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
-const MTRR_PHYS_FIRST: u32 = 0x200;
-const MTRR_PHYS_LAST: u32 = 0x20f;
-const MTRR_FIXED: [u32; 11] = [
-    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
-];
+const MTRR_PHYS_FIRST: u32 = crate::state::MTRR_VARIABLE_FIRST;
+const MTRR_PHYS_LAST: u32 = MTRR_PHYS_FIRST + 15;
+const MTRR_FIXED: [u32; 11] = crate::state::MTRR_FIXED_MSRS;
 
 impl Cpu {
     /// RDMSR semantics; `None` means #GP (an MSR duet does not know).
@@ -635,6 +633,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 *self.mtrr.get(&index).unwrap_or(&0x0606_0606_0606_0606)
             }
+            i if crate::mca::owns(i) => return self.mca.read(i),
             _ => return None,
         })
     }
@@ -715,6 +714,7 @@ impl Cpu {
             i if MTRR_FIXED.contains(&i) => {
                 self.mtrr.insert(index, v);
             }
+            i if crate::mca::owns(i) => return self.mca.write(i, v).or(gp),
             _ => return gp,
         }
         Ok(())
