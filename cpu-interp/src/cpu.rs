@@ -112,6 +112,8 @@ pub struct Cpu {
     pub(crate) efer: u64,
     pub(crate) apic_base: u64,
     pub(crate) xcr0: u64,
+    /// XSAVE state beyond x87/SSE/AVX, carried for KVM guests.
+    pub(crate) xstate: crate::state::XState,
     pub(crate) msrs: Msrs,
     pub(crate) dr: DebugRegs,
     pub(crate) fpu: Fpu,
@@ -184,6 +186,7 @@ impl Cpu {
             efer: 0,
             apic_base: 0,
             xcr0: 1,
+            xstate: crate::state::XState::default(),
             msrs: Msrs::default(),
             dr: DebugRegs::default(),
             fpu: Fpu::default(),
@@ -312,6 +315,7 @@ impl Cpu {
             fpu: self.fpu.to_state(),
             debug: self.dr,
             xcr0: self.xcr0,
+            xstate: self.xstate,
             events: self.events,
             tsc: self.tsc_offset.wrapping_add(self.retired),
         }
@@ -337,6 +341,7 @@ impl Cpu {
         self.efer = s.sregs.efer;
         self.apic_base = s.sregs.apic_base;
         self.xcr0 = s.xcr0 | 1;
+        self.xstate = s.xstate;
         self.msrs = s.msrs;
         self.fpu = Fpu::from_state(&s.fpu);
         self.dr = s.debug;

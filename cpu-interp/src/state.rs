@@ -135,6 +135,9 @@ pub struct FpuState {
     pub fdp: u64,
     pub xmm: [u128; 16],
     pub mxcsr: u32,
+    /// Bits 255:128 of YMM0..YMM15 (XSAVE state component 2, AVX); the
+    /// low halves are `xmm`.
+    pub ymm_hi: [u128; 16],
 }
 
 impl Default for FpuState {
@@ -149,6 +152,7 @@ impl Default for FpuState {
             fdp: 0,
             xmm: [0; 16],
             mxcsr: 0x1f80,
+            ymm_hi: [0; 16],
         }
     }
 }
@@ -232,6 +236,29 @@ pub struct PendingEvents {
     pub single_step_pending: bool,
 }
 
+/// XSAVE-managed state beyond x87, SSE and AVX (those are in
+/// [`FpuState`]), and the XSAVE bookkeeping. The interpreter implements no
+/// AVX-512 instruction, but a KVM guest's CPUID may enable the AVX-512 and
+/// PKRU components: the interpreter then carries them unchanged through
+/// XSAVE/XRSTOR (and zeroes the ZMM upper bits a VEX instruction clears).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XState {
+    /// XINUSE (SDM vol. 1, 13.6): bit i clear means state component i is
+    /// in its initial configuration. What XSAVEOPT/XSAVEC store as
+    /// XSTATE_BV; a KVM XSAVE image's XSTATE_BV.
+    pub xinuse: u64,
+    /// IA32_XSS: the supervisor state components XSAVES/XRSTORS manage.
+    pub xss: u64,
+    /// Opmask registers k0..k7 (component 5).
+    pub opmask: [u64; 8],
+    /// Bits 511:256 of ZMM0..ZMM15 (component 6), low 128 bits first.
+    pub zmm_hi256: [[u128; 2]; 16],
+    /// ZMM16..ZMM31 (component 7), low 128 bits first.
+    pub hi16_zmm: [[u128; 4]; 16],
+    /// PKRU (component 9).
+    pub pkru: u32,
+}
+
 /// Everything needed to move a vCPU between backends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuState {
@@ -241,6 +268,8 @@ pub struct CpuState {
     pub fpu: FpuState,
     pub debug: DebugRegs,
     pub xcr0: u64,
+    /// XSAVE state not in `fpu` (AVX-512, PKRU, XINUSE, IA32_XSS).
+    pub xstate: XState,
     pub events: PendingEvents,
     /// Time-stamp counter value.
     pub tsc: u64,
@@ -292,6 +321,7 @@ impl CpuState {
                 dr7: 0x400,
             },
             xcr0: 1,
+            xstate: XState::default(),
             events: PendingEvents::default(),
             tsc: 0,
         }

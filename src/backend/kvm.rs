@@ -108,7 +108,7 @@ use super::interp::IoPlatform;
 use super::{
     Backend, BackendError, CpuState, DebugRegs, DescriptorTable, FpuState, GuestMemory, IoHandler,
     IrqchipKind, Kick, MsrResult, Msrs, PendingEvents, Regs, Result, Segment, ShutdownReason,
-    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions,
+    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions, XState,
 };
 
 /// The only KVM API version there has ever been.
@@ -424,6 +424,8 @@ struct Caps {
     /// KVM_GET/SET_XCRS.
     xcrs: bool,
     fpu: FpuApi,
+    /// Where the XSAVE components beyond x87/SSE sit in KVM's XSAVE image.
+    xsave_layout: XsaveLayout,
     /// KVM_CAP_SYNC_REGS covers regs, sregs and events: KVM stores them in
     /// kvm_run on every exit, so reading them costs no ioctl.
     sync_regs: bool,
@@ -563,9 +565,13 @@ impl KvmBackend {
                 }
             };
         let sync_all = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let caps = Caps {
             xcrs: kvm.check_extension(Cap::Xcrs),
             fpu,
+            xsave_layout: XsaveLayout::from_cpuid(supported_cpuid.as_slice()),
             sync_regs: vm.check_extension_int(Cap::SyncRegs) as u32 & sync_all == sync_all,
             kernel_irqchip,
             machine_msrs,
@@ -608,9 +614,6 @@ impl KvmBackend {
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -1644,7 +1647,7 @@ impl KvmVcpu {
 
     /// Fill the rest: FPU, debug registers, XCR0, MSRs and the TSC.
     fn read_extra(&mut self, s: &mut CpuState) -> Result<()> {
-        s.fpu = self.read_fpu()?;
+        (s.fpu, s.xstate) = self.read_fpu()?;
         s.debug = debugregs_from_kvm(
             &self
                 .fd
@@ -1739,8 +1742,8 @@ impl KvmVcpu {
                     .map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
-        if current.is_none_or(|c| c.fpu != s.fpu) {
-            self.write_fpu(&s.fpu)?;
+        if current.is_none_or(|c| c.fpu != s.fpu || c.xstate != s.xstate) {
+            self.write_fpu(&s.fpu, &s.xstate)?;
         }
         if self.caps.xcrs && current.is_none_or(|c| c.xcr0 != s.xcr0) {
             self.fd
@@ -1821,13 +1824,18 @@ impl KvmVcpu {
         Xsave::new(words).map_err(fam_err("KVM_GET_XSAVE2"))
     }
 
-    /// The x87/SSE state (see [`FpuApi`]).
-    fn read_fpu(&mut self) -> Result<FpuState> {
-        let k = match self.caps.fpu {
-            FpuApi::Fpu => self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+    /// The x87/SSE/AVX state and the other XSAVE components (see
+    /// [`FpuApi`]; KVM_GET_FPU carries no AVX state).
+    fn read_fpu(&mut self) -> Result<(FpuState, XState)> {
+        let layout = self.caps.xsave_layout;
+        match self.caps.fpu {
+            FpuApi::Fpu => {
+                let k = self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+                Ok((fpu_from_kvm(&k), XState::default()))
+            }
             FpuApi::Xsave => {
                 let x = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
-                fxsave_to_kvm_fpu(&x.region)
+                Ok(xsave_image_to_state(&x.region, &layout))
             }
             FpuApi::Xsave2(size) => {
                 let mut x = Self::xsave_buffer(size)?;
@@ -1835,36 +1843,42 @@ impl KvmVcpu {
                 // for this VM (duet enables no XSTATE features dynamically
                 // afterwards), so the kernel writes within it.
                 unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
-                fxsave_to_kvm_fpu(&x.as_fam_struct_ref().xsave.region)
+                Ok(xsave_image_to_state(
+                    &x.as_fam_struct_ref().xsave.region,
+                    &layout,
+                ))
             }
-        };
-        Ok(fpu_from_kvm(&k))
+        }
     }
 
-    /// Replace the x87/SSE state. With XSAVE the other components (AVX,
-    /// AVX-512, ...) are read first and written back unchanged.
-    fn write_fpu(&mut self, f: &FpuState) -> Result<()> {
-        let k = fpu_to_kvm(f);
+    /// Replace the x87/SSE/AVX state and the XSAVE components duet carries
+    /// (AVX-512, PKRU). Components duet does not know are read first and
+    /// written back unchanged.
+    fn write_fpu(&mut self, f: &FpuState, x: &XState) -> Result<()> {
+        let layout = self.caps.xsave_layout;
         match self.caps.fpu {
-            FpuApi::Fpu => self.fd.set_fpu(&k).map_err(kvm_err("KVM_SET_FPU")),
+            FpuApi::Fpu => self
+                .fd
+                .set_fpu(&fpu_to_kvm(f))
+                .map_err(kvm_err("KVM_SET_FPU")),
             FpuApi::Xsave => {
-                let mut x = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
-                kvm_fpu_to_fxsave(&k, &mut x.region);
+                let mut img = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+                state_to_xsave_image(f, x, &layout, &mut img.region);
                 // SAFETY: without KVM_CAP_XSAVE2 (pre-5.17 kernels) KVM
-                // reads exactly `sizeof(struct kvm_xsave)` bytes, which `x` is.
-                unsafe { self.fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))
+                // reads exactly `sizeof(struct kvm_xsave)` bytes, which `img` is.
+                unsafe { self.fd.set_xsave(&img) }.map_err(kvm_err("KVM_SET_XSAVE"))
             }
             FpuApi::Xsave2(size) => {
-                let mut x = Self::xsave_buffer(size)?;
-                // SAFETY: as in `read_fpu`: `x` has the size KVM reported.
-                unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
+                let mut img = Self::xsave_buffer(size)?;
+                // SAFETY: as in `read_fpu`: `img` has the size KVM reported.
+                unsafe { self.fd.get_xsave2(&mut img) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
                 // SAFETY: only the fixed-size head of the structure is
                 // modified; its length field is left alone.
-                let region = unsafe { &mut x.as_mut_fam_struct().xsave.region };
-                kvm_fpu_to_fxsave(&k, region);
-                // SAFETY: `x` has the size KVM_CAP_XSAVE2 reported, so KVM
+                let region = unsafe { &mut img.as_mut_fam_struct().xsave.region };
+                state_to_xsave_image(f, x, &layout, region);
+                // SAFETY: `img` has the size KVM_CAP_XSAVE2 reported, so KVM
                 // reads within it.
-                unsafe { self.fd.set_xsave2(&x) }.map_err(kvm_err("KVM_SET_XSAVE2"))
+                unsafe { self.fd.set_xsave2(&img) }.map_err(kvm_err("KVM_SET_XSAVE2"))
             }
         }
     }
@@ -2418,6 +2432,7 @@ fn fpu_from_kvm(k: &kvm_fpu) -> FpuState {
         fdp: k.last_dp,
         xmm,
         mxcsr: k.mxcsr,
+        ymm_hi: [0; 16],
     }
 }
 
@@ -2496,6 +2511,196 @@ fn kvm_fpu_to_fxsave(k: &kvm_fpu, region: &mut [u32]) {
     let mut bv = [0u8; 8];
     bv.copy_from_slice(&b[fx::XSTATE_BV..fx::XSTATE_BV + 8]);
     let bv = u64::from_le_bytes(bv) | fx::BV_LEGACY;
+    b[fx::XSTATE_BV..fx::XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    for (w, chunk) in region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+}
+
+/// XSAVE state components duet moves beyond x87 and SSE.
+pub mod xcomp {
+    pub const AVX: usize = 2;
+    pub const OPMASK: usize = 5;
+    pub const ZMM_HI256: usize = 6;
+    pub const HI16_ZMM: usize = 7;
+    pub const PKRU: usize = 9;
+    /// Every component duet carries (x87, SSE and the above).
+    pub const CARRIED: u64 = 0b10_1110_0111;
+}
+
+/// Offsets and sizes of XSAVE state components in the standard-format
+/// image KVM_GET/SET_XSAVE use (CPUID.(0xD, i):EBX / EAX of the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XsaveLayout {
+    /// (offset, size) per component; size 0 when absent.
+    comps: [(usize, usize); 10],
+}
+
+impl XsaveLayout {
+    /// The architectural offsets (the same on Intel and AMD processors).
+    pub const STANDARD: XsaveLayout = XsaveLayout {
+        comps: [
+            (0, 160),
+            (160, 256),
+            (576, 256),
+            (0, 0),
+            (0, 0),
+            (1088, 64),
+            (1152, 512),
+            (1664, 1024),
+            (0, 0),
+            (2688, 8),
+        ],
+    };
+
+    /// From CPUID leaf 0xD as KVM reports it; components with an
+    /// unexpected size are dropped (never carried).
+    fn from_cpuid(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Self {
+        let mut l = XsaveLayout {
+            comps: [(0, 0); 10],
+        };
+        l.comps[0] = (0, 160);
+        l.comps[1] = (160, 256);
+        for i in [
+            xcomp::AVX,
+            xcomp::OPMASK,
+            xcomp::ZMM_HI256,
+            xcomp::HI16_ZMM,
+            xcomp::PKRU,
+        ] {
+            let want = Self::STANDARD.comps[i].1;
+            if let Some(e) = entries
+                .iter()
+                .find(|e| e.function == 0xd && e.index == i as u32)
+            {
+                if e.eax as usize == want && e.ebx as usize >= 576 {
+                    l.comps[i] = (e.ebx as usize, want);
+                }
+            }
+        }
+        l
+    }
+
+    /// The byte range of component `i` in the image, if carried.
+    fn range(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        let (off, size) = self.comps[i];
+        (size > 0 && i >= 2).then_some(off..off + size)
+    }
+}
+
+/// Little-endian `u128`s from bytes.
+fn u128s(b: &[u8]) -> impl Iterator<Item = u128> + '_ {
+    b.chunks_exact(16).map(|c| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(c);
+        u128::from_le_bytes(a)
+    })
+}
+
+/// The neutral state from a standard-format XSAVE image (KVM_GET_XSAVE):
+/// the legacy area, then every carried component whose XSTATE_BV bit is
+/// set (a clear bit means the component is in its initial configuration:
+/// zeros for these).
+fn xsave_image_to_state(region: &[u32], layout: &XsaveLayout) -> (FpuState, XState) {
+    let n = region.len() * 4;
+    let b = region_bytes(region, n);
+    let mut f = fpu_from_kvm(&fxsave_to_kvm_fpu(region));
+    let bv = u64::from_le_bytes(
+        b[fx::XSTATE_BV..fx::XSTATE_BV + 8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let mut x = XState {
+        xinuse: bv,
+        ..Default::default()
+    };
+    let present = |i: usize| layout.range(i).filter(|r| bv & (1 << i) != 0 && r.end <= n);
+    if let Some(r) = present(xcomp::AVX) {
+        for (d, v) in f.ymm_hi.iter_mut().zip(u128s(&b[r])) {
+            *d = v;
+        }
+    }
+    if let Some(r) = present(xcomp::OPMASK) {
+        for (d, c) in x.opmask.iter_mut().zip(b[r].chunks_exact(8)) {
+            *d = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+    }
+    if let Some(r) = present(xcomp::ZMM_HI256) {
+        let v: Vec<u128> = u128s(&b[r]).collect();
+        for (k, z) in x.zmm_hi256.iter_mut().enumerate() {
+            *z = [v[2 * k], v[2 * k + 1]];
+        }
+    }
+    if let Some(r) = present(xcomp::HI16_ZMM) {
+        let v: Vec<u128> = u128s(&b[r]).collect();
+        for (k, z) in x.hi16_zmm.iter_mut().enumerate() {
+            *z = [v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]];
+        }
+    }
+    if let Some(r) = present(xcomp::PKRU) {
+        x.pkru = u32::from_le_bytes(b[r.start..r.start + 4].try_into().unwrap_or([0; 4]));
+    }
+    (f, x)
+}
+
+/// Write the neutral state into a standard-format XSAVE image read from
+/// KVM: the legacy area (x87 and SSE marked present, as before), and each
+/// carried component, whose XSTATE_BV bit is set when XINUSE says so or
+/// its contents are not the initial ones (a clear bit makes KVM load the
+/// initial configuration). Components duet does not carry are kept.
+fn state_to_xsave_image(f: &FpuState, x: &XState, layout: &XsaveLayout, region: &mut [u32]) {
+    kvm_fpu_to_fxsave(&fpu_to_kvm(f), region);
+    let n = region.len() * 4;
+    let mut b = region_bytes(region, n);
+    let mut bv = u64::from_le_bytes(
+        b[fx::XSTATE_BV..fx::XSTATE_BV + 8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let mut put = |i: usize, data: Vec<u8>, b: &mut Vec<u8>| {
+        let Some(r) = layout.range(i).filter(|r| r.end <= n) else {
+            return;
+        };
+        let live = x.xinuse & (1 << i) != 0 || data.iter().any(|&v| v != 0);
+        if live {
+            b[r].copy_from_slice(&data);
+            bv |= 1 << i;
+        } else {
+            b[r].fill(0);
+            bv &= !(1 << i);
+        }
+    };
+    put(
+        xcomp::AVX,
+        f.ymm_hi.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        &mut b,
+    );
+    put(
+        xcomp::OPMASK,
+        x.opmask.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        &mut b,
+    );
+    put(
+        xcomp::ZMM_HI256,
+        x.zmm_hi256
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        &mut b,
+    );
+    put(
+        xcomp::HI16_ZMM,
+        x.hi16_zmm
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        &mut b,
+    );
+    let mut pk = x.pkru.to_le_bytes().to_vec();
+    pk.extend_from_slice(&[0; 4]);
+    put(xcomp::PKRU, pk, &mut b);
     b[fx::XSTATE_BV..fx::XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
     for (w, chunk) in region.iter_mut().zip(b.chunks_exact(4)) {
         *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -2732,6 +2937,7 @@ mod tests {
             fdp: 0x7fff_0000_9abc,
             xmm,
             mxcsr: 0x1fa0,
+            ymm_hi: [0; 16],
         }
     }
 
@@ -2791,6 +2997,42 @@ mod tests {
         assert_eq!(region[200], 0xdead_beef);
         assert_eq!(region[0], u32::from(f.fcw) | u32::from(f.fsw) << 16);
         assert_eq!(fpu_from_kvm(&fxsave_to_kvm_fpu(&region)), f);
+    }
+
+    #[test]
+    fn xsave_image_round_trip_carries_avx_and_avx512() {
+        let mut f = sample_fpu();
+        for (i, y) in f.ymm_hi.iter_mut().enumerate() {
+            *y = 0xfeed_0000_0000_0000_0000_0000_0000_0000 | i as u128;
+        }
+        let mut x = XState::default();
+        x.opmask = [1, 2, 3, 4, 5, 6, 7, u64::MAX];
+        x.zmm_hi256[3] = [0x33, 0x34];
+        x.hi16_zmm[15] = [1, 2, 3, u128::MAX];
+        x.pkru = 0x5555_5554;
+        let mut region = [0u32; 1024];
+        region[700] = 0xdead_beef; // beyond every carried component: kept
+        state_to_xsave_image(&f, &x, &XsaveLayout::STANDARD, &mut region);
+        let bv = u64::from(region[128]) | u64::from(region[129]) << 32;
+        assert_eq!(bv, xcomp::CARRIED);
+        assert_eq!(region[700], 0xdead_beef);
+        assert_eq!(region[576 / 4], 0);
+        assert_eq!(region[592 / 4 + 3], 0xfeed_0000);
+        let (f2, x2) = xsave_image_to_state(&region, &XsaveLayout::STANDARD);
+        assert_eq!(f2, f);
+        assert_eq!(x2.xinuse, xcomp::CARRIED);
+        assert_eq!(XState { xinuse: 0, ..x2 }, x);
+        // Components in their initial configuration and not in use stay
+        // marked init (so KVM keeps the upper state clean).
+        let mut f = sample_fpu();
+        f.ymm_hi = [0; 16];
+        state_to_xsave_image(&f, &XState::default(), &XsaveLayout::STANDARD, &mut region);
+        let bv = u64::from(region[128]) | u64::from(region[129]) << 32;
+        assert_eq!(bv, 0b11);
+        // A clear XSTATE_BV bit reads as the initial configuration.
+        region[576 / 4] = 0x1234;
+        let (f3, _) = xsave_image_to_state(&region, &XsaveLayout::STANDARD);
+        assert_eq!(f3.ymm_hi, [0; 16]);
     }
 
     #[test]
@@ -4502,15 +4744,15 @@ mod tests {
             let mut f = sample_fpu();
             f.xmm[0] = 0x1234_0000 + round as u128; // differs per round
             rig.vcpu.caps.fpu = api;
-            rig.vcpu.write_fpu(&f).unwrap();
+            rig.vcpu.write_fpu(&f, &XState::default()).unwrap();
             rig.vcpu.caps.fpu = native;
-            let mut back = rig.vcpu.read_fpu().unwrap();
+            let mut back = rig.vcpu.read_fpu().unwrap().0;
             if api == FpuApi::Fpu {
                 back.mxcsr = f.mxcsr;
             }
             assert_eq!(back, f, "written with {api:?}");
             rig.vcpu.caps.fpu = api;
-            let mut again = rig.vcpu.read_fpu().unwrap();
+            let mut again = rig.vcpu.read_fpu().unwrap().0;
             rig.vcpu.caps.fpu = native;
             if api == FpuApi::Fpu {
                 again.mxcsr = f.mxcsr;

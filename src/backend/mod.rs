@@ -12,6 +12,7 @@ use std::fmt;
 
 pub use cpu_interp::state::{
     CpuState, DebugRegs, DescriptorTable, FpuState, Msrs, PendingEvents, Regs, Segment, Sregs,
+    XState,
 };
 
 pub mod interp;
