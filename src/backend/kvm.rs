@@ -3005,8 +3005,10 @@ mod tests {
         for (i, y) in f.ymm_hi.iter_mut().enumerate() {
             *y = 0xfeed_0000_0000_0000_0000_0000_0000_0000 | i as u128;
         }
-        let mut x = XState::default();
-        x.opmask = [1, 2, 3, 4, 5, 6, 7, u64::MAX];
+        let mut x = XState {
+            opmask: [1, 2, 3, 4, 5, 6, 7, u64::MAX],
+            ..Default::default()
+        };
         x.zmm_hi256[3] = [0x33, 0x34];
         x.hi16_zmm[15] = [1, 2, 3, u128::MAX];
         x.pkru = 0x5555_5554;
