@@ -60,6 +60,8 @@ pub struct MachineConfig {
     pub clock: ClockKind,
     /// duet's interrupt controllers (default) or KVM's in-kernel ones.
     pub irqchip: IrqchipKind,
+    /// The CPU model (`--cpu`): what CPUID offers the guest.
+    pub cpu: cpu_interp::cpuid::CpuModel,
 }
 
 impl MachineConfig {
@@ -72,6 +74,7 @@ impl MachineConfig {
             serial_out,
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
+            cpu: cpu_interp::cpuid::CpuModel::default(),
         }
     }
 }
@@ -211,6 +214,7 @@ impl Machine {
             &mem,
             backend::VmOptions {
                 irqchip: cfg.irqchip,
+                cpu: cfg.cpu,
             },
         )?;
         let tsc_hz = match cfg.backend {

@@ -159,6 +159,12 @@ pub struct Cpu {
     pub(crate) chain: Box<[ChainEntry]>,
     /// What CPUID reports.
     pub(crate) cpuid_cfg: crate::cpuid::CpuidConfig,
+    /// The instruction-set extensions this CPU executes (its model's, or
+    /// all of them with `host_features`); instructions of the others #UD.
+    pub(crate) feat: crate::cpuid::Features,
+    /// XCR0 bits XSETBV/XRSTOR accept (the model's, or the KVM guest's
+    /// components with `host_features`).
+    pub(crate) xcr0_mask: u64,
     /// Vendor-specific behaviour (Intel's unless told otherwise).
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
@@ -211,6 +217,8 @@ impl Cpu {
             io_happened: false,
             chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
+            feat: crate::cpuid::feat::ALL,
+            xcr0_mask: crate::cpuid::xcr0_supported(crate::cpuid::feat::ALL),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
             unknown_msrs_logged: std::collections::BTreeSet::new(),
@@ -247,6 +255,37 @@ impl Cpu {
     /// not advertise (see `host_features`).
     pub fn set_host_features(&mut self, on: bool) {
         self.host_features = on;
+        self.update_features();
+    }
+
+    /// Recompute the enabled extensions after the model or
+    /// `host_features` changed; decoded blocks carry the choice.
+    fn update_features(&mut self) {
+        let f = if self.host_features {
+            crate::cpuid::feat::ALL
+        } else {
+            self.cpuid_cfg.model.features()
+        };
+        if f != self.feat {
+            self.feat = f;
+            self.clear_blocks();
+        }
+        if !self.host_features {
+            self.xcr0_mask = crate::cpuid::xcr0_supported(f);
+        }
+    }
+
+    /// Let XSETBV/XRSTOR use the XSAVE state components in `mask` (a KVM
+    /// guest's CPUID leaf 0xD, for the fallback): beyond x87/SSE/AVX only
+    /// those [`crate::state::XState`] carries (opmask, ZMM, PKRU).
+    pub fn set_xsave_components(&mut self, mask: u64) {
+        self.xcr0_mask = (mask | 1) & crate::insn::xsave::CARRIED;
+    }
+
+    /// Does this CPU execute instructions of extension `f`?
+    #[inline(always)]
+    pub(crate) fn has(&self, f: crate::cpuid::Features) -> bool {
+        self.feat & f == f
     }
 
     /// Behave as `quirks` say where the vendors differ (default: Intel's).
@@ -497,6 +536,7 @@ impl Cpu {
     /// Set what CPUID reports (APIC presence and ID, TSC frequency).
     pub fn set_cpuid_config(&mut self, cfg: crate::cpuid::CpuidConfig) {
         self.cpuid_cfg = cfg;
+        self.update_features();
     }
 
     /// Pending-event state (interrupt shadow, halted, ...).

@@ -88,6 +88,62 @@ pub fn table() -> &'static [Handler] {
     TABLE.get_or_init(build)
 }
 
+/// The [`crate::cpuid::feat`] bits each `Code` needs (0: always there).
+/// LZCNT and TZCNT are not gated: without their extension they execute
+/// as BSR and BSF, as on processors that lack them.
+pub fn required_features() -> &'static [crate::cpuid::Features] {
+    static REQ: OnceLock<Vec<crate::cpuid::Features>> = OnceLock::new();
+    REQ.get_or_init(|| {
+        use crate::cpuid::feat;
+        use iced_x86::CpuidFeature as F;
+        Code::values()
+            .map(|c| {
+                if matches!(c.mnemonic(), Mnemonic::Lzcnt | Mnemonic::Tzcnt) {
+                    return 0;
+                }
+                c.cpuid_features().iter().fold(0, |acc, f| {
+                    acc | match f {
+                        F::SSE3 => feat::SSE3,
+                        F::SSSE3 => feat::SSSE3,
+                        F::CMPXCHG16B => feat::CX16,
+                        F::POPCNT => feat::POPCNT,
+                        F::SSE4_1 => feat::SSE4_1,
+                        F::SSE4_2 => feat::SSE4_2,
+                        F::XSAVE => feat::XSAVE,
+                        F::XSAVEOPT => feat::XSAVEOPT,
+                        F::XSAVEC => feat::XSAVEC,
+                        F::XSAVES => feat::XSAVES,
+                        F::AVX => feat::AVX,
+                        F::AVX2 => feat::AVX2,
+                        F::FMA => feat::FMA,
+                        F::F16C => feat::F16C,
+                        F::BMI1 => feat::BMI1,
+                        F::BMI2 => feat::BMI2,
+                        F::MOVBE => feat::MOVBE,
+                        F::AES => feat::AES,
+                        F::PCLMULQDQ => feat::PCLMULQDQ,
+                        _ => 0,
+                    }
+                })
+            })
+            .collect()
+    })
+}
+
+impl Cpu {
+    /// The handler for `code` on this CPU: #UD for an instruction of an
+    /// extension its model lacks.
+    #[inline]
+    pub(crate) fn handler_for(&self, code: Code) -> Handler {
+        let c = code as usize;
+        if required_features()[c] & !self.feat != 0 {
+            invalid
+        } else {
+            table()[c]
+        }
+    }
+}
+
 /// Is `code` implemented by the interpreter?
 pub fn implemented(code: Code) -> bool {
     table()[code as usize] as *const () != unimplemented as *const ()

@@ -66,11 +66,18 @@ impl Platform for IoPlatform<'_> {
 /// One VM on the interpreter.
 pub struct InterpBackend {
     mem: GuestMemory,
+    model: cpu_interp::cpuid::CpuModel,
 }
 
 impl InterpBackend {
+    /// A VM whose vCPUs are the highest CPU model the interpreter has.
     pub fn new(mem: GuestMemory) -> Self {
-        InterpBackend { mem }
+        Self::with_model(mem, cpu_interp::cpuid::CpuModel::default())
+    }
+
+    /// A VM whose vCPUs are CPU model `model` (CPUID and instruction set).
+    pub fn with_model(mem: GuestMemory, model: cpu_interp::cpuid::CpuModel) -> Self {
+        InterpBackend { mem, model }
     }
 }
 
@@ -92,6 +99,7 @@ impl Backend for InterpBackend {
             crystal_hz: LAPIC_TIMER_HZ,
             x2apic: true,
             tsc_deadline: true,
+            model: self.model,
         });
         Ok(Box::new(InterpVcpu {
             cpu,

@@ -443,6 +443,8 @@ pub struct KvmBackend {
     supported_cpuid: CpuId,
     run_size: usize,
     irqchip: IrqchipKind,
+    /// The CPU model the guest's CPUID is cut down to (`--cpu`).
+    model: cpu_interp::cpuid::CpuModel,
     /// CPUID.1:ECX.TSC_DEADLINE may be advertised with the kernel irqchip.
     kernel_tsc_deadline: bool,
     /// KVM's TSC frequency in kHz; 0 until known (from the VM, else from the
@@ -628,6 +630,7 @@ impl KvmBackend {
             supported_cpuid,
             run_size,
             irqchip: opts.irqchip,
+            model: opts.cpu,
             kernel_tsc_deadline: kernel_irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
             tsc_khz: AtomicU32::new(u32::try_from(khz).unwrap_or(0)),
             mem: mem.clone(),
@@ -655,7 +658,25 @@ impl KvmBackend {
             fixup_tsc_leaves(cpuid.as_mut_slice(), khz, super::interp::LAPIC_TIMER_HZ);
         }
 
+        apply_cpu_model(cpuid.as_mut_slice(), self.model);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        // What the guest will really see: KVM-PVM puts the host's
+        // features back whatever duet asks for.
+        let effective = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap_or(cpuid);
+        let guest_xcr0 = effective
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .map_or(1, |e| u64::from(e.eax) | (u64::from(e.edx) << 32));
+        if let Some(extra) = model_overridden(effective.as_slice(), self.model) {
+            info_once("cpu-model-overridden", || {
+                format!(
+                    "kvm: this KVM overrides the guest's CPUID (KVM-PVM does): the guest sees \
+                     {extra} beyond --cpu {}; use the interpreter backend for an exact model",
+                    self.model
+                )
+            });
+        }
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
             fd.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -684,6 +705,7 @@ impl KvmBackend {
             halted: false,
             fallback_enabled: true,
             interp: None,
+            guest_xcr0,
             exits: BTreeMap::new(),
             fallbacks: 0,
             fallback_mnemonics: HashMap::new(),
@@ -791,6 +813,118 @@ fn fixup_cpuid(
             _ => {}
         }
     }
+}
+
+/// Leaf 1 ECX bits that are instruction-set extensions (a CPU model
+/// decides them): SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE,
+/// POPCNT, AES, XSAVE, OSXSAVE, AVX, F16C, RDRAND.
+const LEAF1_ECX_ISA: u32 = 0x7ed8_3203;
+/// 0x8000_0001 ECX bits that are instruction-set extensions: LAHF_LM, ABM
+/// (LZCNT), SSE4A, MisalignSSE, 3DNowPrefetch, XOP, FMA4, TBM.
+const EXT1_ECX_ISA: u32 = 0x0021_09e1;
+
+/// Cut KVM's CPUID down to CPU model `model` (QEMU's `-cpu x86-64-vN`
+/// on KVM does the same): its extensions where the host has them, no
+/// leaf-7 or AVX-512 feature beyond it, and only its XSAVE components.
+/// `Max` keeps everything KVM offers.
+fn apply_cpu_model(
+    entries: &mut [kvm_bindings::kvm_cpuid_entry2],
+    model: cpu_interp::cpuid::CpuModel,
+) {
+    use cpu_interp::cpuid;
+    if model == cpuid::CpuModel::Max {
+        return;
+    }
+    let f = model.features();
+    let (l1c, l7b, e1c, d1a) = cpuid::feature_bits(f);
+    let xcr0 = cpuid::xcr0_supported(f);
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (1, _) => e.ecx &= !LEAF1_ECX_ISA | l1c | cpuid::leaf1_ecx::OSXSAVE,
+            (7, 0) => {
+                e.ebx &= l7b;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (7, _) => {
+                *e = kvm_bindings::kvm_cpuid_entry2 {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    ..Default::default()
+                }
+            }
+            (0x8000_0001, _) => e.ecx &= !EXT1_ECX_ISA | e1c,
+            (0xd, 0) => {
+                e.eax &= xcr0 as u32;
+                e.edx = 0;
+                e.ebx = cpuid::xsave_size(xcr0 & 1);
+                e.ecx = cpuid::xsave_size(xcr0);
+            }
+            (0xd, 1) => {
+                e.eax &= d1a;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (0xd, i) if i >= 2 && (i >= 64 || xcr0 & (1 << i) == 0) => {
+                *e = kvm_bindings::kvm_cpuid_entry2 {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    ..Default::default()
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The extensions the guest's CPUID (as KVM reports it after
+/// KVM_SET_CPUID2) has beyond `model`, named; `None` when it has none.
+fn model_overridden(
+    entries: &[kvm_bindings::kvm_cpuid_entry2],
+    model: cpu_interp::cpuid::CpuModel,
+) -> Option<String> {
+    use cpu_interp::cpuid::{self, feat};
+    if model == cpuid::CpuModel::Max {
+        return None;
+    }
+    let get = |f: u32, i: u32| entries.iter().find(|e| e.function == f && e.index == i);
+    let want = model.features();
+    let names = [
+        (feat::SSE3, "sse3"),
+        (feat::SSSE3, "ssse3"),
+        (feat::CX16, "cx16"),
+        (feat::POPCNT, "popcnt"),
+        (feat::SSE4_1, "sse4.1"),
+        (feat::SSE4_2, "sse4.2"),
+        (feat::XSAVE, "xsave"),
+        (feat::AVX, "avx"),
+        (feat::AVX2, "avx2"),
+        (feat::FMA, "fma"),
+        (feat::F16C, "f16c"),
+        (feat::BMI1, "bmi1"),
+        (feat::BMI2, "bmi2"),
+        (feat::LZCNT, "lzcnt"),
+        (feat::MOVBE, "movbe"),
+        (feat::AES, "aes"),
+        (feat::PCLMULQDQ, "pclmulqdq"),
+    ];
+    let l1 = get(1, 0).map_or(0, |e| e.ecx);
+    let l7 = get(7, 0).map_or(0, |e| e.ebx);
+    let e1 = get(0x8000_0001, 0).map_or(0, |e| e.ecx);
+    let extra: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| want & b == 0)
+        .filter(|(b, _)| {
+            let (c, bx, x, _) = cpuid::feature_bits(*b);
+            l1 & c != 0 || l7 & bx != 0 || e1 & x != 0
+        })
+        .map(|(_, n)| *n)
+        .chain((l7 & (1 << 16) != 0).then_some("avx512f"))
+        .collect();
+    (!extra.is_empty()).then(|| extra.join(" "))
 }
 
 /// Leaves 0x15/0x16 describe the userspace LAPIC's timer clock as the
@@ -912,6 +1046,9 @@ pub struct KvmVcpu {
     fallback_enabled: bool,
     /// The interpreter used for instructions KVM refuses (created on first use).
     interp: Option<Box<Cpu>>,
+    /// The XSAVE state components the guest's CPUID (leaf 0xD) offers, as
+    /// KVM finally set it up.
+    guest_xcr0: u64,
     exits: BTreeMap<&'static str, u64>,
     fallbacks: u64,
     fallback_mnemonics: HashMap<Mnemonic, u64>,
@@ -1353,6 +1490,9 @@ impl KvmVcpu {
                     apic_id: self.id,
                     ..Default::default()
                 });
+                // XSETBV/XRSTOR may use every component the guest was told
+                // about (KVM-PVM forces the host's AVX-512 ones in).
+                c.set_xsave_components(self.guest_xcr0);
                 Box::new(c)
             }
         };
@@ -3446,6 +3586,48 @@ mod tests {
         (exit, io, rig)
     }
 
+    /// `--cpu x86-64-v2` on KVM: the guest's CPUID lacks AVX, or (KVM-PVM,
+    /// which forces the host's CPUID on its guests) duet says which
+    /// extensions the guest sees beyond the model. The guest executes
+    /// CPUID in ring 0 here (KVM's emulator answers from its table).
+    #[test]
+    fn cpu_model_reaches_the_kvm_guest_or_is_reported_overridden() {
+        if !kvm_usable() {
+            return;
+        }
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let opts = VmOptions {
+            cpu: cpu_interp::cpuid::CpuModel::V2,
+            ..Default::default()
+        };
+        let mut backend = KvmBackend::with_options(&mem, opts).expect("VM");
+        let vcpu = backend.create_kvm_vcpu(0).expect("vCPU");
+        let mut rig = Rig {
+            vcpu,
+            mem,
+            _backend: backend,
+        };
+        rig.setup(Mode::Long64);
+        // mov eax, 1 ; cpuid ; mov esi, ecx ; hlt
+        rig.write(CODE, &[0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x89, 0xce, 0xf4]);
+        rig.vcpu.set_state(&mode_state(Mode::Long64)).unwrap();
+        let mut io = Recorder::default();
+        assert_eq!(rig.run(&mut io), VcpuExit::Halted);
+        let ecx = rig.vcpu.state().unwrap().regs.gpr[cpu_interp::state::gpr::RSI] as u32;
+        let effective = rig.vcpu.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let overridden = model_overridden(effective.as_slice(), cpu_interp::cpuid::CpuModel::V2);
+        println!("guest CPUID.1:ECX {ecx:#x}; beyond the model: {overridden:?}");
+        let avx = ecx & cpu_interp::cpuid::leaf1_ecx::AVX != 0;
+        assert_eq!(
+            avx,
+            overridden.as_deref().is_some_and(|x| x.contains("avx"))
+        );
+        assert_eq!(
+            model_overridden(effective.as_slice(), cpu_interp::cpuid::CpuModel::Max),
+            None
+        );
+    }
+
     /// Turn off KVM_CAP_SYNC_REGS use (every transfer through ioctls).
     fn without_sync_regs(v: &mut KvmVcpu) {
         v.fd.clear_sync_valid_reg(SyncReg::Register);
@@ -4243,6 +4425,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let opts = VmOptions {
             irqchip: IrqchipKind::Kernel,
+            ..Default::default()
         };
         let mut backend = match KvmBackend::with_options(&mem, opts) {
             Ok(b) => b,
@@ -4637,6 +4820,92 @@ mod tests {
         }
     }
 
+    /// KVM-PVM refuses the XSAVE family in ring 0; the fallback runs it over
+    /// every state component the guest's CPUID offers (AVX-512 included
+    /// where KVM forces it in), and the state survives the trips between
+    /// KVM's XSAVE image and the interpreter.
+    #[test]
+    fn fallback_runs_xsave_and_xrstor_over_every_component() {
+        if !kvm_usable() {
+            return;
+        }
+        let mut rig = rig();
+        rig.setup(Mode::Long64);
+        let xcr0 = rig.vcpu.guest_xcr0 & xcomp::CARRIED;
+        println!("guest XCR0 components: {xcr0:#x}");
+        #[rustfmt::skip]
+        let mut code = vec![
+            0xbb, 0x00, 0x00, 0x01, 0x00, // mov ebx, 0x10000
+            0xb8, 0xff, 0xff, 0xff, 0xff, // mov eax, -1
+            0x89, 0xc2, // mov edx, eax
+            0x48, 0x0f, 0xae, 0x23, // xsave64 [rbx]
+            0x48, 0x0f, 0xae, 0xab, 0x00, 0x10, 0x00, 0x00, // xrstor64 [rbx+0x1000]
+        ];
+        // xor ecx, ecx ; xgetbv ; mov esi, eax (XCR0 after the init restore)
+        code.extend([0x31, 0xc9, 0x0f, 0x01, 0xd0, 0x89, 0xc6]);
+        // mov eax, -1 ; xrstor64 [rbx] ; hlt
+        code.extend([0xb8, 0xff, 0xff, 0xff, 0xff, 0x48, 0x0f, 0xae, 0x2b, 0xf4]);
+        rig.write(CODE, &code);
+        rig.write(0x10000, &[0u8; 0x3000]);
+        let mut s = mode_state(Mode::Long64);
+        s.sregs.cr4 |= (1 << 9) | (1 << 18); // OSFXSR, OSXSAVE
+        s.xcr0 = xcr0;
+        s.fpu = sample_fpu();
+        for (k, y) in s.fpu.ymm_hi.iter_mut().enumerate() {
+            *y = (0xa5a5_u128 << 112) | k as u128;
+        }
+        if xcr0 & 0xe0 == 0xe0 {
+            s.xstate.opmask = [1, 2, 3, 4, 5, 6, 7, 8];
+            s.xstate.zmm_hi256[2] = [0x22, 0x23];
+            s.xstate.hi16_zmm[9] = [9, 10, 11, 12];
+        }
+        if xcr0 & (1 << 9) != 0 {
+            s.xstate.pkru = 0x55;
+        }
+        rig.vcpu.set_state(&s).unwrap();
+        let mut io = Recorder::default();
+        assert_eq!(rig.run(&mut io), VcpuExit::Halted, "{:?}", io.log);
+        let back = rig.vcpu.state().unwrap();
+        assert_eq!(
+            back.regs.gpr[cpu_interp::state::gpr::RSI],
+            xcr0 & 0xffff_ffff
+        );
+        assert_eq!(back.fpu.xmm, s.fpu.xmm);
+        assert_eq!(back.fpu.ymm_hi, s.fpu.ymm_hi);
+        assert_eq!(back.fpu.mxcsr, s.fpu.mxcsr);
+        assert_eq!(back.fpu.st, s.fpu.st);
+        assert_eq!(
+            XState {
+                xinuse: 0,
+                ..back.xstate
+            },
+            XState {
+                xinuse: 0,
+                ..s.xstate
+            }
+        );
+        // The image the guest saved has AVX (and AVX-512) where the
+        // standard format puts them.
+        let mut img = vec![0u8; 2696];
+        rig.mem.read_slice(&mut img, GuestAddress(0x10000)).unwrap();
+        let bv = u64::from_le_bytes(img[512..520].try_into().unwrap());
+        assert_eq!(bv & 7, 7);
+        assert_eq!(img[576 + 16 * 3 + 15], 0xa5);
+        if xcr0 & 0xe0 == 0xe0 {
+            assert_eq!(bv & 0xe0, 0xe0);
+            assert_eq!(img[1088 + 8 * 7], 8);
+            assert_eq!(img[1152 + 32 * 2 + 16], 0x23);
+            assert_eq!(img[1664 + 64 * 9 + 48], 12);
+        }
+        let counts = rig.vcpu.fallback_counts();
+        println!("{counts:?}");
+        assert!(counts.iter().any(|(m, _)| m == "xsave64"), "{counts:?}");
+        assert!(
+            counts.iter().any(|(m, n)| m == "xrstor64" && *n == 2),
+            "{counts:?}"
+        );
+    }
+
     /// An instruction neither KVM nor the interpreter executes ends the run
     /// with a message naming it.
     #[test]
@@ -4644,17 +4913,17 @@ mod tests {
         if !kvm_usable() {
             return;
         }
-        // XSAVE: KVM-PVM refuses it in ring 0 and the interpreter does not
-        // implement it (it advertises no XSAVE).
-        assert!(!cpu_interp::dispatch::implemented(Code::Xsave_mem));
+        // RDPRU: KVM-PVM refuses it in ring 0 and the interpreter does not
+        // implement it (an AMD instruction duet never advertises).
+        assert!(!cpu_interp::dispatch::implemented(Code::Rdpru));
         for mode in [Mode::Real, Mode::Long64] {
-            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0xae, 0x20], true, 0);
+            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0x01, 0xfd], true, 0);
             let VcpuExit::Shutdown(ShutdownReason::Unrecoverable(msg)) = exit else {
                 panic!("{mode:?}: expected an unrecoverable shutdown, got {exit:?}");
             };
             println!("{msg}");
-            assert!(msg.contains("`xsave"), "{msg}");
-            assert!(msg.contains("0f ae 20"), "{msg}");
+            assert!(msg.contains("`rdpru"), "{msg}");
+            assert!(msg.contains("0f 01 fd"), "{msg}");
             assert!(msg.contains(&format!("RIP={CODE:#018x}")), "{msg}");
             assert!(msg.contains("CR0="), "{msg}");
             assert!(msg.contains("RAX="), "{msg}");

@@ -49,6 +49,8 @@ pub enum IrqchipKind {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VmOptions {
     pub irqchip: IrqchipKind,
+    /// The CPU model its vCPUs' CPUID describes (`--cpu`).
+    pub cpu: cpu_interp::cpuid::CpuModel,
 }
 
 /// Services the VMM provides to a running vCPU.
@@ -258,7 +260,10 @@ pub fn create(kind: BackendKind, mem: &GuestMemory, opts: VmOptions) -> Result<B
                     "--irqchip kernel needs the KVM backend; the interpreter has only the userspace irqchip".into(),
                 ));
             }
-            Ok(Box::new(interp::InterpBackend::new(mem.clone())))
+            Ok(Box::new(interp::InterpBackend::with_model(
+                mem.clone(),
+                opts.cpu,
+            )))
         }
         #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
         BackendKind::Kvm => Ok(Box::new(kvm::KvmBackend::with_options(mem, opts)?)),

@@ -29,6 +29,7 @@ pub mod stack;
 pub mod string;
 pub mod system;
 pub mod x87;
+pub mod xsave;
 
 /// Register every group's handlers.
 pub fn register_all(t: &mut Table) {
@@ -43,6 +44,7 @@ pub fn register_all(t: &mut Table) {
     stack::register(t);
     string::register(t);
     system::register(t);
+    xsave::register(t);
     // Floating point and vectors last: they override string-instruction
     // mnemonics shared with SSE (MOVSD, CMPSD).
     x87::register(t);
