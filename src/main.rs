@@ -184,6 +184,30 @@ struct RunArgs {
     /// Interrupt controllers: duet's own (userspace) or KVM's in-kernel ones.
     #[arg(long, value_enum, default_value = "userspace")]
     irqchip: IrqchipArg,
+    /// CPU model the guest's CPUID describes: x86-64-v1, x86-64-v2,
+    /// x86-64-v3 or max (everything the interpreter implements; the
+    /// default). On KVM never more than the host offers.
+    #[arg(long, value_parser = parse_cpu_model, default_value = "max")]
+    cpu: cpu_interp::cpuid::CpuModel,
+}
+
+fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
+    use cpu_interp::cpuid::CpuModel;
+    let m = CpuModel::parse(s).ok_or_else(|| {
+        format!("unknown CPU model '{s}' (x86-64-v1, x86-64-v2, x86-64-v3 or max)")
+    })?;
+    if !m.implemented() {
+        return Err(format!(
+            "CPU model {m} is not complete in duet's interpreter yet (available: {})",
+            CpuModel::ALL
+                .iter()
+                .filter(|m| m.implemented())
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(m)
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -266,6 +290,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             IrqchipArg::Userspace => IrqchipKind::Userspace,
             IrqchipArg::Kernel => IrqchipKind::Kernel,
         },
+        cpu: args.cpu,
         ..MachineConfig::new(kind, Box::new(std::io::stdout()))
     };
     let mut m = Machine::new(cfg).context("cannot build the machine")?;

@@ -30,8 +30,13 @@ pub mod feat {
     /// XGETBV with ECX = 1 (XINUSE).
     pub const XGETBV1: u32 = 1 << 20;
     pub const XSAVES: u32 = 1 << 21;
-    /// Everything the interpreter implements.
+    /// Every extension bit.
     pub const ALL: u32 = (1 << 22) - 1;
+    /// The extensions the interpreter implements completely (what `max`
+    /// offers; an extension joins when all its instructions are in and
+    /// tested against the hardware oracle).
+    pub const IMPLEMENTED: u32 =
+        SSE3 | SSSE3 | CX16 | POPCNT | LAHF_LM | XSAVE | XSAVEOPT | XSAVEC | XGETBV1 | XSAVES;
 }
 
 /// A set of [`feat`] bits.
@@ -47,7 +52,8 @@ pub enum CpuModel {
     V2,
     /// + AVX, AVX2, BMI1, BMI2, FMA, F16C, LZCNT, MOVBE, XSAVE.
     V3,
-    /// v3 + AES-NI, PCLMULQDQ, XSAVEOPT, XSAVEC, XSAVES.
+    /// Everything the interpreter implements (v3 + AES-NI, PCLMULQDQ,
+    /// XSAVEOPT, XSAVEC, XSAVES once complete).
     #[default]
     Max,
 }
@@ -64,8 +70,13 @@ impl CpuModel {
             CpuModel::V1 => 0,
             CpuModel::V2 => v2,
             CpuModel::V3 => v3,
-            CpuModel::Max => ALL,
+            CpuModel::Max => IMPLEMENTED,
         }
+    }
+
+    /// Does the interpreter implement every extension of this model?
+    pub fn implemented(self) -> bool {
+        self.features() & !feat::IMPLEMENTED == 0
     }
 
     /// The `--cpu` name.
