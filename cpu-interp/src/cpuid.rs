@@ -32,6 +32,9 @@ pub mod feat {
     pub const XSAVES: u32 = 1 << 21;
     /// Every extension bit.
     pub const ALL: u32 = (1 << 22) - 1;
+    /// Instructions of extensions the interpreter does not model: never
+    /// enabled.
+    pub const UNSUPPORTED: u32 = 1 << 31;
     /// The extensions the interpreter implements completely (what `max`
     /// offers; an extension joins when all its instructions are in and
     /// tested against the hardware oracle).

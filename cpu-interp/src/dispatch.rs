@@ -19,6 +19,7 @@ pub type Handler = fn(&mut Cpu, &mut dyn Platform, &Insn) -> XResult<()>;
 pub struct Table {
     handlers: Vec<Handler>,
     by_mnemonic: Vec<Vec<Code>>,
+    vex_by_mnemonic: Vec<Vec<Code>>,
 }
 
 impl Table {
@@ -45,6 +46,23 @@ impl Table {
         n
     }
 
+    /// Register `h` for every VEX-encoded form of `mnemonic`. Returns how
+    /// many codes were set.
+    pub fn set_vex(&mut self, mnemonic: Mnemonic, h: Handler) -> usize {
+        let codes = std::mem::take(&mut self.vex_by_mnemonic[mnemonic as usize]);
+        for &c in &codes {
+            self.handlers[c as usize] = h;
+        }
+        let n = codes.len();
+        self.vex_by_mnemonic[mnemonic as usize] = codes;
+        n
+    }
+
+    /// The VEX-encoded codes of `mnemonic`.
+    pub fn vex_codes(&self, mnemonic: Mnemonic) -> &[Code] {
+        &self.vex_by_mnemonic[mnemonic as usize]
+    }
+
     /// The legacy-encoded codes of `mnemonic`.
     pub fn codes(&self, mnemonic: Mnemonic) -> &[Code] {
         &self.by_mnemonic[mnemonic as usize]
@@ -68,14 +86,18 @@ pub fn invalid(_cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> 
 
 fn build() -> Vec<Handler> {
     let mut by_mnemonic: Vec<Vec<Code>> = vec![Vec::new(); Mnemonic::values().len()];
+    let mut vex_by_mnemonic: Vec<Vec<Code>> = vec![Vec::new(); Mnemonic::values().len()];
     for c in Code::values() {
-        if c.encoding() == EncodingKind::Legacy {
-            by_mnemonic[c.mnemonic() as usize].push(c);
+        match c.encoding() {
+            EncodingKind::Legacy => by_mnemonic[c.mnemonic() as usize].push(c),
+            EncodingKind::VEX => vex_by_mnemonic[c.mnemonic() as usize].push(c),
+            _ => {}
         }
     }
     let mut t = Table {
         handlers: vec![unimplemented as Handler; Code::values().len()],
         by_mnemonic,
+        vex_by_mnemonic,
     };
     t.set(Code::INVALID, invalid);
     crate::insn::register_all(&mut t);
@@ -101,7 +123,27 @@ pub fn required_features() -> &'static [crate::cpuid::Features] {
                 if matches!(c.mnemonic(), Mnemonic::Lzcnt | Mnemonic::Tzcnt) {
                     return 0;
                 }
-                c.cpuid_features().iter().fold(0, |acc, f| {
+                let features = c.cpuid_features();
+                // A VEX form of an extension duet does not model (VAES,
+                // VPCLMULQDQ, AVX-VNNI, GFNI, ...) is never executed.
+                let unknown_vex = c.encoding() == EncodingKind::VEX
+                    && features.iter().any(|f| {
+                        !matches!(
+                            f,
+                            F::AVX
+                                | F::AVX2
+                                | F::FMA
+                                | F::F16C
+                                | F::BMI1
+                                | F::BMI2
+                                | F::AES
+                                | F::PCLMULQDQ
+                        )
+                    });
+                if unknown_vex {
+                    return feat::UNSUPPORTED;
+                }
+                features.iter().fold(0, |acc, f| {
                     acc | match f {
                         F::SSE3 => feat::SSE3,
                         F::SSSE3 => feat::SSSE3,

@@ -12,11 +12,16 @@ use crate::exception::{Exception, XResult};
 use crate::platform::Platform;
 use crate::state::gpr;
 
+pub mod aes;
 pub mod alu;
+pub mod avx;
+pub mod avx2;
 pub mod bcd;
 pub mod bits;
+pub mod bmi;
 pub mod control;
 pub mod fast;
+pub mod fma;
 pub mod io;
 pub mod mmx;
 pub mod mov;
@@ -25,6 +30,7 @@ pub mod shift;
 pub mod simd;
 pub mod simd_fp;
 pub mod sse;
+pub mod sse4;
 pub mod stack;
 pub mod string;
 pub mod system;
@@ -50,6 +56,12 @@ pub fn register_all(t: &mut Table) {
     x87::register(t);
     mmx::register(t);
     sse::register(t);
+    sse4::register(t);
+    avx::register(t);
+    avx2::register(t);
+    fma::register(t);
+    bmi::register(t);
+    aes::register(t);
 }
 
 /// Pick a faster handler for common operand forms (register and
