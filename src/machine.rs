@@ -76,6 +76,8 @@ pub struct MachineConfig {
     /// The interpreter backend's execution tier (default: the fastest the
     /// host supports, or `DUET_TIER=interp|jit`).
     pub tier: cpu_interp::Tier,
+    /// The CPU model (`--cpu`): what CPUID offers the guest.
+    pub cpu: cpu_interp::cpuid::CpuModel,
 }
 
 /// The default tier: `DUET_TIER` (`interp` or `jit`) when set, else the
@@ -99,6 +101,7 @@ impl MachineConfig {
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
             tier: default_tier(),
+            cpu: cpu_interp::cpuid::CpuModel::default(),
         }
     }
 }
@@ -354,6 +357,7 @@ impl Machine {
             backend::VmOptions {
                 irqchip: cfg.irqchip,
                 tier: cfg.tier,
+                cpu: cfg.cpu,
             },
         )?;
         let tsc_hz = match cfg.backend {

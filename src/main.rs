@@ -292,6 +292,32 @@ struct RunArgs {
     /// Example: --console-device virtio,socket=/tmp/hvc0
     #[arg(long = "console-device", value_name = "SPEC")]
     console_device: Option<duet::device_args::ConsoleSpec>,
+    /// CPU model the guest's CPUID describes: x86-64-v1, x86-64-v2,
+    /// x86-64-v3 or max (everything the interpreter implements; the
+    /// default). On KVM never more than the host offers.
+    ///
+    /// Example: --cpu x86-64-v2
+    #[arg(long, value_name = "MODEL", value_parser = parse_cpu_model, default_value = "max")]
+    cpu: cpu_interp::cpuid::CpuModel,
+}
+
+fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
+    use cpu_interp::cpuid::CpuModel;
+    let m = CpuModel::parse(s).ok_or_else(|| {
+        format!("unknown CPU model '{s}' (x86-64-v1, x86-64-v2, x86-64-v3 or max)")
+    })?;
+    if !m.implemented() {
+        return Err(format!(
+            "CPU model {m} is not complete in duet's interpreter yet (available: {})",
+            CpuModel::ALL
+                .iter()
+                .filter(|m| m.implemented())
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(m)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -498,6 +524,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             IrqchipArg::Kernel => IrqchipKind::Kernel,
         },
         tier: TierArg::tier(args.tier),
+        cpu: args.cpu,
         ..MachineConfig::new(kind, port.take_output())
     };
     let memory_text = memory.map_or_else(|| "256M (the default)".to_string(), |m| m.text);

@@ -112,6 +112,8 @@ pub struct Cpu {
     pub(crate) efer: u64,
     pub(crate) apic_base: u64,
     pub(crate) xcr0: u64,
+    /// XSAVE state beyond x87/SSE/AVX, carried for KVM guests.
+    pub(crate) xstate: crate::state::XState,
     pub(crate) msrs: Msrs,
     pub(crate) dr: DebugRegs,
     pub(crate) fpu: Fpu,
@@ -162,6 +164,12 @@ pub struct Cpu {
     pub(crate) chain: Box<[ChainEntry]>,
     /// What CPUID reports.
     pub(crate) cpuid_cfg: crate::cpuid::CpuidConfig,
+    /// The instruction-set extensions this CPU executes (its model's, or
+    /// all of them with `host_features`); instructions of the others #UD.
+    pub(crate) feat: crate::cpuid::Features,
+    /// XCR0 bits XSETBV/XRSTOR accept (the model's, or the KVM guest's
+    /// components with `host_features`).
+    pub(crate) xcr0_mask: u64,
     /// Vendor-specific behaviour (Intel's unless told otherwise).
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
@@ -201,6 +209,7 @@ impl Cpu {
             efer: 0,
             apic_base: 0,
             xcr0: 1,
+            xstate: crate::state::XState::default(),
             msrs: Msrs::default(),
             dr: DebugRegs::default(),
             fpu: Fpu::default(),
@@ -226,6 +235,8 @@ impl Cpu {
             io_happened: false,
             chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
+            feat: crate::cpuid::feat::ALL,
+            xcr0_mask: crate::cpuid::xcr0_supported(crate::cpuid::feat::ALL),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
             mca: crate::mca::MachineCheck::default(),
@@ -372,6 +383,37 @@ impl Cpu {
     /// not advertise (see `host_features`).
     pub fn set_host_features(&mut self, on: bool) {
         self.host_features = on;
+        self.update_features();
+    }
+
+    /// Recompute the enabled extensions after the model or
+    /// `host_features` changed; decoded blocks carry the choice.
+    fn update_features(&mut self) {
+        let f = if self.host_features {
+            crate::cpuid::feat::ALL
+        } else {
+            self.cpuid_cfg.model.features()
+        };
+        if f != self.feat {
+            self.feat = f;
+            self.clear_blocks();
+        }
+        if !self.host_features {
+            self.xcr0_mask = crate::cpuid::xcr0_supported(f);
+        }
+    }
+
+    /// Let XSETBV/XRSTOR use the XSAVE state components in `mask` (a KVM
+    /// guest's CPUID leaf 0xD, for the fallback): beyond x87/SSE/AVX only
+    /// those [`crate::state::XState`] carries (opmask, ZMM, PKRU).
+    pub fn set_xsave_components(&mut self, mask: u64) {
+        self.xcr0_mask = (mask | 1) & crate::insn::xsave::CARRIED;
+    }
+
+    /// Does this CPU execute instructions of extension `f`?
+    #[inline(always)]
+    pub(crate) fn has(&self, f: crate::cpuid::Features) -> bool {
+        self.feat & f == f
     }
 
     /// Behave as `quirks` say where the vendors differ (default: Intel's).
@@ -467,6 +509,7 @@ impl Cpu {
             fpu: self.fpu.to_state(),
             debug: self.dr,
             xcr0: self.xcr0,
+            xstate: self.xstate,
             events: self.events,
             tsc: self.tsc_offset.wrapping_add(self.retired),
         }
@@ -492,6 +535,7 @@ impl Cpu {
         self.efer = s.sregs.efer;
         self.apic_base = s.sregs.apic_base;
         self.xcr0 = s.xcr0 | 1;
+        self.xstate = s.xstate;
         self.msrs = s.msrs;
         self.set_mtrr_state(&s.msrs.mtrr);
         self.fpu = Fpu::from_state(&s.fpu);
@@ -649,6 +693,7 @@ impl Cpu {
     /// Set what CPUID reports (APIC presence and ID, TSC frequency).
     pub fn set_cpuid_config(&mut self, cfg: crate::cpuid::CpuidConfig) {
         self.cpuid_cfg = cfg;
+        self.update_features();
     }
 
     /// Pending-event state (interrupt shadow, halted, ...).

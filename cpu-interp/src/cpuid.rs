@@ -4,6 +4,119 @@
 //! adding a feature bit here is a promise, backed by unit tests of the
 //! instructions it covers. The table is documented in docs/CPUID.md.
 
+/// Instruction-set extensions a CPU model has: bits of [`Features`].
+pub mod feat {
+    pub const SSE3: u32 = 1 << 0;
+    pub const SSSE3: u32 = 1 << 1;
+    pub const CX16: u32 = 1 << 2;
+    pub const POPCNT: u32 = 1 << 3;
+    /// LAHF/SAHF in 64-bit mode.
+    pub const LAHF_LM: u32 = 1 << 4;
+    pub const SSE4_1: u32 = 1 << 5;
+    pub const SSE4_2: u32 = 1 << 6;
+    pub const XSAVE: u32 = 1 << 7;
+    pub const AVX: u32 = 1 << 8;
+    pub const AVX2: u32 = 1 << 9;
+    pub const FMA: u32 = 1 << 10;
+    pub const F16C: u32 = 1 << 11;
+    pub const BMI1: u32 = 1 << 12;
+    pub const BMI2: u32 = 1 << 13;
+    pub const LZCNT: u32 = 1 << 14;
+    pub const MOVBE: u32 = 1 << 15;
+    pub const AES: u32 = 1 << 16;
+    pub const PCLMULQDQ: u32 = 1 << 17;
+    pub const XSAVEOPT: u32 = 1 << 18;
+    pub const XSAVEC: u32 = 1 << 19;
+    /// XGETBV with ECX = 1 (XINUSE).
+    pub const XGETBV1: u32 = 1 << 20;
+    pub const XSAVES: u32 = 1 << 21;
+    /// Every extension bit.
+    pub const ALL: u32 = (1 << 22) - 1;
+    /// Instructions of extensions the interpreter does not model: never
+    /// enabled.
+    pub const UNSUPPORTED: u32 = 1 << 31;
+    /// The extensions the interpreter implements completely (what `max`
+    /// offers; an extension joins when all its instructions are in and
+    /// tested against the hardware oracle).
+    pub const IMPLEMENTED: u32 =
+        SSE3 | SSSE3 | CX16 | POPCNT | LAHF_LM | XSAVE | XSAVEOPT | XSAVEC | XGETBV1 | XSAVES;
+}
+
+/// A set of [`feat`] bits.
+pub type Features = u32;
+
+/// The CPU models of `--cpu`: the x86-64 micro-architecture levels of the
+/// psABI (as QEMU's `-cpu x86-64-v2` etc.) and everything implemented.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CpuModel {
+    /// The x86-64 baseline: SSE2, no SSE3.
+    V1,
+    /// + SSE3, SSSE3, SSE4.1, SSE4.2, POPCNT, CMPXCHG16B, LAHF/SAHF.
+    V2,
+    /// + AVX, AVX2, BMI1, BMI2, FMA, F16C, LZCNT, MOVBE, XSAVE.
+    V3,
+    /// Everything the interpreter implements (v3 + AES-NI, PCLMULQDQ,
+    /// XSAVEOPT, XSAVEC, XSAVES once complete).
+    #[default]
+    Max,
+}
+
+impl CpuModel {
+    pub const ALL: [CpuModel; 4] = [CpuModel::V1, CpuModel::V2, CpuModel::V3, CpuModel::Max];
+
+    /// The extensions of the model.
+    pub fn features(self) -> Features {
+        use feat::*;
+        let v2 = SSE3 | SSSE3 | CX16 | POPCNT | LAHF_LM | SSE4_1 | SSE4_2;
+        let v3 = v2 | XSAVE | AVX | AVX2 | FMA | F16C | BMI1 | BMI2 | LZCNT | MOVBE;
+        match self {
+            CpuModel::V1 => 0,
+            CpuModel::V2 => v2,
+            CpuModel::V3 => v3,
+            CpuModel::Max => IMPLEMENTED,
+        }
+    }
+
+    /// Does the interpreter implement every extension of this model?
+    pub fn implemented(self) -> bool {
+        self.features() & !feat::IMPLEMENTED == 0
+    }
+
+    /// The `--cpu` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuModel::V1 => "x86-64-v1",
+            CpuModel::V2 => "x86-64-v2",
+            CpuModel::V3 => "x86-64-v3",
+            CpuModel::Max => "max",
+        }
+    }
+
+    /// Parse a `--cpu` name (`x86-64-v2`, `v2`, `max`, ...).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_prefix("x86-64-").unwrap_or(&s);
+        Some(match s {
+            "v1" | "x86-64" => CpuModel::V1,
+            "v2" => CpuModel::V2,
+            "v3" => CpuModel::V3,
+            "max" | "host" => CpuModel::Max,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for CpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// XSAVE state components the interpreter implements: x87, SSE, AVX.
+pub const XCR0_X87: u64 = 1;
+pub const XCR0_SSE: u64 = 2;
+pub const XCR0_AVX: u64 = 4;
+
 /// Knobs the machine sets (per vCPU).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuidConfig {
@@ -20,6 +133,8 @@ pub struct CpuidConfig {
     pub x2apic: bool,
     /// Advertise the TSC-deadline timer mode.
     pub tsc_deadline: bool,
+    /// Which instruction-set extensions to advertise (and execute).
+    pub model: CpuModel,
 }
 
 pub mod leaf1_edx {
@@ -49,12 +164,36 @@ pub mod leaf1_edx {
 
 pub mod leaf1_ecx {
     pub const SSE3: u32 = 1 << 0;
+    pub const PCLMULQDQ: u32 = 1 << 1;
     pub const SSSE3: u32 = 1 << 9;
+    pub const FMA: u32 = 1 << 12;
     pub const CX16: u32 = 1 << 13;
+    pub const SSE4_1: u32 = 1 << 19;
+    pub const SSE4_2: u32 = 1 << 20;
     pub const X2APIC: u32 = 1 << 21;
+    pub const MOVBE: u32 = 1 << 22;
     pub const POPCNT: u32 = 1 << 23;
     pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const AES: u32 = 1 << 25;
+    pub const XSAVE: u32 = 1 << 26;
+    pub const OSXSAVE: u32 = 1 << 27;
+    pub const AVX: u32 = 1 << 28;
+    pub const F16C: u32 = 1 << 29;
     pub const HYPERVISOR: u32 = 1 << 31;
+}
+
+pub mod leaf7_ebx {
+    pub const BMI1: u32 = 1 << 3;
+    pub const AVX2: u32 = 1 << 5;
+    pub const BMI2: u32 = 1 << 8;
+}
+
+/// CPUID.(0xD, 1):EAX.
+pub mod leafd1_eax {
+    pub const XSAVEOPT: u32 = 1 << 0;
+    pub const XSAVEC: u32 = 1 << 1;
+    pub const XGETBV1: u32 = 1 << 2;
+    pub const XSAVES: u32 = 1 << 3;
 }
 
 pub mod ext1_edx {
@@ -67,6 +206,70 @@ pub mod ext1_edx {
 
 pub mod ext1_ecx {
     pub const LAHF_LM: u32 = 1 << 0;
+    /// LZCNT.
+    pub const ABM: u32 = 1 << 5;
+}
+
+/// CPUID feature bits of each extension: (leaf 1 ECX, leaf 7 EBX,
+/// 0x8000_0001 ECX, leaf 0xD.1 EAX).
+const FEATURE_BITS: [(u32, u32, u32, u32, u32); 22] = {
+    use feat::*;
+    [
+        (SSE3, leaf1_ecx::SSE3, 0, 0, 0),
+        (SSSE3, leaf1_ecx::SSSE3, 0, 0, 0),
+        (CX16, leaf1_ecx::CX16, 0, 0, 0),
+        (POPCNT, leaf1_ecx::POPCNT, 0, 0, 0),
+        (LAHF_LM, 0, 0, ext1_ecx::LAHF_LM, 0),
+        (SSE4_1, leaf1_ecx::SSE4_1, 0, 0, 0),
+        (SSE4_2, leaf1_ecx::SSE4_2, 0, 0, 0),
+        (XSAVE, leaf1_ecx::XSAVE, 0, 0, 0),
+        (AVX, leaf1_ecx::AVX, 0, 0, 0),
+        (AVX2, 0, leaf7_ebx::AVX2, 0, 0),
+        (FMA, leaf1_ecx::FMA, 0, 0, 0),
+        (F16C, leaf1_ecx::F16C, 0, 0, 0),
+        (BMI1, 0, leaf7_ebx::BMI1, 0, 0),
+        (BMI2, 0, leaf7_ebx::BMI2, 0, 0),
+        (LZCNT, 0, 0, ext1_ecx::ABM, 0),
+        (MOVBE, leaf1_ecx::MOVBE, 0, 0, 0),
+        (AES, leaf1_ecx::AES, 0, 0, 0),
+        (PCLMULQDQ, leaf1_ecx::PCLMULQDQ, 0, 0, 0),
+        (XSAVEOPT, 0, 0, 0, leafd1_eax::XSAVEOPT),
+        (XSAVEC, 0, 0, 0, leafd1_eax::XSAVEC),
+        (XGETBV1, 0, 0, 0, leafd1_eax::XGETBV1),
+        (XSAVES, 0, 0, 0, leafd1_eax::XSAVES),
+    ]
+};
+
+/// The CPUID bits of `f`: (leaf 1 ECX, leaf 7 EBX, 0x8000_0001 ECX,
+/// leaf 0xD.1 EAX).
+pub fn feature_bits(f: Features) -> (u32, u32, u32, u32) {
+    FEATURE_BITS
+        .iter()
+        .filter(|e| f & e.0 != 0)
+        .fold((0, 0, 0, 0), |a, e| {
+            (a.0 | e.1, a.1 | e.2, a.2 | e.3, a.3 | e.4)
+        })
+}
+
+/// The XCR0 bits (state components) a model supports.
+pub fn xcr0_supported(f: Features) -> u64 {
+    if f & feat::XSAVE == 0 {
+        0
+    } else if f & feat::AVX != 0 {
+        XCR0_X87 | XCR0_SSE | XCR0_AVX
+    } else {
+        XCR0_X87 | XCR0_SSE
+    }
+}
+
+/// Size of a standard-format XSAVE area for the components in `xcr0`
+/// (legacy region, header, and AVX at offset 576).
+pub fn xsave_size(xcr0: u64) -> u32 {
+    if xcr0 & XCR0_AVX != 0 {
+        576 + 256
+    } else {
+        576
+    }
 }
 
 /// Feature bits the interpreter implements today.
@@ -91,15 +294,14 @@ pub const LEAF1_EDX: u32 = {
         | SSE
         | SSE2
 };
-pub const LEAF1_ECX: u32 = {
-    use leaf1_ecx::*;
-    SSE3 | SSSE3 | CX16 | POPCNT | HYPERVISOR
-};
+/// Leaf 1 ECX bits every model has (the rest come from [`feature_bits`]).
+pub const LEAF1_ECX: u32 = leaf1_ecx::HYPERVISOR;
 pub const EXT1_EDX: u32 = {
     use ext1_edx::*;
     SYSCALL | NX | PDPE1GB | RDTSCP | LM
 };
-pub const EXT1_ECX: u32 = ext1_ecx::LAHF_LM;
+/// 0x8000_0001 ECX bits every model has.
+pub const EXT1_ECX: u32 = 0;
 
 const MAX_BASIC: u32 = 0x16;
 const MAX_EXT: u32 = 0x8000_0008;
@@ -124,8 +326,34 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-/// CPUID(`leaf`, `subleaf`) → [EAX, EBX, ECX, EDX].
+/// Architectural state CPUID reports from: CR4.OSXSAVE, XCR0, IA32_XSS.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dynamic {
+    pub osxsave: bool,
+    pub xcr0: u64,
+    pub xss: u64,
+}
+
+/// CPUID(`leaf`, `subleaf`) → [EAX, EBX, ECX, EDX], for a CPU in its
+/// initial configuration (XSAVE disabled, XCR0 = 1).
 pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
+    query_with(
+        cfg,
+        &Dynamic {
+            osxsave: false,
+            xcr0: 1,
+            xss: 0,
+        },
+        leaf,
+        subleaf,
+    )
+}
+
+/// CPUID(`leaf`, `subleaf`) with the bits that follow CR4.OSXSAVE, XCR0
+/// and IA32_XSS.
+pub fn query_with(cfg: &CpuidConfig, dy: &Dynamic, leaf: u32, subleaf: u32) -> [u32; 4] {
+    let f = cfg.model.features();
+    let (l1c, l7b, e1c, d1a) = feature_bits(f);
     match leaf {
         0 => {
             let v = str_regs(b"GenuineIntel");
@@ -135,7 +363,10 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
         1 => {
             let ebx = (cfg.apic_id << 24) | (1 << 16) | (8 << 8);
             let mut edx = LEAF1_EDX;
-            let mut ecx = LEAF1_ECX;
+            let mut ecx = LEAF1_ECX | l1c;
+            if dy.osxsave && f & feat::XSAVE != 0 {
+                ecx |= leaf1_ecx::OSXSAVE;
+            }
             if cfg.apic {
                 edx |= leaf1_edx::APIC;
                 if cfg.x2apic {
@@ -149,7 +380,35 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
         }
         // Deterministic cache parameters: report no caches.
         4 => [0, 0, 0, 0],
-        7 => [0, 0, 0, 0],
+        7 => match subleaf {
+            0 => [0, l7b, 0, 0],
+            _ => [0, 0, 0, 0],
+        },
+        0xd if f & feat::XSAVE != 0 => {
+            let sup = xcr0_supported(f);
+            match subleaf {
+                0 => [
+                    sup as u32,
+                    xsave_size(dy.xcr0),
+                    xsave_size(sup),
+                    (sup >> 32) as u32,
+                ],
+                // No supervisor state components (IA32_XSS stays 0): the
+                // compacted size for XCR0 | IA32_XSS is the standard one.
+                1 => [
+                    d1a,
+                    if f & feat::XSAVES != 0 {
+                        xsave_size(dy.xcr0 | dy.xss)
+                    } else {
+                        0
+                    },
+                    0,
+                    0,
+                ],
+                2 if sup & XCR0_AVX != 0 => [256, 576, 0, 0],
+                _ => [0, 0, 0, 0],
+            }
+        }
         0xb => {
             // x2APIC topology: one thread, one core.
             match subleaf {
@@ -176,7 +435,7 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
         },
         2 | 3 | 5 | 6 | 8..=0xa | 0xc..=0x14 => [0, 0, 0, 0],
         0x8000_0000 => [MAX_EXT, 0, 0, 0],
-        0x8000_0001 => [0, 0, EXT1_ECX, EXT1_EDX],
+        0x8000_0001 => [0, 0, EXT1_ECX | e1c, EXT1_EDX],
         0x8000_0002..=0x8000_0004 => {
             let k = (leaf - 0x8000_0002) as usize * 16;
             let b = &BRAND[k..k + 16];
@@ -186,8 +445,8 @@ pub fn query(cfg: &CpuidConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
         0x8000_0005..=0x8000_0007 => [0, 0, 0, 0],
         0x8000_0008 => [crate::mmu::PHYS_ADDR_BITS | (48 << 8), 0, 0, 0],
         // Intel returns the highest basic leaf's data for out-of-range leaves.
-        l if l > MAX_BASIC && l < 0x8000_0000 => query(cfg, MAX_BASIC, subleaf),
-        _ => query(cfg, MAX_BASIC, subleaf),
+        l if l > MAX_BASIC && l < 0x8000_0000 => query_with(cfg, dy, MAX_BASIC, subleaf),
+        _ => query_with(cfg, dy, MAX_BASIC, subleaf),
     }
 }
 

@@ -5,7 +5,7 @@ use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, 
 
 use crate::block::{Block, BlockId, Insn, MAX_BLOCK};
 use crate::cpu::{sreg, Cpu, CpuExit};
-use crate::dispatch::{self, Handler};
+use crate::dispatch::Handler;
 use crate::exception::{Exception, XResult};
 use crate::interrupt::EventKind;
 use crate::mmu::Access;
@@ -503,7 +503,7 @@ impl Cpu {
             }
             return Ok(make_insn(i, self.bits, past_limit));
         }
-        let h = dispatch::table()[i.code() as usize];
+        let h = self.handler_for(i.code());
         Ok(make_insn(i, self.bits, h))
     }
 
@@ -592,7 +592,6 @@ impl Cpu {
         let avail = self.cs_bytes_available(self.rip).min(page_left as u64) as usize;
         let mut bytes = [0u8; 0x1000];
         self.fetch_bytes(p, lin, &mut bytes[..avail], user)?;
-        let table = dispatch::table();
         let mut insns: Vec<Insn> = Vec::with_capacity(16);
         let mut pages = [paddr & !0xfff; 2];
         let mut dec = Decoder::with_ip(bits, &bytes[..avail], self.rip, DecoderOptions::NONE);
@@ -633,11 +632,11 @@ impl Cpu {
                 }
                 let next = (a & !0xfff).wrapping_add(0x1000) & self.lin_mask();
                 pages[1] = self.translate(p, next, Access::Exec, user)? & !0xfff;
-                insns.push(make_insn(i2, bits, table[i2.code() as usize]));
+                insns.push(make_insn(i2, bits, self.handler_for(i2.code())));
                 break;
             }
             let fc = i.flow_control();
-            insns.push(make_insn(i, bits, table[i.code() as usize]));
+            insns.push(make_insn(i, bits, self.handler_for(i.code())));
             if fc != FlowControl::Next {
                 break;
             }

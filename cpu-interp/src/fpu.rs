@@ -37,6 +37,8 @@ pub struct Fpu {
     pub fds: u16,
     pub xmm: [u128; 16],
     pub mxcsr: u32,
+    /// Bits 255:128 of YMM0..YMM15.
+    pub ymm_hi: [u128; 16],
 }
 
 impl Default for Fpu {
@@ -53,6 +55,7 @@ impl Default for Fpu {
             fds: 0,
             xmm: [0; 16],
             mxcsr: MXCSR_INIT,
+            ymm_hi: [0; 16],
         }
     }
 }
@@ -77,6 +80,7 @@ impl Fpu {
             fds: 0,
             xmm: s.xmm,
             mxcsr: s.mxcsr,
+            ymm_hi: s.ymm_hi,
         }
     }
 
@@ -95,6 +99,7 @@ impl Fpu {
             fdp: self.fdp,
             xmm: self.xmm,
             mxcsr: self.mxcsr,
+            ymm_hi: self.ymm_hi,
         }
     }
 
@@ -383,6 +388,7 @@ mod tests {
         f.set_tag(3, 0);
         f.set_top(5);
         f.xmm[7] = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+        f.ymm_hi[7] = 0x7766_5544_3322_1100;
         f.mxcsr = 0x1f80 | 0x6000;
         let back = Fpu::from_state(&f.to_state());
         assert_eq!(back, f);

@@ -173,6 +173,7 @@ fn config() -> CpuidConfig {
         crystal_hz: 1_000_000_000,
         x2apic: true,
         tsc_deadline: true,
+        model: cpuid::CpuModel::Max,
     }
 }
 

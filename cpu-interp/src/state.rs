@@ -135,6 +135,9 @@ pub struct FpuState {
     pub fdp: u64,
     pub xmm: [u128; 16],
     pub mxcsr: u32,
+    /// Bits 255:128 of YMM0..YMM15 (XSAVE state component 2, AVX); the
+    /// low halves are `xmm`.
+    pub ymm_hi: [u128; 16],
 }
 
 impl Default for FpuState {
@@ -149,6 +152,7 @@ impl Default for FpuState {
             fdp: 0,
             xmm: [0; 16],
             mxcsr: 0x1f80,
+            ymm_hi: [0; 16],
         }
     }
 }
@@ -163,6 +167,7 @@ pub mod msr {
     pub const SYSENTER_ESP: u32 = 0x175;
     pub const SYSENTER_EIP: u32 = 0x176;
     pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const XSS: u32 = 0xda0;
     pub const PAT: u32 = 0x277;
     pub const MTRR_DEF_TYPE: u32 = 0x2ff;
     pub const EFER: u32 = 0xc000_0080;
@@ -264,6 +269,29 @@ pub struct PendingEvents {
     pub single_step_pending: bool,
 }
 
+/// XSAVE-managed state beyond x87, SSE and AVX (those are in
+/// [`FpuState`]), and the XSAVE bookkeeping. The interpreter implements no
+/// AVX-512 instruction, but a KVM guest's CPUID may enable the AVX-512 and
+/// PKRU components: the interpreter then carries them unchanged through
+/// XSAVE/XRSTOR (and zeroes the ZMM upper bits a VEX instruction clears).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct XState {
+    /// XINUSE (SDM vol. 1, 13.6): bit i clear means state component i is
+    /// in its initial configuration. What XSAVEOPT/XSAVEC store as
+    /// XSTATE_BV; a KVM XSAVE image's XSTATE_BV.
+    pub xinuse: u64,
+    /// IA32_XSS: the supervisor state components XSAVES/XRSTORS manage.
+    pub xss: u64,
+    /// Opmask registers k0..k7 (component 5).
+    pub opmask: [u64; 8],
+    /// Bits 511:256 of ZMM0..ZMM15 (component 6), low 128 bits first.
+    pub zmm_hi256: [[u128; 2]; 16],
+    /// ZMM16..ZMM31 (component 7), low 128 bits first.
+    pub hi16_zmm: [[u128; 4]; 16],
+    /// PKRU (component 9).
+    pub pkru: u32,
+}
+
 /// Everything needed to move a vCPU between backends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuState {
@@ -273,6 +301,8 @@ pub struct CpuState {
     pub fpu: FpuState,
     pub debug: DebugRegs,
     pub xcr0: u64,
+    /// XSAVE state not in `fpu` (AVX-512, PKRU, XINUSE, IA32_XSS).
+    pub xstate: XState,
     pub events: PendingEvents,
     /// Time-stamp counter value.
     pub tsc: u64,
@@ -324,6 +354,7 @@ impl CpuState {
                 dr7: 0x400,
             },
             xcr0: 1,
+            xstate: XState::default(),
             events: PendingEvents::default(),
             tsc: 0,
         }
@@ -368,6 +399,8 @@ mod serde_tests {
                    def_type in any::<u64>(),
                    fixed in prop::array::uniform11(any::<u64>()),
                    xmm in prop::array::uniform16(any::<u128>()),
+                   ymm_hi in prop::array::uniform16(any::<u128>()),
+                   opmask in prop::array::uniform8(any::<u64>()),
                    st in prop::array::uniform8(prop::array::uniform10(any::<u8>())),
                    star in any::<u64>(), pat in any::<u64>(), tsc in any::<u64>()) -> CpuState {
             let mut s = CpuState::real_mode_at(0, 0x100);
@@ -377,6 +410,8 @@ mod serde_tests {
             s.msrs.pat = pat;
             s.msrs.mtrr = Mtrrs { def_type, variable: mtrr_var, fixed };
             s.fpu.xmm = xmm;
+            s.fpu.ymm_hi = ymm_hi;
+            s.xstate.opmask = opmask;
             s.fpu.st = st;
             s.tsc = tsc;
             s

@@ -76,16 +76,28 @@ impl Platform for IoPlatform<'_> {
 pub struct InterpBackend {
     mem: GuestMemory,
     tier: cpu_interp::Tier,
+    model: cpu_interp::cpuid::CpuModel,
 }
 
 impl InterpBackend {
-    /// On the fastest tier the host supports.
+    /// On the fastest tier the host supports, with the highest CPU model
+    /// the interpreter has.
     pub fn new(mem: GuestMemory) -> Self {
-        Self::with_tier(mem, cpu_interp::Tier::best())
+        Self::with_options(
+            mem,
+            cpu_interp::Tier::best(),
+            cpu_interp::cpuid::CpuModel::default(),
+        )
     }
 
-    pub fn with_tier(mem: GuestMemory, tier: cpu_interp::Tier) -> Self {
-        InterpBackend { mem, tier }
+    /// A VM on execution tier `tier` whose vCPUs are CPU model `model`
+    /// (CPUID and instruction set).
+    pub fn with_options(
+        mem: GuestMemory,
+        tier: cpu_interp::Tier,
+        model: cpu_interp::cpuid::CpuModel,
+    ) -> Self {
+        InterpBackend { mem, tier, model }
     }
 }
 
@@ -107,6 +119,7 @@ impl Backend for InterpBackend {
             crystal_hz: LAPIC_TIMER_HZ,
             x2apic: true,
             tsc_deadline: true,
+            model: self.model,
         });
         if let Err(e) = cpu.set_tier(self.tier) {
             log::warn!("{e}; running on the interpreter alone");

@@ -108,7 +108,7 @@ use super::interp::IoPlatform;
 use super::{
     Backend, BackendError, CpuState, DebugRegs, DescriptorTable, FpuState, GuestMemory, IoHandler,
     IrqchipKind, Kick, MsrResult, Msrs, PendingEvents, Regs, Result, Segment, ShutdownReason,
-    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions,
+    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions, XState,
 };
 
 /// The only KVM API version there has ever been.
@@ -441,6 +441,8 @@ struct Caps {
     /// KVM_GET/SET_XCRS.
     xcrs: bool,
     fpu: FpuApi,
+    /// Where the XSAVE components beyond x87/SSE sit in KVM's XSAVE image.
+    xsave_layout: XsaveLayout,
     /// KVM_CAP_SYNC_REGS covers regs, sregs and events: KVM stores them in
     /// kvm_run on every exit, so reading them costs no ioctl.
     sync_regs: bool,
@@ -458,6 +460,8 @@ pub struct KvmBackend {
     supported_cpuid: CpuId,
     run_size: usize,
     irqchip: IrqchipKind,
+    /// The CPU model the guest's CPUID is cut down to (`--cpu`).
+    model: cpu_interp::cpuid::CpuModel,
     /// CPUID.1:ECX.TSC_DEADLINE may be advertised with the kernel irqchip.
     kernel_tsc_deadline: bool,
     /// KVM's TSC frequency in kHz; 0 until known (from the VM, else from the
@@ -580,9 +584,13 @@ impl KvmBackend {
                 }
             };
         let sync_all = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let caps = Caps {
             xcrs: kvm.check_extension(Cap::Xcrs),
             fpu,
+            xsave_layout: XsaveLayout::from_cpuid(supported_cpuid.as_slice()),
             sync_regs: vm.check_extension_int(Cap::SyncRegs) as u32 & sync_all == sync_all,
             kernel_irqchip,
             machine_msrs,
@@ -625,9 +633,6 @@ impl KvmBackend {
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -642,6 +647,7 @@ impl KvmBackend {
             supported_cpuid,
             run_size,
             irqchip: opts.irqchip,
+            model: opts.cpu,
             kernel_tsc_deadline: kernel_irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
             tsc_khz: AtomicU32::new(u32::try_from(khz).unwrap_or(0)),
             mem: mem.clone(),
@@ -669,7 +675,25 @@ impl KvmBackend {
             fixup_tsc_leaves(cpuid.as_mut_slice(), khz, super::interp::LAPIC_TIMER_HZ);
         }
 
+        apply_cpu_model(cpuid.as_mut_slice(), self.model);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        // What the guest will really see: KVM-PVM puts the host's
+        // features back whatever duet asks for.
+        let effective = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap_or(cpuid);
+        let guest_xcr0 = effective
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .map_or(1, |e| u64::from(e.eax) | (u64::from(e.edx) << 32));
+        if let Some(extra) = model_overridden(effective.as_slice(), self.model) {
+            info_once("cpu-model-overridden", || {
+                format!(
+                    "kvm: this KVM overrides the guest's CPUID (KVM-PVM does): the guest sees \
+                     {extra} beyond --cpu {}; use the interpreter backend for an exact model",
+                    self.model
+                )
+            });
+        }
         setup_machine_check(&fd);
         if self.caps.sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
@@ -699,6 +723,7 @@ impl KvmBackend {
             halted: false,
             fallback_enabled: true,
             interp: None,
+            guest_xcr0,
             exits: BTreeMap::new(),
             fallbacks: 0,
             fallback_mnemonics: HashMap::new(),
@@ -806,6 +831,118 @@ fn fixup_cpuid(
             _ => {}
         }
     }
+}
+
+/// Leaf 1 ECX bits that are instruction-set extensions (a CPU model
+/// decides them): SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE,
+/// POPCNT, AES, XSAVE, OSXSAVE, AVX, F16C, RDRAND.
+const LEAF1_ECX_ISA: u32 = 0x7ed8_3203;
+/// 0x8000_0001 ECX bits that are instruction-set extensions: LAHF_LM, ABM
+/// (LZCNT), SSE4A, MisalignSSE, 3DNowPrefetch, XOP, FMA4, TBM.
+const EXT1_ECX_ISA: u32 = 0x0021_09e1;
+
+/// Cut KVM's CPUID down to CPU model `model` (QEMU's `-cpu x86-64-vN`
+/// on KVM does the same): its extensions where the host has them, no
+/// leaf-7 or AVX-512 feature beyond it, and only its XSAVE components.
+/// `Max` keeps everything KVM offers.
+fn apply_cpu_model(
+    entries: &mut [kvm_bindings::kvm_cpuid_entry2],
+    model: cpu_interp::cpuid::CpuModel,
+) {
+    use cpu_interp::cpuid;
+    if model == cpuid::CpuModel::Max {
+        return;
+    }
+    let f = model.features();
+    let (l1c, l7b, e1c, d1a) = cpuid::feature_bits(f);
+    let xcr0 = cpuid::xcr0_supported(f);
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (1, _) => e.ecx &= !LEAF1_ECX_ISA | l1c | cpuid::leaf1_ecx::OSXSAVE,
+            (7, 0) => {
+                e.ebx &= l7b;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (7, _) => {
+                *e = kvm_bindings::kvm_cpuid_entry2 {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    ..Default::default()
+                }
+            }
+            (0x8000_0001, _) => e.ecx &= !EXT1_ECX_ISA | e1c,
+            (0xd, 0) => {
+                e.eax &= xcr0 as u32;
+                e.edx = 0;
+                e.ebx = cpuid::xsave_size(xcr0 & 1);
+                e.ecx = cpuid::xsave_size(xcr0);
+            }
+            (0xd, 1) => {
+                e.eax &= d1a;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (0xd, i) if i >= 2 && (i >= 64 || xcr0 & (1 << i) == 0) => {
+                *e = kvm_bindings::kvm_cpuid_entry2 {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    ..Default::default()
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The extensions the guest's CPUID (as KVM reports it after
+/// KVM_SET_CPUID2) has beyond `model`, named; `None` when it has none.
+fn model_overridden(
+    entries: &[kvm_bindings::kvm_cpuid_entry2],
+    model: cpu_interp::cpuid::CpuModel,
+) -> Option<String> {
+    use cpu_interp::cpuid::{self, feat};
+    if model == cpuid::CpuModel::Max {
+        return None;
+    }
+    let get = |f: u32, i: u32| entries.iter().find(|e| e.function == f && e.index == i);
+    let want = model.features();
+    let names = [
+        (feat::SSE3, "sse3"),
+        (feat::SSSE3, "ssse3"),
+        (feat::CX16, "cx16"),
+        (feat::POPCNT, "popcnt"),
+        (feat::SSE4_1, "sse4.1"),
+        (feat::SSE4_2, "sse4.2"),
+        (feat::XSAVE, "xsave"),
+        (feat::AVX, "avx"),
+        (feat::AVX2, "avx2"),
+        (feat::FMA, "fma"),
+        (feat::F16C, "f16c"),
+        (feat::BMI1, "bmi1"),
+        (feat::BMI2, "bmi2"),
+        (feat::LZCNT, "lzcnt"),
+        (feat::MOVBE, "movbe"),
+        (feat::AES, "aes"),
+        (feat::PCLMULQDQ, "pclmulqdq"),
+    ];
+    let l1 = get(1, 0).map_or(0, |e| e.ecx);
+    let l7 = get(7, 0).map_or(0, |e| e.ebx);
+    let e1 = get(0x8000_0001, 0).map_or(0, |e| e.ecx);
+    let extra: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| want & b == 0)
+        .filter(|(b, _)| {
+            let (c, bx, x, _) = cpuid::feature_bits(*b);
+            l1 & c != 0 || l7 & bx != 0 || e1 & x != 0
+        })
+        .map(|(_, n)| *n)
+        .chain((l7 & (1 << 16) != 0).then_some("avx512f"))
+        .collect();
+    (!extra.is_empty()).then(|| extra.join(" "))
 }
 
 /// Leaves 0x15/0x16 describe the userspace LAPIC's timer clock as the
@@ -944,6 +1081,9 @@ pub struct KvmVcpu {
     fallback_enabled: bool,
     /// The interpreter used for instructions KVM refuses (created on first use).
     interp: Option<Box<Cpu>>,
+    /// The XSAVE state components the guest's CPUID (leaf 0xD) offers, as
+    /// KVM finally set it up.
+    guest_xcr0: u64,
     exits: BTreeMap<&'static str, u64>,
     fallbacks: u64,
     fallback_mnemonics: HashMap<Mnemonic, u64>,
@@ -1426,6 +1566,9 @@ impl KvmVcpu {
                     apic_id: self.id,
                     ..Default::default()
                 });
+                // XSETBV/XRSTOR may use every component the guest was told
+                // about (KVM-PVM forces the host's AVX-512 ones in).
+                c.set_xsave_components(self.guest_xcr0);
                 Box::new(c)
             }
         };
@@ -1720,7 +1863,7 @@ impl KvmVcpu {
 
     /// Fill the rest: FPU, debug registers, XCR0, MSRs and the TSC.
     fn read_extra(&mut self, s: &mut CpuState) -> Result<()> {
-        s.fpu = self.read_fpu()?;
+        (s.fpu, s.xstate) = self.read_fpu()?;
         s.debug = debugregs_from_kvm(
             &self
                 .fd
@@ -1815,8 +1958,8 @@ impl KvmVcpu {
                     .map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
-        if current.is_none_or(|c| c.fpu != s.fpu) {
-            self.write_fpu(&s.fpu)?;
+        if current.is_none_or(|c| c.fpu != s.fpu || c.xstate != s.xstate) {
+            self.write_fpu(&s.fpu, &s.xstate)?;
         }
         if self.caps.xcrs && current.is_none_or(|c| c.xcr0 != s.xcr0) {
             self.fd
@@ -1897,13 +2040,18 @@ impl KvmVcpu {
         Xsave::new(words).map_err(fam_err("KVM_GET_XSAVE2"))
     }
 
-    /// The x87/SSE state (see [`FpuApi`]).
-    fn read_fpu(&mut self) -> Result<FpuState> {
-        let k = match self.caps.fpu {
-            FpuApi::Fpu => self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+    /// The x87/SSE/AVX state and the other XSAVE components (see
+    /// [`FpuApi`]; KVM_GET_FPU carries no AVX state).
+    fn read_fpu(&mut self) -> Result<(FpuState, XState)> {
+        let layout = self.caps.xsave_layout;
+        match self.caps.fpu {
+            FpuApi::Fpu => {
+                let k = self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+                Ok((fpu_from_kvm(&k), XState::default()))
+            }
             FpuApi::Xsave => {
                 let x = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
-                fxsave_to_kvm_fpu(&x.region)
+                Ok(xsave_image_to_state(&x.region, &layout))
             }
             FpuApi::Xsave2(size) => {
                 let mut x = Self::xsave_buffer(size)?;
@@ -1911,36 +2059,42 @@ impl KvmVcpu {
                 // for this VM (duet enables no XSTATE features dynamically
                 // afterwards), so the kernel writes within it.
                 unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
-                fxsave_to_kvm_fpu(&x.as_fam_struct_ref().xsave.region)
+                Ok(xsave_image_to_state(
+                    &x.as_fam_struct_ref().xsave.region,
+                    &layout,
+                ))
             }
-        };
-        Ok(fpu_from_kvm(&k))
+        }
     }
 
-    /// Replace the x87/SSE state. With XSAVE the other components (AVX,
-    /// AVX-512, ...) are read first and written back unchanged.
-    fn write_fpu(&mut self, f: &FpuState) -> Result<()> {
-        let k = fpu_to_kvm(f);
+    /// Replace the x87/SSE/AVX state and the XSAVE components duet carries
+    /// (AVX-512, PKRU). Components duet does not know are read first and
+    /// written back unchanged.
+    fn write_fpu(&mut self, f: &FpuState, x: &XState) -> Result<()> {
+        let layout = self.caps.xsave_layout;
         match self.caps.fpu {
-            FpuApi::Fpu => self.fd.set_fpu(&k).map_err(kvm_err("KVM_SET_FPU")),
+            FpuApi::Fpu => self
+                .fd
+                .set_fpu(&fpu_to_kvm(f))
+                .map_err(kvm_err("KVM_SET_FPU")),
             FpuApi::Xsave => {
-                let mut x = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
-                kvm_fpu_to_fxsave(&k, &mut x.region);
+                let mut img = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+                state_to_xsave_image(f, x, &layout, &mut img.region);
                 // SAFETY: without KVM_CAP_XSAVE2 (pre-5.17 kernels) KVM
-                // reads exactly `sizeof(struct kvm_xsave)` bytes, which `x` is.
-                unsafe { self.fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))
+                // reads exactly `sizeof(struct kvm_xsave)` bytes, which `img` is.
+                unsafe { self.fd.set_xsave(&img) }.map_err(kvm_err("KVM_SET_XSAVE"))
             }
             FpuApi::Xsave2(size) => {
-                let mut x = Self::xsave_buffer(size)?;
-                // SAFETY: as in `read_fpu`: `x` has the size KVM reported.
-                unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
+                let mut img = Self::xsave_buffer(size)?;
+                // SAFETY: as in `read_fpu`: `img` has the size KVM reported.
+                unsafe { self.fd.get_xsave2(&mut img) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
                 // SAFETY: only the fixed-size head of the structure is
                 // modified; its length field is left alone.
-                let region = unsafe { &mut x.as_mut_fam_struct().xsave.region };
-                kvm_fpu_to_fxsave(&k, region);
-                // SAFETY: `x` has the size KVM_CAP_XSAVE2 reported, so KVM
+                let region = unsafe { &mut img.as_mut_fam_struct().xsave.region };
+                state_to_xsave_image(f, x, &layout, region);
+                // SAFETY: `img` has the size KVM_CAP_XSAVE2 reported, so KVM
                 // reads within it.
-                unsafe { self.fd.set_xsave2(&x) }.map_err(kvm_err("KVM_SET_XSAVE2"))
+                unsafe { self.fd.set_xsave2(&img) }.map_err(kvm_err("KVM_SET_XSAVE2"))
             }
         }
     }
@@ -2495,6 +2649,7 @@ fn fpu_from_kvm(k: &kvm_fpu) -> FpuState {
         fdp: k.last_dp,
         xmm,
         mxcsr: k.mxcsr,
+        ymm_hi: [0; 16],
     }
 }
 
@@ -2573,6 +2728,196 @@ fn kvm_fpu_to_fxsave(k: &kvm_fpu, region: &mut [u32]) {
     let mut bv = [0u8; 8];
     bv.copy_from_slice(&b[fx::XSTATE_BV..fx::XSTATE_BV + 8]);
     let bv = u64::from_le_bytes(bv) | fx::BV_LEGACY;
+    b[fx::XSTATE_BV..fx::XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    for (w, chunk) in region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+}
+
+/// XSAVE state components duet moves beyond x87 and SSE.
+pub mod xcomp {
+    pub const AVX: usize = 2;
+    pub const OPMASK: usize = 5;
+    pub const ZMM_HI256: usize = 6;
+    pub const HI16_ZMM: usize = 7;
+    pub const PKRU: usize = 9;
+    /// Every component duet carries (x87, SSE and the above).
+    pub const CARRIED: u64 = 0b10_1110_0111;
+}
+
+/// Offsets and sizes of XSAVE state components in the standard-format
+/// image KVM_GET/SET_XSAVE use (CPUID.(0xD, i):EBX / EAX of the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XsaveLayout {
+    /// (offset, size) per component; size 0 when absent.
+    comps: [(usize, usize); 10],
+}
+
+impl XsaveLayout {
+    /// The architectural offsets (the same on Intel and AMD processors).
+    pub const STANDARD: XsaveLayout = XsaveLayout {
+        comps: [
+            (0, 160),
+            (160, 256),
+            (576, 256),
+            (0, 0),
+            (0, 0),
+            (1088, 64),
+            (1152, 512),
+            (1664, 1024),
+            (0, 0),
+            (2688, 8),
+        ],
+    };
+
+    /// From CPUID leaf 0xD as KVM reports it; components with an
+    /// unexpected size are dropped (never carried).
+    fn from_cpuid(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Self {
+        let mut l = XsaveLayout {
+            comps: [(0, 0); 10],
+        };
+        l.comps[0] = (0, 160);
+        l.comps[1] = (160, 256);
+        for i in [
+            xcomp::AVX,
+            xcomp::OPMASK,
+            xcomp::ZMM_HI256,
+            xcomp::HI16_ZMM,
+            xcomp::PKRU,
+        ] {
+            let want = Self::STANDARD.comps[i].1;
+            if let Some(e) = entries
+                .iter()
+                .find(|e| e.function == 0xd && e.index == i as u32)
+            {
+                if e.eax as usize == want && e.ebx as usize >= 576 {
+                    l.comps[i] = (e.ebx as usize, want);
+                }
+            }
+        }
+        l
+    }
+
+    /// The byte range of component `i` in the image, if carried.
+    fn range(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        let (off, size) = self.comps[i];
+        (size > 0 && i >= 2).then_some(off..off + size)
+    }
+}
+
+/// Little-endian `u128`s from bytes.
+fn u128s(b: &[u8]) -> impl Iterator<Item = u128> + '_ {
+    b.chunks_exact(16).map(|c| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(c);
+        u128::from_le_bytes(a)
+    })
+}
+
+/// The neutral state from a standard-format XSAVE image (KVM_GET_XSAVE):
+/// the legacy area, then every carried component whose XSTATE_BV bit is
+/// set (a clear bit means the component is in its initial configuration:
+/// zeros for these).
+fn xsave_image_to_state(region: &[u32], layout: &XsaveLayout) -> (FpuState, XState) {
+    let n = region.len() * 4;
+    let b = region_bytes(region, n);
+    let mut f = fpu_from_kvm(&fxsave_to_kvm_fpu(region));
+    let bv = u64::from_le_bytes(
+        b[fx::XSTATE_BV..fx::XSTATE_BV + 8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let mut x = XState {
+        xinuse: bv,
+        ..Default::default()
+    };
+    let present = |i: usize| layout.range(i).filter(|r| bv & (1 << i) != 0 && r.end <= n);
+    if let Some(r) = present(xcomp::AVX) {
+        for (d, v) in f.ymm_hi.iter_mut().zip(u128s(&b[r])) {
+            *d = v;
+        }
+    }
+    if let Some(r) = present(xcomp::OPMASK) {
+        for (d, c) in x.opmask.iter_mut().zip(b[r].chunks_exact(8)) {
+            *d = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+    }
+    if let Some(r) = present(xcomp::ZMM_HI256) {
+        let v: Vec<u128> = u128s(&b[r]).collect();
+        for (k, z) in x.zmm_hi256.iter_mut().enumerate() {
+            *z = [v[2 * k], v[2 * k + 1]];
+        }
+    }
+    if let Some(r) = present(xcomp::HI16_ZMM) {
+        let v: Vec<u128> = u128s(&b[r]).collect();
+        for (k, z) in x.hi16_zmm.iter_mut().enumerate() {
+            *z = [v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]];
+        }
+    }
+    if let Some(r) = present(xcomp::PKRU) {
+        x.pkru = u32::from_le_bytes(b[r.start..r.start + 4].try_into().unwrap_or([0; 4]));
+    }
+    (f, x)
+}
+
+/// Write the neutral state into a standard-format XSAVE image read from
+/// KVM: the legacy area (x87 and SSE marked present, as before), and each
+/// carried component, whose XSTATE_BV bit is set when XINUSE says so or
+/// its contents are not the initial ones (a clear bit makes KVM load the
+/// initial configuration). Components duet does not carry are kept.
+fn state_to_xsave_image(f: &FpuState, x: &XState, layout: &XsaveLayout, region: &mut [u32]) {
+    kvm_fpu_to_fxsave(&fpu_to_kvm(f), region);
+    let n = region.len() * 4;
+    let mut b = region_bytes(region, n);
+    let mut bv = u64::from_le_bytes(
+        b[fx::XSTATE_BV..fx::XSTATE_BV + 8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let mut put = |i: usize, data: Vec<u8>, b: &mut Vec<u8>| {
+        let Some(r) = layout.range(i).filter(|r| r.end <= n) else {
+            return;
+        };
+        let live = x.xinuse & (1 << i) != 0 || data.iter().any(|&v| v != 0);
+        if live {
+            b[r].copy_from_slice(&data);
+            bv |= 1 << i;
+        } else {
+            b[r].fill(0);
+            bv &= !(1 << i);
+        }
+    };
+    put(
+        xcomp::AVX,
+        f.ymm_hi.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        &mut b,
+    );
+    put(
+        xcomp::OPMASK,
+        x.opmask.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        &mut b,
+    );
+    put(
+        xcomp::ZMM_HI256,
+        x.zmm_hi256
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        &mut b,
+    );
+    put(
+        xcomp::HI16_ZMM,
+        x.hi16_zmm
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        &mut b,
+    );
+    let mut pk = x.pkru.to_le_bytes().to_vec();
+    pk.extend_from_slice(&[0; 4]);
+    put(xcomp::PKRU, pk, &mut b);
     b[fx::XSTATE_BV..fx::XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
     for (w, chunk) in region.iter_mut().zip(b.chunks_exact(4)) {
         *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -2809,6 +3154,7 @@ mod tests {
             fdp: 0x7fff_0000_9abc,
             xmm,
             mxcsr: 0x1fa0,
+            ymm_hi: [0; 16],
         }
     }
 
@@ -2868,6 +3214,44 @@ mod tests {
         assert_eq!(region[200], 0xdead_beef);
         assert_eq!(region[0], u32::from(f.fcw) | u32::from(f.fsw) << 16);
         assert_eq!(fpu_from_kvm(&fxsave_to_kvm_fpu(&region)), f);
+    }
+
+    #[test]
+    fn xsave_image_round_trip_carries_avx_and_avx512() {
+        let mut f = sample_fpu();
+        for (i, y) in f.ymm_hi.iter_mut().enumerate() {
+            *y = 0xfeed_0000_0000_0000_0000_0000_0000_0000 | i as u128;
+        }
+        let mut x = XState {
+            opmask: [1, 2, 3, 4, 5, 6, 7, u64::MAX],
+            ..Default::default()
+        };
+        x.zmm_hi256[3] = [0x33, 0x34];
+        x.hi16_zmm[15] = [1, 2, 3, u128::MAX];
+        x.pkru = 0x5555_5554;
+        let mut region = [0u32; 1024];
+        region[700] = 0xdead_beef; // beyond every carried component: kept
+        state_to_xsave_image(&f, &x, &XsaveLayout::STANDARD, &mut region);
+        let bv = u64::from(region[128]) | u64::from(region[129]) << 32;
+        assert_eq!(bv, xcomp::CARRIED);
+        assert_eq!(region[700], 0xdead_beef);
+        assert_eq!(region[576 / 4], 0);
+        assert_eq!(region[592 / 4 + 3], 0xfeed_0000);
+        let (f2, x2) = xsave_image_to_state(&region, &XsaveLayout::STANDARD);
+        assert_eq!(f2, f);
+        assert_eq!(x2.xinuse, xcomp::CARRIED);
+        assert_eq!(XState { xinuse: 0, ..x2 }, x);
+        // Components in their initial configuration and not in use stay
+        // marked init (so KVM keeps the upper state clean).
+        let mut f = sample_fpu();
+        f.ymm_hi = [0; 16];
+        state_to_xsave_image(&f, &XState::default(), &XsaveLayout::STANDARD, &mut region);
+        let bv = u64::from(region[128]) | u64::from(region[129]) << 32;
+        assert_eq!(bv, 0b11);
+        // A clear XSTATE_BV bit reads as the initial configuration.
+        region[576 / 4] = 0x1234;
+        let (f3, _) = xsave_image_to_state(&region, &XsaveLayout::STANDARD);
+        assert_eq!(f3.ymm_hi, [0; 16]);
     }
 
     #[test]
@@ -3278,6 +3662,48 @@ mod tests {
         let mut io = Recorder::default();
         let exit = rig.run(&mut io);
         (exit, io, rig)
+    }
+
+    /// `--cpu x86-64-v2` on KVM: the guest's CPUID lacks AVX, or (KVM-PVM,
+    /// which forces the host's CPUID on its guests) duet says which
+    /// extensions the guest sees beyond the model. The guest executes
+    /// CPUID in ring 0 here (KVM's emulator answers from its table).
+    #[test]
+    fn cpu_model_reaches_the_kvm_guest_or_is_reported_overridden() {
+        if !kvm_usable() {
+            return;
+        }
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let opts = VmOptions {
+            cpu: cpu_interp::cpuid::CpuModel::V2,
+            ..Default::default()
+        };
+        let mut backend = KvmBackend::with_options(&mem, opts).expect("VM");
+        let vcpu = backend.create_kvm_vcpu(0).expect("vCPU");
+        let mut rig = Rig {
+            vcpu,
+            mem,
+            _backend: backend,
+        };
+        rig.setup(Mode::Long64);
+        // mov eax, 1 ; cpuid ; mov esi, ecx ; hlt
+        rig.write(CODE, &[0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x89, 0xce, 0xf4]);
+        rig.vcpu.set_state(&mode_state(Mode::Long64)).unwrap();
+        let mut io = Recorder::default();
+        assert_eq!(rig.run(&mut io), VcpuExit::Halted);
+        let ecx = rig.vcpu.state().unwrap().regs.gpr[cpu_interp::state::gpr::RSI] as u32;
+        let effective = rig.vcpu.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let overridden = model_overridden(effective.as_slice(), cpu_interp::cpuid::CpuModel::V2);
+        println!("guest CPUID.1:ECX {ecx:#x}; beyond the model: {overridden:?}");
+        let avx = ecx & cpu_interp::cpuid::leaf1_ecx::AVX != 0;
+        assert_eq!(
+            avx,
+            overridden.as_deref().is_some_and(|x| x.contains("avx"))
+        );
+        assert_eq!(
+            model_overridden(effective.as_slice(), cpu_interp::cpuid::CpuModel::Max),
+            None
+        );
     }
 
     /// Turn off KVM_CAP_SYNC_REGS use (every transfer through ioctls).
@@ -4473,6 +4899,92 @@ mod tests {
         }
     }
 
+    /// KVM-PVM refuses the XSAVE family in ring 0; the fallback runs it over
+    /// every state component the guest's CPUID offers (AVX-512 included
+    /// where KVM forces it in), and the state survives the trips between
+    /// KVM's XSAVE image and the interpreter.
+    #[test]
+    fn fallback_runs_xsave_and_xrstor_over_every_component() {
+        if !kvm_usable() {
+            return;
+        }
+        let mut rig = rig();
+        rig.setup(Mode::Long64);
+        let xcr0 = rig.vcpu.guest_xcr0 & xcomp::CARRIED;
+        println!("guest XCR0 components: {xcr0:#x}");
+        #[rustfmt::skip]
+        let mut code = vec![
+            0xbb, 0x00, 0x00, 0x01, 0x00, // mov ebx, 0x10000
+            0xb8, 0xff, 0xff, 0xff, 0xff, // mov eax, -1
+            0x89, 0xc2, // mov edx, eax
+            0x48, 0x0f, 0xae, 0x23, // xsave64 [rbx]
+            0x48, 0x0f, 0xae, 0xab, 0x00, 0x10, 0x00, 0x00, // xrstor64 [rbx+0x1000]
+        ];
+        // xor ecx, ecx ; xgetbv ; mov esi, eax (XCR0 after the init restore)
+        code.extend([0x31, 0xc9, 0x0f, 0x01, 0xd0, 0x89, 0xc6]);
+        // mov eax, -1 ; xrstor64 [rbx] ; hlt
+        code.extend([0xb8, 0xff, 0xff, 0xff, 0xff, 0x48, 0x0f, 0xae, 0x2b, 0xf4]);
+        rig.write(CODE, &code);
+        rig.write(0x10000, &[0u8; 0x3000]);
+        let mut s = mode_state(Mode::Long64);
+        s.sregs.cr4 |= (1 << 9) | (1 << 18); // OSFXSR, OSXSAVE
+        s.xcr0 = xcr0;
+        s.fpu = sample_fpu();
+        for (k, y) in s.fpu.ymm_hi.iter_mut().enumerate() {
+            *y = (0xa5a5_u128 << 112) | k as u128;
+        }
+        if xcr0 & 0xe0 == 0xe0 {
+            s.xstate.opmask = [1, 2, 3, 4, 5, 6, 7, 8];
+            s.xstate.zmm_hi256[2] = [0x22, 0x23];
+            s.xstate.hi16_zmm[9] = [9, 10, 11, 12];
+        }
+        if xcr0 & (1 << 9) != 0 {
+            s.xstate.pkru = 0x55;
+        }
+        rig.vcpu.set_state(&s).unwrap();
+        let mut io = Recorder::default();
+        assert_eq!(rig.run(&mut io), VcpuExit::Halted, "{:?}", io.log);
+        let back = rig.vcpu.state().unwrap();
+        assert_eq!(
+            back.regs.gpr[cpu_interp::state::gpr::RSI],
+            xcr0 & 0xffff_ffff
+        );
+        assert_eq!(back.fpu.xmm, s.fpu.xmm);
+        assert_eq!(back.fpu.ymm_hi, s.fpu.ymm_hi);
+        assert_eq!(back.fpu.mxcsr, s.fpu.mxcsr);
+        assert_eq!(back.fpu.st, s.fpu.st);
+        assert_eq!(
+            XState {
+                xinuse: 0,
+                ..back.xstate
+            },
+            XState {
+                xinuse: 0,
+                ..s.xstate
+            }
+        );
+        // The image the guest saved has AVX (and AVX-512) where the
+        // standard format puts them.
+        let mut img = vec![0u8; 2696];
+        rig.mem.read_slice(&mut img, GuestAddress(0x10000)).unwrap();
+        let bv = u64::from_le_bytes(img[512..520].try_into().unwrap());
+        assert_eq!(bv & 7, 7);
+        assert_eq!(img[576 + 16 * 3 + 15], 0xa5);
+        if xcr0 & 0xe0 == 0xe0 {
+            assert_eq!(bv & 0xe0, 0xe0);
+            assert_eq!(img[1088 + 8 * 7], 8);
+            assert_eq!(img[1152 + 32 * 2 + 16], 0x23);
+            assert_eq!(img[1664 + 64 * 9 + 48], 12);
+        }
+        let counts = rig.vcpu.fallback_counts();
+        println!("{counts:?}");
+        assert!(counts.iter().any(|(m, _)| m == "xsave64"), "{counts:?}");
+        assert!(
+            counts.iter().any(|(m, n)| m == "xrstor64" && *n == 2),
+            "{counts:?}"
+        );
+    }
+
     /// An instruction neither KVM nor the interpreter executes ends the run
     /// with a message naming it.
     #[test]
@@ -4480,17 +4992,17 @@ mod tests {
         if !kvm_usable() {
             return;
         }
-        // XSAVE: KVM-PVM refuses it in ring 0 and the interpreter does not
-        // implement it (it advertises no XSAVE).
-        assert!(!cpu_interp::dispatch::implemented(Code::Xsave_mem));
+        // RDPRU: KVM-PVM refuses it in ring 0 and the interpreter does not
+        // implement it (an AMD instruction duet never advertises).
+        assert!(!cpu_interp::dispatch::implemented(Code::Rdpru));
         for mode in [Mode::Real, Mode::Long64] {
-            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0xae, 0x20], true, 0);
+            let (exit, io, rig) = run_snippet(mode, &[0x0f, 0x01, 0xfd], true, 0);
             let VcpuExit::Shutdown(ShutdownReason::Unrecoverable(msg)) = exit else {
                 panic!("{mode:?}: expected an unrecoverable shutdown, got {exit:?}");
             };
             println!("{msg}");
-            assert!(msg.contains("`xsave"), "{msg}");
-            assert!(msg.contains("0f ae 20"), "{msg}");
+            assert!(msg.contains("`rdpru"), "{msg}");
+            assert!(msg.contains("0f 01 fd"), "{msg}");
             assert!(msg.contains(&format!("RIP={CODE:#018x}")), "{msg}");
             assert!(msg.contains("CR0="), "{msg}");
             assert!(msg.contains("RAX="), "{msg}");
@@ -4582,15 +5094,15 @@ mod tests {
             let mut f = sample_fpu();
             f.xmm[0] = 0x1234_0000 + round as u128; // differs per round
             rig.vcpu.caps.fpu = api;
-            rig.vcpu.write_fpu(&f).unwrap();
+            rig.vcpu.write_fpu(&f, &XState::default()).unwrap();
             rig.vcpu.caps.fpu = native;
-            let mut back = rig.vcpu.read_fpu().unwrap();
+            let mut back = rig.vcpu.read_fpu().unwrap().0;
             if api == FpuApi::Fpu {
                 back.mxcsr = f.mxcsr;
             }
             assert_eq!(back, f, "written with {api:?}");
             rig.vcpu.caps.fpu = api;
-            let mut again = rig.vcpu.read_fpu().unwrap();
+            let mut again = rig.vcpu.read_fpu().unwrap().0;
             rig.vcpu.caps.fpu = native;
             if api == FpuApi::Fpu {
                 again.mxcsr = f.mxcsr;

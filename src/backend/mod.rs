@@ -12,6 +12,7 @@ use std::fmt;
 
 pub use cpu_interp::state::{
     CpuState, DebugRegs, DescriptorTable, FpuState, Msrs, PendingEvents, Regs, Segment, Sregs,
+    XState,
 };
 
 pub mod interp;
@@ -55,6 +56,8 @@ pub struct VmOptions {
     pub irqchip: IrqchipKind,
     /// The interpreter backend's execution tier (KVM ignores it).
     pub tier: cpu_interp::Tier,
+    /// The CPU model its vCPUs' CPUID describes (`--cpu`).
+    pub cpu: cpu_interp::cpuid::CpuModel,
 }
 
 impl Default for VmOptions {
@@ -62,6 +65,7 @@ impl Default for VmOptions {
         VmOptions {
             irqchip: IrqchipKind::default(),
             tier: cpu_interp::Tier::best(),
+            cpu: cpu_interp::cpuid::CpuModel::default(),
         }
     }
 }
@@ -310,9 +314,10 @@ pub fn create(kind: BackendKind, mem: &GuestMemory, opts: VmOptions) -> Result<B
                     "--irqchip kernel needs the KVM backend; the interpreter has only the userspace irqchip".into(),
                 ));
             }
-            Ok(Box::new(interp::InterpBackend::with_tier(
+            Ok(Box::new(interp::InterpBackend::with_options(
                 mem.clone(),
                 opts.tier,
+                opts.cpu,
             )))
         }
         #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]

@@ -297,6 +297,22 @@ pub fn state_diffs(a: &CpuState, b: &CpuState, p: &Point, out: &mut Vec<Diff>) {
             ));
         }
     }
+    for r in 0..16 {
+        if fa.ymm_hi[r] != fb.ymm_hi[r] {
+            out.push(Diff::new(
+                format!("ymm{r}[255:128]"),
+                format!("{:#034x}", fa.ymm_hi[r]),
+                format!("{:#034x}", fb.ymm_hi[r]),
+            ));
+        }
+    }
+    if a.xcr0 != b.xcr0 {
+        out.push(Diff::new(
+            "xcr0",
+            format!("{:#x}", a.xcr0),
+            format!("{:#x}", b.xcr0),
+        ));
+    }
     if fa.mxcsr != fb.mxcsr {
         out.push(Diff::new(
             "mxcsr",

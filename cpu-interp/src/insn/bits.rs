@@ -71,7 +71,7 @@ fn bt<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()
     Ok(())
 }
 
-fn bsf(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+pub(crate) fn bsf(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
     let v = cpu.op_read(p, d, 1, size)? & mask(size);
     if v == 0 {
@@ -83,7 +83,7 @@ fn bsf(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     Ok(())
 }
 
-fn bsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+pub(crate) fn bsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let size = d.size as usize;
     let v = cpu.op_read(p, d, 1, size)? & mask(size);
     if v == 0 {

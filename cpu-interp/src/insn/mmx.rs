@@ -190,7 +190,7 @@ fn low(v: u128, n: usize) -> u128 {
 // ---- the generic handler ------------------------------------------------------------
 
 /// A packed-integer operation: (destination, source, byte width, imm8).
-type IntOp = fn(u128, u128, usize, u8) -> u128;
+pub(crate) type IntOp = fn(u128, u128, usize, u8) -> u128;
 
 /// `dst = f(dst, src)` for an MMX or XMM destination.
 #[inline(always)]
@@ -222,7 +222,7 @@ fn int_op(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, f: IntOp) -> XResult<()
 macro_rules! int_ops {
     ($($name:ident, $k:ident = $f:expr;)*) => {
         $(
-            const $k: IntOp = $f;
+            pub(crate) const $k: IntOp = $f;
             fn $name(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
                 int_op(cpu, p, d, $k)
             }

@@ -12,11 +12,16 @@ use crate::exception::{Exception, XResult};
 use crate::platform::Platform;
 use crate::state::gpr;
 
+pub mod aes;
 pub mod alu;
+pub mod avx;
+pub mod avx2;
 pub mod bcd;
 pub mod bits;
+pub mod bmi;
 pub mod control;
 pub mod fast;
+pub mod fma;
 pub mod io;
 pub mod mmx;
 pub mod mov;
@@ -25,10 +30,12 @@ pub mod shift;
 pub mod simd;
 pub mod simd_fp;
 pub mod sse;
+pub mod sse4;
 pub mod stack;
 pub mod string;
 pub mod system;
 pub mod x87;
+pub mod xsave;
 
 /// Register every group's handlers.
 pub fn register_all(t: &mut Table) {
@@ -43,11 +50,18 @@ pub fn register_all(t: &mut Table) {
     stack::register(t);
     string::register(t);
     system::register(t);
+    xsave::register(t);
     // Floating point and vectors last: they override string-instruction
     // mnemonics shared with SSE (MOVSD, CMPSD).
     x87::register(t);
     mmx::register(t);
     sse::register(t);
+    sse4::register(t);
+    avx::register(t);
+    avx2::register(t);
+    fma::register(t);
+    bmi::register(t);
+    aes::register(t);
 }
 
 /// Pick a faster handler for common operand forms (register and

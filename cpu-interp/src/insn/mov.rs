@@ -361,12 +361,9 @@ fn bswap(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     Ok(())
 }
 
-/// MOVBE: a load or store with the bytes reversed. Not advertised by the
-/// interpreter; runs only for a KVM guest that found it in the host CPUID.
+/// MOVBE: a load or store with the bytes reversed (x86-64-v3; CPU models
+/// without it #UD at decode).
 fn movbe(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    if !cpu.host_features {
-        return Err(Exception::ud());
-    }
     let size = d.size as usize;
     let v = cpu.op_read(p, d, 1, size)?;
     let swapped = match size {

@@ -55,6 +55,8 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn set_xmm_reg(&mut self, r: Register, v: u128) {
         self.fpu.xmm[xmm_index(r)] = v;
+        // The SSE state component is in use (XSAVE's XINUSE[1]).
+        self.xstate.xinuse |= crate::insn::xsave::SSE;
     }
 
     /// MMn: the low 64 bits of physical x87 register Rn.
@@ -277,4 +279,90 @@ pub(crate) fn op_bytes(d: &Insn, n: u32) -> usize {
 #[inline]
 pub(crate) fn uses_mm(d: &Insn) -> bool {
     (0..d.i.op_count()).any(|n| d.i.op_kind(n) == OpKind::Register && d.i.op_register(n).is_mm())
+}
+
+// ---- byte ranges at linear addresses (XSAVE areas, 32-byte operands) ----
+
+impl Cpu {
+    /// Translate every page of `lin .. lin + len` for `write` (reads:
+    /// for reading), first page first; nothing is accessed.
+    pub(crate) fn probe_lin_range(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        len: usize,
+        write: bool,
+    ) -> XResult<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let user = self.user();
+        let access = if write {
+            crate::mmu::Access::Write
+        } else {
+            crate::mmu::Access::Read
+        };
+        let mask = self.lin_mask();
+        let last = lin.wrapping_add(len as u64 - 1) & mask;
+        let mut page = lin & !0xfff;
+        loop {
+            let a = if page == lin & !0xfff { lin } else { page };
+            self.translate(p, a, access, user)?;
+            if page == last & !0xfff {
+                return Ok(());
+            }
+            page = page.wrapping_add(0x1000) & mask;
+        }
+    }
+
+    /// Read `buf.len()` bytes at linear `lin` (8 bytes at a time, never
+    /// across a page within one access).
+    pub(crate) fn read_lin_bytes(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        buf: &mut [u8],
+    ) -> XResult<()> {
+        let user = self.user();
+        let mask = self.lin_mask();
+        let mut k = 0;
+        while k < buf.len() {
+            let a = lin.wrapping_add(k as u64) & mask;
+            let room = 0x1000 - (a & 0xfff) as usize;
+            let n = [8, 4, 2, 1]
+                .into_iter()
+                .find(|&n| n <= buf.len() - k && n <= room)
+                .unwrap_or(1);
+            let v = self.read_lin(p, a, n, user)?;
+            buf[k..k + n].copy_from_slice(&v.to_le_bytes()[..n]);
+            k += n;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at linear `lin`; callers probe the range first when
+    /// the write must be all or nothing.
+    pub(crate) fn write_lin_bytes(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        data: &[u8],
+    ) -> XResult<()> {
+        let user = self.user();
+        let mask = self.lin_mask();
+        let mut k = 0;
+        while k < data.len() {
+            let a = lin.wrapping_add(k as u64) & mask;
+            let room = 0x1000 - (a & 0xfff) as usize;
+            let n = [8, 4, 2, 1]
+                .into_iter()
+                .find(|&n| n <= data.len() - k && n <= room)
+                .unwrap_or(1);
+            let mut b = [0u8; 8];
+            b[..n].copy_from_slice(&data[k..k + n]);
+            self.write_lin(p, a, n, u64::from_le_bytes(b), user)?;
+            k += n;
+        }
+        Ok(())
+    }
 }

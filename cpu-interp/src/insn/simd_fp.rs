@@ -227,7 +227,11 @@ fn nan2<T: Fmt>(e: &mut Env, a: u64, b: u64) -> Option<u64> {
 /// not; a smallest-normal one: tiny or not) and for PE with an unmasked
 /// overflow or underflow, which the SDM sets only when that unbounded
 /// rounding is inexact (the destination is not written then).
-fn finish<T: Fmt>(e: &mut Env, r: StatusAnd<T::F>, wide: impl Fn() -> StatusAnd<T::W>) -> u64 {
+pub(crate) fn finish<T: Fmt>(
+    e: &mut Env,
+    r: StatusAnd<T::F>,
+    wide: impl Fn() -> StatusAnd<T::W>,
+) -> u64 {
     let st = r.status;
     let v = bits(r.value);
     let inexact = st.contains(Status::INEXACT);
@@ -340,6 +344,80 @@ pub fn mul<T: Fmt>(e: &mut Env, a: u64, b: u64) -> u64 {
 }
 pub fn div<T: Fmt>(e: &mut Env, a: u64, b: u64) -> u64 {
     arith::<T>(e, Op::Div, a, b)
+}
+
+/// ROUNDSS/ROUNDSD/ROUNDPS/ROUNDPD of one lane: round to an integral
+/// value with the mode of imm[1:0] (imm[2] set: MXCSR.RC). An SNaN raises
+/// IE and comes back quiet; no DE (DAZ still flushes a denormal input);
+/// PE unless imm[3] suppresses it.
+pub fn round_int<T: Fmt>(e: &mut Env, a: u64, imm: u8) -> u64 {
+    if is_nan::<T>(a) {
+        if is_snan::<T>(a) {
+            e.flags |= IE;
+        }
+        return a | T::QUIET;
+    }
+    let a = input::<T>(e, a, false);
+    let rc = if imm & 4 != 0 {
+        e.round()
+    } else {
+        match imm & 3 {
+            0 => Round::NearestTiesToEven,
+            1 => Round::TowardNegative,
+            2 => Round::TowardPositive,
+            _ => Round::TowardZero,
+        }
+    };
+    let r = to_f::<T>(a).round_to_integral(rc);
+    if r.status.contains(Status::INEXACT) && imm & 8 == 0 {
+        e.flags |= PE;
+    }
+    bits(r.value)
+}
+
+/// Fused multiply-add `a * b + c` rounded once (the FMA3 instructions;
+/// the negated forms pass negated operands). NaN operands: an SNaN
+/// raises IE; the result is the first NaN of `nan_order` (the operands in
+/// instruction order), quietened. `0 × ∞` raises IE even with a QNaN
+/// addend (default NaN only when no operand is a NaN).
+pub fn fma<T: Fmt>(e: &mut Env, a: u64, b: u64, c: u64, nan_order: [u64; 3]) -> u64 {
+    let nan = [a, b, c].iter().any(|&x| is_nan::<T>(x));
+    let inf_zero = |x: u64, y: u64| {
+        (is_inf::<T>(x) && is_zero::<T>(input::<T>(&mut e.clone(), y, false)))
+            || (is_zero::<T>(input::<T>(&mut e.clone(), x, false)) && is_inf::<T>(y))
+    };
+    if nan {
+        if [a, b, c].iter().any(|&x| is_snan::<T>(x)) || inf_zero(a, b) {
+            e.flags |= IE;
+        }
+        let first = nan_order
+            .iter()
+            .copied()
+            .find(|&x| is_nan::<T>(x))
+            .unwrap_or(T::INDEF);
+        return first | T::QUIET;
+    }
+    let mut de = false;
+    let a = input_deferred::<T>(e, a, &mut de);
+    let b = input_deferred::<T>(e, b, &mut de);
+    let c = input_deferred::<T>(e, c, &mut de);
+    let rc = e.round();
+    let (fa, fb, fc) = (to_f::<T>(a), to_f::<T>(b), to_f::<T>(c));
+    let r = fa.mul_add_r(fb, fc, rc);
+    if r.status.contains(Status::INVALID_OP) {
+        e.flags |= IE;
+        return T::INDEF;
+    }
+    if de {
+        e.flags |= DE;
+    }
+    finish::<T>(e, r, || {
+        let mut l = false;
+        let wa: T::W = fa.convert(&mut l).value;
+        let wb: T::W = fb.convert(&mut l).value;
+        let wc: T::W = fc.convert(&mut l).value;
+        wa.mul_add_r(wb, wc, rc)
+    })
 }
 
 /// Split a finite non-zero value into (significand, exponent) with
@@ -464,6 +542,34 @@ pub fn cmp_pred<T: Fmt>(e: &mut Env, a: u64, b: u64, imm: u8) -> u64 {
         5 => o != Some(Ordering::Less),
         6 => !matches!(o, Some(Ordering::Less | Ordering::Equal)),
         _ => o.is_some(),
+    };
+    if t {
+        u64::MAX >> (64 - 8 * T::BYTES)
+    } else {
+        0
+    }
+}
+
+/// VCMPPS/VCMPSS... predicate `imm & 31` (the VEX encoding's 32
+/// predicates: bit 4 swaps signalling and quiet, bits 3:0 pick the
+/// relation and the unordered result) as a lane mask.
+pub fn cmp_pred32<T: Fmt>(e: &mut Env, a: u64, b: u64, imm: u8) -> u64 {
+    let p = imm & 31;
+    let base = p & 15;
+    let signaling = matches!(base, 1 | 2 | 5 | 6 | 9 | 10 | 13 | 14) ^ (p & 16 != 0);
+    let o = compare::<T>(e, a, b, signaling);
+    let t = match o {
+        None => matches!(base, 3 | 4 | 5 | 6 | 8 | 9 | 10 | 15),
+        Some(ord) => match base {
+            0 | 8 => ord == Ordering::Equal,
+            1 | 9 => ord == Ordering::Less,
+            2 | 10 => ord != Ordering::Greater,
+            3 | 11 => false,
+            4 | 12 => ord != Ordering::Equal,
+            5 | 13 => ord != Ordering::Less,
+            6 | 14 => ord == Ordering::Greater,
+            _ => true,
+        },
     };
     if t {
         u64::MAX >> (64 - 8 * T::BYTES)

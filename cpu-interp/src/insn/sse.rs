@@ -482,52 +482,57 @@ fn vec_op(
     Ok(())
 }
 
+/// A whole-register operation `(dst, src, imm8) -> result`.
+pub(crate) type VecOp = fn(u128, u128, u8) -> u128;
+
+/// Define, per operation, the function `$k` and its legacy handler `$name`.
 macro_rules! vec_ops {
-    ($($name:ident = $f:expr;)*) => {
+    ($($name:ident, $k:ident = $f:expr;)*) => {
         $(
+            pub(crate) const $k: VecOp = $f;
             fn $name(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-                vec_op(cpu, p, d, $f)
+                vec_op(cpu, p, d, $k)
             }
         )*
     };
 }
 
 vec_ops! {
-    andps = |a, b, _| a & b;
-    andnps = |a, b, _| !a & b;
-    orps = |a, b, _| a | b;
-    xorps = |a, b, _| a ^ b;
-    shufps = |a, b, imm| {
+    andps, ANDPS = |a, b, _| a & b;
+    andnps, ANDNPS = |a, b, _| !a & b;
+    orps, ORPS = |a, b, _| a | b;
+    xorps, XORPS = |a, b, _| a ^ b;
+    shufps, SHUFPS = |a, b, imm| {
         let s = |k: u32| usize::from((imm >> (2 * k)) & 3);
         let mut r = set_lane(0, 0, 4, lane(a, s(0), 4));
         r = set_lane(r, 1, 4, lane(a, s(1), 4));
         r = set_lane(r, 2, 4, lane(b, s(2), 4));
         set_lane(r, 3, 4, lane(b, s(3), 4))
     };
-    shufpd = |a, b, imm| {
+    shufpd, SHUFPD = |a, b, imm| {
         let lo = lane(a, usize::from(imm & 1), 8);
         let hi = lane(b, usize::from((imm >> 1) & 1), 8);
         u128::from(lo) | (u128::from(hi) << 64)
     };
-    unpcklps = |a, b, _| interleave::<4>(a, b, 0);
-    unpckhps = |a, b, _| interleave::<4>(a, b, 2);
-    unpcklpd = |a, b, _| interleave::<8>(a, b, 0);
-    unpckhpd = |a, b, _| interleave::<8>(a, b, 1);
-    punpcklqdq = |a, b, _| interleave::<8>(a, b, 0);
-    punpckhqdq = |a, b, _| interleave::<8>(a, b, 1);
-    pshufd = |_, b, imm| {
+    unpcklps, UNPCKLPS = |a, b, _| interleave::<4>(a, b, 0);
+    unpckhps, UNPCKHPS = |a, b, _| interleave::<4>(a, b, 2);
+    unpcklpd, UNPCKLPD = |a, b, _| interleave::<8>(a, b, 0);
+    unpckhpd, UNPCKHPD = |a, b, _| interleave::<8>(a, b, 1);
+    punpcklqdq, PUNPCKLQDQ = |a, b, _| interleave::<8>(a, b, 0);
+    punpckhqdq, PUNPCKHQDQ = |a, b, _| interleave::<8>(a, b, 1);
+    pshufd, PSHUFD = |_, b, imm| {
         (0..4).fold(0, |r, i| set_lane(r, i, 4, lane(b, usize::from((imm >> (2 * i)) & 3), 4)))
     };
-    pshuflw = |_, b, imm| {
+    pshuflw, PSHUFLW = |_, b, imm| {
         (0..4).fold(b, |r, i| set_lane(r, i, 2, lane(b, usize::from((imm >> (2 * i)) & 3), 2)))
     };
-    pshufhw = |_, b, imm| {
+    pshufhw, PSHUFHW = |_, b, imm| {
         (0..4).fold(b, |r, i| {
             set_lane(r, 4 + i, 2, lane(b, 4 + usize::from((imm >> (2 * i)) & 3), 2))
         })
     };
-    pslldq = |a, b, _| if b < 16 { a << (8 * b) } else { 0 };
-    psrldq = |a, b, _| if b < 16 { a >> (8 * b) } else { 0 };
+    pslldq, PSLLDQ = |a, b, _| if b < 16 { a << (8 * b) } else { 0 };
+    psrldq, PSRLDQ = |a, b, _| if b < 16 { a >> (8 * b) } else { 0 };
 }
 
 /// Interleave `W`-byte lanes of `a` and `b` starting at lane `from`.

@@ -69,8 +69,6 @@ pub fn register(t: &mut Table) {
     t.set_mnemonic(Mnemonic::Verr, verr_verw::<false>);
     t.set_mnemonic(Mnemonic::Verw, verr_verw::<true>);
     t.set_mnemonic(Mnemonic::Arpl, arpl);
-    t.set_mnemonic(Mnemonic::Xgetbv, xgetbv);
-    t.set_mnemonic(Mnemonic::Xsetbv, xsetbv);
     t.set_mnemonic(Mnemonic::Clac, clac_stac::<false>);
     t.set_mnemonic(Mnemonic::Stac, clac_stac::<true>);
     t.set_mnemonic(Mnemonic::Clflushopt, host_clflush);
@@ -348,7 +346,12 @@ impl Cpu {
     }
 
     pub(crate) fn write_cr4(&mut self, v: u64) -> XResult<()> {
-        if v & !CR4_SUPPORTED != 0 {
+        let xsave = if self.has(crate::cpuid::feat::XSAVE) {
+            CR4_OSXSAVE
+        } else {
+            0
+        };
+        if v & !(CR4_SUPPORTED | xsave) != 0 {
             return Err(Exception::gp0());
         }
         if self.long_mode() && v & CR4_PAE == 0 {
@@ -587,7 +590,12 @@ fn rdpid(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn cpuid(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     let leaf = cpu.gpr[gpr::RAX] as u32;
     let sub = cpu.gpr[gpr::RCX] as u32;
-    let r = crate::cpuid::query(&cpu.cpuid_cfg, leaf, sub);
+    let dy = crate::cpuid::Dynamic {
+        osxsave: cpu.cr4 & CR4_OSXSAVE != 0,
+        xcr0: cpu.xcr0,
+        xss: cpu.xstate.xss,
+    };
+    let r = crate::cpuid::query_with(&cpu.cpuid_cfg, &dy, leaf, sub);
     cpu.gpr[gpr::RAX] = u64::from(r[0]);
     cpu.gpr[gpr::RBX] = u64::from(r[1]);
     cpu.gpr[gpr::RCX] = u64::from(r[2]);
@@ -624,6 +632,7 @@ impl Cpu {
             msr::PAT => self.msrs.pat,
             msr::TSC_AUX => self.msrs.tsc_aux,
             msr::MISC_ENABLE => self.msrs.misc_enable,
+            msr::XSS if self.has(crate::cpuid::feat::XSAVES) => self.xstate.xss,
             // IA32_BIOS_SIGN_ID: microcode revision 0 (no microcode loaded).
             msr::BIOS_SIGN_ID => 0,
             // 8 variable ranges, fixed ranges, write-combining.
@@ -700,6 +709,8 @@ impl Cpu {
                 self.msrs.tsc_aux = v;
             }
             msr::MISC_ENABLE => self.msrs.misc_enable = v,
+            // No supervisor state component is supported.
+            msr::XSS if self.has(crate::cpuid::feat::XSAVES) && v == 0 => self.xstate.xss = 0,
             // Writing 0 before CPUID is how software asks for the revision.
             msr::BIOS_SIGN_ID => {}
             msr::MTRR_DEF_TYPE => {
@@ -1015,33 +1026,6 @@ fn arpl(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     } else {
         cpu.flags.update_arith(flags::ZF, 0);
     }
-    Ok(())
-}
-
-fn xgetbv(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
-    if cpu.cr4 & CR4_OSXSAVE == 0 {
-        return Err(Exception::ud());
-    }
-    let v = match cpu.gpr[gpr::RCX] as u32 {
-        0 => cpu.xcr0,
-        _ => return Err(Exception::gp0()),
-    };
-    cpu.gpr[gpr::RAX] = v & 0xffff_ffff;
-    cpu.gpr[gpr::RDX] = v >> 32;
-    Ok(())
-}
-
-fn xsetbv(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
-    if cpu.cr4 & CR4_OSXSAVE == 0 {
-        return Err(Exception::ud());
-    }
-    cpu.require_cpl0()?;
-    let v = (cpu.gpr[gpr::RDX] << 32) | (cpu.gpr[gpr::RAX] & 0xffff_ffff);
-    // x87 must stay on; AVX needs SSE; only x87/SSE/AVX state components.
-    if cpu.gpr[gpr::RCX] as u32 != 0 || v & 1 == 0 || v & !7 != 0 || (v & 4 != 0 && v & 2 == 0) {
-        return Err(Exception::gp0());
-    }
-    cpu.xcr0 = v;
     Ok(())
 }
 

@@ -179,3 +179,38 @@ pub fn run_with(mode: Mode, code: &[u8], init: impl FnOnce(&mut Cpu)) -> (Cpu, T
     );
     (c, p)
 }
+
+/// Assemble `f`'s instructions as `bits`-bit code at [`CODE`].
+pub fn asm(
+    bits: u32,
+    f: impl FnOnce(&mut iced_x86::code_asm::CodeAssembler) -> Result<(), iced_x86::IcedError>,
+) -> Vec<u8> {
+    let mut a = iced_x86::code_asm::CodeAssembler::new(bits).expect("bitness");
+    f(&mut a).expect("assemble");
+    a.assemble(CODE).expect("encode")
+}
+
+/// CR4.OSFXSR, OSXMMEXCPT and OSXSAVE on, XCR0 = x87 | SSE | AVX.
+pub fn avx_on(c: &mut Cpu) {
+    let mut s = c.state();
+    s.sregs.cr4 |= crate::cpu::CR4_OSFXSR | crate::cpu::CR4_OSXMMEXCPT | crate::cpu::CR4_OSXSAVE;
+    s.xcr0 = 7;
+    c.set_state(&s);
+}
+
+/// Execute the one instruction at the start of `code` and return its
+/// handler's result without delivering any exception.
+pub fn exec_one(
+    mode: Mode,
+    code: &[u8],
+    init: impl FnOnce(&mut Cpu),
+) -> (Cpu, crate::exception::XResult<()>) {
+    let mut c = new_cpu();
+    setup(&mut c, mode);
+    write_phys(&c, CODE, code);
+    init(&mut c);
+    let mut p = TestPlatform::default();
+    let insn = c.decode_one(&mut p).expect("decodable");
+    let r = (insn.h)(&mut c, &mut p, &insn);
+    (c, r)
+}

@@ -1,0 +1,404 @@
+//! The AVX and AVX2 instructions that cross or ignore the 128-bit lanes:
+//! broadcasts (VBROADCASTSS/SD/F128/I128, VPBROADCASTB/W/D/Q), 128-bit
+//! inserts, extracts and permutes (VINSERTF128/I128, VEXTRACTF128/I128,
+//! VPERM2F128/I128), VPERMILPS/PD, VPERMD/PS/Q/PD, masked moves
+//! (VMASKMOVPS/PD, VPMASKMOVD/Q), variable shifts (VPSLLVD/Q, VPSRLVD/Q,
+//! VPSRAVD) and the gathers (VGATHERDPS/DPD/QPS/QPD, VPGATHERDD/DQ/QD/QQ).
+
+use iced_x86::{Mnemonic, OpKind, Register};
+
+use super::avx::{imm8, vidx, Y};
+use super::simd::{lane, set_lane};
+use crate::block::Insn;
+use crate::cpu::Cpu;
+use crate::dispatch::Table;
+use crate::exception::{Exception, XResult};
+use crate::platform::Platform;
+
+pub fn register(t: &mut Table) {
+    for m in [
+        Mnemonic::Vbroadcastss,
+        Mnemonic::Vbroadcastsd,
+        Mnemonic::Vbroadcastf128,
+        Mnemonic::Vbroadcasti128,
+        Mnemonic::Vpbroadcastb,
+        Mnemonic::Vpbroadcastw,
+        Mnemonic::Vpbroadcastd,
+        Mnemonic::Vpbroadcastq,
+    ] {
+        t.set_vex(m, vbroadcast);
+    }
+    t.set_vex(Mnemonic::Vinsertf128, vinsert128);
+    t.set_vex(Mnemonic::Vinserti128, vinsert128);
+    t.set_vex(Mnemonic::Vextractf128, vextract128);
+    t.set_vex(Mnemonic::Vextracti128, vextract128);
+    t.set_vex(Mnemonic::Vperm2f128, vperm2x128);
+    t.set_vex(Mnemonic::Vperm2i128, vperm2x128);
+    t.set_vex(Mnemonic::Vpermilps, vpermil);
+    t.set_vex(Mnemonic::Vpermilpd, vpermil);
+    t.set_vex(Mnemonic::Vpermd, vperm_var);
+    t.set_vex(Mnemonic::Vpermps, vperm_var);
+    t.set_vex(Mnemonic::Vpermq, vperm_imm);
+    t.set_vex(Mnemonic::Vpermpd, vperm_imm);
+    for m in [
+        Mnemonic::Vmaskmovps,
+        Mnemonic::Vmaskmovpd,
+        Mnemonic::Vpmaskmovd,
+        Mnemonic::Vpmaskmovq,
+    ] {
+        t.set_vex(m, vmaskmov);
+    }
+    for m in [
+        Mnemonic::Vpsllvd,
+        Mnemonic::Vpsllvq,
+        Mnemonic::Vpsrlvd,
+        Mnemonic::Vpsrlvq,
+        Mnemonic::Vpsravd,
+    ] {
+        t.set_vex(m, vshiftv);
+    }
+    for m in [
+        Mnemonic::Vgatherdps,
+        Mnemonic::Vgatherdpd,
+        Mnemonic::Vgatherqps,
+        Mnemonic::Vgatherqpd,
+        Mnemonic::Vpgatherdd,
+        Mnemonic::Vpgatherdq,
+        Mnemonic::Vpgatherqd,
+        Mnemonic::Vpgatherqq,
+    ] {
+        t.set_vex(m, vgather);
+    }
+}
+
+/// Element `i` of width `w` of a 256-bit value.
+#[inline(always)]
+pub(crate) fn yl(v: &Y, i: usize, w: usize) -> u64 {
+    let per = 16 / w;
+    lane(v[i / per], i % per, w)
+}
+
+/// `v` with element `i` of width `w` replaced.
+#[inline(always)]
+pub(crate) fn set_yl(v: &mut Y, i: usize, w: usize, x: u64) {
+    let per = 16 / w;
+    v[i / per] = set_lane(v[i / per], i % per, w, x);
+}
+
+/// VBROADCASTSS/SD, VPBROADCASTB/W/D/Q (element 0 of a register or
+/// memory), VBROADCASTF128/I128 (m128 to both halves).
+fn vbroadcast(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let dst = d.i.op0_register();
+    let src = cpu.vsrc(p, d, 1)?;
+    let w = match d.i.mnemonic() {
+        Mnemonic::Vpbroadcastb => 1,
+        Mnemonic::Vpbroadcastw => 2,
+        Mnemonic::Vbroadcastss | Mnemonic::Vpbroadcastd => 4,
+        Mnemonic::Vbroadcastsd | Mnemonic::Vpbroadcastq => 8,
+        _ => 16,
+    };
+    let v = if w == 16 {
+        [src[0], src[0]]
+    } else {
+        let x = lane(src[0], 0, w);
+        let l = (0..16 / w).fold(0u128, |r, i| set_lane(r, i, w, x));
+        [l, l]
+    };
+    cpu.set_vreg(dst, v);
+    Ok(())
+}
+
+/// VINSERTF128/I128 ymm1, ymm2, xmm3/m128, imm8.
+fn vinsert128(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let mut v = cpu.vreg(d.i.op1_register());
+    let x = cpu.vsrc(p, d, 2)?[0];
+    v[usize::from(imm8(d) & 1)] = x;
+    cpu.set_vreg(d.i.op0_register(), v);
+    Ok(())
+}
+
+/// VEXTRACTF128/I128 xmm1/m128, ymm2, imm8.
+fn vextract128(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let v = cpu.vreg(d.i.op1_register())[usize::from(imm8(d) & 1)];
+    match d.i.op0_kind() {
+        OpKind::Register => {
+            cpu.set_vreg(d.i.op0_register(), [v, 0]);
+            Ok(())
+        }
+        _ => cpu.vmem_store(p, d, [v, 0], 16, false),
+    }
+}
+
+/// VPERM2F128/I128 ymm1, ymm2, ymm3/m256, imm8.
+fn vperm2x128(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let a = cpu.vreg(d.i.op1_register());
+    let b = cpu.vsrc(p, d, 2)?;
+    let imm = imm8(d);
+    let pick = |c: u8| -> u128 {
+        if c & 8 != 0 {
+            0
+        } else {
+            match c & 3 {
+                0 => a[0],
+                1 => a[1],
+                2 => b[0],
+                _ => b[1],
+            }
+        }
+    };
+    cpu.set_vreg(d.i.op0_register(), [pick(imm), pick(imm >> 4)]);
+    Ok(())
+}
+
+/// VPERMILPS/VPERMILPD: within each 128-bit lane, elements picked by an
+/// immediate (dst, src, imm) or by a control vector (dst, src, ctl).
+fn vpermil(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let dst = d.i.op0_register();
+    let ps = d.i.mnemonic() == Mnemonic::Vpermilps;
+    let (src, ctl): (Y, Option<Y>) = if d.i.op_kind(2) == OpKind::Immediate8 {
+        (cpu.vsrc(p, d, 1)?, None)
+    } else {
+        let s = cpu.vreg(d.i.op1_register());
+        (s, Some(cpu.vsrc(p, d, 2)?))
+    };
+    let imm = imm8(d);
+    let mut r = [0u128; 2];
+    for k in 0..2 {
+        if ps {
+            for i in 0..4 {
+                let sel = match ctl {
+                    Some(c) => lane(c[k], i, 4) as usize & 3,
+                    None => usize::from(imm >> (2 * i)) & 3,
+                };
+                r[k] = set_lane(r[k], i, 4, lane(src[k], sel, 4));
+            }
+        } else {
+            for i in 0..2 {
+                let sel = match ctl {
+                    Some(c) => (lane(c[k], i, 8) >> 1) as usize & 1,
+                    None => usize::from(imm >> (2 * k + i)) & 1,
+                };
+                r[k] = set_lane(r[k], i, 8, lane(src[k], sel, 8));
+            }
+        }
+    }
+    if !dst.is_ymm() {
+        r[1] = 0;
+    }
+    cpu.set_vreg(dst, r);
+    Ok(())
+}
+
+/// VPERMD/VPERMPS ymm1, ymm2 (indices), ymm3/m256 (table).
+fn vperm_var(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let idx = cpu.vreg(d.i.op1_register());
+    let src = cpu.vsrc(p, d, 2)?;
+    let mut r = [0u128; 2];
+    for i in 0..8 {
+        let sel = yl(&idx, i, 4) as usize & 7;
+        set_yl(&mut r, i, 4, yl(&src, sel, 4));
+    }
+    cpu.set_vreg(d.i.op0_register(), r);
+    Ok(())
+}
+
+/// VPERMQ/VPERMPD ymm1, ymm2/m256, imm8.
+fn vperm_imm(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let src = cpu.vsrc(p, d, 1)?;
+    let imm = imm8(d);
+    let mut r = [0u128; 2];
+    for i in 0..4 {
+        let sel = usize::from(imm >> (2 * i)) & 3;
+        set_yl(&mut r, i, 8, yl(&src, sel, 8));
+    }
+    cpu.set_vreg(d.i.op0_register(), r);
+    Ok(())
+}
+
+/// VPSLLVD/Q, VPSRLVD/Q, VPSRAVD: each element shifted by its own count.
+fn vshiftv(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let dst = d.i.op0_register();
+    let a = cpu.vreg(d.i.op1_register());
+    let c = cpu.vsrc(p, d, 2)?;
+    let m = d.i.mnemonic();
+    let w = if matches!(m, Mnemonic::Vpsllvq | Mnemonic::Vpsrlvq) {
+        8
+    } else {
+        4
+    };
+    let bits = 8 * w as u64;
+    let n = if dst.is_ymm() { 32 / w } else { 16 / w };
+    let mut r = [0u128; 2];
+    for i in 0..n {
+        let x = yl(&a, i, w);
+        let s = yl(&c, i, w);
+        let v = match m {
+            Mnemonic::Vpsllvd | Mnemonic::Vpsllvq => {
+                if s >= bits {
+                    0
+                } else {
+                    x << s
+                }
+            }
+            Mnemonic::Vpsrlvd | Mnemonic::Vpsrlvq => {
+                if s >= bits {
+                    0
+                } else {
+                    x >> s
+                }
+            }
+            _ => ((x as u32 as i32) >> s.min(31)) as u32 as u64,
+        };
+        set_yl(&mut r, i, w, v);
+    }
+    cpu.set_vreg(dst, r);
+    Ok(())
+}
+
+/// VMASKMOVPS/PD, VPMASKMOVD/Q. Loads (dst, mask, mem): elements whose
+/// mask sign bit is set are read, the others are zero. Stores (mem,
+/// mask, src): only the selected elements are written. Only the selected
+/// elements are accessed, so only they can fault; a store checks all of
+/// them before writing any.
+fn vmaskmov(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let w = match d.i.mnemonic() {
+        Mnemonic::Vmaskmovps | Mnemonic::Vpmaskmovd => 4,
+        _ => 8,
+    };
+    let off = cpu.ea(d);
+    let seg = d.seg as usize;
+    if d.i.op0_kind() == OpKind::Register {
+        let dst = d.i.op0_register();
+        let mask = cpu.vreg(d.i.op1_register());
+        let n = if dst.is_ymm() { 32 / w } else { 16 / w };
+        let mut r = [0u128; 2];
+        for i in 0..n {
+            if yl(&mask, i, w) >> (8 * w - 1) != 0 {
+                let a = off.wrapping_add((i * w) as u64) & d.amask;
+                let v = cpu.read_mem(p, seg, a, w)?;
+                set_yl(&mut r, i, w, v);
+            }
+        }
+        cpu.set_vreg(dst, r);
+        Ok(())
+    } else {
+        let mask = cpu.vreg(d.i.op1_register());
+        let srcr = d.i.op2_register();
+        let src = cpu.vreg(srcr);
+        let n = if srcr.is_ymm() { 32 / w } else { 16 / w };
+        let sel: Vec<usize> = (0..n)
+            .filter(|&i| yl(&mask, i, w) >> (8 * w - 1) != 0)
+            .collect();
+        for &i in &sel {
+            let a = off.wrapping_add((i * w) as u64) & d.amask;
+            cpu.probe_write(p, seg, a, w)?;
+        }
+        for &i in &sel {
+            let a = off.wrapping_add((i * w) as u64) & d.amask;
+            cpu.write_mem(p, seg, a, w, yl(&src, i, w))?;
+        }
+        Ok(())
+    }
+}
+
+/// The gathers: for each element from the lowest, if its mask sign bit is
+/// set, load it from base + index[i] × scale + disp, store it in the
+/// destination and clear the mask element. A fault leaves the elements
+/// below the faulting one gathered and their mask elements cleared; on
+/// completion the whole mask is zero. Destination, index and mask must be
+/// three different registers (#UD otherwise).
+fn vgather(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+    cpu.check_avx()?;
+    let dst = d.i.op0_register();
+    let maskr = d.i.op2_register();
+    let index = d.i.memory_index();
+    let (di, mi, ii) = (vidx(dst), vidx(maskr), vidx(index));
+    if di == mi || di == ii || mi == ii {
+        return Err(Exception::ud());
+    }
+    let m = d.i.mnemonic();
+    // Data element width, index element width.
+    let (w, iw) = match m {
+        Mnemonic::Vgatherdps | Mnemonic::Vpgatherdd => (4, 4),
+        Mnemonic::Vgatherdpd | Mnemonic::Vpgatherdq => (8, 4),
+        Mnemonic::Vgatherqps | Mnemonic::Vpgatherqd => (4, 8),
+        _ => (8, 8),
+    };
+    let idxv = cpu.vreg(index);
+    let n = if index.is_ymm() {
+        32 / iw
+    } else if dst.is_ymm() {
+        32 / w
+    } else {
+        (16 / iw).min(16 / w)
+    };
+    let n = n.min(if dst.is_ymm() { 32 / w } else { 16 / w });
+    let mut v = cpu.vreg(dst);
+    let mut mask = cpu.vreg(maskr);
+    let base = match d.i.memory_base() {
+        Register::None => 0,
+        Register::RIP | Register::EIP => d.next,
+        r => cpu.reg(r),
+    };
+    let disp = d.i.memory_displacement64();
+    let scale = u64::from(d.i.memory_index_scale());
+    let seg = d.seg as usize;
+    let mut result = Ok(());
+    for i in 0..n {
+        if yl(&mask, i, w) >> (8 * w - 1) == 0 {
+            continue;
+        }
+        let raw = yl(&idxv, i, iw);
+        let ix = if iw == 4 {
+            raw as u32 as i32 as i64 as u64
+        } else {
+            raw
+        };
+        let off = base.wrapping_add(disp).wrapping_add(ix.wrapping_mul(scale)) & d.amask;
+        match cpu.read_mem(p, seg, off, w) {
+            Ok(x) => {
+                set_yl(&mut v, i, w, x);
+                set_yl(&mut mask, i, w, 0);
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        mask = [0, 0];
+    }
+    // Elements beyond the gathered width are zeroed (the XMM forms of a
+    // wider index, and VEX.128's bits 255:128).
+    let keep = n * w;
+    for (k, h) in v.iter_mut().enumerate() {
+        *h = mask_bytes(*h, keep.saturating_sub(16 * k));
+    }
+    for (k, h) in mask.iter_mut().enumerate() {
+        *h = mask_bytes(*h, keep.saturating_sub(16 * k));
+    }
+    cpu.set_vreg(dst, v);
+    cpu.set_vreg(maskr, mask);
+    result
+}
+
+/// The low `n` bytes of `v` (all of it from 16 on).
+fn mask_bytes(v: u128, n: usize) -> u128 {
+    if n >= 16 {
+        v
+    } else if n == 0 {
+        0
+    } else {
+        v & ((1u128 << (8 * n)) - 1)
+    }
+}
