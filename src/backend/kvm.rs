@@ -1739,6 +1739,12 @@ impl KvmVcpu {
                     .map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
+        // Without an in-kernel LAPIC KVM_RUN loads CR8 from kvm_run.cr8
+        // (the TPR userspace owns): a stale value there would overwrite the
+        // CR8 just set with the sregs.
+        if !self.caps.kernel_irqchip {
+            self.fd.get_kvm_run().cr8 = s.sregs.cr8;
+        }
         if current.is_none_or(|c| c.fpu != s.fpu) {
             self.write_fpu(&s.fpu)?;
         }

@@ -71,6 +71,9 @@ pub struct ModeStats {
     pub diverged: u64,
     pub refused: u64,
     pub both_timed_out: u64,
+    /// Cases where the emulator oracle is known wrong at an item and the
+    /// interpreter did what the SDM says there.
+    pub settled: u64,
     pub broken: u64,
     /// Cases the analysis rejected (a generator bug; not run).
     pub invalid: u64,
@@ -106,6 +109,9 @@ pub struct Divergence {
 pub struct Summary {
     pub modes: BTreeMap<Mode, ModeStats>,
     pub divergences: Vec<Divergence>,
+    /// Settled emulator errors met, by mode and name (the interpreter
+    /// checked against the SDM there).
+    pub settled: BTreeMap<(Mode, &'static str), u64>,
     /// KVM refusals by mode and instruction: count and the first case.
     pub refusals: BTreeMap<(Mode, String), (u64, String)>,
     /// Generated (and compared) test instructions by iced `Code`.
@@ -156,16 +162,17 @@ impl Summary {
         }
         let _ = writeln!(
             t,
-            "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}  oracle",
-            "mode", "cases", "match", "diverged", "refused", "other", "cases/s"
+            "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9}  oracle",
+            "mode", "cases", "match", "settled", "diverged", "refused", "other", "cases/s"
         );
         for (m, s) in &self.modes {
             let _ = writeln!(
                 t,
-                "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9.0}  {}",
+                "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9.0}  {}",
                 m.name(),
                 s.cases,
                 s.matched,
+                s.settled,
                 s.diverged,
                 s.refused,
                 s.both_timed_out + s.broken + s.invalid,
@@ -204,6 +211,15 @@ impl Summary {
             );
             for d in sigs {
                 let _ = writeln!(t, "  {:>7}x  {}: {}", d.count, d.mode.name(), d.signature);
+            }
+        }
+        if !self.settled.is_empty() {
+            let _ = writeln!(
+                t,
+                "settled emulator errors (the interpreter raised the SDM's exception where KVM's emulator does not):"
+            );
+            for ((m, what), n) in &self.settled {
+                let _ = writeln!(t, "  {n:>7}x  {}: {what}", m.name());
             }
         }
         if !self.refusals.is_empty() {
@@ -500,6 +516,11 @@ impl<'a> Campaign<'a> {
                 self.cover(case);
             }
             Verdict::BothTimedOut => stats.both_timed_out += 1,
+            Verdict::Settled(name) => {
+                stats.settled += 1;
+                self.cover(case);
+                *self.summary.settled.entry((case.mode, *name)).or_default() += 1;
+            }
             Verdict::Broken(m) => {
                 stats.broken += 1;
                 if self.summary.broken.len() < 20 {

@@ -48,6 +48,19 @@ pub struct Item {
     /// Id of the first item of the template this item belongs to (branch
     /// targets are moved to group starts so no setup is jumped over).
     pub group: usize,
+    /// The SDM makes this item fault so, where KVM's instruction emulator
+    /// is known not to (a settled emulator error, docs/DIFFTEST.md): on the
+    /// emulator oracle the interpreter is checked against the SDM here.
+    pub sdm_fault: Option<SdmFault>,
+}
+
+/// An exception the SDM requires of an item (see [`Item::sdm_fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SdmFault {
+    pub vector: u8,
+    pub error_code: Option<u64>,
+    /// The settled emulator error, for the summary.
+    pub erratum: &'static str,
 }
 
 impl Item {
@@ -59,6 +72,7 @@ impl Item {
             target: None,
             imm_target: None,
             group: id,
+            sdm_fault: None,
         }
     }
 }
@@ -655,6 +669,11 @@ impl Flow {
         }
         if let Some(n) = self.undefined_register_result(i) {
             after.poison |= 1 << n;
+        }
+        // CPUID's results depend on each side's configured CPUID, not on
+        // the instruction's semantics: RAX, RCX, RDX, RBX are not compared.
+        if i.mnemonic() == Mnemonic::Cpuid {
+            after.poison |= 0b1111;
         }
         // Known CL.
         let writes_rcx = self

@@ -50,6 +50,10 @@ pub enum Verdict {
     BothTimedOut,
     /// The harness could not run the case on KVM.
     Broken(String),
+    /// KVM's instruction emulator did not raise the exception the SDM
+    /// requires at an item (a settled emulator error, named here), and the
+    /// interpreter raised exactly that exception there.
+    Settled(&'static str),
 }
 
 /// An exception frame found on the stack of a stub.
@@ -217,8 +221,63 @@ pub fn state_diffs(a: &CpuState, b: &CpuState, p: &Point, out: &mut Vec<Diff>) {
         ("es", &sa.es, &sb.es),
         ("fs", &sa.fs, &sb.fs),
         ("gs", &sa.gs, &sb.gs),
+        ("tr", &sa.tr, &sb.tr),
+        ("ldtr", &sa.ldt, &sb.ldt),
     ] {
         seg_diffs(name, x, y, out);
+    }
+    // In 64-bit mode FS and GS bases count whatever the selector (64-bit
+    // code loads them through WRMSR and SWAPGS, with null selectors).
+    if sa.efer & (1 << 10) != 0 {
+        for (name, x, y) in [("fs.base", &sa.fs, &sb.fs), ("gs.base", &sa.gs, &sb.gs)] {
+            // (Non-null selectors: seg_diffs compared the base already.)
+            if x.selector & !3 == 0 && x.base != y.base {
+                out.push(Diff::new(
+                    name,
+                    format!("{:#x}", x.base),
+                    format!("{:#x}", y.base),
+                ));
+            }
+        }
+    }
+    let (ma, mb) = (&a.msrs, &b.msrs);
+    for (name, x, y) in [
+        ("star", ma.star, mb.star),
+        ("lstar", ma.lstar, mb.lstar),
+        ("cstar", ma.cstar, mb.cstar),
+        ("sfmask", ma.sfmask, mb.sfmask),
+        ("kernel_gs_base", ma.kernel_gs_base, mb.kernel_gs_base),
+        ("sysenter_cs", ma.sysenter_cs, mb.sysenter_cs),
+        ("sysenter_esp", ma.sysenter_esp, mb.sysenter_esp),
+        ("sysenter_eip", ma.sysenter_eip, mb.sysenter_eip),
+        ("pat", ma.pat, mb.pat),
+        ("tsc_aux", ma.tsc_aux, mb.tsc_aux),
+    ] {
+        if x != y {
+            out.push(Diff::new(name, format!("{x:#x}"), format!("{y:#x}")));
+        }
+    }
+    let (da, db) = (&a.debug, &b.debug);
+    for (k, (x, y)) in da.db.iter().zip(db.db.iter()).enumerate() {
+        if x != y {
+            out.push(Diff::new(
+                format!("dr{k}"),
+                format!("{x:#x}"),
+                format!("{y:#x}"),
+            ));
+        }
+    }
+    for (name, x, y) in [("dr6", da.dr6, db.dr6), ("dr7", da.dr7, db.dr7)] {
+        if x != y {
+            out.push(Diff::new(name, format!("{x:#x}"), format!("{y:#x}")));
+        }
+    }
+    if sa.cr8 != sb.cr8 && sa.efer & (1 << 10) != 0 {
+        out.push(Diff::new(
+            "cr8",
+            format!("{:#x}", sa.cr8),
+            format!("{:#x}", sb.cr8),
+        ));
     }
     for (name, x, y) in [
         ("cr0", sa.cr0 | 0x10, sb.cr0 | 0x10),
@@ -407,6 +466,9 @@ pub fn compare(case: &Case, an: &Analysis, out: &Outcome) -> Verdict {
         End::Timeout if i.end == End::Timeout => return Verdict::BothTimedOut,
         _ => {}
     }
+    if let Some(name) = settled_erratum(case, &out.asm, k, i) {
+        return Verdict::Settled(name);
+    }
     let mut diffs = Vec::new();
     if k.end != i.end {
         diffs.push(Diff::new("end", end_name(&k.end), end_name(&i.end)));
@@ -431,6 +493,40 @@ pub fn compare(case: &Case, an: &Analysis, out: &Outcome) -> Verdict {
     } else {
         Verdict::Diverged(diffs)
     }
+}
+
+/// On the emulator oracle: did the interpreter stop at an item with an
+/// [`SdmFault`](super::case::SdmFault), with exactly that exception and
+/// error code, where KVM did not?
+fn settled_erratum(
+    case: &Case,
+    asm: &Assembled,
+    k: &Snapshot,
+    i: &Snapshot,
+) -> Option<&'static str> {
+    if case.mode.oracle() != super::Oracle::Emulator || i.end != End::Stop {
+        return None;
+    }
+    let cs = case.init.sregs.cs.selector;
+    let Stop::Vector(v) = stop_of(case, &i.state, &i.mem, asm) else {
+        return None;
+    };
+    let f = frame(case.mode, &i.state, &i.mem, v, cs)?;
+    let item = case.items.get(asm.index_of(f.rip)?)?;
+    let want = item.sdm_fault?;
+    // (Real mode pushes no error code.)
+    let ec = if case.mode.real() {
+        None
+    } else {
+        want.error_code
+    };
+    if want.vector != v || ec != f.error_code {
+        return None;
+    }
+    // KVM went past it (or faulted differently).
+    let kvm_same = matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(kv) if kv == v)
+        && frame(case.mode, &k.state, &k.mem, v, cs).is_some_and(|kf| kf.rip == f.rip);
+    (!kvm_same).then_some(want.erratum)
 }
 
 fn diff_snapshots(
