@@ -2908,13 +2908,7 @@ mod tests {
 
     /// Returns false (after saying why) when KVM is not usable here.
     fn kvm_usable() -> bool {
-        match probe() {
-            Ok(()) => true,
-            Err(why) => {
-                println!("skipping: {why}");
-                false
-            }
-        }
+        crate::backend::kvm_or_skip("kvm backend test")
     }
 
     #[derive(Clone, Debug, PartialEq, Eq)]

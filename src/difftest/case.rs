@@ -513,9 +513,12 @@ pub struct Point {
     /// Undefined general registers (bit per register index).
     pub poison: u32,
     pub reachable: bool,
-    /// A transcendental ran: compare x87 registers without the low 16
-    /// significand bits, and C1 (see [`super::fp`]).
+    /// The case ended right after a transcendental: its result registers
+    /// ([`Self::fuzzy_regs`]) are compared within the SDM's error bound
+    /// (see [`super::fp`]).
     pub fuzzy_x87: bool,
+    /// Physical x87 registers the transcendental wrote (bit per register).
+    pub fuzzy_regs: u8,
 }
 
 impl Point {
@@ -526,6 +529,7 @@ impl Point {
         self.mask |= o.mask;
         self.poison |= o.poison;
         self.fuzzy_x87 |= o.fuzzy_x87;
+        self.fuzzy_regs |= o.fuzzy_regs;
         self.reachable = true;
     }
 }

@@ -34,13 +34,7 @@ pub struct RunResult {
 
 /// Is KVM usable? Prints why not (the test then skips).
 pub fn kvm_or_skip(test: &str) -> bool {
-    match backend::kvm_available() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("{test}: skipping the KVM case: {why}");
-            false
-        }
-    }
+    backend::kvm_or_skip(test)
 }
 
 fn temp_path(tag: &str) -> PathBuf {
