@@ -135,14 +135,18 @@ impl SerialInput {
         self.flush()
     }
 
-    /// Push waiting bytes into the UART as its FIFO drains.
+    /// Push waiting bytes into the UART as its FIFO drains, once the
+    /// guest's driver has set its receiver up (before that, the driver's
+    /// own FIFO resets would discard them; see
+    /// [`Uart16550::ready_for_input`]).
     pub fn flush(&mut self) -> usize {
         if !self.pending.is_empty() {
-            let n = self
-                .uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(&self.pending);
+            let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+            if !uart.ready_for_input() {
+                return self.pending.len();
+            }
+            let n = uart.enqueue_input(&self.pending);
+            drop(uart);
             if n > 0 {
                 self.pending.drain(..n);
                 self.kick.kick();
@@ -152,17 +156,36 @@ impl SerialInput {
     }
 }
 
-/// Read host stdin on a thread, handle Ctrl-A escapes, feed the UART.
-pub fn spawn_stdin(mut input: SerialInput, control: VmControl, kick: Arc<dyn Kick>, escape: bool) {
+/// Retry waiting input until the UART has taken all of it (or `stop`).
+fn drain(input: &mut SerialInput, stop: &dyn Fn() -> bool) {
+    let mut pause = Duration::from_millis(1);
+    while input.flush() > 0 && !stop() {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Read `source` on a thread, handle Ctrl-A escapes when `escape` (a
+/// terminal), feed the UART; at end of input, deliver what is left.
+pub fn spawn_reader(
+    name: &str,
+    mut source: Box<dyn Read + Send>,
+    mut input: SerialInput,
+    control: VmControl,
+    kick: Arc<dyn Kick>,
+    escape: bool,
+) {
     std::thread::Builder::new()
-        .name("duet-stdin".into())
+        .name(name.into())
         .spawn(move || {
-            let mut stdin = std::io::stdin();
             let mut buf = [0u8; 256];
             let mut saw_escape = false;
+            let stop = || control.is_pending();
             loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                let n = match source.read(&mut buf) {
+                    Ok(0) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
                     Ok(n) => n,
                 };
                 let mut out = Vec::with_capacity(n);
@@ -185,14 +208,21 @@ pub fn spawn_stdin(mut input: SerialInput, control: VmControl, kick: Arc<dyn Kic
                     }
                 }
                 input.feed(&out);
-                while input.flush() > 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                drain(&mut input, &stop);
             }
-            // End of input: deliver what is left, then stop.
-            while input.flush() > 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            drain(&mut input, &stop);
         })
         .ok();
+}
+
+/// Read host stdin on a thread, handle Ctrl-A escapes, feed the UART.
+pub fn spawn_stdin(input: SerialInput, control: VmControl, kick: Arc<dyn Kick>, escape: bool) {
+    spawn_reader(
+        "duet-stdin",
+        Box::new(std::io::stdin()),
+        input,
+        control,
+        kick,
+        escape,
+    );
 }

@@ -3,14 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use duet::backend::{self, BackendKind, IrqchipKind};
+use duet::backend::{BackendKind, IrqchipKind};
 use duet::clock::ClockKind;
 use duet::guests;
 use duet::layout;
 use duet::machine::{Machine, MachineConfig};
+use duet::serial_port::SerialMode;
 
 #[derive(Parser)]
 #[command(
@@ -144,59 +145,158 @@ enum BenchTarget {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BackendArg {
-    /// KVM when /dev/kvm opens, else the interpreter.
+    /// KVM when the CPU virtualizes in hardware (vmx/svm) and /dev/kvm
+    /// works, else the interpreter.
     Auto,
+    /// KVM, whatever the host.
     Kvm,
+    /// duet's own x86 interpreter.
     Interp,
 }
 
+/// A `--memory` value: the bytes, and the text as given (for messages).
+#[derive(Clone, Debug)]
+struct MemoryArg {
+    bytes: u64,
+    text: String,
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  duet run                                     the demo guest on the best backend
+  duet run --guest hello-real --backend interp
+  duet run --kernel bzImage --initrd initramfs.cpio.gz --cmdline 'console=ttyS0 panic=-1'
+  duet run --kernel mb.elf --initrd 'mod1.bin arg=1,mod2.bin'     (multiboot modules)
+  printf 'uname -r\\npoweroff -f\\n' | duet run --kernel bzImage --initrd initrd.gz \\
+      --serial file=console.log --stats-json stats.json; echo \"status $?\"
+
+Exit status: 0 when the guest stopped, powered off or was quit (Ctrl-A x); the
+isa-debug-exit status ((value << 1) | 1) when it wrote to port 0xf4; 2 after a
+reset request; 4 after a triple fault; 6 when the guest could not continue; 1 for
+errors in the options or on the host.";
+
 #[derive(clap::Args, Default)]
+#[command(after_help = RUN_EXAMPLES)]
 struct RunArgs {
-    /// Execution backend.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Execution backend: auto picks KVM only when the CPU has hardware
+    /// virtualization (vmx/svm) and KVM is not KVM-PVM, and says which on
+    /// stderr.
+    ///
+    /// Example: --backend interp
+    #[arg(long, value_enum, value_name = "BACKEND")]
     backend: Option<BackendArg>,
-    /// Built-in guest to boot (see `duet guests`).
-    #[arg(long, conflicts_with = "kernel")]
+    /// Boot a built-in guest (`duet guests` lists them; the default is
+    /// long-mode).
+    ///
+    /// Example: --guest hello-real
+    #[arg(long, value_name = "NAME", conflicts_with = "kernel")]
     guest: Option<String>,
     /// Boot this kernel: a Linux bzImage, an ELF vmlinux with a PVH note, or
-    /// a multiboot kernel.
+    /// a multiboot kernel (ELF or with the header's address fields).
+    ///
+    /// Example: --kernel /boot/vmlinuz
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
-    /// Initial ramdisk for --kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
-    initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel.
+    /// Initial ramdisk(s) for --kernel, separated by commas (a comma inside
+    /// a name doubled, as in QEMU's -initrd). Linux gets them concatenated;
+    /// a multiboot kernel gets each as a module, "FILE ARGS" with its
+    /// command line.
+    ///
+    /// Example: --initrd initramfs.cpio.gz
+    #[arg(long, value_name = "FILE[,FILE...]", requires = "kernel")]
+    initrd: Option<String>,
+    /// Kernel command line for --kernel (default: console=ttyS0).
+    ///
+    /// Example: --cmdline 'console=ttyS0 panic=-1 quiet'
     #[arg(long, value_name = "STR", requires = "kernel")]
     cmdline: Option<String>,
-    /// Guest memory size, e.g. 256M, 1G, 512MiB or a byte count.
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
+    /// Guest memory (default 256M): a byte count or K, M, G, T with an
+    /// optional iB or B.
+    ///
+    /// Example: --memory 1G
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<MemoryArg>,
+    /// Where the guest's serial console (COM1) goes: stdio (the default),
+    /// file=PATH (output to PATH, input still from stdin), socket=PATH (a
+    /// Unix socket to attach to), pty (a pseudo-terminal, named on stderr)
+    /// or null.
+    ///
+    /// Example: --serial file=console.log
+    #[arg(long, value_name = "MODE", value_parser = parse_serial)]
+    serial: Option<SerialMode>,
     /// Write one line per device access to FILE.
+    ///
+    /// Example: --trace run.trace
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
-    /// Print device-access, exit and instruction counters at exit.
+    /// Print device-access, exit and instruction counters on stderr at
+    /// exit.
+    ///
+    /// Example: --stats
     #[arg(long)]
     stats: bool,
+    /// Write the same counters, the outcome and the wall time to FILE as
+    /// JSON.
+    ///
+    /// Example: --stats-json stats.json
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
     /// VM clock: host monotonic time, or virtual time derived from the
-    /// interpreter's instruction count (bit-for-bit repeatable runs).
-    #[arg(long, value_enum, default_value = "host")]
+    /// interpreter's instruction count (bit-for-bit repeatable runs; picks
+    /// the interpreter).
+    ///
+    /// Example: --clock virtual
+    #[arg(long, value_enum, value_name = "CLOCK", default_value = "host")]
     clock: ClockArg,
-    /// Interrupt controllers: duet's own (userspace) or KVM's in-kernel ones.
-    #[arg(long, value_enum, default_value = "userspace")]
+    /// Interrupt controllers: duet's own (userspace) or KVM's in-kernel ones
+    /// (KVM only).
+    ///
+    /// Example: --irqchip kernel
+    #[arg(long, value_enum, value_name = "IRQCHIP", default_value = "userspace")]
     irqchip: IrqchipArg,
+    /// A virtio-blk disk on a raw image (repeatable; the first is /dev/vda):
+    /// path=FILE[,readonly=on][,transport=pci|mmio][,serial=ID].
+    ///
+    /// Example: --disk path=disk.img,readonly=on
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<duet::device_args::DiskSpec>,
+    /// A virtio-net NIC (repeatable): user[,hostfwd=tcp:127.0.0.1:H-:G]
+    /// (user-mode networking, guest 10.0.2.15, host 10.0.2.2, DNS 10.0.2.3)
+    /// or tap=IFNAME; with [,mac=..][,pcap=FILE][,transport=pci|mmio].
+    ///
+    /// Example: --net user,hostfwd=tcp:127.0.0.1:8080-:80,pcap=net.pcap
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<duet::device_args::NetSpec>,
+    /// A virtio-rng entropy device: host getrandom, or a seeded
+    /// generator (seed=N, and always under --clock virtual);
+    /// [transport=pci|mmio][,seed=N].
+    ///
+    /// Example: --rng transport=mmio
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<duet::device_args::RngSpec>,
+    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH
+    /// or virtio,stdio, with [,transport=pci|mmio].
+    ///
+    /// Example: --console-device virtio,socket=/tmp/hvc0
+    #[arg(long = "console-device", value_name = "SPEC")]
+    console_device: Option<duet::device_args::ConsoleSpec>,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
 enum ClockArg {
+    /// Host monotonic time.
     #[default]
     Host,
+    /// Time from the interpreter's instruction count.
     Virtual,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
 enum IrqchipArg {
+    /// duet's PIC, IOAPIC, LAPIC and PIT models.
     #[default]
     Userspace,
+    /// KVM's in-kernel ones.
     Kernel,
 }
 
@@ -206,57 +306,160 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("'{s}' is not a size (expected e.g. 256M or 1G)"));
+        return Err("not a size (expected a number with K, M, G or T, e.g. 256M)".into());
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}': number too large"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+    let n: u64 = num.parse().map_err(|_| "too large a number".to_string())?;
+    let unit = unit.trim();
+    let mult = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => layout::KIB,
         "m" | "mb" | "mib" => layout::MIB,
         "g" | "gb" | "gib" => layout::GIB,
         "t" | "tb" | "tib" => 1024 * layout::GIB,
-        u => return Err(format!("'{s}': unknown unit '{u}' (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' (use K, M, G or T, e.g. 256M)"
+            ))
+        }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+        .ok_or_else(|| "too large (more than 16 EiB)".to_string())
 }
 
-fn choose_backend(arg: BackendArg) -> Result<BackendKind> {
-    match arg {
-        BackendArg::Interp => Ok(BackendKind::Interp),
-        BackendArg::Kvm => match backend::kvm_available() {
-            Ok(()) => Ok(BackendKind::Kvm),
-            Err(why) => bail!("--backend kvm: {why}"),
+/// `--memory`: a size of at least the minimum, in whole 4 KiB pages.
+fn parse_memory(s: &str) -> std::result::Result<MemoryArg, String> {
+    let bytes = parse_size(s)?;
+    if bytes < layout::MIN_MEMORY {
+        return Err(format!(
+            "at least {} is needed",
+            duet::machine::human_size(layout::MIN_MEMORY)
+        ));
+    }
+    if bytes % 4096 != 0 {
+        return Err("must be a whole number of 4 KiB pages (e.g. 256M)".into());
+    }
+    Ok(MemoryArg {
+        bytes,
+        text: s.to_string(),
+    })
+}
+
+fn parse_serial(s: &str) -> std::result::Result<SerialMode, String> {
+    s.parse()
+}
+
+/// The backend for `arg`; for `auto`, `needs` (from other options) may
+/// decide. Returns the kind and, for `auto`, the line to print.
+fn choose_backend(
+    arg: BackendArg,
+    needs: Option<(BackendKind, &str)>,
+) -> Result<(BackendKind, Option<String>)> {
+    use duet::backend::select::{choose, BackendPolicy, HostFacts};
+    if let (BackendArg::Auto, Some((kind, why))) = (arg, needs) {
+        return Ok((kind, Some(format!("duet: backend {}: {why}", kind.name()))));
+    }
+    let policy = match arg {
+        BackendArg::Auto => BackendPolicy::Auto,
+        BackendArg::Kvm => BackendPolicy::Kvm,
+        BackendArg::Interp => BackendPolicy::Interp,
+    };
+    let facts = match policy {
+        BackendPolicy::Interp => HostFacts {
+            hw_virt_flag: None,
+            kvm_pvm: false,
+            kvm: Err("not probed".into()),
         },
-        BackendArg::Auto => Ok(match backend::kvm_available() {
-            Ok(()) => BackendKind::Kvm,
-            Err(why) => {
-                log::info!("KVM unavailable ({why}); using the interpreter");
-                BackendKind::Interp
-            }
-        }),
+        _ => HostFacts::probe(),
+    };
+    let choice = choose(policy, &facts).map_err(anyhow::Error::msg)?;
+    let line = (policy == BackendPolicy::Auto)
+        .then(|| format!("duet: backend {}: {}", choice.kind.name(), choice.reason));
+    Ok((choice.kind, line))
+}
+
+/// What an I/O error means to the user.
+fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => "no such directory (check the path)".into(),
+        ErrorKind::PermissionDenied => "permission denied (choose a writable place)".into(),
+        ErrorKind::IsADirectory => "is a directory".into(),
+        _ => e.to_string(),
     }
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
+    use duet::machine::MachineError;
+    let start = std::time::Instant::now();
+    // Everything that can be checked before the VM exists, in the order of
+    // the options' importance: outputs first (so a long run does not fail
+    // at its end), then the guest, the backend, memory, the kernel.
+    let mut stats_json = match &args.stats_json {
+        Some(p) => Some((
+            std::fs::File::create(p).map_err(|e| {
+                anyhow!(
+                    "--stats-json {}: cannot create it: {}",
+                    p.display(),
+                    io_reason(&e)
+                )
+            })?,
+            p.clone(),
+        )),
+        None => None,
+    };
+    let serial_mode = args.serial.clone().unwrap_or_default();
+    let mut port = serial_mode.open().map_err(|e| {
+        let given = match &serial_mode {
+            SerialMode::File(p) => format!("file={}", p.display()),
+            SerialMode::Socket(p) => format!("socket={}", p.display()),
+            SerialMode::Pty => "pty".into(),
+            SerialMode::Stdio => "stdio".into(),
+            SerialMode::Null => "null".into(),
+        };
+        anyhow!("--serial {given}: {e}")
+    })?;
     let guest = match &args.kernel {
         Some(_) => None,
         None => {
             let name = args.guest.as_deref().unwrap_or(guests::DEFAULT_GUEST);
-            Some(guests::find(name).with_context(|| {
+            Some(guests::find(name).ok_or_else(|| {
                 let names: Vec<&str> = guests::all().iter().map(|g| g.name).collect();
-                format!(
-                    "no built-in guest named '{name}' (available: {})",
+                anyhow!(
+                    "--guest {name}: no such built-in guest (available: {})",
                     names.join(", ")
                 )
             })?)
         }
     };
-    let kind = choose_backend(args.backend.unwrap_or(BackendArg::Auto))?;
+    let backend_arg = args.backend.unwrap_or(BackendArg::Auto);
+    let needs = match (args.clock, args.irqchip) {
+        (ClockArg::Virtual, IrqchipArg::Kernel) => {
+            bail!("--clock virtual needs the interpreter and --irqchip kernel needs KVM; drop one")
+        }
+        (ClockArg::Virtual, _) => {
+            if backend_arg == BackendArg::Kvm {
+                bail!(
+                    "--clock virtual needs --backend interp (virtual time is the interpreter's \
+                     instruction count)"
+                );
+            }
+            Some((BackendKind::Interp, "--clock virtual needs the interpreter"))
+        }
+        (_, IrqchipArg::Kernel) => {
+            if backend_arg == BackendArg::Interp {
+                bail!(
+                    "--irqchip kernel needs --backend kvm (the interpreter has only duet's own \
+                     interrupt controllers)"
+                );
+            }
+            Some((BackendKind::Kvm, "--irqchip kernel needs KVM"))
+        }
+        _ => None,
+    };
+    let (kind, backend_line) = choose_backend(backend_arg, needs)?;
+    let memory = args.memory.clone();
     let cfg = MachineConfig {
-        memory: args.memory.unwrap_or(layout::DEFAULT_MEMORY),
+        memory: memory.as_ref().map_or(layout::DEFAULT_MEMORY, |m| m.bytes),
         trace: args.trace.clone(),
         clock: match args.clock {
             ClockArg::Host => ClockKind::Host,
@@ -266,31 +469,72 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             IrqchipArg::Userspace => IrqchipKind::Userspace,
             IrqchipArg::Kernel => IrqchipKind::Kernel,
         },
-        ..MachineConfig::new(kind, Box::new(std::io::stdout()))
+        ..MachineConfig::new(kind, port.take_output())
     };
-    let mut m = Machine::new(cfg).context("cannot build the machine")?;
+    let memory_text = memory.map_or_else(|| "256M (the default)".to_string(), |m| m.text);
+    let mut m = Machine::new(cfg).map_err(|e| match e {
+        MachineError::MemorySize(..)
+        | MachineError::MemoryAlloc { .. }
+        | MachineError::MemoryTooLarge { .. } => anyhow!("--memory {memory_text}: {e}"),
+        MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
+            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+        }
+        e => anyhow!(e),
+    })?;
+    if args
+        .console_device
+        .as_ref()
+        .is_some_and(|c| c.host == duet::device_args::ConsoleHost::Stdio)
+        && port.reads_stdin()
+    {
+        bail!(
+            "--console-device virtio,stdio: stdin already feeds the serial console; give \
+             --serial file=PATH, socket=PATH or null, or put hvc0 on a socket"
+        );
+    }
+    let _devices = duet::virtio::plug(
+        &mut m,
+        &duet::virtio::DeviceArgs {
+            disks: args.disks.clone(),
+            nets: args.nets.clone(),
+            rng: args.rng.clone(),
+            console: args.console_device.clone(),
+        },
+    )?;
     match (guest, &args.kernel) {
-        (Some(g), _) => m.load(&(g.build)()).context("cannot load the guest")?,
-        (None, Some(k)) => m
-            .load_kernel(&duet::loader::KernelSpec {
-                kernel: k.clone(),
-                initrd: args.initrd.clone(),
-                cmdline: args
-                    .cmdline
-                    .clone()
-                    .unwrap_or_else(|| "console=ttyS0".to_string()),
-            })
-            .context("cannot load the kernel")?,
+        (Some(g), _) => m.load(&(g.build)())?,
+        (None, Some(k)) => m.load_kernel(&duet::loader::KernelSpec {
+            kernel: k.clone(),
+            initrd: args
+                .initrd
+                .as_deref()
+                .map(duet::loader::split_initrd_list)
+                .unwrap_or_default(),
+            cmdline: args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0".to_string()),
+        })?,
         (None, None) => unreachable!("a guest or a kernel is always chosen"),
     }
-    // The serial console: stdin feeds the UART (raw mode on a terminal,
-    // Ctrl-A x quits).
-    let raw = duet::console::RawMode::enter().context("serial console")?;
+    if let Some(line) = backend_line {
+        eprintln!("{line}");
+    }
+    if let Some(n) = &port.notice {
+        eprintln!("{n}");
+    }
+    // The serial console's input: stdin (raw mode on a terminal, Ctrl-A x
+    // quits), a socket or a pseudo-terminal.
+    let raw = if port.reads_stdin() {
+        duet::console::RawMode::enter()?
+    } else {
+        None
+    };
     let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
-    duet::console::spawn_stdin(input, m.control(), m.kicker(), raw.is_some());
+    port.start_input(input, m.control(), m.kicker(), raw.is_some());
     let outcome = m.run();
     drop(raw);
-    let outcome = outcome.context("the VM failed")?;
+    let outcome = outcome?;
     let status = outcome.exit_status();
     if status != 0 {
         eprintln!("duet: {}", outcome.describe());
@@ -300,6 +544,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if args.stats {
         eprint!("{}", m.stats_report());
     }
+    if let Some((f, path)) = &mut stats_json {
+        use std::io::Write;
+        f.write_all(duet::stats::to_json(&m, &outcome, start.elapsed()).as_bytes())
+            .map_err(|e| anyhow!("--stats-json {}: cannot write it: {e}", path.display()))?;
+    }
+    drop(port);
     Ok(ExitCode::from(status as u8))
 }
 
@@ -307,7 +557,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     use duet::bench::{run_duet, run_qemu, Workload};
     let kind = match args.target {
         BenchTarget::Interp => BackendKind::Interp,
-        BenchTarget::Kvm => choose_backend(BackendArg::Kvm)?,
+        BenchTarget::Kvm => choose_backend(BackendArg::Kvm, None)?.0,
     };
     let workloads: Vec<Workload> = if args.only.is_empty() {
         Workload::ALL.to_vec()
@@ -356,9 +606,39 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An error chain with each message once: a cause whose text its parent
+/// already shows is left out.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let status = match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ => 1,
+            };
+            e.print().ok();
+            return ExitCode::from(status);
+        }
+    };
     let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Run(a) => run(a),
         Command::Bench(a) => bench(a),
@@ -373,7 +653,7 @@ fn main() -> ExitCode {
     match r {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("duet: error: {e:#}");
+            eprintln!("duet: error: {}", render_error(&e));
             ExitCode::from(1)
         }
     }

@@ -76,10 +76,12 @@ pub const LEAF1_EDX: u32 = {
         | TSC
         | MSR
         | PAE
+        | MCE
         | CX8
         | SEP
         | MTRR
         | PGE
+        | MCA
         | CMOV
         | PAT
         | PSE36

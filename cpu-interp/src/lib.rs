@@ -19,8 +19,11 @@ pub mod flags;
 pub mod fpu;
 pub mod insn;
 pub mod interrupt;
+pub mod mca;
 pub mod memory;
 pub mod mmu;
+#[cfg(test)]
+mod msr_audit;
 pub mod platform;
 pub mod quirks;
 pub mod segment;

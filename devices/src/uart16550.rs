@@ -50,6 +50,18 @@
 //!   Bytes that fall outside 0..=7 read as 0xff and are dropped on write.
 //! * **Writes to LSR and MSR** (factory test on real parts) are ignored.
 //!   LCR's break bit is stored but has no effect on the (instant) line.
+//! * **Is the guest ready for input?** ([`Uart16550::ready_for_input`]) A
+//!   host that types before the guest's driver has set the UART up loses
+//!   bytes: drivers empty the FIFO while they program it (Linux's 8250
+//!   driver clears the FIFOs, then enables the receive interrupt, then reads
+//!   RBR "for luck"). The model watches the guest's accesses, without
+//!   changing anything it sees, and says the receiver is ready once (a) the
+//!   receive interrupt is enabled and routed (IER.ERBFI, MCR.OUT2, no
+//!   loopback) *and* the guest has since done something other than set-up —
+//!   transmitted a byte or read RBR, i.e. the set-up (and its drain) is
+//!   over —, or (b) the guest polls: [`POLL_READS`] reads of LSR in a row
+//!   with no other access in between. A host feeding input holds it until
+//!   then; nothing is ever dropped.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -132,12 +144,16 @@ const MSR_LINES: u8 = 0xf0;
 /// Modem inputs outside loopback: CTS, DSR and DCD asserted.
 const EXTERNAL_LINES: u8 = MSR_CTS | MSR_DSR | MSR_DCD;
 
+/// LSR reads in a row (nothing else in between) that show a guest polling
+/// the receiver.
+pub const POLL_READS: u32 = 32;
+
 /// Divisor after reset: 115200 / 12 = 9600 baud.
 const DEFAULT_DIVISOR: u16 = 12;
 
 /// Every register of the UART, plus the receive FIFO. Derived values (LSR's
 /// DR, THRE and TEMT, IIR) are not stored; they follow from the rest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Uart16550State {
     /// Divisor latch, low byte.
     pub dll: u8,
@@ -189,6 +205,11 @@ pub struct Uart16550 {
     irq_level: bool,
     /// The sink failed once already (its errors are logged once).
     out_error_logged: bool,
+    /// The interrupt-driven receiver was set up and then used (see
+    /// [`Uart16550::ready_for_input`]). Not guest-visible.
+    rx_armed: bool,
+    /// LSR reads in a row with no other access.
+    lsr_polls: u32,
 }
 
 impl Uart16550 {
@@ -201,6 +222,40 @@ impl Uart16550 {
             out,
             irq_level: false,
             out_error_logged: false,
+            rx_armed: false,
+            lsr_polls: 0,
+        }
+    }
+
+    /// The receive interrupt is enabled and reaches the interrupt pin.
+    fn rx_interrupt_routed(&self) -> bool {
+        self.s.ier & IER_RDA != 0 && self.s.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
+    }
+
+    /// Whether the guest's driver has finished setting the receiver up, so
+    /// host input offered now will not be flushed by that set-up (see the
+    /// module documentation). Has no side effects.
+    pub fn ready_for_input(&self) -> bool {
+        (self.rx_armed && self.rx_interrupt_routed()) || self.lsr_polls >= POLL_READS
+    }
+
+    /// Watch a guest access for [`Uart16550::ready_for_input`].
+    fn observe(&mut self, reg: u64, write: bool) {
+        let lsr_read = !write && reg == LSR && !self.dlab();
+        self.lsr_polls = if lsr_read {
+            self.lsr_polls.saturating_add(1)
+        } else {
+            0
+        };
+        let data = reg == DATA && !self.dlab();
+        if !self.rx_interrupt_routed() {
+            self.rx_armed = false;
+        } else if data {
+            // A transmitted byte or an RBR read after the set-up.
+            self.rx_armed = true;
+        } else if write && reg == IIR_FCR {
+            // Re-programming the FIFOs is set-up again.
+            self.rx_armed = false;
         }
     }
 
@@ -485,7 +540,11 @@ impl BusDevice for Uart16550 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             *b = match offset.checked_add(i as u64) {
-                Some(reg) if reg < REG_COUNT => self.read_reg(reg),
+                Some(reg) if reg < REG_COUNT => {
+                    let v = self.read_reg(reg);
+                    self.observe(reg, false);
+                    v
+                }
                 _ => 0xff,
             };
             self.update_irq();
@@ -497,6 +556,7 @@ impl BusDevice for Uart16550 {
             if let Some(reg) = offset.checked_add(i as u64) {
                 if reg < REG_COUNT {
                     self.write_reg(reg, b);
+                    self.observe(reg, true);
                 }
             }
             self.update_irq();
@@ -593,6 +653,70 @@ mod tests {
         assert_eq!(rd(&mut u, SCR), 0);
         assert_eq!(u.divisor(), 12);
         assert!(irq.levels().is_empty());
+    }
+
+    /// Linux's 8250 start-up: clear the FIFOs, read the registers, set
+    /// OUT2, enable the receive interrupt, read RBR again. Ready only after
+    /// that last drain; not ready again once the interrupt is disabled.
+    #[test]
+    fn ready_for_input_after_an_interrupt_driven_set_up() {
+        let (mut u, _, _) = uart();
+        assert!(!u.ready_for_input());
+        // Early console output: THR writes, no receiver.
+        rd(&mut u, LSR);
+        wr(&mut u, DATA, b'x');
+        assert!(!u.ready_for_input());
+        wr(&mut u, IIR_FCR, FCR_ENABLE | FCR_CLEAR_RX | FCR_CLEAR_TX);
+        wr(&mut u, IIR_FCR, 0);
+        for reg in [LSR, DATA, IIR_FCR, MSR] {
+            rd(&mut u, reg);
+        }
+        wr(&mut u, MCR, MCR_DTR | MCR_RTS | MCR_OUT2);
+        assert!(!u.ready_for_input());
+        wr(&mut u, IER, IER_RDA | IER_RLS);
+        assert!(!u.ready_for_input(), "still in its set-up");
+        rd(&mut u, LSR);
+        rd(&mut u, DATA);
+        assert!(u.ready_for_input());
+        rd(&mut u, IIR_FCR);
+        rd(&mut u, MSR);
+        assert!(u.ready_for_input());
+        // FIFO re-programming is set-up again; a transmitted byte ends it.
+        wr(&mut u, IIR_FCR, 0xc7);
+        assert!(!u.ready_for_input());
+        wr(&mut u, DATA, b'y');
+        assert!(u.ready_for_input());
+        // Interrupt disabled, or loopback: not ready.
+        wr(&mut u, MCR, MCR_OUT2 | MCR_LOOP);
+        assert!(!u.ready_for_input());
+        wr(&mut u, MCR, MCR_OUT2);
+        assert!(!u.ready_for_input());
+        wr(&mut u, DATA, b'z');
+        assert!(u.ready_for_input());
+        wr(&mut u, IER, 0);
+        assert!(!u.ready_for_input());
+    }
+
+    /// A guest that polls LSR for data (no interrupts) is ready once it
+    /// has polled [`POLL_READS`] times in a row.
+    #[test]
+    fn ready_for_input_when_polled() {
+        let (mut u, _, _) = uart();
+        for _ in 0..POLL_READS - 1 {
+            rd(&mut u, LSR);
+        }
+        assert!(!u.ready_for_input());
+        wr(&mut u, DATA, b'a');
+        for _ in 0..POLL_READS - 1 {
+            rd(&mut u, LSR);
+        }
+        assert!(!u.ready_for_input());
+        rd(&mut u, LSR);
+        assert!(u.ready_for_input());
+        assert_eq!(u.enqueue_input(b"q"), 1);
+        assert_eq!(rd(&mut u, LSR) & LSR_DR, LSR_DR);
+        assert_eq!(rd(&mut u, DATA), b'q');
+        assert!(!u.ready_for_input());
     }
 
     #[test]

@@ -75,7 +75,10 @@ fn load(kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str, mem_size: u64) {
     let initrd = initrd.and_then(|b| std::fs::write(&ipath, b).ok().map(|_| ipath.clone()));
     let spec = duet::loader::KernelSpec {
         kernel: kpath,
-        initrd,
+        initrd: initrd
+            .map(|p| p.display().to_string())
+            .into_iter()
+            .collect(),
         cmdline: cmdline.to_string(),
     };
     with_memory(mem_size, |mem| {
@@ -246,7 +249,11 @@ pub fn cpu_exec(data: &[u8]) {
             if k == gpr::RSP && sel & 0x80 == 0 {
                 continue; // usually a valid stack
             }
-            s.regs.gpr[k] = if mode.bits() == 64 { *v } else { *v & 0xffff_ffff };
+            s.regs.gpr[k] = if mode.bits() == 64 {
+                *v
+            } else {
+                *v & 0xffff_ffff
+            };
         }
         // Arithmetic flags, DF, TF (single-step), AC.
         s.regs.rflags |= u64::from(flags) & 0xd5 | (u64::from(flags >> 6 & 1) << 10);
@@ -299,15 +306,31 @@ pub enum Device {
 pub enum Op {
     /// Read `size` bytes at `offset` from the device's base (offsets run a
     /// little past both ends of its range).
-    Read { offset: i16, size: u8 },
-    Write { offset: i16, size: u8, value: u64 },
+    Read {
+        offset: i16,
+        size: u8,
+    },
+    Write {
+        offset: i16,
+        size: u8,
+        value: u64,
+    },
     /// Let VM time pass and run the device's timers.
-    Advance { ns: u32 },
+    Advance {
+        ns: u32,
+    },
     /// Drive an interrupt input (PIC, IOAPIC) or an i8042/UART input byte.
-    Input { line: u8, level: bool },
+    Input {
+        line: u8,
+        level: bool,
+    },
     /// The CPU's interrupt acknowledge (PIC, LAPIC) or an x2APIC MSR.
     Ack,
-    Msr { index: u16, value: u64, write: bool },
+    Msr {
+        index: u16,
+        value: u64,
+        write: bool,
+    },
 }
 
 /// A device-register session.
@@ -366,7 +389,9 @@ fn rig(d: Device, clock: &ManualClock) -> Rig {
         uart: None,
     };
     let ins = |r: &mut Rig, base: u64, len: u64, dev: devices::SharedDevice| {
-        r.bus.insert("dut", base, len, dev).expect("one device");
+        r.bus
+            .insert(devices::DeviceId(0), "dut", base, len, dev)
+            .expect("one device");
         if r.len == 0 {
             r.base = base;
             r.len = len;
@@ -383,9 +408,24 @@ fn rig(d: Device, clock: &ManualClock) -> Rig {
         }
         Device::Pic => {
             let pic = Arc::new(Mutex::new(devices::pic8259::Pic8259Pair::new()));
-            ins(&mut r, 0x20, 2, Arc::new(Mutex::new(devices::pic8259::pic_master_port(pic.clone()))));
-            ins(&mut r, 0xa0, 2, Arc::new(Mutex::new(devices::pic8259::pic_slave_port(pic.clone()))));
-            ins(&mut r, 0x4d0, 2, Arc::new(Mutex::new(devices::pic8259::elcr_port(pic.clone()))));
+            ins(
+                &mut r,
+                0x20,
+                2,
+                Arc::new(Mutex::new(devices::pic8259::pic_master_port(pic.clone()))),
+            );
+            ins(
+                &mut r,
+                0xa0,
+                2,
+                Arc::new(Mutex::new(devices::pic8259::pic_slave_port(pic.clone()))),
+            );
+            ins(
+                &mut r,
+                0x4d0,
+                2,
+                Arc::new(Mutex::new(devices::pic8259::elcr_port(pic.clone()))),
+            );
             r.pic = Some(pic);
         }
         Device::Pit => {
@@ -394,8 +434,18 @@ fn rig(d: Device, clock: &ManualClock) -> Rig {
                 Box::new(NullIrq),
                 taint,
             )));
-            ins(&mut r, 0x40, 4, Arc::new(Mutex::new(devices::pit8254::pit_ports(pit.clone()))));
-            ins(&mut r, 0x61, 1, Arc::new(Mutex::new(devices::pit8254::port61(pit.clone()))));
+            ins(
+                &mut r,
+                0x40,
+                4,
+                Arc::new(Mutex::new(devices::pit8254::pit_ports(pit.clone()))),
+            );
+            ins(
+                &mut r,
+                0x61,
+                1,
+                Arc::new(Mutex::new(devices::pit8254::port61(pit.clone()))),
+            );
             r.timed.push(pit);
         }
         Device::Rtc => {
@@ -412,8 +462,18 @@ fn rig(d: Device, clock: &ManualClock) -> Rig {
                 Box::new(NullIrq),
                 Box::new(NullIrq),
             )));
-            ins(&mut r, 0x60, 1, Arc::new(Mutex::new(devices::i8042::data_port(k.clone()))));
-            ins(&mut r, 0x64, 1, Arc::new(Mutex::new(devices::i8042::command_port(k))));
+            ins(
+                &mut r,
+                0x60,
+                1,
+                Arc::new(Mutex::new(devices::i8042::data_port(k.clone()))),
+            );
+            ins(
+                &mut r,
+                0x64,
+                1,
+                Arc::new(Mutex::new(devices::i8042::command_port(k))),
+            );
             r.len = 5;
         }
         Device::Ioapic => {
@@ -438,7 +498,12 @@ fn rig(d: Device, clock: &ManualClock) -> Rig {
         }
         Device::AcpiPm => {
             let pm = devices::acpi_pm::AcpiPm::new(clk, taint, ctl);
-            ins(&mut r, 0x600, devices::acpi_pm::BLOCK_LEN, Arc::new(Mutex::new(pm)));
+            ins(
+                &mut r,
+                0x600,
+                devices::acpi_pm::BLOCK_LEN,
+                Arc::new(Mutex::new(pm)),
+            );
         }
         Device::PostCode => {
             ins(
@@ -489,9 +554,9 @@ pub fn run_session(s: &Session) {
                 let mut buf = [0u8; 8];
                 if let Op::Write { value, .. } = *op {
                     buf = value.to_le_bytes();
-                    r.bus.write(addr, &buf[..size]);
+                    r.bus.write(0, addr, &buf[..size]);
                 } else {
-                    r.bus.read(addr, &mut buf[..size]);
+                    r.bus.read(0, addr, &mut buf[..size]);
                 }
             }
             Op::Advance { ns } => {
@@ -516,7 +581,9 @@ pub fn run_session(s: &Session) {
                     p.lock().expect("pic").set_irq(line & 15, level);
                 }
                 if let Some(io) = &r.ioapic {
-                    io.lock().expect("ioapic").set_irq(usize::from(line) % 24, level);
+                    io.lock()
+                        .expect("ioapic")
+                        .set_irq(usize::from(line) % 24, level);
                 }
                 if let Some(u) = &r.uart {
                     u.lock().expect("uart").enqueue_input(&[line]);

@@ -9,12 +9,14 @@ pub mod asm;
 pub mod checksum;
 pub mod fault;
 pub mod hello_real;
+pub mod irq_boundary;
 pub mod irq_level_eoi;
 pub mod irq_masking;
 pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
+pub mod pci;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -29,6 +31,8 @@ pub struct GuestImage {
     pub blobs: Vec<(u64, Vec<u8>)>,
     /// Initial vCPU state (all built-in guests start in real mode).
     pub entry: CpuState,
+    /// PCI devices the guest expects (plugged in when it is loaded).
+    pub pci_devices: Vec<crate::machine::PciDeviceSpec>,
 }
 
 /// An entry of the built-in guest list.
@@ -99,6 +103,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             needs_input: false,
         },
         BuiltinGuest {
+            name: irq_boundary::NAME,
+            description: irq_boundary::DESCRIPTION,
+            build: irq_boundary::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
             name: irq_level_eoi::NAME,
             description: irq_level_eoi::DESCRIPTION,
             build: irq_level_eoi::build,
@@ -120,6 +130,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: pci::NAME,
+            description: pci::DESCRIPTION,
+            build: pci::build,
             needs_input: false,
         },
         BuiltinGuest {
