@@ -3689,7 +3689,7 @@ mod tests {
             return;
         }
         let Some(sig) = kick_signal() else {
-            println!("skipping: no kick signal");
+            println!("kick_reaches_a_thread_that_blocked_the_signal: SKIPPED (no kick signal)");
             return;
         };
         let mut rig = rig();
