@@ -9,8 +9,10 @@
 #   date target wall_s cpu_s execs new_corpus_files crashes
 # The fuzzers must be built first: (cd fuzz && cargo fuzz build -s none -O -a).
 # While a slice runs, its PID is in fuzz/current.pid (to pause it with
-# kill -STOP / -CONT around a build on a small machine); while fuzz/pause
-# exists no new slice starts.
+# kill -STOP / -CONT around a build on a small machine: the per-input
+# timeout is 300 s so that a pause does not read as a hang); while
+# fuzz/pause exists no new slice starts. cpu_s (user + system CPU seconds)
+# is the fuzzing time that counts.
 set -uo pipefail
 cd "$(dirname "$0")/../fuzz"
 slice=${1:-600}
@@ -30,7 +32,7 @@ for ((r = 0; r < rounds; r++)); do
         crashes_before=$(ls "artifacts/$t" | wc -l)
         log=$(mktemp)
         /usr/bin/time -f "%e %U %S" -o "$log.time" \
-            nice -n 19 "$bin/$t" "corpus/$t" -max_total_time="$slice" -timeout=10 \
+            nice -n 19 "$bin/$t" "corpus/$t" -max_total_time="$slice" -timeout=300 -report_slow_units=60 \
             -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" -print_final_stats=1 \
             >"$log" 2>&1 &
         pid=$!
@@ -39,7 +41,7 @@ for ((r = 0; r < rounds; r++)); do
         pgrep -P "$pid" >current.pid || echo "$pid" >current.pid
         wait "$pid"
         rm -f current.pid
-        read -r wall user sys <"$log.time"
+        read -r wall user sys < <(tail -1 "$log.time")
         execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
         after=$(ls "corpus/$t" | wc -l)
         crashes=$(( $(ls "artifacts/$t" | wc -l) - crashes_before ))

@@ -31,12 +31,7 @@ fn run_prints_serial_output_and_exits_zero() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let golden = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/golden/hello-real.serial.txt"
-    ))
-    .unwrap();
-    assert_eq!(out.stdout, golden);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), golden("hello-real"));
 }
 
 #[test]
@@ -151,8 +146,7 @@ fn auto_backend_avoids_kvm_without_hardware_virtualization() {
 /// `--backend kvm` forces KVM on a host without it (where /dev/kvm works).
 #[test]
 fn auto_backend_uses_kvm_with_hardware_virtualization() {
-    if duet::backend::kvm_available().is_err() {
-        eprintln!("skipping: KVM is not available on this host");
+    if !duet::backend::kvm_or_skip("auto_backend_uses_kvm_with_hardware_virtualization") {
         return;
     }
     let (cpuinfo, modules) = fake_host("vmx", "fpu tsc vmx sse2", &["kvm", "kvm_intel"]);

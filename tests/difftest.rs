@@ -5,7 +5,9 @@
 //! masking rules); a proptest over random sequences with a fixed seed; and
 //! random bytes as guest code on KVM (with the interpreter fallback) and on
 //! the interpreter alone, which must not panic. Without /dev/kvm every
-//! test prints "skipping: <reason>" and returns.
+//! test prints "SKIPPED (KVM not usable: <reason>)" and returns, unless
+//! DUET_REQUIRE_KVM is set (CI sets it where /dev/kvm exists): then it
+//! fails.
 
 use std::cell::RefCell;
 
@@ -13,7 +15,7 @@ use duet::difftest::campaign::{Campaign, CampaignConfig};
 use duet::difftest::compare::Verdict;
 use duet::difftest::gen::Generator;
 use duet::difftest::rng::Rng as CaseRng;
-use duet::difftest::{corpus, fuzz, kvm_usable, Mode};
+use duet::difftest::{corpus, fuzz, Mode};
 
 /// Random cases per mode.
 const RANDOM: u64 = 3000;
@@ -21,13 +23,7 @@ const RANDOM: u64 = 3000;
 const TARGETED_STEP: usize = 8;
 
 fn kvm_or_skip() -> bool {
-    match kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            println!("skipping: {why}");
-            false
-        }
-    }
+    duet::backend::kvm_or_skip("difftest")
 }
 
 /// Random cases and a targeted sample in `mode`; panics with the reports

@@ -194,6 +194,22 @@ fn check_boot(backend: &str, kernel: &str, boot_timeout: Duration) {
         "{log}"
     );
     assert!(!log.contains("unstable"), "{log}");
+    // The whole kernel log (and everything the console showed) must be
+    // free of warnings, bugs, oopses and stack traces.
+    let full = c.run("dmesg", step);
+    let problems = kernel_log_problems(&full);
+    assert!(
+        problems.is_empty(),
+        "kernel log problems: {problems:#?}
+{full}"
+    );
+    let console = c.text();
+    let problems = kernel_log_problems(&console);
+    assert!(
+        problems.is_empty(),
+        "console problems: {problems:#?}
+{console}"
+    );
 
     // PCI: the host bridge is listed, and ECAM (MMCONFIG) is used.
     let class = c.run("cat /sys/bus/pci/devices/0000:00:00.0/class", step);
@@ -221,6 +237,30 @@ fn check_boot(backend: &str, kernel: &str, boot_timeout: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0), "console:\n{}", c.text());
+}
+
+/// Lines of a kernel log that a healthy boot must not show.
+fn kernel_log_problems(log: &str) -> Vec<String> {
+    const BAD: [&str; 5] = ["WARNING:", "BUG:", "Oops", "Call Trace", "unstable"];
+    log.lines()
+        .filter(|l| BAD.iter().any(|b| l.contains(b)))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_kernel_log_check_catches_each_pattern() {
+    for line in [
+        "[    1.0] WARNING: CPU: 0 PID: 1 at kernel/foo.c:12 bar+0x10/0x20",
+        "[    1.0] BUG: kernel NULL pointer dereference, address: 0000000000000008",
+        "[    1.0] Oops: 0002 [#1] SMP NOPTI",
+        "[    1.0] Call Trace:",
+        "[    1.0] clocksource: Marking clocksource 'tsc' as unstable because the skew is too large:",
+    ] {
+        let log = format!("[    0.0] Linux version 6.1\n{line}\n[    2.0] Run /init\n");
+        assert_eq!(kernel_log_problems(&log), vec![line.to_string()]);
+    }
+    assert!(kernel_log_problems("[    0.0] Linux version 6.1\n[    2.0] Run /init\n").is_empty());
 }
 
 #[test]
@@ -269,8 +309,7 @@ fn reboot_ends_duet_with_the_reset_status() {
 #[test]
 #[ignore = "slow on KVM-PVM hosts; run with --run-ignored"]
 fn cloud_pvh_vmlinux_on_kvm() {
-    if duet::backend::kvm_available().is_err() {
-        eprintln!("skipping: KVM is not available");
+    if !duet::backend::kvm_or_skip("cloud_pvh_vmlinux_on_kvm") {
         return;
     }
     check_boot("kvm", "vmlinux-cloud", Duration::from_secs(3600));

@@ -154,11 +154,7 @@ fn run_fed(kind: BackendKind, feed: Feed) -> FedRun {
 /// Run and check the output; returns the number of interrupts taken.
 fn check(kind: BackendKind, feed: Feed) -> usize {
     let r = run_fed(kind, feed);
-    assert_eq!(
-        r.serial,
-        golden(GUEST),
-        "{kind:?}, {feed:?}: serial output differs from golden"
-    );
+    check_golden(GUEST, &r.serial, &format!("{GUEST}, {kind:?}, {feed:?}"));
     assert_eq!(r.outcome, Outcome::Stopped, "{kind:?}, {feed:?}");
     assert_eq!(
         r.rbr_reads,

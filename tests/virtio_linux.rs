@@ -419,7 +419,7 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Op
         // SAFETY: unshare affects only this thread's namespaces.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             eprintln!(
-                "skipping: cannot create a network namespace: {}",
+                "SKIPPED: cannot create a network namespace: {}",
                 std::io::Error::last_os_error()
             );
             return None;
@@ -469,7 +469,7 @@ fn tap_on(transport: &'static str) {
         c.power_off();
     });
     if done.is_none() {
-        eprintln!("tap test skipped ({transport})");
+        eprintln!("tap_on({transport}): SKIPPED (no network namespace)");
     }
 }
 

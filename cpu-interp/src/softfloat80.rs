@@ -434,6 +434,16 @@ pub(crate) fn round_pack(sign: bool, e: i32, sig: u128, fmt: Fmt, ctx: &Ctx) -> 
                 up,
             };
         }
+        if ext && ctx.unmasked & OE != 0 {
+            // Too large even with the adjustment (an FSCALE by a huge
+            // factor): an infinity of the result's sign whatever RC says,
+            // C1 set (seen on Emerald Rapids).
+            return Res {
+                v: fmt_inf(fmt, sign),
+                flags: OE | PE,
+                up: true,
+            };
+        }
         let to_inf = match ctx.rc {
             Rc::Nearest => true,
             Rc::Zero => false,
@@ -468,6 +478,16 @@ pub(crate) fn round_pack(sign: bool, e: i32, sig: u128, fmt: Fmt, ctx: &Ctx) -> 
                 v: encode(fmt, sign, er + BIAS_ADJUST + bias, (m << (64 - p)) as u64),
                 flags: UE | pe,
                 up,
+            };
+        }
+        if ext {
+            // Too small even with the adjustment (an FSCALE by a huge
+            // negative factor): a zero of the result's sign, not rounded
+            // up whatever RC says (seen on Emerald Rapids).
+            return Res {
+                v: zero(sign),
+                flags: UE | PE,
+                up: false,
             };
         }
         flags |= UE;
@@ -1010,8 +1030,12 @@ pub fn scale(a: u128, b: u128, ctx: &Ctx) -> Res<u128> {
             mag
         }
     };
-    // Scaling by 2^0 returns the operand (a pseudo-denormal normalised).
-    if n == 0 {
+    // Scaling by 2^0 returns the operand (a pseudo-denormal normalised);
+    // but a denormal result with underflow unmasked takes the unmasked
+    // underflow response (exponent biased, UE), exact or not, as
+    // IEEE 754 traps tiny results (seen on Emerald Rapids).
+    let tiny = unpack(a).e < EXT_EMIN;
+    if n == 0 && !(tiny && ctx.unmasked & UE != 0) {
         return Res::exact(canonical(a)).with(de);
     }
     let u = unpack(a);

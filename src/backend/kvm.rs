@@ -1958,6 +1958,12 @@ impl KvmVcpu {
                     .map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
+        // Without an in-kernel LAPIC KVM_RUN loads CR8 from kvm_run.cr8
+        // (the TPR userspace owns): a stale value there would overwrite the
+        // CR8 just set with the sregs.
+        if !self.caps.kernel_irqchip {
+            self.fd.get_kvm_run().cr8 = s.sregs.cr8;
+        }
         if current.is_none_or(|c| c.fpu != s.fpu || c.xstate != s.xstate) {
             self.write_fpu(&s.fpu, &s.xstate)?;
         }
@@ -3364,13 +3370,7 @@ mod tests {
 
     /// Returns false (after saying why) when KVM is not usable here.
     fn kvm_usable() -> bool {
-        match probe() {
-            Ok(()) => true,
-            Err(why) => {
-                println!("skipping: {why}");
-                false
-            }
-        }
+        crate::backend::kvm_or_skip("kvm backend test")
     }
 
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -4115,7 +4115,7 @@ mod tests {
             return;
         }
         let Some(sig) = kick_signal() else {
-            println!("skipping: no kick signal");
+            println!("kick_reaches_a_thread_that_blocked_the_signal: SKIPPED (no kick signal)");
             return;
         };
         let mut rig = rig();

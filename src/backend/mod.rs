@@ -305,6 +305,26 @@ pub fn kvm_available() -> std::result::Result<(), String> {
     }
 }
 
+/// For tests: is KVM usable? When it is not, say why (the test then skips
+/// its KVM part) — unless `DUET_REQUIRE_KVM` is set (CI sets it where
+/// `/dev/kvm` exists), which turns a skip into a failure, so that a KVM
+/// test that silently did not run cannot pass CI.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm_available() {
+        Ok(()) => true,
+        Err(why) => {
+            let required =
+                std::env::var("DUET_REQUIRE_KVM").is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(
+                !required,
+                "{test}: KVM is required here (DUET_REQUIRE_KVM is set) but not usable: {why}"
+            );
+            println!("{test}: SKIPPED (KVM not usable: {why})");
+            false
+        }
+    }
+}
+
 /// Create a VM on the chosen backend over `mem`.
 pub fn create(kind: BackendKind, mem: &GuestMemory, opts: VmOptions) -> Result<Box<dyn Backend>> {
     match kind {

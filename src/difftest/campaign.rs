@@ -71,6 +71,9 @@ pub struct ModeStats {
     pub diverged: u64,
     pub refused: u64,
     pub both_timed_out: u64,
+    /// Cases where the emulator oracle is known wrong at an item and the
+    /// interpreter did what the SDM says there.
+    pub settled: u64,
     pub broken: u64,
     /// Cases the analysis rejected (a generator bug; not run).
     pub invalid: u64,
@@ -106,15 +109,22 @@ pub struct Divergence {
 pub struct Summary {
     pub modes: BTreeMap<Mode, ModeStats>,
     pub divergences: Vec<Divergence>,
+    /// Settled emulator errors met, by mode and name (the interpreter
+    /// checked against the SDM there).
+    pub settled: BTreeMap<(Mode, &'static str), u64>,
     /// KVM refusals by mode and instruction: count and the first case.
     pub refusals: BTreeMap<(Mode, String), (u64, String)>,
     /// Generated (and compared) test instructions by iced `Code`.
     pub coverage: BTreeMap<Code, u64>,
+    /// Compared test instructions by instruction group and oracle.
+    pub by_group: BTreeMap<(&'static str, Oracle), u64>,
     /// Broken-case messages (first few).
     pub broken: Vec<String>,
     pub elapsed: Duration,
     /// The hardware oracle's quirks (from the start-up probes).
     pub probe: Option<super::probe::ProbeReport>,
+    /// The SDM-reference check of the BCD instructions (no KVM oracle).
+    pub sdm: Option<super::sdm::BcdReport>,
 }
 
 impl Summary {
@@ -135,6 +145,7 @@ impl Summary {
         self.modes
             .values()
             .all(|s| s.diverged == 0 && s.broken == 0 && s.invalid == 0)
+            && self.sdm.as_ref().is_none_or(|r| r.mismatches.is_empty())
     }
 
     /// The summary as text.
@@ -156,16 +167,17 @@ impl Summary {
         }
         let _ = writeln!(
             t,
-            "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}  oracle",
-            "mode", "cases", "match", "diverged", "refused", "other", "cases/s"
+            "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9}  oracle",
+            "mode", "cases", "match", "settled", "diverged", "refused", "other", "cases/s"
         );
         for (m, s) in &self.modes {
             let _ = writeln!(
                 t,
-                "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9.0}  {}",
+                "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9.0}  {}",
                 m.name(),
                 s.cases,
                 s.matched,
+                s.settled,
                 s.diverged,
                 s.refused,
                 s.both_timed_out + s.broken + s.invalid,
@@ -206,6 +218,26 @@ impl Summary {
                 let _ = writeln!(t, "  {:>7}x  {}: {}", d.count, d.mode.name(), d.signature);
             }
         }
+        if let Some(r) = &self.sdm {
+            let _ = writeln!(
+                t,
+                "SDM reference (AAA/AAS/DAA/DAS/AAM/AAD, no KVM oracle): {} inputs, {} mismatches",
+                r.cases,
+                r.mismatches.len()
+            );
+            for m in &r.mismatches {
+                let _ = writeln!(t, "  {m}");
+            }
+        }
+        if !self.settled.is_empty() {
+            let _ = writeln!(
+                t,
+                "settled emulator errors (the interpreter raised the SDM's exception where KVM's emulator does not):"
+            );
+            for ((m, what), n) in &self.settled {
+                let _ = writeln!(t, "  {n:>7}x  {}: {what}", m.name());
+            }
+        }
         if !self.refusals.is_empty() {
             let _ = writeln!(t, "KVM refused (no oracle for these cases):");
             for ((m, what), (n, first)) in &self.refusals {
@@ -216,6 +248,37 @@ impl Summary {
             let _ = writeln!(t, "harness problems:");
             for b in &self.broken {
                 let _ = writeln!(t, "  {b}");
+            }
+        }
+        if !self.by_group.is_empty() {
+            let _ = writeln!(
+                t,
+                "oracle share by instruction group (compared test instructions):"
+            );
+            let _ = writeln!(
+                t,
+                "  {:<8} {:>10} {:>10} {:>9}",
+                "group", "hardware", "emulator", "hw share"
+            );
+            for g in GROUPS {
+                let hw = self
+                    .by_group
+                    .get(&(g, Oracle::Hardware))
+                    .copied()
+                    .unwrap_or(0);
+                let em = self
+                    .by_group
+                    .get(&(g, Oracle::Emulator))
+                    .copied()
+                    .unwrap_or(0);
+                if hw + em == 0 {
+                    continue;
+                }
+                let _ = writeln!(
+                    t,
+                    "  {g:<8} {hw:>10} {em:>10} {:>8.1}%",
+                    100.0 * hw as f64 / (hw + em) as f64
+                );
             }
         }
         let _ = writeln!(
@@ -272,6 +335,68 @@ impl Summary {
         }
         m
     }
+}
+
+/// The instruction groups the summary reports the oracle share for.
+pub const GROUPS: [&str; 7] = [
+    "integer", "string", "control", "system", "x87", "mmx", "sse",
+];
+
+/// The group of a test instruction.
+pub fn group_of(i: &iced_x86::Instruction) -> &'static str {
+    use iced_x86::{FlowControl, Mnemonic as M};
+    let c = i.code();
+    match class_of(c) {
+        1 => return "x87",
+        2 => return "mmx",
+        3 => return "sse",
+        _ => {}
+    }
+    if c.is_string_instruction() {
+        return "string";
+    }
+    let m = c.mnemonic();
+    let system = matches!(
+        m,
+        M::Lgdt
+            | M::Lidt
+            | M::Sgdt
+            | M::Sidt
+            | M::Lldt
+            | M::Ltr
+            | M::Sldt
+            | M::Str
+            | M::Clts
+            | M::Lmsw
+            | M::Smsw
+            | M::Invlpg
+            | M::Wbinvd
+            | M::Rdmsr
+            | M::Wrmsr
+            | M::Cpuid
+            | M::Swapgs
+            | M::Syscall
+            | M::Sysret
+            | M::Sysretq
+            | M::Sysenter
+            | M::Sysexit
+            | M::Sysexitq
+            | M::Iret
+            | M::Iretd
+            | M::Iretq
+            | M::Hlt
+    ) || (m == M::Mov
+        && c.op_code().op_kinds().iter().any(|k| {
+            use iced_x86::OpCodeOperandKind as K;
+            matches!(k, K::cr_reg | K::dr_reg | K::seg_reg)
+        }));
+    if system {
+        return "system";
+    }
+    if !matches!(i.flow_control(), FlowControl::Next) {
+        return "control";
+    }
+    "integer"
 }
 
 /// 0 integer, 1 x87, 2 MMX, 3 SSE (by CPUID feature and operands).
@@ -500,6 +625,11 @@ impl<'a> Campaign<'a> {
                 self.cover(case);
             }
             Verdict::BothTimedOut => stats.both_timed_out += 1,
+            Verdict::Settled(name) => {
+                stats.settled += 1;
+                self.cover(case);
+                *self.summary.settled.entry((case.mode, *name)).or_default() += 1;
+            }
             Verdict::Broken(m) => {
                 stats.broken += 1;
                 if self.summary.broken.len() < 20 {
@@ -537,6 +667,11 @@ impl<'a> Campaign<'a> {
         for it in &case.items {
             if !it.setup {
                 *self.summary.coverage.entry(it.instr.code()).or_default() += 1;
+                *self
+                    .summary
+                    .by_group
+                    .entry((group_of(&it.instr), case.mode.oracle()))
+                    .or_default() += 1;
             }
         }
     }
@@ -684,6 +819,9 @@ pub fn run_campaign(cfg: &CampaignConfig, out: &mut dyn Write) -> Result<Summary
     let start = Instant::now();
     let mut c = Campaign::new(cfg.clone(), out)?;
     let modes: BTreeSet<Mode> = cfg.modes.iter().copied().collect();
+    if cfg.only.is_none() && modes.iter().any(|m| m.bits() != 64) {
+        c.summary.sdm = Some(super::sdm::check_bcd(&mut c.h.interp)?);
+    }
     for mode in modes {
         if matches!(cfg.corpus, Corpus::Targeted | Corpus::All) {
             c.run_targeted(mode)?;

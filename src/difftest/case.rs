@@ -48,6 +48,19 @@ pub struct Item {
     /// Id of the first item of the template this item belongs to (branch
     /// targets are moved to group starts so no setup is jumped over).
     pub group: usize,
+    /// The SDM makes this item fault so, where KVM's instruction emulator
+    /// is known not to (a settled emulator error, docs/DIFFTEST.md): on the
+    /// emulator oracle the interpreter is checked against the SDM here.
+    pub sdm_fault: Option<SdmFault>,
+}
+
+/// An exception the SDM requires of an item (see [`Item::sdm_fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SdmFault {
+    pub vector: u8,
+    pub error_code: Option<u64>,
+    /// The settled emulator error, for the summary.
+    pub erratum: &'static str,
 }
 
 impl Item {
@@ -59,6 +72,7 @@ impl Item {
             target: None,
             imm_target: None,
             group: id,
+            sdm_fault: None,
         }
     }
 }
@@ -499,9 +513,12 @@ pub struct Point {
     /// Undefined general registers (bit per register index).
     pub poison: u32,
     pub reachable: bool,
-    /// A transcendental ran: compare x87 registers without the low 16
-    /// significand bits, and C1 (see [`super::fp`]).
+    /// The case ended right after a transcendental: its result registers
+    /// ([`Self::fuzzy_regs`]) are compared within the SDM's error bound
+    /// (see [`super::fp`]).
     pub fuzzy_x87: bool,
+    /// Physical x87 registers the transcendental wrote (bit per register).
+    pub fuzzy_regs: u8,
 }
 
 impl Point {
@@ -512,6 +529,7 @@ impl Point {
         self.mask |= o.mask;
         self.poison |= o.poison;
         self.fuzzy_x87 |= o.fuzzy_x87;
+        self.fuzzy_regs |= o.fuzzy_regs;
         self.reachable = true;
     }
 }
@@ -655,6 +673,11 @@ impl Flow {
         }
         if let Some(n) = self.undefined_register_result(i) {
             after.poison |= 1 << n;
+        }
+        // CPUID's results depend on each side's configured CPUID, not on
+        // the instruction's semantics: RAX, RCX, RDX, RBX are not compared.
+        if i.mnemonic() == Mnemonic::Cpuid {
+            after.poison |= 0b1111;
         }
         // Known CL.
         let writes_rcx = self

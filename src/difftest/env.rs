@@ -86,7 +86,14 @@ pub const SEL_DATA16_3: u16 = 0x43;
 pub const SEL_LIMITED: u16 = 0x4b;
 pub const SEL_TSS64: u16 = 0x50;
 pub const SEL_TSS32: u16 = 0x60;
-const GDT_ENTRIES: usize = 14;
+/// A 64-bit call gate (16 bytes), DPL 3, to [`GATE_TARGET`] in the ring-3
+/// 64-bit code segment. (No generator uses it yet: far transfers through
+/// gates have no oracle on KVM-PVM, and the interpreter lacks gates.)
+pub const SEL_CALL_GATE64: u16 = 0x70;
+/// Where that gate leads: near the end of the code page, which holds HLT
+/// there (a #GP in ring 3, so the case ends with the gate's frame).
+pub const GATE_TARGET: u64 = CODE + 0xf00;
+pub const GDT_ENTRIES: usize = 16;
 
 /// Port the case code writes to when it reaches its end (ring 0 and real
 /// mode: `out 0xff, al`).
@@ -134,11 +141,23 @@ fn gdt() -> [u64; GDT_ENTRIES] {
     // 0x60: 32-bit TSS (busy).
     g[12] = desc(TSS32 as u32, 0x67, 0x8b, 0x0);
     g[13] = desc(0, 0xffff, 0x9b, 0x0); // 0x68 code16 DPL0
+                                        // 0x70: 64-bit call gate, DPL 3, present, to SEL_CODE64_3:GATE_TARGET.
+    g[14] = (GATE_TARGET & 0xffff)
+        | (u64::from(SEL_CODE64_3) << 16)
+        | (0xecu64 << 40)
+        | (((GATE_TARGET >> 16) & 0xffff) << 48);
+    g[15] = GATE_TARGET >> 32;
     g
 }
 
+/// A virtual alias of the 64-bit page-table page ([`PT`]), read-write and
+/// supervisor, through which ring-0 cases write page-table entries (to
+/// clear accessed/dirty bits and check that the code under test sets
+/// them). Outside the compared space: its writes land in [`PT`].
+pub const PT_ALIAS: u64 = 0x1_7000;
+
 /// Page-table leaf flags for the page at `addr` (0 = not present).
-fn page_flags(addr: u64) -> u64 {
+pub fn page_flags(addr: u64) -> u64 {
     let base = PTE_P | PTE_A | PTE_D;
     match addr {
         0x1000..=0x7fff => base,
@@ -219,6 +238,11 @@ pub fn image() -> Vec<(u64, Vec<u8>)> {
             pt32[at..at + 4].copy_from_slice(&e);
         }
     }
+    put(
+        &mut low,
+        PT + (PT_ALIAS >> 12) * 8,
+        &(PT | PTE_P | PTE_RW | PTE_A | PTE_D).to_le_bytes(),
+    );
     // PAE PDPT: PDPTEs allow only P (and caching bits).
     let mut pae = vec![0u8; 32];
     pae[..8].copy_from_slice(&(PD | PTE_P).to_le_bytes());

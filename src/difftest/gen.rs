@@ -31,6 +31,9 @@ use super::env;
 use super::rng::Rng;
 use super::Mode;
 
+mod sys;
+pub use sys::gdt_copy;
+
 /// Integer mnemonics the random generator draws from (with every legacy
 /// encoding of each).
 const INTEGER: &[Mnemonic] = &[
@@ -447,6 +450,11 @@ struct Builder {
     info: InstructionInfoFactory,
     /// Linear address the last memory operand was aimed at.
     last_target: u64,
+    /// Bytes a template needs in the case's initial memory (address,
+    /// bytes), e.g. a GDT copy.
+    patches: Vec<(u64, Vec<u8>)>,
+    /// System state the system-instruction templates track.
+    sys: sys::SysModel,
 }
 
 impl Builder {
@@ -628,6 +636,8 @@ pub struct Generator {
     pub max_len: usize,
     /// Also generate x87/MMX/SSE cases (a third of all cases).
     pub fp: bool,
+    /// Also generate system instructions (`gen/sys.rs`).
+    pub sys: bool,
     fp_groups: Vec<Vec<Code>>,
 }
 
@@ -657,6 +667,7 @@ impl Generator {
             max_len: 8,
             // Only 64-bit ring 3 has an oracle for x87/SSE (see `fp`).
             fp: mode == Mode::Long64Ring3,
+            sys: true,
             fp_groups: super::fp::fp_groups(mode, supported_kinds),
         }
     }
@@ -717,7 +728,7 @@ impl Generator {
 
     /// A random case with `origin` as its label.
     pub fn case(&mut self, rng: &mut Rng, origin: String) -> Case {
-        for _ in 0..8 {
+        for _ in 0..64 {
             let fp_case = self.fp && !self.fp_groups.is_empty() && rng.chance(1, 3);
             let mut init = self.init_state(rng);
             let mut area = self.init_area(rng);
@@ -725,7 +736,14 @@ impl Generator {
                 super::fp::randomize(rng, &mut init);
                 super::fp::sprinkle(rng, &mut area);
             }
-            let items = self.sequence(rng, &init, fp_case);
+            let (items, patches) = self.sequence(rng, &init, fp_case);
+            if !items.iter().any(|it| !it.setup) {
+                continue;
+            }
+            for (at, bytes) in patches {
+                let off = (at - env::CASE_AREA) as usize;
+                area[off..off + bytes.len()].copy_from_slice(&bytes);
+            }
             let case = Case {
                 mode: self.mode,
                 init,
@@ -739,17 +757,30 @@ impl Generator {
                 return case;
             }
         }
-        // Give up on variety: an empty case still exercises the harness.
+        // Never an empty case: after 64 failed attempts (not seen in
+        // practice) one comparison of two registers is still a test.
+        let mut items = Vec::new();
+        if let Some(i) = build(
+            Code::Cmp_rm16_r16,
+            &[Opnd::Reg(Register::AX), Opnd::Reg(Register::CX)],
+        ) {
+            items.push(Item::new(0, i));
+        }
         Case {
             mode: self.mode,
             init: env::base_state(self.mode),
             area: self.init_area(rng),
-            items: Vec::new(),
+            items,
             origin,
         }
     }
 
-    fn sequence(&mut self, rng: &mut Rng, init: &CpuState, fp_case: bool) -> Vec<Item> {
+    fn sequence(
+        &mut self,
+        rng: &mut Rng,
+        init: &CpuState,
+        fp_case: bool,
+    ) -> (Vec<Item>, Vec<(u64, Vec<u8>)>) {
         let mut b = Builder {
             fp_operand: false,
             done: false,
@@ -768,6 +799,8 @@ impl Generator {
             },
             info: InstructionInfoFactory::new(),
             last_target: 0,
+            patches: Vec::new(),
+            sys: sys::SysModel::default(),
         };
         let want = rng.range(1, self.max_len as u64) as usize;
         let mut attempts = 0;
@@ -786,11 +819,12 @@ impl Generator {
                 80..=88 => self.gen_stack(&mut b, rng),
                 89..=91 => self.gen_io(&mut b, rng),
                 92..=93 => self.gen_fault(&mut b, rng),
+                94..=97 if self.sys => self.gen_system(&mut b, rng),
                 _ => self.gen_generic(&mut b, rng),
             };
         }
         retarget_to_groups(&mut b.items);
-        b.items
+        (b.items, b.patches)
     }
 
     // ---- operands -----------------------------------------------------
@@ -2053,13 +2087,29 @@ mod tests {
                 super::super::case::analyze(mode, &c.items)
                     .unwrap_or_else(|e| panic!("{mode} case {k}: {e}"));
                 super::super::case::assemble(mode, &c.items).unwrap();
+                assert!(
+                    c.items.iter().any(|it| !it.setup),
+                    "{mode} case {k} is empty"
+                );
                 let mut info = InstructionInfoFactory::new();
-                for it in &c.items {
+                for (n, it) in c.items.iter().enumerate() {
                     let i = &it.instr;
                     if matches!(
                         i.mnemonic(),
                         Mnemonic::Enter | Mnemonic::Leave | Mnemonic::Popa | Mnemonic::Popad
                     ) {
+                        continue;
+                    }
+                    // CPUID writes RBX; the setup right after it restores it.
+                    if i.mnemonic() == Mnemonic::Cpuid {
+                        let next = c.items.get(n + 1).map(|it| it.instr.op0_register());
+                        assert!(
+                            matches!(next, Some(Register::RBX | Register::EBX | Register::BX)),
+                            "{mode}: CPUID without the RBX restore"
+                        );
+                        continue;
+                    }
+                    if n > 0 && c.items[n - 1].instr.mnemonic() == Mnemonic::Cpuid {
                         continue;
                     }
                     let bad = info.info(i).used_registers().iter().any(|u| {

@@ -21,6 +21,7 @@
 //! - [`compare`]: the comparison, with masking rules, and its report.
 //! - [`minimize`]: delta debugging of a diverging case.
 //! - [`probe`]: start-up probes of the hardware oracle's processor quirks.
+//! - [`sdm`]: the SDM's pseudo-code as the oracle for BCD instructions.
 //! - [`campaign`]: the `duet difftest` driver and its summary.
 //! - [`fuzz`]: random bytes as guest code, for robustness.
 //!
@@ -40,6 +41,7 @@ pub mod harness;
 pub mod minimize;
 pub mod probe;
 pub mod rng;
+pub mod sdm;
 pub mod watchdog;
 
 pub use campaign::{run_campaign, CampaignConfig, Corpus, Summary};

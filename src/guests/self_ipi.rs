@@ -44,14 +44,6 @@ pub const VECTOR_OWN_ID: u8 = 0x41;
 pub const VECTOR_ALL_INCLUDING_SELF: u8 = 0x42;
 pub const VECTOR_ALL_EXCLUDING_SELF: u8 = 0x43;
 
-/// Everything the guest writes to COM1.
-pub const EXPECTED_SERIAL: &str = "self-ipi: in 64-bit long mode: local APIC ID 0x00, enabled; each IPI sent with interrupts disabled, then sti; hlt\r\n\
-self-ipi: ICR 0x00044040 (fixed, shorthand self), reads back 0x00044040: took vector 0x40\r\n\
-self-ipi: ICR high 0x00000000 low 0x00004041 (fixed, physical destination = own APIC ID): took vector 0x41\r\n\
-self-ipi: ICR 0x00084042 (fixed, shorthand all including self): took vector 0x42\r\n\
-self-ipi: ICR 0x000c4043 (fixed, shorthand all excluding self): not delivered here (IRR for 0x43: 0x00000000)\r\n\
-self-ipi: 3 IPIs taken, EOI each\r\n";
-
 pub fn build() -> GuestImage {
     program().into_image()
 }
@@ -295,14 +287,6 @@ mod tests {
     }
 
     #[test]
-    fn golden_matches_expected_output() {
-        assert_eq!(
-            include_str!("../../golden/self-ipi.serial.txt"),
-            EXPECTED_SERIAL
-        );
-    }
-
-    #[test]
     fn icr_values() {
         assert_eq!(icr(apic::ICR_SELF, VECTOR_SHORTHAND_SELF), 0x0004_4040);
         assert_eq!(icr(0, VECTOR_OWN_ID), 0x0000_4041);
@@ -310,6 +294,5 @@ mod tests {
             icr(apic::ICR_ALL_EXCLUDING_SELF, VECTOR_ALL_EXCLUDING_SELF),
             0x000c_4043
         );
-        assert_eq!(EXPECTED_SERIAL.matches("took vector").count(), 3);
     }
 }

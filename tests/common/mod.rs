@@ -34,13 +34,7 @@ pub struct RunResult {
 
 /// Is KVM usable? Prints why not (the test then skips).
 pub fn kvm_or_skip(test: &str) -> bool {
-    match backend::kvm_available() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("{test}: skipping the KVM case: {why}");
-            false
-        }
-    }
+    backend::kvm_or_skip(test)
 }
 
 fn temp_path(tag: &str) -> PathBuf {
@@ -111,12 +105,55 @@ pub fn run_guest_budget(
     }
 }
 
+/// The file holding a guest's golden serial output.
+pub fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("{name}.serial.txt"))
+}
+
 /// The golden serial output of a guest.
 pub fn golden(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("golden")
-        .join(format!("{name}.serial.txt"));
+    let p = golden_path(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Is `UPDATE_GOLDEN` set (to anything but empty or 0)? Then the golden
+/// files are written from the runs instead of compared with them; the
+/// change shows in `git diff` for a reviewer to accept or reject.
+pub fn update_golden() -> bool {
+    std::env::var("UPDATE_GOLDEN").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The golden files are produced by running the guests: compare `actual`
+/// (the serial output of a run, described by `what`) with the golden file
+/// `name`, or with `UPDATE_GOLDEN=1` write it there.
+pub fn check_golden(name: &str, actual: &str, what: &str) {
+    let p = golden_path(name);
+    if update_golden() {
+        if std::fs::read_to_string(&p).ok().as_deref() != Some(actual) {
+            std::fs::write(&p, actual).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            println!("{what}: UPDATE_GOLDEN: wrote {}", p.display());
+        }
+        return;
+    }
+    let want = golden(name);
+    if actual == want {
+        return;
+    }
+    let line = actual
+        .lines()
+        .zip(want.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or_else(|| actual.lines().count().min(want.lines().count()));
+    panic!(
+        "{what}: serial output differs from {} at line {}:\n  got:  {:?}\n  want: {:?}\n\
+         (UPDATE_GOLDEN=1 rewrites the golden files from the runs)\nfull output:\n{actual}",
+        p.display(),
+        line + 1,
+        actual.lines().nth(line),
+        want.lines().nth(line),
+    );
 }
 
 /// Compare two traces (time-dependent values masked); describe the first

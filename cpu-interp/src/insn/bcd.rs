@@ -78,10 +78,11 @@ fn aaa(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
 fn aas(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     let ax = cpu.gpr[gpr::RAX] & 0xffff;
     let adjust = ax & 0xf > 9 || cpu.flags.af();
+    // SDM AAS: AX <- AX - 6 (a borrow out of AL reaches AH), then
+    // AH <- AH - 1, as AAA adds 106H to AX (the 8086 adjusted AL and AH
+    // separately; the SDM describes every processor since).
     let nax = if adjust {
-        let al = (ax & 0xff).wrapping_sub(6) & 0xff;
-        let ah = ((ax >> 8).wrapping_sub(1)) & 0xff;
-        (ah << 8) | al
+        ax.wrapping_sub(6).wrapping_sub(0x100) & 0xffff
     } else {
         ax
     };

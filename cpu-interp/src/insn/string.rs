@@ -285,10 +285,12 @@ fn fast_chunk<const OP: u8>(
     let dst_lin = cpu.linear(sreg::ES, di, size as u64, true)?;
     let mut k = count.min((0x1000 - (dst_lin & 0xfff)) / size as u64);
     // Stay below the address-size wrap.
-    k = k.min((am - di) / size as u64 + 1);
+    // (With 64-bit addresses and a pointer of 0 the bound is 2^64: it
+    // saturates, found by the cpu_exec fuzzer in an overflow-checked build.)
+    k = k.min(((am - di) / size as u64).saturating_add(1));
     if OP == MOVS {
         k = k.min((0x1000 - (src_lin & 0xfff)) / size as u64);
-        k = k.min((am - si) / size as u64 + 1);
+        k = k.min(((am - si) / size as u64).saturating_add(1));
     }
     if k < 2 {
         return Ok(None);

@@ -202,7 +202,12 @@ fn lldt(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::np(err));
     }
     if cpu.long_mode() {
+        // The 16-byte descriptor's base must be canonical (SDM LLDT:
+        // #GP(selector)).
         s.base |= (hi & 0xffff_ffff) << 32;
+        if !canonical(s.base) {
+            return Err(Exception::gp(err));
+        }
     }
     s.selector = sel;
     cpu.ldtr = s;
@@ -234,7 +239,12 @@ fn ltr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::np(err));
     }
     if cpu.long_mode() {
+        // The 16-byte descriptor's base must be canonical (SDM LTR:
+        // #GP(selector)), checked before the busy bit is set.
         s.base |= (hi & 0xffff_ffff) << 32;
+        if !canonical(s.base) {
+            return Err(Exception::gp(err));
+        }
     }
     // Mark the descriptor busy.
     let a = cpu
@@ -310,10 +320,14 @@ const CR4_SUPPORTED: u64 = CR4_VME
 impl Cpu {
     /// Write CR0 with the checks and side effects of MOV to CR0.
     pub(crate) fn write_cr0(&mut self, v: u64) -> XResult<()> {
-        let v = v | CR0_ET;
         if v >> 32 != 0 {
             return Err(Exception::gp0());
         }
+        // Bits 6-15, 17, 19-28 are reserved: writes to them are ignored
+        // and they read as 0 (SDM 2.5; #GP only for bits 63:32). ET is
+        // fixed at 1.
+        const CR0_DEFINED: u64 = 0xe005_003f;
+        let v = (v & CR0_DEFINED) | CR0_ET;
         if (v & CR0_PG != 0 && v & CR0_PE == 0) || (v & CR0_NW != 0 && v & CR0_CD == 0) {
             return Err(Exception::gp0());
         }
@@ -1060,6 +1074,78 @@ mod tests {
         assert_eq!(read_phys(&c, 0x2010, 2), 0x37);
         assert_eq!(read_phys(&c, 0x2012, 4), 0x500);
         assert_ne!(c.state().sregs.cr0 & CR0_WP, 0);
+    }
+
+    #[test]
+    fn cr0_reserved_bits_are_ignored_and_the_upper_half_faults() {
+        // mov cr0, eax (0f 22 c0) with bit 6 (reserved) set: no #GP, the bit
+        // reads back as 0 (as KVM and the processors do); in 64-bit mode a
+        // bit of 63:32 is #GP(0).
+        let c = run(Mode::Prot32, &[0x0f, 0x22, 0xc0], |c| {
+            c.set_gpr(RAX, CR0_PE | CR0_ET | (1 << 6));
+        });
+        assert_eq!(c.state().sregs.cr0, CR0_PE | CR0_ET);
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &[0x0f, 0x22, 0xc0]);
+        c.set_gpr(RAX, c.state().sregs.cr0 | (1 << 40));
+        let mut p = TestPlatform::default();
+        let insn = c.decode_one(&mut p).expect("decodable");
+        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#GP");
+        assert_eq!(e.vector, crate::exception::GP);
+    }
+
+    #[test]
+    fn ltr_and_lldt_need_a_canonical_base_in_long_mode() {
+        // ltr ax (0f 00 d8) / lldt ax (0f 00 d0) on 16-byte system
+        // descriptors at GDT+0x38 (TSS, type 9) and GDT+0x48 (LDT, type 2)
+        // whose base is 0x0000_8000_0000_1000 (non-canonical) or
+        // 0xffff_8000_0000_1000 (canonical).
+        fn system_desc(c: &Cpu, at: u64, base: u64, ty: u64) {
+            let lo = 0x67
+                | ((base & 0xff_ffff) << 16)
+                | ((0x80 | ty) << 40)
+                | (((base >> 24) & 0xff) << 56);
+            write_phys(c, GDT + at, &lo.to_le_bytes());
+            write_phys(c, GDT + at + 8, &(base >> 32).to_le_bytes());
+        }
+        for (base, ok) in [
+            (0x0000_8000_0000_1000u64, false),
+            (0xffff_8000_0000_1000, true),
+        ] {
+            for (op, sel, ty) in [(0xd8u8, 0x38u16, 9u64), (0xd0, 0x48, 2)] {
+                let mut c = new_cpu();
+                setup(&mut c, Mode::Long64);
+                system_desc(&c, 0x38, base, 9);
+                system_desc(&c, 0x48, base, 2);
+                let mut s = c.state();
+                s.sregs.gdt.limit = 0x57;
+                c.set_state(&s);
+                write_phys(&c, CODE, &[0x0f, 0x00, op]);
+                c.set_gpr(RAX, u64::from(sel));
+                let mut p = TestPlatform::default();
+                let insn = c.decode_one(&mut p).expect("decodable");
+                let r = (insn.h)(&mut c, &mut p, &insn);
+                let busy = read_phys(&c, GDT + 0x38 + 5, 1) & 2 != 0;
+                if ok {
+                    assert!(r.is_ok(), "{base:#x} {sel:#x}: {r:?}");
+                    let seg = if ty == 9 {
+                        c.state().sregs.tr
+                    } else {
+                        c.state().sregs.ldt
+                    };
+                    assert_eq!(seg.base, base);
+                    assert_eq!(busy, ty == 9);
+                } else {
+                    let e = r.expect_err("#GP");
+                    assert_eq!(
+                        (e.vector, e.error_code),
+                        (crate::exception::GP, Some(u32::from(sel)))
+                    );
+                    assert!(!busy, "LTR set the busy bit before the canonical check");
+                }
+            }
+        }
     }
 
     #[test]

@@ -496,12 +496,15 @@ fn fld(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     if d.i.op0_kind() == OpKind::Register {
         let i = sti(d.i.op0_register());
         let f = &mut cpu.fpu;
-        if !f.st_empty(7) {
-            if overflow(f) {
+        // The source is read before the push: an empty ST(i) is a stack
+        // underflow (C1 = 0) even when the register pushed into is full
+        // (seen on Emerald Rapids).
+        if f.st_empty(i) {
+            if underflow(f) {
                 f.push(INDEFINITE);
             }
-        } else if f.st_empty(i) {
-            if underflow(f) {
+        } else if !f.st_empty(7) {
+            if overflow(f) {
                 f.push(INDEFINITE);
             }
         } else {
@@ -837,6 +840,28 @@ fn arith<const OP: u8, const POP: bool>(
         _ => sf::div(a, b, &c),
     };
     r.flags |= conv;
+    // A memory operand that was an SNaN reached the arithmetic quietened by
+    // its conversion; the NaN rules still see an SNaN there (SDM vol. 1,
+    // table 4-7): a QNaN in the register wins over it, and of two SNaNs
+    // the larger significand (seen on Emerald Rapids: FSUBR with an m64
+    // SNaN of larger significand returns ST(0)'s QNaN).
+    if conv & IE != 0 && nan(src) {
+        let q = |v: u128| v | (1u128 << 62);
+        match sf::classify(x) {
+            sf::Class::QNaN => r.v = x,
+            sf::Class::SNaN => {
+                let (qx, qs) = (q(x), src);
+                r.v = if sf::sig_field(qx) > sf::sig_field(qs)
+                    || (sf::sig_field(qx) == sf::sig_field(qs) && x >> 79 == 0)
+                {
+                    qx
+                } else {
+                    qs
+                };
+            }
+            _ => {}
+        }
+    }
     // Zen 4: of two QNaN operands, the real indefinite wins
     // (`Quirks::x87_indefinite_wins`).
     if cpu.quirks.x87_indefinite_wins
@@ -2711,6 +2736,36 @@ mod tests {
             },
         );
         assert_eq!(read80(&c, D + 0x10), x(0x8001, 0xd7e1_0009_3601_7524));
+    }
+
+    #[test]
+    fn fld_of_an_empty_register_onto_a_full_stack_is_an_underflow() {
+        // Eight values pushed (the register FLD would push into is full),
+        // ffree st(6) (dd c6), fld st(6) (d9 c6): the empty source wins,
+        // stack underflow with C1 = 0 (as on Emerald Rapids), the
+        // indefinite pushed.
+        let c = run(Mode::Prot32, &[0xdd, 0xc6, 0xd9, 0xc6], |c| {
+            for k in 0..8 {
+                c.fpu.push(f(f64::from(k)));
+            }
+        });
+        assert_eq!(c.fpu.fsw & (FSW_IE | FSW_SF | FSW_C1), FSW_IE | FSW_SF);
+        assert_eq!(c.fpu.st(0), INDEFINITE);
+    }
+
+    #[test]
+    fn a_register_qnan_wins_over_a_memory_snan() {
+        // fsubr st, qword [D] (dc 2d D) with ST(0) a QNaN and the m64 an
+        // SNaN of larger significand: ST(0)'s QNaN (SDM table 4-7; seen on
+        // Emerald Rapids), IE for the SNaN.
+        let qnan = x(0xffff, 0xf0b0_e706_c0c9_88f1);
+        let c = run(Mode::Prot32, &m(&[0xdc], 5, D), |c| {
+            c.fpu.push(qnan);
+            let v = 0xfff2_a0b9_fb4b_f000u64 & !(1 << 51); // an SNaN
+            write_phys(c, u64::from(D), &v.to_le_bytes());
+        });
+        assert_eq!(c.fpu.st(0), qnan);
+        assert_ne!(c.fpu.fsw & FSW_IE, 0);
     }
 
     #[test]

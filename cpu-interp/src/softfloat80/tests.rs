@@ -334,10 +334,17 @@ fn transcendentals() {
     );
     let tiny = from_f64(1e-5f64.to_bits()).v;
     assert_eq!(trans::f2xm1(tiny, &c).v, x(0x3fed, 0xe895_1885_af47_98d4));
-    // Exact cases raise no precision exception.
-    assert_eq!(trans::f2xm1(f(-1.0), &c), Res::exact(f(-0.5)));
-    assert_eq!(trans::f2xm1(ONE, &ctx(Rc::Down, 64)), Res::exact(ONE));
-    assert_eq!(trans::fyl2x(f(8.0), f(1.5), &c), Res::exact(f(4.5)));
+    // Exact cases: exact values, but reported inexact, as the processors
+    // do (see exact_transcendental_results_still_report_inexact).
+    assert_eq!(trans::f2xm1(f(-1.0), &c), Res::exact(f(-0.5)).with(PE));
+    assert_eq!(
+        trans::f2xm1(ONE, &ctx(Rc::Down, 64)),
+        Res::exact(ONE).with(PE)
+    );
+    assert_eq!(
+        trans::fyl2x(f(8.0), f(1.5), &c),
+        Res::exact(f(4.5)).with(PE)
+    );
     assert_eq!(
         trans::fyl2x(f(10.0), ONE, &c).v,
         x(0x4000, 0xd49a_784b_cd1b_8afe)
@@ -648,6 +655,56 @@ fn transcendental_vectors() {
         assert_eq!(got.v, want, "{name} {a:#x} {b:#x}");
         assert_eq!(got.flags & PE, PE);
     }
+}
+
+#[test]
+fn fscale_of_a_denormal_by_zero_with_underflow_unmasked() {
+    // FSCALE(0x0000_533e9a73525f07a7, -2^-59): scale 0; masked, the
+    // denormal comes back as it is; unmasked, the underflow response
+    // (normalised, exponent + 24576, UE), as on Emerald Rapids.
+    let d = x(0x0000, 0x533e_9a73_525f_07a7);
+    let by = x(0xbfc4, 0x87d2_d225_23f0_6d03);
+    let r = scale(d, by, &RN);
+    assert_eq!(r.v, d);
+    assert_eq!(r.flags & UE, 0);
+    let um = Ctx { unmasked: UE, ..RN };
+    let r = scale(d, by, &um);
+    assert_eq!(r.v, x(0x6000, 0xa67d_34e6_a4be_0f4e));
+    assert_ne!(r.flags & UE, 0);
+}
+
+#[test]
+fn catastrophic_underflow_unmasked_gives_zero() {
+    // FSCALE(1.0, -2^16) rounding up with underflow unmasked: even the
+    // adjusted exponent is out of range; a zero, UE and PE, not rounded up.
+    let um = Ctx {
+        unmasked: UE,
+        ..ctx(Rc::Up, 64)
+    };
+    let r = scale(ONE, x(0xc00f, 0x8000_0000_0000_0000), &um);
+    assert_eq!((r.v, r.flags & (UE | PE), r.up), (0, UE | PE, false));
+    // ... and by +2^16 rounding towards zero with overflow unmasked: an
+    // infinity, C1 set.
+    let om = Ctx {
+        unmasked: OE,
+        ..ctx(Rc::Zero, 64)
+    };
+    let r = scale(ONE, x(0x400f, 0x8000_0000_0000_0000), &om);
+    assert_eq!(
+        (r.v, r.flags & (OE | PE), r.up),
+        (x(0x7fff, 0x8000_0000_0000_0000), OE | PE, true)
+    );
+}
+
+#[test]
+fn exact_transcendental_results_still_report_inexact() {
+    // F2XM1(1) = 1 and FYL2X(2^-16382, 1) = -16382 are exact, but the
+    // processors set PE for them (Emerald Rapids; F2XM1(-1) likewise).
+    let c = ctx(Rc::Down, 64);
+    let r = trans::f2xm1(ONE, &c);
+    assert_eq!((r.v, r.flags & PE), (ONE, PE));
+    let r = trans::fyl2x(x(0x0001, 0x8000_0000_0000_0000), ONE, &c);
+    assert_eq!((r.v, r.flags & PE), (x(0xc00c, 0xfff8_0000_0000_0000), PE));
 }
 
 #[test]

@@ -455,7 +455,9 @@ pub fn f2xm1(a: u128, ctx: &Ctx) -> Res<u128> {
                 // 2^n as a denormal.
                 pack(false, 0, INT_BIT >> (-16382 - n))
             };
-            return sub(p, ONE, &ctx.full()).with(de);
+            // The processors report these exact results as inexact too
+            // (F2XM1 of -1 and of 1 on Sapphire and Emerald Rapids).
+            return sub(p, ONE, &ctx.full()).with(de | PE);
         }
     }
     exp2m1(u).round(ctx).with(de)
@@ -540,7 +542,16 @@ pub fn fyl2x(x: u128, y: u128, ctx: &Ctx) -> Res<u128> {
     } else {
         log2(W::from_unp(ux))
     };
-    y_log2(y, lx, exact, ctx).with(de)
+    // x a power of two other than 1 and y finite, non-zero: the result is
+    // exact, but the processors report it inexact (FYL2X of 2^-16382 and 1
+    // gives -16382 with PE on Emerald Rapids).
+    let pe = if matches!(exact, Some(k) if k != 0) && matches!(cy, Class::Normal | Class::Denormal)
+    {
+        PE
+    } else {
+        0
+    };
+    y_log2(y, lx, exact, ctx).with(de | pe)
 }
 
 /// FYL2XP1: ST(1) * log2(ST(0) + 1). Defined for |x| < 1 - sqrt(2)/2;
