@@ -211,3 +211,10 @@ fn interpreter_counts_instructions() {
     // The guest prints ~23 characters with a polling loop each.
     assert!(n > 100, "only {n} instructions retired");
 }
+
+/// Protected mode back to real mode, BIOS-less 16-bit code and I/O, and
+/// protected mode again (issue 10, item 6).
+#[test]
+fn real_mode_return() {
+    check_both("real-mode-return");
+}

@@ -15,6 +15,7 @@ pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
+pub mod real_mode_return;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -120,6 +121,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: real_mode_return::NAME,
+            description: real_mode_return::DESCRIPTION,
+            build: real_mode_return::build,
             needs_input: false,
         },
         BuiltinGuest {
