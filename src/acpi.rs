@@ -3,7 +3,10 @@
 //! one local APIC per vCPU, the IOAPIC with the ISA interrupt source
 //! overrides, the PM1 registers and PM timer (a time reference Linux
 //! trusts on a slow CPU), the S5 sleep state for power-off, the reset
-//! register, and the legacy devices in the DSDT.
+//! register, the legacy devices and the PCI host bridge (`PCI0`, with its
+//! windows and INTx routing) in the DSDT, and ECAM in the MCFG (reserved
+//! by a motherboard-resources device and in the E820 map, so that Linux
+//! uses it).
 //!
 //! Everything lives in the BIOS area at [`boot::RSDP`] (0xe0000), where the
 //! legacy RSDP scan also finds it.
@@ -26,9 +29,40 @@ const OEM_REVISION: u32 = 1;
 pub const SCI_IRQ: u8 = 9;
 
 /// What the tables describe.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AcpiConfig {
     pub cpus: u32,
+    /// virtio-mmio devices, in the order Linux should find them.
+    pub virtio_mmio: Vec<VirtioMmioAcpi>,
+}
+
+/// One virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioAcpi {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
+/// A virtio-mmio device (`LNRO0005`, the ID Linux's virtio_mmio driver
+/// matches through ACPI): its register block and its interrupt,
+/// level-triggered, active-low and shareable like the PCI lines it sits
+/// beside on the IOAPIC.
+fn virtio_mmio_device(index: usize, d: &VirtioMmioAcpi) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, d.base as u32, d.len as u32);
+    let irq = aml::Interrupt::new(true, false, true, true, d.gsi);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let uid = index as u32;
+    let one = aml::ONE;
+    bytes_of(&aml::Device::new(
+        format!("VR{index:02X}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &one),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
 }
 
 /// Errors writing the tables.
@@ -79,8 +113,96 @@ fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u32
     bytes_of(&aml::Device::new(name.into(), children))
 }
 
-/// The DSDT: the S5 sleep package and the legacy devices.
+/// The PCI host bridge of segment 0, bus 0: `_CRS` with the bus number,
+/// the configuration ports, the I/O windows around them and the 32-bit
+/// memory window, and a `_PRT` routing every slot's INTA#–INTD# to the
+/// IOAPIC's PCI lines (the swizzle of [`crate::irqchip::pci_intx_gsi`];
+/// GSIs named in a `_PRT` are level-triggered, active-low).
+fn pci_host_bridge() -> Vec<u8> {
+    use crate::layout::pci;
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, u16::from(pci::LAST_BUS));
+    let config = aml::IO::new(ports::PCI_CONFIG, ports::PCI_CONFIG, 1, 8);
+    let io_low = aml::AddressSpace::<u16>::new_io(0, ports::PCI_CONFIG - 1, None);
+    let io_high = aml::AddressSpace::<u16>::new_io(ports::PCI_CONFIG + 8, 0xffff, None);
+    let mem32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci::MEM32_BASE as u32,
+        (pci::MEM32_BASE + pci::MEM32_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config, &io_low, &io_high, &mem32]);
+    // _PRT entries: (address: slot << 16 | 0xffff, pin 0-3, source 0, GSI).
+    let entries: Vec<(u32, u8, u32)> = (0..32u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                (
+                    u32::from(slot) << 16 | 0xffff,
+                    pin,
+                    crate::irqchip::pci_intx_gsi(slot, pin + 1),
+                )
+            })
+        })
+        .collect();
+    let zero = 0u8;
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &zero, gsi]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
+    let zero_u = 0u8;
+    let children: Vec<aml::Name> = vec![
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &zero_u),
+        aml::Name::new("_SEG".into(), &zero_u),
+        aml::Name::new("_UID".into(), &zero_u),
+        aml::Name::new("_BBN".into(), &zero_u),
+        aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
+    ];
+    bytes_of(&aml::Device::new(
+        "PCI0".into(),
+        children.iter().map(|c| c as &dyn Aml).collect(),
+    ))
+}
+
+/// Motherboard resources (`PNP0C02`): the ECAM window, which Linux wants
+/// reserved here before it trusts the MCFG.
+fn motherboard_resources() -> Vec<u8> {
+    use crate::layout::pci;
+    let hid = aml::EISAName::new("PNP0C02");
+    let ecam = aml::Memory32Fixed::new(false, pci::ECAM_BASE as u32, pci::ECAM_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let uid = 0u8;
+    bytes_of(&aml::Device::new(
+        "MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
+/// The MCFG: ECAM for segment 0, buses 0 to [`crate::layout::pci::LAST_BUS`].
+pub fn mcfg() -> Vec<u8> {
+    use crate::layout::pci;
+    let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE, OEM_REVISION);
+    t.add_ecam(pci::ECAM_BASE, 0, 0, pci::LAST_BUS);
+    bytes_of(&t)
+}
+
+/// The DSDT: the S5 sleep package, the legacy devices, the PCI host bridge
+/// and the motherboard resources.
 pub fn dsdt() -> Vec<u8> {
+    dsdt_with(&AcpiConfig::default())
+}
+
+/// The DSDT for `cfg` (its virtio-mmio devices).
+pub fn dsdt_with(cfg: &AcpiConfig) -> Vec<u8> {
     let slp = u8::try_from(devices::acpi_pm::S5_SLP_TYP).unwrap_or(5);
     let s5 = bytes_of(&aml::Name::new(
         "_S5_".into(),
@@ -94,7 +216,7 @@ pub fn dsdt() -> Vec<u8> {
         &[(ports::COM1, ports::COM1_LEN as u8)],
         4,
     ));
-    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8));
+    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(ports::RTC, 2)], 8));
     devices.extend(isa_device(
         "KBD_",
         "PNP0303",
@@ -102,6 +224,11 @@ pub fn dsdt() -> Vec<u8> {
         &[(ports::I8042_DATA, 1), (ports::I8042_COMMAND, 1)],
         1,
     ));
+    devices.extend(pci_host_bridge());
+    devices.extend(motherboard_resources());
+    for (i, d) in cfg.virtio_mmio.iter().enumerate() {
+        devices.extend(virtio_mmio_device(i, d));
+    }
     let sb = aml::Scope::raw("\\_SB_".into(), devices);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     let mut body = s5;
@@ -177,15 +304,18 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
     let facs_addr = align(base + rsdp_len);
     let facs = bytes_of(&FACS::new());
     let dsdt_addr = align(facs_addr.max((facs_addr + facs.len() as u64 + 63) & !63));
-    let dsdt = dsdt();
+    let dsdt = dsdt_with(cfg);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(cfg);
-    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = bytes_of(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::HIGH_RAM_START {
@@ -198,6 +328,7 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(data, GuestAddress(addr))
@@ -218,7 +349,11 @@ mod tests {
     fn tables_have_valid_checksums_and_lengths() {
         for t in [
             dsdt(),
-            madt(&AcpiConfig { cpus: 1 }),
+            mcfg(),
+            madt(&AcpiConfig {
+                cpus: 1,
+                ..Default::default()
+            }),
             fadt(0xe0040, 0xe0080),
         ] {
             assert!(checksum_ok(&t), "{:?}", &t[..4]);
@@ -229,7 +364,10 @@ mod tests {
 
     #[test]
     fn madt_lists_the_ioapic_and_the_irq0_override() {
-        let m = madt(&AcpiConfig { cpus: 2 });
+        let m = madt(&AcpiConfig {
+            cpus: 2,
+            ..Default::default()
+        });
         assert_eq!(&m[..4], b"APIC");
         let mut off = 44;
         let mut seen = Vec::new();
@@ -248,12 +386,67 @@ mod tests {
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
+        assert!(has(b"PCI0") && has(b"_PRT") && has(b"MBRD"));
+    }
+
+    #[test]
+    fn virtio_mmio_devices_are_lnro0005_with_memory_and_interrupt() {
+        let cfg = AcpiConfig {
+            cpus: 1,
+            virtio_mmio: vec![
+                VirtioMmioAcpi {
+                    base: 0xfe00_0000,
+                    len: 0x1000,
+                    gsi: 20,
+                },
+                VirtioMmioAcpi {
+                    base: 0xfe00_1000,
+                    len: 0x1000,
+                    gsi: 21,
+                },
+            ],
+        };
+        let d = dsdt_with(&cfg);
+        assert!(checksum_ok(&d));
+        let count = d.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count, 2);
+        assert!(d.windows(4).any(|w| w == b"VR01"));
+        // Memory32Fixed descriptor (0x86) with the second base.
+        let base = 0xfe00_1000u32.to_le_bytes();
+        assert!(d.windows(8).any(|w| w[0] == 0x86 && w[4..8] == base));
+        // Extended interrupt descriptor (0x89): level, active-low, shared.
+        let irq = d
+            .windows(9)
+            .find(|w| w[0] == 0x89 && w[5..9] == 21u32.to_le_bytes());
+        let flags = irq.expect("interrupt descriptor")[3];
+        assert_eq!(
+            flags, 0b1101,
+            "shared, active-low, level, consumer: {flags:#x}"
+        );
+        assert_eq!(dsdt(), dsdt_with(&AcpiConfig::default()));
+    }
+
+    #[test]
+    fn mcfg_points_at_ecam_for_bus_zero() {
+        let m = mcfg();
+        assert_eq!(&m[..4], b"MCFG");
+        // Header (36) + reserved (8), then base, segment, start and end bus.
+        let base = u64::from_le_bytes(m[44..52].try_into().unwrap());
+        assert_eq!(base, crate::layout::pci::ECAM_BASE);
+        assert_eq!((m[54], m[55]), (0, crate::layout::pci::LAST_BUS));
     }
 
     #[test]
     fn written_rsdp_points_to_a_valid_xsdt() {
         let mem = crate::machine::create_memory(64 << 20).unwrap();
-        let rsdp = write(&mem, &AcpiConfig { cpus: 1 }).unwrap();
+        let rsdp = write(
+            &mem,
+            &AcpiConfig {
+                cpus: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");

@@ -315,6 +315,7 @@ pub fn guest_image(w: Workload, iterations: u64) -> Result<GuestImage, BenchErro
     Ok(GuestImage {
         blobs: vec![(LOAD_ADDR, bytes)],
         entry: multiboot_entry_state(entry),
+        pci_devices: Vec::new(),
     })
 }
 

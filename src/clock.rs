@@ -46,6 +46,8 @@ pub struct HostClock {
     start: Instant,
     compensate: bool,
     state: std::sync::Mutex<Compensation>,
+    /// VM time at `start` (non-zero after a restore).
+    offset_ns: u64,
 }
 
 #[derive(Default)]
@@ -72,6 +74,15 @@ impl HostClock {
             start: Instant::now(),
             compensate: false,
             state: Default::default(),
+            offset_ns: 0,
+        }
+    }
+
+    /// A clock that continues from a saved VM time.
+    pub fn resume(state: &ClockState) -> Self {
+        HostClock {
+            offset_ns: state.now_ns,
+            ..Self::new()
         }
     }
 
@@ -134,10 +145,28 @@ impl Clock for HostClock {
     fn now_ns(&self) -> u64 {
         let raw = self.raw();
         if !self.compensate {
-            return raw;
+            return self.offset_ns + raw;
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        Self::step(&mut s, raw)
+        self.offset_ns + Self::step(&mut s, raw)
+    }
+}
+
+/// The VM clock's state, for snapshots: the VM time when it was saved.
+/// A restored clock continues from there (VM time never goes back).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockState {
+    pub now_ns: u64,
+}
+
+impl ClockState {
+    /// Bumped when the struct changes meaning.
+    pub const VERSION: u32 = 1;
+
+    pub fn of(clock: &dyn Clock) -> Self {
+        ClockState {
+            now_ns: clock.now_ns(),
+        }
     }
 }
 
@@ -163,6 +192,22 @@ impl VirtualClock {
         self.instructions.fetch_max(n, Ordering::Relaxed);
     }
 
+    /// A clock that continues from a saved VM time, for a CPU whose
+    /// retired-instruction count starts again from 0.
+    pub fn resume(state: &ClockState) -> Self {
+        let c = Self::default();
+        c.skipped.store(state.now_ns, Ordering::Relaxed);
+        c
+    }
+
+    /// The smallest retired-instruction count at which `now_ns() >= ns`
+    /// (with no idle time skipped meanwhile).
+    pub fn instructions_at(&self, ns: u64) -> u64 {
+        let skipped = self.skipped.load(Ordering::Relaxed);
+        ns.saturating_sub(skipped)
+            .div_ceil(VIRTUAL_NS_PER_INSTRUCTION)
+    }
+
     /// While idle: jump forward so that `now_ns() >= ns`.
     pub fn skip_to(&self, ns: u64) {
         let now = self.now_ns();
@@ -182,6 +227,28 @@ impl Clock for VirtualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clocks_resume_from_their_saved_time() {
+        let v = VirtualClock::new();
+        v.set_instructions(1_000);
+        v.skip_to(5_000);
+        let saved = ClockState::of(&v);
+        let bytes = serde_json::to_vec(&saved).unwrap();
+        let back: ClockState = serde_json::from_slice(&bytes).unwrap();
+        let r = VirtualClock::resume(&back);
+        assert_eq!(r.now_ns(), 5_000);
+        r.set_instructions(10);
+        assert_eq!(r.now_ns(), 5_010);
+        assert_eq!(
+            serde_json::to_vec(&ClockState::of(&VirtualClock::resume(&back))).unwrap(),
+            bytes
+        );
+        let h = HostClock::resume(&ClockState {
+            now_ns: 7_000_000_000,
+        });
+        assert!(h.now_ns() >= 7_000_000_000 && h.now_ns() < 8_000_000_000);
+    }
 
     #[test]
     fn host_clock_moves_forward() {
@@ -244,5 +311,22 @@ mod tests {
         assert_eq!(c.now_ns(), 5000);
         c.set_instructions(2000);
         assert_eq!(c.now_ns(), 5000 + 1000 * VIRTUAL_NS_PER_INSTRUCTION);
+    }
+
+    #[test]
+    fn instruction_count_of_a_deadline() {
+        let c = VirtualClock::new();
+        c.skip_to(500);
+        for deadline in [0, 499, 500, 501, 10_000] {
+            let n = c.instructions_at(deadline);
+            c.set_instructions(n);
+            assert!(c.now_ns() >= deadline, "{deadline}: {n}");
+            if n > 0 {
+                let d = VirtualClock::new();
+                d.skip_to(500);
+                d.set_instructions(n - 1);
+                assert!(d.now_ns() < deadline, "{deadline}: {n} is not the first");
+            }
+        }
     }
 }

@@ -1,31 +1,33 @@
-//! The one interrupt-delivery path both backends use (userspace irqchip):
+//! The machine's interrupt controllers behind one trait, [`IrqChip`]:
+//! duet's own models ([`userspace::UserspaceIrqChip`], both backends) or
+//! KVM's in-kernel ones ([`kernel::KernelIrqChip`], KVM only). This module
+//! is the only place that knows which one a machine uses; the machine
+//! builder, the run loop and the devices see the trait.
 //!
 //! ```text
-//! device IrqLine ──► IsaIrq ──┬──► 8259 PIC pair (ISA IRQ 0-15) ──INTR──► LAPIC LINT0 (ExtINT)
-//!                             └──► IOAPIC pin (IRQ0 → pin 2) ──message──► LAPIC (fixed/NMI/ExtINT)
-//! LAPIC ──pending_interrupt──► VMM ──inject_interrupt / request_interrupt_window──► Vcpu
-//! LAPIC EOI of a level vector ──message──► IOAPIC end_of_interrupt
+//! device IrqLine ──► SharedLine (wired-OR per GSI) ──► chip input (PIC/IOAPIC pin, or KVM GSI)
+//! device MSI ──────► MsiSink ──► InterruptMessage ──► local APIC(s)      (or KVM_SIGNAL_MSI)
+//! IOAPIC entry, LAPIC ICR ──► InterruptMessage ──► local APIC(s)
+//! LAPIC ──pending──► IrqChip::service ──inject_interrupt / window──► Vcpu
 //! ```
 //!
-//! Models never call each other: the PIC drives an `IrqLine` (its INTR pin)
-//! that this module wires to the LAPIC; the IOAPIC and the LAPIC queue
-//! messages that [`IrqRouter::pump`] carries across. Lock order: a device →
-//! PIC → LAPIC, and IOAPIC → (released) → LAPIC; the LAPIC never locks
-//! anything, so no cycle exists.
-//!
-//! Whenever something may have made an interrupt deliverable, the router
-//! raises `attention`, which the VMM's `IoHandler::exit_requested` reports
-//! so the vCPU comes back to have it injected, and wakes a halted vCPU.
+//! Interrupt lines are numbered as ACPI GSIs on a PC: 0–15 are the ISA
+//! IRQs (each reaches the 8259 pair and the IOAPIC, with IRQ0 on IOAPIC
+//! pin 2), 16–23 are IOAPIC pins for PCI INTx (level-triggered,
+//! active-low). Every device gets its own source on a line; the line is
+//! the OR of its sources, so devices can share one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use devices::ioapic::{DeliveryMode as IoDelivery, Ioapic, IoapicMessage};
-use devices::lapic::{
-    DeliveryMode as ApicDelivery, InterruptRequest, Lapic, LapicMessage, Shorthand,
-};
-use devices::pic8259::Pic8259Pair;
-use devices::IrqLine;
+use devices::interrupt::{InterruptMessage, MsiSink};
+use devices::{BusKind, Clock, IrqLine, SharedDevice, TimeTaint, Timed};
+
+use crate::backend::{self, IrqchipKind, MsrResult, Vcpu};
+
+pub mod kernel;
+pub mod userspace;
 
 /// IOAPIC pin for ISA IRQ `irq` (the usual IRQ0 → GSI 2 override).
 pub fn isa_to_gsi(irq: u8) -> usize {
@@ -36,7 +38,18 @@ pub fn isa_to_gsi(irq: u8) -> usize {
     }
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// First GSI of the PCI INTx lines (IOAPIC pins 16–19).
+pub const PCI_GSI_BASE: u32 = 16;
+/// Number of PCI INTx lines (INTA#–INTD# after the swizzle).
+pub const PCI_GSI_COUNT: u32 = 4;
+
+/// The GSI of INTx pin `pin` (1 = INTA#) of the device in `slot` on bus 0:
+/// the usual swizzle over four lines, as in the `_PRT` of the DSDT.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_GSI_BASE + (u32::from(slot) + u32::from(pin.max(1)) - 1) % PCI_GSI_COUNT
+}
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -65,7 +78,7 @@ impl Waker {
     }
 
     /// Sleep until notified or `timeout` passes (None: until notified).
-    pub fn wait(&self, timeout: Option<std::time::Duration>) {
+    pub fn wait(&self, timeout: Option<Duration>) {
         let g = lock(&self.lock);
         if self.attention.load(Ordering::Acquire) {
             return;
@@ -81,276 +94,134 @@ impl Waker {
     }
 }
 
-/// The userspace interrupt controllers of a single-vCPU machine.
-pub struct IrqRouter {
-    pub pic: Arc<Mutex<Pic8259Pair>>,
-    pub ioapic: Arc<Mutex<Ioapic>>,
-    pub lapic: Arc<Mutex<Lapic>>,
-    pub waker: Arc<Waker>,
+/// A register block the chip puts on a bus.
+pub struct ChipDevice {
+    pub name: &'static str,
+    pub bus: BusKind,
+    pub base: u64,
+    pub len: u64,
+    pub device: SharedDevice,
 }
 
-/// The PIC's INTR output, wired to LINT0 of the local APIC.
-struct PicIntrToLint0 {
-    lapic: Arc<Mutex<Lapic>>,
-    waker: Arc<Waker>,
-}
-
-impl IrqLine for PicIntrToLint0 {
-    fn set_level(&self, level: bool) {
-        lock(&self.lapic).set_lint0(level);
-        if level {
-            self.waker.notify();
-        }
-    }
-}
-
-impl IrqRouter {
-    pub fn new(pic: Pic8259Pair, ioapic: Ioapic, lapic: Lapic) -> Arc<Self> {
-        let r = Arc::new(IrqRouter {
-            pic: Arc::new(Mutex::new(pic)),
-            ioapic: Arc::new(Mutex::new(ioapic)),
-            lapic: Arc::new(Mutex::new(lapic)),
-            waker: Arc::new(Waker::default()),
-        });
-        lock(&r.pic).set_intr_line(Box::new(PicIntrToLint0 {
-            lapic: r.lapic.clone(),
-            waker: r.waker.clone(),
-        }));
-        r
-    }
-
-    /// Drive ISA IRQ `irq` (0–15) on both the PIC and the IOAPIC.
-    pub fn set_isa_irq(&self, irq: u8, level: bool) {
-        lock(&self.pic).set_irq(irq, level);
-        self.set_ioapic_pin(isa_to_gsi(irq), level);
-    }
-
-    /// Drive IOAPIC pin `gsi` only (PCI interrupts, later).
-    pub fn set_ioapic_pin(&self, gsi: usize, level: bool) {
-        let msgs = {
-            let mut io = lock(&self.ioapic);
-            io.set_irq(gsi, level);
-            io.take_messages()
-        };
-        if !msgs.is_empty() {
-            self.deliver_ioapic(msgs);
-        }
-    }
-
-    fn deliver_ioapic(&self, msgs: Vec<IoapicMessage>) {
-        let mut any = false;
-        {
-            let mut l = lock(&self.lapic);
-            for m in msgs {
-                let dest = if m.dest_mode_logical {
-                    devices::lapic::DestMode::Logical
-                } else {
-                    devices::lapic::DestMode::Physical
-                };
-                if !l.matches_destination(u32::from(m.destination), dest, false) {
-                    continue;
-                }
-                any |= match m.delivery_mode {
-                    IoDelivery::Fixed | IoDelivery::LowestPriority => {
-                        l.accept(m.vector, m.level_triggered)
-                    }
-                    IoDelivery::Nmi => l.accept_nmi(),
-                    IoDelivery::ExtInt => l.accept_extint(),
-                    IoDelivery::Smi | IoDelivery::Init => false,
-                };
-            }
-        }
-        if any {
-            self.waker.notify();
-        }
-    }
-
-    /// Carry LAPIC messages (EOI broadcasts, IPIs) to their targets. Call
-    /// after guest accesses to the LAPIC and after timers advance.
-    pub fn pump(&self) {
-        loop {
-            let msgs = lock(&self.lapic).take_messages();
-            if msgs.is_empty() {
-                return;
-            }
-            for m in msgs {
-                match m {
-                    LapicMessage::Eoi { vector } => {
-                        let out = {
-                            let mut io = lock(&self.ioapic);
-                            io.end_of_interrupt(vector);
-                            io.take_messages()
-                        };
-                        if !out.is_empty() {
-                            self.deliver_ioapic(out);
-                        }
-                    }
-                    LapicMessage::Ipi {
-                        vector,
-                        delivery_mode,
-                        dest_mode,
-                        shorthand,
-                        destination,
-                        level,
-                        trigger,
-                        x2apic,
-                    } => {
-                        let mut l = lock(&self.lapic);
-                        let to_self = match shorthand {
-                            Shorthand::SelfOnly | Shorthand::AllIncludingSelf => true,
-                            Shorthand::AllExcludingSelf => false,
-                            Shorthand::None => {
-                                l.matches_destination(destination, dest_mode, x2apic)
-                            }
-                        };
-                        if !to_self || !level && delivery_mode == ApicDelivery::Init {
-                            continue;
-                        }
-                        let accepted = match delivery_mode {
-                            ApicDelivery::Fixed | ApicDelivery::LowestPriority => {
-                                l.accept(vector, trigger == devices::lapic::TriggerMode::Level)
-                            }
-                            ApicDelivery::Nmi => l.accept_nmi(),
-                            // One vCPU: INIT/SIPI to self have nothing to start.
-                            _ => false,
-                        };
-                        drop(l);
-                        if accepted {
-                            self.waker.notify();
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The interrupt to inject next, acknowledged (IRR → ISR, or the PIC's
-    /// INTA cycle for ExtINT), or `None`. Call only when the vCPU can take it.
-    pub fn acknowledge(&self) -> Option<Delivery> {
-        let req = lock(&self.lapic).pending_interrupt()?;
-        let got = lock(&self.lapic).acknowledge(req);
-        Some(match got {
-            InterruptRequest::Fixed(v) => Delivery::Vector(v),
-            InterruptRequest::Nmi => Delivery::Nmi,
-            InterruptRequest::ExtInt => Delivery::Vector(lock(&self.pic).acknowledge()),
-        })
-    }
-
-    /// Is an interrupt (or NMI) waiting in the LAPIC?
-    pub fn pending(&self) -> Option<InterruptRequest> {
-        lock(&self.lapic).pending_interrupt()
-    }
-}
-
-/// What [`IrqRouter::acknowledge`] hands to the vCPU.
+/// What a halted vCPU does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    Vector(u8),
-    Nmi,
+pub enum HaltWait {
+    /// The VMM waits (until a timer deadline or an interrupt) and injects.
+    InVmm,
+    /// The backend waits in the kernel: run the vCPU again.
+    InBackend,
 }
 
-/// A device's ISA interrupt output, wired to the PIC and the IOAPIC.
-pub struct IsaIrq {
-    pub router: Arc<IrqRouter>,
-    pub irq: u8,
+/// What the chip needs to build its models.
+pub struct ChipConfig {
+    pub vcpus: usize,
+    pub clock: Arc<dyn Clock>,
+    pub taint: TimeTaint,
+    /// The local APIC timer's input clock.
+    pub lapic_timer_hz: u64,
+    /// The guest's TSC frequency.
+    pub tsc_hz: u64,
 }
 
-impl IrqLine for IsaIrq {
-    fn set_level(&self, level: bool) {
-        self.router.set_isa_irq(self.irq, level);
+/// The machine's interrupt controllers.
+pub trait IrqChip: Send + Sync {
+    /// "userspace" or "kernel", for messages and `--stats`.
+    fn name(&self) -> &'static str;
+
+    /// A new source on interrupt line `gsi` (see the module doc for the
+    /// numbering); the line is the wired-OR of its sources.
+    fn irq_line(&self, gsi: u32) -> Box<dyn IrqLine>;
+
+    /// Where devices send their MSI/MSI-X writes.
+    fn msi_sink(&self) -> Arc<dyn MsiSink>;
+
+    /// Deliver an interrupt message to the local APIC(s) it names.
+    fn deliver(&self, msg: InterruptMessage);
+
+    /// The register blocks to map (controllers and the PIT that belong to
+    /// this chip); none when the kernel serves them.
+    fn bus_devices(&self) -> Vec<ChipDevice>;
+
+    /// The chip's timers (PIT, local APIC timers), for the machine's timer
+    /// list.
+    fn timed(&self) -> Vec<Arc<Mutex<dyn Timed + Send>>>;
+
+    /// Carry queued messages (EOI broadcasts, IPIs) to their targets.
+    /// Called after guest accesses and timer advances; cheap when idle.
+    fn pump(&self);
+
+    /// Something may have become deliverable since the last
+    /// [`IrqChip::service`] (checked after every access).
+    fn attention(&self) -> bool;
+
+    /// Hand vCPU `vcpu_id` its highest pending interrupt, or ask for an
+    /// interrupt window. Returns true when something was injected.
+    fn service(&self, vcpu_id: usize, vcpu: &mut dyn Vcpu) -> backend::Result<bool>;
+
+    /// Is an NMI waiting for `vcpu_id` (it wakes a CPU with IF clear)?
+    fn nmi_pending(&self, vcpu_id: usize) -> bool;
+
+    /// Who waits while a vCPU is halted.
+    fn halt_wait(&self) -> HaltWait;
+
+    /// Sleep until an interrupt may be deliverable or `timeout` passes.
+    fn wait(&self, timeout: Duration);
+
+    /// How often a backend that waits in the kernel is kicked so the VMM
+    /// notices a guest that stopped (None: at timer deadlines only).
+    fn kick_period(&self) -> Option<Duration>;
+
+    /// Wake a VMM sleeping in [`IrqChip::wait`] (host input arrived for a
+    /// device; the VMM polls it, then looks at interrupts again).
+    fn wake(&self) {}
+
+    /// RDMSR of a machine MSR (the local APIC's) for `vcpu_id`.
+    fn msr_read(&self, _vcpu_id: usize, _msr: u32) -> MsrResult {
+        MsrResult::Unhandled
+    }
+
+    /// WRMSR counterpart of [`IrqChip::msr_read`].
+    fn msr_write(&self, _vcpu_id: usize, _msr: u32, _value: u64) -> MsrResult {
+        MsrResult::Unhandled
+    }
+
+    /// The VM clock's TSC as `vcpu_id`'s local APIC sees it, when the
+    /// chip's models own time.
+    fn tsc(&self, _vcpu_id: usize) -> Option<u64> {
+        None
+    }
+
+    /// `vcpu_id`'s task priority (CR8 is TPR bits 7:4), when the chip's
+    /// LAPIC models own it.
+    fn tpr(&self, _vcpu_id: usize) -> Option<u8> {
+        None
+    }
+
+    /// Write `vcpu_id`'s task priority (a MOV to CR8); false when the
+    /// chip does not own it.
+    fn set_tpr(&self, _vcpu_id: usize, _tpr: u8) -> bool {
+        false
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use devices::{ManualClock, TimeTaint};
+/// Errors building a chip.
+#[derive(Debug, thiserror::Error)]
+pub enum IrqChipError {
+    #[error("--irqchip kernel: the backend offers no in-kernel interrupt controllers")]
+    NoKernelChip,
+}
 
-    fn router() -> Arc<IrqRouter> {
-        let clock = Arc::new(ManualClock::new());
-        let lapic = Lapic::new(
-            0,
-            true,
-            clock,
-            TimeTaint::new(),
-            1_000_000_000,
-            1_000_000_000,
-        );
-        IrqRouter::new(Pic8259Pair::new(), Ioapic::new(), lapic)
-    }
-
-    fn init_pic(r: &IrqRouter) {
-        let mut p = lock(&r.pic);
-        for (port, v) in [
-            (0x20, 0x11),
-            (0x21, 0x20),
-            (0x21, 4),
-            (0x21, 1),
-            (0xa0, 0x11),
-            (0xa1, 0x28),
-            (0xa1, 2),
-            (0xa1, 1),
-            (0x21, 0xfe),
-            (0xa1, 0xff),
-        ] {
-            p.write_port(port, v);
+/// Build the chip `kind` for a VM on `backend`.
+pub fn create(
+    kind: IrqchipKind,
+    backend: &dyn backend::Backend,
+    cfg: ChipConfig,
+) -> Result<Arc<dyn IrqChip>, IrqChipError> {
+    Ok(match kind {
+        IrqchipKind::Userspace => userspace::UserspaceIrqChip::create(cfg),
+        IrqchipKind::Kernel => {
+            let lines = backend.irq_sink().ok_or(IrqChipError::NoKernelChip)?;
+            kernel::KernelIrqChip::create(lines)
         }
-    }
-
-    #[test]
-    fn pic_interrupt_reaches_the_cpu_through_lint0_extint() {
-        let r = router();
-        init_pic(&r);
-        assert_eq!(r.acknowledge(), None);
-        r.set_isa_irq(0, true);
-        assert!(r.waker.pending());
-        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x20)));
-        r.set_isa_irq(0, false);
-        // In service until EOI: nothing more.
-        assert_eq!(r.acknowledge(), None);
-    }
-
-    #[test]
-    fn ioapic_level_interrupt_is_redelivered_after_eoi_while_asserted() {
-        let r = router();
-        // Mask the PIC entirely, route pin 4 level-triggered to vector 0x41.
-        {
-            let mut p = lock(&r.pic);
-            p.write_port(0x21, 0xff);
-            p.write_port(0xa1, 0xff);
-        }
-        {
-            use devices::BusDevice;
-            let mut io = lock(&r.ioapic);
-            let mut w = |reg: u32, v: u32| {
-                io.write(0, &reg.to_le_bytes());
-                io.write(0x10, &v.to_le_bytes());
-            };
-            w(0x10 + 2 * 4, 0x41 | (1 << 15));
-            w(0x11 + 2 * 4, 0);
-        }
-        {
-            use devices::BusDevice;
-            // Software-enable the LAPIC.
-            lock(&r.lapic).write(0xf0, &0x1ffu32.to_le_bytes());
-        }
-        r.set_isa_irq(4, true);
-        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x41)));
-        assert_eq!(r.acknowledge(), None);
-        // EOI from the guest: the LAPIC broadcasts it, the IOAPIC redelivers.
-        {
-            use devices::BusDevice;
-            lock(&r.lapic).write(0xb0, &0u32.to_le_bytes());
-        }
-        r.pump();
-        assert_eq!(r.acknowledge(), Some(Delivery::Vector(0x41)));
-        // Line drops, EOI: nothing more.
-        r.set_isa_irq(4, false);
-        {
-            use devices::BusDevice;
-            lock(&r.lapic).write(0xb0, &0u32.to_le_bytes());
-        }
-        r.pump();
-        assert_eq!(r.acknowledge(), None);
-    }
+    })
 }

@@ -5,7 +5,12 @@
 //! 0x0000_0000 .. 0x000a_0000   low RAM (640 KiB)
 //! 0x000a_0000 .. 0x0010_0000   legacy hole (VGA window, option ROMs, BIOS)
 //! 0x0010_0000 .. min(RAM, 3 GiB)  RAM
-//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO gap (IOAPIC, LAPIC, PCI, ...)
+//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO gap:
+//!     0xc000_0000 .. 0xe000_0000  PCI 32-bit memory window (BARs)
+//!     0xe000_0000 .. 0xe010_0000  PCI ECAM (MMCONFIG) for bus 0
+//!     0xfe00_0000 .. 0xfe02_0000  virtio-mmio devices (4 KiB each, in the DSDT)
+//!     0xfec0_0000                 IOAPIC
+//!     0xfee0_0000                 local APIC (and the MSI window)
 //! 0x1_0000_0000 ..               RAM that did not fit below the gap
 //! ```
 
@@ -34,6 +39,38 @@ pub const DEFAULT_MEMORY: u64 = 256 * MIB;
 /// IOAPIC and local APIC (used from issue 4 on; reserved in the gap now).
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
+
+/// PCI: the windows BARs are placed in, ECAM, and the buses.
+pub mod pci {
+    /// The 32-bit memory window of the host bridge (`_CRS`).
+    pub const MEM32_BASE: u64 = 0xc000_0000;
+    pub const MEM32_SIZE: u64 = 0x2000_0000;
+    /// ECAM (MMCONFIG): 1 MiB per bus; bus 0 only.
+    pub const ECAM_BASE: u64 = 0xe000_0000;
+    pub const ECAM_SIZE: u64 = devices::pci::root::ECAM_BUS_LEN * (LAST_BUS as u64 + 1);
+    pub const LAST_BUS: u8 = 0;
+    /// The I/O window BARs are placed in (above the legacy ports, below
+    /// the end of the 16-bit port space).
+    pub const IO_BASE: u16 = 0xc000;
+    pub const IO_SIZE: u16 = 0x4000;
+}
+
+/// virtio-mmio: one 4 KiB register block per device, described to the
+/// guest in the DSDT (`LNRO0005`), each with an interrupt line.
+pub mod virtio_mmio {
+    pub const BASE: u64 = 0xfe00_0000;
+    pub const SLOT_SIZE: u64 = 0x1000;
+    pub const SLOTS: u64 = 32;
+    /// The lines: IOAPIC pins 20–23 (level-triggered, active-low, like
+    /// the PCI INTx lines 16–19), shared round-robin beyond four devices.
+    pub const GSI_BASE: u32 = 20;
+    pub const GSI_COUNT: u32 = 4;
+
+    /// Register block and line of the `n`th virtio-mmio device.
+    pub fn slot(n: u64) -> Option<(u64, u32)> {
+        (n < SLOTS).then(|| (BASE + n * SLOT_SIZE, GSI_BASE + (n as u32 % GSI_COUNT)))
+    }
+}
 
 /// Where the kernel loaders and firmware tables put things in low memory.
 pub mod boot {
@@ -65,6 +102,20 @@ pub mod boot {
 
 /// Port I/O.
 pub mod ports {
+    /// 8259A PIC pair: master command/data, slave command/data, and the
+    /// edge/level control registers.
+    pub const PIC_MASTER: u16 = 0x20;
+    pub const PIC_SLAVE: u16 = 0xa0;
+    pub const ELCR: u16 = 0x4d0;
+    /// 8254 PIT: channels 0-2 and the mode register.
+    pub const PIT: u16 = 0x40;
+    /// System control port B (speaker gate, PIT channel 2 output, refresh).
+    pub const SYSTEM_CONTROL_B: u16 = 0x61;
+    /// RTC/CMOS index and data.
+    pub const RTC: u16 = 0x70;
+    /// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8 (with the
+    /// reset control register at 0xcf9 inside it) and CONFIG_DATA at 0xcfc.
+    pub const PCI_CONFIG: u16 = 0xcf8;
     /// COM1 16550A UART.
     pub const COM1: u16 = 0x3f8;
     pub const COM1_LEN: u16 = 8;

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use devices::debug_exit::DebugExit;
 use devices::i8042::I8042;
-use devices::ioapic::Ioapic;
-use devices::lapic::Lapic;
-use devices::pic8259::{self, Pic8259Pair};
-use devices::pit8254::{self, Pit8254};
+use devices::pci::host_bridge::HostBridge;
+use devices::pci::root::{PciConfigIo, PciConfigMmio, PciRoot, CONFIG_IO_LEN};
+use devices::pci::test_device::PciTestDevice;
+use devices::pci::{config::command, BarKind, PciAddress, PciBarWindow, PciDevice};
 use devices::post_code::PostCode;
 use devices::rtc_cmos::RtcCmos;
 use devices::uart16550::Uart16550;
-use devices::{Bus, BusKind, Clock, TimeTaint, Timed, VmAction, VmControl};
+use devices::{BusKind, Clock, SharedDevice, TimeTaint, Timed, VmAction, VmControl};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::backend::{
@@ -24,9 +24,11 @@ use crate::backend::{
 };
 use crate::clock::{ClockKind, HostClock, VirtualClock};
 use crate::guests::GuestImage;
-use crate::irqchip::{Delivery, IrqRouter, IsaIrq};
+use crate::io::{DeviceIo, AFFECTS_INTERRUPTS, AFFECTS_TIMERS};
+use crate::irqchip::{self, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
 use crate::layout::{self, ports};
-use crate::trace::{DeviceIo, Timers, Tracer};
+use crate::timers::Timers;
+use crate::trace::Tracer;
 
 /// Errors building or running a machine (host-side failures only).
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,10 @@ pub enum MachineError {
     Backend(#[from] backend::BackendError),
     #[error("device bus: {0}")]
     Bus(#[from] devices::BusError),
+    #[error("PCI: {0}")]
+    Pci(#[from] devices::pci::root::PciError),
+    #[error(transparent)]
+    IrqChip(#[from] irqchip::IrqChipError),
     #[error("trace: {0}")]
     Trace(#[from] crate::trace::TraceError),
     #[error(transparent)]
@@ -142,7 +148,7 @@ pub const VIRTUAL_EPOCH: u64 = 1_767_225_600;
 pub struct DeviceCount {
     pub bus: &'static str,
     pub device: String,
-    pub count: crate::trace::AccessCount,
+    pub count: crate::io::AccessCount,
 }
 
 /// A built machine, ready to load a guest and run.
@@ -159,20 +165,78 @@ pub struct Machine {
     pub uart: Arc<Mutex<Uart16550>>,
     /// Kicks a KVM vCPU at timer deadlines (None on the interpreter).
     ticker: Option<crate::ticker::Ticker>,
-    irqchip: IrqchipKind,
+    chip: Arc<dyn IrqChip>,
+    pci: Arc<Mutex<PciRoot>>,
+    /// Where the next BARs go (as firmware would assign them).
+    bar_allocator: BarAllocator,
+    /// The virtio devices and the host-input notifier they share.
+    virtio: crate::virtio::VirtioDevices,
+    /// The VM clock, and the Unix time of its zero (captures stamp with it).
+    clock: Arc<dyn Clock>,
+    epoch: u64,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
 }
 
-/// A device interrupt line into the backend's in-kernel irqchip.
-struct GsiLine {
-    sink: Arc<dyn backend::GsiSink>,
-    gsi: u32,
+/// The PCI devices duet can plug in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciDeviceKind {
+    /// The test device of the built-in guests (INTx/MSI/MSI-X on command).
+    Test,
 }
 
-impl devices::IrqLine for GsiLine {
-    fn set_level(&self, level: bool) {
-        self.sink.set_gsi(self.gsi, level);
+/// The transport a virtio device sits on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VirtioTransport {
+    /// virtio-pci (modern), in the first free slot.
+    #[default]
+    Pci,
+    /// virtio-mmio (version 2), described in the DSDT.
+    Mmio,
+}
+
+/// A PCI device to plug in: what, and where (a fixed slot, or the first
+/// free one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciDeviceSpec {
+    pub kind: PciDeviceKind,
+    pub slot: Option<u8>,
+}
+
+/// Places BARs in the host bridge's windows, aligned to their size.
+#[derive(Clone, Debug)]
+struct BarAllocator {
+    next_mem: u64,
+    next_io: u64,
+}
+
+impl BarAllocator {
+    fn new() -> Self {
+        BarAllocator {
+            next_mem: layout::pci::MEM32_BASE,
+            next_io: u64::from(layout::pci::IO_BASE),
+        }
+    }
+
+    fn allocate(&mut self, io: bool, size: u64) -> Option<u64> {
+        let (next, end) = if io {
+            (
+                &mut self.next_io,
+                u64::from(layout::pci::IO_BASE) + u64::from(layout::pci::IO_SIZE),
+            )
+        } else {
+            (
+                &mut self.next_mem,
+                layout::pci::MEM32_BASE + layout::pci::MEM32_SIZE,
+            )
+        };
+        let base = next.checked_add(size - 1)? & !(size - 1);
+        let limit = base.checked_add(size)?;
+        if limit > end {
+            return None;
+        }
+        *next = limit;
+        Some(base)
     }
 }
 
@@ -283,9 +347,6 @@ impl Machine {
             (None, Some(h)) => h.clone(),
             (None, None) => unreachable!("one clock or the other"),
         };
-        let mut pio = Bus::new(BusKind::Pio);
-        let mut mmio = Bus::new(BusKind::Mmio);
-
         let mut be = backend::create(
             cfg.backend,
             &mem,
@@ -297,168 +358,145 @@ impl Machine {
             BackendKind::Interp => INTERP_TSC_HZ,
             BackendKind::Kvm => be.tsc_khz().map_or(INTERP_TSC_HZ, |k| u64::from(k) * 1000),
         };
+        let chip = irqchip::create(
+            cfg.irqchip,
+            be.as_ref(),
+            ChipConfig {
+                vcpus: 1,
+                clock: clock.clone(),
+                taint: taint.clone(),
+                lapic_timer_hz: u64::from(backend::interp::LAPIC_TIMER_HZ),
+                tsc_hz,
+            },
+        )?;
 
-        // Interrupt controllers.
-        let lapic = Lapic::new(
-            0,
-            true,
-            clock.clone(),
-            taint.clone(),
-            u64::from(backend::interp::LAPIC_TIMER_HZ),
-            tsc_hz,
-        );
-        let router = IrqRouter::new(Pic8259Pair::new(), Ioapic::new(), lapic);
-        let sink = be.irq_sink();
-        let isa = |irq: u8| -> Box<dyn devices::IrqLine> {
-            match &sink {
-                // The in-kernel irqchip: ISA IRQ n is GSI n there.
-                Some(s) => Box::new(GsiLine {
-                    sink: s.clone(),
-                    gsi: u32::from(irq),
-                }),
-                None => Box::new(IsaIrq {
-                    router: router.clone(),
-                    irq,
-                }),
-            }
-        };
-        let userspace = cfg.irqchip == IrqchipKind::Userspace;
-        if userspace {
-            let pic = router.pic.clone();
-            pio.insert(
-                "pic-master",
-                0x20,
-                2,
-                Arc::new(Mutex::new(pic8259::pic_master_port(pic.clone()))),
-            )?;
-            pio.insert(
-                "pic-slave",
-                0xa0,
-                2,
-                Arc::new(Mutex::new(pic8259::pic_slave_port(pic.clone()))),
-            )?;
-            pio.insert(
-                "elcr",
-                0x4d0,
-                2,
-                Arc::new(Mutex::new(pic8259::elcr_port(pic))),
-            )?;
-            mmio.insert("ioapic", layout::IOAPIC_BASE, 0x1000, router.ioapic.clone())?;
-            mmio.insert("lapic", layout::LAPIC_BASE, 0x1000, router.lapic.clone())?;
-        }
-
-        // Timers.
-        // With KVM's in-kernel irqchip the kernel's PIT owns IRQ0; duet's model
-        // then stays disconnected (its ports are not mapped either).
-        let pit_irq: Box<dyn devices::IrqLine> = if userspace {
-            isa(0)
-        } else {
-            Box::new(devices::NullIrq)
-        };
-        let pit = Arc::new(Mutex::new(Pit8254::new(
-            clock.clone(),
-            pit_irq,
-            taint.clone(),
-        )));
-        if userspace {
-            pio.insert(
-                "pit",
-                0x40,
-                4,
-                Arc::new(Mutex::new(pit8254::pit_ports(pit.clone()))),
-            )?;
-            pio.insert(
-                "port61",
-                0x61,
-                1,
-                Arc::new(Mutex::new(pit8254::port61(pit.clone()))),
-            )?;
-        }
         let rtc_start = if vclock.is_some() {
             VIRTUAL_EPOCH
         } else {
             host_unix_time()
         };
-        let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), isa(8), rtc_start);
+        let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), chip.irq_line(8), rtc_start);
         let below = cfg.memory.min(layout::MMIO_GAP_START);
         rtc.set_memory_size(below, cfg.memory - below);
         let rtc = Arc::new(Mutex::new(rtc));
-        pio.insert("rtc", 0x70, devices::rtc_cmos::PORT_COUNT, rtc.clone())?;
-
-        // Other devices.
-        let uart = Arc::new(Mutex::new(Uart16550::new(isa(4), cfg.serial_out)));
-        pio.insert(
-            "com1",
-            u64::from(ports::COM1),
-            u64::from(ports::COM1_LEN),
-            uart.clone(),
-        )?;
-        let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
-        pio.insert(
-            "debug-exit",
-            u64::from(ports::DEBUG_EXIT),
-            u64::from(ports::DEBUG_EXIT_LEN),
-            debug_exit,
-        )?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(control.clone(), isa(1), isa(12))));
-        pio.insert(
-            "i8042",
-            u64::from(ports::I8042_DATA),
-            1,
-            Arc::new(Mutex::new(devices::i8042::data_port(i8042.clone()))),
-        )?;
-        pio.insert(
-            "i8042",
-            u64::from(ports::I8042_COMMAND),
-            1,
-            Arc::new(Mutex::new(devices::i8042::command_port(i8042))),
-        )?;
-        pio.insert(
-            "post",
-            u64::from(ports::POST_CODE),
-            1,
-            Arc::new(Mutex::new(PostCode::default())),
-        )?;
-        let pm = devices::acpi_pm::AcpiPm::new(clock.clone(), taint.clone(), control.clone());
-        pio.insert(
-            "acpi-pm",
-            u64::from(layout::boot::ACPI_PM_BASE),
-            devices::acpi_pm::BLOCK_LEN,
-            Arc::new(Mutex::new(pm)),
-        )?;
-        let reset = devices::reset_control::ResetControl::new(control.clone());
-        pio.insert(
-            "reset",
-            u64::from(ports::RESET_CONTROL),
-            1,
-            Arc::new(Mutex::new(reset)),
-        )?;
 
         let tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p)?,
             None => Tracer::disabled(),
         };
-        let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc];
-        if userspace {
-            timed.push(pit);
-            timed.push(router.lapic.clone());
+        let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];
+        timed.extend(chip.timed());
+        let timers = Timers::new(clock.clone(), timed, vclock.clone());
+        let mut io = DeviceIo::new(tracer, control.clone(), taint.clone(), timers, chip.clone());
+
+        // The interrupt controllers' registers (none with the in-kernel chip).
+        for d in chip.bus_devices() {
+            let id = io.register_with(d.name, AFFECTS_INTERRUPTS | AFFECTS_TIMERS);
+            io.map(d.bus, id, d.base, d.len, d.device)?;
         }
-        let timers = Timers::new(clock, timed, vclock.clone());
-        let io = DeviceIo::new(
-            pio,
-            mmio,
-            tracer,
-            control,
-            taint,
-            timers,
-            userspace.then_some(router),
-        );
+
+        // The fixed ISA devices.
+        let map_one = |io: &mut DeviceIo, name: &str, base: u16, len: u64, dev: SharedDevice| {
+            let id = io.register(name);
+            io.map(BusKind::Pio, id, u64::from(base), len, dev)
+        };
+        map_one(
+            &mut io,
+            "rtc",
+            ports::RTC,
+            devices::rtc_cmos::PORT_COUNT,
+            rtc,
+        )?;
+        let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
+        map_one(
+            &mut io,
+            "com1",
+            ports::COM1,
+            u64::from(ports::COM1_LEN),
+            uart.clone(),
+        )?;
+        let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
+        map_one(
+            &mut io,
+            "debug-exit",
+            ports::DEBUG_EXIT,
+            u64::from(ports::DEBUG_EXIT_LEN),
+            debug_exit,
+        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            control.clone(),
+            chip.irq_line(1),
+            chip.irq_line(12),
+        )));
+        let id = io.register("i8042");
+        io.map(
+            BusKind::Pio,
+            id,
+            u64::from(ports::I8042_DATA),
+            1,
+            Arc::new(Mutex::new(devices::i8042::data_port(i8042.clone()))),
+        )?;
+        io.map(
+            BusKind::Pio,
+            id,
+            u64::from(ports::I8042_COMMAND),
+            1,
+            Arc::new(Mutex::new(devices::i8042::command_port(i8042))),
+        )?;
+        map_one(
+            &mut io,
+            "post",
+            ports::POST_CODE,
+            1,
+            Arc::new(Mutex::new(PostCode::default())),
+        )?;
+        let pm = devices::acpi_pm::AcpiPm::new(clock.clone(), taint.clone(), control.clone());
+        map_one(
+            &mut io,
+            "acpi-pm",
+            layout::boot::ACPI_PM_BASE,
+            devices::acpi_pm::BLOCK_LEN,
+            Arc::new(Mutex::new(pm)),
+        )?;
+
+        // PCI: the root with the host bridge, mechanism #1 (with the reset
+        // register at 0xcf9) and ECAM.
+        let mut root = PciRoot::new();
+        let bridge = Arc::new(Mutex::new(HostBridge::new()));
+        root.add(Some(0), bridge)?;
+        let pci = Arc::new(Mutex::new(root));
+        io.attach_pci(pci.clone());
+        let bridge_id = io.register("host-bridge");
+        io.note_pci_function(PciAddress::new(0, 0, 0), bridge_id);
+        let reset = devices::reset_control::ResetControl::new(control.clone());
+        map_one(
+            &mut io,
+            "pci-config",
+            ports::PCI_CONFIG,
+            CONFIG_IO_LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), reset))),
+        )?;
+        let id = io.register("pci-ecam");
+        io.map(
+            BusKind::Mmio,
+            id,
+            layout::pci::ECAM_BASE,
+            layout::pci::ECAM_SIZE,
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+        )?;
+
         let vcpu = be.create_vcpu(0)?;
         let ticker =
             (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
+        let virtio = crate::virtio::VirtioDevices::new(vcpu.kicker(), chip.clone());
         Ok(Machine {
+            virtio,
+            clock,
+            epoch: rtc_start,
             ticker,
-            irqchip: cfg.irqchip,
+            chip,
+            pci,
+            bar_allocator: BarAllocator::new(),
             mem,
             io,
             vcpu,
@@ -469,6 +507,138 @@ impl Machine {
             uart,
             _backend: be,
         })
+    }
+
+    /// Plug in a PCI device (before the guest starts, as firmware would
+    /// find it): a slot, its INTA# on the swizzled line, its BARs placed
+    /// in the host bridge's windows and decoding enabled.
+    pub fn add_pci_device(&mut self, spec: PciDeviceSpec) -> Result<PciAddress, MachineError> {
+        let slot = irqchip::lock(&self.pci).free_slot(spec.slot)?;
+        let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+        let name = match spec.kind {
+            PciDeviceKind::Test => format!("pci-test-{slot:02x}"),
+        };
+        let dev = match spec.kind {
+            PciDeviceKind::Test => {
+                PciTestDevice::new(&name, self.chip.irq_line(gsi), self.chip.msi_sink())
+            }
+        };
+        self.plug_pci(slot, &name, Arc::new(Mutex::new(dev)))
+    }
+
+    /// Put a built PCI function in `slot`: interrupt line register, BARs
+    /// placed and decoding on, mapped on the buses under a new device id.
+    fn plug_pci(
+        &mut self,
+        slot: u8,
+        name: &str,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<PciAddress, MachineError> {
+        let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+        let mapped = {
+            let mut guard = irqchip::lock(&dev);
+            let cfg = guard.config_mut();
+            cfg.set_interrupt_line(gsi as u8);
+            for index in 0..devices::pci::config::BAR_COUNT {
+                let Some(bar) = cfg.bar(index) else {
+                    continue;
+                };
+                let base = self
+                    .bar_allocator
+                    .allocate(bar.kind == BarKind::Io, bar.size)
+                    .ok_or_else(|| {
+                        MachineError::Config(format!("no room for BAR {index} of {name}"))
+                    })?;
+                cfg.set_bar_address(index, base);
+            }
+            cfg.set_u16(
+                devices::pci::config::reg::COMMAND,
+                command::IO_SPACE | command::MEMORY_SPACE | command::BUS_MASTER,
+            );
+            cfg.mapped_bars()
+        };
+        let address = irqchip::lock(&self.pci).add(Some(slot), dev.clone())?;
+        let id = self.io.register(name);
+        self.io.note_pci_function(address, id);
+        for b in mapped {
+            let kind = if b.io { BusKind::Pio } else { BusKind::Mmio };
+            let window: SharedDevice =
+                Arc::new(Mutex::new(PciBarWindow::new(dev.clone(), b.index)));
+            self.io.map(kind, id, b.base, b.size, window)?;
+        }
+        Ok(address)
+    }
+
+    /// Plug in a virtio device on `transport` (before the guest starts):
+    /// on PCI in the first free slot, on MMIO in the next register block
+    /// of [`layout::virtio_mmio`] (described in the DSDT when a kernel is
+    /// loaded). `name` names it in the trace and `--stats`.
+    pub fn add_virtio(
+        &mut self,
+        name: &str,
+        transport: VirtioTransport,
+        device: Box<dyn devices::virtio::VirtioDevice>,
+    ) -> Result<(), MachineError> {
+        match transport {
+            VirtioTransport::Pci => {
+                let slot = irqchip::lock(&self.pci).free_slot(None)?;
+                let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+                let dev = Arc::new(Mutex::new(devices::virtio::pci::VirtioPci::new(
+                    name,
+                    device,
+                    self.mem.clone(),
+                    self.chip.irq_line(gsi),
+                    self.chip.msi_sink(),
+                )));
+                self.plug_pci(slot, name, dev.clone())?;
+                self.virtio.add_pci(name, dev);
+            }
+            VirtioTransport::Mmio => {
+                let (base, gsi) = self.virtio.next_mmio_slot().ok_or_else(|| {
+                    MachineError::Config(format!(
+                        "{name}: no room for another virtio-mmio device (at most {})",
+                        layout::virtio_mmio::SLOTS
+                    ))
+                })?;
+                let dev = Arc::new(Mutex::new(devices::virtio::mmio::VirtioMmio::new(
+                    name,
+                    device,
+                    self.mem.clone(),
+                    self.chip.irq_line(gsi),
+                )));
+                let id = self.io.register(name);
+                self.io.map(
+                    BusKind::Mmio,
+                    id,
+                    base,
+                    devices::virtio::mmio::MMIO_LEN,
+                    dev.clone(),
+                )?;
+                self.virtio.add_mmio(name, dev, base, gsi);
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// The Unix time (seconds) of VM time zero.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether time is virtual (runs repeat bit for bit).
+    pub fn virtual_time(&self) -> bool {
+        self.clock_kind == ClockKind::Virtual
+    }
+
+    /// What wakes the machine when host input waits for a virtio device
+    /// (given to the inboxes and network backends).
+    pub fn input_notifier(&self) -> Arc<dyn devices::virtio::inbox::InputNotifier> {
+        self.virtio.notifier()
     }
 
     /// A handle that makes a running vCPU return soon (for host threads).
@@ -491,6 +661,9 @@ impl Machine {
 
     /// Copy a guest image into RAM and set the vCPU's initial state.
     pub fn load(&mut self, image: &GuestImage) -> Result<(), MachineError> {
+        for spec in &image.pci_devices {
+            self.add_pci_device(*spec)?;
+        }
         for (addr, bytes) in &image.blobs {
             self.mem
                 .write_slice(bytes, GuestAddress(*addr))
@@ -506,8 +679,11 @@ impl Machine {
     /// Load a kernel (bzImage, PVH ELF or multiboot) with its initrd and
     /// command line, and set the vCPU's boot state.
     pub fn load_kernel(&mut self, spec: &crate::loader::KernelSpec) -> Result<(), MachineError> {
-        crate::acpi::write(&self.mem, &crate::acpi::AcpiConfig { cpus: 1 })
-            .map_err(|e| MachineError::Config(e.to_string()))?;
+        let acpi = crate::acpi::AcpiConfig {
+            cpus: 1,
+            virtio_mmio: self.virtio.acpi_entries(),
+        };
+        crate::acpi::write(&self.mem, &acpi).map_err(|e| MachineError::Config(e.to_string()))?;
         crate::mptable::write(&self.mem, 1).map_err(|e| MachineError::Config(e.to_string()))?;
         let state = crate::loader::load(&self.mem, spec)?;
         self.vcpu.set_state(&state)?;
@@ -517,34 +693,7 @@ impl Machine {
     /// Inject what the interrupt controllers have for the vCPU, or ask for
     /// an interrupt window. Returns true when something was injected.
     fn service_interrupts(&mut self) -> Result<bool, MachineError> {
-        let Some(router) = self.io.router().cloned() else {
-            return Ok(false);
-        };
-        router.waker.clear();
-        router.pump();
-        let Some(req) = router.pending() else {
-            self.vcpu.request_interrupt_window(false);
-            return Ok(false);
-        };
-        let nmi = req == devices::lapic::InterruptRequest::Nmi;
-        if !nmi && !self.vcpu.ready_for_interrupt() {
-            self.vcpu.request_interrupt_window(true);
-            return Ok(false);
-        }
-        let injected = match router.acknowledge() {
-            Some(Delivery::Vector(v)) => {
-                self.vcpu.inject_interrupt(v)?;
-                true
-            }
-            Some(Delivery::Nmi) => {
-                self.vcpu.inject_nmi()?;
-                true
-            }
-            None => false,
-        };
-        self.vcpu
-            .request_interrupt_window(router.pending().is_some());
-        Ok(injected)
+        Ok(self.chip.service(0, self.vcpu.as_mut())?)
     }
 
     /// Run until the guest stops, exits, resets or shuts down.
@@ -569,6 +718,8 @@ impl Machine {
                 VcpuExit::InterruptWindow | VcpuExit::Interrupted | VcpuExit::IoRequest => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
             }
+            // Host input (received frames, console input) for virtio devices.
+            self.poll_host_input();
             // Devices and host threads (Ctrl-A x) post VM-level actions.
             if let Some(o) = self.take_action() {
                 break o;
@@ -578,6 +729,14 @@ impl Machine {
         Ok(outcome)
     }
 
+    /// Let virtio devices take host input that arrived (the one point where
+    /// it enters the guest).
+    fn poll_host_input(&mut self) {
+        if self.virtio.poll_if_pending() {
+            self.chip.pump();
+        }
+    }
+
     /// Arm the ticker for the next timer deadline (KVM only). With the
     /// in-kernel irqchip, a slow periodic kick lets the VMM notice a guest
     /// that stopped (HLT with interrupts off).
@@ -585,8 +744,8 @@ impl Machine {
         let Some(t) = &self.ticker else {
             return;
         };
-        if self.irqchip == IrqchipKind::Kernel {
-            t.arm(Duration::from_millis(100));
+        if let Some(period) = self.chip.kick_period() {
+            t.arm(period);
             return;
         }
         match self.io.timers.next_deadline() {
@@ -616,21 +775,19 @@ impl Machine {
                 return Ok(Some(o));
             }
             self.io.timers.advance_due();
+            self.poll_host_input();
             if self.service_interrupts()? {
                 return Ok(None);
             }
             let s = self.vcpu.state()?;
             let if_set = s.regs.rflags & cpu_interp::flags::IF != 0;
             // With IF clear only an NMI can wake the CPU.
-            let nmi = self
-                .io
-                .router()
-                .is_some_and(|r| r.pending() == Some(devices::lapic::InterruptRequest::Nmi));
+            let nmi = self.chip.nmi_pending(0);
             if !if_set && !nmi && !s.events.nmi_pending {
                 return Ok(Some(Outcome::Stopped));
             }
-            if self.io.router().is_none() {
-                // In-kernel irqchip: KVM handles HLT; come back to it.
+            if self.chip.halt_wait() == HaltWait::InBackend {
+                // The backend waits in the kernel: come back to it.
                 return Ok(None);
             }
             let deadline = self.io.timers.next_deadline();
@@ -646,23 +803,33 @@ impl Machine {
                 ClockKind::Host => {
                     let now = self.io.timers.now();
                     let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
-                    if let Some(r) = self.io.router() {
-                        // Bounded (100 ms) so that host-side requests such as
-                        // Ctrl-A x are noticed without a waker of their own.
-                        if let Some(h) = &self.host_clock {
-                            h.set_idle(true);
-                        }
-                        r.waker.wait(Some(
-                            wait.unwrap_or(Duration::from_millis(100))
-                                .min(Duration::from_millis(100)),
-                        ));
-                        if let Some(h) = &self.host_clock {
-                            h.set_idle(false);
-                        }
+                    // Bounded (100 ms) so that host-side requests such as
+                    // Ctrl-A x are noticed without a waker of their own.
+                    if let Some(h) = &self.host_clock {
+                        h.set_idle(true);
+                    }
+                    self.chip.wait(
+                        wait.unwrap_or(Duration::from_millis(100))
+                            .min(Duration::from_millis(100)),
+                    );
+                    if let Some(h) = &self.host_clock {
+                        h.set_idle(false);
                     }
                 }
             }
         }
+    }
+
+    /// The machine's side of device I/O, as a vCPU sees it (benchmarks
+    /// and tests drive accesses through it without a guest).
+    pub fn io_handler(&mut self) -> &mut dyn backend::IoHandler {
+        &mut self.io
+    }
+
+    /// Return to the VMM after at most this many instructions per vCPU run
+    /// (interpreter; see [`Vcpu::set_run_budget`]).
+    pub fn set_run_budget(&mut self, instructions: u64) {
+        self.vcpu.set_run_budget(instructions);
     }
 
     /// The vCPU's counters.
@@ -671,13 +838,13 @@ impl Machine {
     }
 
     /// Device access counts by (bus, device), and the unmapped accesses.
-    pub fn device_access_counts(&self) -> (Vec<DeviceCount>, crate::trace::AccessCount) {
+    pub fn device_access_counts(&self) -> (Vec<DeviceCount>, crate::io::AccessCount) {
         let (counts, unmapped) = self.io.counts();
         let v = counts
             .iter()
-            .map(|((kind, name), c)| DeviceCount {
+            .map(|(kind, name, c)| DeviceCount {
                 bus: kind.as_str(),
-                device: name.clone(),
+                device: name.to_string(),
                 count: *c,
             })
             .collect();
@@ -689,8 +856,9 @@ impl Machine {
         let mut s = String::new();
         let (counts, unmapped) = self.io.counts();
         s.push_str(&format!("backend: {}\n", self.backend_name));
+        s.push_str(&format!("irqchip: {}\n", self.chip.name()));
         s.push_str("device accesses (reads/writes):\n");
-        for ((kind, name), c) in counts {
+        for (kind, name, c) in counts {
             s.push_str(&format!(
                 "  {:<4} {:<12} {:>10} {:>10}\n",
                 kind.as_str(),
@@ -711,6 +879,19 @@ impl Machine {
             s.push_str(&format!("  {name:<20} {n:>10}\n"));
         }
         s.push_str(&format!("interpreter fallbacks: {}\n", v.interp_fallbacks));
+        if let Some(c) = v.code_cache {
+            s.push_str(&format!(
+                "decoded-block cache: {} live blocks, {} KiB (peak {} KiB, limit {} MiB), {} decoded, {} flushes when full, {} pages invalidated\n",
+                c.live_blocks,
+                c.bytes >> 10,
+                c.peak_bytes >> 10,
+                c.limit >> 20,
+                c.decoded_blocks,
+                c.flushes,
+                c.invalidated_pages
+            ));
+        }
+        s.push_str(&self.virtio.report());
         match v.instructions {
             Some(n) => s.push_str(&format!("guest instructions retired: {n}\n")),
             None => s.push_str("guest instructions retired: (not known on this backend)\n"),

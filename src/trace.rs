@@ -1,6 +1,5 @@
-//! The observation point: every guest access to a device passes through
-//! [`DeviceIo`], which routes it to the port or MMIO bus, counts it for
-//! `--stats`, and writes it to the `--trace` file.
+//! The device trace (`--trace`): every guest access that
+//! [`crate::io::DeviceIo`] routes is written here as one line.
 //!
 //! A trace line is backend-neutral, so traces from KVM and from the
 //! interpreter can be compared byte for byte:
@@ -17,18 +16,11 @@
 //! through port 0x61 polling...) ends in ` time`; [`compare_traces`] masks
 //! the value of such lines.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use std::sync::{Arc, Mutex};
-
-use devices::{Bus, BusKind, Clock, TimeTaint, Timed, VmControl};
-
-use crate::backend::{IoHandler, MsrResult};
-use crate::clock::VirtualClock;
-use crate::irqchip::IrqRouter;
+use devices::BusKind;
 
 /// Errors of the trace writer.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +32,6 @@ pub enum TraceError {
     },
     #[error("cannot write trace file: {0}")]
     Write(#[from] std::io::Error),
-}
-
-/// Access counters for one device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AccessCount {
-    pub reads: u64,
-    pub writes: u64,
 }
 
 /// Writes trace lines; a no-op when no file was given.
@@ -79,7 +64,7 @@ impl Tracer {
         self.out.is_some()
     }
 
-    fn record(
+    pub(crate) fn record(
         &mut self,
         kind: BusKind,
         write: bool,
@@ -167,296 +152,9 @@ pub fn compare_traces(a: &str, b: &str) -> Option<(usize, String, String)> {
     }
 }
 
-/// The machine's timed devices and its clock.
-pub struct Timers {
-    clock: Arc<dyn Clock>,
-    timed: Vec<Arc<Mutex<dyn Timed + Send>>>,
-    vclock: Option<VirtualClock>,
-    /// Cached earliest deadline (ns), `u64::MAX` when none.
-    deadline: u64,
-}
-
-impl Timers {
-    pub fn new(
-        clock: Arc<dyn Clock>,
-        timed: Vec<Arc<Mutex<dyn Timed + Send>>>,
-        vclock: Option<VirtualClock>,
-    ) -> Self {
-        let mut t = Timers {
-            clock,
-            timed,
-            vclock,
-            deadline: u64::MAX,
-        };
-        t.deadline = t.compute_deadline();
-        t
-    }
-
-    pub fn now(&self) -> u64 {
-        self.clock.now_ns()
-    }
-
-    fn compute_deadline(&self) -> u64 {
-        self.timed
-            .iter()
-            .filter_map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).next_deadline())
-            .min()
-            .unwrap_or(u64::MAX)
-    }
-
-    /// The earliest timer deadline.
-    pub fn next_deadline(&self) -> Option<u64> {
-        (self.deadline != u64::MAX).then_some(self.deadline)
-    }
-
-    /// Fire every timer that fell due; recompute the deadline.
-    pub fn advance_due(&mut self) {
-        let now = self.now();
-        if now >= self.deadline {
-            for t in &self.timed {
-                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-                if t.next_deadline().is_some_and(|d| d <= now) {
-                    t.advance(now);
-                }
-            }
-        }
-        self.deadline = self.compute_deadline();
-    }
-}
-
-/// The VMM side of device I/O: buses, tracer, counters, VM control, the
-/// interrupt controllers and timers.
-pub struct DeviceIo {
-    pub pio: Bus,
-    pub mmio: Bus,
-    pub tracer: Tracer,
-    pub control: VmControl,
-    pub taint: TimeTaint,
-    pub timers: Timers,
-    router: Option<Arc<IrqRouter>>,
-    counts: BTreeMap<(BusKind, String), AccessCount>,
-    unmapped: AccessCount,
-}
-
-impl DeviceIo {
-    pub fn new(
-        pio: Bus,
-        mmio: Bus,
-        tracer: Tracer,
-        control: VmControl,
-        taint: TimeTaint,
-        timers: Timers,
-        router: Option<Arc<IrqRouter>>,
-    ) -> Self {
-        DeviceIo {
-            pio,
-            mmio,
-            tracer,
-            control,
-            taint,
-            timers,
-            router,
-            counts: BTreeMap::new(),
-            unmapped: AccessCount::default(),
-        }
-    }
-
-    /// The userspace interrupt controllers (None with KVM's in-kernel ones).
-    pub fn router(&self) -> Option<&Arc<IrqRouter>> {
-        self.router.as_ref()
-    }
-
-    /// Re-read the timers' earliest deadline (after guest accesses).
-    pub fn refresh_deadline(&mut self) {
-        self.timers.deadline = self.timers.compute_deadline();
-    }
-
-    fn access(&mut self, kind: BusKind, addr: u64, data: &mut [u8], write: bool) {
-        let bus = match kind {
-            BusKind::Pio => &self.pio,
-            BusKind::Mmio => &self.mmio,
-        };
-        let name = bus.resolve(addr, data.len()).map(|r| r.name.to_string());
-        if write {
-            bus.write(addr, data);
-        } else {
-            bus.read(addr, data);
-        }
-        let c = match &name {
-            Some(n) => {
-                // Avoid allocating a key on the hot path when it exists.
-                match self.counts.get_mut(&(kind, n.clone())) {
-                    Some(c) => c,
-                    None => self.counts.entry((kind, n.clone())).or_default(),
-                }
-            }
-            None => &mut self.unmapped,
-        };
-        if write {
-            c.writes += 1;
-        } else {
-            c.reads += 1;
-        }
-        let timed = self.taint.take() && !write;
-        if self.tracer.enabled() {
-            self.tracer.record(
-                kind,
-                write,
-                addr,
-                data,
-                name.as_deref().unwrap_or("-"),
-                timed,
-            );
-        }
-        if let Some(r) = &self.router {
-            r.pump();
-        }
-        // The access may have armed or moved a timer.
-        self.refresh_deadline();
-    }
-
-    /// Per-device access counts (bus, device name) → counts, plus the
-    /// unmapped total.
-    pub fn counts(&self) -> (&BTreeMap<(BusKind, String), AccessCount>, AccessCount) {
-        (&self.counts, self.unmapped)
-    }
-}
-
-impl IoHandler for DeviceIo {
-    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-        self.access(BusKind::Pio, u64::from(port), data, false);
-    }
-    fn pio_write(&mut self, port: u16, data: &[u8]) {
-        let mut buf = [0u8; 8];
-        let n = data.len().min(8);
-        buf[..n].copy_from_slice(&data[..n]);
-        self.access(BusKind::Pio, u64::from(port), &mut buf[..n], true);
-    }
-    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.access(BusKind::Mmio, addr, data, false);
-    }
-    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        let mut buf = [0u8; 8];
-        let n = data.len().min(8);
-        buf[..n].copy_from_slice(&data[..n]);
-        self.access(BusKind::Mmio, addr, &mut buf[..n], true);
-    }
-    fn exit_requested(&self) -> bool {
-        self.control.is_pending()
-            || self.router.as_ref().is_some_and(|r| r.waker.pending())
-            || self.timers.deadline <= self.timers.now()
-    }
-
-    fn instructions_retired(&mut self, n: u64) {
-        if let Some(v) = &self.timers.vclock {
-            v.set_instructions(n);
-        }
-    }
-
-    fn msr_read(&mut self, msr: u32) -> MsrResult {
-        match &self.router {
-            Some(r) if devices::lapic::Lapic::handles_msr(msr) => {
-                match r
-                    .lapic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read_msr(msr)
-                {
-                    Some(v) => MsrResult::Done(v),
-                    None => MsrResult::Fault,
-                }
-            }
-            _ => MsrResult::Unhandled,
-        }
-    }
-
-    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
-        let r = match &self.router {
-            Some(r) if devices::lapic::Lapic::handles_msr(msr) => {
-                if r.lapic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write_msr(msr, value)
-                {
-                    MsrResult::Done(0)
-                } else {
-                    MsrResult::Fault
-                }
-            }
-            _ => MsrResult::Unhandled,
-        };
-        if r == MsrResult::Done(0) {
-            if let Some(rt) = &self.router {
-                rt.pump();
-            }
-            self.refresh_deadline();
-        }
-        r
-    }
-
-    fn tsc(&mut self) -> Option<u64> {
-        self.router
-            .as_ref()
-            .map(|r| r.lapic.lock().unwrap_or_else(|e| e.into_inner()).tsc())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::BusDevice;
-    use std::sync::{Arc, Mutex};
-
-    struct Echo(u8);
-    impl BusDevice for Echo {
-        fn read(&mut self, _o: u64, d: &mut [u8]) {
-            d.fill(self.0);
-        }
-        fn write(&mut self, _o: u64, d: &[u8]) {
-            self.0 = d[0];
-        }
-    }
-
-    #[test]
-    fn trace_lines_and_counts() {
-        let mut pio = Bus::new(BusKind::Pio);
-        pio.insert("echo", 0x3f8, 8, Arc::new(Mutex::new(Echo(0))))
-            .unwrap();
-        let dir = std::env::temp_dir().join(format!("duet-trace-test-{}", std::process::id()));
-        let tracer = Tracer::to_file(&dir).unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
-        let timers = Timers::new(clock, Vec::new(), None);
-        let mut io = DeviceIo::new(
-            pio,
-            Bus::new(BusKind::Mmio),
-            tracer,
-            VmControl::new(),
-            TimeTaint::new(),
-            timers,
-            None,
-        );
-        io.pio_write(0x3f8, &[0x48]);
-        let mut b = [0u8; 1];
-        io.pio_read(0x3fd, &mut b);
-        let mut w = [0u8; 4];
-        io.mmio_read(0xfec0_0000, &mut w);
-        io.tracer.finish().unwrap();
-        let text = std::fs::read_to_string(&dir).unwrap();
-        std::fs::remove_file(&dir).ok();
-        assert_eq!(
-            text,
-            "pio  w 0x03f8 1 0x48 echo\npio  r 0x03fd 1 0x48 echo\nmmio r 0xfec00000 4 0xffffffff -\n"
-        );
-        let (counts, unmapped) = io.counts();
-        assert_eq!(
-            counts[&(BusKind::Pio, "echo".to_string())],
-            AccessCount {
-                reads: 1,
-                writes: 1
-            }
-        );
-        assert_eq!(unmapped.reads, 1);
-    }
 
     #[test]
     fn comparison_masks_time_dependent_values_only() {

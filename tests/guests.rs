@@ -98,6 +98,11 @@ fn self_ipi() {
 }
 
 #[test]
+fn irq_boundary() {
+    check_both("irq-boundary");
+}
+
+#[test]
 fn irq_masking() {
     check_both("irq-masking");
 }
@@ -110,6 +115,14 @@ fn irq_level_eoi() {
 #[test]
 fn tsc_pit() {
     check_both("tsc-pit");
+}
+
+/// PCI: enumeration through both configuration mechanisms, BAR sizing and
+/// moving, MSI, MSI-X and a level-triggered line shared by two devices;
+/// identical serial output and device trace on both backends.
+#[test]
+fn pci() {
+    check_both("pci");
 }
 
 /// With `--clock virtual`, runs are bit-for-bit repeatable: three runs of
@@ -143,15 +156,20 @@ fn virtual_clock_runs_are_byte_identical() {
 /// its end with the same story (same lines, same last line). Register
 /// snapshots a guest prints may differ (KVM's LAPIC shows no ISR bit inside
 /// the handler on this host), and the controllers' ports never reach duet,
-/// so traces are not compared. `irq-level-eoi` is left out: its UART level
-/// interrupt, raised with KVM_IRQ_LINE, never reaches the guest through
-/// KVM's IOAPIC on this host (an open item).
+/// so traces are not compared. `pci` checks MSIs (KVM_SIGNAL_MSI) and a
+/// level-triggered PCI line shared by two devices, re-delivered by KVM's
+/// IOAPIC after an EOI while the second device still holds it.
+/// `irq-level-eoi` is left out: its phase 2 (EOI before the UART's level
+/// source on ISA IRQ4 is cleared) never gets the second delivery from
+/// KVM's IOAPIC on this KVM-PVM host, although the same EOI-while-asserted
+/// sequence on PCI GSI 19 works (an open item; see docs/ARCHITECTURE.md).
 #[test]
 fn kernel_irqchip_runs_the_interrupt_guests() {
     if !kvm_or_skip("kernel_irqchip_runs_the_interrupt_guests") {
         return;
     }
     for g in [
+        "pci",
         "irq-pit-pic",
         "irq-pit-ioapic",
         "lapic-timer",
@@ -217,4 +235,37 @@ fn interpreter_counts_instructions() {
 #[test]
 fn real_mode_return() {
     check_both("real-mode-return");
+}
+
+/// Exact instruction counts: with `--clock virtual`, returning to the VMM
+/// after every N instructions (stops inside blocks, at arbitrary points)
+/// changes nothing the guest or its devices can see. Timers fire at the
+/// same instruction whoever stops the CPU where.
+#[test]
+fn virtual_clock_runs_do_not_depend_on_where_the_cpu_stops() {
+    use duet::backend::IrqchipKind;
+    for g in duet::guests::all().iter().filter(|g| !g.needs_input) {
+        let base = run_guest_with(g.name, BackendKind::Interp, ClockKind::Virtual);
+        for budget in [997u64, 12_345] {
+            let r = run_guest_budget(
+                g.name,
+                BackendKind::Interp,
+                ClockKind::Virtual,
+                IrqchipKind::Userspace,
+                Some(budget),
+            );
+            assert_eq!(r.serial, base.serial, "{}: budget {budget}", g.name);
+            assert!(
+                r.trace == base.trace,
+                "{}: trace differs with budget {budget}: {:?}",
+                g.name,
+                trace_difference(&r.trace, &base.trace)
+            );
+            assert_eq!(
+                r.stats.instructions, base.stats.instructions,
+                "{}: budget {budget}",
+                g.name
+            );
+        }
+    }
 }

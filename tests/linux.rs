@@ -195,6 +195,18 @@ fn check_boot(backend: &str, kernel: &str, boot_timeout: Duration) {
     );
     assert!(!log.contains("unstable"), "{log}");
 
+    // PCI: the host bridge is listed, and ECAM (MMCONFIG) is used.
+    let class = c.run("cat /sys/bus/pci/devices/0000:00:00.0/class", step);
+    assert!(class.contains("0x060000"), "host bridge class: {class}");
+    let pci_log = c.run("dmesg | grep -i -e mmconfig -e 'PCI:' -e pci0000", step);
+    assert!(pci_log.contains("MMCONFIG for domain 0000"), "{pci_log}");
+    assert!(!pci_log.contains("not reserved"), "{pci_log}");
+    assert!(!pci_log.contains("not using MMCONFIG"), "{pci_log}");
+    assert!(
+        !pci_log.contains("Using configuration type 1 for extended"),
+        "{pci_log}"
+    );
+
     c.send("poweroff -f");
     let start = Instant::now();
     let status = loop {

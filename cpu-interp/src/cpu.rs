@@ -129,6 +129,9 @@ pub struct Cpu {
     pub(crate) tlb: Box<Tlb>,
     pub(crate) blocks: BlockCache,
     pub(crate) retired: u64,
+    /// The retired count at which the run loop next checks events (the
+    /// budget's end, a platform deadline, a poll): blocks stop there.
+    pub(crate) stop_at: u64,
     pub(crate) irq_window: bool,
     /// Set when a write hit a page with decoded code; the current block ends.
     pub(crate) code_written: bool,
@@ -197,6 +200,7 @@ impl Cpu {
             tlb: Box::new(Tlb::new()),
             blocks: BlockCache::new(),
             retired: 0,
+            stop_at: 0,
             irq_window: false,
             code_written: false,
             end_block: false,
@@ -236,11 +240,33 @@ impl Cpu {
         self.clear_blocks();
     }
 
-    /// Drop all decoded blocks and links (only between runs).
+    /// Drop all decoded blocks and links (only between blocks).
     pub(crate) fn clear_blocks(&mut self) {
         self.blocks.clear();
+        self.clear_links();
+    }
+
+    /// Forget block-to-block links (their block ids are stale).
+    pub(crate) fn clear_links(&mut self) {
         self.chain.fill(ChainEntry::EMPTY);
         self.tlb.bump();
+        // Pages no longer hold decoded code: writes may take the fast path.
+        for set in &mut self.tlb.sets {
+            for e in set.iter_mut() {
+                e.write &= !crate::mmu::TLB_CODE;
+            }
+        }
+    }
+
+    /// Bound the host memory of the decoded-block cache (default
+    /// [`crate::block::DEFAULT_CACHE_LIMIT`]).
+    pub fn set_cache_limit(&mut self, bytes: usize) {
+        self.blocks.set_limit(bytes);
+    }
+
+    /// The decoded-block cache's counters.
+    pub fn cache_stats(&self) -> crate::block::CacheStats {
+        self.blocks.stats()
     }
 
     /// Allow instructions of host CPU features the interpreter's CPUID does
@@ -285,6 +311,30 @@ impl Cpu {
     // ---- state transfer -------------------------------------------------
 
     /// The complete architectural state.
+    /// The MTRRs as the guest sees them (defaults where it wrote none).
+    fn mtrr_state(&self) -> crate::state::Mtrrs {
+        use crate::state::{msr, Mtrrs, MTRR_FIXED_MSRS, MTRR_VARIABLE_FIRST};
+        let d = Mtrrs::default();
+        let get = |i: u32, default: u64| *self.mtrr.get(&i).unwrap_or(&default);
+        Mtrrs {
+            def_type: get(msr::MTRR_DEF_TYPE, d.def_type),
+            variable: std::array::from_fn(|k| get(MTRR_VARIABLE_FIRST + k as u32, 0)),
+            fixed: std::array::from_fn(|k| get(MTRR_FIXED_MSRS[k], d.fixed[k])),
+        }
+    }
+
+    fn set_mtrr_state(&mut self, m: &crate::state::Mtrrs) {
+        use crate::state::{msr, MTRR_FIXED_MSRS, MTRR_VARIABLE_FIRST};
+        self.mtrr.clear();
+        self.mtrr.insert(msr::MTRR_DEF_TYPE, m.def_type);
+        for (k, v) in m.variable.iter().enumerate() {
+            self.mtrr.insert(MTRR_VARIABLE_FIRST + k as u32, *v);
+        }
+        for (i, v) in MTRR_FIXED_MSRS.iter().zip(m.fixed) {
+            self.mtrr.insert(*i, v);
+        }
+    }
+
     pub fn state(&self) -> CpuState {
         CpuState {
             regs: Regs {
@@ -311,7 +361,10 @@ impl Cpu {
                 efer: self.efer,
                 apic_base: self.apic_base,
             },
-            msrs: self.msrs,
+            msrs: crate::state::Msrs {
+                mtrr: self.mtrr_state(),
+                ..self.msrs
+            },
             fpu: self.fpu.to_state(),
             debug: self.dr,
             xcr0: self.xcr0,
@@ -341,6 +394,7 @@ impl Cpu {
         self.apic_base = s.sregs.apic_base;
         self.xcr0 = s.xcr0 | 1;
         self.msrs = s.msrs;
+        self.set_mtrr_state(&s.msrs.mtrr);
         self.fpu = Fpu::from_state(&s.fpu);
         self.dr = s.debug;
         self.events = s.events;
@@ -463,6 +517,7 @@ impl Cpu {
 
     /// Time-stamp counter as RDTSC sees it.
     pub(crate) fn read_tsc(&mut self, p: &mut dyn crate::Platform) -> u64 {
+        p.retired_hint(self.retired);
         let base = p.tsc().unwrap_or(self.retired);
         base.wrapping_add(self.tsc_offset)
     }

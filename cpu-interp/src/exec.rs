@@ -139,8 +139,16 @@ fn address_mask(i: &Instruction, bits: u32) -> u64 {
 }
 
 impl Cpu {
-    /// Run until an exit condition, executing at most about `budget`
-    /// instructions (checked at block boundaries).
+    /// Run until an exit condition, executing at most `budget` instructions.
+    ///
+    /// The budget is exact: the CPU stops after exactly `budget` retired
+    /// instructions (inside a block if need be) and returns
+    /// [`CpuExit::BudgetExhausted`], unless something else ends the run
+    /// first. Events are checked at every instruction boundary where
+    /// something may have changed them (after an I/O, MMIO or MSR write,
+    /// after the instruction in an STI or MOV SS shadow, when an interrupt
+    /// is pending and IF allows it) and at the retired count the platform
+    /// names in [`Platform::next_check`] (timer deadlines).
     pub fn run(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
         let limit = self.retired.saturating_add(budget);
         if self.blocks.dead() > 8192 {
@@ -148,21 +156,17 @@ impl Cpu {
             self.clear_blocks();
         }
         let mut prev: Option<BlockId> = None;
-        let mut quiet_blocks = 0u32;
+        self.stop_at = self.next_stop(p, limit);
         loop {
-            // Events are checked at every boundary where something may have
-            // changed (I/O, pending interrupts, HLT, ...) and at least every
-            // 64 blocks for requests from outside (kicks, timers).
-            quiet_blocks += 1;
-            if quiet_blocks >= 64 || self.io_happened || self.may_have_events() {
-                quiet_blocks = 0;
+            if self.io_happened || self.retired >= self.stop_at || self.may_have_events() {
                 self.io_happened = false;
                 if let Some(e) = self.check_events(p) {
                     return e;
                 }
-            }
-            if self.retired >= limit {
-                return CpuExit::BudgetExhausted;
+                if self.retired >= limit {
+                    return CpuExit::BudgetExhausted;
+                }
+                self.stop_at = self.next_stop(p, limit);
             }
             if self.flags.test(crate::flags::TF) {
                 // Single-stepping: one instruction at a time, each followed
@@ -172,11 +176,23 @@ impl Cpu {
                 if let Some(e) = self.step(p) {
                     return e;
                 }
+                self.io_happened = true;
                 continue;
             }
+            // The instruction in an STI or MOV SS shadow runs alone: events
+            // are recognised right after it.
+            let shadow = self.events.sti_shadow | self.events.mov_ss_shadow;
             self.events.sti_shadow = false;
             self.events.mov_ss_shadow = false;
-            let id = match prev.and_then(|from| self.chained(from)) {
+            let chained = prev.and_then(|from| self.chained(from));
+            if chained.is_none() && self.blocks.over_limit() {
+                // The cache reached its bound. Nothing executes between
+                // blocks: reclaim it all.
+                self.blocks.flush_for_space();
+                self.clear_links();
+                prev = None;
+            }
+            let id = match chained {
                 Some(id) => id,
                 None => match self.get_block(p) {
                     Ok(id) => {
@@ -198,12 +214,42 @@ impl Cpu {
             // (only above, between blocks, or outside `run`); invalidation
             // during execution merely unlinks the block.
             let block = unsafe { &*block };
-            prev = if self.exec_block(p, block) {
+            let max = if shadow {
+                self.io_happened = true;
+                1
+            } else {
+                self.stop_at - self.retired
+            };
+            prev = if self.exec_block(p, block, max) {
                 Some(id)
             } else {
                 None
             };
         }
+    }
+
+    /// Run until exactly `target` instructions have retired in total (see
+    /// [`Cpu::retired`]), or an earlier exit. At the target the CPU stops
+    /// at that instruction boundary (inside a block if need be) and
+    /// returns [`CpuExit::BudgetExhausted`]: the point where record/replay
+    /// applies an event stamped with that count. Events already pending
+    /// are delivered first; a target at or below the current count
+    /// executes nothing.
+    ///
+    /// A REP string instruction retires once per chunk of iterations it
+    /// runs between two event checks (see `insn::string`), so counts are
+    /// exact and repeatable, not those of a hardware counter.
+    pub fn run_until(&mut self, p: &mut dyn Platform, target: u64) -> CpuExit {
+        self.run(p, target.saturating_sub(self.retired))
+    }
+
+    /// The retired count of the next forced event check: the budget's end,
+    /// or earlier when the platform wants a look (a timer deadline, a poll
+    /// for host requests). Always after the current count, so the CPU makes
+    /// progress.
+    fn next_stop(&mut self, p: &mut dyn Platform, limit: u64) -> u64 {
+        let next = p.next_check(self.retired).max(self.retired + 1);
+        next.min(limit)
     }
 
     /// Anything pending that `check_events` must look at now?
@@ -482,10 +528,14 @@ impl Cpu {
         })
     }
 
-    /// Execute a block. Returns true when it ran to its end (so the next
-    /// block may be linked to it), false after an exception or an early exit.
-    fn exec_block(&mut self, p: &mut dyn Platform, block: &Block) -> bool {
-        for insn in block.insns.iter() {
+    /// Execute at most `max` instructions of a block. Returns true when it
+    /// ran to its end (so the next block may be linked to it), false after
+    /// an exception, an early exit or a stop inside it.
+    fn exec_block(&mut self, p: &mut dyn Platform, block: &Block, max: u64) -> bool {
+        self.end_block = false;
+        let insns = &block.insns[..];
+        let n = insns.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+        for insn in insns[..n].iter() {
             let rip = self.rip;
             self.rip = insn.next;
             if let Err(exc) = (insn.h)(self, p, insn) {
@@ -502,7 +552,7 @@ impl Cpu {
                 return false;
             }
         }
-        true
+        n == insns.len()
     }
 
     /// Deliver pending events and decide whether to return.
@@ -573,6 +623,7 @@ impl Cpu {
 mod tests {
     use crate::insn::testutil::*;
     use crate::state::gpr::*;
+    use crate::CpuExit;
 
     /// Real mode, #DB handler at 0:0x2000 that counts in DX: `inc dx; iret`.
     fn with_db_counter(c: &mut crate::Cpu) {
@@ -621,5 +672,323 @@ mod tests {
         assert_eq!(c.gpr(RCX) & 0xffff, 1);
         assert!(c.events().halted);
         assert!(c.events().single_step_pending);
+    }
+
+    /// A platform for event-boundary tests: a write to port 0x99 or to
+    /// MMIO address 0x100_0000 "raises an interrupt line" the next
+    /// `stop_requested` reports; `next_check` names `deadline`, and
+    /// `stop_requested` is also true once the CPU has reached it.
+    #[derive(Default)]
+    struct EventPlatform {
+        raised: bool,
+        deadline: Option<u64>,
+        retired: u64,
+        checks: Vec<u64>,
+        /// The machine's TPR class (CR8), when it owns one.
+        tpr_class: Option<u64>,
+    }
+
+    impl crate::Platform for EventPlatform {
+        fn io_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn io_write(&mut self, port: u16, _data: &[u8]) {
+            self.raised |= port == 0x99;
+        }
+        fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn mmio_write(&mut self, addr: u64, _data: &[u8]) {
+            self.raised |= addr == 0x100_0000;
+        }
+        fn retired_hint(&mut self, retired: u64) {
+            self.retired = retired;
+        }
+        fn stop_requested(&self) -> bool {
+            self.raised || self.deadline.is_some_and(|d| self.retired >= d)
+        }
+        fn next_check(&mut self, retired: u64) -> u64 {
+            self.checks.push(retired);
+            self.deadline.unwrap_or(u64::MAX)
+        }
+        fn read_cr8(&mut self) -> Option<u64> {
+            self.tpr_class
+        }
+        fn write_cr8(&mut self, cr8: u64) -> bool {
+            let Some(old) = self.tpr_class else {
+                return false;
+            };
+            // Lowering the priority uncovers a pending interrupt.
+            self.raised |= cr8 < old;
+            self.tpr_class = Some(cr8);
+            true
+        }
+    }
+
+    #[test]
+    fn cr8_reaches_the_machine_and_lowering_it_stops_at_the_boundary() {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        // mov rax, cr8; mov ebx, 2; mov cr8, rbx; inc ecx x 5; hlt
+        let mut code = vec![
+            0x44, 0x0f, 0x20, 0xc0, 0xbb, 0x02, 0, 0, 0, 0x44, 0x0f, 0x22, 0xc3,
+        ];
+        code.extend(incs(5));
+        code.push(0xf4);
+        write_phys(&c, CODE, &code);
+        let mut p = EventPlatform {
+            tpr_class: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(c.run(&mut p, 1000), CpuExit::StopRequested);
+        assert_eq!(c.gpr(RAX), 9, "CR8 reads the machine's TPR class");
+        assert_eq!(p.tpr_class, Some(2));
+        assert_eq!((c.retired(), c.rip()), (3, CODE + 13));
+        assert_eq!(c.state().sregs.cr8, 2);
+    }
+
+    /// 32-bit protected mode with a flat 4 GiB DS; `code` then HLT at CODE.
+    fn prot32(code: &[u8]) -> crate::Cpu {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Prot32);
+        let mut bytes = code.to_vec();
+        bytes.push(0xf4);
+        write_phys(&c, CODE, &bytes);
+        c
+    }
+
+    /// `inc ecx` repeated `n` times.
+    fn incs(n: usize) -> Vec<u8> {
+        vec![0x41; n]
+    }
+
+    #[test]
+    fn device_writes_stop_the_cpu_at_the_next_boundary() {
+        // out 0x99, al; inc ecx x 20 — one block, stopped right after the OUT.
+        let mut code = vec![0xe6, 0x99];
+        code.extend(incs(20));
+        let mut c = prot32(&code);
+        let mut p = EventPlatform::default();
+        assert_eq!(c.run(&mut p, 1000), CpuExit::StopRequested);
+        assert_eq!((c.retired(), c.rip()), (1, CODE + 2));
+        // mov [0x1000000], eax in the middle of a block: stopped right after it.
+        let mut code = incs(3);
+        code.extend([0xa3, 0x00, 0x00, 0x00, 0x01]);
+        code.extend(incs(20));
+        let mut c = prot32(&code);
+        let mut p = EventPlatform::default();
+        assert_eq!(c.run(&mut p, 1000), CpuExit::StopRequested);
+        assert_eq!((c.retired(), c.rip()), (4, CODE + 8));
+        assert_eq!(c.gpr(RCX), 3);
+    }
+
+    /// Real mode; the handler of vector 0x21 stores CX at 0x600 and
+    /// returns. The CPU starts with IF clear and vector 0x21 pending.
+    fn with_pending_irq(code: &[u8]) -> crate::Cpu {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Real16);
+        let mut bytes = code.to_vec();
+        bytes.push(0xf4);
+        write_phys(&c, CODE, &bytes);
+        // mov [0x600], cx ; iret
+        write_phys(&c, 0x2000, &[0x89, 0x0e, 0x00, 0x06, 0xcf]);
+        write_phys(&c, 0x21 * 4, &[0x00, 0x20, 0x00, 0x00]);
+        write_phys(&c, 0x600, &[0xff, 0xff]);
+        c.inject_interrupt(0x21);
+        c
+    }
+
+    #[test]
+    fn sti_delivers_after_exactly_one_shadowed_instruction() {
+        // sti; inc cx x 10: the interrupt comes after the first INC.
+        let mut code = vec![0xfb];
+        code.extend(incs(10));
+        let mut c = with_pending_irq(&code);
+        let mut p = crate::NullPlatform;
+        assert_eq!(c.run(&mut p, 1000), CpuExit::Halted);
+        assert_eq!(read_phys(&c, 0x600, 2), 1);
+        assert_eq!(c.gpr(RCX) & 0xffff, 10);
+    }
+
+    #[test]
+    fn popf_and_iret_setting_if_deliver_at_the_next_boundary() {
+        // pushf; pop ax; or ax, 0x200; push ax; popf; inc cx x 10
+        let mut code = vec![0x9c, 0x58, 0x0d, 0x00, 0x02, 0x50, 0x9d];
+        code.extend(incs(10));
+        let mut c = with_pending_irq(&code);
+        assert_eq!(c.run(&mut crate::NullPlatform, 1000), CpuExit::Halted);
+        assert_eq!(read_phys(&c, 0x600, 2), 0);
+        // IRET to the next instruction with IF set in the popped FLAGS:
+        // pushf; pop ax; or ax,0x200; push ax; push cs; push (ip of the INC); iret
+        let mut code = vec![0x9c, 0x58, 0x0d, 0x00, 0x02, 0x50, 0x0e, 0x68];
+        let target = CODE as u16 + 8 + 2 + 1;
+        code.extend(target.to_le_bytes());
+        code.push(0xcf);
+        code.extend(incs(10));
+        let mut c = with_pending_irq(&code);
+        assert_eq!(c.run(&mut crate::NullPlatform, 1000), CpuExit::Halted);
+        assert_eq!(read_phys(&c, 0x600, 2), 0);
+        assert_eq!(c.gpr(RCX) & 0xffff, 10);
+    }
+
+    #[test]
+    fn platform_deadlines_stop_the_cpu_exactly_inside_a_block() {
+        for deadline in [1u64, 5, 17, 40] {
+            let mut c = prot32(&incs(60));
+            let mut p = EventPlatform {
+                deadline: Some(deadline),
+                ..Default::default()
+            };
+            assert_eq!(c.run(&mut p, 1000), CpuExit::StopRequested);
+            assert_eq!(c.retired(), deadline);
+            assert_eq!(c.gpr(RCX), deadline);
+            assert_eq!(c.rip(), CODE + deadline);
+        }
+    }
+
+    #[test]
+    fn budget_stops_exactly_and_resumes_to_the_same_state() {
+        // A loop over blocks of several sizes: ecx counts down from 50,
+        // eax accumulates, a memory cell too.
+        let code = [
+            0xb9, 0x32, 0x00, 0x00, 0x00, // mov ecx, 50
+            0x31, 0xc0, //                   xor eax, eax
+            0x01, 0xc8, //                   l: add eax, ecx
+            0x01, 0x05, 0x00, 0x40, 0x00, 0x00, // add [0x4000], eax
+            0x8d, 0x44, 0x40, 0x03, //       lea eax, [eax+eax*2+3]
+            0x25, 0xff, 0xff, 0x0f, 0x00, // and eax, 0xfffff
+            0x49, //                         dec ecx
+            0x75, 0xeb, //                   jnz l
+        ];
+        let mut reference = prot32(&code);
+        assert_eq!(
+            reference.run(&mut crate::NullPlatform, u64::MAX),
+            CpuExit::Halted
+        );
+        let total = reference.retired();
+        for n in [1u64, 2, 3, 7, 13, 64] {
+            let mut c = prot32(&code);
+            let mut stops = 0;
+            loop {
+                let before = c.retired();
+                match c.run(&mut crate::NullPlatform, n) {
+                    CpuExit::BudgetExhausted => {
+                        assert_eq!(c.retired(), before + n, "budget {n} not exact");
+                        stops += 1;
+                    }
+                    CpuExit::Halted => break,
+                    e => panic!("unexpected exit {e:?}"),
+                }
+            }
+            assert_eq!(c.retired(), total);
+            assert_eq!(c.state().regs, reference.state().regs, "budget {n}");
+            assert_eq!(read_phys(&c, 0x4000, 4), read_phys(&reference, 0x4000, 4));
+            assert!(stops >= (total - 1) / n);
+        }
+    }
+
+    /// A block-heavy 64-bit program: nested loops, calls and returns,
+    /// pushes, a short REP MOVSB, a jump across a page end, memory
+    /// read-modify-writes. Returns the code (at CODE) and its data area.
+    fn block_heavy_program() -> Vec<u8> {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut outer = a.create_label();
+        let mut inner = a.create_label();
+        let mut func = a.create_label();
+        let mut far = a.create_label();
+        let mut back = a.create_label();
+        a.mov(r8d, 7).unwrap();
+        a.mov(rbx, 0x20_0000u64).unwrap();
+        a.set_label(&mut outer).unwrap();
+        a.mov(ecx, 5).unwrap();
+        a.set_label(&mut inner).unwrap();
+        a.add(qword_ptr(rbx + rcx * 8), rcx).unwrap();
+        a.lea(rax, qword_ptr(rcx + rcx * 2 + 1)).unwrap();
+        a.xor(qword_ptr(rbx + 0x100), rax).unwrap();
+        a.call(func).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(inner).unwrap();
+        a.lea(rsi, qword_ptr(rbx)).unwrap();
+        a.lea(rdi, qword_ptr(rbx + 0x200)).unwrap();
+        a.mov(ecx, 24).unwrap();
+        a.rep().movsb().unwrap();
+        a.jmp(far).unwrap();
+        a.set_label(&mut back).unwrap();
+        a.dec(r8d).unwrap();
+        a.jnz(outer).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.push(rcx).unwrap();
+        a.imul_3(edx, ecx, 13).unwrap();
+        a.adc(qword_ptr(rbx + 0x108), rdx).unwrap();
+        a.pop(rcx).unwrap();
+        a.ret().unwrap();
+        // Pad so that `far` straddles into the next page.
+        for _ in 0..(0xffa - 0x80) {
+            a.nop().unwrap();
+        }
+        a.set_label(&mut far).unwrap();
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.add(qword_ptr(rbx + 0x110), rax).unwrap();
+        a.jmp(back).unwrap();
+        a.assemble(CODE).unwrap()
+    }
+
+    fn run_block_heavy(stops: &[u64]) -> (crate::Cpu, Vec<u64>) {
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &block_heavy_program());
+        let mut seen = Vec::new();
+        for &n in stops {
+            assert_eq!(
+                c.run_until(&mut crate::NullPlatform, n),
+                CpuExit::BudgetExhausted
+            );
+            seen.push(c.retired());
+        }
+        assert_eq!(c.run(&mut crate::NullPlatform, u64::MAX), CpuExit::Halted);
+        (c, seen)
+    }
+
+    fn data_area(c: &crate::Cpu) -> Vec<u64> {
+        (0..0x240)
+            .step_by(8)
+            .map(|o| read_phys(c, 0x20_0000 + o, 8))
+            .collect()
+    }
+
+    #[test]
+    fn stopping_at_every_count_gives_the_state_of_running_through() {
+        let (reference, _) = run_block_heavy(&[]);
+        let total = reference.retired();
+        assert!(total > 400, "the program retires {total}");
+        for n in 1..total {
+            let (c, seen) = run_block_heavy(&[n]);
+            assert_eq!(seen, vec![n], "stop at {n} not exact");
+            assert_eq!(c.state(), reference.state(), "stopped at {n}");
+            assert_eq!(data_area(&c), data_area(&reference), "stopped at {n}");
+        }
+        // Many stops in one run (every 3rd and every 17th instruction).
+        for step in [3u64, 17] {
+            let stops: Vec<u64> = (1..total / step).map(|k| k * step).collect();
+            let (c, seen) = run_block_heavy(&stops);
+            assert_eq!(seen, stops);
+            assert_eq!(c.state(), reference.state(), "every {step}");
+        }
+        // A target at or below the count executes nothing.
+        let mut c = new_cpu();
+        setup(&mut c, Mode::Long64);
+        write_phys(&c, CODE, &block_heavy_program());
+        assert_eq!(
+            c.run_until(&mut crate::NullPlatform, 10),
+            CpuExit::BudgetExhausted
+        );
+        let before = c.state();
+        assert_eq!(
+            c.run_until(&mut crate::NullPlatform, 5),
+            CpuExit::BudgetExhausted
+        );
+        assert_eq!(c.state(), before);
     }
 }

@@ -290,6 +290,10 @@ impl Cpu {
         p.retired_hint(self.retired);
         self.io_happened = true;
         p.mmio_write(paddr, &v.to_le_bytes()[..size]);
+        // The write may have made an interrupt deliverable (EOI, TPR, ICR,
+        // an unmask) or moved a timer: events are checked right after this
+        // instruction.
+        self.end_block = true;
         Ok(())
     }
 

@@ -16,6 +16,10 @@ pub enum MsrResult {
     Fault,
 }
 
+/// How often (in retired instructions) the CPU asks
+/// [`Platform::stop_requested`] when the platform names no earlier point.
+pub const DEFAULT_CHECK_INTERVAL: u64 = 4096;
+
 /// Services the interpreter calls synchronously, in the middle of an
 /// instruction when needed (an MMIO read inside `add [mem], eax`).
 pub trait Platform {
@@ -45,6 +49,25 @@ pub trait Platform {
     /// WRMSR counterpart of [`Platform::read_msr`].
     fn write_msr(&mut self, _msr: u32, _value: u64) -> MsrResult {
         MsrResult::Unhandled
+    }
+    /// The retired-instruction count at which the CPU must next stop at an
+    /// instruction boundary and ask [`Platform::stop_requested`]: the next
+    /// timer deadline when time derives from the instruction count, a poll
+    /// interval otherwise. Asked after every event check; `retired` is the
+    /// current count. The CPU stops exactly there (inside a block if need
+    /// be), so deadlines are taken with no latency in virtual time.
+    fn next_check(&mut self, retired: u64) -> u64 {
+        retired.saturating_add(DEFAULT_CHECK_INTERVAL)
+    }
+    /// MOV from CR8: the task-priority class (TPR bits 7:4) of a machine
+    /// whose local APIC owns the TPR; `None` lets the CPU keep CR8 itself.
+    fn read_cr8(&mut self) -> Option<u64> {
+        None
+    }
+    /// MOV to CR8 (already checked for reserved bits). True when the
+    /// machine took it (its local APIC's TPR is now `cr8 << 4`).
+    fn write_cr8(&mut self, _cr8: u64) -> bool {
+        false
     }
     /// The time-stamp counter: what `RDTSC` returns before the TSC offset.
     /// `None` lets the interpreter use its retired-instruction count.

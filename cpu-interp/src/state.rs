@@ -25,7 +25,7 @@ pub mod gpr {
 }
 
 /// General-purpose registers, RIP and RFLAGS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Regs {
     /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (hardware encoding order).
     pub gpr: [u64; 16],
@@ -34,7 +34,7 @@ pub struct Regs {
 }
 
 /// A segment register with its hidden descriptor cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub selector: u16,
     pub base: u64,
@@ -84,14 +84,14 @@ impl Segment {
 }
 
 /// GDTR / IDTR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
 }
 
 /// Segment, control and descriptor-table registers plus EFER and APIC base.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sregs {
     pub cs: Segment,
     pub ds: Segment,
@@ -113,7 +113,7 @@ pub struct Sregs {
 }
 
 /// Debug registers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DebugRegs {
     pub db: [u64; 4],
     pub dr6: u64,
@@ -121,7 +121,7 @@ pub struct DebugRegs {
 }
 
 /// x87 / MMX / SSE state in the FXSAVE layout's terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FpuState {
     /// ST0..ST7 as 80-bit values in physical register order R0..R7
     /// (the FXSAVE image stores them by stack position; converters rotate).
@@ -178,7 +178,7 @@ pub mod msr {
 
 /// MSRs that live outside [`Sregs`] (EFER and APIC base are there;
 /// FS/GS bases are in the segment caches).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Msrs {
     pub star: u64,
     pub lstar: u64,
@@ -191,6 +191,37 @@ pub struct Msrs {
     pub pat: u64,
     pub tsc_aux: u64,
     pub misc_enable: u64,
+    /// Memory-type range registers (the interpreter keeps what the guest
+    /// writes; KVM keeps its own).
+    pub mtrr: Mtrrs,
+}
+
+/// The MTRRs: default type, the 16 variable-range MSRs (0x200-0x20f, base
+/// and mask pairs) and the 11 fixed-range MSRs, in MSR order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mtrrs {
+    pub def_type: u64,
+    pub variable: [u64; 16],
+    pub fixed: [u64; 11],
+}
+
+/// The fixed-range MTRR MSR numbers, in [`Mtrrs::fixed`] order.
+pub const MTRR_FIXED_MSRS: [u32; 11] = [
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+];
+/// The first variable-range MTRR MSR (PHYSBASE0).
+pub const MTRR_VARIABLE_FIRST: u32 = 0x200;
+
+impl Default for Mtrrs {
+    /// What RDMSR returns before the guest writes them: write-back default
+    /// type, MTRRs enabled, fixed ranges write-back.
+    fn default() -> Self {
+        Mtrrs {
+            def_type: 0xc06,
+            variable: [0; 16],
+            fixed: [0x0606_0606_0606_0606; 11],
+        }
+    }
 }
 
 impl Default for Msrs {
@@ -207,12 +238,13 @@ impl Default for Msrs {
             pat: 0x0007_0406_0007_0406,
             tsc_aux: 0,
             misc_enable: 1, // fast strings
+            mtrr: Mtrrs::default(),
         }
     }
 }
 
 /// Interrupt-related state that is not in registers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PendingEvents {
     /// An external interrupt accepted for injection but not yet delivered.
     pub interrupt: Option<u8>,
@@ -233,7 +265,7 @@ pub struct PendingEvents {
 }
 
 /// Everything needed to move a vCPU between backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuState {
     pub regs: Regs,
     pub sregs: Sregs,
@@ -304,5 +336,69 @@ impl CpuState {
         s.sregs.cs = Segment::real_mode(cs, true);
         s.regs.rip = u64::from(ip);
         s
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    //! The CPU state round-trips through its saved form: set it on a CPU,
+    //! save, restore into a fresh CPU, save again: the same bytes; and both
+    //! CPUs then execute the same code to the same state.
+
+    use super::*;
+    use crate::{Cpu, NullPlatform, Ram};
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    fn cpu() -> Cpu {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // mov ecx, 0x2ff; rdmsr; add ax, bx; mov ecx, 0x250; rdmsr; hlt
+        let code = [
+            0x66, 0xb9, 0xff, 0x02, 0, 0, 0x0f, 0x32, 0x01, 0xd8, 0x66, 0xb9, 0x50, 0x02, 0, 0,
+            0x0f, 0x32, 0xf4,
+        ];
+        mem.write_slice(&code, GuestAddress(0x100)).unwrap();
+        Cpu::new(Ram::new(mem))
+    }
+
+    prop_compose! {
+        fn state()(gpr in prop::array::uniform16(any::<u64>()),
+                   arith in 0u64..0x1000,
+                   mtrr_var in prop::array::uniform16(any::<u64>()),
+                   def_type in any::<u64>(),
+                   fixed in prop::array::uniform11(any::<u64>()),
+                   xmm in prop::array::uniform16(any::<u128>()),
+                   st in prop::array::uniform8(prop::array::uniform10(any::<u8>())),
+                   star in any::<u64>(), pat in any::<u64>(), tsc in any::<u64>()) -> CpuState {
+            let mut s = CpuState::real_mode_at(0, 0x100);
+            s.regs.gpr = gpr;
+            s.regs.rflags = 0x2 | (arith & 0x8d5);
+            s.msrs.star = star;
+            s.msrs.pat = pat;
+            s.msrs.mtrr = Mtrrs { def_type, variable: mtrr_var, fixed };
+            s.fpu.xmm = xmm;
+            s.fpu.st = st;
+            s.tsc = tsc;
+            s
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn cpu_state_round_trips(s in state()) {
+            let mut a = cpu();
+            a.set_state(&s);
+            let bytes = serde_json::to_vec(&a.state()).unwrap();
+            let decoded: CpuState = serde_json::from_slice(&bytes).unwrap();
+            let mut b = cpu();
+            b.set_state(&decoded);
+            prop_assert_eq!(serde_json::to_vec(&b.state()).unwrap(), bytes);
+            let (ea, eb) = (a.run(&mut NullPlatform, 8), b.run(&mut NullPlatform, 8));
+            prop_assert_eq!(ea, eb);
+            prop_assert_eq!(a.state(), b.state());
+            // RDMSR saw the restored MTRRs.
+            prop_assert_eq!(a.state().regs.gpr[2] << 32 | (a.state().regs.gpr[0] & 0xffff_ffff),
+                            s.msrs.mtrr.fixed[0]);
+        }
     }
 }

@@ -38,7 +38,7 @@ const STS_MASK: u16 = 0x8f31;
 const EN_MASK: u16 = 0x0521;
 
 /// Plain state for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AcpiPmState {
     pub pm1_sts: u16,
     pub pm1_en: u16,

@@ -131,7 +131,7 @@ fn translate(set_or_id: u8) -> u8 {
 }
 
 /// A byte in (or waiting for) the output buffer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutByte {
     pub value: u8,
     /// From the aux side: status bit 5, IRQ12.
@@ -141,7 +141,7 @@ pub struct OutByte {
 }
 
 /// The controller's and the keyboard's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042State {
     /// Controller RAM; byte 0 is the command byte.
     pub ram: [u8; 32],
@@ -940,6 +940,7 @@ mod tests {
         let core = Arc::new(Mutex::new(r.kbc));
         let mut bus = Bus::new(BusKind::Pio);
         bus.insert(
+            crate::bus::DeviceId(0),
             "i8042-data",
             DATA_PORT.into(),
             1,
@@ -947,6 +948,7 @@ mod tests {
         )
         .unwrap();
         bus.insert(
+            crate::bus::DeviceId(0),
             "i8042-cmd",
             COMMAND_PORT.into(),
             1,
@@ -954,13 +956,13 @@ mod tests {
         )
         .unwrap();
         assert!(bus.resolve(0x61, 1).is_none());
-        assert!(bus.write(0x64, &[0xaa]));
+        assert!(bus.write(0, 0x64, &[0xaa]).is_some());
         let mut b = [0u8];
-        assert!(bus.read(0x64, &mut b));
+        assert!(bus.read(0, 0x64, &mut b).is_some());
         assert_eq!(b[0] & STS_OBF, STS_OBF);
-        assert!(bus.read(0x60, &mut b));
+        assert!(bus.read(0, 0x60, &mut b).is_some());
         assert_eq!(b, [0x55]);
-        assert!(bus.write(0x64, &[0xfe]));
+        assert!(bus.write(0, 0x64, &[0xfe]).is_some());
         assert_eq!(r.ctl.take(), Some(VmAction::Reset));
 
         // Direct wide / offset accesses: only offset 0 is the port.

@@ -110,7 +110,7 @@ const RTE_DEST_SHIFT: u32 = 56;
 const RTE_WRITABLE: u64 = 0xff00_0000_0001_afff;
 
 /// How the local APIC is to take the interrupt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryMode {
     Fixed,
     LowestPriority,
@@ -161,7 +161,7 @@ fn is_level(e: u64) -> bool {
 }
 
 /// An interrupt message for the local APIC(s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoapicMessage {
     pub vector: u8,
     pub delivery_mode: DeliveryMode,
@@ -174,7 +174,7 @@ pub struct IoapicMessage {
 }
 
 /// The I/O APIC's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoapicState {
     /// The ID (bits 27:24 of register 0), 0-15.
     pub id: u8,
@@ -818,15 +818,23 @@ mod tests {
     fn bus_mapping_and_irq_line() {
         let io = Arc::new(Mutex::new(Ioapic::new()));
         let mut bus = Bus::new(BusKind::Mmio);
-        bus.insert("ioapic", DEFAULT_BASE, MMIO_SIZE, io.clone())
-            .unwrap();
-        assert!(bus.write(DEFAULT_BASE, &0x10u32.to_le_bytes()));
-        assert!(bus.write(DEFAULT_BASE + IOWIN, &0x25u32.to_le_bytes()));
+        bus.insert(
+            crate::bus::DeviceId(0),
+            "ioapic",
+            DEFAULT_BASE,
+            MMIO_SIZE,
+            io.clone(),
+        )
+        .unwrap();
+        assert!(bus.write(0, DEFAULT_BASE, &0x10u32.to_le_bytes()).is_some());
+        assert!(bus
+            .write(0, DEFAULT_BASE + IOWIN, &0x25u32.to_le_bytes())
+            .is_some());
         let line = irq_line(io.clone(), 0);
         line.set_level(true);
         assert_eq!(lock(&io).take_messages(), vec![msg(0x25, 0, false)]);
         let mut b = [0u8; 4];
-        assert!(bus.read(DEFAULT_BASE + IOWIN, &mut b));
+        assert!(bus.read(0, DEFAULT_BASE + IOWIN, &mut b).is_some());
         assert_eq!(u32::from_le_bytes(b), 0x25);
     }
 

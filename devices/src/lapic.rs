@@ -304,7 +304,7 @@ pub enum InterruptRequest {
 }
 
 /// ICR delivery modes that can be sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryMode {
     Fixed,
     LowestPriority,
@@ -328,14 +328,14 @@ impl DeliveryMode {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DestMode {
     Physical,
     Logical,
 }
 
 /// ICR destination shorthand (bits 18-19).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Shorthand {
     None,
     SelfOnly,
@@ -343,14 +343,14 @@ pub enum Shorthand {
     AllExcludingSelf,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum TriggerMode {
     Edge,
     Level,
 }
 
 /// What the LAPIC asks the VMM to deliver elsewhere.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum LapicMessage {
     /// An interprocessor interrupt, as written to ICR.
     Ipi {
@@ -397,7 +397,7 @@ fn mode_of(base: u64) -> Option<Mode> {
 /// Everything a LAPIC holds, for snapshots. The timer is kept as the VM
 /// time at which the counter held a known value, never as a count that
 /// was stepped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LapicState {
     /// IA32_APIC_BASE.
     pub apic_base: u64,

@@ -131,7 +131,7 @@ const OCW3_SMM: u8 = 0x20;
 const OCW3_ESMM: u8 = 0x40;
 
 /// The register state of one 8259A.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicChipState {
     /// Interrupt request register.
     pub irr: u8,
@@ -356,7 +356,7 @@ impl PicChipState {
 }
 
 /// Both chips' state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pic8259State {
     pub master: PicChipState,
     pub slave: PicChipState,
@@ -1232,6 +1232,7 @@ mod tests {
         let pair = Arc::new(Mutex::new(Pic8259Pair::new()));
         let mut bus = Bus::new(BusKind::Pio);
         bus.insert(
+            crate::bus::DeviceId(0),
             "pic-master",
             MASTER_BASE.into(),
             2,
@@ -1239,6 +1240,7 @@ mod tests {
         )
         .unwrap();
         bus.insert(
+            crate::bus::DeviceId(0),
             "pic-slave",
             SLAVE_BASE.into(),
             2,
@@ -1246,6 +1248,7 @@ mod tests {
         )
         .unwrap();
         bus.insert(
+            crate::bus::DeviceId(0),
             "elcr",
             ELCR_BASE.into(),
             2,
@@ -1264,12 +1267,12 @@ mod tests {
             (0x21, 0x00),
             (0xa1, 0x00),
         ] {
-            assert!(bus.write(port, &[v]));
+            assert!(bus.write(0, port, &[v]).is_some());
         }
         // One 16-bit write sets both ELCRs.
-        assert!(bus.write(0x4d0, &[0x20, 0x02]));
+        assert!(bus.write(0, 0x4d0, &[0x20, 0x02]).is_some());
         let mut b = [0u8; 2];
-        assert!(bus.read(0x4d0, &mut b));
+        assert!(bus.read(0, 0x4d0, &mut b).is_some());
         assert_eq!(b, [0x20, 0x02]);
         let line = irq_line(pair.clone(), 9);
         line.set_level(true);

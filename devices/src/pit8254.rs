@@ -155,7 +155,7 @@ fn bcd_encode(v: u32) -> u16 {
 }
 
 /// What a channel's counting element is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PitCounting {
     /// Not counting: the CE holds `value` and OUT holds `out`. `fired`: the
     /// terminal count was already reached (modes 0 and 4, for resuming).
@@ -177,7 +177,7 @@ pub enum PitCounting {
 
 /// One counter's state. Counts (`value`, `start`) are numbers, not register
 /// encodings: up to 65536 in binary mode, 10000 in BCD mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitChannelState {
     /// Mode bits as programmed (0-7; 6 and 7 act as 2 and 3).
     pub mode: u8,
@@ -766,7 +766,7 @@ impl PitChannelState {
 }
 
 /// The PIT's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pit8254State {
     pub channels: [PitChannelState; 3],
     /// Port 0x61 bits 0-3 as written.
@@ -1920,6 +1920,7 @@ mod tests {
         let pit = Arc::new(Mutex::new(r.pit));
         let mut bus = Bus::new(BusKind::Pio);
         bus.insert(
+            crate::bus::DeviceId(0),
             "pit",
             PIT_BASE.into(),
             4,
@@ -1927,6 +1928,7 @@ mod tests {
         )
         .unwrap();
         bus.insert(
+            crate::bus::DeviceId(0),
             "port61",
             PORT_61.into(),
             1,
@@ -1937,13 +1939,13 @@ mod tests {
         assert!(bus.resolve(0x64, 1).is_none());
         // One 16-bit write: control word to 0x43 would be offset 3; write the
         // count bytes with a wide access to 0x40 instead (0x40 then 0x41).
-        assert!(bus.write(0x43, &[0xb0]));
-        assert!(bus.write(0x61, &[0x01]));
-        assert!(bus.write(0x42, &[0x10]));
-        assert!(bus.write(0x42, &[0x00]));
+        assert!(bus.write(0, 0x43, &[0xb0]).is_some());
+        assert!(bus.write(0, 0x61, &[0x01]).is_some());
+        assert!(bus.write(0, 0x42, &[0x10]).is_some());
+        assert!(bus.write(0, 0x42, &[0x00]).is_some());
         clock.set(tick_ns(20));
         let mut b = [0u8];
-        assert!(bus.read(0x61, &mut b));
+        assert!(bus.read(0, 0x61, &mut b).is_some());
         assert_eq!(b[0] & 0x21, 0x21);
         let mut d = pit_ports(pit.clone());
         let mut buf = [0u8; 2];

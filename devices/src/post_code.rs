@@ -16,7 +16,7 @@
 use crate::bus::BusDevice;
 
 /// The register state, for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PostCodeState {
     /// The last code written, if any.
     pub last: Option<u8>,

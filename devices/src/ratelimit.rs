@@ -30,6 +30,21 @@ impl RateLimiter {
     }
 }
 
+/// Lets exactly one event through: for "logged once" guest mistakes.
+#[derive(Debug, Default)]
+pub struct LogOnce(std::sync::atomic::AtomicBool);
+
+impl LogOnce {
+    pub const fn new() -> Self {
+        LogOnce(std::sync::atomic::AtomicBool::new(false))
+    }
+
+    /// True the first time only.
+    pub fn first(&self) -> bool {
+        !self.0.swap(true, Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,7 +166,7 @@ const A_INITIAL: u8 = 0x26;
 const B_INITIAL: u8 = B_24H;
 
 /// The time registers as raw bytes (as read / written by the guest).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TimeRegs {
     pub seconds: u8,
     pub minutes: u8,
@@ -224,7 +224,7 @@ fn is_time_reg(reg: u8) -> bool {
 
 /// The RTC and CMOS state, for snapshots. Times are VM nanoseconds and
 /// offsets, never host time.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RtcCmosState {
     /// Register selected by the index port (bits 0-6).
     pub index: u8,
@@ -240,6 +240,7 @@ pub struct RtcCmosState {
     /// Alarm bytes: seconds, minutes, hours.
     pub alarm: [u8; 3],
     /// CMOS RAM; bytes 0x0e-0xff are used (except the century byte 0x32).
+    #[serde(with = "crate::state::byte_array")]
     pub nvram: [u8; 256],
     /// RTC seconds = `secs_offset` + updates since `div_origin_ns`, while
     /// the divider runs.

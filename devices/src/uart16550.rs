@@ -153,7 +153,7 @@ const DEFAULT_DIVISOR: u16 = 12;
 
 /// Every register of the UART, plus the receive FIFO. Derived values (LSR's
 /// DR, THRE and TEMT, IIR) are not stored; they follow from the rest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Uart16550State {
     /// Divisor latch, low byte.
     pub dll: u8,

@@ -61,6 +61,15 @@ impl Platform for IoPlatform<'_> {
     fn tsc(&mut self) -> Option<u64> {
         self.io.tsc()
     }
+    fn next_check(&mut self, retired: u64) -> u64 {
+        self.io.next_check(retired)
+    }
+    fn read_cr8(&mut self) -> Option<u64> {
+        self.io.cr8_read()
+    }
+    fn write_cr8(&mut self, cr8: u64) -> bool {
+        self.io.cr8_write(cr8)
+    }
 }
 
 /// One VM on the interpreter.
@@ -177,6 +186,10 @@ impl Vcpu for InterpVcpu {
         self.cpu.request_interrupt_window(on);
     }
 
+    fn set_run_budget(&mut self, instructions: u64) {
+        self.set_budget(instructions);
+    }
+
     fn kicker(&self) -> Arc<dyn super::Kick> {
         Arc::new(InterpKick(self.kick.clone()))
     }
@@ -190,6 +203,7 @@ impl Vcpu for InterpVcpu {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             interp_fallbacks: 0,
+            code_cache: Some(self.cpu.cache_stats()),
         }
     }
 }

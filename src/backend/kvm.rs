@@ -893,6 +893,23 @@ impl super::GsiSink for KvmGsiSink {
             log::warn!("kvm: KVM_IRQ_LINE {gsi} failed: {e}");
         }
     }
+
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage) {
+        let m = kvm_bindings::kvm_msi {
+            address_lo: msi.address as u32,
+            address_hi: (msi.address >> 32) as u32,
+            data: msi.data,
+            ..Default::default()
+        };
+        // 0: the kernel's LAPICs refused it (e.g. software-disabled).
+        if let Err(e) = self.0.signal_msi(m) {
+            log::warn!(
+                "kvm: KVM_SIGNAL_MSI {:#x}/{:#x} failed: {e}",
+                msi.address,
+                msi.data
+            );
+        }
+    }
 }
 
 /// A vCPU on KVM.
@@ -963,6 +980,8 @@ enum Raw {
     IrqWindow,
     Shutdown,
     Intr,
+    /// KVM_EXIT_SET_TPR: the guest lowered CR8 (synced at every exit).
+    SetTpr,
     /// KVM_EXIT_INTERNAL_ERROR: the details are in kvm_run.
     Internal,
     /// Anything else, as kvm-ioctls describes it.
@@ -1040,6 +1059,16 @@ impl KvmVcpu {
             if exiting.is_some() {
                 self.kick.set_immediate_exit();
             }
+            // With duet's LAPIC, CR8 is its TPR's priority class: KVM loads
+            // kvm_run.cr8 at entry and stores the guest's CR8 there at exit.
+            let cr8_in = if self.caps.kernel_irqchip {
+                None
+            } else {
+                io.cr8_read()
+            };
+            if let Some(c) = cr8_in {
+                self.fd.get_kvm_run().cr8 = c;
+            }
             // A kick from here on sets immediate_exit (KVM_RUN then returns
             // before entering the guest) or signals this thread (an
             // in-progress KVM_RUN returns EINTR).
@@ -1047,6 +1076,7 @@ impl KvmVcpu {
             let result = self.fd.run();
             self.kick.leave();
             let raw = match result {
+                Ok(KvmExit::SetTpr) => Raw::SetTpr,
                 Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..)) => Raw::Pio,
                 Ok(KvmExit::MmioRead(addr, data)) => {
                     io.mmio_read(addr, data);
@@ -1068,6 +1098,7 @@ impl KvmVcpu {
                     // A kick (signal and/or immediate_exit), or our own
                     // immediate_exit after completing the I/O. `run`
                     // clears immediate_exit and the kick on return.
+                    self.sync_cr8(io, cr8_in);
                     self.run_valid = true;
                     self.sync_fresh = self.caps.sync_regs;
                     self.irq_queued = false;
@@ -1083,10 +1114,18 @@ impl KvmVcpu {
                 }
                 Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
+            // (An MMIO exit was serviced above already: a TPR write through
+            // the MMIO page right after a MOV to CR8 with no exit between
+            // lands before it. Guests do not mix the two.)
+            let cr8_changed = self.sync_cr8(io, cr8_in);
             self.run_valid = true;
             self.sync_fresh = self.caps.sync_regs;
             self.irq_queued = false;
             let next = match raw {
+                Raw::SetTpr => {
+                    self.count("set-tpr");
+                    Next::Serviced
+                }
                 Raw::Pio => {
                     self.count("io");
                     self.service_pio(io)?;
@@ -1136,6 +1175,10 @@ impl KvmVcpu {
                     Next::Return(self.unexpected_exit(exit_reason, &what))
                 }
             };
+            let next = match next {
+                Next::Continue if cr8_changed => Next::Serviced,
+                n => n,
+            };
             match next {
                 Next::Continue => {}
                 Next::Serviced => {
@@ -1179,6 +1222,21 @@ impl KvmVcpu {
             }
         }
         Ok(VcpuExit::Interrupted)
+    }
+
+    /// After an exit: hand a CR8 the guest changed (`kvm_run.cr8` differs
+    /// from `entered`, what the VMM loaded at entry) to the LAPIC's TPR.
+    /// True when it changed.
+    fn sync_cr8(&mut self, io: &mut dyn IoHandler, entered: Option<u64>) -> bool {
+        let Some(before) = entered else {
+            return false;
+        };
+        let now = self.fd.get_kvm_run().cr8;
+        if now == before {
+            return false;
+        }
+        io.cr8_write(now);
+        true
     }
 
     /// Complete the current `KVM_EXIT_X86_RDMSR` (`write` None) or
@@ -2039,6 +2097,7 @@ impl Vcpu for KvmVcpu {
             instructions: None,
             exits,
             interp_fallbacks: self.fallbacks,
+            ..Default::default()
         }
     }
 
@@ -2853,6 +2912,7 @@ mod tests {
             pat: 0x0007_0406_0007_0406,
             tsc_aux: 3,
             misc_enable: 0x851,
+            mtrr: Default::default(),
         };
         let entries = msrs_to_entries(&m, Some(123_456));
         assert_eq!(entries.len(), STATE_MSRS.len());
@@ -4296,6 +4356,7 @@ mod tests {
             pat: 0x0007_0106_0007_0406,
             tsc_aux: 3,
             misc_enable: 1,
+            mtrr: Default::default(),
         };
         s.fpu = sample_fpu();
         s.debug = DebugRegs {

@@ -30,9 +30,13 @@ pub trait Kick: Send + Sync {
     fn kick(&self);
 }
 
-/// Receives device interrupt lines by GSI (the in-kernel irqchip).
+/// The in-kernel irqchip's inputs: interrupt lines by GSI (0-15 ISA IRQs,
+/// 16-23 IOAPIC pins) and message-signalled interrupts.
 pub trait GsiSink: Send + Sync {
+    /// Drive GSI `gsi` to the (logical, asserted = true) `level`.
     fn set_gsi(&self, gsi: u32, level: bool);
+    /// Deliver an MSI (KVM_SIGNAL_MSI).
+    fn signal_msi(&self, msi: devices::interrupt::MsiMessage);
 }
 
 /// Which interrupt controllers a VM uses.
@@ -82,6 +86,23 @@ pub trait IoHandler {
     /// The VM clock's time-stamp counter, when the VMM owns time.
     fn tsc(&mut self) -> Option<u64> {
         None
+    }
+    /// The interpreter's retired-instruction count at which it must next
+    /// stop and ask [`IoHandler::exit_requested`] (`retired` is the count
+    /// now): the next timer deadline in virtual time, exactly; a poll
+    /// interval with host time. KVM never calls it.
+    fn next_check(&mut self, retired: u64) -> u64 {
+        retired.saturating_add(cpu_interp::platform::DEFAULT_CHECK_INTERVAL)
+    }
+    /// MOV from CR8: the local APIC's task-priority class (TPR bits 7:4),
+    /// when the machine's LAPIC owns it (`None` otherwise).
+    fn cr8_read(&mut self) -> Option<u64> {
+        None
+    }
+    /// MOV to CR8: set the local APIC's TPR to `cr8 << 4`. True when the
+    /// machine's LAPIC took it.
+    fn cr8_write(&mut self, _cr8: u64) -> bool {
+        false
     }
 }
 
@@ -157,6 +178,8 @@ pub struct VcpuStats {
     pub exits: Vec<(String, u64)>,
     /// Instructions the KVM backend handed to the interpreter.
     pub interp_fallbacks: u64,
+    /// The interpreter's decoded-block cache (None on KVM).
+    pub code_cache: Option<cpu_interp::block::CacheStats>,
 }
 
 /// One virtual CPU.
@@ -191,6 +214,11 @@ pub trait Vcpu: Send {
 
     /// Counters for `--stats`.
     fn stats(&self) -> VcpuStats;
+
+    /// How many instructions [`Vcpu::run`] executes at most before it
+    /// returns [`VcpuExit::Interrupted`] (exact on the interpreter; KVM
+    /// has no instruction count and ignores it).
+    fn set_run_budget(&mut self, _instructions: u64) {}
 
     /// A handle other threads use to make `run` return soon.
     fn kicker(&self) -> std::sync::Arc<dyn Kick>;

@@ -113,6 +113,8 @@ pub struct Summary {
     /// Broken-case messages (first few).
     pub broken: Vec<String>,
     pub elapsed: Duration,
+    /// The hardware oracle's quirks (from the start-up probes).
+    pub probe: Option<super::probe::ProbeReport>,
 }
 
 impl Summary {
@@ -141,10 +143,17 @@ impl Summary {
         let _ = writeln!(t, "== difftest summary");
         let _ = writeln!(
             t,
-            "host CPU: {} (on the hardware oracle the interpreter plays {} quirks, see cpu_interp::quirks)",
+            "host CPU: {} ({}); on the hardware oracle the interpreter plays these quirks \
+             (cpu_interp::quirks), on the emulator oracle Intel's:",
             host_cpu_name(),
-            cpu_interp::quirks::Vendor::host().name()
+            self.probe
+                .as_ref()
+                .map(|p| p.cpu.describe())
+                .unwrap_or_else(|| cpu_interp::quirks::CpuModel::host().describe())
         );
+        if let Some(p) = &self.probe {
+            t.push_str(&p.render());
+        }
         let _ = writeln!(
             t,
             "{:<34} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}  oracle",
@@ -432,9 +441,13 @@ pub struct Campaign<'a> {
 
 impl<'a> Campaign<'a> {
     pub fn new(cfg: CampaignConfig, out: &'a mut dyn Write) -> Result<Self, DifftestError> {
+        let h = Harness::new()?;
         Ok(Campaign {
-            h: Harness::new()?,
-            summary: Summary::default(),
+            summary: Summary {
+                probe: Some(h.probe.clone()),
+                ..Default::default()
+            },
+            h,
             cfg,
             out,
             seen: BTreeMap::new(),

@@ -170,14 +170,18 @@ impl Platform for Recorder {
     }
 }
 
-/// Where the vendors differ, the interpreter plays the oracle's part
-/// (`cpu_interp::quirks`): the host CPU's vendor on the hardware oracle;
-/// Intel's behaviour, which KVM's instruction emulator follows in these
-/// corners (REP CMPS/SCAS faults restore RFLAGS, a null selector load
-/// clears the base), on the emulator oracle.
-pub fn oracle_quirks(mode: Mode) -> cpu_interp::quirks::Quirks {
+/// Where processors differ, the interpreter plays the oracle's part
+/// (`cpu_interp::quirks`): on the hardware oracle what the start-up probes
+/// saw the CPU do (`hardware`, see [`super::probe`]); Intel's behaviour,
+/// which KVM's instruction emulator follows in these corners (REP
+/// CMPS/SCAS faults restore RFLAGS, a null selector load clears the base),
+/// on the emulator oracle.
+pub fn oracle_quirks(
+    mode: Mode,
+    hardware: cpu_interp::quirks::Quirks,
+) -> cpu_interp::quirks::Quirks {
     match mode.oracle() {
-        super::Oracle::Hardware => cpu_interp::quirks::Quirks::host(),
+        super::Oracle::Hardware => hardware,
         super::Oracle::Emulator => cpu_interp::quirks::Quirks::INTEL,
     }
 }
@@ -224,6 +228,28 @@ impl InterpSide {
             End::Failed(format!("interpreter panicked: {msg}"))
         });
         (end, rec.finish())
+    }
+
+    /// Run `case` alone (environment reinstalled, case area written)
+    /// playing `quirks`, and snapshot the result.
+    pub fn run_case(
+        &mut self,
+        case: &Case,
+        quirks: cpu_interp::quirks::Quirks,
+    ) -> Result<Snapshot, DifftestError> {
+        let asm = assemble(case.mode, &case.items)?;
+        env::install(&self.mem)?;
+        self.mem
+            .write_slice(&area_with_code(case, &asm), GuestAddress(env::CASE_AREA))
+            .map_err(|e| DifftestError::Memory(e.to_string()))?;
+        self.cpu.set_quirks(quirks);
+        let (end, io) = self.run(&case.init, INTERP_BUDGET);
+        Ok(Snapshot {
+            end,
+            state: self.cpu.state(),
+            mem: snapshot_mem(&self.mem)?,
+            io,
+        })
     }
 }
 
@@ -296,6 +322,8 @@ pub struct Harness {
     pub interp: InterpSide,
     pristine: Vec<u8>,
     scratch: Vec<u8>,
+    /// The hardware oracle's quirks and where each came from.
+    pub probe: super::probe::ProbeReport,
 }
 
 /// Does `mem[0..pristine.len()]` still hold `pristine` up to the case area?
@@ -344,12 +372,16 @@ impl Harness {
                 .find(|(a, _)| *a == 0)
                 .map(|(_, b)| b)
                 .unwrap_or_default();
-            Ok(Harness {
+            let cpu = cpu_interp::quirks::CpuModel::host();
+            let mut h = Harness {
                 kvm: KvmSide::new(false, Duration::from_secs(2))?,
                 interp: InterpSide::new()?,
                 pristine,
                 scratch: Vec::new(),
-            })
+                probe: super::probe::ProbeReport::table_only(cpu),
+            };
+            h.probe = super::probe::probe(&mut h, cpu)?;
+            Ok(h)
         }
         #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
         {
@@ -359,8 +391,9 @@ impl Harness {
         }
     }
 
-    /// Run `case` on both sides.
-    pub fn run(&mut self, case: &Case) -> Result<Outcome, DifftestError> {
+    /// Lay `case` into both memories (environment pages restored where a
+    /// case changed them).
+    fn prepare(&mut self, case: &Case) -> Result<Assembled, DifftestError> {
         let asm = assemble(case.mode, &case.items)?;
         let area = area_with_code(case, &asm);
         let mut mems = vec![&self.interp.mem];
@@ -371,6 +404,35 @@ impl Harness {
             mem.write_slice(&area, GuestAddress(env::CASE_AREA))
                 .map_err(|e| DifftestError::Memory(e.to_string()))?;
         }
+        Ok(asm)
+    }
+
+    /// Run `case` on KVM only (the start-up probes).
+    pub fn run_kvm(&mut self, case: &Case) -> Result<Snapshot, DifftestError> {
+        self.prepare(case)?;
+        #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+        {
+            let (end, io) = self.kvm.run(&case.init);
+            let state = match &end {
+                End::Failed(_) => case.init,
+                _ => self.kvm.vcpu.state().unwrap_or(case.init),
+            };
+            Ok(Snapshot {
+                end,
+                state,
+                mem: snapshot_mem(&self.kvm.mem)?,
+                io,
+            })
+        }
+        #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+        Err(DifftestError::KvmUnavailable(
+            "this build has no KVM backend".into(),
+        ))
+    }
+
+    /// Run `case` on both sides.
+    pub fn run(&mut self, case: &Case) -> Result<Outcome, DifftestError> {
+        let asm = self.prepare(case)?;
         #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
         let kvm = {
             let (end, io) = self.kvm.run(&case.init);
@@ -401,7 +463,9 @@ impl Harness {
                 io: Vec::new(),
             }
         } else {
-            self.interp.cpu.set_quirks(oracle_quirks(case.mode));
+            self.interp
+                .cpu
+                .set_quirks(oracle_quirks(case.mode, self.probe.quirks));
             let (end, io) = self.interp.run(&case.init, INTERP_BUDGET);
             Snapshot {
                 end,

@@ -20,6 +20,7 @@
 //! - [`harness`]: runs a case on both sides and snapshots the outcome.
 //! - [`compare`]: the comparison, with masking rules, and its report.
 //! - [`minimize`]: delta debugging of a diverging case.
+//! - [`probe`]: start-up probes of the hardware oracle's processor quirks.
 //! - [`campaign`]: the `duet difftest` driver and its summary.
 //! - [`fuzz`]: random bytes as guest code, for robustness.
 //!
@@ -37,6 +38,7 @@ pub mod fuzz;
 pub mod gen;
 pub mod harness;
 pub mod minimize;
+pub mod probe;
 pub mod rng;
 pub mod watchdog;
 

@@ -161,6 +161,7 @@ impl GuestProgram {
         GuestImage {
             blobs,
             entry: self.entry,
+            pci_devices: Vec::new(),
         }
     }
 }
@@ -389,6 +390,46 @@ pub fn emit_map_apic_pages(a: &mut CodeAssembler) -> Result<(), IcedError> {
         a.mov(dword_ptr(entry), (base & !(TWO_MIB - 1)) as u32 | mmio_page)?;
     }
     Ok(())
+}
+
+/// Identity-map the whole 3 .. 4 GiB MMIO gap (PCI windows, ECAM, the
+/// IOAPIC and the local APIC) with 2 MiB uncached pages (16- or 32-bit
+/// code, after [`emit_build_page_tables`]; it replaces
+/// [`emit_map_apic_pages`]). Clobbers EAX, ECX, EDI.
+pub fn emit_map_mmio_gap(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    const TWO_MIB: u32 = 2 << 20;
+    let table = pte::PRESENT | pte::WRITABLE;
+    let mmio_page = table | pte::LARGE_PAGE | pte::CACHE_DISABLE | pte::WRITE_THROUGH;
+    let mut fill = a.create_label();
+    a.mov(dword_ptr(map::PDPT + 3 * 8), map::PD_MMIO as u32 | table)?;
+    a.cld()?;
+    a.mov(edi, map::PD_MMIO as u32)?;
+    a.mov(eax, 0xc000_0000u32 | mmio_page)?;
+    a.mov(ecx, 512u32)?;
+    a.set_label(&mut fill)?;
+    a.mov(dword_ptr(edi), eax)?;
+    a.mov(dword_ptr(edi + 4), 0u32)?;
+    a.add(eax, TWO_MIB)?;
+    a.add(edi, 8)?;
+    a.dec(ecx)?;
+    a.jnz(fill)
+}
+
+/// The 16-bit start most long-mode guests share: real-mode prologue, COM1
+/// set-up, page tables (with the MMIO gap mapped uncached when
+/// `map_mmio`), then straight into 64-bit code at [`map::CODE64`]
+/// through the GDT whose pseudo-descriptor is at `gdtr`. Returns the
+/// 16-bit code blob.
+pub fn long_mode_entry(gdtr: u32, map_mmio: bool) -> Result<CodeBlob, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    emit_real_mode_prologue(&mut a)?;
+    emit_uart_init(&mut a)?;
+    emit_build_page_tables(&mut a)?;
+    if map_mmio {
+        emit_map_mmio_gap(&mut a)?;
+    }
+    emit_real_mode_to_long_mode(&mut a, gdtr)?;
+    Ok(assemble(&mut a, map::CODE16)?.blob)
 }
 
 /// Turn on long mode: CR4.PAE, CR3 = [`map::PML4`], EFER.LME, then CR0.PE

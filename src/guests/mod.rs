@@ -9,6 +9,7 @@ pub mod asm;
 pub mod checksum;
 pub mod fault;
 pub mod hello_real;
+pub mod irq_boundary;
 pub mod irq_level_eoi;
 pub mod irq_masking;
 pub mod irq_pit_ioapic;
@@ -16,6 +17,7 @@ pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
 pub mod real_mode_return;
+pub mod pci;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -30,6 +32,8 @@ pub struct GuestImage {
     pub blobs: Vec<(u64, Vec<u8>)>,
     /// Initial vCPU state (all built-in guests start in real mode).
     pub entry: CpuState,
+    /// PCI devices the guest expects (plugged in when it is loaded).
+    pub pci_devices: Vec<crate::machine::PciDeviceSpec>,
 }
 
 /// An entry of the built-in guest list.
@@ -100,6 +104,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             needs_input: false,
         },
         BuiltinGuest {
+            name: irq_boundary::NAME,
+            description: irq_boundary::DESCRIPTION,
+            build: irq_boundary::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
             name: irq_level_eoi::NAME,
             description: irq_level_eoi::DESCRIPTION,
             build: irq_level_eoi::build,
@@ -127,6 +137,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: real_mode_return::NAME,
             description: real_mode_return::DESCRIPTION,
             build: real_mode_return::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: pci::NAME,
+            description: pci::DESCRIPTION,
+            build: pci::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -388,6 +388,8 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
         layout::HIGH_RAM_START - boot::BIOS_START,
         RESERVED,
     ));
+    // PCI ECAM, so that the OS trusts the MCFG table.
+    v.push((layout::pci::ECAM_BASE, layout::pci::ECAM_SIZE, RESERVED));
     // The usable low range stops at the EBDA.
     if let Some(first) = v.first_mut() {
         first.1 = first.1.min(boot::EBDA_START);

@@ -70,6 +70,18 @@ fn run_guest_full(
     clock: ClockKind,
     irqchip: IrqchipKind,
 ) -> RunResult {
+    run_guest_budget(name, kind, clock, irqchip, None)
+}
+
+/// Boot built-in guest `name`, returning to the VMM every `budget`
+/// instructions (interpreter) when given.
+pub fn run_guest_budget(
+    name: &str,
+    kind: BackendKind,
+    clock: ClockKind,
+    irqchip: IrqchipKind,
+    budget: Option<u64>,
+) -> RunResult {
     let guest = guests::find(name).unwrap_or_else(|| panic!("no built-in guest {name}"));
     let out = SharedBuf::default();
     let trace = temp_path(name);
@@ -81,6 +93,9 @@ fn run_guest_full(
         ..MachineConfig::new(kind, Box::new(out.clone()))
     };
     let mut m = Machine::new(cfg).expect("machine");
+    if let Some(b) = budget {
+        m.set_run_budget(b);
+    }
     m.load(&(guest.build)()).expect("load");
     let outcome = m.run().expect("run");
     let stats = m.vcpu_stats();

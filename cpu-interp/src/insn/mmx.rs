@@ -453,7 +453,9 @@ fn emms(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
 /// destinations zero-extend to 64).
 fn movd_movq(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let mmx = uses_mm(d);
-    if mmx {
+    if mmx && d.i.op0_kind() == OpKind::Memory {
+        cpu.mmx_prepare_store()?;
+    } else if mmx {
         cpu.mmx_prepare()?;
     } else {
         cpu.check_sse()?;
@@ -487,7 +489,7 @@ fn movd_movq(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 /// MOVNTQ m64, mm.
 fn movntq(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    cpu.mmx_prepare()?;
+    cpu.mmx_prepare_store()?;
     let v = cpu.mm_reg(d.i.op1_register());
     cpu.vec_store(p, d, 8, u128::from(v), false)?;
     cpu.mmx_switch();
@@ -754,6 +756,38 @@ mod tests {
             );
             assert_eq!(r.map_err(|e| e.vector), Err(crate::exception::PF));
             assert_eq!((c.fpu.top(), c.fpu.ftw), (top, ftw), "{quirks:?}");
+        }
+    }
+
+    #[test]
+    fn a_faulting_mmx_store_leaves_x87_state_per_cpu() {
+        // movq [0x20_0000], mm0 (0f 7f 04 25 00 00 20 00) and movntq (0f e7
+        // ...) with that 2 MiB page not present and TOP = 4: #PF. Sapphire
+        // Rapids has made the whole transition, Emerald Rapids has set TOP
+        // to 0 but not the tags, AMD neither.
+        let emr = crate::quirks::Quirks {
+            mmx_switch_before_fault: false,
+            mmx_store_tags_before_fault: false,
+            ..crate::quirks::Quirks::INTEL
+        };
+        for op in [0x7f, 0xe7] {
+            for (quirks, top, ftw) in [
+                (crate::quirks::Quirks::INTEL, 0, 0),
+                (emr, 0, 0xffff),
+                (crate::quirks::Quirks::AMD, 4, 0xffff),
+            ] {
+                let (c, r) = exec1(
+                    Mode::Long64,
+                    &[0x0f, op, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00],
+                    |c| {
+                        c.set_quirks(quirks);
+                        write_phys(c, PML4 + 0x2000 + 8, &0u64.to_le_bytes());
+                        c.fpu.set_top(4);
+                    },
+                );
+                assert_eq!(r.map_err(|e| e.vector), Err(crate::exception::PF));
+                assert_eq!((c.fpu.top(), c.fpu.ftw), (top, ftw), "{op:#x} {quirks:?}");
+            }
         }
     }
 

@@ -103,6 +103,21 @@ impl Cpu {
         }
     }
 
+    /// The checks of an MMX store to memory, then the parts of its x87 →
+    /// MMX transition the processor makes before the store's access
+    /// (`Quirks::mmx_store_top_before_fault`, `mmx_store_tags_before_fault`).
+    pub(crate) fn mmx_prepare_store(&mut self) -> XResult<()> {
+        self.check_mmx()?;
+        self.x87_pending_check()?;
+        if self.quirks.mmx_store_top_before_fault {
+            self.fpu.set_top(0);
+        }
+        if self.quirks.mmx_store_tags_before_fault {
+            self.fpu.ftw = 0;
+        }
+        Ok(())
+    }
+
     /// The x87 → MMX transition every MMX instruction makes (except EMMS):
     /// TOP = 0, all tags valid.
     #[inline(always)]

@@ -192,10 +192,16 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 bump(cpu, gpr::RSI, step, am);
             }
             CMPS => {
-                // Hardware accesses ES:[rDI] before DS:[rSI] here (unlike
-                // MOVS): a fault on both reports the rDI one.
-                let b = keep_flags!(cpu.read_mem(p, sreg::ES, di, size));
-                let a = keep_flags!(cpu.read_mem(p, src_seg, si, size));
+                // Most processors access ES:[rDI] before DS:[rSI] here
+                // (unlike MOVS): a fault on both reports the rDI one; Zen 4
+                // reads the source first (`Quirks::cmps_source_first`).
+                let (a, b) = if cpu.quirks.cmps_source_first {
+                    let a = keep_flags!(cpu.read_mem(p, src_seg, si, size));
+                    (a, keep_flags!(cpu.read_mem(p, sreg::ES, di, size)))
+                } else {
+                    let b = keep_flags!(cpu.read_mem(p, sreg::ES, di, size));
+                    (keep_flags!(cpu.read_mem(p, src_seg, si, size)), b)
+                };
                 bump(cpu, gpr::RSI, step, am);
                 bump(cpu, gpr::RDI, step, am);
                 cpu.flags
@@ -445,19 +451,29 @@ mod tests {
 
     #[test]
     fn cmps_reads_the_destination_first() {
-        // cmpsb (a6) with RSI and RDI both in the unmapped 1 GiB at
-        // 0x40000000: the #PF reports the ES:[RDI] access (CR2 = RDI), as
-        // on hardware.
-        let mut c = new_cpu();
-        setup(&mut c, Mode::Long64);
-        write_phys(&c, CODE, &[0xa6]);
-        c.set_gpr(RSI, 0x4000_0100);
-        c.set_gpr(RDI, 0x4000_0200);
-        let mut p = TestPlatform::default();
-        let insn = c.decode_one(&mut p).expect("decodable");
-        let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
-        assert_eq!(e.vector, crate::exception::PF);
-        assert_eq!(c.cr2, 0x4000_0200);
+        // cmpsb (a6) and repe cmpsb (f3 a6) with RSI and RDI both in the
+        // unmapped 1 GiB at 0x40000000: the #PF reports the ES:[RDI] access
+        // (CR2 = RDI), as on Intel and Zen 3; Zen 4 reports DS:[RSI]
+        // (`Quirks::cmps_source_first`).
+        for code in [&[0xa6][..], &[0xf3, 0xa6]] {
+            for (source_first, cr2) in [(false, 0x4000_0200), (true, 0x4000_0100)] {
+                let mut c = new_cpu();
+                setup(&mut c, Mode::Long64);
+                c.set_quirks(crate::quirks::Quirks {
+                    cmps_source_first: source_first,
+                    ..crate::quirks::Quirks::INTEL
+                });
+                write_phys(&c, CODE, code);
+                c.set_gpr(RSI, 0x4000_0100);
+                c.set_gpr(RDI, 0x4000_0200);
+                c.set_gpr(RCX, 3);
+                let mut p = TestPlatform::default();
+                let insn = c.decode_one(&mut p).expect("decodable");
+                let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
+                assert_eq!(e.vector, crate::exception::PF);
+                assert_eq!(c.cr2, cr2, "{code:x?} source first {source_first}");
+            }
+        }
     }
 
     #[test]

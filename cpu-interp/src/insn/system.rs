@@ -274,7 +274,7 @@ fn cr_number(r: Register) -> u8 {
     (r as usize - Register::CR0 as usize) as u8
 }
 
-fn mov_from_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+fn mov_from_cr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.require_cpl0()?;
     if cpu.vm86() {
         return Err(Exception::gp0());
@@ -284,7 +284,12 @@ fn mov_from_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         2 => cpu.cr2,
         3 => cpu.cr3,
         4 => cpu.cr4,
-        8 if cpu.bits == 64 => cpu.cr8,
+        8 if cpu.bits == 64 => {
+            if let Some(v) = p.read_cr8() {
+                cpu.cr8 = v & 0xf;
+            }
+            cpu.cr8
+        }
         _ => return Err(Exception::ud()),
     };
     cpu.set_reg(d.i.op0_register(), v);
@@ -378,7 +383,7 @@ impl Cpu {
     }
 }
 
-fn mov_to_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
+fn mov_to_cr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.require_cpl0()?;
     if cpu.vm86() {
         return Err(Exception::gp0());
@@ -397,6 +402,12 @@ fn mov_to_cr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
                 return Err(Exception::gp0());
             }
             cpu.cr8 = v;
+            p.retired_hint(cpu.retired);
+            if p.write_cr8(v) {
+                // A lower priority may let a pending interrupt in: the
+                // machine gets a look at the next boundary.
+                cpu.io_happened = true;
+            }
             cpu.end_block = true;
             Ok(())
         }
@@ -589,11 +600,9 @@ fn pat_valid(v: u64) -> bool {
     (0..8).all(|k| matches!((v >> (8 * k)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
-const MTRR_PHYS_FIRST: u32 = 0x200;
-const MTRR_PHYS_LAST: u32 = 0x20f;
-const MTRR_FIXED: [u32; 11] = [
-    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
-];
+const MTRR_PHYS_FIRST: u32 = crate::state::MTRR_VARIABLE_FIRST;
+const MTRR_PHYS_LAST: u32 = MTRR_PHYS_FIRST + 15;
+const MTRR_FIXED: [u32; 11] = crate::state::MTRR_FIXED_MSRS;
 
 impl Cpu {
     /// RDMSR semantics; `None` means #GP (an MSR duet does not know).
@@ -718,6 +727,7 @@ fn rdmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
+    p.retired_hint(cpu.retired);
     let from_machine = match p.read_msr(idx) {
         crate::platform::MsrResult::Done(v) => Some(v),
         crate::platform::MsrResult::Fault => return Err(Exception::gp0()),
@@ -743,11 +753,15 @@ fn wrmsr(cpu: &mut Cpu, p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     }
     let idx = cpu.gpr[gpr::RCX] as u32;
     let v = (cpu.gpr[gpr::RDX] << 32) | (cpu.gpr[gpr::RAX] & 0xffff_ffff);
+    p.retired_hint(cpu.retired);
     match p.write_msr(idx, v) {
         crate::platform::MsrResult::Done(_) => {
             if idx == msr::APIC_BASE {
                 cpu.apic_base = v;
             }
+            // An EOI, TPR or ICR write may make an interrupt deliverable, a
+            // timer MSR may move the next deadline: check at this boundary.
+            cpu.io_happened = true;
             cpu.end_block = true;
             return Ok(());
         }

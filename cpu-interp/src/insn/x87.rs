@@ -450,7 +450,12 @@ fn write_m80(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, v: u128) -> XResult<
 
 /// A store an unmasked exception suppresses still checks its destination
 /// (a #PF there comes first, as on the processors).
+/// The destination check of a store an unmasked exception suppresses
+/// (`Quirks::suppressed_store_checks_destination`).
 fn probe_m(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn, size: usize) -> XResult<()> {
+    if !cpu.quirks.suppressed_store_checks_destination {
+        return Ok(());
+    }
     let off = cpu.ea(d);
     cpu.probe_write(p, d.seg as usize, off, size)
 }
@@ -832,6 +837,16 @@ fn arith<const OP: u8, const POP: bool>(
         _ => sf::div(a, b, &c),
     };
     r.flags |= conv;
+    // Zen 4: of two QNaN operands, the real indefinite wins
+    // (`Quirks::x87_indefinite_wins`).
+    if cpu.quirks.x87_indefinite_wins
+        && matches!(sf::classify(a), sf::Class::QNaN)
+        && matches!(sf::classify(b), sf::Class::QNaN)
+        && (a == INDEFINITE || b == INDEFINITE)
+    {
+        r.v = INDEFINITE;
+    }
+    let f = &mut cpu.fpu;
     if put(f, dst, r) && POP {
         f.pop();
     }
@@ -2699,6 +2714,29 @@ mod tests {
     }
 
     #[test]
+    fn two_qnans_give_the_larger_significand_or_the_indefinite_per_cpu() {
+        // movd mm0, eax (MMX: all tags valid); fld1 overflows the stack
+        // (masked: the indefinite in ST(0)); fdivr dword [D] with a QNaN of
+        // larger significand in memory. The SDM's rule gives the memory
+        // NaN; Zen 4 gives the indefinite (`Quirks::x87_indefinite_wins`).
+        let prog = code(&[&[0x0f, 0x6e, 0xc0], &[0xd9, 0xe8], &m(&[0xd8], 7, D)]);
+        for (wins, want) in [
+            (false, x(0x7fff, 0xf2a7_8600_0000_0000)),
+            (true, INDEFINITE),
+        ] {
+            let c = run(Mode::Prot32, &prog, |c| {
+                c.set_quirks(crate::quirks::Quirks {
+                    x87_indefinite_wins: wins,
+                    ..crate::quirks::Quirks::INTEL
+                });
+                write_phys(c, u64::from(D), &0x7ff2_a786u32.to_le_bytes());
+            });
+            assert_eq!(c.fpu.st(0), want, "indefinite wins: {wins}");
+            assert_eq!(c.fpu.fsw & 0x41, 0x41, "stack fault (SF, IE) recorded");
+        }
+    }
+
+    #[test]
     fn an_m80_store_into_a_faulting_page_per_vendor() {
         // fstp tbyte [0x1f_fff8] (db 3c 25 f8 ff 1f 00) with the 2 MiB page
         // at 0x20_0000 not present: #PF either way; Intel has written the
@@ -2738,5 +2776,13 @@ mod tests {
         let insn = c.decode_one(&mut p).expect("decodable");
         let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#PF");
         assert_eq!(e.vector, crate::exception::PF);
+        // Emerald Rapids skips the check: the instruction completes with
+        // the stack fault recorded (a later x87 instruction takes #MF).
+        c.set_quirks(crate::quirks::Quirks {
+            suppressed_store_checks_destination: false,
+            ..crate::quirks::Quirks::INTEL
+        });
+        (insn.h)(&mut c, &mut p, &insn).expect("no #PF");
+        assert_eq!(c.fpu.fsw & 0x41, 0x41);
     }
 }

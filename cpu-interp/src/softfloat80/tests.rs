@@ -649,3 +649,20 @@ fn transcendental_vectors() {
         assert_eq!(got.flags & PE, PE);
     }
 }
+
+#[test]
+fn tiny_transcendental_results_stay_normal() {
+    // FSIN and FPATAN of -2^-16382 (with x = 1) rounding up: the correctly
+    // rounded result is the denormal next to it (UE); Emerald Rapids gives
+    // the argument, PE only. Rounding to nearest gives the argument anyway.
+    let m = x(0x8001, 0x8000_0000_0000_0000);
+    for rc in [Rc::Up, Rc::Nearest] {
+        let c = ctx(rc, 64);
+        let Trig::Done(s, _) = trans::trig(m, false, &c) else {
+            panic!("not done")
+        };
+        assert_eq!((s.v, s.flags), (m, PE), "fsin {rc:?}");
+        let r = trans::fpatan(ONE, m, &c);
+        assert_eq!((r.v, r.flags), (m, PE), "fpatan {rc:?}");
+    }
+}

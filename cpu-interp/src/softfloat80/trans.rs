@@ -28,7 +28,7 @@
 
 use super::{
     classify, inf, invalid, mul, pack, propagate, quiet, round_pack, sign, special1, sub, unpack,
-    zero, Class, Ctx, Fmt, Res, Unp, BIAS, DE, INT_BIT, ONE, ZE,
+    zero, Class, Ctx, Fmt, Res, Unp, BIAS, DE, INT_BIT, ONE, PE, UE, ZE,
 };
 
 /// A 128-bit-significand binary float: (-1)^neg * sig * 2^(exp - 127),
@@ -648,8 +648,9 @@ pub fn fpatan(x: u128, y: u128, ctx: &Ctx) -> Res<u128> {
             }
         }
         _ => {
-            let wx = W::from_unp(unpack(x)).abs();
-            let wy = W::from_unp(unpack(y)).abs();
+            let (ux, uy) = (unpack(x), unpack(y));
+            let wx = W::from_unp(ux).abs();
+            let wy = W::from_unp(uy).abs();
             let swap = wy.cmp_abs(wx).is_gt();
             let mut a = if swap {
                 atan(wx.div(wy))
@@ -662,7 +663,21 @@ pub fn fpatan(x: u128, y: u128, ctx: &Ctx) -> Res<u128> {
             if sx {
                 a = W::PI.sub(a);
             }
-            W { neg: sy, ..a }.round(ctx)
+            let r = W { neg: sy, ..a }.round(ctx);
+            // A result rounding into the denormal range from a normal
+            // quotient y/x (tiny, x > 0): the processors return the
+            // quotient, inexact, without underflow (seen on Emerald Rapids:
+            // FPATAN of -2^-16382 / 1 rounding up gives -2^-16382, PE, no
+            // UE), as FSIN does ([`trig`]).
+            let q = W {
+                neg: sy,
+                ..wy.div(wx)
+            }
+            .round(ctx);
+            if r.flags & UE != 0 && !sx && !swap && q.flags & UE == 0 && uy.e - ux.e < -33 {
+                return q.with(PE | de);
+            }
+            r
         }
     };
     r.with(de)
@@ -730,11 +745,27 @@ pub fn trig(a: u128, tan: bool, ctx: &Ctx) -> Trig {
     if u.sign {
         sn = sn.neg();
     }
+    // A normal argument whose sine or tangent rounds into the denormal
+    // range (|x| near 2^-16382, rounding towards zero): the processors
+    // return the argument itself, inexact, without underflow (seen on
+    // Emerald Rapids: FSIN/FSINCOS of -2^-16382 rounding up give
+    // -2^-16382, PE and no UE); within 1 ulp of the exact result.
+    let no_denormal = |r: Res<u128>| {
+        if ca == Class::Normal && r.flags & UE != 0 {
+            Res {
+                v: a,
+                flags: PE,
+                up: false,
+            }
+        } else {
+            r
+        }
+    };
     if tan {
         let t = sn.div(cs);
-        return Trig::Done(t.round(ctx).with(de), Res::exact(ONE));
+        return Trig::Done(no_denormal(t.round(ctx)).with(de), Res::exact(ONE));
     }
-    Trig::Done(sn.round(ctx).with(de), cs.round(ctx).with(de))
+    Trig::Done(no_denormal(sn.round(ctx)).with(de), cs.round(ctx).with(de))
 }
 
 #[cfg(test)]

@@ -1,0 +1,474 @@
+//! I/O routing: every guest access to a device passes through
+//! [`DeviceIo`], which routes it to the port or MMIO bus with the vCPU that
+//! made it, counts it for `--stats` by device id, writes it to the trace,
+//! lets the interrupt controllers carry what the access caused, applies
+//! PCI BAR moves, and keeps the timers' earliest deadline current.
+//!
+//! Every device the machine maps has a [`DeviceId`] from the machine's
+//! device list ([`DeviceIo::register`]); the trace, the counters and bus
+//! errors name it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::pci::root::PciRoot;
+use devices::pci::{BarMapping, PciAddress, PciBarWindow};
+use devices::ratelimit::LogOnce;
+use devices::{Bus, BusKind, DeviceId, SharedDevice, TimeTaint, VmControl};
+
+use crate::backend::{IoHandler, MsrResult};
+use crate::irqchip::{lock, IrqChip};
+use crate::timers::Timers;
+use crate::trace::Tracer;
+
+/// Access counters for one device on one bus.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessCount {
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// The PCI root, as the I/O path needs it: to apply BAR changes.
+struct PciHook {
+    root: Arc<Mutex<PciRoot>>,
+    changed: Arc<AtomicBool>,
+    /// The device id of each function (its BAR windows carry it).
+    ids: BTreeMap<PciAddress, DeviceId>,
+    overlap: LogOnce,
+}
+
+/// An access to the device may queue interrupt-controller messages (EOIs,
+/// IPIs, unmasked deliveries, a TPR change): pump them afterwards.
+pub const AFFECTS_INTERRUPTS: u8 = 1 << 0;
+/// An access to the device may arm, move or cancel a timer: re-read the
+/// earliest deadline afterwards.
+pub const AFFECTS_TIMERS: u8 = 1 << 1;
+
+/// The VMM side of device I/O: buses, tracer, counters, VM control, the
+/// interrupt controllers and timers.
+pub struct DeviceIo {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub tracer: Tracer,
+    pub control: VmControl,
+    pub taint: TimeTaint,
+    pub timers: Timers,
+    chip: Arc<dyn IrqChip>,
+    /// The vCPU whose accesses are being serviced.
+    vcpu: usize,
+    names: Vec<String>,
+    /// Per device id: what an access to it may change ([`AFFECTS_INTERRUPTS`],
+    /// [`AFFECTS_TIMERS`]), so that other accesses skip that work.
+    affects: Vec<u8>,
+    /// Per device id: port and MMIO counters.
+    counts: Vec<[AccessCount; 2]>,
+    unmapped: AccessCount,
+    pci: Option<PciHook>,
+}
+
+impl DeviceIo {
+    pub fn new(
+        tracer: Tracer,
+        control: VmControl,
+        taint: TimeTaint,
+        timers: Timers,
+        chip: Arc<dyn IrqChip>,
+    ) -> Self {
+        DeviceIo {
+            pio: Bus::new(BusKind::Pio),
+            mmio: Bus::new(BusKind::Mmio),
+            tracer,
+            control,
+            taint,
+            timers,
+            chip,
+            vcpu: 0,
+            names: Vec::new(),
+            affects: Vec::new(),
+            counts: Vec::new(),
+            unmapped: AccessCount::default(),
+            pci: None,
+        }
+    }
+
+    /// Add a device to the machine's list; its id. Accesses to it are
+    /// routed and counted only (see [`DeviceIo::register_with`]).
+    pub fn register(&mut self, name: &str) -> DeviceId {
+        self.register_with(name, 0)
+    }
+
+    /// Add a device whose accesses may affect the interrupt controllers or
+    /// the timers (`affects`: [`AFFECTS_INTERRUPTS`] | [`AFFECTS_TIMERS`]).
+    pub fn register_with(&mut self, name: &str, affects: u8) -> DeviceId {
+        let id = DeviceId(self.names.len() as u32);
+        self.names.push(name.to_string());
+        self.affects.push(affects);
+        self.counts.push(Default::default());
+        id
+    }
+
+    /// The name of device `id`.
+    pub fn device_name(&self, id: DeviceId) -> &str {
+        self.names.get(id.index()).map_or("?", String::as_str)
+    }
+
+    /// Map a range of device `id` on `kind`'s bus.
+    pub fn map(
+        &mut self,
+        kind: BusKind,
+        id: DeviceId,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), devices::BusError> {
+        let name = self.names.get(id.index()).cloned().unwrap_or_default();
+        self.bus_mut(kind).insert(id, &name, base, len, device)
+    }
+
+    fn bus_mut(&mut self, kind: BusKind) -> &mut Bus {
+        match kind {
+            BusKind::Pio => &mut self.pio,
+            BusKind::Mmio => &mut self.mmio,
+        }
+    }
+
+    /// The interrupt controllers.
+    pub fn chip(&self) -> &Arc<dyn IrqChip> {
+        &self.chip
+    }
+
+    /// Service the accesses of vCPU `id` from now on.
+    pub fn set_vcpu(&mut self, id: usize) {
+        self.vcpu = id;
+    }
+
+    /// Attach the PCI root whose BAR changes this I/O path applies.
+    pub fn attach_pci(&mut self, root: Arc<Mutex<PciRoot>>) {
+        let changed = lock(&root).changed_flag();
+        self.pci = Some(PciHook {
+            root,
+            changed,
+            ids: BTreeMap::new(),
+            overlap: LogOnce::new(),
+        });
+    }
+
+    /// Note the device id of the function at `address` (its BARs are
+    /// mapped under it).
+    pub fn note_pci_function(&mut self, address: PciAddress, id: DeviceId) {
+        if let Some(p) = self.pci.as_mut() {
+            p.ids.insert(address, id);
+        }
+    }
+
+    /// Map what the PCI root says changed (BARs moved, enabled, disabled).
+    /// A BAR placed over another range stays unmapped (logged once): on
+    /// real hardware such decoding conflicts are undefined.
+    pub fn apply_pci_changes(&mut self) {
+        let Some(p) = self.pci.as_ref() else {
+            return;
+        };
+        let changes = lock(&p.root).take_bar_changes();
+        for c in changes {
+            let Some(p) = self.pci.as_ref() else {
+                return;
+            };
+            let id = p.ids.get(&c.address).copied();
+            let device = lock(&p.root).function(c.address).cloned();
+            let (Some(id), Some(device)) = (id, device) else {
+                continue;
+            };
+            for b in &c.removed {
+                let kind = bar_bus(b);
+                // A BAR that never got mapped (overlap) is not there to remove.
+                let _ = self.bus_mut(kind).remove(b.base);
+            }
+            for b in &c.added {
+                let window: SharedDevice =
+                    Arc::new(Mutex::new(PciBarWindow::new(device.clone(), b.index)));
+                if let Err(e) = self.map(bar_bus(b), id, b.base, b.size, window) {
+                    if self.pci.as_ref().is_some_and(|p| p.overlap.first()) {
+                        log::warn!(
+                            "pci {}: BAR {} left unmapped: {e} (logged once)",
+                            c.address,
+                            b.index
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-read the timers' earliest deadline (after guest accesses).
+    pub fn refresh_deadline(&mut self) {
+        self.timers.deadline = self.timers.compute_deadline();
+    }
+
+    #[inline]
+    fn access(&mut self, kind: BusKind, addr: u64, data: &mut [u8], write: bool) {
+        let bus = match kind {
+            BusKind::Pio => &self.pio,
+            BusKind::Mmio => &self.mmio,
+        };
+        let hit = if write {
+            bus.write(self.vcpu, addr, data)
+        } else {
+            bus.read(self.vcpu, addr, data)
+        };
+        let (c, affects) = match hit {
+            Some((id, _)) => (
+                &mut self.counts[id.index()][kind as usize],
+                self.affects[id.index()],
+            ),
+            None => (&mut self.unmapped, 0),
+        };
+        if write {
+            c.writes += 1;
+        } else {
+            c.reads += 1;
+        }
+        let timed = self.taint.take() && !write;
+        if self.tracer.enabled() {
+            let name = hit.map_or("-", |(_, n)| n);
+            self.tracer.record(kind, write, addr, data, name, timed);
+        }
+        if affects & AFFECTS_INTERRUPTS != 0 {
+            self.chip.pump();
+        }
+        if self
+            .pci
+            .as_ref()
+            .is_some_and(|p| p.changed.load(Ordering::Relaxed))
+        {
+            self.apply_pci_changes();
+        }
+        if affects & AFFECTS_TIMERS != 0 {
+            // The access may have armed or moved a timer.
+            self.refresh_deadline();
+        }
+    }
+
+    /// Per-device access counts: (bus, device name, counts) for every
+    /// device and bus that saw an access, plus the unmapped total.
+    pub fn counts(&self) -> (Vec<(BusKind, &str, AccessCount)>, AccessCount) {
+        let mut v = Vec::new();
+        for (i, c) in self.counts.iter().enumerate() {
+            for kind in [BusKind::Pio, BusKind::Mmio] {
+                let n = c[kind as usize];
+                if n.reads + n.writes > 0 {
+                    v.push((kind, self.names[i].as_str(), n));
+                }
+            }
+        }
+        v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        (v, self.unmapped)
+    }
+}
+
+fn bar_bus(b: &BarMapping) -> BusKind {
+    if b.io {
+        BusKind::Pio
+    } else {
+        BusKind::Mmio
+    }
+}
+
+impl IoHandler for DeviceIo {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.access(BusKind::Pio, u64::from(port), data, false);
+    }
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        let mut buf = [0u8; 8];
+        let n = data.len().min(8);
+        buf[..n].copy_from_slice(&data[..n]);
+        self.access(BusKind::Pio, u64::from(port), &mut buf[..n], true);
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.access(BusKind::Mmio, addr, data, false);
+    }
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        let mut buf = [0u8; 8];
+        let n = data.len().min(8);
+        buf[..n].copy_from_slice(&data[..n]);
+        self.access(BusKind::Mmio, addr, &mut buf[..n], true);
+    }
+    fn exit_requested(&self) -> bool {
+        self.control.is_pending()
+            || self.chip.attention()
+            || self.timers.deadline <= self.timers.now()
+    }
+
+    fn instructions_retired(&mut self, n: u64) {
+        if let Some(v) = &self.timers.vclock {
+            v.set_instructions(n);
+        }
+    }
+
+    fn msr_read(&mut self, msr: u32) -> MsrResult {
+        self.chip.msr_read(self.vcpu, msr)
+    }
+
+    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+        let r = self.chip.msr_write(self.vcpu, msr, value);
+        if r == MsrResult::Done(0) {
+            self.refresh_deadline();
+        }
+        r
+    }
+
+    fn tsc(&mut self) -> Option<u64> {
+        self.chip.tsc(self.vcpu)
+    }
+
+    fn next_check(&mut self, retired: u64) -> u64 {
+        match &self.timers.vclock {
+            // Virtual time: stop exactly where the next deadline falls; poll
+            // now and then for host requests (kicks, serial input).
+            Some(v) => {
+                let poll = retired.saturating_add(VIRTUAL_POLL_INTERVAL);
+                if self.timers.deadline == u64::MAX {
+                    poll
+                } else {
+                    v.instructions_at(self.timers.deadline).min(poll)
+                }
+            }
+            None => retired.saturating_add(HOST_POLL_INTERVAL),
+        }
+    }
+
+    fn cr8_read(&mut self) -> Option<u64> {
+        self.chip.tpr(self.vcpu).map(|t| u64::from(t >> 4))
+    }
+
+    fn cr8_write(&mut self, cr8: u64) -> bool {
+        self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8)
+    }
+}
+
+/// With host time, how many instructions the interpreter runs between two
+/// looks at the clock (timer deadlines) and at host requests: a few
+/// microseconds of guest time.
+pub const HOST_POLL_INTERVAL: u64 = 4096;
+
+/// With virtual time, deadlines are exact; this is how often the
+/// interpreter looks for host requests (Ctrl-A x, serial input).
+pub const VIRTUAL_POLL_INTERVAL: u64 = 1 << 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::VirtualClock;
+    use devices::{BusDevice, Clock, Timed};
+
+    struct OneShot(Option<u64>);
+    impl Timed for OneShot {
+        fn next_deadline(&self) -> Option<u64> {
+            self.0
+        }
+        fn advance(&mut self, now: u64) {
+            if self.0.is_some_and(|d| d <= now) {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn chip(clock: Arc<dyn Clock>) -> Arc<dyn IrqChip> {
+        crate::irqchip::userspace::UserspaceIrqChip::create(crate::irqchip::ChipConfig {
+            vcpus: 1,
+            clock,
+            taint: TimeTaint::new(),
+            lapic_timer_hz: 1_000_000_000,
+            tsc_hz: 1_000_000_000,
+        })
+    }
+
+    fn io_with(clock: Arc<dyn Clock>, vclock: Option<VirtualClock>, deadline: u64) -> DeviceIo {
+        let timer: Arc<Mutex<dyn Timed + Send>> = Arc::new(Mutex::new(OneShot(Some(deadline))));
+        let timers = Timers::new(clock.clone(), vec![timer], vclock);
+        DeviceIo::new(
+            Tracer::disabled(),
+            VmControl::new(),
+            TimeTaint::new(),
+            timers,
+            chip(clock),
+        )
+    }
+
+    #[test]
+    fn virtual_time_names_the_exact_instruction_of_a_deadline() {
+        let v = VirtualClock::new();
+        let mut io = io_with(Arc::new(v.clone()), Some(v.clone()), 12_345);
+        let n = io.next_check(100);
+        assert_eq!(n, 12_345 / crate::clock::VIRTUAL_NS_PER_INSTRUCTION);
+        io.instructions_retired(n - 1);
+        assert!(!io.exit_requested(), "one instruction early");
+        io.instructions_retired(n);
+        assert!(io.exit_requested(), "due at exactly that count");
+        // Far deadlines: still a poll for host requests.
+        let mut io = io_with(Arc::new(v.clone()), Some(v), u64::MAX - 1);
+        assert_eq!(io.next_check(0), VIRTUAL_POLL_INTERVAL);
+    }
+
+    #[test]
+    fn host_time_polls_at_a_bounded_interval() {
+        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
+        let mut io = io_with(clock, None, 1_000_000);
+        assert_eq!(io.next_check(7), 7 + HOST_POLL_INTERVAL);
+    }
+
+    struct Echo(u8);
+    impl BusDevice for Echo {
+        fn read(&mut self, _o: u64, d: &mut [u8]) {
+            d.fill(self.0);
+        }
+        fn write(&mut self, _o: u64, d: &[u8]) {
+            self.0 = d[0];
+        }
+    }
+
+    #[test]
+    fn trace_lines_and_counts() {
+        let dir = std::env::temp_dir().join(format!("duet-trace-test-{}", std::process::id()));
+        let tracer = Tracer::to_file(&dir).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
+        let timers = Timers::new(clock.clone(), Vec::new(), None);
+        let chip =
+            crate::irqchip::userspace::UserspaceIrqChip::create(crate::irqchip::ChipConfig {
+                vcpus: 1,
+                clock,
+                taint: TimeTaint::new(),
+                lapic_timer_hz: 1_000_000_000,
+                tsc_hz: 1_000_000_000,
+            });
+        let mut io = DeviceIo::new(tracer, VmControl::new(), TimeTaint::new(), timers, chip);
+        let id = io.register("echo");
+        io.map(BusKind::Pio, id, 0x3f8, 8, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
+        io.pio_write(0x3f8, &[0x48]);
+        let mut b = [0u8; 1];
+        io.pio_read(0x3fd, &mut b);
+        let mut w = [0u8; 4];
+        io.mmio_read(0xfec0_0000, &mut w);
+        io.tracer.finish().unwrap();
+        let text = std::fs::read_to_string(&dir).unwrap();
+        std::fs::remove_file(&dir).ok();
+        assert_eq!(
+            text,
+            "pio  w 0x03f8 1 0x48 echo\npio  r 0x03fd 1 0x48 echo\nmmio r 0xfec00000 4 0xffffffff -\n"
+        );
+        let (counts, unmapped) = io.counts();
+        assert_eq!(
+            counts,
+            vec![(
+                BusKind::Pio,
+                "echo",
+                AccessCount {
+                    reads: 1,
+                    writes: 1
+                }
+            )]
+        );
+        assert_eq!(unmapped.reads, 1);
+    }
+}
