@@ -22,17 +22,58 @@ pub enum ClockKind {
     Virtual,
 }
 
-/// Host monotonic time since the VM was created.
+/// Host monotonic time since the VM was created, optionally hiding the
+/// host's stalls from the guest.
+///
+/// **Stall compensation** (the interpreter's default). A guest's periodic
+/// tick counts time: when the host does not run duet for longer than a
+/// tick period (an overloaded machine, a `SIGSTOP`), every clock the guest
+/// has jumps at once on resume, its timer interrupt comes a whole period or
+/// more late, and the ticks in between are lost (Linux's periodic tick
+/// then lags its TSC, and early in boot its clocksource watchdog marks the
+/// TSC unstable). While the vCPU runs, duet reads this clock every few
+/// microseconds, so a gap longer than [`STALL_THRESHOLD_NS`] between two
+/// reads can only be the host's doing: the excess is hidden (VM time
+/// advances by the threshold only). The hidden lag is then repaid by
+/// slewing, as QEMU's `lost_tick_policy=slew` does for its RTC: VM time
+/// runs [`SLEW_DENOMINATOR`]⁻¹ faster than host time until it has caught up,
+/// so over a run it keeps the host's pace. At most [`MAX_HIDDEN_NS`] is
+/// hidden; a longer stall shows as a jump beyond that. While the vCPU is
+/// halted ([`HostClock::set_idle`]) gaps are real waiting and are never
+/// hidden. Every guest clock (TSC, PIT, LAPIC timer, RTC, ACPI PM timer)
+/// reads this one clock, so they stay consistent with each other.
 pub struct HostClock {
     start: Instant,
+    compensate: bool,
+    state: std::sync::Mutex<Compensation>,
     /// VM time at `start` (non-zero after a restore).
     offset_ns: u64,
 }
 
+#[derive(Default)]
+struct Compensation {
+    last_raw: u64,
+    hidden: u64,
+    last_vm: u64,
+    idle: bool,
+}
+
+/// A gap between two clock reads of a running vCPU longer than this is
+/// the host's stall.
+pub const STALL_THRESHOLD_NS: u64 = 1_000_000;
+/// Hidden lag is repaid at 1/16 of the elapsed time (VM time runs 6.25%
+/// fast while it catches up).
+pub const SLEW_DENOMINATOR: u64 = 16;
+/// The most lag hidden from the guest.
+pub const MAX_HIDDEN_NS: u64 = 10_000_000_000;
+
 impl HostClock {
+    /// Plain host time.
     pub fn new() -> Self {
         HostClock {
             start: Instant::now(),
+            compensate: false,
+            state: Default::default(),
             offset_ns: 0,
         }
     }
@@ -40,9 +81,74 @@ impl HostClock {
     /// A clock that continues from a saved VM time.
     pub fn resume(state: &ClockState) -> Self {
         HostClock {
-            start: Instant::now(),
             offset_ns: state.now_ns,
+            ..Self::new()
         }
+    }
+
+    /// Host time with the host's stalls hidden (see the type's docs).
+    pub fn compensating() -> Self {
+        HostClock {
+            compensate: true,
+            ..Self::new()
+        }
+    }
+
+    /// The vCPU halts (`true`: gaps are real waiting) or runs again.
+    pub fn set_idle(&self, idle: bool) {
+        if !self.compensate {
+            return;
+        }
+        let raw = self.raw();
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::step(&mut s, raw);
+        s.idle = idle;
+    }
+
+    /// Lag currently hidden from the guest (ns).
+    pub fn hidden_ns(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).hidden
+    }
+
+    fn raw(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Advance the compensation to host time `raw`; returns VM time.
+    fn step(s: &mut Compensation, raw: u64) -> u64 {
+        let delta = raw.saturating_sub(s.last_raw);
+        s.last_raw = s.last_raw.max(raw);
+        if !s.idle && delta > STALL_THRESHOLD_NS {
+            s.hidden = (s.hidden + (delta - STALL_THRESHOLD_NS)).min(MAX_HIDDEN_NS);
+        } else {
+            s.hidden -= (delta / SLEW_DENOMINATOR).min(s.hidden);
+        }
+        let vm = raw.saturating_sub(s.hidden).max(s.last_vm);
+        s.last_vm = vm;
+        vm
+    }
+
+    #[cfg(test)]
+    fn at(&self, raw: u64) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        Self::step(&mut s, raw)
+    }
+}
+
+impl Default for HostClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for HostClock {
+    fn now_ns(&self) -> u64 {
+        let raw = self.raw();
+        if !self.compensate {
+            return self.offset_ns + raw;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.offset_ns + Self::step(&mut s, raw)
     }
 }
 
@@ -61,18 +167,6 @@ impl ClockState {
         ClockState {
             now_ns: clock.now_ns(),
         }
-    }
-}
-
-impl Default for HostClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for HostClock {
-    fn now_ns(&self) -> u64 {
-        self.offset_ns + self.start.elapsed().as_nanos() as u64
     }
 }
 
@@ -162,6 +256,46 @@ mod tests {
         let a = c.now_ns();
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(c.now_ns() >= a + 2_000_000);
+    }
+
+    /// A stall of the host is hidden, then repaid by slewing; idle gaps
+    /// are real; the clock never goes backwards.
+    #[test]
+    fn stalls_are_hidden_and_slewed_back() {
+        const MS: u64 = 1_000_000;
+        let c = HostClock::compensating();
+        let mut raw = 0;
+        // Running, read every 10 µs: VM time is host time.
+        for _ in 0..100 {
+            raw += 10_000;
+            assert_eq!(c.at(raw), raw);
+        }
+        // A one-second stall: only the threshold shows.
+        raw += 1000 * MS;
+        let vm = c.at(raw);
+        assert_eq!(vm, raw - (1000 * MS - STALL_THRESHOLD_NS));
+        assert_eq!(c.hidden_ns(), 1000 * MS - STALL_THRESHOLD_NS);
+        // Slewing: VM time runs 1/16 fast until the lag is repaid.
+        let mut last = vm;
+        while c.hidden_ns() > 0 {
+            raw += 100_000;
+            let v = c.at(raw);
+            assert!(v > last && v - last <= 100_000 + 100_000 / SLEW_DENOMINATOR);
+            last = v;
+        }
+        assert_eq!(last, raw);
+        // Idle: a long gap is real time.
+        let c = HostClock::compensating();
+        c.set_idle(true);
+        let before = c.now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let after = c.now_ns();
+        assert!(after - before >= 5 * MS, "{}", after - before);
+        c.set_idle(false);
+        assert_eq!(c.hidden_ns(), 0);
+        // A plain clock hides nothing.
+        let p = HostClock::new();
+        assert_eq!(p.hidden_ns(), 0);
     }
 
     #[test]

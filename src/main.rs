@@ -107,11 +107,27 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         max_len: args.max_len.max(1),
         only: args.case,
     };
+    // Create the coverage file first: a bad path fails now, not after the
+    // campaign.
+    let coverage = match &args.coverage {
+        Some(p) => Some((
+            std::fs::File::create(p).map_err(|e| {
+                anyhow!(
+                    "--coverage {}: cannot create it: {}",
+                    p.display(),
+                    io_reason(&e)
+                )
+            })?,
+            p,
+        )),
+        None => None,
+    };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());
-    if let Some(path) = &args.coverage {
-        std::fs::write(path, summary.coverage_list())
-            .with_context(|| format!("writing {}", path.display()))?;
+    if let Some((mut f, path)) = coverage {
+        use std::io::Write;
+        f.write_all(summary.coverage_list().as_bytes())
+            .map_err(|e| anyhow!("--coverage {}: cannot write it: {e}", path.display()))?;
     }
     Ok(if summary.clean() {
         ExitCode::SUCCESS
@@ -631,7 +647,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         for n in &args.only {
             match Workload::ALL.iter().find(|w| w.name() == n) {
                 Some(w) => v.push(*w),
-                None => bail!("unknown workload '{n}' (alu, mem, syscall)"),
+                None => bail!("--only {n}: no such workload (use alu, mem or syscall)"),
             }
         }
         v
@@ -641,7 +657,9 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         .as_ref()
         .map(|q| q.split_whitespace().map(String::from).collect());
     if qemu.as_ref().is_some_and(|q| q.is_empty()) {
-        bail!("--qemu needs a command");
+        bail!(
+            "--qemu: empty; give a QEMU command line, e.g. --qemu 'qemu-system-x86_64 -accel tcg'"
+        );
     }
     println!("workload   instructions    seconds       MIPS  runner");
     for w in workloads {

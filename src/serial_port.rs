@@ -114,7 +114,14 @@ pub struct SerialPort {
     pub notice: Option<String>,
     /// Removed when the port is dropped (the socket file).
     cleanup: Option<PathBuf>,
+    /// duet's own descriptor of the pseudo-terminal's slave side (pty).
+    pty_slave: Option<File>,
 }
+
+/// How long, at exit, duet waits for a pseudo-terminal's reader to take
+/// the last output (closing the master hangs the terminal up and discards
+/// what is still queued).
+const PTY_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl SerialMode {
     /// Open the host side: create the file, bind the socket, allocate the
@@ -125,6 +132,7 @@ impl SerialMode {
             input,
             notice: None,
             cleanup: None,
+            pty_slave: None,
         };
         match self {
             SerialMode::Stdio => Ok(port(Box::new(std::io::stdout()), InputSource::Stdin)),
@@ -148,13 +156,14 @@ impl SerialMode {
                 Ok(sp)
             }
             SerialMode::Pty => {
-                let (master, name) = open_pty().map_err(SerialError::Pty)?;
+                let (master, slave, name) = open_pty().map_err(SerialError::Pty)?;
                 let master = Arc::new(master);
                 let mut sp = port(
                     Box::new(PtyWriter(master.clone())),
                     InputSource::Pty(master),
                 );
                 sp.notice = Some(format!("duet: serial console on {name}"));
+                sp.pty_slave = Some(slave);
                 Ok(sp)
             }
         }
@@ -206,6 +215,33 @@ impl Drop for SerialPort {
         if let Some(p) = &self.cleanup {
             std::fs::remove_file(p).ok();
         }
+        if let Some(slave) = &self.pty_slave {
+            drain_pty(slave);
+        }
+    }
+}
+
+/// Wait (at most [`PTY_DRAIN_TIMEOUT`]) until the terminal's input queue
+/// has been read: the kernel moves written bytes to the slave side
+/// asynchronously, and the hang-up that closing the master causes
+/// discards whatever is still queued. Two empty readings in a row, 10 ms
+/// apart, mean the reader is done (or there is nothing to read).
+fn drain_pty(slave: &File) {
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a valid descriptor writes one int.
+        let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r == 0 {
+            n
+        } else {
+            0
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut empty = 0;
+    while empty < 2 && start.elapsed() < PTY_DRAIN_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(10));
+        empty = if queued() == 0 { empty + 1 } else { 0 };
     }
 }
 
@@ -292,10 +328,11 @@ fn feed_from(mut reader: UnixStream, input: &Mutex<SerialInput>, control: &VmCon
 }
 
 /// Open a pseudo-terminal in raw mode; returns the master (non-blocking)
-/// and the slave's name. The slave stays open in duet, so the master never
+/// and the slave (with its name). The slave stays open in duet until the
+/// port is dropped, so the master never
 /// sees a hang-up while no one is attached; output nobody reads is dropped
 /// once the terminal's buffer is full.
-fn open_pty() -> Result<(OwnedFd, String), String> {
+fn open_pty() -> Result<(OwnedFd, File, String), String> {
     let last = || std::io::Error::last_os_error().to_string();
     // SAFETY: posix_openpt returns a new descriptor or -1.
     let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) };
@@ -331,9 +368,7 @@ fn open_pty() -> Result<(OwnedFd, String), String> {
         // SAFETY: valid descriptor and termios.
         unsafe { libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t) };
     }
-    // Keep the slave open for the life of the process.
-    std::mem::forget(slave);
-    Ok((master, name))
+    Ok((master, slave, name))
 }
 
 struct PtyWriter(Arc<OwnedFd>);

@@ -294,17 +294,40 @@ fn serial_on_a_pseudo_terminal() {
         .write(true)
         .open(&name)
         .unwrap();
-    let prompt = duet::guests::serial_echo::PROMPT;
+    // Read on a thread so that a missing answer fails the test (with what
+    // did arrive) instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = pty.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
     let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&got).contains(prompt) {
-        let n = pty.read(&mut buf).unwrap();
-        got.extend_from_slice(&buf[..n]);
-    }
-    pty.write_all(b"via-pty!").unwrap();
-    while !String::from_utf8_lossy(&got).contains("\"\r\n") {
-        let n = pty.read(&mut buf).unwrap();
-        got.extend_from_slice(&buf[..n]);
+    let wait_for = |needle: &str, got: &mut Vec<u8>| -> Result<(), String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !String::from_utf8_lossy(got).contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let b = rx.recv_timeout(left).map_err(|e| {
+                format!(
+                    "waiting for {needle:?}: {e}; got {:?}",
+                    String::from_utf8_lossy(got)
+                )
+            })?;
+            got.extend_from_slice(&b);
+        }
+        Ok(())
+    };
+    let answered = wait_for(duet::guests::serial_echo::PROMPT, &mut got).and_then(|()| {
+        pty.write_all(b"via-pty!").unwrap();
+        wait_for("\"\r\n", &mut got)
+    });
+    if let Err(e) = answered {
+        child.kill().ok();
+        panic!("{e}");
     }
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = String::from_utf8_lossy(&got);

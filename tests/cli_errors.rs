@@ -350,3 +350,49 @@ fn run_help_documents_every_option_with_an_example() {
     }
     assert!(help.contains("Exit status:"), "{help}");
 }
+
+/// `duet bench` and `duet difftest` options, and unknown subcommands.
+#[test]
+fn bench_and_difftest_errors() {
+    let check = |args: &[&str], want: &str| {
+        let out = duet().args(args).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), want, "{args:?}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    };
+    check(
+        &["bench", "--only", "nope"],
+        "duet: error: --only nope: no such workload (use alu, mem or syscall)\n",
+    );
+    check(
+        &["bench", "--qemu", ""],
+        "duet: error: --qemu: empty; give a QEMU command line, e.g. --qemu \
+         'qemu-system-x86_64 -accel tcg'\n",
+    );
+    check(
+        &["bench", "--iterations", "x"],
+        &invalid(
+            "x",
+            "--iterations <ITERATIONS>",
+            "invalid digit found in string",
+        ),
+    );
+    check(
+        &["difftest", "--coverage", "/nonexistent/dir/c.txt"],
+        "duet: error: --coverage /nonexistent/dir/c.txt: cannot create it: no such directory \
+         (check the path)\n",
+    );
+    check(
+        &["difftest", "--mode", "8"],
+        &invalid_choice("8", "--mode <MODE>", "64, 32, 16"),
+    );
+    check(
+        &["difftest", "--ring", "5"],
+        &invalid_choice("5", "--ring <RING>", "0, 3, both"),
+    );
+    check(
+        &["frob"],
+        "error: unrecognized subcommand 'frob'\n\nUsage: duet [COMMAND]\n\nFor more information, \
+         try '--help'.\n",
+    );
+}

@@ -230,6 +230,13 @@ fn interpreter_counts_instructions() {
     assert!(n > 100, "only {n} instructions retired");
 }
 
+/// Protected mode back to real mode, BIOS-less 16-bit code and I/O, and
+/// protected mode again (issue 10, item 6).
+#[test]
+fn real_mode_return() {
+    check_both("real-mode-return");
+}
+
 /// Exact instruction counts: with `--clock virtual`, returning to the VMM
 /// after every N instructions (stops inside blocks, at arbitrary points)
 /// changes nothing the guest or its devices can see. Timers fire at the

@@ -314,3 +314,207 @@ fn cloud_pvh_vmlinux_on_kvm() {
     }
     check_boot("kvm", "vmlinux-cloud", Duration::from_secs(3600));
 }
+
+// ---- issue 10 / 17: boot options, scripted sessions, starvation ----------
+
+/// Boot Debian's generic kernel on the interpreter with `extra` on the
+/// command line; check the shell answers, the timer's interrupt controller,
+/// serial interrupts, the TSC clocksource; power off with status 0.
+fn check_generic_boot_option(extra: &str, timer_controller: &str) {
+    let dir = kit();
+    let mut c = Console::boot("interp", &dir.join("vmlinuz-generic"), extra);
+    c.wait_for("DUET-INIT-READY", Duration::from_secs(600));
+    let step = Duration::from_secs(300);
+    let cmdline = c.run("cat /proc/cmdline", step);
+    assert!(cmdline.contains(extra), "{cmdline}");
+    let echo = c.run("echo answer-$((6*7))", step);
+    assert!(echo.contains("answer-42"), "{echo}");
+    let irqs = c.run("cat /proc/interrupts", step);
+    let timer = irqs
+        .lines()
+        .find(|l| l.contains("timer"))
+        .unwrap_or_else(|| panic!("no timer line:\n{irqs}"));
+    assert!(timer.contains(timer_controller), "{extra}: {timer}");
+    let serial = irqs
+        .lines()
+        .find(|l| l.contains("ttyS0"))
+        .unwrap_or_else(|| panic!("no ttyS0 line:\n{irqs}"));
+    assert!(serial.contains(timer_controller), "{extra}: {serial}");
+    let log = c.run("dmesg | grep -i -e clocksource -e unstable", step);
+    assert!(
+        log.contains("clocksource: Switched to clocksource tsc"),
+        "{log}"
+    );
+    assert!(!log.contains("unstable"), "{log}");
+    c.send("poweroff -f");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = c.child.try_wait() {
+            break st;
+        }
+        assert!(start.elapsed() < step, "no exit:\n{}", c.text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "console:\n{}", c.text());
+}
+
+/// `acpi=off`: the IOAPIC comes from the MP table; without ACPI power-off
+/// the kernel halts, which ends duet cleanly.
+#[test]
+fn generic_kernel_with_acpi_off_uses_the_mp_table() {
+    check_generic_boot_option("acpi=off", "IO-APIC");
+}
+
+/// `noapic`: no IOAPIC, interrupts through the 8259 PICs.
+#[test]
+fn generic_kernel_with_noapic_uses_the_pic() {
+    check_generic_boot_option("noapic", "XT-PIC");
+}
+
+/// `nolapic`: no local APIC at all, the PIT ticks through the PIC.
+#[test]
+fn generic_kernel_with_nolapic_uses_the_pic() {
+    check_generic_boot_option("nolapic", "XT-PIC");
+}
+
+/// The README's scripted CI session, with no `--backend`: commands piped in
+/// before the guest has even started (held until its UART is ready, so
+/// every one is answered), the console in a file, stats as JSON, and the
+/// exit status checked. On a host without hardware virtualization (or
+/// with KVM-PVM), `auto` must pick the interpreter and say why.
+#[test]
+fn scripted_session_with_the_default_backend() {
+    let dir = kit();
+    let tmp = std::env::temp_dir().join(format!("duet-ci-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let console = tmp.join("console.log");
+    let stats = tmp.join("stats.json");
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["run", "--memory", "256M", "--kernel"])
+        .arg(dir.join("vmlinuz-cloud"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs.cpio.gz"))
+        .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
+        .arg("--serial")
+        .arg(format!("file={}", console.display()))
+        .arg("--stats-json")
+        .arg(&stats)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo PIPED-$((2*21))\necho SECOND-$((3*3))\nuname -s\npoweroff -f\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}\nconsole:\n{log}");
+    assert!(out.stdout.is_empty(), "the console went to the file");
+    for answer in ["\nPIPED-42", "\nSECOND-9", "\nLinux"] {
+        assert!(log.contains(answer), "{answer:?} missing:\n{log}");
+    }
+    let line = err.lines().next().unwrap_or("");
+    assert!(line.starts_with("duet: backend "), "{err}");
+    let facts = duet::backend::select::HostFacts::probe();
+    let no_hw_virt = facts.kvm_pvm || facts.hw_virt_flag.as_deref() == Some("");
+    if no_hw_virt {
+        assert!(line.starts_with("duet: backend interp: "), "{line}");
+    }
+    let json = std::fs::read_to_string(&stats).unwrap();
+    assert!(json.contains("\"exit_status\": 0,"), "{json}");
+    eprintln!(
+        "scripted session: {line}; reached the shell and powered off in {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    std::fs::remove_dir_all(tmp).ok();
+}
+
+/// The first 100 KB of Debian's bzImage: refused at load time with the
+/// file name and both sizes (not a triple fault at run time).
+#[test]
+fn truncated_debian_bzimage_is_refused() {
+    let dir = kit();
+    let full = std::fs::read(dir.join("vmlinuz-cloud")).unwrap();
+    let cut = std::env::temp_dir().join(format!("duet-trunc-{}", std::process::id()));
+    std::fs::write(&cut, &full[..100 * 1024]).unwrap();
+    let setup = (u64::from(full[0x1f1]) + 1) * 512;
+    let syssize = u32::from_le_bytes(full[0x1f4..0x1f8].try_into().unwrap());
+    let payload = u64::from(syssize) * 16;
+    let out = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["run", "--backend", "interp", "--kernel"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "duet: error: --kernel {}: truncated bzImage: its setup header says {} bytes ({setup} \
+             of setup, {payload} of payload), the file has 102400; use the complete file\n",
+            cut.display(),
+            setup + payload
+        )
+    );
+    std::fs::remove_file(cut).ok();
+}
+
+/// A starved VM keeps its clocksource: the host's cores are saturated by
+/// busy threads during the boot and the duet process is stopped for a
+/// second twice (SIGSTOP); the guest's TSC must stay its clocksource (no
+/// "unstable" in the kernel log). Without stall compensation this boot
+/// marks the TSC unstable (see BENCHMARKS.md).
+#[test]
+fn starved_boot_keeps_the_tsc_clocksource() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = kit();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()) + 1)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    let mut c = Console::boot("interp", &dir.join("vmlinux-cloud"), "");
+    let pid = c.child.id() as libc::pid_t;
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
+    c.wait_for("DUET-INIT-READY", Duration::from_secs(600));
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().ok();
+    }
+    let log = c.run(
+        "dmesg | grep -i -e clocksource -e unstable -e skew",
+        Duration::from_secs(120),
+    );
+    assert!(
+        log.contains("clocksource: Switched to clocksource tsc"),
+        "{log}"
+    );
+    assert!(!log.contains("unstable"), "{log}");
+    c.send("poweroff -f");
+    let start = Instant::now();
+    while c.child.try_wait().ok().flatten().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

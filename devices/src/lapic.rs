@@ -134,8 +134,14 @@
 //! value, so the current count (which marks the [`TimeTaint`]) and the
 //! deadlines are exact: expiry `k` of a count started at `t0` with `c0`
 //! is at the first nanosecond at which `c0 + k * initial` ticks have
-//! elapsed. One-shot stops at 0; periodic reloads (expiries the VMM was late
-//! for are coalesced into one interrupt, like an IRR bit); mode 3 (reserved)
+//! elapsed. One-shot stops at 0; periodic reloads. **Lost ticks:** periodic
+//! expiries the VMM was late for, and expiries that find the timer's vector
+//! still pending in IRR, would merge into one interrupt; like KVM's
+//! `reinject` and QEMU's lost-tick policies, the model counts them (at most
+//! [`MAX_LOST_TICKS`]) and delivers one each time the guest takes the timer
+//! interrupt (IRR is set again as the vector moves to ISR, so the next one
+//! follows the guest's EOI). Reprogramming the timer forgets them. Mode 3
+//! (reserved)
 //! counts as one-shot. Writing the divide configuration or switching
 //! between one-shot and periodic keeps the current count and continues from
 //! it (the fraction of a tick in progress is lost); switching to or from
@@ -227,6 +233,9 @@ pub const REG_LVT_LINT0: u32 = 0x350;
 pub const REG_LVT_LINT1: u32 = 0x360;
 pub const REG_LVT_ERROR: u32 = 0x370;
 pub const REG_TIMER_INITIAL: u32 = 0x380;
+
+/// Periodic-timer interrupts owed to the guest at most; more are dropped.
+pub const MAX_LOST_TICKS: u32 = 1000;
 pub const REG_TIMER_CURRENT: u32 = 0x390;
 pub const REG_TIMER_DIVIDE: u32 = 0x3e0;
 /// x2APIC only (MSR 0x83f).
@@ -421,6 +430,8 @@ pub struct LapicState {
     pub timer_start_count: u32,
     /// Expiries delivered since `timer_start_ns`.
     pub timer_expiries: u64,
+    /// Periodic expiries merged into others, owed to the guest.
+    pub timer_lost: u32,
     /// IA32_TSC_DEADLINE (0 = disarmed).
     pub tsc_deadline: u64,
     /// Asserted levels of LINT0 and LINT1.
@@ -456,6 +467,7 @@ impl LapicState {
             timer_start_ns: 0,
             timer_start_count: 0,
             timer_expiries: 0,
+            timer_lost: 0,
             tsc_deadline: 0,
             lint: [false; 2],
             nmi_pending: false,
@@ -585,6 +597,7 @@ impl Lapic {
         }
         s.icr_low &= ICR_LOW_MASK;
         s.timer_divide &= TIMER_DIVIDE_MASK;
+        s.timer_lost = s.timer_lost.min(MAX_LOST_TICKS);
         s.esr &= 0xff;
         s.esr_latch &= 0xff;
         s.outbox.truncate(OUTBOX_LIMIT);
@@ -936,10 +949,26 @@ impl Lapic {
                 Some(v) => {
                     bit_clear(&mut self.s.irr, v);
                     bit_set(&mut self.s.isr, v);
+                    self.reinject_timer_tick(v);
                     InterruptRequest::Fixed(v)
                 }
                 None => InterruptRequest::Fixed(self.spurious_vector()),
             },
+        }
+    }
+
+    /// The guest took vector `v`: if it is the periodic timer's and ticks
+    /// are owed, the next one waits in IRR (taken after the EOI).
+    fn reinject_timer_tick(&mut self, v: u8) {
+        let lvt = self.s.lvt[LVT_TIMER];
+        if self.s.timer_lost > 0
+            && lvt & LVT_MASKED == 0
+            && lvt as u8 == v
+            && self.timer_mode() == TimerMode::Periodic
+        {
+            self.s.timer_lost -= 1;
+            bit_set(&mut self.s.irr, v);
+            bit_clear(&mut self.s.tmr, v);
         }
     }
 
@@ -1166,7 +1195,9 @@ impl Lapic {
                 let n = u64::from(self.s.timer_initial);
                 let passed = if ct >= sc { (ct - sc) / n + 1 } else { 0 };
                 if passed > self.s.timer_expiries {
+                    let merged = passed - self.s.timer_expiries - 1;
                     self.s.timer_expiries = passed;
+                    self.owe_timer_ticks(merged);
                     true
                 } else {
                     false
@@ -1175,8 +1206,19 @@ impl Lapic {
         };
         let lvt = self.s.lvt[LVT_TIMER];
         if fired && lvt & LVT_MASKED == 0 {
-            self.accept(lvt as u8, false);
+            let vector = lvt as u8;
+            if self.timer_mode() == TimerMode::Periodic && bit_test(&self.s.irr, vector) {
+                // The previous expiry is still pending: this one merges.
+                self.owe_timer_ticks(1);
+            }
+            self.accept(vector, false);
         }
+    }
+
+    /// Count `n` periodic expiries as lost (bounded).
+    fn owe_timer_ticks(&mut self, n: u64) {
+        let owed = u64::from(self.s.timer_lost) + n;
+        self.s.timer_lost = owed.min(u64::from(MAX_LOST_TICKS)) as u32;
     }
 
     /// Restart the count from its current value at `now` (for a divide or
@@ -1190,6 +1232,7 @@ impl Lapic {
         self.s.timer_start_ns = now;
         self.s.timer_start_count = c;
         self.s.timer_expiries = 0;
+        self.s.timer_lost = 0;
     }
 
     fn write_lvt_timer(&mut self, value: u32, now: u64) {
@@ -1203,6 +1246,7 @@ impl Lapic {
             self.s.timer_initial = 0;
             self.s.timer_start_count = 0;
             self.s.timer_expiries = 0;
+            self.s.timer_lost = 0;
             self.s.tsc_deadline = 0;
         } else if old_mode != new_mode {
             self.rebase_timer(now);
@@ -1218,6 +1262,7 @@ impl Lapic {
         self.s.timer_start_ns = now;
         self.s.timer_start_count = value;
         self.s.timer_expiries = 0;
+        self.s.timer_lost = 0;
     }
 
     // ----- Register file -----
@@ -2271,13 +2316,35 @@ mod tests {
         }
         r.clock.set(530);
         assert_eq!(r.rd(REG_TIMER_CURRENT), 25 - 30 / 4);
-        // Late by several periods: one interrupt, the next deadline is the
-        // next period boundary.
+        // Late by several periods (expiries at 600 .. 1200): one interrupt
+        // now, the six merged ones follow each EOI; the next deadline is
+        // the next period boundary.
         r.at(1_250);
+        for k in 0..7 {
+            assert_eq!(r.take(), Some(InterruptRequest::Fixed(0x41)), "{k}");
+            r.wr(REG_EOI, 0);
+        }
+        assert_eq!(r.take(), None);
+        assert_eq!(r.apic.state().timer_lost, 0);
+        assert_eq!(r.apic.next_deadline(), Some(1_300));
+        // An expiry while the previous one is still in IRR is owed too.
+        r.at(1_300);
+        r.at(1_400);
+        r.apic.advance(1_400);
+        assert_eq!(r.apic.state().timer_lost, 1);
+        assert_eq!(r.take(), Some(InterruptRequest::Fixed(0x41)));
+        r.wr(REG_EOI, 0);
         assert_eq!(r.take(), Some(InterruptRequest::Fixed(0x41)));
         r.wr(REG_EOI, 0);
         assert_eq!(r.take(), None);
-        assert_eq!(r.apic.next_deadline(), Some(1_300));
+        // Reprogramming forgets owed ticks.
+        r.at(2_000);
+        r.apic.advance(2_000);
+        assert!(r.apic.state().timer_lost > 0);
+        r.wr(REG_TIMER_INITIAL, 25);
+        assert_eq!(r.apic.state().timer_lost, 0);
+        r.take();
+        r.wr(REG_EOI, 0);
         // Initial count 0 stops it.
         r.wr(REG_TIMER_INITIAL, 0);
         assert_eq!(r.apic.next_deadline(), None);

@@ -78,13 +78,20 @@
 //! implements [`Timed`]: [`Timed::next_deadline`] is the VM time of channel
 //! 0's next OUT change (or of a pending reload that may change it), and
 //! [`Timed::advance`] brings everything up to `now`, driving the line. If
-//! the VMM calls `advance` late, OUT may have gone through several periods
-//! since the last update: those are not replayed. At most one rising edge is
-//! produced per update (low-then-high when the line was already high, with
-//! a final drop if OUT is low by now), so an edge-triggered PIC sees one
-//! interrupt: the guest, which was not running meanwhile, loses the other
-//! ticks just as a guest loses them when its interrupts stay masked for a
-//! period. Port accesses update the line in the same way. The line is only
+//! the VMM calls `advance` late (the host did not run duet for a while), OUT
+//! may have gone through several periods since the last update. At most one
+//! rising edge is produced per update (low-then-high when the line was
+//! already high, with a final drop if OUT is low by now), so an
+//! edge-triggered PIC sees one interrupt; the other rising edges are
+//! **lost ticks**, and, like KVM's PIT (`reinject`) and QEMU's lost-tick
+//! policies, the model delivers them later: it counts them (at most
+//! [`MAX_LOST_TICKS`]; beyond that they are dropped), and while any are
+//! owed it adds one extra rising edge every quarter period (at least
+//! [`MIN_CATCH_UP_NS`] apart, so the guest can take each one), reported as
+//! a deadline like any other. A guest whose periodic tick counts time
+//! (jiffies) thus catches up with the clock instead of falling behind it.
+//! Reprogramming channel 0 (a control word or a count) forgets the owed
+//! ticks. Port accesses update the line in the same way. The line is only
 //! driven on changes, and once at construction / reset / restore.
 //!
 //! # Start state
@@ -110,6 +117,12 @@ pub const PIT_HZ: u64 = 1_193_182;
 pub const PIT_BASE: u16 = 0x40;
 /// Where the machine maps [`PitPort61`] (length 1).
 pub const PORT_61: u16 = 0x61;
+/// Lost ticks of channel 0 owed to the guest at most (about 4 s of a
+/// 250 Hz tick); more are dropped.
+pub const MAX_LOST_TICKS: u32 = 1000;
+/// The shortest spacing of catch-up edges.
+pub const MIN_CATCH_UP_NS: u64 = 20_000;
+
 /// Half period of port 0x61's refresh toggle (bit 4).
 pub const REFRESH_PERIOD_NS: u64 = 15_085;
 
@@ -444,6 +457,29 @@ impl PitChannelState {
         }
     }
 
+    /// Rising edges in `(a, limit]`, counting at most `cap`.
+    fn rises_between(&self, a: u64, limit: u64, cap: u64) -> u64 {
+        let mut n = 0;
+        let mut x = a;
+        while n < cap {
+            match self.next_rise(x) {
+                Some(r) if r <= limit => {
+                    n += 1;
+                    x = r;
+                }
+                _ => break,
+            }
+        }
+        n
+    }
+
+    /// Ticks between consecutive rising edges after `a` (periodic modes).
+    fn rise_period(&self, a: u64) -> Option<u64> {
+        let r1 = self.next_rise(a)?;
+        let r2 = self.next_rise(r1)?;
+        Some(r2 - r1)
+    }
+
     /// The tick of a pending reload of a new count in modes 2 and 3.
     fn pending_reload(&self) -> Option<u64> {
         let x = ticks(self.cr_load_ns?);
@@ -739,6 +775,10 @@ pub struct Pit8254State {
     pub line_ns: u64,
     /// The level last driven on the IRQ 0 line.
     pub irq_level: bool,
+    /// Rising edges of channel 0 not delivered yet (lost ticks).
+    pub lost_ticks: u32,
+    /// VM time of the next catch-up edge while `lost_ticks` > 0.
+    pub catch_up_ns: u64,
 }
 
 impl Pit8254State {
@@ -756,6 +796,8 @@ impl Pit8254State {
             port61: 0,
             line_ns: now_ns,
             irq_level: true,
+            lost_ticks: 0,
+            catch_up_ns: 0,
         }
     }
 }
@@ -800,6 +842,7 @@ impl Pit8254 {
     pub fn restore(&mut self, s: &Pit8254State) {
         let mut s = s.clone();
         s.port61 &= P61_STORED;
+        s.lost_ticks = s.lost_ticks.min(MAX_LOST_TICKS);
         let gate2 = s.port61 & P61_GATE2 != 0;
         for (i, c) in s.channels.iter_mut().enumerate() {
             c.sanitize(i != 2 || gate2);
@@ -812,19 +855,18 @@ impl Pit8254 {
     fn sync(&mut self, now: u64) -> u64 {
         let t = ticks(now).max(ticks(self.s.line_ns));
         let mut a = ticks(self.s.line_ns);
-        let mut rose = false;
+        let cap = u64::from(MAX_LOST_TICKS) + 1;
+        let mut rises = 0u64;
         loop {
             let ch0 = &mut self.s.channels[0];
             let reload = ch0.pending_reload().filter(|&r| r <= t);
             let limit = reload.unwrap_or(t);
-            if ch0.next_rise(a).is_some_and(|x| x <= limit) {
-                rose = true;
-            }
+            rises += ch0.rises_between(a, limit, cap);
             let Some(r) = reload else { break };
             let before = ch0.out_at(r);
             ch0.settle(r);
             if !before && ch0.out_at(r) {
-                rose = true;
+                rises += 1;
             }
             a = r;
         }
@@ -833,7 +875,21 @@ impl Pit8254 {
         }
         self.s.line_ns = self.s.line_ns.max(now);
         let out = self.s.channels[0].out_at(t);
-        if rose {
+        let mut edge = rises > 0;
+        if rises > 1 {
+            let lost = u64::from(self.s.lost_ticks) + (rises - 1);
+            self.s.lost_ticks = lost.min(u64::from(MAX_LOST_TICKS)) as u32;
+        }
+        if !edge && self.s.lost_ticks > 0 && now >= self.s.catch_up_ns {
+            // One owed tick.
+            self.s.lost_ticks -= 1;
+            edge = true;
+        }
+        if edge && self.s.lost_ticks > 0 {
+            // The next owed tick, a spacing after this edge.
+            self.s.catch_up_ns = now.saturating_add(self.catch_up_spacing(t));
+        }
+        if edge {
             if self.s.irq_level {
                 self.irq0.set_level(false);
             }
@@ -843,6 +899,12 @@ impl Pit8254 {
         self.update_line(t);
         debug_assert_eq!(self.s.irq_level, out);
         t
+    }
+
+    /// How far apart catch-up edges go: a quarter of channel 0's period.
+    fn catch_up_spacing(&self, t: u64) -> u64 {
+        let period = self.s.channels[0].rise_period(t).unwrap_or(0);
+        (tick_ns(period) / 4).max(MIN_CATCH_UP_NS)
     }
 
     /// Drive the line to channel 0's OUT at tick `t` if it differs.
@@ -891,6 +953,7 @@ impl Pit8254 {
     /// Write an absolute port (0x40-0x43, 0x61); others are dropped.
     pub fn write_port(&mut self, port: u16, v: u8) {
         let now = self.clock.now_ns();
+        let reprograms_ch0 = port == 0x40 || (port == 0x43 && v >> 6 == 0 && v & 0x30 != 0);
         match port {
             0x40..=0x42 => {
                 let t = self.sync(now);
@@ -908,6 +971,10 @@ impl Pit8254 {
                 self.s.channels[2].set_gate(v & P61_GATE2 != 0, t);
             }
             _ => {}
+        }
+        if reprograms_ch0 {
+            // Channel 0 reprogrammed: ticks owed at the old rate are moot.
+            self.s.lost_ticks = 0;
         }
     }
 
@@ -940,11 +1007,16 @@ impl Timed for Pit8254 {
         let a = ticks(self.s.line_ns);
         let change = ch0.next_change(a);
         let reload = ch0.pending_reload();
-        match (change, reload) {
+        let hw = match (change, reload) {
             (Some(c), Some(r)) => Some(c.min(r)),
             (c, r) => c.or(r),
         }
-        .map(tick_ns)
+        .map(tick_ns);
+        let catch_up = (self.s.lost_ticks > 0).then_some(self.s.catch_up_ns);
+        match (hw, catch_up) {
+            (Some(h), Some(c)) => Some(h.min(c)),
+            (h, c) => h.or(c),
+        }
     }
 
     fn advance(&mut self, now: u64) {
@@ -1665,20 +1737,37 @@ mod tests {
         // Calling advance early does nothing.
         r.pit.advance(tick_ns(350));
         assert!(r.irq.take().is_empty());
-        // Late by ten periods: one rising edge, not ten.
+        // Late by ten periods: one rising edge now; the nine others are
+        // owed and follow a quarter period apart, between the regular ones.
         r.clock.set(tick_ns(1350));
         r.pit.advance(tick_ns(1350));
         assert_eq!(r.irq.take(), vec![false, true]);
-        assert_eq!(r.pit.next_deadline(), Some(tick_ns(1400)));
+        assert_eq!(r.pit.state().lost_ticks, 9);
+        let mut now = tick_ns(1350);
+        while r.pit.state().lost_ticks > 0 {
+            now = r.pit.next_deadline().unwrap();
+            assert!(now - tick_ns(1350) < tick_ns(1000), "catch-up too slow");
+            r.clock.set(now);
+            r.pit.advance(now);
+        }
+        let regular = (1..100u64)
+            .filter(|k| (tick_ns(1350) + 1..=now).contains(&tick_ns(k * 100 + 1)))
+            .count();
+        let rises = r.irq.take().iter().filter(|&&l| l).count();
+        assert_eq!(rises, 9 + regular);
         // Late and ending low: a pulse, then low.
-        r.clock.set(tick_ns(2000));
-        r.pit.advance(tick_ns(2000));
+        r.clock.set(tick_ns(5000));
+        r.pit.advance(tick_ns(5000));
         assert_eq!(r.irq.take(), vec![false, true, false]);
-        assert_eq!(r.pit.next_deadline(), Some(tick_ns(2001)));
-        // Reading a port brings the line up to date too.
-        r.at(2001);
+        assert_eq!(r.pit.next_deadline(), Some(tick_ns(5001)));
+        // Reprogramming forgets the owed ticks.
+        assert!(r.pit.state().lost_ticks > 0);
+        r.at(5001);
         r.rd(0x43);
         assert_eq!(r.irq.take(), vec![true]);
+        r.program(0x34, 100);
+        assert_eq!(r.pit.state().lost_ticks, 0);
+        r.irq.take();
     }
 
     #[test]

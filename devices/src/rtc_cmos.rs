@@ -59,6 +59,12 @@
 //!   (bit 7) and the IRQ8 line are high while a flag is set and its enable
 //!   bit (PIE, AIE, UIE) too. Reading C returns and clears the flags and
 //!   lowers IRQ8 (so the edge-triggered PIC sees each interrupt anew).
+//! * **Lost periodic ticks.** With PIE set, periodic ticks that come while
+//!   PF is still set (the guest has not read C yet), or that the VMM was late
+//!   for, would merge into one interrupt. As QEMU's `lost_tick_policy=slew`
+//!   does, the model counts them (at most [`MAX_LOST_TICKS`]) and, after
+//!   each read of C, raises PF again [`REINJECT_DELAY_NS`] later while any
+//!   are owed, so the guest sees every tick. Writing A or B forgets them.
 //!   Daylight saving (DSE) and the square wave (SQWE) are stored only.
 //! * **Scheduling.** [`Timed::next_deadline`] reports the next periodic tick
 //!   while PIE is set and the next update while UIE or AIE is; flags whose
@@ -136,6 +142,11 @@ pub const C_PF: u8 = 0x40;
 pub const C_AF: u8 = 0x20;
 pub const C_UF: u8 = 0x10;
 const C_FLAGS: u8 = C_PF | C_AF | C_UF;
+
+/// Periodic interrupts owed to the guest at most; more are dropped.
+pub const MAX_LOST_TICKS: u32 = 1000;
+/// How long after a read of C an owed periodic interrupt comes.
+pub const REINJECT_DELAY_NS: u64 = 10_000;
 
 // Register D.
 pub const D_VRT: u8 = 0x80;
@@ -242,6 +253,10 @@ pub struct RtcCmosState {
     pub div_origin_ns: i64,
     /// VM time up to which flags are up to date.
     pub synced_ns: u64,
+    /// Periodic interrupts merged into others, owed to the guest.
+    pub lost_ticks: u32,
+    /// When the next owed periodic interrupt is raised.
+    pub reinject_ns: Option<u64>,
 }
 
 impl RtcCmosState {
@@ -261,6 +276,8 @@ impl RtcCmosState {
             set_image: None,
             div_origin_ns: 0,
             synced_ns: 0,
+            lost_ticks: 0,
+            reinject_ns: None,
         }
     }
 }
@@ -395,6 +412,7 @@ impl RtcCmos {
         s.ext_index |= 0x80;
         s.reg_a &= A_WRITE_MASK;
         s.flags &= C_FLAGS;
+        s.lost_ticks = s.lost_ticks.min(MAX_LOST_TICKS);
         self.s = s;
         let synced = self.s.synced_ns;
         if self.running() {
@@ -626,6 +644,13 @@ impl RtcCmos {
 
     /// Bring the flags up to `now`.
     fn sync(&mut self, now: u64) {
+        if self.s.reinject_ns.is_some_and(|r| now >= r) {
+            self.s.reinject_ns = None;
+            if self.s.lost_ticks > 0 && self.s.reg_b & B_PIE != 0 {
+                self.s.lost_ticks -= 1;
+                self.s.flags |= C_PF;
+            }
+        }
         let from = self.s.synced_ns;
         if now <= from {
             return;
@@ -637,7 +662,17 @@ impl RtcCmos {
         let c0 = self.cycles(from);
         let c1 = self.cycles(now);
         if let Some(p) = self.period_cycles() {
-            if c1 / p > c0 / p {
+            let ticks = c1 / p - c0 / p;
+            if ticks > 0 {
+                if self.s.reg_b & B_PIE != 0 {
+                    let merged = if self.s.flags & C_PF != 0 {
+                        ticks
+                    } else {
+                        ticks - 1
+                    };
+                    let owed = u64::from(self.s.lost_ticks) + merged;
+                    self.s.lost_ticks = owed.min(u64::from(MAX_LOST_TICKS)) as u32;
+                }
                 self.s.flags |= C_PF;
             }
         }
@@ -689,6 +724,9 @@ impl RtcCmos {
                 self.taint.mark();
                 let v = self.s.flags | if self.irq_output() { C_IRQF } else { 0 };
                 self.s.flags = 0;
+                if self.s.lost_ticks > 0 && self.s.reg_b & B_PIE != 0 {
+                    self.s.reinject_ns = Some(now.saturating_add(REINJECT_DELAY_NS));
+                }
                 v
             }
             REG_D => D_VRT,
@@ -753,8 +791,16 @@ impl RtcCmos {
             REG_SECONDS_ALARM => self.s.alarm[0] = value,
             REG_MINUTES_ALARM => self.s.alarm[1] = value,
             REG_HOURS_ALARM => self.s.alarm[2] = value,
-            REG_A => self.write_a(value, now),
-            REG_B => self.write_b(value, now),
+            REG_A | REG_B => {
+                // A new rate or interrupt enable: owed ticks are moot.
+                self.s.lost_ticks = 0;
+                self.s.reinject_ns = None;
+                if reg == REG_A {
+                    self.write_a(value, now);
+                } else {
+                    self.write_b(value, now);
+                }
+            }
             REG_C | REG_D => {
                 if self.log_limit.allow() {
                     log::debug!("rtc: write {value:#04x} to read-only register {reg:#x} ignored");
@@ -811,10 +857,10 @@ impl Timed for RtcCmos {
         };
         let update = (self.s.reg_b & B_SET == 0 && self.s.reg_b & (B_UIE | B_AIE) != 0)
             .then(|| self.cycle_time((c / CYCLES_PER_UPDATE + 1) * CYCLES_PER_UPDATE));
-        match (periodic, update) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [periodic, update, self.s.reinject_ns]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn advance(&mut self, now: u64) {
@@ -1204,6 +1250,42 @@ mod tests {
         assert_eq!(r.rtc.next_deadline(), None);
         r.at(2 * SEC);
         assert_eq!(r.rd(REG_C), C_UF);
+    }
+
+    /// Periodic ticks the guest could not see (PF still set, or the VMM
+    /// late) come back one per read of C.
+    #[test]
+    fn lost_periodic_ticks_are_reinjected_after_each_read_of_c() {
+        let mut r = rig(LEAP_EVE);
+        r.wr(REG_B, B_24H | B_PIE); // 1024 Hz
+        let period = 976_563;
+        // Ten periods late: one interrupt now, nine owed.
+        r.at(10 * period);
+        assert!(r.irq.level());
+        assert_eq!(r.rtc.state().lost_ticks, 9);
+        let mut seen = 0;
+        let mut now = 10 * period;
+        while seen < 20 {
+            if r.irq.level() {
+                seen += 1;
+                assert_eq!(r.rd(REG_C) & C_PF, C_PF);
+            }
+            match r.rtc.next_deadline() {
+                Some(d) if d < 10 * period + period / 2 => {
+                    now = d;
+                    r.at(d);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(seen, 10, "one now and nine owed, within half a period");
+        assert!(now < 10 * period + period / 2);
+        assert_eq!(r.rtc.state().lost_ticks, 0);
+        // Writing B forgets owed ticks.
+        r.at(20 * period);
+        assert!(r.rtc.state().lost_ticks > 0);
+        r.wr(REG_B, B_24H | B_PIE);
+        assert_eq!(r.rtc.state().lost_ticks, 0);
     }
 
     #[test]

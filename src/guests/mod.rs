@@ -16,6 +16,7 @@ pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
+pub mod real_mode_return;
 pub mod pci;
 pub mod rtc;
 pub mod self_ipi;
@@ -130,6 +131,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: real_mode_return::NAME,
+            description: real_mode_return::DESCRIPTION,
+            build: real_mode_return::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -399,7 +399,12 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
 }
 
 /// Plan Linux initramfs files: concatenated (each padded to 4 bytes, as
-/// cpio archives may be), page-aligned, as high as possible below `limit`.
+/// cpio archives may be), page-aligned, as high as possible below `limit`
+/// and never below 1 MiB. The boot protocol leaves low memory to the
+/// firmware and the real-mode code ("leave as much as possible unused");
+/// QEMU and GRUB too put the initrd high or refuse it. An initrd that does
+/// not fit between the kernel (with its `init_size` decompression space)
+/// and `limit` is refused rather than slipped under 640 KiB.
 fn plan_initrd<'a>(
     plan: &mut MemoryPlan,
     writes: &mut Writes<'a>,
@@ -418,14 +423,16 @@ fn plan_initrd<'a>(
         }
         total = total.saturating_add(m.data.len() as u64);
     }
-    let addr = plan.find_high(total, 4096, limit).ok_or_else(|| {
-        LoaderError::file(
-            FileRole::Initrd,
-            &name,
-            format!(
-                "{total} bytes do not fit in guest RAM below {limit:#x} next to the kernel; give \
-                 a larger --memory"
-            ),
+    let addr = plan
+        .find_high(total, 4096, layout::HIGH_RAM_START, limit)
+        .ok_or_else(|| {
+            LoaderError::file(
+                FileRole::Initrd,
+                &name,
+                format!(
+                    "{total} bytes do not fit in guest RAM between 1 MiB and {limit:#x} next to \
+                     the kernel; give a larger --memory"
+                ),
         )
     })?;
     plan.claim(addr, total, "the initrd")

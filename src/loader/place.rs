@@ -116,9 +116,9 @@ impl MemoryPlan {
         best
     }
 
-    /// The highest `align`-aligned address where `len` bytes (at least one)
-    /// are free and end at or below `hi`.
-    pub fn find_high(&self, len: u64, align: u64, hi: u64) -> Option<u64> {
+    /// The highest `align`-aligned address at or above `lo` where `len`
+    /// bytes (at least one) are free and end at or below `hi`.
+    pub fn find_high(&self, len: u64, align: u64, lo: u64, hi: u64) -> Option<u64> {
         let len = len.max(1);
         let candidates = self
             .ram
@@ -131,7 +131,7 @@ impl MemoryPlan {
             let Some(a) = c.min(hi).checked_sub(len).map(|a| a & !(align - 1)) else {
                 continue;
             };
-            if self.is_free(a, len) && best.is_none_or(|b| a > b) {
+            if a >= lo && self.is_free(a, len) && best.is_none_or(|b| a > b) {
                 best = Some(a);
             }
         }
@@ -187,8 +187,12 @@ mod tests {
         let mut p = MemoryPlan::new(8 * MIB);
         p.claim(MIB, 3 * MIB + 5, "kernel").unwrap();
         assert_eq!(p.find_low(4096, 4096, MIB, u64::MAX), Some(4 * MIB + 4096));
-        assert_eq!(p.find_high(4096, 4096, u64::MAX), Some(8 * MIB - 4096));
-        assert_eq!(p.find_high(4096, 4096, 6 * MIB + 7), Some(6 * MIB - 4096));
+        assert_eq!(p.find_high(4096, 4096, 0, u64::MAX), Some(8 * MIB - 4096));
+        assert_eq!(p.find_high(4096, 4096, 0, 6 * MIB + 7), Some(6 * MIB - 4096));
+        // Above the kernel nothing of 4 MiB + 1 fits; below it only from 0.
+        assert_eq!(p.find_high(4 * MIB + 1, 4096, MIB, u64::MAX), None);
+        assert_eq!(p.find_high(MIB - 4096, 4096, 0, u64::MAX), Some(0));
+        assert_eq!(p.find_high(MIB - 4096, 4096, 4096, u64::MAX), None);
         // Low memory when nothing above fits.
         assert_eq!(p.find_low(8 * MIB, 4096, 0, u64::MAX), None);
         assert_eq!(p.find_low(0x1000, 0x1000, 0, u64::MAX), Some(0x1000));
@@ -212,7 +216,7 @@ mod tests {
                 prop_assert!(a >= lo);
                 prop_assert!(p.clone().claim(a, len, "y").is_ok());
             }
-            if let Some(a) = p.find_high(len, 4096, 12 * MIB) {
+            if let Some(a) = p.find_high(len, 4096, 0, 12 * MIB) {
                 prop_assert_eq!(a % 4096, 0);
                 prop_assert!(a + len <= 12 * MIB);
                 prop_assert!(p.clone().claim(a, len, "y").is_ok());
