@@ -188,11 +188,18 @@ mod tests {
         p.claim(MIB, 3 * MIB + 5, "kernel").unwrap();
         assert_eq!(p.find_low(4096, 4096, MIB, u64::MAX), Some(4 * MIB + 4096));
         assert_eq!(p.find_high(4096, 4096, 0, u64::MAX), Some(8 * MIB - 4096));
-        assert_eq!(p.find_high(4096, 4096, 0, 6 * MIB + 7), Some(6 * MIB - 4096));
-        // Above the kernel nothing of 4 MiB + 1 fits; below it only from 0.
+        assert_eq!(
+            p.find_high(4096, 4096, 0, 6 * MIB + 7),
+            Some(6 * MIB - 4096)
+        );
+        // Above the kernel nothing of 4 MiB + 1 fits; nothing is placed
+        // below `lo`, even where the space is free.
         assert_eq!(p.find_high(4 * MIB + 1, 4096, MIB, u64::MAX), None);
-        assert_eq!(p.find_high(MIB - 4096, 4096, 0, u64::MAX), Some(0));
-        assert_eq!(p.find_high(MIB - 4096, 4096, 4096, u64::MAX), None);
+        assert_eq!(
+            p.find_high(4096, 4096, 5 * MIB, 6 * MIB),
+            Some(6 * MIB - 4096)
+        );
+        assert_eq!(p.find_high(4096, 4096, 6 * MIB - 4095, 6 * MIB), None);
         // Low memory when nothing above fits.
         assert_eq!(p.find_low(8 * MIB, 4096, 0, u64::MAX), None);
         assert_eq!(p.find_low(0x1000, 0x1000, 0, u64::MAX), Some(0x1000));
