@@ -114,6 +114,16 @@ pub struct Cpu {
     pub(crate) xcr0: u64,
     pub(crate) msrs: Msrs,
     pub(crate) dr: DebugRegs,
+    /// Derived from DR7 (see `debug`): an instruction breakpoint, a data
+    /// watchpoint, an I/O breakpoint is enabled.
+    pub(crate) dr_exec: bool,
+    pub(crate) dr_watch: bool,
+    pub(crate) dr_io: bool,
+    /// Breakpoints (DR6.B bits) the current instruction's accesses hit.
+    pub(crate) dr_hits: u64,
+    /// Data breakpoints of a MOV SS/POP SS, reported after the next
+    /// instruction.
+    pub(crate) dr_deferred: u64,
     pub(crate) fpu: Fpu,
     pub(crate) events: PendingEvents,
     /// TSC = base clock + tsc_offset.
@@ -191,6 +201,11 @@ impl Cpu {
             xcr0: 1,
             msrs: Msrs::default(),
             dr: DebugRegs::default(),
+            dr_exec: false,
+            dr_watch: false,
+            dr_io: false,
+            dr_hits: 0,
+            dr_deferred: 0,
             fpu: Fpu::default(),
             events: PendingEvents::default(),
             tsc_offset: 0,
@@ -397,6 +412,8 @@ impl Cpu {
         self.set_mtrr_state(&s.msrs.mtrr);
         self.fpu = Fpu::from_state(&s.fpu);
         self.dr = s.debug;
+        self.dr_hits = 0;
+        self.dr_deferred = 0;
         self.events = s.events;
         self.tsc_offset = s.tsc.wrapping_sub(self.retired);
         self.cpl = if self.cr0 & CR0_PE == 0 {
@@ -410,6 +427,7 @@ impl Cpu {
         self.triple_fault = false;
         self.pending_exit = None;
         self.update_mode();
+        self.debug_regs_changed();
         self.flush_caches();
     }
 

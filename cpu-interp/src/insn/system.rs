@@ -205,6 +205,10 @@ fn lldt(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
     if cpu.long_mode() {
         s.base |= (hi & 0xffff_ffff) << 32;
+        // A 16-byte system descriptor's base must be canonical.
+        if !canonical(s.base) {
+            return Err(Exception::gp(err));
+        }
     }
     s.selector = sel;
     cpu.ldtr = s;
@@ -237,6 +241,10 @@ fn ltr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
     if cpu.long_mode() {
         s.base |= (hi & 0xffff_ffff) << 32;
+        // Checked before the descriptor is marked busy.
+        if !canonical(s.base) {
+            return Err(Exception::gp(err));
+        }
     }
     // Mark the descriptor busy.
     let a = cpu
@@ -359,6 +367,10 @@ impl Cpu {
         if (old ^ v) & (CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP) != 0 {
             self.tlb.flush_all();
         }
+        if (old ^ v) & CR4_DE != 0 {
+            // I/O breakpoints exist only with CR4.DE.
+            self.debug_regs_changed();
+        }
         self.end_block = true;
         Ok(())
     }
@@ -425,6 +437,10 @@ fn mov_from_dr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     let n = dr_number(d.i.op1_register());
+    if (n == 4 || n == 5) && cpu.cr4 & CR4_DE != 0 {
+        return Err(Exception::ud());
+    }
+    general_detect(cpu)?;
     let v = match n {
         0..=3 => cpu.dr.db[n],
         6 => cpu.dr.dr6,
@@ -454,13 +470,27 @@ fn mov_to_dr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         4 | 5 => return Err(Exception::ud()),
         _ => n,
     };
+    general_detect(cpu)?;
     if (n == 6 || n == 7) && v >> 32 != 0 {
         return Err(Exception::gp0());
     }
     match n {
-        0..=3 => cpu.dr.db[n] = v,
+        0..=3 => cpu.dr.db[n] = if cpu.bits == 64 { v } else { v & 0xffff_ffff },
         6 => cpu.dr.dr6 = (v & 0x0001_e00f) | 0xffff_0ff0,
         _ => cpu.dr.dr7 = (v & 0xffff_2bff) | 0x400,
+    }
+    if n != 6 {
+        cpu.debug_regs_changed();
+    }
+    Ok(())
+}
+
+/// DR7.GD: a debug-register access is a #DB fault reporting BD (checked
+/// after the privilege and DR4/DR5 checks, as KVM's emulator does).
+fn general_detect(cpu: &mut Cpu) -> XResult<()> {
+    if cpu.dr.dr7 & crate::debug::DR7_GD != 0 {
+        cpu.dr.dr6 = (cpu.dr.dr6 & !crate::debug::DR6_B_MASK) | crate::debug::DR6_BD;
+        return Err(Exception::new(crate::exception::DB));
     }
     Ok(())
 }
@@ -1076,6 +1106,47 @@ mod tests {
         assert_eq!(read_phys(&c, 0x2010, 2), 0x37);
         assert_eq!(read_phys(&c, 0x2012, 4), 0x500);
         assert_ne!(c.state().sregs.cr0 & CR0_WP, 0);
+    }
+
+    /// LTR/LLDT in 64-bit mode take a 16-byte descriptor whose base must
+    /// be canonical: #GP(selector) otherwise, and the TSS is not marked
+    /// busy.
+    #[test]
+    fn ltr_lldt_need_a_canonical_base_in_long_mode() {
+        // ltr ax (0f 00 d8) / lldt ax (0f 00 d0), with a #GP gate to a HLT.
+        for (insn, type_) in [([0x0f, 0x00, 0xd8], 9u64), ([0x0f, 0x00, 0xd0], 2)] {
+            for (hi, ok) in [(0xffff_ffffu64, true), (0x0000_8000, false), (0, true)] {
+                let c = run(Mode::Long64, &insn, |c| {
+                    // Descriptor 7 (selector 0x38): base 0x1234_5000 | hi << 32.
+                    let lo: u64 = 0x67
+                        | (0x5000 << 16)
+                        | (0x34 << 32)
+                        | ((0x80 | type_) << 40)
+                        | (0x12 << 56);
+                    write_phys(c, GDT + 7 * 8, &lo.to_le_bytes());
+                    write_phys(c, GDT + 8 * 8, &hi.to_le_bytes());
+                    let mut s = c.state();
+                    s.sregs.gdt.limit = 9 * 8 - 1;
+                    c.set_state(&s);
+                    c.set_gpr(RAX, 0x38);
+                    let h = 0x4000u64;
+                    let g = (h & 0xffff) | (0x18 << 16) | (0x8e00 << 32);
+                    write_phys(c, crate::insn::testutil::IDT + 16 * 13, &g.to_le_bytes());
+                    write_phys(c, h, &[0xf4]);
+                });
+                let faulted = c.rip() == 0x4001;
+                assert_eq!(faulted, !ok, "type {type_} high {hi:#x}");
+                let s = c.state();
+                if ok {
+                    let seg = if type_ == 9 { s.sregs.tr } else { s.sregs.ldt };
+                    assert_eq!(seg.base, 0x1234_5000 | (hi << 32));
+                } else {
+                    assert_eq!(read_phys(&c, c.gpr(RSP), 8), 0x38, "error code");
+                    // Not marked busy.
+                    assert_eq!(read_phys(&c, GDT + 7 * 8 + 5, 1), 0x80 | type_);
+                }
+            }
+        }
     }
 
     #[test]
