@@ -116,6 +116,16 @@ pub struct Cpu {
     pub(crate) xstate: crate::state::XState,
     pub(crate) msrs: Msrs,
     pub(crate) dr: DebugRegs,
+    /// Derived from DR7 (see `debug`): an instruction breakpoint, a data
+    /// watchpoint, an I/O breakpoint is enabled.
+    pub(crate) dr_exec: bool,
+    pub(crate) dr_watch: bool,
+    pub(crate) dr_io: bool,
+    /// Breakpoints (DR6.B bits) the current instruction's accesses hit.
+    pub(crate) dr_hits: u64,
+    /// Data breakpoints of a MOV SS/POP SS, reported after the next
+    /// instruction.
+    pub(crate) dr_deferred: u64,
     pub(crate) fpu: Fpu,
     pub(crate) events: PendingEvents,
     /// TSC = base clock + tsc_offset.
@@ -212,6 +222,11 @@ impl Cpu {
             xstate: crate::state::XState::default(),
             msrs: Msrs::default(),
             dr: DebugRegs::default(),
+            dr_exec: false,
+            dr_watch: false,
+            dr_io: false,
+            dr_hits: 0,
+            dr_deferred: 0,
             fpu: Fpu::default(),
             events: PendingEvents::default(),
             tsc_offset: 0,
@@ -540,6 +555,8 @@ impl Cpu {
         self.set_mtrr_state(&s.msrs.mtrr);
         self.fpu = Fpu::from_state(&s.fpu);
         self.dr = s.debug;
+        self.dr_hits = 0;
+        self.dr_deferred = 0;
         self.events = s.events;
         self.tsc_offset = s.tsc.wrapping_sub(self.retired);
         self.cpl = if self.cr0 & CR0_PE == 0 {
@@ -553,6 +570,7 @@ impl Cpu {
         self.triple_fault = false;
         self.pending_exit = None;
         self.update_mode();
+        self.debug_regs_changed();
         self.flush_caches();
     }
 

@@ -1,7 +1,9 @@
 //! The execution loop: event checks at block boundaries, block lookup or
 //! translation, and instruction dispatch.
 
-use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+};
 
 use crate::block::{Block, BlockId, Insn, MAX_BLOCK};
 use crate::cpu::{sreg, Cpu, CpuExit};
@@ -11,8 +13,7 @@ use crate::interrupt::EventKind;
 use crate::mmu::Access;
 use crate::platform::Platform;
 
-/// DR6.BS: the debug exception was a single-step trap.
-const DR6_BS: u64 = 1 << 14;
+use crate::debug::DR6_BS;
 
 /// Handler for an instruction that runs past the CS limit.
 fn past_limit(_cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
@@ -180,10 +181,12 @@ impl Cpu {
                 }
                 self.stop_at = self.next_stop(p, limit);
             }
-            if self.flags.test(crate::flags::TF) {
+            if self.flags.get() & (crate::flags::TF | crate::flags::RF) != 0 || self.debug_active()
+            {
                 // Single-stepping: one instruction at a time, each followed
-                // by its #DB trap. (Every instruction that can set TF ends
-                // its block.)
+                // by its #DB trap; the same while a breakpoint is enabled
+                // (see `debug`) or RF suppresses one. (Every instruction
+                // that can set TF or RF or change DR7 ends its block.)
                 prev = None;
                 if let Some(e) = self.step(p) {
                     return e;
@@ -421,15 +424,30 @@ impl Cpu {
     /// Returns an exit if the instruction produced one (HLT, triple fault).
     pub fn step(&mut self, p: &mut dyn Platform) -> Option<CpuExit> {
         if self.events.single_step_pending && !self.events.halted {
-            self.single_step_trap(p);
+            self.debug_trap(p);
             if self.triple_fault {
                 return Some(CpuExit::TripleFault);
             }
         }
+        let shadowed = self.events.mov_ss_shadow;
         self.events.sti_shadow = false;
         self.events.mov_ss_shadow = false;
         // TF as the instruction starts decides its single-step trap.
         let trap = self.flags.test(crate::flags::TF);
+        let rf = self.flags.test(crate::flags::RF);
+        // Instruction breakpoints: a fault before the instruction, unless
+        // RF says the handler returned to it or a MOV SS shadow covers it.
+        if self.dr_exec && !rf && !shadowed {
+            if let Ok(lin) = self.code_linear(self.rip) {
+                let hits = self.exec_breakpoint_hits(lin);
+                if hits != 0 {
+                    self.report_breakpoints(hits);
+                    self.raise(p, Exception::new(crate::exception::DB));
+                    return self.triple_fault.then_some(CpuExit::TripleFault);
+                }
+            }
+        }
+        self.dr_hits = 0;
         let delivered = self.deliveries;
         let insn = match self.decode_one(p) {
             Ok(i) => i,
@@ -447,27 +465,49 @@ impl Cpu {
         match (insn.h)(self, p, &insn) {
             Ok(()) => {
                 self.retired += 1;
-                // The trap follows an instruction that completed without
-                // delivering an event (a fault, INT n, INTO, INT3), except
-                // after MOV SS/POP SS, whose shadow moves it past the next
-                // instruction.
-                if trap
+                if rf && !matches!(insn.i.mnemonic(), Mnemonic::Iretd | Mnemonic::Iretq) {
+                    // RF covered this instruction only (IRETD/IRETQ set it
+                    // from their image for the next one).
+                    self.flags.set_bit(crate::flags::RF, false);
+                }
+                // The single-step trap follows an instruction that
+                // completed without delivering an event (a fault, INT n,
+                // INTO, INT3), except after MOV SS/POP SS, whose shadow
+                // moves it past the next instruction.
+                let step_trap = trap
                     && self.deliveries == delivered
                     && !self.events.mov_ss_shadow
-                    && !self.triple_fault
-                {
+                    && !self.triple_fault;
+                // Data and I/O breakpoints trap after the instruction; those
+                // of a MOV SS/POP SS after the next one (even if that one
+                // delivered an event: the #DB then comes in its handler).
+                let mut hits = std::mem::take(&mut self.dr_hits);
+                if self.events.mov_ss_shadow {
+                    self.dr_deferred |= hits;
+                    hits = 0;
+                } else {
+                    hits |= std::mem::take(&mut self.dr_deferred);
+                }
+                if (step_trap || hits != 0) && !self.triple_fault {
+                    if hits != 0 {
+                        self.report_breakpoints(hits);
+                    }
+                    if step_trap {
+                        self.dr.dr6 |= DR6_BS;
+                    }
                     if (self.io_happened && p.stop_requested()) || self.events.halted {
                         // The VMM takes over first (as after a VM exit on
                         // hardware), or the CPU halts; the trap follows
                         // when it resumes or wakes.
                         self.events.single_step_pending = true;
                     } else {
-                        self.single_step_trap(p);
+                        self.debug_trap(p);
                     }
                 }
             }
             Err(exc) => {
                 self.rip = rip;
+                self.dr_hits = 0;
                 self.raise(p, exc);
             }
         }
@@ -479,10 +519,10 @@ impl Cpu {
         self.pending_exit.take()
     }
 
-    /// Deliver the single-step #DB trap of the instruction just executed.
-    fn single_step_trap(&mut self, p: &mut dyn Platform) {
+    /// Deliver the #DB trap (single-step, data or I/O breakpoints) of the
+    /// instruction just executed; DR6 already says why.
+    fn debug_trap(&mut self, p: &mut dyn Platform) {
         self.events.single_step_pending = false;
-        self.dr.dr6 |= DR6_BS;
         self.raise(p, Exception::new(crate::exception::DB));
     }
 
@@ -699,7 +739,7 @@ impl Cpu {
                 || (self.events.nmi_pending && !self.events.nmi_masked)
                 || (self.events.interrupt.is_some() && self.interrupts_enabled());
             if wake {
-                self.single_step_trap(p);
+                self.debug_trap(p);
                 if self.triple_fault {
                     return Some(CpuExit::TripleFault);
                 }

@@ -117,6 +117,11 @@ impl Cpu {
         };
         if r.is_ok() {
             self.end_block = true;
+            if vector == exception::DB && kind != EventKind::Software {
+                // Entering the #DB handler clears general detect, so the
+                // handler can use the debug registers.
+                self.dr.dr7 &= !crate::debug::DR7_GD;
+            }
         }
         r
     }

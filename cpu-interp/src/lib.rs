@@ -12,6 +12,7 @@
 pub mod block;
 pub mod cpu;
 pub mod cpuid;
+pub mod debug;
 pub mod dispatch;
 pub mod exception;
 mod exec;

@@ -7,7 +7,7 @@
 //! serves, or a value with low bits set otherwise. Low-bit flags send an
 //! access to the slow path: [`TLB_MMIO`] (the page is not RAM) and
 //! [`TLB_CODE`] (in write tags: the page holds decoded code that a write must
-//! invalidate). Two entry sets exist, one for supervisor and one for user
+//! invalidate), [`TLB_WATCH`] (a debug-register watchpoint covers the page). Two entry sets exist, one for supervisor and one for user
 //! accesses, so a privilege change needs no flush.
 
 use crate::cpu::{
@@ -25,6 +25,9 @@ pub const TLB_INVALID: u64 = 1;
 pub const TLB_MMIO: u64 = 2;
 /// The page holds decoded code (write tags only).
 pub const TLB_CODE: u64 = 4;
+/// A data watchpoint overlaps the page (read and write tags): accesses go
+/// to the slow path, which reports them (see `debug`).
+pub const TLB_WATCH: u64 = 8;
 const TLB_FLAGS: u64 = 0xfff;
 
 /// Physical address bits the interpreter implements (CPUID 0x80000008).
@@ -248,6 +251,14 @@ impl Cpu {
         if e.read == lin & !0xfff {
             return self.read_lin(p, lin, size, user);
         }
+        if e.read & TLB_WATCH != 0 {
+            self.note_data_access(lin, size, false);
+            if e.read & !TLB_WATCH == lin & !0xfff {
+                let host = e.addend.wrapping_add(lin as usize) as *const u8;
+                // SAFETY: as in read_lin (a RAM page, the access inside it).
+                return Ok(unsafe { load(host, size) });
+            }
+        }
         let mut buf = [0u8; 8];
         p.retired_hint(self.retired);
         self.io_happened = true;
@@ -289,6 +300,16 @@ impl Cpu {
         if e.write == lin & !0xfff {
             return self.write_lin(p, lin, size, v, user);
         }
+        if e.write & TLB_WATCH != 0 {
+            self.note_data_access(lin, size, true);
+            if e.write & !TLB_WATCH == lin & !0xfff {
+                let host = e.addend.wrapping_add(lin as usize) as *mut u8;
+                // SAFETY: as in write_lin (a writable, dirty RAM page without
+                // decoded code; the access inside it).
+                unsafe { store(host, size, v) };
+                return Ok(());
+            }
+        }
         p.retired_hint(self.retired);
         self.io_happened = true;
         p.mmio_write(paddr, &v.to_le_bytes()[..size]);
@@ -327,7 +348,7 @@ impl Cpu {
                 Access::Write => e.write,
                 Access::Exec => e.exec,
             };
-            if tag & !(TLB_MMIO | TLB_CODE) == page {
+            if tag & !(TLB_MMIO | TLB_CODE | TLB_WATCH) == page {
                 return Ok(e.paddr | (lin & 0xfff));
             }
         }
@@ -340,6 +361,9 @@ impl Cpu {
         } else {
             0
         };
+        let (watch_r, watch_w) = self.watched_page(page);
+        let watch_r = if watch_r { TLB_WATCH } else { 0 };
+        let watch_w = if watch_w { TLB_WATCH } else { 0 };
         let e = &mut self.tlb.sets[user as usize][idx];
         let same = e.paddr == ppage && e.read & TLB_INVALID == 0 && e.read & !TLB_FLAGS == page;
         if !same {
@@ -348,12 +372,12 @@ impl Cpu {
         e.paddr = ppage;
         e.global = t.global;
         e.addend = host.map_or(0, |h| (h as usize).wrapping_sub(page as usize));
-        e.read = page | mmio;
+        e.read = page | mmio | watch_r;
         if t.executable {
             e.exec = page | mmio;
         }
         if t.writable && t.dirty {
-            e.write = page | mmio | code;
+            e.write = page | mmio | code | watch_w;
         }
         Ok(t.paddr)
     }

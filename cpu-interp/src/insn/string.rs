@@ -152,8 +152,9 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
         };
     }
     let mut n = 0u64;
-    // Single-stepping traps after every iteration: do one, then come back.
-    let tf = cpu.flags.test(flags::TF);
+    // Single-stepping traps after every iteration, and so may a watchpoint:
+    // do one, then come back.
+    let tf = cpu.flags.test(flags::TF) || cpu.debug_active();
     let chunk = if tf { 1 } else { CHUNK };
     let fast = rep && !tf && (OP == MOVS || OP == STOS) && step == size as u64;
     loop {
@@ -221,6 +222,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 p.retired_hint(cpu.retired);
                 cpu.io_happened = true;
                 p.io_read(cpu.gpr[gpr::RDX] as u16, &mut buf[..size]);
+                cpu.note_io_access(cpu.gpr[gpr::RDX] as u16, size);
                 cpu.write_mem(p, sreg::ES, di, size, u64::from(u32::from_le_bytes(buf)))?;
                 bump(cpu, gpr::RDI, step, am);
             }
@@ -229,6 +231,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 p.retired_hint(cpu.retired);
                 cpu.io_happened = true;
                 p.io_write(cpu.gpr[gpr::RDX] as u16, &v.to_le_bytes()[..size]);
+                cpu.note_io_access(cpu.gpr[gpr::RDX] as u16, size);
                 bump(cpu, gpr::RSI, step, am);
             }
         }

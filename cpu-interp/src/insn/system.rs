@@ -376,6 +376,10 @@ impl Cpu {
         if (old ^ v) & (CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP) != 0 {
             self.tlb.flush_all();
         }
+        if (old ^ v) & CR4_DE != 0 {
+            // I/O breakpoints exist only with CR4.DE.
+            self.debug_regs_changed();
+        }
         self.end_block = true;
         Ok(())
     }
@@ -442,6 +446,10 @@ fn mov_from_dr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     let n = dr_number(d.i.op1_register());
+    if (n == 4 || n == 5) && cpu.cr4 & CR4_DE != 0 {
+        return Err(Exception::ud());
+    }
+    general_detect(cpu)?;
     let v = match n {
         0..=3 => cpu.dr.db[n],
         6 => cpu.dr.dr6,
@@ -471,13 +479,27 @@ fn mov_to_dr(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         4 | 5 => return Err(Exception::ud()),
         _ => n,
     };
+    general_detect(cpu)?;
     if (n == 6 || n == 7) && v >> 32 != 0 {
         return Err(Exception::gp0());
     }
     match n {
-        0..=3 => cpu.dr.db[n] = v,
+        0..=3 => cpu.dr.db[n] = if cpu.bits == 64 { v } else { v & 0xffff_ffff },
         6 => cpu.dr.dr6 = (v & 0x0001_e00f) | 0xffff_0ff0,
         _ => cpu.dr.dr7 = (v & 0xffff_2bff) | 0x400,
+    }
+    if n != 6 {
+        cpu.debug_regs_changed();
+    }
+    Ok(())
+}
+
+/// DR7.GD: a debug-register access is a #DB fault reporting BD (checked
+/// after the privilege and DR4/DR5 checks, as KVM's emulator does).
+fn general_detect(cpu: &mut Cpu) -> XResult<()> {
+    if cpu.dr.dr7 & crate::debug::DR7_GD != 0 {
+        cpu.dr.dr6 = (cpu.dr.dr6 & !crate::debug::DR6_B_MASK) | crate::debug::DR6_BD;
+        return Err(Exception::new(crate::exception::DB));
     }
     Ok(())
 }
@@ -1076,6 +1098,47 @@ mod tests {
         assert_ne!(c.state().sregs.cr0 & CR0_WP, 0);
     }
 
+    /// LTR/LLDT in 64-bit mode take a 16-byte descriptor whose base must
+    /// be canonical: #GP(selector) otherwise, and the TSS is not marked
+    /// busy.
+    #[test]
+    fn ltr_lldt_need_a_canonical_base_in_long_mode() {
+        // ltr ax (0f 00 d8) / lldt ax (0f 00 d0), with a #GP gate to a HLT.
+        for (insn, type_) in [([0x0f, 0x00, 0xd8], 9u64), ([0x0f, 0x00, 0xd0], 2)] {
+            for (hi, ok) in [(0xffff_ffffu64, true), (0x0000_8000, false), (0, true)] {
+                let c = run(Mode::Long64, &insn, |c| {
+                    // Descriptor 7 (selector 0x38): base 0x1234_5000 | hi << 32.
+                    let lo: u64 = 0x67
+                        | (0x5000 << 16)
+                        | (0x34 << 32)
+                        | ((0x80 | type_) << 40)
+                        | (0x12 << 56);
+                    write_phys(c, GDT + 7 * 8, &lo.to_le_bytes());
+                    write_phys(c, GDT + 8 * 8, &hi.to_le_bytes());
+                    let mut s = c.state();
+                    s.sregs.gdt.limit = 9 * 8 - 1;
+                    c.set_state(&s);
+                    c.set_gpr(RAX, 0x38);
+                    let h = 0x4000u64;
+                    let g = (h & 0xffff) | (0x18 << 16) | (0x8e00 << 32);
+                    write_phys(c, crate::insn::testutil::IDT + 16 * 13, &g.to_le_bytes());
+                    write_phys(c, h, &[0xf4]);
+                });
+                let faulted = c.rip() == 0x4001;
+                assert_eq!(faulted, !ok, "type {type_} high {hi:#x}");
+                let s = c.state();
+                if ok {
+                    let seg = if type_ == 9 { s.sregs.tr } else { s.sregs.ldt };
+                    assert_eq!(seg.base, 0x1234_5000 | (hi << 32));
+                } else {
+                    assert_eq!(read_phys(&c, c.gpr(RSP), 8), 0x38, "error code");
+                    // Not marked busy.
+                    assert_eq!(read_phys(&c, GDT + 7 * 8 + 5, 1), 0x80 | type_);
+                }
+            }
+        }
+    }
+
     #[test]
     fn cr0_reserved_bits_are_ignored_and_the_upper_half_faults() {
         // mov cr0, eax (0f 22 c0) with bit 6 (reserved) set: no #GP, the bit
@@ -1093,59 +1156,6 @@ mod tests {
         let insn = c.decode_one(&mut p).expect("decodable");
         let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#GP");
         assert_eq!(e.vector, crate::exception::GP);
-    }
-
-    #[test]
-    fn ltr_and_lldt_need_a_canonical_base_in_long_mode() {
-        // ltr ax (0f 00 d8) / lldt ax (0f 00 d0) on 16-byte system
-        // descriptors at GDT+0x38 (TSS, type 9) and GDT+0x48 (LDT, type 2)
-        // whose base is 0x0000_8000_0000_1000 (non-canonical) or
-        // 0xffff_8000_0000_1000 (canonical).
-        fn system_desc(c: &Cpu, at: u64, base: u64, ty: u64) {
-            let lo = 0x67
-                | ((base & 0xff_ffff) << 16)
-                | ((0x80 | ty) << 40)
-                | (((base >> 24) & 0xff) << 56);
-            write_phys(c, GDT + at, &lo.to_le_bytes());
-            write_phys(c, GDT + at + 8, &(base >> 32).to_le_bytes());
-        }
-        for (base, ok) in [
-            (0x0000_8000_0000_1000u64, false),
-            (0xffff_8000_0000_1000, true),
-        ] {
-            for (op, sel, ty) in [(0xd8u8, 0x38u16, 9u64), (0xd0, 0x48, 2)] {
-                let mut c = new_cpu();
-                setup(&mut c, Mode::Long64);
-                system_desc(&c, 0x38, base, 9);
-                system_desc(&c, 0x48, base, 2);
-                let mut s = c.state();
-                s.sregs.gdt.limit = 0x57;
-                c.set_state(&s);
-                write_phys(&c, CODE, &[0x0f, 0x00, op]);
-                c.set_gpr(RAX, u64::from(sel));
-                let mut p = TestPlatform::default();
-                let insn = c.decode_one(&mut p).expect("decodable");
-                let r = (insn.h)(&mut c, &mut p, &insn);
-                let busy = read_phys(&c, GDT + 0x38 + 5, 1) & 2 != 0;
-                if ok {
-                    assert!(r.is_ok(), "{base:#x} {sel:#x}: {r:?}");
-                    let seg = if ty == 9 {
-                        c.state().sregs.tr
-                    } else {
-                        c.state().sregs.ldt
-                    };
-                    assert_eq!(seg.base, base);
-                    assert_eq!(busy, ty == 9);
-                } else {
-                    let e = r.expect_err("#GP");
-                    assert_eq!(
-                        (e.vector, e.error_code),
-                        (crate::exception::GP, Some(u32::from(sel)))
-                    );
-                    assert!(!busy, "LTR set the busy bit before the canonical check");
-                }
-            }
-        }
     }
 
     #[test]
