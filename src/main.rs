@@ -241,6 +241,13 @@ struct RunArgs {
     /// Example: --stats-json stats.json
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Seccomp filter on all of duet's threads once the VM is set up (on by
+    /// default): other system calls (opening files, starting programs,
+    /// ptrace, mount, ...) are refused with EPERM. `off` for debugging.
+    ///
+    /// Example: --seccomp off
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    seccomp: SeccompArg,
     /// VM clock: host monotonic time, or virtual time derived from the
     /// interpreter's instruction count (bit-for-bit repeatable runs; picks
     /// the interpreter).
@@ -280,6 +287,15 @@ struct RunArgs {
     /// Example: --console-device virtio,socket=/tmp/hvc0
     #[arg(long = "console-device", value_name = "SPEC")]
     console_device: Option<duet::device_args::ConsoleSpec>,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum SeccompArg {
+    /// Limit duet's threads to the system calls a running VM needs.
+    #[default]
+    On,
+    /// No filter (debugging).
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -532,6 +548,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
+    if args.seccomp == SeccompArg::On {
+        duet::sandbox::apply_to_all_threads()?;
+    }
     let outcome = m.run();
     drop(raw);
     let outcome = outcome?;
