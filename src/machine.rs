@@ -67,6 +67,9 @@ pub struct MachineConfig {
     pub backend: BackendKind,
     pub memory: u64,
     pub trace: Option<PathBuf>,
+    /// The most bytes the trace file may grow to (then tracing stops, with
+    /// a last line saying so).
+    pub trace_limit: u64,
     /// Where the UART's output goes.
     pub serial_out: Box<dyn Write + Send>,
     /// Host time (default) or virtual time (interpreter only).
@@ -82,6 +85,7 @@ impl MachineConfig {
             backend,
             memory: layout::DEFAULT_MEMORY,
             trace: None,
+            trace_limit: crate::trace::DEFAULT_TRACE_LIMIT,
             serial_out,
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
@@ -374,7 +378,7 @@ impl Machine {
         let rtc = Arc::new(Mutex::new(rtc));
 
         let tracer = match &cfg.trace {
-            Some(p) => Tracer::to_file(p)?,
+            Some(p) => Tracer::to_file(p, cfg.trace_limit)?,
             None => Tracer::disabled(),
         };
         let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];

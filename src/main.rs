@@ -229,6 +229,12 @@ struct RunArgs {
     /// Example: --trace run.trace
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// The most the --trace file may grow to (default 4G); then tracing
+    /// stops with a last line saying so.
+    ///
+    /// Example: --trace-limit 512M
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "trace")]
+    trace_limit: Option<u64>,
     /// Print device-access, exit and instruction counters on stderr at
     /// exit.
     ///
@@ -477,6 +483,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = MachineConfig {
         memory: memory.as_ref().map_or(layout::DEFAULT_MEMORY, |m| m.bytes),
         trace: args.trace.clone(),
+        trace_limit: args.trace_limit.unwrap_or(duet::trace::DEFAULT_TRACE_LIMIT),
         clock: match args.clock {
             ClockArg::Host => ClockKind::Host,
             ClockArg::Virtual => ClockKind::Virtual,
