@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn trace_lines_and_counts() {
         let dir = std::env::temp_dir().join(format!("duet-trace-test-{}", std::process::id()));
-        let tracer = Tracer::to_file(&dir).unwrap();
+        let tracer = Tracer::to_file(&dir, crate::trace::DEFAULT_TRACE_LIMIT).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
         let timers = Timers::new(clock.clone(), Vec::new(), None);
         let chip =

@@ -67,6 +67,9 @@ pub struct MachineConfig {
     pub backend: BackendKind,
     pub memory: u64,
     pub trace: Option<PathBuf>,
+    /// The most bytes the trace file may grow to (then tracing stops, with
+    /// a last line saying so).
+    pub trace_limit: u64,
     /// Where the UART's output goes.
     pub serial_out: Box<dyn Write + Send>,
     /// Host time (default) or virtual time (interpreter only).
@@ -97,6 +100,7 @@ impl MachineConfig {
             backend,
             memory: layout::DEFAULT_MEMORY,
             trace: None,
+            trace_limit: crate::trace::DEFAULT_TRACE_LIMIT,
             serial_out,
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
@@ -122,6 +126,10 @@ pub enum Outcome {
     HostQuit,
     /// The guest shut down abnormally.
     Shutdown(ShutdownReason),
+    /// A bug in duet (a panic in a device model, the interpreter, a
+    /// backend or a host thread) stopped the VM: what panicked where, and
+    /// where the guest was (see [`crate::crash`]).
+    Crashed(String),
 }
 
 impl Outcome {
@@ -134,6 +142,7 @@ impl Outcome {
             Outcome::Reset => 2,
             Outcome::Shutdown(ShutdownReason::TripleFault) => 4,
             Outcome::Shutdown(_) => 6,
+            Outcome::Crashed(_) => crate::crash::CRASH_EXIT_STATUS,
         }
     }
 
@@ -148,6 +157,7 @@ impl Outcome {
             Outcome::PowerOff => "guest powered off".into(),
             Outcome::HostQuit => "quit from the console".into(),
             Outcome::Shutdown(r) => format!("guest shut down: {r}"),
+            Outcome::Crashed(m) => format!("VM stopped by an internal error in duet: {m}"),
         }
     }
 }
@@ -400,7 +410,7 @@ impl Machine {
         let rtc = Arc::new(Mutex::new(rtc));
 
         let tracer = match &cfg.trace {
-            Some(p) => Tracer::to_file(p)?,
+            Some(p) => Tracer::to_file(p, cfg.trace_limit)?,
             None => Tracer::disabled(),
         };
         let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];
@@ -543,6 +553,22 @@ impl Machine {
             }
         };
         self.plug_pci(slot, &name, Arc::new(Mutex::new(dev)))
+    }
+
+    /// Map a device of the caller's on the I/O-port bus at `base..base +
+    /// len` (tests and embedders; the built-in devices are mapped by
+    /// [`Machine::new`]).
+    pub fn add_port_device(
+        &mut self,
+        name: &str,
+        base: u16,
+        len: u16,
+        dev: SharedDevice,
+    ) -> Result<(), MachineError> {
+        let id = self.io.register(name);
+        self.io
+            .map(BusKind::Pio, id, u64::from(base), u64::from(len), dev)?;
+        Ok(())
     }
 
     /// Put a built PCI function in `slot`: interrupt line register, BARs
@@ -715,9 +741,55 @@ impl Machine {
         Ok(self.chip.service(0, self.vcpu.as_mut())?)
     }
 
-    /// Run until the guest stops, exits, resets or shuts down.
+    /// Run until the guest stops, exits, resets or shuts down. A panic
+    /// in a device model, the interpreter or a backend on this thread, or
+    /// in one of duet's host threads, ends the run with
+    /// [`Outcome::Crashed`] instead of taking the process down.
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
+        crate::crash::install_hook();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        match r {
+            Ok(r) => r,
+            Err(payload) => {
+                let rec = crate::crash::take_last_on_this_thread().unwrap_or_else(|| {
+                    crate::crash::PanicRecord {
+                        thread: std::thread::current().name().unwrap_or("unnamed").into(),
+                        message: crate::crash::payload_text(&*payload),
+                        location: None,
+                    }
+                });
+                let report = self.crash_report(&rec);
+                // The trace up to the panic is worth keeping.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.io.tracer.finish()
+                }));
+                Ok(Outcome::Crashed(report))
+            }
+        }
+    }
+
+    /// A contained panic, with where the guest was.
+    fn crash_report(&mut self, rec: &crate::crash::PanicRecord) -> String {
+        let guest =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self.vcpu.state() {
+                Ok(s) => crate::crash::describe_guest(&s, &self.mem),
+                Err(e) => format!("guest state unavailable: {e}"),
+            }))
+            .unwrap_or_else(|_| "guest state unavailable (reading it panicked too)".into());
+        let retired = self
+            .vcpu
+            .stats()
+            .instructions
+            .map(|n| format!("; {n} guest instructions retired"))
+            .unwrap_or_default();
+        format!("{rec}\n  {guest}{retired}")
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome, MachineError> {
         let outcome = loop {
+            if let Some(rec) = crate::crash::take_host_thread_panic() {
+                break Outcome::Crashed(self.crash_report(&rec));
+            }
             self.io.timers.advance_due();
             self.io.refresh_deadline();
             self.service_interrupts()?;
@@ -792,6 +864,9 @@ impl Machine {
         loop {
             if let Some(o) = self.take_action() {
                 return Ok(Some(o));
+            }
+            if let Some(rec) = crate::crash::take_host_thread_panic() {
+                return Ok(Some(Outcome::Crashed(self.crash_report(&rec))));
             }
             self.io.timers.advance_due();
             self.poll_host_input();

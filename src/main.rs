@@ -248,6 +248,12 @@ struct RunArgs {
     /// Example: --trace run.trace
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// The most the --trace file may grow to (default 4G); then tracing
+    /// stops with a last line saying so.
+    ///
+    /// Example: --trace-limit 512M
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "trace")]
+    trace_limit: Option<u64>,
     /// Print device-access, exit and instruction counters on stderr at
     /// exit.
     ///
@@ -260,6 +266,13 @@ struct RunArgs {
     /// Example: --stats-json stats.json
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Seccomp filter on all of duet's threads once the VM is set up (on by
+    /// default): other system calls (opening files, starting programs,
+    /// ptrace, mount, ...) are refused with EPERM. `off` for debugging.
+    ///
+    /// Example: --seccomp off
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    seccomp: SeccompArg,
     /// VM clock: host monotonic time, or virtual time derived from the
     /// interpreter's instruction count (bit-for-bit repeatable runs; picks
     /// the interpreter).
@@ -350,6 +363,15 @@ impl TierArg {
             None => duet::machine::default_tier(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum SeccompArg {
+    /// Limit duet's threads to the system calls a running VM needs.
+    #[default]
+    On,
+    /// No filter (debugging).
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -531,6 +553,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = MachineConfig {
         memory: memory.as_ref().map_or(layout::DEFAULT_MEMORY, |m| m.bytes),
         trace: args.trace.clone(),
+        trace_limit: args.trace_limit.unwrap_or(duet::trace::DEFAULT_TRACE_LIMIT),
         clock: match args.clock {
             ClockArg::Host => ClockKind::Host,
             ClockArg::Virtual => ClockKind::Virtual,
@@ -607,6 +630,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
+    if args.seccomp == SeccompArg::On {
+        duet::sandbox::apply_to_all_threads()?;
+    }
     let outcome = m.run();
     drop(raw);
     let outcome = outcome?;

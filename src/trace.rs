@@ -34,10 +34,33 @@ pub enum TraceError {
     Write(#[from] std::io::Error),
 }
 
-/// Writes trace lines; a no-op when no file was given.
+/// The default bound on a trace file (`--trace-limit`).
+pub const DEFAULT_TRACE_LIMIT: u64 = 4 << 30;
+
+/// A file that counts the bytes written to it.
+struct Counted {
+    file: File,
+    written: u64,
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Writes trace lines; a no-op when no file was given. The file is bounded:
+/// when it reaches its limit, tracing stops with a last line that says so
+/// (`# trace stopped: ...`) and a warning, never silently.
 pub struct Tracer {
-    out: Option<BufWriter<File>>,
+    out: Option<BufWriter<Counted>>,
     error: Option<std::io::Error>,
+    limit: u64,
 }
 
 impl Tracer {
@@ -45,17 +68,21 @@ impl Tracer {
         Tracer {
             out: None,
             error: None,
+            limit: u64::MAX,
         }
     }
 
-    pub fn to_file(path: &Path) -> Result<Self, TraceError> {
-        let f = File::create(path).map_err(|source| TraceError::Create {
+    /// Trace to `path`, at most `limit` bytes (roughly: checked as the
+    /// buffer is written out).
+    pub fn to_file(path: &Path, limit: u64) -> Result<Self, TraceError> {
+        let file = File::create(path).map_err(|source| TraceError::Create {
             path: path.display().to_string(),
             source,
         })?;
         Ok(Tracer {
-            out: Some(BufWriter::new(f)),
+            out: Some(BufWriter::new(Counted { file, written: 0 })),
             error: None,
+            limit,
         })
     }
 
@@ -106,6 +133,18 @@ impl Tracer {
         if let Err(e) = r {
             // Stop tracing on the first error, remember it for finish().
             self.error = Some(e);
+            self.out = None;
+            return;
+        }
+        if out.get_ref().written >= self.limit {
+            let note = format!(
+                "# trace stopped: the file reached its limit of {} bytes (--trace-limit)",
+                self.limit
+            );
+            log::warn!("{note}");
+            if let Err(e) = writeln!(out, "{note}").and_then(|()| out.flush()) {
+                self.error = Some(e);
+            }
             self.out = None;
         }
     }
@@ -167,5 +206,25 @@ mod tests {
         let d = "pio  r 0x0041 1 0x12 pit time\npio  w 0x03f8 1 0x41 com1\n";
         assert_eq!(compare_traces(a, d).unwrap().0, 1);
         assert_eq!(compare_traces(a, "").unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_trace_stops_at_its_limit_and_says_so() {
+        let path = std::env::temp_dir().join(format!("duet-trace-limit-{}", std::process::id()));
+        let mut t = Tracer::to_file(&path, 64 << 10).unwrap();
+        for k in 0..1_000_000u64 {
+            t.record(BusKind::Pio, true, 0x3f8, &[k as u8], "com1", false);
+        }
+        t.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        // The buffer (8 KiB) is written out whole: the bound holds within it.
+        assert!(text.len() < (64 << 10) + (16 << 10), "{} bytes", text.len());
+        assert!(text.lines().count() > 1000);
+        assert_eq!(
+            text.lines().last(),
+            Some("# trace stopped: the file reached its limit of 65536 bytes (--trace-limit)")
+        );
+        assert!(!t.enabled());
     }
 }

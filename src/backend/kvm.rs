@@ -2147,6 +2147,16 @@ impl KvmVcpu {
                 break;
             }
             let bad = todo.remove(n);
+            if bad.data != 0 && !self.bad_msrs.contains(&bad.index) {
+                // A value that matters is lost in the move to KVM: say so
+                // (once per MSR), never drop it silently.
+                log::warn!(
+                    "kvm: this KVM refuses MSR {:#x} = {:#x}; the guest loses that value \
+                     (logged once per MSR)",
+                    bad.index,
+                    bad.data
+                );
+            }
             self.note_bad_msr(bad.index, "write");
             todo.drain(..n);
         }
