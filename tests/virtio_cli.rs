@@ -6,7 +6,14 @@ use std::process::Command;
 fn run(args: &[&str]) -> (String, Option<i32>) {
     let out = Command::new(env!("CARGO_BIN_EXE_duet"))
         .arg("run")
-        .args(["--backend", "interp", "--guest", "hello-real", "--serial", "null"])
+        .args([
+            "--backend",
+            "interp",
+            "--guest",
+            "hello-real",
+            "--serial",
+            "null",
+        ])
         .args(args)
         .output()
         .unwrap();
@@ -22,7 +29,11 @@ fn fails(args: &[&str], needles: &[&str]) {
     let (err, code) = run(args);
     assert_eq!(code, Some(1), "duet run {}: {err}", args.join(" "));
     for n in needles {
-        assert!(err.contains(n), "duet run {}: {err:?} lacks {n:?}", args.join(" "));
+        assert!(
+            err.contains(n),
+            "duet run {}: {err:?} lacks {n:?}",
+            args.join(" ")
+        );
     }
 }
 
@@ -32,7 +43,10 @@ fn bad_disks() {
         &["--disk", "path=/nonexistent/duet.img"],
         &["--disk path=/nonexistent/duet.img", "cannot open it"],
     );
-    fails(&["--disk", "readonly=on"], &["'--disk <SPEC>'", "path=FILE is missing"]);
+    fails(
+        &["--disk", "readonly=on"],
+        &["'--disk <SPEC>'", "path=FILE is missing"],
+    );
     fails(
         &["--disk", "path=x.img,transport=usb"],
         &["--disk", "transport=usb: expected pci or mmio"],
@@ -49,16 +63,31 @@ fn bad_disks() {
 
 #[test]
 fn bad_nets() {
-    fails(&["--net", "mac=52:54:00:00:00:01"], &["'--net <SPEC>'", "user or tap=IFNAME"]);
-    fails(&["--net", "user,hostfwd=tcp:80"], &["hostfwd=tcp:80: expected"]);
-    fails(&["--net", "user,mac=zz:00:00:00:00:00"], &["mac=zz:00:00:00:00:00"]);
+    fails(
+        &["--net", "mac=52:54:00:00:00:01"],
+        &["'--net <SPEC>'", "user or tap=IFNAME"],
+    );
+    fails(
+        &["--net", "user,hostfwd=tcp:80"],
+        &["hostfwd=tcp:80: expected"],
+    );
+    fails(
+        &["--net", "user,mac=zz:00:00:00:00:00"],
+        &["mac=zz:00:00:00:00:00"],
+    );
     fails(&["--net", "wifi"], &["unknown key 'wifi'"]);
 }
 
 #[test]
 fn bad_consoles_and_rngs() {
-    fails(&["--console-device", "virtio"], &["file=PATH, socket=PATH or stdio"]);
-    fails(&["--console-device", "serial,file=x"], &["only console device is virtio"]);
+    fails(
+        &["--console-device", "virtio"],
+        &["file=PATH, socket=PATH or stdio"],
+    );
+    fails(
+        &["--console-device", "serial,file=x"],
+        &["only console device is virtio"],
+    );
     fails(&["--rng", "seed=many"], &["seed=many: expected a number"]);
     // hvc0 on stdio needs stdin free of the serial console.
     let out = Command::new(env!("CARGO_BIN_EXE_duet"))
@@ -68,7 +97,10 @@ fn bad_consoles_and_rngs() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--console-device virtio,stdio: stdin already feeds"), "{err}");
+    assert!(
+        err.contains("--console-device virtio,stdio: stdin already feeds"),
+        "{err}"
+    );
 }
 
 /// A built-in guest runs with virtio devices plugged in (nobody drives
