@@ -125,6 +125,15 @@ fn pci() {
     check_both("pci");
 }
 
+/// virtio: tiny virtio-blk and virtio-net drivers on virtio-pci (MSI-X)
+/// and virtio-mmio (an IOAPIC line): requests, an indirect table, a frame
+/// through the loopback; identical serial output and device trace on both
+/// backends.
+#[test]
+fn virtio() {
+    check_both("virtio");
+}
+
 /// With `--clock virtual`, runs are bit-for-bit repeatable: three runs of
 /// every guest give byte-identical serial output and traces (time-dependent
 /// values included). Guests that wait for serial input are left out
