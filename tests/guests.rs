@@ -211,6 +211,22 @@ fn kernel_irqchip_runs_the_interrupt_guests() {
     }
 }
 
+/// The virtio guest with KVM's in-kernel controllers: MSI-X vectors
+/// through KVM_SIGNAL_MSI, the virtio-mmio lines through KVM's IOAPIC.
+#[test]
+fn virtio_on_the_kernel_irqchip() {
+    if !kvm_or_skip("virtio_on_the_kernel_irqchip") {
+        return;
+    }
+    let r = run_guest_irqchip(
+        "virtio",
+        BackendKind::Kvm,
+        duet::backend::IrqchipKind::Kernel,
+    );
+    assert_eq!(r.serial, golden("virtio"));
+    assert_eq!(r.outcome, Outcome::PowerOff);
+}
+
 /// KVM-PVM refuses `int3`/`int n` in ring 0; the KVM backend hands those
 /// instructions to the interpreter and resumes. The guest must finish with
 /// the same output as on the interpreter, and the fallback must be counted.
