@@ -90,3 +90,126 @@ put("cpu_exec", "tf", bytes([1, 0x20]) + regs + bytes.fromhex("9cf3a4cc"))
 # device_registers: arbitrary's encoding; a few byte strings per device.
 for d in range(11):
     put("device_registers", f"dev{d}", bytes([d]) + bytes((d * 37 + k * 11) & 0xFF for k in range(120)))
+
+# virtio_devices: device kind (0 blk, 1 read-only blk, 2 net, 3 console,
+# 4 rng), a byte the block devices take as sectors - 1, the transport
+# (0 pci, 1 mmio), then operations (see fuzz/src/virtio.rs). Queue q's
+# descriptors live at 0x10000 + q * 0x4000, its available ring 0x1000
+# after them; buffers at 0x30000 and up.
+NEXT, WRITE, INDIRECT = 1, 2, 4
+VERSION_1 = 1 << 32
+
+
+def v_bring_up(features, size=16, mask=0b11, msix=1):
+    return bytes([4]) + struct.pack("<QHBB", features, size, mask, msix)
+
+
+def v_desc(q, index, addr, length, flags=0, nxt=0):
+    return bytes([5]) + struct.pack("<BBBIIHH", q, index, 0, addr, length, flags, nxt)
+
+
+def v_avail(q, slot, head, idx):
+    return bytes([6]) + struct.pack("<BBHH", q, slot, head, idx)
+
+
+def v_notify(q):
+    return bytes([7, q])
+
+
+def v_input(data):
+    return bytes([8]) + struct.pack("<H", len(data)) + data
+
+
+def v_mem(addr, data):
+    out = b""
+    for k in range(0, len(data), 255):
+        chunk = data[k:k + 255]
+        out += bytes([9]) + struct.pack("<IB", addr + k, len(chunk)) + chunk
+    return out
+
+
+def v_reset():
+    return bytes([10])
+
+
+def blk_header(kind, sector):
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+def blk_session(kind, transport):
+    s = bytes([kind, 7, transport])
+    s += v_bring_up(VERSION_1 | 1 << 28 | 1 << 29 | 1 << 9 | 1 << 13 | 1 << 14, mask=1)
+    # Write sector 1, read it back, get the ID, flush, write zeroes.
+    s += v_mem(0x30000, blk_header(1, 1)) + v_mem(0x31000, bytes(range(256)) * 2)
+    s += v_desc(0, 0, 0x30000, 16, NEXT, 1) + v_desc(0, 1, 0x31000, 512, NEXT, 2) + v_desc(0, 2, 0x32000, 1, WRITE)
+    s += v_avail(0, 0, 0, 1) + v_notify(0)
+    s += v_mem(0x30100, blk_header(0, 1))
+    s += v_desc(0, 3, 0x30100, 16, NEXT, 4) + v_desc(0, 4, 0x33000, 512, WRITE | NEXT, 5) + v_desc(0, 5, 0x32001, 1, WRITE)
+    s += v_avail(0, 1, 3, 2) + v_notify(0)
+    s += v_mem(0x30200, blk_header(8, 0)) + v_mem(0x30300, blk_header(4, 0))
+    s += v_desc(0, 6, 0x30200, 16, NEXT, 7) + v_desc(0, 7, 0x34000, 20, WRITE | NEXT, 8) + v_desc(0, 8, 0x32002, 1, WRITE)
+    s += v_desc(0, 9, 0x30300, 16, NEXT, 10) + v_desc(0, 10, 0x32003, 1, WRITE)
+    s += v_avail(0, 2, 6, 3) + v_avail(0, 3, 9, 4) + v_notify(0)
+    s += v_mem(0x30400, blk_header(13, 0) + struct.pack("<QII", 2, 3, 1))
+    s += v_desc(0, 11, 0x30400, 32, NEXT, 12) + v_desc(0, 12, 0x32004, 1, WRITE)
+    s += v_avail(0, 4, 11, 5) + v_notify(0)
+    # Read through an indirect table.
+    table = struct.pack("<QIHH", 0x30100, 16, NEXT, 1) + struct.pack("<QIHH", 0x35000, 512, WRITE | NEXT, 2) + struct.pack("<QIHH", 0x32005, 1, WRITE, 0)
+    s += v_mem(0x36000, table) + v_desc(0, 13, 0x36000, 48, INDIRECT)
+    s += v_avail(0, 5, 13, 6) + v_notify(0)
+    return s
+
+
+def net_session(transport):
+    s = bytes([2, 0, transport])
+    s += v_bring_up(VERSION_1 | 1 << 15 | 1 << 5 | 1 << 16 | 1 << 0 | 1 << 1)
+    s += v_desc(0, 0, 0x30000, 1024, WRITE) + v_desc(0, 1, 0x31000, 1024, WRITE) + v_avail(0, 0, 0, 1) + v_avail(0, 1, 1, 2) + v_notify(0)
+    s += v_input(bytes(12) + bytes([0xFF] * 6) + bytes(range(100)))
+    s += v_input(bytes(12) + bytes(range(200)) * 8)
+    s += v_mem(0x32000, bytes(12) + bytes(range(60)))
+    s += v_desc(1, 0, 0x32000, 72) + v_avail(1, 0, 0, 1) + v_notify(1)
+    return s
+
+
+def console_session(transport):
+    s = bytes([3, 0, transport])
+    s += v_bring_up(VERSION_1 | 1 << 29)
+    s += v_desc(0, 0, 0x30000, 64, WRITE) + v_avail(0, 0, 0, 1) + v_notify(0)
+    s += v_input(b"hello from the host\n")
+    s += v_mem(0x31000, b"hello from the guest\n")
+    s += v_desc(1, 0, 0x31000, 21) + v_avail(1, 0, 0, 1) + v_notify(1)
+    return s
+
+
+def rng_session(transport):
+    s = bytes([4, 0, transport])
+    s += v_bring_up(VERSION_1 | 1 << 28, mask=1)
+    s += v_desc(0, 0, 0x30000, 64, WRITE) + v_desc(0, 1, 0x30100, 32, WRITE | NEXT, 2) + v_desc(0, 2, 0x30200, 32, WRITE)
+    s += v_avail(0, 0, 0, 1) + v_avail(0, 1, 1, 2) + v_notify(0)
+    return s
+
+
+def hostile(prefix, features):
+    # A descriptor loop, an address past RAM, a read-only buffer after a
+    # writable one, an avail index far ahead, then a reset and a re-bring-up.
+    s = prefix + v_bring_up(features, mask=0b11)
+    s += v_desc(0, 0, 0x30000, 16, NEXT, 0) + v_avail(0, 0, 0, 1) + v_notify(0)
+    s += v_reset() + v_bring_up(features, mask=0b11)
+    s += v_desc(0, 1, 0x7FFFF000, 4096, WRITE) + v_avail(0, 0, 1, 1) + v_notify(0)
+    s += v_reset() + v_bring_up(features, mask=0b11)
+    s += v_desc(0, 2, 0x30000, 16, WRITE | NEXT, 3) + v_desc(0, 3, 0x30100, 16, 0) + v_avail(0, 0, 2, 1) + v_notify(0)
+    s += v_reset() + v_bring_up(features, mask=0b11)
+    s += v_desc(0, 4, 0x36000, 17, INDIRECT) + v_avail(0, 0, 4, 1) + v_notify(0)
+    s += v_reset() + v_bring_up(features, size=3, mask=0b11)
+    s += v_avail(0, 0, 0, 0x8000) + v_notify(0) + v_notify(1)
+    return s
+
+
+for t, tname in ((0, "pci"), (1, "mmio")):
+    put("virtio_devices", f"blk-{tname}", blk_session(0, t))
+    put("virtio_devices", f"blk-readonly-{tname}", blk_session(1, t))
+    put("virtio_devices", f"net-{tname}", net_session(t))
+    put("virtio_devices", f"console-{tname}", console_session(t))
+    put("virtio_devices", f"rng-{tname}", rng_session(t))
+    for kind in range(5):
+        put("virtio_devices", f"hostile-{kind}-{tname}", hostile(bytes([kind, 3, t]), VERSION_1 | 1 << 28 | 1 << 29))

@@ -316,6 +316,7 @@ pub fn guest_image(w: Workload, iterations: u64) -> Result<GuestImage, BenchErro
         blobs: vec![(LOAD_ADDR, bytes)],
         entry: multiboot_entry_state(entry),
         pci_devices: Vec::new(),
+        virtio_devices: Vec::new(),
     })
 }
 

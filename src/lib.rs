@@ -27,6 +27,7 @@ pub mod mptable;
 pub mod net;
 pub mod sandbox;
 pub mod serial_port;
+pub mod signals;
 pub mod stats;
 pub mod ticker;
 pub mod timers;

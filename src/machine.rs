@@ -124,6 +124,8 @@ pub enum Outcome {
     PowerOff,
     /// The user quit from the console (Ctrl-A x).
     HostQuit,
+    /// duet was asked to stop by this signal (SIGTERM, SIGINT, SIGHUP).
+    HostSignal(i32),
     /// The guest shut down abnormally.
     Shutdown(ShutdownReason),
     /// A bug in duet (a panic in a device model, the interpreter, a
@@ -137,7 +139,7 @@ impl Outcome {
     /// statuses are always odd; duet's own are even.
     pub fn exit_status(&self) -> i32 {
         match self {
-            Outcome::Stopped | Outcome::PowerOff | Outcome::HostQuit => 0,
+            Outcome::Stopped | Outcome::PowerOff | Outcome::HostQuit | Outcome::HostSignal(_) => 0,
             Outcome::DebugExit(s) => (*s & 0xff) as i32,
             Outcome::Reset => 2,
             Outcome::Shutdown(ShutdownReason::TripleFault) => 4,
@@ -156,6 +158,7 @@ impl Outcome {
             Outcome::Reset => "guest requested a reset".into(),
             Outcome::PowerOff => "guest powered off".into(),
             Outcome::HostQuit => "quit from the console".into(),
+            Outcome::HostSignal(s) => format!("stopped by {}", crate::signals::name(*s)),
             Outcome::Shutdown(r) => format!("guest shut down: {r}"),
             Outcome::Crashed(m) => format!("VM stopped by an internal error in duet: {m}"),
         }
@@ -665,6 +668,42 @@ impl Machine {
         Ok(())
     }
 
+    /// Plug in the `index`th virtio device a built-in guest brings along.
+    fn add_builtin_virtio(
+        &mut self,
+        index: usize,
+        v: crate::guests::BuiltinVirtio,
+    ) -> Result<(), MachineError> {
+        use crate::guests::{virtio as guest, BuiltinVirtioKind};
+        use devices::virtio::{block, net};
+        let transport = match v.transport {
+            VirtioTransport::Pci => "pci",
+            VirtioTransport::Mmio => "mmio",
+        };
+        let (name, device): (String, Box<dyn devices::virtio::VirtioDevice>) = match v.kind {
+            BuiltinVirtioKind::Block => {
+                let mut disk = block::MemDisk::new(guest::DISK_BYTES);
+                disk.data[..guest::DISK_MAGIC.len()].copy_from_slice(guest::DISK_MAGIC);
+                (
+                    format!("builtin-blk-{transport}"),
+                    Box::new(block::VirtioBlock::new(
+                        Box::new(disk),
+                        false,
+                        guest::disk_id(v.transport),
+                    )),
+                )
+            }
+            BuiltinVirtioKind::NetLoopback => (
+                format!("builtin-net-{transport}"),
+                Box::new(net::VirtioNet::new(
+                    [0x52, 0x54, 0x00, 0xd0, 0xe7, index as u8],
+                    Box::<net::LoopbackBackend>::default(),
+                )),
+            ),
+        };
+        self.add_virtio(&name, v.transport, device)
+    }
+
     /// The VM clock.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
@@ -708,6 +747,9 @@ impl Machine {
     pub fn load(&mut self, image: &GuestImage) -> Result<(), MachineError> {
         for spec in &image.pci_devices {
             self.add_pci_device(*spec)?;
+        }
+        for (i, v) in image.virtio_devices.iter().enumerate() {
+            self.add_builtin_virtio(i, *v)?;
         }
         for (addr, bytes) in &image.blobs {
             self.mem
@@ -855,6 +897,7 @@ impl Machine {
             VmAction::Reset => Some(Outcome::Reset),
             VmAction::PowerOff => Some(Outcome::PowerOff),
             VmAction::HostQuit => Some(Outcome::HostQuit),
+            VmAction::HostSignal(s) => Some(Outcome::HostSignal(s)),
         }
     }
 

@@ -483,6 +483,9 @@ fn io_reason(e: &std::io::Error) -> String {
 fn run(args: RunArgs) -> Result<ExitCode> {
     use duet::machine::MachineError;
     let start = std::time::Instant::now();
+    // SIGTERM, SIGINT, SIGHUP: blocked in every thread from here on and
+    // taken by one thread, which stops the VM cleanly.
+    let stop_signals = duet::signals::StopSignals::block()?;
     // Everything that can be checked before the VM exists, in the order of
     // the options' importance: outputs first (so a long run does not fail
     // at its end), then the guest, the backend, memory, the kernel.
@@ -630,6 +633,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
+    stop_signals.spawn_waiter(m.control(), m.kicker())?;
     if args.seccomp == SeccompArg::On {
         duet::sandbox::apply_to_all_threads()?;
     }
@@ -637,7 +641,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     drop(raw);
     let outcome = outcome?;
     let status = outcome.exit_status();
-    if status != 0 {
+    if status != 0 || matches!(outcome, duet::machine::Outcome::HostSignal(_)) {
         eprintln!("duet: {}", outcome.describe());
     } else {
         log::info!("{}", outcome.describe());

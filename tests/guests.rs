@@ -117,6 +117,15 @@ fn pci() {
     check_both("pci");
 }
 
+/// virtio: tiny virtio-blk and virtio-net drivers on virtio-pci (MSI-X)
+/// and virtio-mmio (an IOAPIC line): requests, an indirect table, a frame
+/// through the loopback; identical serial output and device trace on both
+/// backends.
+#[test]
+fn virtio() {
+    check_both("virtio");
+}
+
 /// With `--clock virtual`, runs are bit-for-bit repeatable: three runs of
 /// every guest give byte-identical serial output and traces (time-dependent
 /// values included). Guests that wait for serial input are left out
@@ -196,6 +205,22 @@ fn kernel_irqchip_runs_the_interrupt_guests() {
         };
         check_golden(name, &r.serial, &format!("{g} with --irqchip kernel"));
     }
+}
+
+/// The virtio guest with KVM's in-kernel controllers: MSI-X vectors
+/// through KVM_SIGNAL_MSI, the virtio-mmio lines through KVM's IOAPIC.
+#[test]
+fn virtio_on_the_kernel_irqchip() {
+    if !kvm_or_skip("virtio_on_the_kernel_irqchip") {
+        return;
+    }
+    let r = run_guest_irqchip(
+        "virtio",
+        BackendKind::Kvm,
+        duet::backend::IrqchipKind::Kernel,
+    );
+    assert_eq!(r.serial, golden("virtio"));
+    assert_eq!(r.outcome, Outcome::PowerOff);
 }
 
 /// KVM-PVM refuses `int3`/`int n` in ring 0; the KVM backend hands those

@@ -18,6 +18,8 @@ pub enum VmAction {
     PowerOff,
     /// The host user asked to quit (Ctrl-A x on the console).
     HostQuit,
+    /// duet received this stop signal (SIGTERM, SIGINT, SIGHUP).
+    HostSignal(i32),
 }
 
 #[derive(Default)]

@@ -14,6 +14,12 @@
 //!   six CPU modes the difftest environment sets up, on the interpreter.
 //! - [`device_registers`]: a sequence of register reads/writes, clock
 //!   advances and interrupt-controller actions against one device model.
+//! - [`virtio_devices`]: register accesses, bring-ups, descriptor chains,
+//!   notifications and host input against one virtio device on one
+//!   transport (see `virtio.rs`).
+
+mod virtio;
+pub use virtio::virtio_devices;
 
 use std::cell::RefCell;
 use std::io::Write;

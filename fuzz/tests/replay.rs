@@ -49,3 +49,8 @@ fn cpu_exec() {
 fn device_registers() {
     replay("device_registers", duet_fuzz::device_registers);
 }
+
+#[test]
+fn virtio_devices() {
+    replay("virtio_devices", duet_fuzz::virtio_devices);
+}

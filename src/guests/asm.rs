@@ -162,6 +162,7 @@ impl GuestProgram {
             blobs,
             entry: self.entry,
             pci_devices: Vec::new(),
+            virtio_devices: Vec::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod self_ipi;
 pub mod serial_echo;
 pub mod swint;
 pub mod tsc_pit;
+pub mod virtio;
 
 /// A guest program ready to load: byte blobs at guest-physical addresses
 /// and the CPU state to start from.
@@ -34,6 +35,35 @@ pub struct GuestImage {
     pub entry: CpuState,
     /// PCI devices the guest expects (plugged in when it is loaded).
     pub pci_devices: Vec<crate::machine::PciDeviceSpec>,
+    /// virtio devices the guest drives (plugged in when it is loaded,
+    /// after those of the command line).
+    pub virtio_devices: Vec<BuiltinVirtio>,
+}
+
+/// A virtio device a built-in guest brings along, backed by memory only
+/// (so that runs repeat exactly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuiltinVirtioKind {
+    /// virtio-blk on a 64 KiB disk in memory starting with "DUETDISK".
+    Block,
+    /// virtio-net whose sent frames come back as received ones.
+    NetLoopback,
+}
+
+impl BuiltinVirtioKind {
+    pub const fn device_type(self) -> u32 {
+        match self {
+            BuiltinVirtioKind::Block => devices::virtio::device_type::BLOCK,
+            BuiltinVirtioKind::NetLoopback => devices::virtio::device_type::NET,
+        }
+    }
+}
+
+/// A built-in guest's virtio device and its transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuiltinVirtio {
+    pub kind: BuiltinVirtioKind,
+    pub transport: crate::machine::VirtioTransport,
 }
 
 /// An entry of the built-in guest list.
@@ -144,6 +174,18 @@ pub fn all() -> &'static [BuiltinGuest] {
             description: pci::DESCRIPTION,
             build: pci::build,
             needs_input: false,
+        },
+        BuiltinGuest {
+            name: virtio::NAME,
+            description: virtio::DESCRIPTION,
+            build: virtio::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: virtio::WAIT_NAME,
+            description: virtio::WAIT_DESCRIPTION,
+            build: virtio::build_wait,
+            needs_input: true,
         },
         BuiltinGuest {
             name: serial_echo::NAME,

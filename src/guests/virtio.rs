@@ -1,0 +1,1164 @@
+//! `virtio`: tiny virtio drivers in 64-bit long mode, for virtio-blk and
+//! virtio-net on both transports, so that the device models run on KVM as
+//! well as on the interpreter with identical serial output and device
+//! traces.
+//!
+//! The image plugs in four devices (after any the command line added):
+//! a 64 KiB in-memory disk and a NIC whose frames loop back, once on
+//! virtio-pci and once on virtio-mmio. The guest finds them as a driver
+//! would: on PCI by scanning bus 0 through ECAM for vendor 0x1af4 and
+//! walking the vendor capabilities to the common, notify and device
+//! configuration structures, then the MSI-X capability; on MMIO by probing
+//! the register blocks of [`layout::virtio_mmio`] for the magic value. The
+//! first disk and the first NIC on each transport are driven (a `--disk`
+//! given on the command line comes before the built-in one).
+//!
+//! For each device: reset, ACKNOWLEDGE, DRIVER, feature negotiation
+//! (VERSION_1 and the bits the driver knows, ANDed with what the device
+//! offers), FEATURES_OK checked, interrupts set up (MSI-X one vector per
+//! queue on PCI; the device's IOAPIC line, level-triggered, active-low on
+//! MMIO, acknowledged through the interrupt status register), queues of 16
+//! entries, DRIVER_OK.
+//!
+//! - **virtio-blk** (EVENT_IDX and INDIRECT_DESC negotiated): five
+//!   requests published at once and one notification: write sector 1
+//!   with a pattern, read it back, read sector 0 through an indirect
+//!   descriptor table, GET_ID, FLUSH. The guest waits for the interrupt,
+//!   then prints the status bytes, whether the read-back matches, the
+//!   first bytes of sector 0 and the ID.
+//! - **virtio-net**: two receive buffers, then one Ethernet frame (source
+//!   MAC read from the configuration space) on the transmit queue; the
+//!   loopback brings it back into the first receive buffer; the guest
+//!   compares it with what it sent.
+//!
+//! The guest then powers off (ACPI S5); `virtio-wait` waits instead.
+//!
+//! Device accesses happen with interrupts disabled and the guest waits
+//! with `sti; hlt` for a known number of interrupts, so everything is
+//! deterministic.
+
+use iced_x86::code_asm::*;
+
+use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::{BuiltinVirtio, BuiltinVirtioKind, GuestImage};
+use crate::layout;
+use crate::machine::VirtioTransport;
+
+pub const NAME: &str = "virtio";
+pub const DESCRIPTION: &str =
+    "64-bit long mode: tiny virtio-blk and virtio-net drivers on virtio-pci (MSI-X) and virtio-mmio (IOAPIC line)";
+
+/// The built-in disk: its size, its first bytes and the ID each reports.
+pub const DISK_BYTES: usize = 64 * 1024;
+pub const DISK_MAGIC: &[u8; 8] = b"DUETDISK";
+pub fn disk_id(transport: VirtioTransport) -> &'static str {
+    match transport {
+        VirtioTransport::Pci => "duet-builtin-pci",
+        VirtioTransport::Mmio => "duet-builtin-mmio",
+    }
+}
+
+/// Sector the guest writes and reads back, and its pattern.
+pub const TEST_SECTOR: u64 = 1;
+pub fn sector_pattern(region: u32) -> Vec<u8> {
+    (0..512u32)
+        .map(|i| (i.wrapping_mul(7) ^ (region >> 16)) as u8)
+        .collect()
+}
+
+const QUEUE_SIZE: u16 = 16;
+const ECAM: u32 = layout::pci::ECAM_BASE as u32;
+const PCI_VENDOR: u32 = devices::virtio::pci::VENDOR_ID as u32;
+const MMIO_MAGIC: u32 = devices::virtio::mmio::MAGIC;
+
+/// Offsets in a device record (one per device the guest drives).
+mod rec {
+    /// 0: virtio-pci, 1: virtio-mmio.
+    pub const KIND: i32 = 0;
+    /// Common configuration (PCI) or the register block (MMIO).
+    pub const BASE: i32 = 8;
+    pub const DEVCFG: i32 = 16;
+    /// Per-queue notification addresses (PCI).
+    pub const NOTIFY: i32 = 24;
+    pub const NOTIFY_BASE: i32 = 40;
+    pub const NOTIFY_MULT: i32 = 48;
+    pub const MSIX_TABLE: i32 = 56;
+    /// ECAM address of the MSI-X capability.
+    pub const MSIX_CAP: i32 = 64;
+    pub const IRQ_COUNT: i32 = 72;
+    /// Guest-physical base of the device's rings and buffers.
+    pub const REGION: i32 = 80;
+    /// First vector (PCI: one per queue; MMIO: the line's).
+    pub const VECTOR: i32 = 88;
+    pub const GSI: i32 = 96;
+    pub const NAME: i32 = 104;
+    pub const FOUND: i32 = 112;
+    /// Interrupts to wait for after the test's notifications.
+    pub const EXPECTED_IRQS: i32 = 120;
+    pub const LEN: usize = 128;
+}
+
+/// Layout of a device region (offsets from its base).
+mod region {
+    pub const DESC0: u32 = 0x0000;
+    pub const AVAIL0: u32 = 0x0200;
+    pub const USED0: u32 = 0x0400;
+    pub const INDIRECT: u32 = 0x0800;
+    pub const DESC1: u32 = 0x1000;
+    pub const AVAIL1: u32 = 0x1200;
+    pub const USED1: u32 = 0x1400;
+    /// Request headers (blk) or the frame to send (net).
+    pub const HEADERS: u32 = 0x2000;
+    pub const STATUS: u32 = 0x2100;
+    pub const WRITE_BUF: u32 = 0x2200;
+    pub const ID_BUF: u32 = 0x2400;
+    /// Everything below is a data blob; from here on the device writes.
+    pub const BLOB_END: u32 = 0x3000;
+    pub const BUF_A: u32 = 0x3000;
+    pub const BUF_B: u32 = 0x4000;
+    pub const END: u32 = 0x5000;
+}
+
+// The buffers fit their places.
+const _: () = assert!(FRAME_TEXT_LEN + 14 <= FRAME_LEN as usize);
+const _: () = assert!(region::WRITE_BUF + 512 <= region::ID_BUF);
+const _: () = assert!(region::ID_BUF + 32 <= region::BLOB_END);
+const FRAME_TEXT_LEN: usize = FRAME_TEXT.len();
+
+/// The four devices: (kind, transport, region base, first vector,
+/// interrupts expected).
+const DEVICES: [(BuiltinVirtioKind, VirtioTransport, u32, u8, u32); 4] = [
+    (
+        BuiltinVirtioKind::Block,
+        VirtioTransport::Pci,
+        0x20000,
+        0x40,
+        1,
+    ),
+    // Two MSI-X vectors: receive and transmit.
+    (
+        BuiltinVirtioKind::NetLoopback,
+        VirtioTransport::Pci,
+        0x30000,
+        0x44,
+        2,
+    ),
+    (
+        BuiltinVirtioKind::Block,
+        VirtioTransport::Mmio,
+        0x40000,
+        0x48,
+        1,
+    ),
+    (
+        BuiltinVirtioKind::NetLoopback,
+        VirtioTransport::Mmio,
+        0x50000,
+        0x4c,
+        1,
+    ),
+];
+
+/// Data of the test: where the frame payload sits and how long it is.
+const FRAME_LEN: u32 = 60;
+const NET_HDR: u32 = devices::virtio::net::HDR_LEN as u32;
+const FRAME_TEXT: &[u8] = b"duet virtio-net built-in guest: a frame";
+const ETHERTYPE_LOCAL: u16 = 0x88b5;
+
+// virtio ring and feature constants.
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+const DESC_INDIRECT: u16 = 4;
+const F_BLK_FLUSH: u32 = 1 << 9;
+const F_NET_MAC: u32 = 1 << 5;
+const F_INDIRECT: u32 = 1 << 28;
+const F_EVENT_IDX: u32 = 1 << 29;
+/// VERSION_1, bit 32: bit 0 of the high word.
+const F_HIGH_VERSION_1: u32 = 1;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_T_FLUSH: u32 = 4;
+const BLK_T_GET_ID: u32 = 8;
+const BLK_REQUESTS: u32 = 5;
+
+/// `virtio-wait`: the same drivers, then the guest waits with interrupts
+/// on instead of powering off, until Ctrl-A x or a signal stops duet (the
+/// data-safety tests stop it that way).
+pub const WAIT_NAME: &str = "virtio-wait";
+pub const WAIT_DESCRIPTION: &str =
+    "the virtio guest, then waiting (for Ctrl-A x or a signal) instead of powering off";
+
+/// How the guest ends once its drivers are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// ACPI S5 through PM1a_CNT.
+    PowerOff,
+    /// `sti; hlt` forever.
+    Wait,
+}
+
+pub fn build() -> GuestImage {
+    build_with(End::PowerOff)
+}
+
+pub fn build_wait() -> GuestImage {
+    build_with(End::Wait)
+}
+
+fn build_with(end: End) -> GuestImage {
+    let mut image = program_with(end).into_image();
+    image.virtio_devices = DEVICES
+        .iter()
+        .map(|&(kind, transport, ..)| BuiltinVirtio { kind, transport })
+        .collect();
+    image
+}
+
+pub fn program() -> GuestProgram {
+    program_with(End::PowerOff)
+}
+
+pub fn program_with(end: End) -> GuestProgram {
+    assemble_program(end).expect("virtio guest assembles")
+}
+
+fn desc(addr: u32, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&u64::from(addr).to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
+}
+
+fn put(buf: &mut [u8], at: u32, bytes: &[u8]) {
+    buf[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+}
+
+/// The avail ring's entries (its index stays 0 until the driver runs).
+fn avail(buf: &mut [u8], at: u32, heads: &[u16]) {
+    for (i, h) in heads.iter().enumerate() {
+        put(buf, at + 4 + 2 * i as u32, &h.to_le_bytes());
+    }
+}
+
+/// The prepared rings and buffers of a disk at `base`.
+fn blk_region(base: u32) -> Vec<u8> {
+    use region::*;
+    let mut b = vec![0u8; BLOB_END as usize];
+    let hdr = |i: u32| base + HEADERS + 16 * i;
+    let status = |i: u32| base + STATUS + i;
+    let chains: [[u8; 16]; 12] = [
+        // Write TEST_SECTOR.
+        desc(hdr(0), 16, DESC_NEXT, 1),
+        desc(base + WRITE_BUF, 512, DESC_NEXT, 2),
+        desc(status(0), 1, DESC_WRITE, 0),
+        // Read it back.
+        desc(hdr(1), 16, DESC_NEXT, 4),
+        desc(base + BUF_A, 512, DESC_WRITE | DESC_NEXT, 5),
+        desc(status(1), 1, DESC_WRITE, 0),
+        // Read sector 0 through an indirect table.
+        desc(base + INDIRECT, 48, DESC_INDIRECT, 0),
+        // GET_ID.
+        desc(hdr(3), 16, DESC_NEXT, 8),
+        desc(base + ID_BUF, 20, DESC_WRITE | DESC_NEXT, 9),
+        desc(status(3), 1, DESC_WRITE, 0),
+        // FLUSH.
+        desc(hdr(4), 16, DESC_NEXT, 11),
+        desc(status(4), 1, DESC_WRITE, 0),
+    ];
+    for (i, d) in chains.iter().enumerate() {
+        put(&mut b, DESC0 + 16 * i as u32, d);
+    }
+    avail(&mut b, AVAIL0, &[0, 3, 6, 7, 10]);
+    let indirect = [
+        desc(hdr(2), 16, DESC_NEXT, 1),
+        desc(base + BUF_B, 512, DESC_WRITE | DESC_NEXT, 2),
+        desc(status(2), 1, DESC_WRITE, 0),
+    ];
+    for (i, d) in indirect.iter().enumerate() {
+        put(&mut b, INDIRECT + 16 * i as u32, d);
+    }
+    let headers = [
+        (BLK_T_OUT, TEST_SECTOR),
+        (BLK_T_IN, TEST_SECTOR),
+        (BLK_T_IN, 0),
+        (BLK_T_GET_ID, 0),
+        (BLK_T_FLUSH, 0),
+    ];
+    for (i, (kind, sector)) in headers.iter().enumerate() {
+        put(&mut b, HEADERS + 16 * i as u32, &kind.to_le_bytes());
+        put(&mut b, HEADERS + 16 * i as u32 + 8, &sector.to_le_bytes());
+    }
+    put(&mut b, STATUS, &[0xff; BLK_REQUESTS as usize]);
+    put(&mut b, WRITE_BUF, &sector_pattern(base));
+    b
+}
+
+/// The prepared rings and the frame of a NIC at `base`.
+fn net_region(base: u32) -> Vec<u8> {
+    use region::*;
+    let mut b = vec![0u8; BLOB_END as usize];
+    put(&mut b, DESC0, &desc(base + BUF_A, 2048, DESC_WRITE, 0));
+    put(&mut b, DESC0 + 16, &desc(base + BUF_B, 2048, DESC_WRITE, 0));
+    avail(&mut b, AVAIL0, &[0, 1]);
+    put(
+        &mut b,
+        DESC1,
+        &desc(base + HEADERS, NET_HDR + FRAME_LEN, 0, 0),
+    );
+    avail(&mut b, AVAIL1, &[0]);
+    // virtio-net header (zero), broadcast destination, source filled in
+    // by the guest, a local ethertype, the text.
+    let frame = HEADERS + NET_HDR;
+    put(&mut b, frame, &[0xff; 6]);
+    put(&mut b, frame + 12, &ETHERTYPE_LOCAL.to_be_bytes());
+    put(&mut b, frame + 14, FRAME_TEXT);
+    b
+}
+
+struct Strings {
+    gdtr: u32,
+    idtr: u32,
+    header: u32,
+    blk: u32,
+    net: u32,
+    on: u32,
+    not_found: u32,
+    features: u32,
+    refused: u32,
+    capacity: u32,
+    sectors: u32,
+    statuses: u32,
+    readback: u32,
+    same: u32,
+    different: u32,
+    sector0: u32,
+    id: u32,
+    mac: u32,
+    colon: u32,
+    space: u32,
+    quote: u32,
+    frame_sent: u32,
+    received: u32,
+    length: u32,
+    intact: u32,
+    interrupts: u32,
+    line_end: u32,
+    done: u32,
+    waiting: u32,
+    unexpected: u32,
+    records: Vec<u32>,
+}
+
+fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
+    let mut data = DataBlock::new(map::DATA);
+    let gdt_limit = (asm::GDT_DESCRIPTORS.len() * 8 - 1) as u16;
+    let idt_limit = (map::IDT_END - map::IDT - 1) as u16;
+    let pci_name = data.cstr("pci");
+    let mmio_name = data.cstr("mmio");
+    let mut s = Strings {
+        gdtr: data.table_register(map::GDT, gdt_limit),
+        idtr: data.table_register(map::IDT, idt_limit),
+        header: data.cstr("virtio: virtio-blk and virtio-net on virtio-pci and virtio-mmio\r\n"),
+        blk: data.cstr("virtio-blk on "),
+        net: data.cstr("virtio-net on "),
+        on: data.cstr(": "),
+        not_found: data.cstr(": not found\r\n"),
+        features: data.cstr(": features 0x"),
+        refused: data.cstr(", FEATURES_OK refused\r\n"),
+        capacity: data.cstr(", capacity "),
+        sectors: data.cstr(" sectors\r\n"),
+        statuses: data.cstr(" requests done, statuses "),
+        readback: data.cstr("; sector 1 written and read back: "),
+        same: data.cstr("same"),
+        different: data.cstr("DIFFERENT"),
+        sector0: data.cstr("; sector 0 (indirect) starts 0x"),
+        id: data.cstr("; id '"),
+        mac: data.cstr(", MAC "),
+        colon: data.cstr(":"),
+        space: data.cstr(" "),
+        quote: data.cstr("'"),
+        frame_sent: data.cstr(" frame(s) of 60 bytes sent; received "),
+        received: data.cstr(" frame(s)"),
+        length: data.cstr(" of "),
+        intact: data.cstr(" bytes, contents intact: "),
+        interrupts: data.cstr("; interrupts "),
+        line_end: data.cstr("\r\n"),
+        done: data.cstr("virtio: done\r\n"),
+        waiting: data.cstr("virtio: waiting for Ctrl-A x or a signal\r\n"),
+        unexpected: data.cstr("virtio: unexpected interrupt or exception, stopping\r\n"),
+        records: Vec::new(),
+    };
+    for &(_, transport, region, vector, irqs) in &DEVICES {
+        let mut r = vec![0u8; rec::LEN];
+        let mut set = |off: i32, v: u64| {
+            r[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        let (kind, name) = match transport {
+            VirtioTransport::Pci => (0, pci_name),
+            VirtioTransport::Mmio => (1, mmio_name),
+        };
+        set(rec::KIND, kind);
+        set(rec::REGION, u64::from(region));
+        set(rec::VECTOR, u64::from(vector));
+        set(rec::NAME, u64::from(name));
+        set(rec::EXPECTED_IRQS, u64::from(irqs));
+        s.records.push(data.bytes(&r, 8));
+    }
+    let code16 = asm::long_mode_entry(s.gdtr, true)?;
+    let code64 = long_mode_code(&s, end)?;
+    let mut blobs = vec![asm::gdt_blob(), data.finish()];
+    let mut work_areas = vec![
+        (map::PML4, map::PAGE_TABLES_END, "page tables"),
+        (map::STACK_BOTTOM, map::STACK_TOP, "stack"),
+        (map::IDT, map::IDT_END, "IDT"),
+        (map::PD_MMIO, map::PD_MMIO_END, "PD for the MMIO gap"),
+    ];
+    for &(kind, _, base, ..) in &DEVICES {
+        let bytes = match kind {
+            BuiltinVirtioKind::Block => blk_region(base),
+            BuiltinVirtioKind::NetLoopback => net_region(base),
+        };
+        blobs.push((u64::from(base), bytes));
+        work_areas.push((
+            u64::from(base + region::BUF_A),
+            u64::from(base + region::END),
+            "device buffers",
+        ));
+    }
+    Ok(GuestProgram {
+        code: vec![code16, code64],
+        data: blobs,
+        work_areas,
+        entry: asm::real_mode_entry(),
+    })
+}
+
+/// Subroutine labels of the driver (RBX points at a device record).
+struct Driver {
+    pci_find: CodeLabel,
+    mmio_scan: CodeLabel,
+    status_write: CodeLabel,
+    status_read: CodeLabel,
+    features_read: CodeLabel,
+    features_write: CodeLabel,
+    config_read: CodeLabel,
+    queue_setup: CodeLabel,
+    notify: CodeLabel,
+    irq_setup: CodeLabel,
+    bring_up: CodeLabel,
+    wait_irqs: CodeLabel,
+    blk_test: CodeLabel,
+    net_test: CodeLabel,
+    irq_common: CodeLabel,
+}
+
+fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let routines = Routines::new(&mut a);
+    let decimal = asm::DecimalPrinter::new(&mut a);
+    let idt = IdtBuilder::new(&mut a);
+    let mut unexpected = a.create_label();
+    let mut d = Driver {
+        pci_find: a.create_label(),
+        mmio_scan: a.create_label(),
+        status_write: a.create_label(),
+        status_read: a.create_label(),
+        features_read: a.create_label(),
+        features_write: a.create_label(),
+        config_read: a.create_label(),
+        queue_setup: a.create_label(),
+        notify: a.create_label(),
+        irq_setup: a.create_label(),
+        bring_up: a.create_label(),
+        wait_irqs: a.create_label(),
+        blk_test: a.create_label(),
+        net_test: a.create_label(),
+        irq_common: a.create_label(),
+    };
+    let mut stubs: Vec<CodeLabel> = Vec::new();
+
+    asm::emit_load_flat_segments(&mut a)?;
+    routines.print(&mut a, s.header)?;
+    idt.emit_clear(&mut a)?;
+    idt.emit_install_all(&mut a, unexpected)?;
+    for &(_, transport, _, vector, _) in &DEVICES {
+        let vectors = match transport {
+            VirtioTransport::Pci => 2,
+            VirtioTransport::Mmio => 1,
+        };
+        for v in 0..vectors {
+            let l = a.create_label();
+            idt.emit_install(&mut a, vector + v, l)?;
+            stubs.push(l);
+        }
+    }
+    a.lidt(ptr(s.idtr))?;
+    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
+    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
+    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+
+    // Find the devices.
+    for (i, &(kind, transport, ..)) in DEVICES.iter().enumerate() {
+        if transport != VirtioTransport::Pci {
+            continue;
+        }
+        let id = u32::from(devices::virtio::pci::DEVICE_ID_BASE) + kind.device_type();
+        a.mov(ebx, s.records[i])?;
+        a.mov(edx, id << 16 | PCI_VENDOR)?;
+        a.call(d.pci_find)?;
+    }
+    a.call(d.mmio_scan)?;
+    // Drive them.
+    for (i, &(kind, ..)) in DEVICES.iter().enumerate() {
+        a.mov(ebx, s.records[i])?;
+        match kind {
+            BuiltinVirtioKind::Block => a.call(d.blk_test)?,
+            BuiltinVirtioKind::NetLoopback => a.call(d.net_test)?,
+        }
+    }
+    routines.print(&mut a, s.done)?;
+    match end {
+        End::PowerOff => {
+            use devices::acpi_pm::S5_SLP_TYP;
+            const PM1A_CNT: u16 = layout::boot::ACPI_PM_BASE + 4;
+            const SLP_EN: u16 = 1 << 13;
+            a.mov(dx, u32::from(PM1A_CNT))?;
+            a.mov(ax, u32::from(S5_SLP_TYP << 10 | SLP_EN))?;
+            a.out(dx, ax)?;
+            asm::emit_halt(&mut a)?;
+        }
+        End::Wait => {
+            let mut wait = a.create_label();
+            routines.print(&mut a, s.waiting)?;
+            a.set_label(&mut wait)?;
+            a.sti()?;
+            a.hlt()?;
+            a.jmp(wait)?;
+        }
+    }
+
+    emit_discovery(&mut a, &mut d, s)?;
+    emit_transport(&mut a, &mut d)?;
+    emit_bring_up(&mut a, &mut d, s, &routines)?;
+    emit_blk_test(&mut a, &mut d, s, &routines, &decimal)?;
+    emit_net_test(&mut a, &mut d, s, &routines, &decimal)?;
+
+    // Interrupt stubs: RBX = the device's record, then the common part.
+    let mut stub_iter = stubs.into_iter();
+    for (i, &(_, transport, ..)) in DEVICES.iter().enumerate() {
+        let vectors = match transport {
+            VirtioTransport::Pci => 2,
+            VirtioTransport::Mmio => 1,
+        };
+        for _ in 0..vectors {
+            let mut l = stub_iter.next().expect("one stub per vector");
+            a.set_label(&mut l)?;
+            a.push(rbx)?;
+            a.mov(ebx, s.records[i])?;
+            a.jmp(d.irq_common)?;
+        }
+    }
+    // Common handler: on MMIO read and acknowledge the interrupt status;
+    // count; EOI.
+    let mut counted = a.create_label();
+    a.set_label(&mut d.irq_common)?;
+    a.push(rax)?;
+    a.push(rdx)?;
+    a.push(rdi)?;
+    a.cmp(qword_ptr(rbx + rec::KIND), 0)?;
+    a.je(counted)?;
+    a.mov(rdi, qword_ptr(rbx + rec::BASE))?;
+    a.mov(
+        eax,
+        dword_ptr(rdi + devices::virtio::mmio::reg::INTERRUPT_STATUS),
+    )?;
+    a.mov(
+        dword_ptr(rdi + devices::virtio::mmio::reg::INTERRUPT_ACK),
+        eax,
+    )?;
+    a.set_label(&mut counted)?;
+    a.inc(dword_ptr(rbx + rec::IRQ_COUNT))?;
+    apic::lapic_write(&mut a, apic::EOI, 0)?;
+    a.pop(rdi)?;
+    a.pop(rdx)?;
+    a.pop(rax)?;
+    a.pop(rbx)?;
+    a.iretq()?;
+
+    a.set_label(&mut unexpected)?;
+    routines.print(&mut a, s.unexpected)?;
+    asm::emit_halt(&mut a)?;
+
+    idt.emit(&mut a)?;
+    decimal.emit(&mut a, &routines)?;
+    routines.emit(&mut a)?;
+    Ok(asm::assemble(&mut a, map::CODE64)?.blob)
+}
+
+/// `pci_find` (RBX = record, EDX = device:vendor ID dword): the first
+/// function of bus 0 with that ID; its structures from the vendor
+/// capabilities, its MSI-X table; memory decoding and bus mastering on.
+/// `mmio_scan`: probe the virtio-mmio register blocks until one lacks the
+/// magic value; the first disk and NIC fill the MMIO records.
+fn emit_discovery(a: &mut CodeAssembler, d: &mut Driver, s: &Strings) -> Result<(), IcedError> {
+    use devices::pci::config::cap_id;
+    use devices::virtio::pci::cap_type;
+    let mut next_slot = a.create_label();
+    let mut found = a.create_label();
+    let mut cap_loop = a.create_label();
+    let mut not_msix = a.create_label();
+    let mut not_common = a.create_label();
+    let mut not_notify = a.create_label();
+    let mut next_cap = a.create_label();
+    let mut caps_done = a.create_label();
+    let mut absent = a.create_label();
+    a.set_label(&mut d.pci_find)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut next_slot)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, 15)?;
+    a.add(eax, ECAM as i32)?;
+    a.mov(r12, rax)?;
+    a.cmp(dword_ptr(r12), edx)?;
+    a.je(found)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, 32)?;
+    a.jb(next_slot)?;
+    a.jmp(absent)?;
+    a.set_label(&mut found)?;
+    a.or(word_ptr(r12 + 4), 6)?;
+    // BAR0 (64-bit memory) in R13.
+    a.mov(r13d, dword_ptr(r12 + 0x14))?;
+    a.shl(r13, 32)?;
+    a.mov(eax, dword_ptr(r12 + 0x10))?;
+    a.and(eax, -16)?;
+    a.or(r13, rax)?;
+    a.movzx(r15d, byte_ptr(r12 + 0x34))?;
+    a.set_label(&mut cap_loop)?;
+    a.test(r15d, r15d)?;
+    a.jz(caps_done)?;
+    a.movzx(eax, byte_ptr(r12 + r15))?;
+    a.cmp(eax, i32::from(cap_id::MSIX))?;
+    a.jne(not_msix)?;
+    a.lea(rax, qword_ptr(r12 + r15))?;
+    a.mov(qword_ptr(rbx + rec::MSIX_CAP), rax)?;
+    a.mov(eax, dword_ptr(r12 + r15 + 4))?;
+    a.and(eax, -8)?;
+    a.add(rax, r13)?;
+    a.mov(qword_ptr(rbx + rec::MSIX_TABLE), rax)?;
+    a.jmp(next_cap)?;
+    a.set_label(&mut not_msix)?;
+    a.cmp(eax, i32::from(cap_id::VENDOR))?;
+    a.jne(next_cap)?;
+    a.mov(eax, dword_ptr(r12 + r15 + 8))?;
+    a.add(rax, r13)?;
+    a.movzx(r8d, byte_ptr(r12 + r15 + 3))?;
+    a.cmp(r8d, i32::from(cap_type::COMMON_CFG))?;
+    a.jne(not_common)?;
+    a.mov(qword_ptr(rbx + rec::BASE), rax)?;
+    a.jmp(next_cap)?;
+    a.set_label(&mut not_common)?;
+    a.cmp(r8d, i32::from(cap_type::NOTIFY_CFG))?;
+    a.jne(not_notify)?;
+    a.mov(qword_ptr(rbx + rec::NOTIFY_BASE), rax)?;
+    a.mov(eax, dword_ptr(r12 + r15 + 16))?;
+    a.mov(qword_ptr(rbx + rec::NOTIFY_MULT), rax)?;
+    a.jmp(next_cap)?;
+    a.set_label(&mut not_notify)?;
+    a.cmp(r8d, i32::from(cap_type::DEVICE_CFG))?;
+    a.jne(next_cap)?;
+    a.mov(qword_ptr(rbx + rec::DEVCFG), rax)?;
+    a.set_label(&mut next_cap)?;
+    a.movzx(r15d, byte_ptr(r12 + r15 + 1))?;
+    a.jmp(cap_loop)?;
+    a.set_label(&mut caps_done)?;
+    a.mov(qword_ptr(rbx + rec::FOUND), 1)?;
+    a.set_label(&mut absent)?;
+    a.ret()?;
+
+    // mmio_scan. Records: the first disk and NIC on MMIO.
+    let mmio_record = |kind: BuiltinVirtioKind| -> u32 {
+        let i = DEVICES
+            .iter()
+            .position(|&(k, t, ..)| k == kind && t == VirtioTransport::Mmio)
+            .expect("an MMIO device of each kind");
+        s.records[i]
+    };
+    use devices::virtio::mmio::reg;
+    use layout::virtio_mmio as slots;
+    let mut next = a.create_label();
+    let mut not_blk = a.create_label();
+    let mut claim = a.create_label();
+    let mut skip = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut d.mmio_scan)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut next)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, slots::SLOT_SIZE.trailing_zeros())?;
+    a.add(eax, slots::BASE as u32 as i32)?;
+    a.mov(rdi, rax)?;
+    a.cmp(dword_ptr(rdi + reg::MAGIC), MMIO_MAGIC as i32)?;
+    a.jne(done)?;
+    a.mov(eax, dword_ptr(rdi + reg::DEVICE_ID))?;
+    a.cmp(eax, BuiltinVirtioKind::Block.device_type() as i32)?;
+    a.jne(not_blk)?;
+    a.mov(r8d, mmio_record(BuiltinVirtioKind::Block))?;
+    a.jmp(claim)?;
+    a.set_label(&mut not_blk)?;
+    a.cmp(eax, BuiltinVirtioKind::NetLoopback.device_type() as i32)?;
+    a.jne(skip)?;
+    a.mov(r8d, mmio_record(BuiltinVirtioKind::NetLoopback))?;
+    a.set_label(&mut claim)?;
+    a.cmp(qword_ptr(r8 + rec::FOUND), 0)?;
+    a.jne(skip)?;
+    a.mov(qword_ptr(r8 + rec::BASE), rdi)?;
+    a.lea(rax, qword_ptr(rdi + reg::CONFIG))?;
+    a.mov(qword_ptr(r8 + rec::DEVCFG), rax)?;
+    a.mov(eax, ecx)?;
+    a.and(eax, (slots::GSI_COUNT - 1) as i32)?;
+    a.add(eax, slots::GSI_BASE as i32)?;
+    a.mov(qword_ptr(r8 + rec::GSI), rax)?;
+    a.mov(qword_ptr(r8 + rec::FOUND), 1)?;
+    a.set_label(&mut skip)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, slots::SLOTS as i32)?;
+    a.jb(next)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+/// Branch to `mmio` when the record in RBX is a virtio-mmio device; RDI =
+/// its BASE either way.
+fn on_mmio(a: &mut CodeAssembler, mmio: CodeLabel) -> Result<(), IcedError> {
+    a.mov(rdi, qword_ptr(rbx + rec::BASE))?;
+    a.cmp(qword_ptr(rbx + rec::KIND), 0)?;
+    a.jne(mmio)
+}
+
+/// The register accesses, per transport (RBX = record; clobber RDI and
+/// the registers named):
+/// - `status_write` (AL), `status_read` (-> EAX);
+/// - `features_read` (ECX = select -> EAX), `features_write` (ECX =
+///   select, EAX = bits);
+/// - `config_read` (ECX = offset -> EAX, a dword of device configuration);
+/// - `queue_setup` (ECX = queue; size [`QUEUE_SIZE`], rings in the
+///   region, MSI-X vector = queue index on PCI); clobbers RAX, R8, R9;
+/// - `notify` (ECX = queue);
+/// - `irq_setup` (ECX = queues): MSI-X entries and enable, or the IOAPIC
+///   entry of the MMIO line; clobbers RAX, RCX, RDX, R8.
+fn emit_transport(a: &mut CodeAssembler, d: &mut Driver) -> Result<(), IcedError> {
+    use devices::virtio::mmio::reg;
+    use devices::virtio::pci::common as c;
+    let c = |off: u64| off as i32;
+    let r = |off: u64| off as i32;
+
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.status_write)?;
+    on_mmio(a, mmio)?;
+    a.mov(byte_ptr(rdi + c(c::DEVICE_STATUS)), al)?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.movzx(eax, al)?;
+    a.mov(dword_ptr(rdi + r(reg::STATUS)), eax)?;
+    a.ret()?;
+
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.status_read)?;
+    on_mmio(a, mmio)?;
+    a.movzx(eax, byte_ptr(rdi + c(c::DEVICE_STATUS)))?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.mov(eax, dword_ptr(rdi + r(reg::STATUS)))?;
+    a.ret()?;
+
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.features_read)?;
+    on_mmio(a, mmio)?;
+    a.mov(dword_ptr(rdi + c(c::DEVICE_FEATURE_SELECT)), ecx)?;
+    a.mov(eax, dword_ptr(rdi + c(c::DEVICE_FEATURE)))?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.mov(dword_ptr(rdi + r(reg::DEVICE_FEATURES_SEL)), ecx)?;
+    a.mov(eax, dword_ptr(rdi + r(reg::DEVICE_FEATURES)))?;
+    a.ret()?;
+
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.features_write)?;
+    on_mmio(a, mmio)?;
+    a.mov(dword_ptr(rdi + c(c::DRIVER_FEATURE_SELECT)), ecx)?;
+    a.mov(dword_ptr(rdi + c(c::DRIVER_FEATURE)), eax)?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.mov(dword_ptr(rdi + r(reg::DRIVER_FEATURES_SEL)), ecx)?;
+    a.mov(dword_ptr(rdi + r(reg::DRIVER_FEATURES)), eax)?;
+    a.ret()?;
+
+    a.set_label(&mut d.config_read)?;
+    a.mov(rdi, qword_ptr(rbx + rec::DEVCFG))?;
+    a.mov(eax, dword_ptr(rdi + rcx))?;
+    a.ret()?;
+
+    // queue_setup: RAX = the queue's descriptor table.
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.queue_setup)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, 12)?;
+    a.add(rax, qword_ptr(rbx + rec::REGION))?;
+    on_mmio(a, mmio)?;
+    a.mov(word_ptr(rdi + c(c::QUEUE_SELECT)), cx)?;
+    a.mov(word_ptr(rdi + c(c::QUEUE_SIZE)), u32::from(QUEUE_SIZE))?;
+    a.mov(word_ptr(rdi + c(c::QUEUE_MSIX_VECTOR)), cx)?;
+    for (field, ring) in [
+        (c::QUEUE_DESC, region::DESC0),
+        (c::QUEUE_DRIVER, region::AVAIL0),
+        (c::QUEUE_DEVICE, region::USED0),
+    ] {
+        a.lea(r9, qword_ptr(rax + ring))?;
+        a.mov(dword_ptr(rdi + c(field)), r9d)?;
+        a.mov(dword_ptr(rdi + c(field + 4)), 0)?;
+    }
+    // Where to notify: notify base + queue_notify_off * multiplier.
+    a.movzx(r9d, word_ptr(rdi + c(c::QUEUE_NOTIFY_OFF)))?;
+    a.imul_2(r9, qword_ptr(rbx + rec::NOTIFY_MULT))?;
+    a.add(r9, qword_ptr(rbx + rec::NOTIFY_BASE))?;
+    a.mov(qword_ptr(rbx + rcx * 8 + rec::NOTIFY), r9)?;
+    a.mov(word_ptr(rdi + c(c::QUEUE_ENABLE)), 1u32)?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.mov(dword_ptr(rdi + r(reg::QUEUE_SEL)), ecx)?;
+    a.mov(dword_ptr(rdi + r(reg::QUEUE_NUM)), u32::from(QUEUE_SIZE))?;
+    for (low, ring) in [
+        (reg::QUEUE_DESC_LOW, region::DESC0),
+        (reg::QUEUE_DRIVER_LOW, region::AVAIL0),
+        (reg::QUEUE_DEVICE_LOW, region::USED0),
+    ] {
+        a.lea(r9, qword_ptr(rax + ring))?;
+        a.mov(dword_ptr(rdi + r(low)), r9d)?;
+        a.mov(dword_ptr(rdi + r(low + 4)), 0)?;
+    }
+    a.mov(dword_ptr(rdi + r(reg::QUEUE_READY)), 1)?;
+    a.ret()?;
+
+    let mut mmio = a.create_label();
+    a.set_label(&mut d.notify)?;
+    on_mmio(a, mmio)?;
+    a.mov(rdi, qword_ptr(rbx + rcx * 8 + rec::NOTIFY))?;
+    a.mov(word_ptr(rdi), cx)?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    a.mov(dword_ptr(rdi + r(reg::QUEUE_NOTIFY)), ecx)?;
+    a.ret()?;
+
+    // irq_setup.
+    let mut mmio = a.create_label();
+    let mut entry = a.create_label();
+    a.set_label(&mut d.irq_setup)?;
+    on_mmio(a, mmio)?;
+    a.mov(rdi, qword_ptr(rbx + rec::MSIX_TABLE))?;
+    a.mov(r8d, dword_ptr(rbx + rec::VECTOR))?;
+    a.set_label(&mut entry)?;
+    a.mov(dword_ptr(rdi), apic::LAPIC_BASE)?;
+    a.mov(dword_ptr(rdi + 4), 0)?;
+    a.mov(dword_ptr(rdi + 8), r8d)?;
+    a.mov(dword_ptr(rdi + 12), 0)?;
+    a.add(rdi, 16)?;
+    a.inc(r8d)?;
+    a.dec(ecx)?;
+    a.jnz(entry)?;
+    a.mov(rdi, qword_ptr(rbx + rec::MSIX_CAP))?;
+    a.or(word_ptr(rdi + 2), 0x8000)?;
+    a.ret()?;
+    a.set_label(&mut mmio)?;
+    // IOAPIC entry: high dword (destination APIC 0), then the low one.
+    a.mov(edx, apic::IOAPIC_BASE)?;
+    a.mov(eax, dword_ptr(rbx + rec::GSI))?;
+    a.lea(eax, dword_ptr(rax * 2 + 0x11))?;
+    a.mov(dword_ptr(rdx + apic::IOREGSEL), eax)?;
+    a.mov(dword_ptr(rdx + apic::IOWIN), 0)?;
+    a.dec(eax)?;
+    a.mov(dword_ptr(rdx + apic::IOREGSEL), eax)?;
+    a.mov(eax, dword_ptr(rbx + rec::VECTOR))?;
+    a.or(eax, (apic::RTE_LEVEL | 1 << 13) as i32)?;
+    a.mov(dword_ptr(rdx + apic::IOWIN), eax)?;
+    a.ret()?;
+
+    // wait_irqs: sti; hlt until the record counts the expected interrupts.
+    let mut done = a.create_label();
+    a.set_label(&mut d.wait_irqs)?;
+    a.mov(eax, dword_ptr(rbx + rec::IRQ_COUNT))?;
+    a.cmp(eax, dword_ptr(rbx + rec::EXPECTED_IRQS))?;
+    a.jae(done)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.jmp(d.wait_irqs)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+/// `bring_up` (RBX = record, R14D = feature bits wanted in the low word,
+/// R15D = queues): reset, ACKNOWLEDGE | DRIVER, features (printed),
+/// FEATURES_OK, interrupts, queues, DRIVER_OK. Carry set when the device
+/// refused the features.
+fn emit_bring_up(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+) -> Result<(), IcedError> {
+    use devices::virtio::status;
+    let mut refused = a.create_label();
+    let mut next_queue = a.create_label();
+    a.set_label(&mut d.bring_up)?;
+    a.xor(eax, eax)?;
+    a.call(d.status_write)?;
+    a.mov(al, i32::from(status::ACKNOWLEDGE))?;
+    a.call(d.status_write)?;
+    a.mov(al, i32::from(status::ACKNOWLEDGE | status::DRIVER))?;
+    a.call(d.status_write)?;
+    a.xor(ecx, ecx)?;
+    a.call(d.features_read)?;
+    a.and(r14d, eax)?;
+    a.mov(eax, r14d)?;
+    a.xor(ecx, ecx)?;
+    a.call(d.features_write)?;
+    a.mov(eax, F_HIGH_VERSION_1)?;
+    a.mov(ecx, 1)?;
+    a.call(d.features_write)?;
+    routines.print(a, s.features)?;
+    a.mov(eax, r14d)?;
+    hex(a, routines, 8)?;
+    a.mov(
+        al,
+        i32::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+    )?;
+    a.call(d.status_write)?;
+    a.call(d.status_read)?;
+    a.test(al, i32::from(status::FEATURES_OK))?;
+    a.jz(refused)?;
+    a.mov(ecx, r15d)?;
+    a.call(d.irq_setup)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut next_queue)?;
+    a.push(rcx)?;
+    a.call(d.queue_setup)?;
+    a.pop(rcx)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, r15d)?;
+    a.jb(next_queue)?;
+    a.mov(
+        al,
+        i32::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK),
+    )?;
+    a.call(d.status_write)?;
+    a.clc()?;
+    a.ret()?;
+    a.set_label(&mut refused)?;
+    routines.print(a, s.refused)?;
+    a.stc()?;
+    a.ret()
+}
+
+/// `print_hex` keeping RBX (the record pointer), which it clobbers.
+fn hex(a: &mut CodeAssembler, routines: &Routines, digits: u32) -> Result<(), IcedError> {
+    a.push(rbx)?;
+    routines.print_hex(a, digits)?;
+    a.pop(rbx)
+}
+
+/// Print `count` bytes at R12 + `offset` in hex, separated by `sep`.
+/// Clobbers R13 and what printing does.
+fn emit_hex_bytes(
+    a: &mut CodeAssembler,
+    routines: &Routines,
+    offset: u32,
+    count: u32,
+    sep: u32,
+) -> Result<(), IcedError> {
+    let mut next = a.create_label();
+    let mut last = a.create_label();
+    a.xor(r13d, r13d)?;
+    a.set_label(&mut next)?;
+    a.movzx(eax, byte_ptr(r12 + r13 + offset as i32))?;
+    hex(a, routines, 2)?;
+    a.inc(r13d)?;
+    a.cmp(r13d, count as i32)?;
+    a.je(last)?;
+    routines.print(a, sep)?;
+    a.jmp(next)?;
+    a.set_label(&mut last)
+}
+
+/// Print the record's transport name after `what`; jump to `absent` (after
+/// printing "not found") when the record was not filled in.
+fn emit_device_intro(
+    a: &mut CodeAssembler,
+    s: &Strings,
+    routines: &Routines,
+    what: u32,
+    done: CodeLabel,
+) -> Result<(), IcedError> {
+    let mut found = a.create_label();
+    routines.print(a, what)?;
+    a.mov(rsi, qword_ptr(rbx + rec::NAME))?;
+    a.call(routines.print_str)?;
+    a.cmp(qword_ptr(rbx + rec::FOUND), 0)?;
+    a.jne(found)?;
+    routines.print(a, s.not_found)?;
+    a.jmp(done)?;
+    a.set_label(&mut found)
+}
+
+/// Print ", interrupts N" and the end of the line.
+fn emit_irq_count(
+    a: &mut CodeAssembler,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+) -> Result<(), IcedError> {
+    routines.print(a, s.interrupts)?;
+    a.mov(eax, dword_ptr(rbx + rec::IRQ_COUNT))?;
+    decimal.print(a)?;
+    routines.print(a, s.line_end)
+}
+
+/// `blk_test` (RBX = record).
+fn emit_blk_test(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+) -> Result<(), IcedError> {
+    let mut done = a.create_label();
+    let mut differs = a.create_label();
+    let mut compared = a.create_label();
+    a.set_label(&mut d.blk_test)?;
+    emit_device_intro(a, s, routines, s.blk, done)?;
+    a.mov(r14d, F_BLK_FLUSH | F_INDIRECT | F_EVENT_IDX)?;
+    a.mov(r15d, 1)?;
+    a.call(d.bring_up)?;
+    a.jc(done)?;
+    routines.print(a, s.capacity)?;
+    a.xor(ecx, ecx)?;
+    a.call(d.config_read)?;
+    decimal.print(a)?;
+    routines.print(a, s.sectors)?;
+    // Publish the five requests, notify once, wait for the interrupt.
+    a.mov(r12, qword_ptr(rbx + rec::REGION))?;
+    a.mov(word_ptr(r12 + (region::AVAIL0 + 2)), BLK_REQUESTS)?;
+    a.xor(ecx, ecx)?;
+    a.call(d.notify)?;
+    a.call(d.wait_irqs)?;
+    routines.print(a, s.blk)?;
+    a.mov(rsi, qword_ptr(rbx + rec::NAME))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.on)?;
+    a.movzx(eax, word_ptr(r12 + (region::USED0 + 2)))?;
+    decimal.print(a)?;
+    routines.print(a, s.statuses)?;
+    emit_hex_bytes(a, routines, region::STATUS, BLK_REQUESTS, s.space)?;
+    routines.print(a, s.readback)?;
+    a.lea(rsi, qword_ptr(r12 + region::WRITE_BUF))?;
+    a.lea(rdi, qword_ptr(r12 + region::BUF_A))?;
+    a.mov(ecx, 512)?;
+    a.repe().cmpsb()?;
+    a.jne(differs)?;
+    routines.print(a, s.same)?;
+    a.jmp(compared)?;
+    a.set_label(&mut differs)?;
+    routines.print(a, s.different)?;
+    a.set_label(&mut compared)?;
+    routines.print(a, s.sector0)?;
+    a.mov(rax, qword_ptr(r12 + region::BUF_B as i32))?;
+    hex(a, routines, 16)?;
+    routines.print(a, s.id)?;
+    a.lea(rsi, qword_ptr(r12 + region::ID_BUF))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.quote)?;
+    emit_irq_count(a, s, routines, decimal)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+/// `net_test` (RBX = record).
+fn emit_net_test(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+) -> Result<(), IcedError> {
+    use devices::virtio::net::{RX_QUEUE, TX_QUEUE};
+    let src_mac = region::HEADERS + NET_HDR + 6;
+    let mut done = a.create_label();
+    let mut differs = a.create_label();
+    let mut compared = a.create_label();
+    a.set_label(&mut d.net_test)?;
+    emit_device_intro(a, s, routines, s.net, done)?;
+    a.mov(r14d, F_NET_MAC)?;
+    a.mov(r15d, 2)?;
+    a.call(d.bring_up)?;
+    a.jc(done)?;
+    // The MAC into the frame's source address, then printed.
+    a.mov(r12, qword_ptr(rbx + rec::REGION))?;
+    a.xor(ecx, ecx)?;
+    a.call(d.config_read)?;
+    a.mov(dword_ptr(r12 + src_mac), eax)?;
+    a.mov(ecx, 4)?;
+    a.call(d.config_read)?;
+    a.mov(word_ptr(r12 + (src_mac + 4)), ax)?;
+    routines.print(a, s.mac)?;
+    emit_hex_bytes(a, routines, src_mac, 6, s.colon)?;
+    routines.print(a, s.line_end)?;
+    // Two receive buffers, then the frame.
+    a.mov(word_ptr(r12 + (region::AVAIL0 + 2)), 2u32)?;
+    a.mov(ecx, RX_QUEUE as u32)?;
+    a.call(d.notify)?;
+    a.mov(word_ptr(r12 + (region::AVAIL1 + 2)), 1u32)?;
+    a.mov(ecx, TX_QUEUE as u32)?;
+    a.call(d.notify)?;
+    a.call(d.wait_irqs)?;
+    routines.print(a, s.net)?;
+    a.mov(rsi, qword_ptr(rbx + rec::NAME))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.on)?;
+    a.movzx(eax, word_ptr(r12 + (region::USED1 + 2)))?;
+    decimal.print(a)?;
+    routines.print(a, s.frame_sent)?;
+    a.movzx(eax, word_ptr(r12 + (region::USED0 + 2)))?;
+    decimal.print(a)?;
+    routines.print(a, s.received)?;
+    routines.print(a, s.length)?;
+    // The first used element's length.
+    a.mov(eax, dword_ptr(r12 + (region::USED0 + 8)))?;
+    decimal.print(a)?;
+    routines.print(a, s.intact)?;
+    a.lea(rsi, qword_ptr(r12 + (region::HEADERS + NET_HDR)))?;
+    a.lea(rdi, qword_ptr(r12 + (region::BUF_A + NET_HDR)))?;
+    a.mov(ecx, FRAME_LEN)?;
+    a.repe().cmpsb()?;
+    a.jne(differs)?;
+    routines.print(a, s.same)?;
+    a.jmp(compared)?;
+    a.set_label(&mut differs)?;
+    routines.print(a, s.different)?;
+    a.set_label(&mut compared)?;
+    emit_irq_count(a, s, routines, decimal)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guests::asm::testing;
+
+    #[test]
+    fn assembles_and_decodes() {
+        testing::check_program(&program());
+    }
+}
