@@ -11,9 +11,15 @@
 #   vmlinux-cloud     the cloud kernel's ELF vmlinux (PVH entry), extracted
 #                     from the bzImage payload
 #   initramfs.cpio.gz busybox initramfs; /init mounts proc, sys, devtmpfs,
-#                     prints "DUET-INIT-READY" and runs a shell on the console
-#                     (or, with `duet.poweroff` on the kernel command line,
-#                     prints the marker and powers off at once)
+#                     loads the virtio modules of the running kernel (virtio,
+#                     virtio_ring, virtio_pci*, virtio_mmio, failover,
+#                     net_failover, virtio_net, virtio_blk, virtio_console,
+#                     virtio-rng: both kernels' copies are in /lib/modules, in
+#                     dependency order), brings up lo, prints
+#                     "DUET-INIT-READY" and runs a shell on the console (or,
+#                     with `duet.poweroff` on the kernel command line, prints
+#                     the marker and powers off at once). udhcpc's script
+#                     configures the address, route and DNS it is given.
 #   VERSION           the kernel version string
 #
 # Re-running reuses what is already there. Needs: apt-get, dpkg-deb, python3,
@@ -106,26 +112,76 @@ if [ ! -s "$out/busybox" ]; then
     cp "$out/extract/busybox/bin/busybox" "$out/busybox"
 fi
 
+# The virtio modules of both kernels (the packages ship them uncompressed
+# and without modules.dep; /init loads them in dependency order).
+modules="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio failover net_failover virtio_net virtio_blk virtio_console virtio-rng"
+if [ ! -s "$out/modules/.done" ]; then
+    rm -rf "$out/modules"
+    for dir in "$out"/extract/linux-image-*/lib/modules/*; do
+        [ -d "$dir/kernel" ] || continue
+        ver="$(basename "$dir")"
+        mkdir -p "$out/modules/$ver"
+        for m in $modules; do
+            f="$(find "$dir/kernel" -name "$m.ko" | head -n 1)"
+            [ -n "$f" ] || { echo "linux-guest.sh: $m.ko missing from $ver" >&2; exit 1; }
+            cp "$f" "$out/modules/$ver/"
+        done
+    done
+    echo "$modules" > "$out/modules/.done"
+fi
+
 if [ ! -s "$out/initramfs.cpio.gz" ] || [ "$0" -nt "$out/initramfs.cpio.gz" ]; then
-    python3 - "$out/busybox" "$out/initramfs.cpio.gz" <<'PY'
+    python3 - "$out/busybox" "$out/initramfs.cpio.gz" "$out/modules" "$modules" <<'PY'
 # A deterministic newc cpio (fixed mtimes and owners), gzip-compressed.
-import gzip, sys
+import gzip, os, sys
 
 busybox = open(sys.argv[1], "rb").read()
+moddir, modnames = sys.argv[3], sys.argv[4]
 init = b"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+m=/lib/modules/$(uname -r)
+if [ -d "$m" ]; then
+    for mod in @MODULES@; do
+        insmod "$m/$mod.ko" 2>/dev/null
+    done
+fi
+ip link set lo up
 echo "DUET-INIT-READY"
 if grep -q duet.poweroff /proc/cmdline; then
     poweroff -f
 fi
 exec setsid cttyhack sh
+""".replace(b"@MODULES@", modnames.encode())
+dhcp_script = b"""#!/bin/sh
+# udhcpc's hook: apply what the DHCP server gave.
+case "$1" in
+    deconfig)
+        ip addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        if [ -n "$router" ]; then
+            ip route add default via "${router%% *}" dev "$interface"
+        fi
+        : > /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+        ;;
+esac
+exit 0
 """
 entries = [
     ("bin", 0o040755, b""),
+    ("etc", 0o040755, b""),
+    ("etc/udhcpc", 0o040755, b""),
+    ("etc/udhcpc/default.script", 0o100755, dhcp_script),
+    ("lib", 0o040755, b""),
+    ("lib/modules", 0o040755, b""),
     ("sbin", 0o040755, b""),
     ("dev", 0o040755, b""),
     ("proc", 0o040755, b""),
@@ -135,6 +191,13 @@ entries = [
     ("bin/busybox", 0o100755, busybox),
     ("init", 0o100755, init),
 ]
+for ver in sorted(os.listdir(moddir)):
+    d = os.path.join(moddir, ver)
+    if not os.path.isdir(d):
+        continue
+    entries.append(("lib/modules/" + ver, 0o040755, b""))
+    for name in modnames.split():
+        entries.append(("lib/modules/%s/%s.ko" % (ver, name), 0o100644, open(os.path.join(d, name + ".ko"), "rb").read()))
 out = bytearray()
 ino = 1
 def pad4(b):

@@ -29,9 +29,40 @@ const OEM_REVISION: u32 = 1;
 pub const SCI_IRQ: u8 = 9;
 
 /// What the tables describe.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AcpiConfig {
     pub cpus: u32,
+    /// virtio-mmio devices, in the order Linux should find them.
+    pub virtio_mmio: Vec<VirtioMmioAcpi>,
+}
+
+/// One virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioAcpi {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
+/// A virtio-mmio device (`LNRO0005`, the ID Linux's virtio_mmio driver
+/// matches through ACPI): its register block and its interrupt,
+/// level-triggered, active-low and shareable like the PCI lines it sits
+/// beside on the IOAPIC.
+fn virtio_mmio_device(index: usize, d: &VirtioMmioAcpi) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, d.base as u32, d.len as u32);
+    let irq = aml::Interrupt::new(true, false, true, true, d.gsi);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let uid = index as u32;
+    let one = aml::ONE;
+    bytes_of(&aml::Device::new(
+        format!("VR{index:02X}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &one),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
 }
 
 /// Errors writing the tables.
@@ -167,6 +198,11 @@ pub fn mcfg() -> Vec<u8> {
 /// The DSDT: the S5 sleep package, the legacy devices, the PCI host bridge
 /// and the motherboard resources.
 pub fn dsdt() -> Vec<u8> {
+    dsdt_with(&AcpiConfig::default())
+}
+
+/// The DSDT for `cfg` (its virtio-mmio devices).
+pub fn dsdt_with(cfg: &AcpiConfig) -> Vec<u8> {
     let slp = u8::try_from(devices::acpi_pm::S5_SLP_TYP).unwrap_or(5);
     let s5 = bytes_of(&aml::Name::new(
         "_S5_".into(),
@@ -190,6 +226,9 @@ pub fn dsdt() -> Vec<u8> {
     ));
     devices.extend(pci_host_bridge());
     devices.extend(motherboard_resources());
+    for (i, d) in cfg.virtio_mmio.iter().enumerate() {
+        devices.extend(virtio_mmio_device(i, d));
+    }
     let sb = aml::Scope::raw("\\_SB_".into(), devices);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     let mut body = s5;
@@ -265,7 +304,7 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
     let facs_addr = align(base + rsdp_len);
     let facs = bytes_of(&FACS::new());
     let dsdt_addr = align(facs_addr.max((facs_addr + facs.len() as u64 + 63) & !63));
-    let dsdt = dsdt();
+    let dsdt = dsdt_with(cfg);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -311,7 +350,10 @@ mod tests {
         for t in [
             dsdt(),
             mcfg(),
-            madt(&AcpiConfig { cpus: 1 }),
+            madt(&AcpiConfig {
+                cpus: 1,
+                ..Default::default()
+            }),
             fadt(0xe0040, 0xe0080),
         ] {
             assert!(checksum_ok(&t), "{:?}", &t[..4]);
@@ -322,7 +364,10 @@ mod tests {
 
     #[test]
     fn madt_lists_the_ioapic_and_the_irq0_override() {
-        let m = madt(&AcpiConfig { cpus: 2 });
+        let m = madt(&AcpiConfig {
+            cpus: 2,
+            ..Default::default()
+        });
         assert_eq!(&m[..4], b"APIC");
         let mut off = 44;
         let mut seen = Vec::new();
@@ -345,6 +390,43 @@ mod tests {
     }
 
     #[test]
+    fn virtio_mmio_devices_are_lnro0005_with_memory_and_interrupt() {
+        let cfg = AcpiConfig {
+            cpus: 1,
+            virtio_mmio: vec![
+                VirtioMmioAcpi {
+                    base: 0xfe00_0000,
+                    len: 0x1000,
+                    gsi: 20,
+                },
+                VirtioMmioAcpi {
+                    base: 0xfe00_1000,
+                    len: 0x1000,
+                    gsi: 21,
+                },
+            ],
+        };
+        let d = dsdt_with(&cfg);
+        assert!(checksum_ok(&d));
+        let count = d.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count, 2);
+        assert!(d.windows(4).any(|w| w == b"VR01"));
+        // Memory32Fixed descriptor (0x86) with the second base.
+        let base = 0xfe00_1000u32.to_le_bytes();
+        assert!(d.windows(8).any(|w| w[0] == 0x86 && w[4..8] == base));
+        // Extended interrupt descriptor (0x89): level, active-low, shared.
+        let irq = d
+            .windows(9)
+            .find(|w| w[0] == 0x89 && w[5..9] == 21u32.to_le_bytes());
+        let flags = irq.expect("interrupt descriptor")[3];
+        assert_eq!(
+            flags, 0b1101,
+            "shared, active-low, level, consumer: {flags:#x}"
+        );
+        assert_eq!(dsdt(), dsdt_with(&AcpiConfig::default()));
+    }
+
+    #[test]
     fn mcfg_points_at_ecam_for_bus_zero() {
         let m = mcfg();
         assert_eq!(&m[..4], b"MCFG");
@@ -357,7 +439,14 @@ mod tests {
     #[test]
     fn written_rsdp_points_to_a_valid_xsdt() {
         let mem = crate::machine::create_memory(64 << 20).unwrap();
-        let rsdp = write(&mem, &AcpiConfig { cpus: 1 }).unwrap();
+        let rsdp = write(
+            &mem,
+            &AcpiConfig {
+                cpus: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");

@@ -171,6 +171,10 @@ pub trait IrqChip: Send + Sync {
     /// notices a guest that stopped (None: at timer deadlines only).
     fn kick_period(&self) -> Option<Duration>;
 
+    /// Wake a VMM sleeping in [`IrqChip::wait`] (host input arrived for a
+    /// device; the VMM polls it, then looks at interrupts again).
+    fn wake(&self) {}
+
     /// RDMSR of a machine MSR (the local APIC's) for `vcpu_id`.
     fn msr_read(&self, _vcpu_id: usize, _msr: u32) -> MsrResult {
         MsrResult::Unhandled

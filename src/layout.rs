@@ -8,6 +8,7 @@
 //! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO gap:
 //!     0xc000_0000 .. 0xe000_0000  PCI 32-bit memory window (BARs)
 //!     0xe000_0000 .. 0xe010_0000  PCI ECAM (MMCONFIG) for bus 0
+//!     0xfe00_0000 .. 0xfe02_0000  virtio-mmio devices (4 KiB each, in the DSDT)
 //!     0xfec0_0000                 IOAPIC
 //!     0xfee0_0000                 local APIC (and the MSI window)
 //! 0x1_0000_0000 ..               RAM that did not fit below the gap
@@ -52,6 +53,23 @@ pub mod pci {
     /// the end of the 16-bit port space).
     pub const IO_BASE: u16 = 0xc000;
     pub const IO_SIZE: u16 = 0x4000;
+}
+
+/// virtio-mmio: one 4 KiB register block per device, described to the
+/// guest in the DSDT (`LNRO0005`), each with an interrupt line.
+pub mod virtio_mmio {
+    pub const BASE: u64 = 0xfe00_0000;
+    pub const SLOT_SIZE: u64 = 0x1000;
+    pub const SLOTS: u64 = 32;
+    /// The lines: IOAPIC pins 20–23 (level-triggered, active-low, like
+    /// the PCI INTx lines 16–19), shared round-robin beyond four devices.
+    pub const GSI_BASE: u32 = 20;
+    pub const GSI_COUNT: u32 = 4;
+
+    /// Register block and line of the `n`th virtio-mmio device.
+    pub fn slot(n: u64) -> Option<(u64, u32)> {
+        (n < SLOTS).then(|| (BASE + n * SLOT_SIZE, GSI_BASE + (n as u32 % GSI_COUNT)))
+    }
 }
 
 /// Where the kernel loaders and firmware tables put things in low memory.

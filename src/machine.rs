@@ -167,6 +167,11 @@ pub struct Machine {
     pci: Arc<Mutex<PciRoot>>,
     /// Where the next BARs go (as firmware would assign them).
     bar_allocator: BarAllocator,
+    /// The virtio devices and the host-input notifier they share.
+    virtio: crate::virtio::VirtioDevices,
+    /// The VM clock, and the Unix time of its zero (captures stamp with it).
+    clock: Arc<dyn Clock>,
+    epoch: u64,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
 }
@@ -176,6 +181,16 @@ pub struct Machine {
 pub enum PciDeviceKind {
     /// The test device of the built-in guests (INTx/MSI/MSI-X on command).
     Test,
+}
+
+/// The transport a virtio device sits on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VirtioTransport {
+    /// virtio-pci (modern), in the first free slot.
+    #[default]
+    Pci,
+    /// virtio-mmio (version 2), described in the DSDT.
+    Mmio,
 }
 
 /// A PCI device to plug in: what, and where (a fixed slot, or the first
@@ -460,7 +475,11 @@ impl Machine {
         let vcpu = be.create_vcpu(0)?;
         let ticker =
             (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
+        let virtio = crate::virtio::VirtioDevices::new(vcpu.kicker(), chip.clone());
         Ok(Machine {
+            virtio,
+            clock,
+            epoch: rtc_start,
             ticker,
             chip,
             pci,
@@ -485,33 +504,47 @@ impl Machine {
         let name = match spec.kind {
             PciDeviceKind::Test => format!("pci-test-{slot:02x}"),
         };
-        let mut dev = match spec.kind {
+        let dev = match spec.kind {
             PciDeviceKind::Test => {
                 PciTestDevice::new(&name, self.chip.irq_line(gsi), self.chip.msi_sink())
             }
         };
-        let cfg = dev.config_mut();
-        cfg.set_interrupt_line(gsi as u8);
-        for index in 0..devices::pci::config::BAR_COUNT {
-            let Some(bar) = cfg.bar(index) else {
-                continue;
-            };
-            let base = self
-                .bar_allocator
-                .allocate(bar.kind == BarKind::Io, bar.size)
-                .ok_or_else(|| {
-                    MachineError::Config(format!("no room for BAR {index} of {name}"))
-                })?;
-            cfg.set_bar_address(index, base);
-        }
-        cfg.set_u16(
-            devices::pci::config::reg::COMMAND,
-            command::IO_SPACE | command::MEMORY_SPACE | command::BUS_MASTER,
-        );
-        let mapped = cfg.mapped_bars();
-        let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
+        self.plug_pci(slot, &name, Arc::new(Mutex::new(dev)))
+    }
+
+    /// Put a built PCI function in `slot`: interrupt line register, BARs
+    /// placed and decoding on, mapped on the buses under a new device id.
+    fn plug_pci(
+        &mut self,
+        slot: u8,
+        name: &str,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<PciAddress, MachineError> {
+        let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+        let mapped = {
+            let mut guard = irqchip::lock(&dev);
+            let cfg = guard.config_mut();
+            cfg.set_interrupt_line(gsi as u8);
+            for index in 0..devices::pci::config::BAR_COUNT {
+                let Some(bar) = cfg.bar(index) else {
+                    continue;
+                };
+                let base = self
+                    .bar_allocator
+                    .allocate(bar.kind == BarKind::Io, bar.size)
+                    .ok_or_else(|| {
+                        MachineError::Config(format!("no room for BAR {index} of {name}"))
+                    })?;
+                cfg.set_bar_address(index, base);
+            }
+            cfg.set_u16(
+                devices::pci::config::reg::COMMAND,
+                command::IO_SPACE | command::MEMORY_SPACE | command::BUS_MASTER,
+            );
+            cfg.mapped_bars()
+        };
         let address = irqchip::lock(&self.pci).add(Some(slot), dev.clone())?;
-        let id = self.io.register(&name);
+        let id = self.io.register(name);
         self.io.note_pci_function(address, id);
         for b in mapped {
             let kind = if b.io { BusKind::Pio } else { BusKind::Mmio };
@@ -520,6 +553,78 @@ impl Machine {
             self.io.map(kind, id, b.base, b.size, window)?;
         }
         Ok(address)
+    }
+
+    /// Plug in a virtio device on `transport` (before the guest starts):
+    /// on PCI in the first free slot, on MMIO in the next register block
+    /// of [`layout::virtio_mmio`] (described in the DSDT when a kernel is
+    /// loaded). `name` names it in the trace and `--stats`.
+    pub fn add_virtio(
+        &mut self,
+        name: &str,
+        transport: VirtioTransport,
+        device: Box<dyn devices::virtio::VirtioDevice>,
+    ) -> Result<(), MachineError> {
+        match transport {
+            VirtioTransport::Pci => {
+                let slot = irqchip::lock(&self.pci).free_slot(None)?;
+                let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+                let dev = Arc::new(Mutex::new(devices::virtio::pci::VirtioPci::new(
+                    name,
+                    device,
+                    self.mem.clone(),
+                    self.chip.irq_line(gsi),
+                    self.chip.msi_sink(),
+                )));
+                self.plug_pci(slot, name, dev.clone())?;
+                self.virtio.add_pci(name, dev);
+            }
+            VirtioTransport::Mmio => {
+                let (base, gsi) = self.virtio.next_mmio_slot().ok_or_else(|| {
+                    MachineError::Config(format!(
+                        "{name}: no room for another virtio-mmio device (at most {})",
+                        layout::virtio_mmio::SLOTS
+                    ))
+                })?;
+                let dev = Arc::new(Mutex::new(devices::virtio::mmio::VirtioMmio::new(
+                    name,
+                    device,
+                    self.mem.clone(),
+                    self.chip.irq_line(gsi),
+                )));
+                let id = self.io.register(name);
+                self.io.map(
+                    BusKind::Mmio,
+                    id,
+                    base,
+                    devices::virtio::mmio::MMIO_LEN,
+                    dev.clone(),
+                )?;
+                self.virtio.add_mmio(name, dev, base, gsi);
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// The Unix time (seconds) of VM time zero.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether time is virtual (runs repeat bit for bit).
+    pub fn virtual_time(&self) -> bool {
+        self.clock_kind == ClockKind::Virtual
+    }
+
+    /// What wakes the machine when host input waits for a virtio device
+    /// (given to the inboxes and network backends).
+    pub fn input_notifier(&self) -> Arc<dyn devices::virtio::inbox::InputNotifier> {
+        self.virtio.notifier()
     }
 
     /// A handle that makes a running vCPU return soon (for host threads).
@@ -560,8 +665,11 @@ impl Machine {
     /// Load a kernel (bzImage, PVH ELF or multiboot) with its initrd and
     /// command line, and set the vCPU's boot state.
     pub fn load_kernel(&mut self, spec: &crate::loader::KernelSpec) -> Result<(), MachineError> {
-        crate::acpi::write(&self.mem, &crate::acpi::AcpiConfig { cpus: 1 })
-            .map_err(|e| MachineError::Config(e.to_string()))?;
+        let acpi = crate::acpi::AcpiConfig {
+            cpus: 1,
+            virtio_mmio: self.virtio.acpi_entries(),
+        };
+        crate::acpi::write(&self.mem, &acpi).map_err(|e| MachineError::Config(e.to_string()))?;
         crate::mptable::write(&self.mem, 1).map_err(|e| MachineError::Config(e.to_string()))?;
         let state = crate::loader::load(&self.mem, spec)?;
         self.vcpu.set_state(&state)?;
@@ -596,6 +704,8 @@ impl Machine {
                 VcpuExit::InterruptWindow | VcpuExit::Interrupted | VcpuExit::IoRequest => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
             }
+            // Host input (received frames, console input) for virtio devices.
+            self.poll_host_input();
             // Devices and host threads (Ctrl-A x) post VM-level actions.
             if let Some(o) = self.take_action() {
                 break o;
@@ -603,6 +713,14 @@ impl Machine {
         };
         self.io.tracer.finish()?;
         Ok(outcome)
+    }
+
+    /// Let virtio devices take host input that arrived (the one point where
+    /// it enters the guest).
+    fn poll_host_input(&mut self) {
+        if self.virtio.poll_if_pending() {
+            self.chip.pump();
+        }
     }
 
     /// Arm the ticker for the next timer deadline (KVM only). With the
@@ -643,6 +761,7 @@ impl Machine {
                 return Ok(Some(o));
             }
             self.io.timers.advance_due();
+            self.poll_host_input();
             if self.service_interrupts()? {
                 return Ok(None);
             }
@@ -752,6 +871,7 @@ impl Machine {
                 c.invalidated_pages
             ));
         }
+        s.push_str(&self.virtio.report());
         match v.instructions {
             Some(n) => s.push_str(&format!("guest instructions retired: {n}\n")),
             None => s.push_str("guest instructions retired: (not known on this backend)\n"),

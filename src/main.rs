@@ -254,6 +254,32 @@ struct RunArgs {
     /// Example: --irqchip kernel
     #[arg(long, value_enum, value_name = "IRQCHIP", default_value = "userspace")]
     irqchip: IrqchipArg,
+    /// A virtio-blk disk on a raw image (repeatable; the first is /dev/vda):
+    /// path=FILE[,readonly=on][,transport=pci|mmio][,serial=ID].
+    ///
+    /// Example: --disk path=disk.img,readonly=on
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<duet::device_args::DiskSpec>,
+    /// A virtio-net NIC (repeatable): user[,hostfwd=tcp:127.0.0.1:H-:G]
+    /// (user-mode networking, guest 10.0.2.15, host 10.0.2.2, DNS 10.0.2.3)
+    /// or tap=IFNAME; with [,mac=..][,pcap=FILE][,transport=pci|mmio].
+    ///
+    /// Example: --net user,hostfwd=tcp:127.0.0.1:8080-:80,pcap=net.pcap
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<duet::device_args::NetSpec>,
+    /// A virtio-rng entropy device: host getrandom, or a seeded
+    /// generator (seed=N, and always under --clock virtual);
+    /// [transport=pci|mmio][,seed=N].
+    ///
+    /// Example: --rng transport=mmio
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<duet::device_args::RngSpec>,
+    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH
+    /// or virtio,stdio, with [,transport=pci|mmio].
+    ///
+    /// Example: --console-device virtio,socket=/tmp/hvc0
+    #[arg(long = "console-device", value_name = "SPEC")]
+    console_device: Option<duet::device_args::ConsoleSpec>,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -455,6 +481,26 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         e => anyhow!(e),
     })?;
+    if args
+        .console_device
+        .as_ref()
+        .is_some_and(|c| c.host == duet::device_args::ConsoleHost::Stdio)
+        && port.reads_stdin()
+    {
+        bail!(
+            "--console-device virtio,stdio: stdin already feeds the serial console; give \
+             --serial file=PATH, socket=PATH or null, or put hvc0 on a socket"
+        );
+    }
+    let _devices = duet::virtio::plug(
+        &mut m,
+        &duet::virtio::DeviceArgs {
+            disks: args.disks.clone(),
+            nets: args.nets.clone(),
+            rng: args.rng.clone(),
+            console: args.console_device.clone(),
+        },
+    )?;
     match (guest, &args.kernel) {
         (Some(g), _) => m.load(&(g.build)())?,
         (None, Some(k)) => m.load_kernel(&duet::loader::KernelSpec {

@@ -23,6 +23,7 @@ pub mod reset_control;
 pub mod rtc_cmos;
 pub mod state;
 pub mod uart16550;
+pub mod virtio;
 pub mod vm_control;
 
 pub use bus::{Bus, BusAccess, BusDevice, BusError, BusKind, DeviceId, SharedDevice};

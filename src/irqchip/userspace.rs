@@ -464,6 +464,10 @@ impl IrqChip for UserspaceIrqChip {
         HaltWait::InVmm
     }
 
+    fn wake(&self) {
+        self.c.waker.notify();
+    }
+
     fn wait(&self, timeout: Duration) {
         self.c.waker.wait(Some(timeout));
     }
