@@ -26,14 +26,14 @@ pub enum ClockKind {
 pub struct HostClock {
     start: Instant,
     /// VM time at `start` (non-zero after a restore).
-    offset_ns: u64,
+    offset_ns: AtomicU64,
 }
 
 impl HostClock {
     pub fn new() -> Self {
         HostClock {
             start: Instant::now(),
-            offset_ns: 0,
+            offset_ns: AtomicU64::new(0),
         }
     }
 
@@ -41,8 +41,16 @@ impl HostClock {
     pub fn resume(state: &ClockState) -> Self {
         HostClock {
             start: Instant::now(),
-            offset_ns: state.now_ns,
+            offset_ns: AtomicU64::new(state.now_ns),
         }
+    }
+
+    /// Continue from a saved VM time, in place (the devices keep their
+    /// handle). Time never goes back: an earlier saved time is ignored.
+    pub fn restore(&self, state: &ClockState) {
+        let elapsed = self.start.elapsed().as_nanos() as u64;
+        let want = state.now_ns.saturating_sub(elapsed);
+        self.offset_ns.fetch_max(want, Ordering::AcqRel);
     }
 }
 
@@ -72,7 +80,7 @@ impl Default for HostClock {
 
 impl Clock for HostClock {
     fn now_ns(&self) -> u64 {
-        self.offset_ns + self.start.elapsed().as_nanos() as u64
+        self.offset_ns.load(Ordering::Relaxed) + self.start.elapsed().as_nanos() as u64
     }
 }
 
@@ -104,6 +112,15 @@ impl VirtualClock {
         let c = Self::default();
         c.skipped.store(state.now_ns, Ordering::Relaxed);
         c
+    }
+
+    /// Continue from a saved VM time, in place, for a CPU whose
+    /// retired-instruction count continues from what this clock has seen
+    /// (a fresh machine: 0). Time never goes back.
+    pub fn restore(&self, state: &ClockState) {
+        let ran = self.instructions.load(Ordering::Relaxed) * VIRTUAL_NS_PER_INSTRUCTION;
+        let want = state.now_ns.saturating_sub(ran);
+        self.skipped.fetch_max(want, Ordering::Relaxed);
     }
 
     /// The smallest retired-instruction count at which `now_ns() >= ns`

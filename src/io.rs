@@ -200,6 +200,48 @@ impl DeviceIo {
         }
     }
 
+    /// Map every PCI function's BARs as its configuration space says
+    /// (after a state restore): the windows mapped before are removed.
+    pub fn resync_pci_bars(&mut self) {
+        let Some(p) = self.pci.as_ref() else {
+            return;
+        };
+        let _ = lock(&p.root).take_bar_changes();
+        let functions: Vec<(PciAddress, DeviceId)> = p.ids.iter().map(|(a, i)| (*a, *i)).collect();
+        for (address, id) in functions {
+            for kind in [BusKind::Pio, BusKind::Mmio] {
+                let bases: Vec<u64> = self
+                    .bus_mut(kind)
+                    .mappings()
+                    .into_iter()
+                    .filter(|m| m.id == id)
+                    .map(|m| m.base)
+                    .collect();
+                for b in bases {
+                    let _ = self.bus_mut(kind).remove(b);
+                }
+            }
+            let Some(device) = self
+                .pci
+                .as_ref()
+                .and_then(|p| lock(&p.root).function(address).cloned())
+            else {
+                continue;
+            };
+            let bars = lock(&device).config().mapped_bars();
+            for b in bars {
+                let window: SharedDevice =
+                    Arc::new(Mutex::new(PciBarWindow::new(device.clone(), b.index)));
+                if let Err(e) = self.map(bar_bus(&b), id, b.base, b.size, window) {
+                    log::warn!(
+                        "pci {address}: BAR {} left unmapped after a restore: {e}",
+                        b.index
+                    );
+                }
+            }
+        }
+    }
+
     /// Re-read the timers' earliest deadline (after guest accesses).
     pub fn refresh_deadline(&mut self) {
         self.timers.deadline = self.timers.compute_deadline();

@@ -25,6 +25,7 @@ pub mod machine;
 pub mod mptable;
 pub mod net;
 pub mod serial_port;
+pub mod state;
 pub mod stats;
 pub mod ticker;
 pub mod timers;

@@ -27,6 +27,7 @@ use crate::guests::GuestImage;
 use crate::io::{DeviceIo, AFFECTS_INTERRUPTS, AFFECTS_TIMERS};
 use crate::irqchip::{self, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
 use crate::layout::{self, ports};
+use crate::state::{DeviceHandle, MachineDevice, MachineState, MachineStateError};
 use crate::timers::Timers;
 use crate::trace::Tracer;
 
@@ -60,6 +61,8 @@ pub enum MachineError {
     ImageDoesNotFit { addr: u64, len: usize },
     #[error("{0}")]
     Config(String),
+    #[error("machine state: {0}")]
+    State(#[from] MachineStateError),
 }
 
 /// What to build.
@@ -171,6 +174,12 @@ pub struct Machine {
     virtio: crate::virtio::VirtioDevices,
     /// The VM clock, and the Unix time of its zero (captures stamp with it).
     clock: Arc<dyn Clock>,
+    /// The host clock when time is the host's (restored in place).
+    host_clock: Option<Arc<HostClock>>,
+    /// Every device model, with its type.
+    devices: Vec<MachineDevice>,
+    /// Instructions per vCPU run (interpreter).
+    run_budget: u64,
     epoch: u64,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
@@ -330,9 +339,11 @@ impl Machine {
         let control = VmControl::new();
         let taint = TimeTaint::new();
         let vclock = (cfg.clock == ClockKind::Virtual).then(VirtualClock::new);
-        let clock: Arc<dyn Clock> = match &vclock {
-            Some(v) => Arc::new(v.clone()),
-            None => Arc::new(HostClock::new()),
+        let host_clock = vclock.is_none().then(|| Arc::new(HostClock::new()));
+        let clock: Arc<dyn Clock> = match (&vclock, &host_clock) {
+            (Some(v), _) => Arc::new(v.clone()),
+            (None, Some(h)) => h.clone(),
+            (None, None) => Arc::new(HostClock::new()),
         };
         let mut be = backend::create(
             cfg.backend,
@@ -366,6 +377,7 @@ impl Machine {
         let below = cfg.memory.min(layout::MMIO_GAP_START);
         rtc.set_memory_size(below, cfg.memory - below);
         let rtc = Arc::new(Mutex::new(rtc));
+        let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
 
         let tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p)?,
@@ -375,6 +387,9 @@ impl Machine {
         timed.extend(chip.timed());
         let timers = Timers::new(clock.clone(), timed, vclock.clone());
         let mut io = DeviceIo::new(tracer, control.clone(), taint.clone(), timers, chip.clone());
+        // The machine's typed device list (save, restore, enumeration).
+        let mut device_list: Vec<MachineDevice> = chip.devices();
+        device_list.push(MachineDevice::new("rtc", DeviceHandle::Rtc(rtc.clone())));
 
         // The interrupt controllers' registers (none with the in-kernel chip).
         for d in chip.bus_devices() {
@@ -394,7 +409,7 @@ impl Machine {
             devices::rtc_cmos::PORT_COUNT,
             rtc,
         )?;
-        let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
+        device_list.push(MachineDevice::new("com1", DeviceHandle::Uart(uart.clone())));
         map_one(
             &mut io,
             "com1",
@@ -403,6 +418,10 @@ impl Machine {
             uart.clone(),
         )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
+        device_list.push(MachineDevice::new(
+            "debug-exit",
+            DeviceHandle::DebugExit(debug_exit.clone()),
+        ));
         map_one(
             &mut io,
             "debug-exit",
@@ -415,6 +434,10 @@ impl Machine {
             chip.irq_line(1),
             chip.irq_line(12),
         )));
+        device_list.push(MachineDevice::new(
+            "i8042",
+            DeviceHandle::I8042(i8042.clone()),
+        ));
         let id = io.register("i8042");
         io.map(
             BusKind::Pio,
@@ -430,38 +453,51 @@ impl Machine {
             1,
             Arc::new(Mutex::new(devices::i8042::command_port(i8042))),
         )?;
-        map_one(
-            &mut io,
+        let post = Arc::new(Mutex::new(PostCode::default()));
+        device_list.push(MachineDevice::new(
             "post",
-            ports::POST_CODE,
-            1,
-            Arc::new(Mutex::new(PostCode::default())),
-        )?;
+            DeviceHandle::PostCode(post.clone()),
+        ));
+        map_one(&mut io, "post", ports::POST_CODE, 1, post)?;
         let pm = devices::acpi_pm::AcpiPm::new(clock.clone(), taint.clone(), control.clone());
+        let pm = Arc::new(Mutex::new(pm));
+        device_list.push(MachineDevice::new(
+            "acpi-pm",
+            DeviceHandle::AcpiPm(pm.clone()),
+        ));
         map_one(
             &mut io,
             "acpi-pm",
             layout::boot::ACPI_PM_BASE,
             devices::acpi_pm::BLOCK_LEN,
-            Arc::new(Mutex::new(pm)),
+            pm,
         )?;
 
         // PCI: the root with the host bridge, mechanism #1 (with the reset
         // register at 0xcf9) and ECAM.
         let mut root = PciRoot::new();
         let bridge = Arc::new(Mutex::new(HostBridge::new()));
+        device_list.push(MachineDevice::new(
+            "host-bridge",
+            DeviceHandle::HostBridge(bridge.clone()),
+        ));
         root.add(Some(0), bridge)?;
         let pci = Arc::new(Mutex::new(root));
         io.attach_pci(pci.clone());
         let bridge_id = io.register("host-bridge");
         io.note_pci_function(PciAddress::new(0, 0, 0), bridge_id);
         let reset = devices::reset_control::ResetControl::new(control.clone());
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), reset)));
+        device_list.push(MachineDevice::new(
+            "pci-config",
+            DeviceHandle::PciConfigIo(config_io.clone()),
+        ));
         map_one(
             &mut io,
             "pci-config",
             ports::PCI_CONFIG,
             CONFIG_IO_LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), reset))),
+            config_io,
         )?;
         let id = io.register("pci-ecam");
         io.map(
@@ -477,6 +513,9 @@ impl Machine {
             (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
         let virtio = crate::virtio::VirtioDevices::new(vcpu.kicker(), chip.clone());
         Ok(Machine {
+            run_budget: backend::interp::DEFAULT_BUDGET,
+            devices: device_list,
+            host_clock,
             virtio,
             clock,
             epoch: rtc_start,
@@ -505,11 +544,17 @@ impl Machine {
             PciDeviceKind::Test => format!("pci-test-{slot:02x}"),
         };
         let dev = match spec.kind {
-            PciDeviceKind::Test => {
-                PciTestDevice::new(&name, self.chip.irq_line(gsi), self.chip.msi_sink())
-            }
+            PciDeviceKind::Test => Arc::new(Mutex::new(PciTestDevice::new(
+                &name,
+                self.chip.irq_line(gsi),
+                self.chip.msi_sink(),
+            ))),
         };
-        self.plug_pci(slot, &name, Arc::new(Mutex::new(dev)))
+        self.devices.push(MachineDevice::new(
+            &name,
+            DeviceHandle::PciTest(dev.clone()),
+        ));
+        self.plug_pci(slot, &name, dev)
     }
 
     /// Put a built PCI function in `slot`: interrupt line register, BARs
@@ -577,6 +622,10 @@ impl Machine {
                     self.chip.msi_sink(),
                 )));
                 self.plug_pci(slot, name, dev.clone())?;
+                self.devices.push(MachineDevice::new(
+                    name,
+                    DeviceHandle::VirtioPci(dev.clone()),
+                ));
                 self.virtio.add_pci(name, dev);
             }
             VirtioTransport::Mmio => {
@@ -600,9 +649,83 @@ impl Machine {
                     devices::virtio::mmio::MMIO_LEN,
                     dev.clone(),
                 )?;
+                self.devices.push(MachineDevice::new(
+                    name,
+                    DeviceHandle::VirtioMmio(dev.clone()),
+                ));
                 self.virtio.add_mmio(name, dev, base, gsi);
             }
         }
+        Ok(())
+    }
+
+    /// The machine's device models, with their types.
+    pub fn devices(&self) -> &[MachineDevice] {
+        &self.devices
+    }
+
+    /// Save the whole machine: the vCPU, the VM clock and every device.
+    pub fn save_state(&mut self) -> Result<MachineState, MachineError> {
+        let cpu = self.vcpu.state()?;
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for d in &self.devices {
+            if let Some(s) = d.save()? {
+                devices.push(s);
+            }
+        }
+        Ok(MachineState {
+            format: crate::state::MACHINE_STATE_FORMAT,
+            cpu,
+            clock: crate::clock::ClockState::of(self.clock.as_ref()),
+            devices,
+        })
+    }
+
+    /// Restore a state saved by [`Machine::save_state`] from a machine of
+    /// the same configuration (the same devices by name). Everything is
+    /// checked before anything changes, as far as the models allow: a
+    /// device list that does not match is refused up front.
+    pub fn restore_state(&mut self, s: &MachineState) -> Result<(), MachineError> {
+        if s.format != crate::state::MACHINE_STATE_FORMAT {
+            return Err(MachineStateError::Format {
+                found: s.format,
+                expected: crate::state::MACHINE_STATE_FORMAT,
+            }
+            .into());
+        }
+        let mut pairs = Vec::new();
+        for d in &self.devices {
+            let Some(mine) = d.save()? else {
+                continue;
+            };
+            let saved = s
+                .devices
+                .iter()
+                .find(|x| x.name == mine.name)
+                .ok_or_else(|| MachineStateError::MissingDevice(mine.name.clone()))?;
+            pairs.push((d.clone(), saved));
+        }
+        if let Some(extra) = s
+            .devices
+            .iter()
+            .find(|x| !pairs.iter().any(|(d, _)| d.name == x.name))
+        {
+            return Err(MachineStateError::ExtraDevice(extra.name.clone()).into());
+        }
+        for (d, saved) in pairs {
+            d.load(saved)?;
+        }
+        match (&self.vclock, &self.host_clock) {
+            (Some(v), _) => v.restore(&s.clock),
+            (None, Some(h)) => h.restore(&s.clock),
+            (None, None) => {}
+        }
+        self.vcpu.set_state(&s.cpu)?;
+        // Derived state: BAR windows on the buses, queued interrupt
+        // messages, the earliest timer deadline.
+        self.io.resync_pci_bars();
+        self.chip.pump();
+        self.io.refresh_deadline();
         Ok(())
     }
 
@@ -684,11 +807,51 @@ impl Machine {
 
     /// Run until the guest stops, exits, resets or shuts down.
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
+        loop {
+            if let Some(o) = self.run_loop(None)? {
+                return Ok(o);
+            }
+        }
+    }
+
+    /// Run at most `instructions` more guest instructions (interpreter
+    /// only: KVM counts none), then pause at exactly that count; `None`
+    /// when paused there, the outcome when the VM ended first. The run
+    /// continues with another `run_for` or [`Machine::run`].
+    pub fn run_for(&mut self, instructions: u64) -> Result<Option<Outcome>, MachineError> {
+        let Some(now) = self.vcpu.stats().instructions else {
+            return Err(MachineError::Config(
+                "running for a number of instructions needs the interpreter (KVM counts none)"
+                    .into(),
+            ));
+        };
+        self.run_loop(Some(now.saturating_add(instructions)))
+    }
+
+    /// Guest instructions retired so far (interpreter; None on KVM).
+    pub fn instructions(&self) -> Option<u64> {
+        self.vcpu.stats().instructions
+    }
+
+    /// The vCPU's budget for its next run: the configured one, cut at
+    /// `limit` (exact positions).
+    fn budget_until(&mut self, limit: Option<u64>) -> Option<u64> {
+        let limit = limit?;
+        let now = self.vcpu.stats().instructions?;
+        Some(limit.saturating_sub(now))
+    }
+
+    fn run_loop(&mut self, limit: Option<u64>) -> Result<Option<Outcome>, MachineError> {
         let outcome = loop {
             self.io.timers.advance_due();
             self.io.refresh_deadline();
             self.service_interrupts()?;
             self.arm_ticker();
+            match self.budget_until(limit) {
+                Some(0) => return Ok(None),
+                Some(n) => self.vcpu.set_run_budget(n.min(self.run_budget)),
+                None => {}
+            }
             let exit = self.vcpu.run(&mut self.io);
             if let Some(t) = &self.ticker {
                 t.disarm();
@@ -711,8 +874,9 @@ impl Machine {
                 break o;
             }
         };
+        self.vcpu.set_run_budget(self.run_budget);
         self.io.tracer.finish()?;
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 
     /// Let virtio devices take host input that arrived (the one point where
@@ -809,6 +973,7 @@ impl Machine {
     /// Return to the VMM after at most this many instructions per vCPU run
     /// (interpreter; see [`Vcpu::set_run_budget`]).
     pub fn set_run_budget(&mut self, instructions: u64) {
+        self.run_budget = instructions.max(1);
         self.vcpu.set_run_budget(instructions);
     }
 
