@@ -20,6 +20,11 @@ pub enum ClockKind {
     Host,
     /// Time derived from retired instructions (interpreter only).
     Virtual,
+    /// What `--record` uses for host time on the interpreter: time derived
+    /// from retired instructions while the guest runs, and real time while
+    /// it waits (halted): the clock then jumps forward by the time waited,
+    /// and the log keeps each jump. A replay makes the same jumps.
+    Recorded,
 }
 
 /// Host monotonic time since the VM was created.

@@ -249,6 +249,7 @@ impl DeviceIo {
 
     #[inline]
     fn access(&mut self, kind: BusKind, addr: u64, data: &mut [u8], write: bool) {
+        let mark = self.tracer.mark();
         let bus = match kind {
             BusKind::Pio => &self.pio,
             BusKind::Mmio => &self.mmio,
@@ -274,6 +275,10 @@ impl DeviceIo {
         if self.tracer.enabled() {
             let name = hit.map_or("-", |(_, n)| n);
             self.tracer.record(kind, write, addr, data, name, timed);
+        }
+        if let Some(d) = self.tracer.devices() {
+            let name = hit.map_or("-", |(_, n)| n);
+            d.access(mark, kind, write, addr, data, name);
         }
         if affects & AFFECTS_INTERRUPTS != 0 {
             self.chip.pump();
@@ -348,11 +353,20 @@ impl IoHandler for DeviceIo {
     }
 
     fn msr_read(&mut self, msr: u32) -> MsrResult {
-        self.chip.msr_read(self.vcpu, msr)
+        let mark = self.tracer.mark();
+        let r = self.chip.msr_read(self.vcpu, msr);
+        if let Some(d) = self.tracer.devices() {
+            d.msr(mark, false, msr, 0, r);
+        }
+        r
     }
 
     fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+        let mark = self.tracer.mark();
         let r = self.chip.msr_write(self.vcpu, msr, value);
+        if let Some(d) = self.tracer.devices() {
+            d.msr(mark, true, msr, value, r);
+        }
         if r == MsrResult::Done(0) {
             self.refresh_deadline();
         }
@@ -384,7 +398,12 @@ impl IoHandler for DeviceIo {
     }
 
     fn cr8_write(&mut self, cr8: u64) -> bool {
-        self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8)
+        let mark = self.tracer.mark();
+        let r = self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8);
+        if let Some(d) = self.tracer.devices() {
+            d.cr8(mark, cr8);
+        }
+        r
     }
 }
 

@@ -24,6 +24,7 @@ pub mod loader;
 pub mod machine;
 pub mod mptable;
 pub mod net;
+pub mod replay;
 pub mod serial_port;
 pub mod state;
 pub mod stats;

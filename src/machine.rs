@@ -25,7 +25,7 @@ use crate::backend::{
 use crate::clock::{ClockKind, HostClock, VirtualClock};
 use crate::guests::GuestImage;
 use crate::io::{DeviceIo, AFFECTS_INTERRUPTS, AFFECTS_TIMERS};
-use crate::irqchip::{self, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
+use crate::irqchip::{self, lock, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
 use crate::layout::{self, ports};
 use crate::state::{DeviceHandle, MachineDevice, MachineState, MachineStateError};
 use crate::timers::Timers;
@@ -63,6 +63,8 @@ pub enum MachineError {
     Config(String),
     #[error("machine state: {0}")]
     State(#[from] MachineStateError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ReplayError),
 }
 
 /// What to build.
@@ -76,6 +78,14 @@ pub struct MachineConfig {
     pub clock: ClockKind,
     /// duet's interrupt controllers (default) or KVM's in-kernel ones.
     pub irqchip: IrqchipKind,
+    /// The RTC's start (Unix seconds): by default the host's time, or a
+    /// fixed date with virtual time. A replay gives the recorded one.
+    pub epoch: Option<u64>,
+    /// Write a replayable device-level trace here (see
+    /// [`crate::replay::devtrace`]).
+    pub device_trace: Option<PathBuf>,
+    /// Drive every device's clock by hand (device-trace replay).
+    pub manual_clock: Option<Arc<devices::ManualClock>>,
 }
 
 impl MachineConfig {
@@ -88,6 +98,9 @@ impl MachineConfig {
             serial_out,
             clock: ClockKind::Host,
             irqchip: IrqchipKind::Userspace,
+            epoch: None,
+            device_trace: None,
+            manual_clock: None,
         }
     }
 }
@@ -180,6 +193,14 @@ pub struct Machine {
     devices: Vec<MachineDevice>,
     /// Instructions per vCPU run (interpreter).
     run_budget: u64,
+    /// Where nondeterministic input enters (recorded or replayed).
+    door: crate::replay::Door,
+    door_summary: Option<crate::replay::Summary>,
+    /// Serial input waiting for the UART.
+    serial_inbox: Arc<crate::console::SerialInbox>,
+    /// With the recorded clock: when the current idle wait began (host
+    /// time and VM time).
+    idle_since: Option<(std::time::Instant, u64)>,
     epoch: u64,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
@@ -330,7 +351,7 @@ fn host_unix_time() -> u64 {
 
 impl Machine {
     pub fn new(cfg: MachineConfig) -> Result<Self, MachineError> {
-        if cfg.clock == ClockKind::Virtual && cfg.backend != BackendKind::Interp {
+        if cfg.clock != ClockKind::Host && cfg.backend != BackendKind::Interp {
             return Err(MachineError::Config(
                 "--clock virtual needs the interpreter backend (time derives from its instruction count)".into(),
             ));
@@ -338,12 +359,22 @@ impl Machine {
         let mem = create_memory(cfg.memory)?;
         let control = VmControl::new();
         let taint = TimeTaint::new();
-        let vclock = (cfg.clock == ClockKind::Virtual).then(VirtualClock::new);
+        let vclock = (cfg.clock != ClockKind::Host).then(VirtualClock::new);
         let host_clock = vclock.is_none().then(|| Arc::new(HostClock::new()));
-        let clock: Arc<dyn Clock> = match (&vclock, &host_clock) {
-            (Some(v), _) => Arc::new(v.clone()),
-            (None, Some(h)) => h.clone(),
-            (None, None) => Arc::new(HostClock::new()),
+        let clock: Arc<dyn Clock> = match (&cfg.manual_clock, &vclock, &host_clock) {
+            (Some(m), _, _) => m.clone(),
+            (None, Some(v), _) => Arc::new(v.clone()),
+            (None, None, Some(h)) => h.clone(),
+            (None, None, None) => Arc::new(HostClock::new()),
+        };
+        // Device-level traces note the time each access saw.
+        let observed = cfg
+            .device_trace
+            .as_ref()
+            .map(|_| Arc::new(crate::replay::devtrace::ObservedClock::new(clock.clone())));
+        let clock: Arc<dyn Clock> = match &observed {
+            Some(o) => o.clone(),
+            None => clock,
         };
         let mut be = backend::create(
             cfg.backend,
@@ -368,10 +399,10 @@ impl Machine {
             },
         )?;
 
-        let rtc_start = if vclock.is_some() {
-            VIRTUAL_EPOCH
-        } else {
-            host_unix_time()
+        let rtc_start = match (cfg.epoch, cfg.clock) {
+            (Some(e), _) => e,
+            (None, ClockKind::Virtual) => VIRTUAL_EPOCH,
+            (None, _) => host_unix_time(),
         };
         let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), chip.irq_line(8), rtc_start);
         let below = cfg.memory.min(layout::MMIO_GAP_START);
@@ -379,10 +410,16 @@ impl Machine {
         let rtc = Arc::new(Mutex::new(rtc));
         let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
 
-        let tracer = match &cfg.trace {
+        let mut tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p)?,
             None => Tracer::disabled(),
         };
+        if let (Some(p), Some(o)) = (&cfg.device_trace, &observed) {
+            tracer.set_device_trace(crate::replay::devtrace::DeviceTraceWriter::create(
+                p,
+                o.clone(),
+            )?);
+        }
         let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];
         timed.extend(chip.timed());
         let timers = Timers::new(clock.clone(), timed, vclock.clone());
@@ -512,8 +549,21 @@ impl Machine {
         let ticker =
             (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
         let virtio = crate::virtio::VirtioDevices::new(vcpu.kicker(), chip.clone());
+        let serial_inbox = Arc::new(crate::console::SerialInbox::new(
+            vcpu.kicker(),
+            chip.clone(),
+        ));
+        if let Some(d) = io.tracer.devices() {
+            d.header("memory", &cfg.memory.to_string());
+            d.header("epoch", &rtc_start.to_string());
+            d.header("irqchip", chip.name());
+        }
         Ok(Machine {
             run_budget: backend::interp::DEFAULT_BUDGET,
+            door: crate::replay::Door::off(),
+            door_summary: None,
+            serial_inbox,
+            idle_since: None,
             devices: device_list,
             host_clock,
             virtio,
@@ -554,6 +604,9 @@ impl Machine {
             &name,
             DeviceHandle::PciTest(dev.clone()),
         ));
+        if let Some(d) = self.io.tracer.devices() {
+            d.header("pci", &format!("test {slot:02}"));
+        }
         self.plug_pci(slot, &name, dev)
     }
 
@@ -610,6 +663,9 @@ impl Machine {
         transport: VirtioTransport,
         device: Box<dyn devices::virtio::VirtioDevice>,
     ) -> Result<(), MachineError> {
+        if let Some(d) = self.io.tracer.devices() {
+            d.header("virtio", name);
+        }
         match transport {
             VirtioTransport::Pci => {
                 let slot = irqchip::lock(&self.pci).free_slot(None)?;
@@ -802,7 +858,61 @@ impl Machine {
     /// Inject what the interrupt controllers have for the vCPU, or ask for
     /// an interrupt window. Returns true when something was injected.
     fn service_interrupts(&mut self) -> Result<bool, MachineError> {
-        Ok(self.chip.service(0, self.vcpu.as_mut())?)
+        if self.io.tracer.devices().is_none() {
+            return Ok(self.chip.service(0, self.vcpu.as_mut())?);
+        }
+        let mark = self.io.tracer.mark();
+        let mut tap = crate::replay::devtrace::InjectTap {
+            inner: self.vcpu.as_mut(),
+            injected: None,
+        };
+        let r = self.chip.service(0, &mut tap)?;
+        if let (Some(what), Some(d)) = (tap.injected, self.io.tracer.devices()) {
+            d.injected(mark, what);
+        }
+        Ok(r)
+    }
+
+    /// Fire the timers that fell due.
+    fn advance_timers(&mut self) {
+        let mark = self.io.tracer.mark();
+        if self.io.timers.advance_due() {
+            if let Some(d) = self.io.tracer.devices() {
+                d.advance(mark);
+            }
+        }
+    }
+
+    /// The device side, for a device-trace replay: the I/O path (buses,
+    /// timers) and the interrupt controllers.
+    pub(crate) fn device_side(&mut self) -> (&mut DeviceIo, Arc<dyn IrqChip>) {
+        (&mut self.io, self.chip.clone())
+    }
+
+    /// Put `wrap(old)` in place of the port-I/O device mapped at `base`
+    /// (tests: a deliberately changed device model).
+    pub fn wrap_pio_device(
+        &mut self,
+        base: u64,
+        wrap: impl FnOnce(SharedDevice) -> SharedDevice,
+    ) -> Result<(), MachineError> {
+        let Some(m) = self.io.pio.mappings().into_iter().find(|m| m.base == base) else {
+            return Err(MachineError::Config(format!("no device at port {base:#x}")));
+        };
+        let old = self.io.pio.remove(base)?;
+        self.io.pio.insert(m.id, &m.name, base, m.len, wrap(old))?;
+        Ok(())
+    }
+
+    /// Move waiting serial input into the UART; the bytes moved.
+    fn deliver_serial(&mut self) -> Vec<u8> {
+        let b = self.serial_inbox.deliver(&self.uart);
+        if !b.is_empty() {
+            if let Some(d) = self.io.tracer.devices() {
+                d.input("com1", &b);
+            }
+        }
+        b
     }
 
     /// Run until the guest stops, exits, resets or shuts down.
@@ -833,31 +943,65 @@ impl Machine {
         self.vcpu.stats().instructions
     }
 
-    /// The vCPU's budget for its next run: the configured one, cut at
-    /// `limit` (exact positions).
-    fn budget_until(&mut self, limit: Option<u64>) -> Option<u64> {
-        let limit = limit?;
-        let now = self.vcpu.stats().instructions?;
-        Some(limit.saturating_sub(now))
+    /// Record this machine's nondeterministic input, or replay it (see
+    /// [`crate::replay`]). Set before the first run.
+    pub fn set_door(&mut self, door: crate::replay::Door) {
+        self.door = door;
+    }
+
+    /// The door (to hand the network wrappers their logs).
+    pub fn door_mut(&mut self) -> &mut crate::replay::Door {
+        &mut self.door
+    }
+
+    /// How the recording or replay went, once the run has ended.
+    pub fn door_summary(&self) -> Option<&crate::replay::Summary> {
+        self.door_summary.as_ref()
+    }
+
+    /// Where host threads put serial console input.
+    pub fn serial_input(&self) -> crate::console::SerialInput {
+        crate::console::SerialInput::new(self.serial_inbox.clone())
     }
 
     fn run_loop(&mut self, limit: Option<u64>) -> Result<Option<Outcome>, MachineError> {
         let outcome = loop {
-            self.io.timers.advance_due();
+            self.advance_timers();
             self.io.refresh_deadline();
             self.service_interrupts()?;
             self.arm_ticker();
-            match self.budget_until(limit) {
-                Some(0) => return Ok(None),
-                Some(n) => self.vcpu.set_run_budget(n.min(self.run_budget)),
-                None => {}
+            let now = self.vcpu.stats().instructions;
+            if let Some(n) = now {
+                if limit.is_some_and(|l| n >= l) {
+                    return Ok(None);
+                }
+                if self.door.checkpoint_due(n) {
+                    let s = self.save_state()?;
+                    self.door.checkpoint(n, &s)?;
+                }
             }
+            // The run's end: the configured budget, cut at `limit`, at the
+            // next checkpoint and, in a replay, where the recorded run was
+            // cut short (exact positions).
+            let target = now.map(|n| {
+                let mut end = n.saturating_add(self.run_budget);
+                for cap in [limit, self.door.next_stop()].into_iter().flatten() {
+                    end = end.min(cap.max(n));
+                }
+                self.vcpu.set_run_budget(end - n);
+                end
+            });
             let exit = self.vcpu.run(&mut self.io);
             if let Some(t) = &self.ticker {
                 t.disarm();
             }
             let exit = exit?;
-            self.io.timers.advance_due();
+            if let (Some(target), Some(after)) = (target, self.vcpu.stats().instructions) {
+                let early =
+                    matches!(exit, VcpuExit::Interrupted | VcpuExit::IoRequest) && after < target;
+                self.door.after_run(after, early)?;
+            }
+            self.advance_timers();
             match exit {
                 VcpuExit::Halted => {
                     if let Some(o) = self.idle()? {
@@ -867,23 +1011,107 @@ impl Machine {
                 VcpuExit::InterruptWindow | VcpuExit::Interrupted | VcpuExit::IoRequest => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
             }
-            // Host input (received frames, console input) for virtio devices.
-            self.poll_host_input();
-            // Devices and host threads (Ctrl-A x) post VM-level actions.
-            if let Some(o) = self.take_action() {
+            // Host input, VM-level actions: the poll point.
+            if let Some(o) = self.poll_point()? {
                 break o;
             }
         };
         self.vcpu.set_run_budget(self.run_budget);
+        if !self.door.is_off() {
+            let icount = self.instructions().unwrap_or(0);
+            let state = self.save_state()?;
+            let r = self
+                .door
+                .end(icount, outcome.exit_status(), &outcome.describe(), &state);
+            let summary = self.door.finish();
+            r?;
+            self.door_summary = Some(summary?);
+        }
         self.io.tracer.finish()?;
         Ok(Some(outcome))
     }
 
+    /// The poll point after each vCPU exit and in each idle wait: host
+    /// input enters (or, in a replay, the recorded input), VM-level actions
+    /// posted by devices and host threads become the outcome.
+    fn poll_point(&mut self) -> Result<Option<Outcome>, MachineError> {
+        if self.door.is_off() {
+            self.deliver_serial();
+            self.poll_host_input();
+            return Ok(self.take_action());
+        }
+        self.door.begin_poll();
+        let icount = self.instructions().unwrap_or(0);
+        if self.door.is_replaying() {
+            use crate::replay::Replayed;
+            for r in self.door.replay_poll(icount)? {
+                match r {
+                    Replayed::Warp(ns) => {
+                        if let Some(v) = &self.vclock {
+                            v.skip_to(ns);
+                        }
+                    }
+                    Replayed::Serial(bytes) => {
+                        let n = lock(&self.uart).enqueue_input(&bytes);
+                        if let Some(d) = self.io.tracer.devices() {
+                            d.input("com1", &bytes[..n]);
+                        }
+                        if n != bytes.len() {
+                            return Err(crate::replay::ReplayError::Diverged {
+                                icount,
+                                seq: 0,
+                                what: format!(
+                                    "the UART took {} recorded input bytes, the replay's only {n}",
+                                    bytes.len()
+                                ),
+                            }
+                            .into());
+                        }
+                    }
+                    Replayed::VirtioPoll => {
+                        self.virtio.poll_all();
+                        self.chip.pump();
+                    }
+                    Replayed::HostQuit => return Ok(Some(Outcome::HostQuit)),
+                }
+            }
+            // Device requests only: a quit comes from the log.
+            return Ok(self.take_action().filter(|o| *o != Outcome::HostQuit));
+        }
+        // Recording.
+        let warp_to = match (&self.vclock, self.idle_since) {
+            (Some(v), Some((since, vm))) if self.clock_kind == ClockKind::Recorded => {
+                let to = vm.saturating_add(since.elapsed().as_nanos() as u64);
+                (to > v.now_ns()).then(|| {
+                    v.skip_to(to);
+                    to
+                })
+            }
+            _ => None,
+        };
+        let serial = self.deliver_serial();
+        let virtio = self.poll_host_input();
+        let action = self.take_action();
+        self.door.log_poll(
+            icount,
+            crate::replay::PollInput {
+                serial,
+                warp_to,
+                virtio,
+                quit: action == Some(Outcome::HostQuit),
+            },
+        )?;
+        Ok(action)
+    }
+
     /// Let virtio devices take host input that arrived (the one point where
-    /// it enters the guest).
-    fn poll_host_input(&mut self) {
+    /// it enters the guest); whether there was any.
+    fn poll_host_input(&mut self) -> bool {
         if self.virtio.poll_if_pending() {
             self.chip.pump();
+            true
+        } else {
+            false
         }
     }
 
@@ -920,12 +1148,18 @@ impl Machine {
     /// The vCPU halted: wait (without spinning) until an interrupt can wake
     /// it, or decide that nothing ever will.
     fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
+        self.idle_since = None;
+        let r = self.idle_loop();
+        self.idle_since = None;
+        r
+    }
+
+    fn idle_loop(&mut self) -> Result<Option<Outcome>, MachineError> {
         loop {
-            if let Some(o) = self.take_action() {
+            if let Some(o) = self.poll_point()? {
                 return Ok(Some(o));
             }
-            self.io.timers.advance_due();
-            self.poll_host_input();
+            self.advance_timers();
             if self.service_interrupts()? {
                 return Ok(None);
             }
@@ -944,12 +1178,30 @@ impl Machine {
             match self.clock_kind {
                 ClockKind::Virtual => match (deadline, &self.vclock) {
                     (Some(d), Some(v)) => v.skip_to(d),
+                    _ if self.door.is_replaying() => {}
                     _ => {
                         return Ok(Some(Outcome::Shutdown(ShutdownReason::Unrecoverable(
                             "guest halted waiting for an interrupt, and no timer is armed".into(),
                         ))))
                     }
                 },
+                // A replay makes the recorded clock jumps at the next
+                // poll points; it never waits.
+                ClockKind::Recorded if self.door.is_replaying() => {}
+                ClockKind::Recorded => {
+                    let Some(v) = &self.vclock else {
+                        return Ok(None);
+                    };
+                    let now = v.now_ns();
+                    if self.idle_since.is_none() {
+                        self.idle_since = Some((std::time::Instant::now(), now));
+                    }
+                    let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+                    self.chip.wait(
+                        wait.unwrap_or(Duration::from_millis(100))
+                            .min(Duration::from_millis(100)),
+                    );
+                }
                 ClockKind::Host => {
                     let now = self.io.timers.now();
                     let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));

@@ -38,6 +38,8 @@ pub enum TraceError {
 pub struct Tracer {
     out: Option<BufWriter<File>>,
     error: Option<std::io::Error>,
+    /// The replayable device-level trace (`--device-trace`).
+    devices: Option<crate::replay::devtrace::DeviceTraceWriter>,
 }
 
 impl Tracer {
@@ -45,6 +47,7 @@ impl Tracer {
         Tracer {
             out: None,
             error: None,
+            devices: None,
         }
     }
 
@@ -56,7 +59,26 @@ impl Tracer {
         Ok(Tracer {
             out: Some(BufWriter::new(f)),
             error: None,
+            devices: None,
         })
+    }
+
+    /// Also write a replayable device-level trace.
+    pub fn set_device_trace(&mut self, w: crate::replay::devtrace::DeviceTraceWriter) {
+        self.devices = Some(w);
+    }
+
+    /// The device-level trace, when one is written.
+    #[inline]
+    pub fn devices(&mut self) -> Option<&mut crate::replay::devtrace::DeviceTraceWriter> {
+        self.devices.as_mut()
+    }
+
+    /// The device trace's clock mark (0 without one); see
+    /// [`crate::replay::devtrace::DeviceTraceWriter::mark`].
+    #[inline]
+    pub fn mark(&self) -> u64 {
+        self.devices.as_ref().map_or(0, |d| d.mark())
     }
 
     #[inline]
@@ -117,6 +139,9 @@ impl Tracer {
         }
         if let Some(out) = self.out.as_mut() {
             out.flush()?;
+        }
+        if let Some(d) = self.devices.as_mut() {
+            d.finish()?;
         }
         Ok(())
     }
