@@ -23,8 +23,8 @@
 #   VERSION           the kernel version string
 #
 # Re-running reuses what is already there. Needs: apt-get, dpkg-deb, python3,
-# lz4 and xz (the script installs lz4/xz-utils with apt-get when missing and
-# it runs as root).
+# lz4 and xz, and for the virtio tests tcpdump, ip and libslirp0 (the
+# script installs them with apt-get when missing and it runs as root).
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -47,6 +47,18 @@ need dpkg-deb dpkg
 need lz4 lz4
 need xz xz-utils
 need python3 python3
+# Host side of the virtio tests: libslirp (--net user), tcpdump (reading
+# captures), ip (the TAP test's network namespace).
+need tcpdump tcpdump
+need ip iproute2
+if ! ls /usr/lib/*/libslirp.so.0 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y libslirp0 >/dev/null
+    else
+        echo "linux-guest.sh: libslirp.so.0 is missing (install the Debian package libslirp0)" >&2
+        exit 1
+    fi
+fi
 
 newest() {
     # Newest package whose name matches the regex $1.

@@ -296,6 +296,12 @@ impl FromStr for ConsoleSpec {
                 ("socket", p) => host = Some(ConsoleHost::Socket(PathBuf::from(p))),
                 ("stdio", "") => host = Some(ConsoleHost::Stdio),
                 ("transport", v) => transport_v = transport(v)?,
+                (k, "") if !virtio && host.is_none() => {
+                    return Err(format!(
+                        "'{k}': the only console device is virtio \
+                         (e.g. --console-device virtio,socket=/tmp/hvc0)"
+                    ))
+                }
                 (k, _) => {
                     return Err(format!(
                         "unknown key '{k}' (accepted: virtio, file=PATH, socket=PATH, stdio, \

@@ -97,21 +97,23 @@ const POLL_ERR: c_int = 8;
 const POLL_HUP: c_int = 16;
 
 /// The libslirp functions duet calls.
+type NewFn = unsafe extern "C" fn(*const SlirpConfig, *const SlirpCb, *mut c_void) -> *mut c_void;
+type CleanupFn = unsafe extern "C" fn(*mut c_void);
+type FillFn = unsafe extern "C" fn(*mut c_void, *mut u32, AddPollCb, *mut c_void);
+type PollFn = unsafe extern "C" fn(*mut c_void, c_int, GetREventsCb, *mut c_void);
+type InputFn = unsafe extern "C" fn(*mut c_void, *const u8, c_int);
+type HostFwdFn =
+    unsafe extern "C" fn(*mut c_void, c_int, libc::in_addr, c_int, libc::in_addr, c_int) -> c_int;
+type VersionFn = unsafe extern "C" fn() -> *const c_char;
+
 struct Lib {
-    new: unsafe extern "C" fn(*const SlirpConfig, *const SlirpCb, *mut c_void) -> *mut c_void,
-    cleanup: unsafe extern "C" fn(*mut c_void),
-    pollfds_fill: unsafe extern "C" fn(*mut c_void, *mut u32, AddPollCb, *mut c_void),
-    pollfds_poll: unsafe extern "C" fn(*mut c_void, c_int, GetREventsCb, *mut c_void),
-    input: unsafe extern "C" fn(*mut c_void, *const u8, c_int),
-    add_hostfwd: unsafe extern "C" fn(
-        *mut c_void,
-        c_int,
-        libc::in_addr,
-        c_int,
-        libc::in_addr,
-        c_int,
-    ) -> c_int,
-    version: unsafe extern "C" fn() -> *const c_char,
+    new: NewFn,
+    cleanup: CleanupFn,
+    pollfds_fill: FillFn,
+    pollfds_poll: PollFn,
+    input: InputFn,
+    add_hostfwd: HostFwdFn,
+    version: VersionFn,
 }
 
 // SAFETY: the struct holds plain function pointers into a library that
@@ -142,13 +144,21 @@ fn load() -> Result<&'static Lib, NetError> {
         // declares for it.
         unsafe {
             Ok(Lib {
-                new: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_new")?),
-                cleanup: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_cleanup")?),
-                pollfds_fill: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_pollfds_fill")?),
-                pollfds_poll: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_pollfds_poll")?),
-                input: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_input")?),
-                add_hostfwd: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_add_hostfwd")?),
-                version: std::mem::transmute::<*mut c_void, _>(sym(c"slirp_version_string")?),
+                new: std::mem::transmute::<*mut c_void, NewFn>(sym(c"slirp_new")?),
+                cleanup: std::mem::transmute::<*mut c_void, CleanupFn>(sym(c"slirp_cleanup")?),
+                pollfds_fill: std::mem::transmute::<*mut c_void, FillFn>(sym(
+                    c"slirp_pollfds_fill",
+                )?),
+                pollfds_poll: std::mem::transmute::<*mut c_void, PollFn>(sym(
+                    c"slirp_pollfds_poll",
+                )?),
+                input: std::mem::transmute::<*mut c_void, InputFn>(sym(c"slirp_input")?),
+                add_hostfwd: std::mem::transmute::<*mut c_void, HostFwdFn>(sym(
+                    c"slirp_add_hostfwd",
+                )?),
+                version: std::mem::transmute::<*mut c_void, VersionFn>(sym(
+                    c"slirp_version_string",
+                )?),
             })
         }
     })
@@ -175,6 +185,8 @@ struct Timer {
 struct Context {
     start: Instant,
     rx: Arc<Inbox<RxFrame>>,
+    /// Boxed: libslirp holds pointers to them, which must not move.
+    #[allow(clippy::vec_box)]
     timers: Vec<Box<Timer>>,
     pollfds: Vec<libc::pollfd>,
     guest_errors: u64,
