@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest (by default the demo guest on the best backend).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the built-in guests.
     Guests,
     /// Measure guest MIPS on three loops (ALU, memory with paging, syscall).
@@ -616,15 +616,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let input = m.serial_input();
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
-    let mut record = record;
-    if let Some(r) = record.as_mut() {
+    if let Some(r) = &record {
         if r.full {
             let w = duet::replay::log::LogWriter::create(&r.path, &r.header)
                 .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
-            let door = duet::replay::Door::record(w, args.checkpoint_every);
-            if let Some(log) = door.net_log() {
-                r.net_log = log;
-            }
+            let door = duet::replay::Door::record(w, args.checkpoint_every)
+                .with_net_log(r.net_log.clone());
             m.set_door(door);
         }
     }
@@ -1196,8 +1193,8 @@ fn main() -> ExitCode {
             return ExitCode::from(status);
         }
     };
-    let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
-        Command::Run(a) => run(a),
+    let r = match cli.command.unwrap_or_else(|| Command::Run(Box::default())) {
+        Command::Run(a) => run(*a),
         Command::Bench(a) => bench(a),
         Command::Difftest(a) => difftest(a),
         Command::Replay(a) => replay(a),

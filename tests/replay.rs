@@ -351,3 +351,78 @@ fn a_linux_boot_with_typed_commands_replays_bit_exact() {
         std::fs::remove_file(f).ok();
     }
 }
+
+/// A network exchange over `--net user` (DHCP, then an HTTP download
+/// from a server on 127.0.0.1) recorded on the interpreter, replayed with
+/// no network at all: the same serial output, the same final state.
+#[test]
+fn a_network_exchange_replays_without_the_network() {
+    use std::io::{Read, Write};
+    let kit = linux_kit();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in server.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req);
+            let body = "payload-from-the-host-42\n";
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let log = tmp("net.log");
+    let (out1, out2) = (tmp("net-rec.serial"), tmp("net-rep.serial"));
+    let typed = format!(
+        "udhcpc -i eth0 -n -q -t 10 >/dev/null 2>&1; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'\n\
+         wget -q -O - http://10.0.2.2:{port}/x\n\
+         head -c 8 /dev/hwrng | od -An -tx1\n\
+         poweroff -f\n"
+    );
+    let o = duet(
+        &[
+            "run",
+            "--backend",
+            "interp",
+            "--memory",
+            "256M",
+            "--kernel",
+            p(&kit.join("vmlinux-cloud")),
+            "--initrd",
+            p(&kit.join("initramfs.cpio.gz")),
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--net",
+            "user",
+            "--rng",
+            "--serial",
+            &format!("file={}", p(&out1)),
+            "--record",
+            p(&log),
+        ],
+        typed.as_bytes(),
+    );
+    let serial = std::fs::read_to_string(&out1).unwrap_or_default();
+    assert!(o.status.success(), "record: {} {serial}", stderr(&o));
+    assert!(
+        serial.contains("inet 10.0.2.15/24") && serial.contains("payload-from-the-host-42"),
+        "the exchange happened: {serial}"
+    );
+    let (_, events) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::NetRx { .. })),
+        "received frames are in the log"
+    );
+    let o = duet(
+        &["replay", p(&log), "--serial", &format!("file={}", p(&out2))],
+        b"",
+    );
+    assert!(o.status.success(), "replay: {}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
+    for f in [&log, &out1, &out2] {
+        std::fs::remove_file(f).ok();
+    }
+}

@@ -49,3 +49,8 @@ fn cpu_exec() {
 fn device_registers() {
     replay("device_registers", duet_fuzz::device_registers);
 }
+
+#[test]
+fn replay_log() {
+    replay("replay_log", duet_fuzz::replay_log);
+}

@@ -243,6 +243,15 @@ impl Door {
         matches!(self.mode, Mode::Replay(_))
     }
 
+    /// Take the received frames the recording network wrappers log into
+    /// `log` (the list given to [`crate::virtio::NetDoor::Record`]).
+    pub fn with_net_log(mut self, log: Arc<Mutex<Vec<Event>>>) -> Self {
+        if let Mode::Record(r) = &mut self.mode {
+            r.net = log;
+        }
+        self
+    }
+
     /// The shared list the recording network wrappers log frames into.
     pub fn net_log(&self) -> Option<Arc<Mutex<Vec<Event>>>> {
         match &self.mode {
