@@ -20,6 +20,11 @@ pub enum ClockKind {
     Host,
     /// Time derived from retired instructions (interpreter only).
     Virtual,
+    /// What `--record` uses for host time on the interpreter: time derived
+    /// from retired instructions while the guest runs, and real time while
+    /// it waits (halted): the clock then jumps forward by the time waited,
+    /// and the log keeps each jump. A replay makes the same jumps.
+    Recorded,
 }
 
 /// Host monotonic time since the VM was created, optionally hiding the
@@ -47,7 +52,7 @@ pub struct HostClock {
     compensate: bool,
     state: std::sync::Mutex<Compensation>,
     /// VM time at `start` (non-zero after a restore).
-    offset_ns: u64,
+    offset_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -74,16 +79,24 @@ impl HostClock {
             start: Instant::now(),
             compensate: false,
             state: Default::default(),
-            offset_ns: 0,
+            offset_ns: AtomicU64::new(0),
         }
     }
 
     /// A clock that continues from a saved VM time.
     pub fn resume(state: &ClockState) -> Self {
         HostClock {
-            offset_ns: state.now_ns,
+            offset_ns: AtomicU64::new(state.now_ns),
             ..Self::new()
         }
+    }
+
+    /// Continue from a saved VM time, in place (the devices keep their
+    /// handle). Time never goes back: an earlier saved time is ignored.
+    pub fn restore(&self, state: &ClockState) {
+        let base = self.now_ns() - self.offset_ns.load(Ordering::Acquire);
+        let want = state.now_ns.saturating_sub(base);
+        self.offset_ns.fetch_max(want, Ordering::AcqRel);
     }
 
     /// Host time with the host's stalls hidden (see the type's docs).
@@ -145,10 +158,10 @@ impl Clock for HostClock {
     fn now_ns(&self) -> u64 {
         let raw = self.raw();
         if !self.compensate {
-            return self.offset_ns + raw;
+            return self.offset_ns.load(Ordering::Relaxed) + raw;
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.offset_ns + Self::step(&mut s, raw)
+        self.offset_ns.load(Ordering::Relaxed) + Self::step(&mut s, raw)
     }
 }
 
@@ -198,6 +211,15 @@ impl VirtualClock {
         let c = Self::default();
         c.skipped.store(state.now_ns, Ordering::Relaxed);
         c
+    }
+
+    /// Continue from a saved VM time, in place, for a CPU whose
+    /// retired-instruction count continues from what this clock has seen
+    /// (a fresh machine: 0). Time never goes back.
+    pub fn restore(&self, state: &ClockState) {
+        let ran = self.instructions.load(Ordering::Relaxed) * VIRTUAL_NS_PER_INSTRUCTION;
+        let want = state.now_ns.saturating_sub(ran);
+        self.skipped.fetch_max(want, Ordering::Relaxed);
     }
 
     /// The smallest retired-instruction count at which `now_ns() >= ns`

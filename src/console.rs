@@ -3,8 +3,10 @@
 //! Ctrl-A x quits, as in QEMU. Non-terminal stdin (a pipe) works for
 //! scripted sessions; its end of file just stops the input.
 //!
-//! All serial input enters the VM here, through [`SerialInput::feed`]: one
-//! place a later record/replay layer can log and feed back.
+//! All serial input enters the VM through [`SerialInput::feed`] into the
+//! machine's [`SerialInbox`], which the machine empties into the UART at
+//! its poll points: the one place a recorder logs it and a replay feeds it
+//! back.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,47 +114,76 @@ impl Drop for RawMode {
     }
 }
 
-/// Where serial input goes: the UART receiver, paced by its FIFO space.
-pub struct SerialInput {
-    uart: Arc<Mutex<Uart16550>>,
+/// Serial input waiting for the machine: host threads queue bytes here;
+/// the machine moves them into the UART at its poll points, as the
+/// receiver has room (see [`crate::replay`]: the one door input enters
+/// by, so a recorder can log it).
+pub struct SerialInbox {
+    pending: Mutex<Vec<u8>>,
     kick: Arc<dyn Kick>,
-    pending: Vec<u8>,
+    chip: Arc<dyn crate::irqchip::IrqChip>,
+}
+
+impl SerialInbox {
+    pub fn new(kick: Arc<dyn Kick>, chip: Arc<dyn crate::irqchip::IrqChip>) -> Self {
+        SerialInbox {
+            pending: Mutex::new(Vec::new()),
+            kick,
+            chip,
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Move what `uart` accepts now into it (the machine, at a poll
+    /// point); the bytes moved. Nothing moves before the guest's driver
+    /// has set its receiver up (before that, the driver's own FIFO resets
+    /// would discard them; see [`Uart16550::ready_for_input`]).
+    pub fn deliver(&self, uart: &Mutex<Uart16550>) -> Vec<u8> {
+        let mut pending = self.pending();
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        let mut uart = uart.lock().unwrap_or_else(|e| e.into_inner());
+        if !uart.ready_for_input() {
+            return Vec::new();
+        }
+        let n = uart.enqueue_input(&pending);
+        pending.drain(..n).collect()
+    }
+}
+
+/// Where a host thread puts serial input: the machine's [`SerialInbox`].
+pub struct SerialInput {
+    inbox: Arc<SerialInbox>,
 }
 
 impl SerialInput {
-    pub fn new(uart: Arc<Mutex<Uart16550>>, kick: Arc<dyn Kick>) -> Self {
-        SerialInput {
-            uart,
-            kick,
-            pending: Vec::new(),
-        }
+    pub fn new(inbox: Arc<SerialInbox>) -> Self {
+        SerialInput { inbox }
     }
 
-    /// Queue bytes for the guest and push what the UART accepts now.
-    /// Returns how many bytes are still waiting.
+    /// Queue bytes for the guest and get the machine's attention.
+    /// Returns how many bytes are waiting.
     pub fn feed(&mut self, bytes: &[u8]) -> usize {
-        self.pending.extend_from_slice(bytes);
-        self.flush()
+        let n = {
+            let mut p = self.inbox.pending();
+            p.extend_from_slice(bytes);
+            p.len()
+        };
+        if !bytes.is_empty() {
+            self.inbox.kick.kick();
+            self.inbox.chip.wake();
+        }
+        n
     }
 
-    /// Push waiting bytes into the UART as its FIFO drains, once the
-    /// guest's driver has set its receiver up (before that, the driver's
-    /// own FIFO resets would discard them; see
-    /// [`Uart16550::ready_for_input`]).
+    /// How many bytes still wait for the UART (the machine moves them as
+    /// the guest reads).
     pub fn flush(&mut self) -> usize {
-        if !self.pending.is_empty() {
-            let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-            if !uart.ready_for_input() {
-                return self.pending.len();
-            }
-            let n = uart.enqueue_input(&self.pending);
-            drop(uart);
-            if n > 0 {
-                self.pending.drain(..n);
-                self.kick.kick();
-            }
-        }
-        self.pending.len()
+        self.inbox.pending().len()
     }
 }
 

@@ -200,6 +200,48 @@ impl DeviceIo {
         }
     }
 
+    /// Map every PCI function's BARs as its configuration space says
+    /// (after a state restore): the windows mapped before are removed.
+    pub fn resync_pci_bars(&mut self) {
+        let Some(p) = self.pci.as_ref() else {
+            return;
+        };
+        let _ = lock(&p.root).take_bar_changes();
+        let functions: Vec<(PciAddress, DeviceId)> = p.ids.iter().map(|(a, i)| (*a, *i)).collect();
+        for (address, id) in functions {
+            for kind in [BusKind::Pio, BusKind::Mmio] {
+                let bases: Vec<u64> = self
+                    .bus_mut(kind)
+                    .mappings()
+                    .into_iter()
+                    .filter(|m| m.id == id)
+                    .map(|m| m.base)
+                    .collect();
+                for b in bases {
+                    let _ = self.bus_mut(kind).remove(b);
+                }
+            }
+            let Some(device) = self
+                .pci
+                .as_ref()
+                .and_then(|p| lock(&p.root).function(address).cloned())
+            else {
+                continue;
+            };
+            let bars = lock(&device).config().mapped_bars();
+            for b in bars {
+                let window: SharedDevice =
+                    Arc::new(Mutex::new(PciBarWindow::new(device.clone(), b.index)));
+                if let Err(e) = self.map(bar_bus(&b), id, b.base, b.size, window) {
+                    log::warn!(
+                        "pci {address}: BAR {} left unmapped after a restore: {e}",
+                        b.index
+                    );
+                }
+            }
+        }
+    }
+
     /// Re-read the timers' earliest deadline (after guest accesses).
     pub fn refresh_deadline(&mut self) {
         self.timers.deadline = self.timers.compute_deadline();
@@ -207,6 +249,7 @@ impl DeviceIo {
 
     #[inline]
     fn access(&mut self, kind: BusKind, addr: u64, data: &mut [u8], write: bool) {
+        let mark = self.tracer.mark();
         let bus = match kind {
             BusKind::Pio => &self.pio,
             BusKind::Mmio => &self.mmio,
@@ -232,6 +275,10 @@ impl DeviceIo {
         if self.tracer.enabled() {
             let name = hit.map_or("-", |(_, n)| n);
             self.tracer.record(kind, write, addr, data, name, timed);
+        }
+        if let Some(d) = self.tracer.devices() {
+            let name = hit.map_or("-", |(_, n)| n);
+            d.access(mark, kind, write, addr, data, name);
         }
         if affects & AFFECTS_INTERRUPTS != 0 {
             self.chip.pump();
@@ -306,11 +353,20 @@ impl IoHandler for DeviceIo {
     }
 
     fn msr_read(&mut self, msr: u32) -> MsrResult {
-        self.chip.msr_read(self.vcpu, msr)
+        let mark = self.tracer.mark();
+        let r = self.chip.msr_read(self.vcpu, msr);
+        if let Some(d) = self.tracer.devices() {
+            d.msr(mark, false, msr, 0, r);
+        }
+        r
     }
 
     fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+        let mark = self.tracer.mark();
         let r = self.chip.msr_write(self.vcpu, msr, value);
+        if let Some(d) = self.tracer.devices() {
+            d.msr(mark, true, msr, value, r);
+        }
         if r == MsrResult::Done(0) {
             self.refresh_deadline();
         }
@@ -342,7 +398,12 @@ impl IoHandler for DeviceIo {
     }
 
     fn cr8_write(&mut self, cr8: u64) -> bool {
-        self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8)
+        let mark = self.tracer.mark();
+        let r = self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8);
+        if let Some(d) = self.tracer.devices() {
+            d.cr8(mark, cr8);
+        }
+        r
     }
 }
 

@@ -146,6 +146,12 @@ pub trait IrqChip: Send + Sync {
     /// list.
     fn timed(&self) -> Vec<Arc<Mutex<dyn Timed + Send>>>;
 
+    /// The chip's device models, with their types, for the machine's
+    /// device list (none when the kernel serves them).
+    fn devices(&self) -> Vec<crate::state::MachineDevice> {
+        Vec::new()
+    }
+
     /// Carry queued messages (EOI broadcasts, IPIs) to their targets.
     /// Called after guest accesses and timer advances; cheap when idle.
     fn pump(&self);

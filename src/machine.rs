@@ -25,8 +25,9 @@ use crate::backend::{
 use crate::clock::{ClockKind, HostClock, VirtualClock};
 use crate::guests::GuestImage;
 use crate::io::{DeviceIo, AFFECTS_INTERRUPTS, AFFECTS_TIMERS};
-use crate::irqchip::{self, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
+use crate::irqchip::{self, lock, pci_intx_gsi, ChipConfig, HaltWait, IrqChip};
 use crate::layout::{self, ports};
+use crate::state::{DeviceHandle, MachineDevice, MachineState, MachineStateError};
 use crate::timers::Timers;
 use crate::trace::Tracer;
 
@@ -60,6 +61,10 @@ pub enum MachineError {
     ImageDoesNotFit { addr: u64, len: usize },
     #[error("{0}")]
     Config(String),
+    #[error("machine state: {0}")]
+    State(#[from] MachineStateError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ReplayError),
 }
 
 /// What to build.
@@ -81,6 +86,14 @@ pub struct MachineConfig {
     pub tier: cpu_interp::Tier,
     /// The CPU model (`--cpu`): what CPUID offers the guest.
     pub cpu: cpu_interp::cpuid::CpuModel,
+    /// The RTC's start (Unix seconds): by default the host's time, or a
+    /// fixed date with virtual time. A replay gives the recorded one.
+    pub epoch: Option<u64>,
+    /// Write a replayable device-level trace here (see
+    /// [`crate::replay::devtrace`]).
+    pub device_trace: Option<PathBuf>,
+    /// Drive every device's clock by hand (device-trace replay).
+    pub manual_clock: Option<Arc<devices::ManualClock>>,
 }
 
 /// The default tier: `DUET_TIER` (`interp` or `jit`) when set, else the
@@ -106,6 +119,9 @@ impl MachineConfig {
             irqchip: IrqchipKind::Userspace,
             tier: default_tier(),
             cpu: cpu_interp::cpuid::CpuModel::default(),
+            epoch: None,
+            device_trace: None,
+            manual_clock: None,
         }
     }
 }
@@ -203,6 +219,18 @@ pub struct Machine {
     virtio: crate::virtio::VirtioDevices,
     /// The VM clock, and the Unix time of its zero (captures stamp with it).
     clock: Arc<dyn Clock>,
+    /// Every device model, with its type.
+    devices: Vec<MachineDevice>,
+    /// Instructions per vCPU run (interpreter).
+    run_budget: u64,
+    /// Where nondeterministic input enters (recorded or replayed).
+    door: crate::replay::Door,
+    door_summary: Option<crate::replay::Summary>,
+    /// Serial input waiting for the UART.
+    serial_inbox: Arc<crate::console::SerialInbox>,
+    /// With the recorded clock: when the current idle wait began (host
+    /// time and VM time).
+    idle_since: Option<(std::time::Instant, u64)>,
     epoch: u64,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
@@ -353,7 +381,7 @@ fn host_unix_time() -> u64 {
 
 impl Machine {
     pub fn new(cfg: MachineConfig) -> Result<Self, MachineError> {
-        if cfg.clock == ClockKind::Virtual && cfg.backend != BackendKind::Interp {
+        if cfg.clock != ClockKind::Host && cfg.backend != BackendKind::Interp {
             return Err(MachineError::Config(
                 "--clock virtual needs the interpreter backend (time derives from its instruction count)".into(),
             ));
@@ -361,7 +389,7 @@ impl Machine {
         let mem = create_memory(cfg.memory)?;
         let control = VmControl::new();
         let taint = TimeTaint::new();
-        let vclock = (cfg.clock == ClockKind::Virtual).then(VirtualClock::new);
+        let vclock = (cfg.clock != ClockKind::Host).then(VirtualClock::new);
         // On the interpreter duet reads the clock every few microseconds
         // while the guest runs, so it can hide the host's stalls (see
         // `HostClock`); KVM runs the guest out of sight.
@@ -372,10 +400,20 @@ impl Machine {
                 HostClock::new()
             })
         });
-        let clock: Arc<dyn Clock> = match (&vclock, &host_clock) {
-            (Some(v), _) => Arc::new(v.clone()),
-            (None, Some(h)) => h.clone(),
-            (None, None) => unreachable!("one clock or the other"),
+        let clock: Arc<dyn Clock> = match (&cfg.manual_clock, &vclock, &host_clock) {
+            (Some(m), _, _) => m.clone(),
+            (None, Some(v), _) => Arc::new(v.clone()),
+            (None, None, Some(h)) => h.clone(),
+            (None, None, None) => Arc::new(HostClock::new()),
+        };
+        // Device-level traces note the time each access saw.
+        let observed = cfg
+            .device_trace
+            .as_ref()
+            .map(|_| Arc::new(crate::replay::devtrace::ObservedClock::new(clock.clone())));
+        let clock: Arc<dyn Clock> = match &observed {
+            Some(o) => o.clone(),
+            None => clock,
         };
         let mut be = backend::create(
             cfg.backend,
@@ -402,24 +440,34 @@ impl Machine {
             },
         )?;
 
-        let rtc_start = if vclock.is_some() {
-            VIRTUAL_EPOCH
-        } else {
-            host_unix_time()
+        let rtc_start = match (cfg.epoch, cfg.clock) {
+            (Some(e), _) => e,
+            (None, ClockKind::Virtual) => VIRTUAL_EPOCH,
+            (None, _) => host_unix_time(),
         };
         let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), chip.irq_line(8), rtc_start);
         let below = cfg.memory.min(layout::MMIO_GAP_START);
         rtc.set_memory_size(below, cfg.memory - below);
         let rtc = Arc::new(Mutex::new(rtc));
+        let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
 
-        let tracer = match &cfg.trace {
+        let mut tracer = match &cfg.trace {
             Some(p) => Tracer::to_file(p, cfg.trace_limit)?,
             None => Tracer::disabled(),
         };
+        if let (Some(p), Some(o)) = (&cfg.device_trace, &observed) {
+            tracer.set_device_trace(crate::replay::devtrace::DeviceTraceWriter::create(
+                p,
+                o.clone(),
+            )?);
+        }
         let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];
         timed.extend(chip.timed());
         let timers = Timers::new(clock.clone(), timed, vclock.clone());
         let mut io = DeviceIo::new(tracer, control.clone(), taint.clone(), timers, chip.clone());
+        // The machine's typed device list (save, restore, enumeration).
+        let mut device_list: Vec<MachineDevice> = chip.devices();
+        device_list.push(MachineDevice::new("rtc", DeviceHandle::Rtc(rtc.clone())));
 
         // The interrupt controllers' registers (none with the in-kernel chip).
         for d in chip.bus_devices() {
@@ -439,7 +487,7 @@ impl Machine {
             devices::rtc_cmos::PORT_COUNT,
             rtc,
         )?;
-        let uart = Arc::new(Mutex::new(Uart16550::new(chip.irq_line(4), cfg.serial_out)));
+        device_list.push(MachineDevice::new("com1", DeviceHandle::Uart(uart.clone())));
         map_one(
             &mut io,
             "com1",
@@ -448,6 +496,10 @@ impl Machine {
             uart.clone(),
         )?;
         let debug_exit = Arc::new(Mutex::new(DebugExit::new(control.clone())));
+        device_list.push(MachineDevice::new(
+            "debug-exit",
+            DeviceHandle::DebugExit(debug_exit.clone()),
+        ));
         map_one(
             &mut io,
             "debug-exit",
@@ -460,6 +512,10 @@ impl Machine {
             chip.irq_line(1),
             chip.irq_line(12),
         )));
+        device_list.push(MachineDevice::new(
+            "i8042",
+            DeviceHandle::I8042(i8042.clone()),
+        ));
         let id = io.register("i8042");
         io.map(
             BusKind::Pio,
@@ -475,38 +531,51 @@ impl Machine {
             1,
             Arc::new(Mutex::new(devices::i8042::command_port(i8042))),
         )?;
-        map_one(
-            &mut io,
+        let post = Arc::new(Mutex::new(PostCode::default()));
+        device_list.push(MachineDevice::new(
             "post",
-            ports::POST_CODE,
-            1,
-            Arc::new(Mutex::new(PostCode::default())),
-        )?;
+            DeviceHandle::PostCode(post.clone()),
+        ));
+        map_one(&mut io, "post", ports::POST_CODE, 1, post)?;
         let pm = devices::acpi_pm::AcpiPm::new(clock.clone(), taint.clone(), control.clone());
+        let pm = Arc::new(Mutex::new(pm));
+        device_list.push(MachineDevice::new(
+            "acpi-pm",
+            DeviceHandle::AcpiPm(pm.clone()),
+        ));
         map_one(
             &mut io,
             "acpi-pm",
             layout::boot::ACPI_PM_BASE,
             devices::acpi_pm::BLOCK_LEN,
-            Arc::new(Mutex::new(pm)),
+            pm,
         )?;
 
         // PCI: the root with the host bridge, mechanism #1 (with the reset
         // register at 0xcf9) and ECAM.
         let mut root = PciRoot::new();
         let bridge = Arc::new(Mutex::new(HostBridge::new()));
+        device_list.push(MachineDevice::new(
+            "host-bridge",
+            DeviceHandle::HostBridge(bridge.clone()),
+        ));
         root.add(Some(0), bridge)?;
         let pci = Arc::new(Mutex::new(root));
         io.attach_pci(pci.clone());
         let bridge_id = io.register("host-bridge");
         io.note_pci_function(PciAddress::new(0, 0, 0), bridge_id);
         let reset = devices::reset_control::ResetControl::new(control.clone());
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), reset)));
+        device_list.push(MachineDevice::new(
+            "pci-config",
+            DeviceHandle::PciConfigIo(config_io.clone()),
+        ));
         map_one(
             &mut io,
             "pci-config",
             ports::PCI_CONFIG,
             CONFIG_IO_LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), reset))),
+            config_io,
         )?;
         let id = io.register("pci-ecam");
         io.map(
@@ -521,7 +590,22 @@ impl Machine {
         let ticker =
             (cfg.backend == BackendKind::Kvm).then(|| crate::ticker::Ticker::spawn(vcpu.kicker()));
         let virtio = crate::virtio::VirtioDevices::new(vcpu.kicker(), chip.clone());
+        let serial_inbox = Arc::new(crate::console::SerialInbox::new(
+            vcpu.kicker(),
+            chip.clone(),
+        ));
+        if let Some(d) = io.tracer.devices() {
+            d.header("memory", &cfg.memory.to_string());
+            d.header("epoch", &rtc_start.to_string());
+            d.header("irqchip", chip.name());
+        }
         Ok(Machine {
+            run_budget: backend::interp::DEFAULT_BUDGET,
+            door: crate::replay::Door::off(),
+            door_summary: None,
+            serial_inbox,
+            idle_since: None,
+            devices: device_list,
             virtio,
             clock,
             epoch: rtc_start,
@@ -551,11 +635,20 @@ impl Machine {
             PciDeviceKind::Test => format!("pci-test-{slot:02x}"),
         };
         let dev = match spec.kind {
-            PciDeviceKind::Test => {
-                PciTestDevice::new(&name, self.chip.irq_line(gsi), self.chip.msi_sink())
-            }
+            PciDeviceKind::Test => Arc::new(Mutex::new(PciTestDevice::new(
+                &name,
+                self.chip.irq_line(gsi),
+                self.chip.msi_sink(),
+            ))),
         };
-        self.plug_pci(slot, &name, Arc::new(Mutex::new(dev)))
+        self.devices.push(MachineDevice::new(
+            &name,
+            DeviceHandle::PciTest(dev.clone()),
+        ));
+        if let Some(d) = self.io.tracer.devices() {
+            d.header("pci", &format!("test {slot:02}"));
+        }
+        self.plug_pci(slot, &name, dev)
     }
 
     /// Map a device of the caller's on the I/O-port bus at `base..base +
@@ -627,6 +720,9 @@ impl Machine {
         transport: VirtioTransport,
         device: Box<dyn devices::virtio::VirtioDevice>,
     ) -> Result<(), MachineError> {
+        if let Some(d) = self.io.tracer.devices() {
+            d.header("virtio", name);
+        }
         match transport {
             VirtioTransport::Pci => {
                 let slot = irqchip::lock(&self.pci).free_slot(None)?;
@@ -639,6 +735,10 @@ impl Machine {
                     self.chip.msi_sink(),
                 )));
                 self.plug_pci(slot, name, dev.clone())?;
+                self.devices.push(MachineDevice::new(
+                    name,
+                    DeviceHandle::VirtioPci(dev.clone()),
+                ));
                 self.virtio.add_pci(name, dev);
             }
             VirtioTransport::Mmio => {
@@ -662,6 +762,10 @@ impl Machine {
                     devices::virtio::mmio::MMIO_LEN,
                     dev.clone(),
                 )?;
+                self.devices.push(MachineDevice::new(
+                    name,
+                    DeviceHandle::VirtioMmio(dev.clone()),
+                ));
                 self.virtio.add_mmio(name, dev, base, gsi);
             }
         }
@@ -702,6 +806,76 @@ impl Machine {
             ),
         };
         self.add_virtio(&name, v.transport, device)
+    }
+
+    /// The machine's device models, with their types.
+    pub fn devices(&self) -> &[MachineDevice] {
+        &self.devices
+    }
+
+    /// Save the whole machine: the vCPU, the VM clock and every device.
+    pub fn save_state(&mut self) -> Result<MachineState, MachineError> {
+        let cpu = self.vcpu.state()?;
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for d in &self.devices {
+            if let Some(s) = d.save()? {
+                devices.push(s);
+            }
+        }
+        Ok(MachineState {
+            format: crate::state::MACHINE_STATE_FORMAT,
+            cpu,
+            clock: crate::clock::ClockState::of(self.clock.as_ref()),
+            devices,
+        })
+    }
+
+    /// Restore a state saved by [`Machine::save_state`] from a machine of
+    /// the same configuration (the same devices by name). Everything is
+    /// checked before anything changes, as far as the models allow: a
+    /// device list that does not match is refused up front.
+    pub fn restore_state(&mut self, s: &MachineState) -> Result<(), MachineError> {
+        if s.format != crate::state::MACHINE_STATE_FORMAT {
+            return Err(MachineStateError::Format {
+                found: s.format,
+                expected: crate::state::MACHINE_STATE_FORMAT,
+            }
+            .into());
+        }
+        let mut pairs = Vec::new();
+        for d in &self.devices {
+            let Some(mine) = d.save()? else {
+                continue;
+            };
+            let saved = s
+                .devices
+                .iter()
+                .find(|x| x.name == mine.name)
+                .ok_or_else(|| MachineStateError::MissingDevice(mine.name.clone()))?;
+            pairs.push((d.clone(), saved));
+        }
+        if let Some(extra) = s
+            .devices
+            .iter()
+            .find(|x| !pairs.iter().any(|(d, _)| d.name == x.name))
+        {
+            return Err(MachineStateError::ExtraDevice(extra.name.clone()).into());
+        }
+        for (d, saved) in pairs {
+            d.load(saved)?;
+        }
+        match (&self.vclock, &self.host_clock) {
+            (Some(v), _) => v.restore(&s.clock),
+            (None, Some(h)) => h.restore(&s.clock),
+            (None, None) => {}
+        }
+        self.vcpu.set_state(&s.cpu)?;
+        // Derived state: BAR windows on the buses, queued interrupt
+        // messages, the earliest timer deadline.
+        self.io.resync_pci_bars();
+        self.chip.pump();
+        self.io.refresh_deadline();
+        Ok(())
     }
 
     /// The VM clock.
@@ -780,7 +954,61 @@ impl Machine {
     /// Inject what the interrupt controllers have for the vCPU, or ask for
     /// an interrupt window. Returns true when something was injected.
     fn service_interrupts(&mut self) -> Result<bool, MachineError> {
-        Ok(self.chip.service(0, self.vcpu.as_mut())?)
+        if self.io.tracer.devices().is_none() {
+            return Ok(self.chip.service(0, self.vcpu.as_mut())?);
+        }
+        let mark = self.io.tracer.mark();
+        let mut tap = crate::replay::devtrace::InjectTap {
+            inner: self.vcpu.as_mut(),
+            injected: None,
+        };
+        let r = self.chip.service(0, &mut tap)?;
+        if let (Some(what), Some(d)) = (tap.injected, self.io.tracer.devices()) {
+            d.injected(mark, what);
+        }
+        Ok(r)
+    }
+
+    /// Fire the timers that fell due.
+    fn advance_timers(&mut self) {
+        let mark = self.io.tracer.mark();
+        if self.io.timers.advance_due() {
+            if let Some(d) = self.io.tracer.devices() {
+                d.advance(mark);
+            }
+        }
+    }
+
+    /// The device side, for a device-trace replay: the I/O path (buses,
+    /// timers) and the interrupt controllers.
+    pub(crate) fn device_side(&mut self) -> (&mut DeviceIo, Arc<dyn IrqChip>) {
+        (&mut self.io, self.chip.clone())
+    }
+
+    /// Put `wrap(old)` in place of the port-I/O device mapped at `base`
+    /// (tests: a deliberately changed device model).
+    pub fn wrap_pio_device(
+        &mut self,
+        base: u64,
+        wrap: impl FnOnce(SharedDevice) -> SharedDevice,
+    ) -> Result<(), MachineError> {
+        let Some(m) = self.io.pio.mappings().into_iter().find(|m| m.base == base) else {
+            return Err(MachineError::Config(format!("no device at port {base:#x}")));
+        };
+        let old = self.io.pio.remove(base)?;
+        self.io.pio.insert(m.id, &m.name, base, m.len, wrap(old))?;
+        Ok(())
+    }
+
+    /// Move waiting serial input into the UART; the bytes moved.
+    fn deliver_serial(&mut self) -> Vec<u8> {
+        let b = self.serial_inbox.deliver(&self.uart);
+        if !b.is_empty() {
+            if let Some(d) = self.io.tracer.devices() {
+                d.input("com1", &b);
+            }
+        }
+        b
     }
 
     /// Run until the guest stops, exits, resets or shuts down. A panic
@@ -789,7 +1017,15 @@ impl Machine {
     /// [`Outcome::Crashed`] instead of taking the process down.
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         crate::crash::install_hook();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> Result<Outcome, MachineError> {
+                loop {
+                    if let Some(o) = self.run_loop(None)? {
+                        return Ok(o);
+                    }
+                }
+            },
+        ));
         match r {
             Ok(r) => r,
             Err(payload) => {
@@ -827,21 +1063,87 @@ impl Machine {
         format!("{rec}\n  {guest}{retired}")
     }
 
-    fn run_loop(&mut self) -> Result<Outcome, MachineError> {
+    /// Run at most `instructions` more guest instructions (interpreter
+    /// only: KVM counts none), then pause at exactly that count; `None`
+    /// when paused there, the outcome when the VM ended first. The run
+    /// continues with another `run_for` or [`Machine::run`].
+    pub fn run_for(&mut self, instructions: u64) -> Result<Option<Outcome>, MachineError> {
+        let Some(now) = self.vcpu.stats().instructions else {
+            return Err(MachineError::Config(
+                "running for a number of instructions needs the interpreter (KVM counts none)"
+                    .into(),
+            ));
+        };
+        self.run_loop(Some(now.saturating_add(instructions)))
+    }
+
+    /// Guest instructions retired so far (interpreter; None on KVM).
+    pub fn instructions(&self) -> Option<u64> {
+        self.vcpu.stats().instructions
+    }
+
+    /// Record this machine's nondeterministic input, or replay it (see
+    /// [`crate::replay`]). Set before the first run.
+    pub fn set_door(&mut self, door: crate::replay::Door) {
+        self.door = door;
+    }
+
+    /// The door (to hand the network wrappers their logs).
+    pub fn door_mut(&mut self) -> &mut crate::replay::Door {
+        &mut self.door
+    }
+
+    /// How the recording or replay went, once the run has ended.
+    pub fn door_summary(&self) -> Option<&crate::replay::Summary> {
+        self.door_summary.as_ref()
+    }
+
+    /// Where host threads put serial console input.
+    pub fn serial_input(&self) -> crate::console::SerialInput {
+        crate::console::SerialInput::new(self.serial_inbox.clone())
+    }
+
+    fn run_loop(&mut self, limit: Option<u64>) -> Result<Option<Outcome>, MachineError> {
         let outcome = loop {
             if let Some(rec) = crate::crash::take_host_thread_panic() {
                 break Outcome::Crashed(self.crash_report(&rec));
             }
-            self.io.timers.advance_due();
+            self.advance_timers();
             self.io.refresh_deadline();
             self.service_interrupts()?;
             self.arm_ticker();
+            let now = self.vcpu.stats().instructions;
+            if let Some(n) = now {
+                if limit.is_some_and(|l| n >= l) {
+                    return Ok(None);
+                }
+                if self.door.checkpoint_due(n) {
+                    let s = self.save_state()?;
+                    self.door.checkpoint(n, &s)?;
+                }
+            }
+            // The run's end: the configured budget, cut at `limit`, at the
+            // next checkpoint and, in a replay, where the recorded run was
+            // cut short (exact positions).
+            let target = now.map(|n| {
+                let mut end = n.saturating_add(self.run_budget);
+                for cap in [limit, self.door.next_stop()].into_iter().flatten() {
+                    end = end.min(cap.max(n));
+                }
+                self.vcpu.set_run_budget(end - n);
+                end
+            });
             let exit = self.vcpu.run(&mut self.io);
             if let Some(t) = &self.ticker {
                 t.disarm();
             }
             let exit = exit?;
-            self.io.timers.advance_due();
+            if let (Some(target), Some(after)) = (target, self.vcpu.stats().instructions) {
+                let early =
+                    matches!(exit, VcpuExit::Interrupted | VcpuExit::IoRequest) && after < target;
+                self.door.after_run(after, early)?;
+            }
+            self.advance_timers();
             match exit {
                 VcpuExit::Halted => {
                     if let Some(o) = self.idle()? {
@@ -851,22 +1153,107 @@ impl Machine {
                 VcpuExit::InterruptWindow | VcpuExit::Interrupted | VcpuExit::IoRequest => {}
                 VcpuExit::Shutdown(r) => break Outcome::Shutdown(r),
             }
-            // Host input (received frames, console input) for virtio devices.
-            self.poll_host_input();
-            // Devices and host threads (Ctrl-A x) post VM-level actions.
-            if let Some(o) = self.take_action() {
+            // Host input, VM-level actions: the poll point.
+            if let Some(o) = self.poll_point()? {
                 break o;
             }
         };
+        self.vcpu.set_run_budget(self.run_budget);
+        if !self.door.is_off() {
+            let icount = self.instructions().unwrap_or(0);
+            let state = self.save_state()?;
+            let r = self
+                .door
+                .end(icount, outcome.exit_status(), &outcome.describe(), &state);
+            let summary = self.door.finish();
+            r?;
+            self.door_summary = Some(summary?);
+        }
         self.io.tracer.finish()?;
-        Ok(outcome)
+        Ok(Some(outcome))
+    }
+
+    /// The poll point after each vCPU exit and in each idle wait: host
+    /// input enters (or, in a replay, the recorded input), VM-level actions
+    /// posted by devices and host threads become the outcome.
+    fn poll_point(&mut self) -> Result<Option<Outcome>, MachineError> {
+        if self.door.is_off() {
+            self.deliver_serial();
+            self.poll_host_input();
+            return Ok(self.take_action());
+        }
+        self.door.begin_poll();
+        let icount = self.instructions().unwrap_or(0);
+        if self.door.is_replaying() {
+            use crate::replay::Replayed;
+            for r in self.door.replay_poll(icount)? {
+                match r {
+                    Replayed::Warp(ns) => {
+                        if let Some(v) = &self.vclock {
+                            v.skip_to(ns);
+                        }
+                    }
+                    Replayed::Serial(bytes) => {
+                        let n = lock(&self.uart).enqueue_input(&bytes);
+                        if let Some(d) = self.io.tracer.devices() {
+                            d.input("com1", &bytes[..n]);
+                        }
+                        if n != bytes.len() {
+                            return Err(crate::replay::ReplayError::Diverged {
+                                icount,
+                                seq: 0,
+                                what: format!(
+                                    "the UART took {} recorded input bytes, the replay's only {n}",
+                                    bytes.len()
+                                ),
+                            }
+                            .into());
+                        }
+                    }
+                    Replayed::VirtioPoll => {
+                        self.virtio.poll_all();
+                        self.chip.pump();
+                    }
+                    Replayed::HostQuit => return Ok(Some(Outcome::HostQuit)),
+                }
+            }
+            // Device requests only: a quit comes from the log.
+            return Ok(self.take_action().filter(|o| *o != Outcome::HostQuit));
+        }
+        // Recording.
+        let warp_to = match (&self.vclock, self.idle_since) {
+            (Some(v), Some((since, vm))) if self.clock_kind == ClockKind::Recorded => {
+                let to = vm.saturating_add(since.elapsed().as_nanos() as u64);
+                (to > v.now_ns()).then(|| {
+                    v.skip_to(to);
+                    to
+                })
+            }
+            _ => None,
+        };
+        let serial = self.deliver_serial();
+        let virtio = self.poll_host_input();
+        let action = self.take_action();
+        self.door.log_poll(
+            icount,
+            crate::replay::PollInput {
+                serial,
+                warp_to,
+                virtio,
+                quit: action == Some(Outcome::HostQuit),
+            },
+        )?;
+        Ok(action)
     }
 
     /// Let virtio devices take host input that arrived (the one point where
-    /// it enters the guest).
-    fn poll_host_input(&mut self) {
+    /// it enters the guest); whether there was any.
+    fn poll_host_input(&mut self) -> bool {
         if self.virtio.poll_if_pending() {
             self.chip.pump();
+            true
+        } else {
+            false
         }
     }
 
@@ -904,15 +1291,21 @@ impl Machine {
     /// The vCPU halted: wait (without spinning) until an interrupt can wake
     /// it, or decide that nothing ever will.
     fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
+        self.idle_since = None;
+        let r = self.idle_loop();
+        self.idle_since = None;
+        r
+    }
+
+    fn idle_loop(&mut self) -> Result<Option<Outcome>, MachineError> {
         loop {
-            if let Some(o) = self.take_action() {
+            if let Some(o) = self.poll_point()? {
                 return Ok(Some(o));
             }
             if let Some(rec) = crate::crash::take_host_thread_panic() {
                 return Ok(Some(Outcome::Crashed(self.crash_report(&rec))));
             }
-            self.io.timers.advance_due();
-            self.poll_host_input();
+            self.advance_timers();
             if self.service_interrupts()? {
                 return Ok(None);
             }
@@ -931,12 +1324,30 @@ impl Machine {
             match self.clock_kind {
                 ClockKind::Virtual => match (deadline, &self.vclock) {
                     (Some(d), Some(v)) => v.skip_to(d),
+                    _ if self.door.is_replaying() => {}
                     _ => {
                         return Ok(Some(Outcome::Shutdown(ShutdownReason::Unrecoverable(
                             "guest halted waiting for an interrupt, and no timer is armed".into(),
                         ))))
                     }
                 },
+                // A replay makes the recorded clock jumps at the next
+                // poll points; it never waits.
+                ClockKind::Recorded if self.door.is_replaying() => {}
+                ClockKind::Recorded => {
+                    let Some(v) = &self.vclock else {
+                        return Ok(None);
+                    };
+                    let now = v.now_ns();
+                    if self.idle_since.is_none() {
+                        self.idle_since = Some((std::time::Instant::now(), now));
+                    }
+                    let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+                    self.chip.wait(
+                        wait.unwrap_or(Duration::from_millis(100))
+                            .min(Duration::from_millis(100)),
+                    );
+                }
                 ClockKind::Host => {
                     let now = self.io.timers.now();
                     let wait = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
@@ -976,6 +1387,7 @@ impl Machine {
     /// Return to the VMM after at most this many instructions per vCPU run
     /// (interpreter; see [`Vcpu::set_run_budget`]).
     pub fn set_run_budget(&mut self, instructions: u64) {
+        self.run_budget = instructions.max(1);
         self.vcpu.set_run_budget(instructions);
     }
 

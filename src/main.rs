@@ -27,13 +27,58 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest (by default the demo guest on the best backend).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the built-in guests.
     Guests,
     /// Measure guest MIPS on three loops (ALU, memory with paging, syscall).
     Bench(BenchArgs),
     /// Differential testing: the interpreter against KVM, instruction by instruction.
     Difftest(DifftestArgs),
+    /// Replay a run recorded with `duet run --record` (on the interpreter).
+    Replay(ReplayArgs),
+    /// Replay a device trace (`duet run --device-trace`) against the device
+    /// models, with no CPU, checking every read and interrupt.
+    ReplayDevices(ReplayDevicesArgs),
+}
+
+const REPLAY_EXAMPLES: &str = "\
+Examples:
+  duet run --backend interp --kernel bzImage --initrd initrd.gz --record boot.log
+  duet replay boot.log --serial file=replayed.txt --trace replayed.trace
+
+Exit status: 0 when the replay followed the recording to its end (same
+checkpoints, same final state); 3 when it diverged (the first differing
+checkpoint or event is named); 1 for errors (an unreadable, truncated, corrupt
+or foreign log, a changed kernel or disk image).";
+
+#[derive(clap::Args)]
+#[command(after_help = REPLAY_EXAMPLES)]
+struct ReplayArgs {
+    /// The log `duet run --record` wrote.
+    log: PathBuf,
+    /// Where the replayed serial output goes: stdio (the default), file=PATH
+    /// or null. Input is never read: it comes from the log.
+    #[arg(long, value_name = "MODE", value_parser = parse_serial)]
+    serial: Option<SerialMode>,
+    /// Write one line per device access to FILE (as `duet run --trace`).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// The kernel, when it moved since the recording (its hash must match).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// The initrd(s), when they moved (their hashes must match).
+    #[arg(long, value_name = "FILE[,FILE...]")]
+    initrd: Option<String>,
+    /// Print counters on stderr at exit (as `duet run --stats`).
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(clap::Args)]
+struct ReplayDevicesArgs {
+    /// Device traces written by `duet run --device-trace` (golden/devices/).
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -328,6 +373,29 @@ struct RunArgs {
     /// Example: --cpu x86-64-v2
     #[arg(long, value_name = "MODEL", value_parser = parse_cpu_model, default_value = "max")]
     cpu: cpu_interp::cpuid::CpuModel,
+    /// Record the run for `duet replay`: every nondeterministic input (serial
+    /// input, received frames, the clock's jumps while the guest waits,
+    /// host stops), with checkpoints. On the interpreter it replays bit for
+    /// bit; a KVM recording is device-level (see docs/REPLAY.md).
+    ///
+    /// Example: --record boot.log
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// With --record: hash the machine's state every N instructions, so a
+    /// replay names where it diverged (0: only at the end).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 50_000_000,
+        requires = "record"
+    )]
+    checkpoint_every: u64,
+    /// Write a replayable device-level trace to FILE (for `duet
+    /// replay-devices`).
+    ///
+    /// Example: --device-trace guest.devtrace
+    #[arg(long, value_name = "FILE")]
+    device_trace: Option<PathBuf>,
 }
 
 fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
@@ -553,14 +621,26 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let (kind, backend_line) = choose_backend(backend_arg, needs)?;
     let memory = args.memory.clone();
+    let mut args = args;
+    let record = match args.record.clone() {
+        Some(p) => Some(prepare_record(&mut args, &p, kind)?),
+        None => None,
+    };
+    let clock = match (args.clock, &record) {
+        (ClockArg::Virtual, _) => ClockKind::Virtual,
+        (ClockArg::Host, Some(r)) if r.full => ClockKind::Recorded,
+        (ClockArg::Host, _) => ClockKind::Host,
+    };
     let cfg = MachineConfig {
         memory: memory.as_ref().map_or(layout::DEFAULT_MEMORY, |m| m.bytes),
         trace: args.trace.clone(),
         trace_limit: args.trace_limit.unwrap_or(duet::trace::DEFAULT_TRACE_LIMIT),
-        clock: match args.clock {
-            ClockArg::Host => ClockKind::Host,
-            ClockArg::Virtual => ClockKind::Virtual,
-        },
+        clock,
+        epoch: record.as_ref().map(|r| r.header.machine.epoch),
+        device_trace: args
+            .device_trace
+            .clone()
+            .or_else(|| record.as_ref().and_then(|r| r.device_trace.clone())),
         irqchip: match args.irqchip {
             IrqchipArg::Userspace => IrqchipKind::Userspace,
             IrqchipArg::Kernel => IrqchipKind::Kernel,
@@ -597,6 +677,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             nets: args.nets.clone(),
             rng: args.rng.clone(),
             console: args.console_device.clone(),
+            net_door: match &record {
+                Some(r) if r.full => duet::virtio::NetDoor::Record(r.net_log.clone()),
+                _ => duet::virtio::NetDoor::Live,
+            },
         },
     )?;
     if args.profile {
@@ -631,15 +715,30 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let input = duet::console::SerialInput::new(m.uart.clone(), m.kicker());
+    let input = m.serial_input();
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
     stop_signals.spawn_waiter(m.control(), m.kicker())?;
-    if args.seccomp == SeccompArg::On {
+    if let Some(r) = &record {
+        if r.full {
+            let w = duet::replay::log::LogWriter::create(&r.path, &r.header)
+                .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+            let door = duet::replay::Door::record(w, args.checkpoint_every)
+                .with_net_log(r.net_log.clone());
+            m.set_door(door);
+        }
+    }
+    // A KVM recording assembles its log from the device trace after the
+    // run, which needs files opened then: no filter for it.
+    let after_run_files = record.as_ref().is_some_and(|r| !r.full);
+    if args.seccomp == SeccompArg::On && !after_run_files {
         duet::sandbox::apply_to_all_threads()?;
     }
     let outcome = m.run();
     drop(raw);
     let outcome = outcome?;
+    if let Some(r) = &record {
+        finish_record(r, &m, &outcome)?;
+    }
     let status = outcome.exit_status();
     if status != 0 || matches!(outcome, duet::machine::Outcome::HostSignal(_)) {
         eprintln!("duet: {}", outcome.describe());
@@ -662,6 +761,464 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     drop(port);
     Ok(ExitCode::from(status as u8))
+}
+
+/// A recording being set up.
+struct Recording {
+    path: PathBuf,
+    header: duet::replay::log::LogHeader,
+    /// Full (interpreter) or device-level (KVM).
+    full: bool,
+    /// Where the KVM recorder's device trace goes first.
+    device_trace: Option<PathBuf>,
+    net_log: std::sync::Arc<std::sync::Mutex<Vec<duet::replay::log::Event>>>,
+}
+
+/// A file as a log header names it: path, size and hash.
+fn file_ref(p: &std::path::Path, flag: &str) -> Result<duet::replay::log::FileRef> {
+    let b = std::fs::read(p).map_err(|e| anyhow!("{flag} {}: {}", p.display(), io_reason(&e)))?;
+    Ok(duet::replay::log::FileRef {
+        path: p.display().to_string(),
+        size: b.len() as u64,
+        xxh3: format!("{:016x}", duet::state::hash(&b)),
+    })
+}
+
+fn transport_name(t: duet::machine::VirtioTransport) -> &'static str {
+    match t {
+        duet::machine::VirtioTransport::Pci => "pci",
+        duet::machine::VirtioTransport::Mmio => "mmio",
+    }
+}
+
+fn disk_string(d: &duet::device_args::DiskSpec) -> String {
+    let mut s = format!(
+        "path={},transport={}",
+        d.path.display(),
+        transport_name(d.transport)
+    );
+    if d.readonly {
+        s.push_str(",readonly=on");
+    }
+    if let Some(id) = &d.serial {
+        s.push_str(&format!(",serial={id}"));
+    }
+    s
+}
+
+fn net_string(i: usize, n: &duet::device_args::NetSpec) -> String {
+    use duet::device_args::NetBackendSpec;
+    let mac = n.mac.unwrap_or_else(|| duet::net::default_mac(i));
+    let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    let backend = match &n.backend {
+        NetBackendSpec::User { .. } => "user".to_string(),
+        NetBackendSpec::Tap { ifname } => format!("tap={ifname}"),
+    };
+    format!(
+        "{backend},mac={},transport={}",
+        mac.join(":"),
+        transport_name(n.transport)
+    )
+}
+
+/// Check the options a recording allows and describe the machine in the
+/// log's header. Fixes what would differ in a replay: the RNG's seed, the
+/// RTC's start.
+fn prepare_record(
+    args: &mut RunArgs,
+    path: &std::path::Path,
+    kind: BackendKind,
+) -> Result<Recording> {
+    use duet::replay::log::{LogHeader, LogKind, RecordedMachine};
+    let full = kind == BackendKind::Interp;
+    if args.console_device.is_some() {
+        bail!("--record with --console-device: virtio-console input is not recorded yet; record the serial console");
+    }
+    if !full && (!args.disks.is_empty() || !args.nets.is_empty() || args.rng.is_some()) {
+        bail!("--record on KVM records the device trace, which cannot hold virtio devices (they read guest memory): record on --backend interp");
+    }
+    let mut disks = Vec::new();
+    for d in &args.disks {
+        if !d.readonly {
+            bail!(
+                "--record with --disk path={} without readonly=on: a replay needs the image as it was; record with readonly=on (or a copy)",
+                d.path.display()
+            );
+        }
+        disks.push((disk_string(d), file_ref(&d.path, "--disk")?));
+    }
+    let virtual_time = args.clock == ClockArg::Virtual;
+    let rng_seed = args.rng.as_mut().map(|r| {
+        let seed = r.seed.unwrap_or_else(|| {
+            if virtual_time {
+                duet::virtio::DEFAULT_RNG_SEED
+            } else {
+                // Host entropy picks the seed; the log keeps it.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                duet::state::hash(
+                    &[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat(),
+                )
+            }
+        });
+        r.seed = Some(seed);
+        seed
+    });
+    let epoch = if virtual_time {
+        duet::machine::VIRTUAL_EPOCH
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let mut initrd = Vec::new();
+    if let Some(list) = &args.initrd {
+        for item in duet::loader::split_initrd_list(list) {
+            // A multiboot module is "FILE ARGS": the file is hashed.
+            let file = item.split_whitespace().next().unwrap_or("").to_string();
+            let mut f = file_ref(std::path::Path::new(&file), "--initrd")?;
+            f.path = item;
+            initrd.push(f);
+        }
+    }
+    let machine = RecordedMachine {
+        backend: kind.name().to_string(),
+        memory: args
+            .memory
+            .as_ref()
+            .map_or(layout::DEFAULT_MEMORY, |m| m.bytes),
+        clock: if virtual_time { "virtual" } else { "host" }.into(),
+        irqchip: match args.irqchip {
+            IrqchipArg::Userspace => "userspace",
+            IrqchipArg::Kernel => "kernel",
+        }
+        .into(),
+        epoch,
+        guest: match &args.kernel {
+            Some(_) => None,
+            None => Some(
+                args.guest
+                    .clone()
+                    .unwrap_or_else(|| guests::DEFAULT_GUEST.to_string()),
+            ),
+        },
+        kernel: match &args.kernel {
+            Some(k) => Some(file_ref(k, "--kernel")?),
+            None => None,
+        },
+        initrd,
+        cmdline: args.kernel.as_ref().map(|_| {
+            args.cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0".to_string())
+        }),
+        disks,
+        nets: args
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| net_string(i, n))
+            .collect(),
+        rng: args
+            .rng
+            .as_ref()
+            .map(|r| format!("transport={}", transport_name(r.transport))),
+        rng_seed,
+        checkpoint_interval: if full { args.checkpoint_every } else { 0 },
+    };
+    let device_trace = (!full).then(|| {
+        args.device_trace
+            .clone()
+            .unwrap_or_else(|| path.with_extension("devtrace.tmp"))
+    });
+    Ok(Recording {
+        path: path.to_path_buf(),
+        header: LogHeader {
+            duet_version: env!("CARGO_PKG_VERSION").to_string(),
+            kind: if full {
+                LogKind::Full
+            } else {
+                LogKind::Devices
+            },
+            machine,
+        },
+        full,
+        device_trace,
+        net_log: Default::default(),
+    })
+}
+
+/// After a recorded run: report the log; a KVM recording's device trace
+/// goes into its log.
+fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -> Result<()> {
+    use duet::replay::log::{EndRecord, Event, LogWriter};
+    if r.full {
+        if let Some(s) = m.door_summary() {
+            eprintln!(
+                "duet: recorded {} events, {} checkpoints, {} bytes in {}",
+                s.events,
+                s.checkpoints,
+                s.bytes,
+                r.path.display()
+            );
+        }
+        return Ok(());
+    }
+    let Some(trace) = &r.device_trace else {
+        return Ok(());
+    };
+    let text = std::fs::read(trace).map_err(|e| {
+        anyhow!(
+            "--record: reading the device trace {}: {e}",
+            trace.display()
+        )
+    })?;
+    let mut w = LogWriter::create(&r.path, &r.header)
+        .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+    for chunk in text.chunks(32 << 10) {
+        w.push(&Event::DeviceTrace {
+            bytes: chunk.to_vec(),
+        })?;
+    }
+    w.push(&Event::End {
+        icount: 0,
+        end: EndRecord {
+            seq: 0,
+            status: outcome.exit_status(),
+            outcome: outcome.describe(),
+            state_hash: 0,
+        },
+    })?;
+    let bytes = w.finish()?;
+    if r.device_trace.as_ref() != Some(&r.path.with_extension("devtrace.tmp")) {
+        // The user asked for the device trace too: keep it.
+    } else {
+        std::fs::remove_file(trace).ok();
+    }
+    eprintln!(
+        "duet: recorded the device trace ({} lines, device-level: KVM counts no instructions) in {} bytes in {}",
+        text.iter().filter(|&&b| b == b'\n').count(),
+        bytes,
+        r.path.display()
+    );
+    Ok(())
+}
+
+/// `duet replay`: exit status 0 when the replay followed the recording to
+/// its end, 3 when it diverged.
+fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    use duet::replay::log::{Event, LogKind, LogReader};
+    let reader = LogReader::open(&args.log).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let header = reader.header().clone();
+    let hm = &header.machine;
+    if header.kind == LogKind::Devices {
+        let mut text = Vec::new();
+        let mut r = reader;
+        let mut end = None;
+        while let Some(e) = r
+            .next_event()
+            .map_err(|e| anyhow!("{}: {e}", args.log.display()))?
+        {
+            match e {
+                Event::DeviceTrace { bytes } => text.extend_from_slice(&bytes),
+                Event::End { end: x, .. } => end = Some(x),
+                _ => {}
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        return Ok(match duet::replay::devtrace::replay_devices(&text, None) {
+            Ok(rep) => {
+                eprintln!(
+                    "duet: device-level replay of a {} recording matched: {} lines, {} reads, {} writes, {} interrupts{}",
+                    hm.backend,
+                    rep.lines,
+                    rep.reads,
+                    rep.writes,
+                    rep.interrupts,
+                    end.map(|e| format!(" (the recorded run ended: {})", e.outcome))
+                        .unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e @ duet::replay::devtrace::DeviceReplayError::Differs { .. }) => {
+                eprintln!("duet: device-level replay diverged: {e}");
+                ExitCode::from(3)
+            }
+            Err(e) => bail!("{}: {e}", args.log.display()),
+        });
+    }
+    if hm.irqchip != "userspace" {
+        bail!(
+            "{}: recorded with --irqchip {}; only duet's own interrupt controllers replay",
+            args.log.display(),
+            hm.irqchip
+        );
+    }
+    let check = |want: &duet::replay::log::FileRef,
+                 p: &std::path::Path,
+                 flag: &str|
+     -> Result<()> {
+        let got = file_ref(p, flag)?;
+        if got.xxh3 != want.xxh3 || got.size != want.size {
+            bail!(
+                "{flag} {}: not the file recorded ({} bytes, XXH3 {}; the recording read {} bytes, XXH3 {}): give the recorded one with {flag}",
+                p.display(),
+                got.size,
+                got.xxh3,
+                want.size,
+                want.xxh3
+            );
+        }
+        Ok(())
+    };
+    let kernel = match (&hm.kernel, &args.kernel) {
+        (Some(want), given) => {
+            let p = given.clone().unwrap_or_else(|| PathBuf::from(&want.path));
+            check(want, &p, "--kernel")?;
+            Some(p)
+        }
+        (None, _) => None,
+    };
+    let initrd: Vec<String> = match &args.initrd {
+        Some(list) => duet::loader::split_initrd_list(list),
+        None => hm.initrd.iter().map(|f| f.path.clone()).collect(),
+    };
+    if initrd.len() != hm.initrd.len() {
+        bail!(
+            "--initrd: the recording read {} initrd files, {} given",
+            hm.initrd.len(),
+            initrd.len()
+        );
+    }
+    for (want, item) in hm.initrd.iter().zip(&initrd) {
+        let file = item.split_whitespace().next().unwrap_or("");
+        check(want, std::path::Path::new(file), "--initrd")?;
+    }
+    let mut disks = Vec::new();
+    for (spec, want) in &hm.disks {
+        let d: duet::device_args::DiskSpec = spec
+            .parse()
+            .map_err(|e| anyhow!("{}: disk {spec}: {e}", args.log.display()))?;
+        check(want, &d.path, "--disk")?;
+        disks.push(d);
+    }
+    let mut nets = Vec::new();
+    for spec in &hm.nets {
+        nets.push(
+            spec.parse::<duet::device_args::NetSpec>()
+                .map_err(|e| anyhow!("{}: net {spec}: {e}", args.log.display()))?,
+        );
+    }
+    let rng = match &hm.rng {
+        Some(spec) => {
+            let mut r: duet::device_args::RngSpec = spec
+                .parse()
+                .map_err(|e| anyhow!("{}: rng {spec}: {e}", args.log.display()))?;
+            r.seed = hm.rng_seed;
+            Some(r)
+        }
+        None => None,
+    };
+    let serial_mode = args.serial.clone().unwrap_or_default();
+    let mut port = serial_mode.open().map_err(|e| anyhow!("--serial: {e}"))?;
+    let cfg = MachineConfig {
+        memory: hm.memory,
+        trace: args.trace.clone(),
+        clock: if hm.clock == "virtual" {
+            ClockKind::Virtual
+        } else {
+            ClockKind::Recorded
+        },
+        epoch: Some(hm.epoch),
+        ..MachineConfig::new(BackendKind::Interp, port.take_output())
+    };
+    let mut m = Machine::new(cfg)?;
+    let mut door =
+        duet::replay::Door::replay(reader).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let scripts = (0..nets.len()).map(|i| door.net_script(i)).collect();
+    let _devices = duet::virtio::plug(
+        &mut m,
+        &duet::virtio::DeviceArgs {
+            disks,
+            nets,
+            rng,
+            console: None,
+            net_door: duet::virtio::NetDoor::Replay(scripts),
+        },
+    )?;
+    match (&hm.guest, &kernel) {
+        (Some(g), _) => {
+            let g = guests::find(g).ok_or_else(|| {
+                anyhow!(
+                    "{}: recorded with the built-in guest '{g}', which this duet does not have",
+                    args.log.display()
+                )
+            })?;
+            m.load(&(g.build)())?;
+        }
+        (None, Some(k)) => m.load_kernel(&duet::loader::KernelSpec {
+            kernel: k.clone(),
+            initrd,
+            cmdline: hm.cmdline.clone().unwrap_or_default(),
+        })?,
+        (None, None) => bail!(
+            "{}: the header names neither a guest nor a kernel",
+            args.log.display()
+        ),
+    }
+    m.set_door(door);
+    let start = std::time::Instant::now();
+    let r = m.run();
+    if args.stats {
+        eprint!("{}", m.stats_report());
+    }
+    match r {
+        Ok(outcome) => {
+            let s = m.door_summary().cloned();
+            eprintln!(
+                "duet: replay matched the recording: {} events, {} checkpoints, the same final state ({}; {} instructions in {:.2} s)",
+                s.as_ref().map_or(0, |s| s.events),
+                s.as_ref().map_or(0, |s| s.checkpoints),
+                outcome.describe(),
+                m.instructions().unwrap_or(0),
+                start.elapsed().as_secs_f64()
+            );
+            drop(port);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(duet::machine::MachineError::Replay(
+            e @ duet::replay::ReplayError::Diverged { .. },
+        )) => {
+            eprintln!("duet: {e}");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => Err(anyhow!(e)),
+    }
+}
+
+/// `duet replay-devices`: 0 when every trace matched, 3 at the first
+/// difference.
+fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
+    use duet::replay::devtrace::{replay_device_file, DeviceReplayError};
+    for p in &args.traces {
+        match replay_device_file(p) {
+            Ok(r) => println!(
+                "{}: {} lines, {} reads, {} writes, {} interrupts: all matched",
+                p.display(),
+                r.lines,
+                r.reads,
+                r.writes,
+                r.interrupts
+            ),
+            Err(e @ DeviceReplayError::Differs { .. }) => {
+                println!("{}:{}", p.display(), e);
+                return Ok(ExitCode::from(3));
+            }
+            Err(e) => bail!("{}: {e}", p.display()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
@@ -758,10 +1315,12 @@ fn main() -> ExitCode {
             return ExitCode::from(status);
         }
     };
-    let r = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
-        Command::Run(a) => run(a),
+    let r = match cli.command.unwrap_or_else(|| Command::Run(Box::default())) {
+        Command::Run(a) => run(*a),
         Command::Bench(a) => bench(a),
         Command::Difftest(a) => difftest(a),
+        Command::Replay(a) => replay(a),
+        Command::ReplayDevices(a) => replay_devices(a),
         Command::Guests => {
             for g in guests::all() {
                 println!("{:<12} {}", g.name, g.description);

@@ -49,17 +49,21 @@ impl Timers {
         (self.deadline != u64::MAX).then_some(self.deadline)
     }
 
-    /// Fire every timer that fell due; recompute the deadline.
-    pub fn advance_due(&mut self) {
+    /// Fire every timer that fell due; recompute the deadline. Whether
+    /// any fired.
+    pub fn advance_due(&mut self) -> bool {
         let now = self.now();
+        let mut fired = false;
         if now >= self.deadline {
             for t in &self.timed {
                 let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
                 if t.next_deadline().is_some_and(|d| d <= now) {
                     t.advance(now);
+                    fired = true;
                 }
             }
         }
         self.deadline = self.compute_deadline();
+        fired
     }
 }

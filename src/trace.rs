@@ -61,6 +61,8 @@ pub struct Tracer {
     out: Option<BufWriter<Counted>>,
     error: Option<std::io::Error>,
     limit: u64,
+    /// The replayable device-level trace (`--device-trace`).
+    devices: Option<crate::replay::devtrace::DeviceTraceWriter>,
 }
 
 impl Tracer {
@@ -69,6 +71,7 @@ impl Tracer {
             out: None,
             error: None,
             limit: u64::MAX,
+            devices: None,
         }
     }
 
@@ -83,7 +86,26 @@ impl Tracer {
             out: Some(BufWriter::new(Counted { file, written: 0 })),
             error: None,
             limit,
+            devices: None,
         })
+    }
+
+    /// Also write a replayable device-level trace.
+    pub fn set_device_trace(&mut self, w: crate::replay::devtrace::DeviceTraceWriter) {
+        self.devices = Some(w);
+    }
+
+    /// The device-level trace, when one is written.
+    #[inline]
+    pub fn devices(&mut self) -> Option<&mut crate::replay::devtrace::DeviceTraceWriter> {
+        self.devices.as_mut()
+    }
+
+    /// The device trace's clock mark (0 without one); see
+    /// [`crate::replay::devtrace::DeviceTraceWriter::mark`].
+    #[inline]
+    pub fn mark(&self) -> u64 {
+        self.devices.as_ref().map_or(0, |d| d.mark())
     }
 
     #[inline]
@@ -156,6 +178,9 @@ impl Tracer {
         }
         if let Some(out) = self.out.as_mut() {
             out.flush()?;
+        }
+        if let Some(d) = self.devices.as_mut() {
+            d.finish()?;
         }
         Ok(())
     }

@@ -110,6 +110,18 @@ impl VirtioDevices {
         true
     }
 
+    /// Poll every device (a replay, where the log says host input was
+    /// pending).
+    pub fn poll_all(&self) {
+        self.input.pending.store(false, Ordering::Release);
+        for (_, p) in &self.plugged {
+            match p {
+                Plugged::Pci(d) => lock(d).poll(),
+                Plugged::Mmio(d) => lock(d).poll(),
+            }
+        }
+    }
+
     /// `--stats` lines: each device's counters.
     pub fn report(&self) -> String {
         let mut s = String::new();
@@ -135,6 +147,30 @@ pub struct DeviceArgs {
     pub nets: Vec<NetSpec>,
     pub rng: Option<RngSpec>,
     pub console: Option<ConsoleSpec>,
+    /// Record the NICs' received frames, or replay them without a network.
+    pub net_door: NetDoor,
+}
+
+/// What the NICs' backends are (see [`crate::replay::net`]).
+#[derive(Clone, Default)]
+pub enum NetDoor {
+    /// The network `--net` names.
+    #[default]
+    Live,
+    /// The network, with every received frame logged.
+    Record(Arc<Mutex<Vec<crate::replay::log::Event>>>),
+    /// No network: the recorded frames, by NIC.
+    Replay(Vec<Arc<Mutex<crate::replay::net::RxScript>>>),
+}
+
+impl std::fmt::Debug for NetDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetDoor::Live => "Live",
+            NetDoor::Record(_) => "Record",
+            NetDoor::Replay(_) => "Replay",
+        })
+    }
 }
 
 /// The seed of `--rng` under `--clock virtual` when none is given.
@@ -181,8 +217,27 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
             crate::device_args::NetBackendSpec::User { .. } => "user".to_string(),
             crate::device_args::NetBackendSpec::Tap { ifname } => format!("tap={ifname}"),
         };
-        let backend = crate::net::open(n, m.input_notifier(), m.clock(), m.epoch())
-            .map_err(|e| err("--net", given.clone(), e.to_string()))?;
+        let backend: Box<dyn devices::virtio::net::NetBackend> = match &args.net_door {
+            NetDoor::Replay(scripts) => {
+                let tap = matches!(n.backend, crate::device_args::NetBackendSpec::Tap { .. });
+                let script = scripts.get(i).cloned().unwrap_or_else(|| {
+                    Arc::new(Mutex::new(crate::replay::net::RxScript::new(Vec::new())))
+                });
+                Box::new(crate::replay::net::ReplayNet::new(script, tap))
+            }
+            door => {
+                let live = crate::net::open(n, m.input_notifier(), m.clock(), m.epoch())
+                    .map_err(|e| err("--net", given.clone(), e.to_string()))?;
+                match door {
+                    NetDoor::Record(log) => Box::new(crate::replay::net::RecordingNet::new(
+                        live,
+                        i as u8,
+                        log.clone(),
+                    )),
+                    _ => live,
+                }
+            }
+        };
         let mac = n.mac.unwrap_or_else(|| crate::net::default_mac(i));
         let dev = VirtioNet::new(mac, backend);
         m.add_virtio(&format!("virtio-net{i}"), n.transport, Box::new(dev))

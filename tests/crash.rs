@@ -39,6 +39,7 @@ fn writes_the_port() -> GuestImage {
         blobs: vec![(0x7c00, vec![0xba, lo, hi, 0xb0, 0x42, 0xee, 0xfa, 0xf4])],
         entry: asm::real_mode_entry(),
         pci_devices: Vec::new(),
+        virtio_devices: Vec::new(),
     }
 }
 
@@ -48,6 +49,7 @@ fn idles_forever() -> GuestImage {
         blobs: vec![(0x7c00, vec![0xfb, 0xf4, 0xeb, 0xfc])],
         entry: asm::real_mode_entry(),
         pci_devices: Vec::new(),
+        virtio_devices: Vec::new(),
     }
 }
 

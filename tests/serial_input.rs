@@ -83,7 +83,7 @@ fn run_fed(kind: BackendKind, feed: Feed) -> FedRun {
     };
     let mut machine = Machine::new(cfg).expect("machine");
     machine.load(&serial_echo::build()).expect("load");
-    let mut input = SerialInput::new(machine.uart.clone(), machine.kicker());
+    let mut input = machine.serial_input();
 
     let done = Arc::new(AtomicBool::new(false));
     let feeder = {

@@ -17,6 +17,9 @@
 //! - [`virtio_devices`]: register accesses, bring-ups, descriptor chains,
 //!   notifications and host input against one virtio device on one
 //!   transport (see `virtio.rs`).
+//! - [`replay_log`]: the bytes as a record/replay log (`duet replay`'s
+//!   parser: header, frames, events) and as a device trace
+//!   (`duet replay-devices`' parser and replay).
 
 mod virtio;
 pub use virtio::virtio_devices;
@@ -632,6 +635,33 @@ pub fn run_session(s: &Session) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The bytes as a replay log and as a device trace: every outcome is a
+/// value or an error naming where, never a panic or an unbounded
+/// allocation.
+pub fn replay_log(data: &[u8]) {
+    match duet::replay::log::read_all(data) {
+        Ok((_, events)) => {
+            // A valid log re-encodes to the same events.
+            let mut w = duet::replay::log::LogWriter::new(
+                Box::new(std::io::sink()),
+                &duet::replay::log::read_all(data).map(|(h, _)| h).unwrap(),
+            )
+            .unwrap();
+            for e in &events {
+                w.push(e).unwrap();
+            }
+        }
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if text.starts_with(duet::replay::devtrace::DEVICE_TRACE_MAGIC) && text.len() < 1 << 16 {
+            let _ = duet::replay::devtrace::replay_devices(text, None);
         }
     }
 }

@@ -54,3 +54,8 @@ fn device_registers() {
 fn virtio_devices() {
     replay("virtio_devices", duet_fuzz::virtio_devices);
 }
+
+#[test]
+fn replay_log() {
+    replay("replay_log", duet_fuzz::replay_log);
+}

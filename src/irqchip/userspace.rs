@@ -416,6 +416,25 @@ impl IrqChip for UserspaceIrqChip {
         v
     }
 
+    fn devices(&self) -> Vec<crate::state::MachineDevice> {
+        use crate::state::{DeviceHandle, MachineDevice};
+        let mut v = vec![
+            MachineDevice::new("pic", DeviceHandle::Pic(self.c.pic.clone())),
+            MachineDevice::new("ioapic", DeviceHandle::Ioapic(self.c.ioapic.clone())),
+        ];
+        for (i, l) in self.c.lapics.iter().enumerate() {
+            v.push(MachineDevice::new(
+                format!("lapic{i}"),
+                DeviceHandle::Lapic(l.clone()),
+            ));
+        }
+        v.push(MachineDevice::new(
+            "pit",
+            DeviceHandle::Pit(self.pit.clone()),
+        ));
+        v
+    }
+
     fn pump(&self) {
         self.c.pump();
     }
