@@ -76,6 +76,26 @@ pub fn run_guest_budget(
     irqchip: IrqchipKind,
     budget: Option<u64>,
 ) -> RunResult {
+    run_guest_tier(
+        name,
+        kind,
+        clock,
+        irqchip,
+        budget,
+        duet::machine::default_tier(),
+    )
+}
+
+/// [`run_guest_budget`] on the given execution tier of the interpreter
+/// backend.
+pub fn run_guest_tier(
+    name: &str,
+    kind: BackendKind,
+    clock: ClockKind,
+    irqchip: IrqchipKind,
+    budget: Option<u64>,
+    tier: cpu_interp::Tier,
+) -> RunResult {
     let guest = guests::find(name).unwrap_or_else(|| panic!("no built-in guest {name}"));
     let out = SharedBuf::default();
     let trace = temp_path(name);
@@ -84,6 +104,7 @@ pub fn run_guest_budget(
         trace: Some(trace.clone()),
         clock,
         irqchip,
+        tier,
         ..MachineConfig::new(kind, Box::new(out.clone()))
     };
     let mut m = Machine::new(cfg).expect("machine");
