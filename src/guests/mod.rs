@@ -7,6 +7,7 @@ use cpu_interp::state::CpuState;
 
 pub mod asm;
 pub mod checksum;
+pub mod debug_regs;
 pub mod fault;
 pub mod hello_real;
 pub mod irq_boundary;
@@ -16,8 +17,8 @@ pub mod irq_pit_ioapic;
 pub mod irq_pit_pic;
 pub mod lapic_timer;
 pub mod long_mode;
-pub mod real_mode_return;
 pub mod pci;
+pub mod real_mode_return;
 pub mod rtc;
 pub mod self_ipi;
 pub mod serial_echo;
@@ -131,6 +132,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: debug_regs::NAME,
+            description: debug_regs::DESCRIPTION,
+            build: debug_regs::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -433,8 +433,8 @@ fn plan_initrd<'a>(
                     "{total} bytes do not fit in guest RAM between 1 MiB and {limit:#x} next to \
                      the kernel; give a larger --memory"
                 ),
-        )
-    })?;
+            )
+        })?;
     plan.claim(addr, total, "the initrd")
         .map_err(|r| LoaderError::file(FileRole::Initrd, &name, r))?;
     let mut at = addr;
