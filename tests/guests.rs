@@ -246,7 +246,11 @@ fn debug_regs() {
         "debug-regs: #DB dr6 0x0001 at the expected rip\r\n",
         "debug-regs: #DB dr6 0x2000 at the expected rip\r\n",
     ] {
-        assert!(k.serial.contains(line), "KVM: {line:?} missing: {}", k.serial);
+        assert!(
+            k.serial.contains(line),
+            "KVM: {line:?} missing: {}",
+            k.serial
+        );
     }
 }
 
