@@ -65,6 +65,9 @@ pub struct DeviceIo {
     counts: Vec<[AccessCount; 2]>,
     unmapped: AccessCount,
     pci: Option<PciHook>,
+    /// The xAPIC page while IA32_APIC_BASE has it unmapped.
+    parked_xapic: Option<(devices::DeviceId, u64, devices::SharedDevice)>,
+    xapic_overlap_logged: devices::ratelimit::RateLimiter,
 }
 
 impl DeviceIo {
@@ -89,6 +92,8 @@ impl DeviceIo {
             counts: Vec::new(),
             unmapped: AccessCount::default(),
             pci: None,
+            parked_xapic: None,
+            xapic_overlap_logged: devices::ratelimit::RateLimiter::new(4),
         }
     }
 
@@ -242,6 +247,48 @@ impl DeviceIo {
         }
     }
 
+    /// Map the xAPIC page where IA32_APIC_BASE now puts it: moved with
+    /// the base, unmapped while the APIC is disabled or in x2APIC mode
+    /// (accesses then reach whatever else is there, or read all ones),
+    /// mapped again when it returns. One page serves every vCPU's APIC (it
+    /// routes by vCPU), so with several vCPUs it follows the last write.
+    fn place_xapic_page(&mut self) {
+        let Some(want) = self.chip.xapic_page(self.vcpu) else {
+            return;
+        };
+        let current = self
+            .mmio
+            .mappings()
+            .into_iter()
+            .find(|m| &*m.name == crate::irqchip::XAPIC_DEVICE);
+        let moved = match (current, want) {
+            (Some(m), Some(to)) if m.base != to => self.mmio.move_range(m.base, to),
+            (Some(m), None) => self.mmio.remove(m.base).map(|dev| {
+                self.parked_xapic = Some((m.id, m.len, dev));
+            }),
+            (None, Some(to)) => match self.parked_xapic.take() {
+                Some((id, len, dev)) => {
+                    let r =
+                        self.mmio
+                            .insert(id, crate::irqchip::XAPIC_DEVICE, to, len, dev.clone());
+                    if r.is_err() {
+                        self.parked_xapic = Some((id, len, dev));
+                    }
+                    r
+                }
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        };
+        if let Err(e) = moved {
+            // The guest put the page on top of another device: it stays
+            // where it was (as if the write had not moved it).
+            if self.xapic_overlap_logged.allow() {
+                log::warn!("xAPIC page not moved: {e}");
+            }
+        }
+    }
+
     /// Re-read the timers' earliest deadline (after guest accesses).
     pub fn refresh_deadline(&mut self) {
         self.timers.deadline = self.timers.compute_deadline();
@@ -368,6 +415,9 @@ impl IoHandler for DeviceIo {
             d.msr(mark, true, msr, value, r);
         }
         if r == MsrResult::Done(0) {
+            if msr == devices::lapic::MSR_APIC_BASE {
+                self.place_xapic_page();
+            }
             self.refresh_deadline();
         }
         r
@@ -476,6 +526,43 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
         let mut io = io_with(clock, None, 1_000_000);
         assert_eq!(io.next_check(7), 7 + HOST_POLL_INTERVAL);
+    }
+
+    /// IA32_APIC_BASE moves the xAPIC page, unmaps it while the APIC is
+    /// disabled (the old page reads all ones), and maps it again; a base on
+    /// top of another device leaves the page where it was.
+    #[test]
+    fn apic_base_moves_the_xapic_page() {
+        let clock: Arc<dyn Clock> = Arc::new(devices::ManualClock::new());
+        let mut io = io_with(clock, None, u64::MAX);
+        for d in io.chip.clone().bus_devices() {
+            let id = io.register_with(d.name, AFFECTS_INTERRUPTS | AFFECTS_TIMERS);
+            io.map(d.bus, id, d.base, d.len, d.device).unwrap();
+        }
+        let version = |io: &mut DeviceIo, page: u64| {
+            let mut b = [0u8; 4];
+            io.mmio_read(page + 0x30, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let base = |io: &mut DeviceIo, v: u64| io.msr_write(devices::lapic::MSR_APIC_BASE, v);
+        let old = crate::layout::LAPIC_BASE;
+        let new = 0xfed0_0000;
+        assert_ne!(version(&mut io, old), u32::MAX);
+        assert_eq!(base(&mut io, new | 0x900), MsrResult::Done(0));
+        assert_eq!(version(&mut io, old), u32::MAX);
+        assert_ne!(version(&mut io, new), u32::MAX);
+        // Globally disabled: no page anywhere.
+        assert_eq!(base(&mut io, new | 0x100), MsrResult::Done(0));
+        assert_eq!(version(&mut io, new), u32::MAX);
+        // Enabled again, back at the usual address.
+        assert_eq!(base(&mut io, old | 0x900), MsrResult::Done(0));
+        assert_ne!(version(&mut io, old), u32::MAX);
+        // Onto the IOAPIC: the page stays.
+        assert_eq!(
+            base(&mut io, crate::layout::IOAPIC_BASE | 0x900),
+            MsrResult::Done(0)
+        );
+        assert_ne!(version(&mut io, old), u32::MAX);
     }
 
     struct Echo(u8);

@@ -208,7 +208,19 @@ pub trait IrqChip: Send + Sync {
     fn set_tpr(&self, _vcpu_id: usize, _tpr: u8) -> bool {
         false
     }
+
+    /// Where `vcpu_id`'s xAPIC page must be mapped, when the chip's
+    /// device list maps it (its [`ChipDevice`] named `lapic`): `Some(None)`
+    /// while that APIC is globally disabled or in x2APIC mode. `None` when
+    /// the chip places the page itself (KVM's).
+    fn xapic_page(&self, _vcpu_id: usize) -> Option<Option<u64>> {
+        None
+    }
 }
+
+/// The name of the chip device that is the xAPIC page (see
+/// [`IrqChip::xapic_page`]).
+pub const XAPIC_DEVICE: &str = "lapic";
 
 /// Errors building a chip.
 #[derive(Debug, thiserror::Error)]

@@ -40,6 +40,8 @@ pub const CR4_VME: u64 = 1 << 0;
 pub const CR4_PVI: u64 = 1 << 1;
 pub const CR4_TSD: u64 = 1 << 2;
 pub const CR4_DE: u64 = 1 << 3;
+/// IA32_APIC_BASE.EN: the local APIC is globally enabled.
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
 pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_MCE: u64 = 1 << 6;

@@ -47,7 +47,8 @@
 //! # IA32_APIC_BASE
 //!
 //! Bits 12-51 base address, 11 global enable (EN), 10 x2APIC enable (EXTD),
-//! 8 BSP. Any other bit set → #GP. The legal transitions are those of SDM
+//! 8 BSP. Any other bit set, or a base bit at or above [`PHYS_ADDR_BITS`],
+//! → #GP. The legal transitions are those of SDM
 //! figure "x2APIC State Transitions": disabled ↔ xAPIC → x2APIC → disabled;
 //! EN=0 with EXTD=1, x2APIC → xAPIC and disabled → x2APIC are #GP. The BSP
 //! bit is hardware's: a guest write cannot change it (ignored, as in QEMU).
@@ -202,6 +203,9 @@ pub const APIC_BASE_EXTD: u64 = 1 << 10;
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
 /// IA32_APIC_BASE: the base address bits (12-51).
 pub const APIC_BASE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// The physical-address width the guest is told about (CPUID 0x80000008,
+/// the interpreter's): base bits from here up are reserved (#GP).
+pub const PHYS_ADDR_BITS: u32 = 40;
 
 /// ESR: send illegal vector.
 pub const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
@@ -667,7 +671,9 @@ impl Lapic {
     /// illegal transition); nothing changes then. The caller remaps the
     /// page per [`Lapic::mmio_base`] afterwards.
     pub fn set_apic_base(&mut self, value: u64) -> bool {
-        if value & !(APIC_BASE_ADDR_MASK | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP) != 0 {
+        if value & !(APIC_BASE_ADDR_MASK | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP) != 0
+            || value >> PHYS_ADDR_BITS != 0
+        {
             return false;
         }
         let Some(new) = mode_of(value) else {
@@ -2124,6 +2130,14 @@ mod tests {
             .apic
             .set_apic_base(0xfee0_0000 | APIC_BASE_ENABLE | (1 << 9)));
         assert!(!r.apic.set_apic_base(1 << 52 | APIC_BASE_ENABLE));
+        // Base bits beyond the physical-address width are reserved too.
+        assert!(!r
+            .apic
+            .set_apic_base(1 << PHYS_ADDR_BITS | 0xfee0_0000 | APIC_BASE_ENABLE));
+        assert!(r
+            .apic
+            .set_apic_base(1 << (PHYS_ADDR_BITS - 1) | 0xfed0_0000 | APIC_BASE_ENABLE));
+        assert!(r.apic.set_apic_base(0xfed0_0000 | APIC_BASE_ENABLE));
         assert_eq!(r.apic.apic_base(), 0xfed0_0900);
         // Disable: everything resets, the page goes away, accesses fall
         // through.

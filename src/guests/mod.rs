@@ -7,6 +7,7 @@ use cpu_interp::state::CpuState;
 
 pub mod asm;
 pub mod checksum;
+pub mod debug_regs;
 pub mod fault;
 pub mod hello_real;
 pub mod irq_boundary;
@@ -161,6 +162,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: tsc_pit::NAME,
             description: tsc_pit::DESCRIPTION,
             build: tsc_pit::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: debug_regs::NAME,
+            description: debug_regs::DESCRIPTION,
+            build: debug_regs::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -397,7 +397,7 @@ impl IrqChip for UserspaceIrqChip {
                 device: self.c.ioapic.clone(),
             },
             ChipDevice {
-                name: "lapic",
+                name: crate::irqchip::XAPIC_DEVICE,
                 bus: BusKind::Mmio,
                 base: layout::LAPIC_BASE,
                 len: 0x1000,
@@ -528,6 +528,10 @@ impl IrqChip for UserspaceIrqChip {
 
     fn tpr(&self, vcpu_id: usize) -> Option<u8> {
         self.c.lapics.get(vcpu_id).map(|l| lock(l).tpr())
+    }
+
+    fn xapic_page(&self, vcpu_id: usize) -> Option<Option<u64>> {
+        self.c.lapics.get(vcpu_id).map(|l| lock(l).mmio_base())
     }
 
     fn set_tpr(&self, vcpu_id: usize, tpr: u8) -> bool {

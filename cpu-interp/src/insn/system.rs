@@ -631,7 +631,12 @@ fn cpuid(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
         xcr0: cpu.xcr0,
         xss: cpu.xstate.xss,
     };
-    let r = crate::cpuid::query_with(&cpu.cpuid_cfg, &dy, leaf, sub);
+    let mut r = crate::cpuid::query_with(&cpu.cpuid_cfg, &dy, leaf, sub);
+    if leaf == 1 && cpu.apic_base & crate::cpu::APIC_BASE_ENABLE == 0 {
+        // CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN (a globally disabled
+        // APIC is not there).
+        r[3] &= !crate::cpuid::leaf1_edx::APIC;
+    }
     cpu.gpr[gpr::RAX] = u64::from(r[0]);
     cpu.gpr[gpr::RBX] = u64::from(r[1]);
     cpu.gpr[gpr::RCX] = u64::from(r[2]);
@@ -1136,6 +1141,25 @@ mod tests {
                     assert_eq!(read_phys(&c, GDT + 7 * 8 + 5, 1), 0x80 | type_);
                 }
             }
+        }
+    }
+
+    /// CPUID.1:EDX.APIC reads 0 while IA32_APIC_BASE.EN is clear.
+    #[test]
+    fn cpuid_apic_bit_follows_the_apic_base_enable() {
+        // cpuid (0f a2)
+        for (base, apic) in [(0xfee0_0900u64, true), (0xfee0_0100, false)] {
+            let c = run(Mode::Long64, &[0x0f, 0xa2], |c| {
+                c.set_cpuid_config(crate::cpuid::CpuidConfig {
+                    apic: true,
+                    ..Default::default()
+                });
+                let mut s = c.state();
+                s.sregs.apic_base = base;
+                c.set_state(&s);
+                c.set_gpr(RAX, 1);
+            });
+            assert_eq!(c.gpr(RDX) & (1 << 9) != 0, apic, "base {base:#x}");
         }
     }
 
