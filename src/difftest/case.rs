@@ -92,12 +92,21 @@ pub struct Case {
 }
 
 /// The terminator appended to every case: `out 0xff, al` in ring 0 and
+/// An instruction with `code` and no operands set yet (the caller sets
+/// them). `Instruction::with` asserts, in debug builds, that the code takes
+/// no operands.
+pub fn bare(code: Code) -> Instruction {
+    let mut i = Instruction::default();
+    i.set_code(code);
+    i
+}
+
 /// real mode, `ud2` in ring 3 (#UD, whose stub writes port 6).
 pub fn terminator(mode: Mode) -> Instruction {
     if mode.ring() == 3 {
         return Instruction::with(Code::Ud2);
     }
-    let mut i = Instruction::with(Code::Out_imm8_AL);
+    let mut i = bare(Code::Out_imm8_AL);
     i.set_op0_kind(OpKind::Immediate8);
     i.set_immediate8(env::PORT_END);
     i.set_op1_kind(OpKind::Register);

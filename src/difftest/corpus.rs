@@ -683,7 +683,7 @@ fn bcd(mk: &mut Maker) {
                 mov_reg_imm(Register::AX, al | ((k as u64 * 37) & 0xff) << 8),
                 true,
             );
-            cb.push(Some(Instruction::with(code)), false);
+            cb.push(Some(super::case::bare(code)), false);
             mk.emit(cb, flags, false);
         }
     }
@@ -735,7 +735,7 @@ fn branches(mk: &mut Maker) {
             if loopish {
                 cb.push(mov_reg_imm(Register::ECX, [0u64, 1, 2][k % 3]), true);
             }
-            let mut i = Instruction::with(code);
+            let mut i = super::case::bare(code);
             i.set_op0_kind(near_kind(code));
             // Skip one item: a marker the comparison sees in RDX.
             let t = cb.next() + 2;
@@ -782,7 +782,7 @@ fn branches(mk: &mut Maker) {
             let r = if imm != 0 {
                 build(ret, &[Opnd::Imm(imm)])
             } else {
-                Some(Instruction::with(ret))
+                Some(super::case::bare(ret))
             };
             let Some(r) = r else { continue };
             cb.push_target(r, target);
@@ -824,7 +824,7 @@ fn frames(mk: &mut Maker) {
             for level in [0u64, 1, 2, 3, 7, 8, 9, 31, 32] {
                 let mut cb = Cb::new();
                 cb.push(build(enter, &[Opnd::Imm(alloc), Opnd::Imm(level)]), false);
-                cb.push(Some(Instruction::with(leave)), false);
+                cb.push(Some(super::case::bare(leave)), false);
                 mk.emit(cb, 0, false);
             }
         }
@@ -919,10 +919,10 @@ fn faults(mk: &mut Maker) {
     }
     // #UD, INT n, INT3, INTO, INT1, HLT, LOCK on a register form.
     let mut simple: Vec<Option<Instruction>> = vec![
-        Some(Instruction::with(Code::Ud2)),
-        Some(Instruction::with(Code::Int3)),
-        Some(Instruction::with(Code::Int1)),
-        Some(Instruction::with(Code::Hlt)),
+        Some(super::case::bare(Code::Ud2)),
+        Some(super::case::bare(Code::Int3)),
+        Some(super::case::bare(Code::Int1)),
+        Some(super::case::bare(Code::Hlt)),
     ];
     for v in [
         0u64, 1, 3, 4, 6, 8, 13, 14, 0x1f, 0x20, 0x7f, 0x80, 0x81, 0x83, 0x84, 0xff,
@@ -962,7 +962,7 @@ fn faults(mk: &mut Maker) {
     if bits != 64 {
         for of in [0u64, OF] {
             let mut cb = Cb::new();
-            cb.push(Some(Instruction::with(Code::Into)), false);
+            cb.push(Some(super::case::bare(Code::Into)), false);
             mk.emit(cb, of, false);
         }
     }

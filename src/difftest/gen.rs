@@ -355,7 +355,7 @@ fn imm_kind(code: Code, n: u32) -> Option<OpKind> {
 }
 
 pub(super) fn build(code: Code, ops: &[Opnd]) -> Option<Instruction> {
-    let mut i = Instruction::with(code);
+    let mut i = super::case::bare(code);
     for (n, op) in ops.iter().enumerate() {
         let n = n as u32;
         match *op {
@@ -1234,7 +1234,7 @@ impl Generator {
                 K::gs => Opnd::Reg(Register::GS),
                 K::seg_rBX_al => {
                     // XLAT: [rBX + AL]; the operand is implicit.
-                    let mut i = Instruction::with(code);
+                    let mut i = super::case::bare(code);
                     let (kind, base) = match b.bits {
                         64 => (OpKind::Memory, Register::RBX),
                         32 => (OpKind::Memory, Register::EBX),
@@ -1378,10 +1378,10 @@ impl Generator {
                     (Mnemonic::Div, 2) => mov_reg_imm(Register::DX, 0),
                     (Mnemonic::Div, 4) => mov_reg_imm(Register::EDX, 0),
                     (Mnemonic::Div, _) => mov_reg_imm(Register::RDX, 0),
-                    (_, 1) => Some(Instruction::with(Code::Cbw)),
-                    (_, 2) => Some(Instruction::with(Code::Cwd)),
-                    (_, 4) => Some(Instruction::with(Code::Cdq)),
-                    _ => Some(Instruction::with(Code::Cqo)),
+                    (_, 1) => Some(super::case::bare(Code::Cbw)),
+                    (_, 2) => Some(super::case::bare(Code::Cwd)),
+                    (_, 4) => Some(super::case::bare(Code::Cdq)),
+                    _ => Some(super::case::bare(Code::Cqo)),
                 };
                 b.setup(hi);
             }
@@ -1481,7 +1481,7 @@ impl Generator {
         }
         // Direction.
         if rng.chance(1, 2) {
-            let d = Instruction::with(if rng.bool() { Code::Cld } else { Code::Std });
+            let d = super::case::bare(if rng.bool() { Code::Cld } else { Code::Std });
             b.setup(Some(d));
         }
         // Pointers and count (32-bit moves zero-extend; 16-bit merge).
@@ -1537,7 +1537,7 @@ impl Generator {
                 let Some(&code) = rng.pick(&self.jcc) else {
                     return false;
                 };
-                let mut i = Instruction::with(code);
+                let mut i = super::case::bare(code);
                 i.set_op0_kind(near_kind(code));
                 self.finish(b, rng, i, Some(target))
             }
@@ -1548,7 +1548,7 @@ impl Generator {
                 if rng.chance(1, 2) {
                     b.setup(mov_reg_imm(Register::ECX, rng.below(3)));
                 }
-                let mut i = Instruction::with(code);
+                let mut i = super::case::bare(code);
                 i.set_op0_kind(near_kind(code));
                 // Short branches: keep the skipped part tiny.
                 let t = b.next_id + 1 + skip.min(1);
@@ -1558,7 +1558,7 @@ impl Generator {
                 let Some(&code) = rng.pick(&self.jmp_call) else {
                     return false;
                 };
-                let mut i = Instruction::with(code);
+                let mut i = super::case::bare(code);
                 i.set_op0_kind(near_kind(code));
                 self.finish(b, rng, i, Some(target))
             }
@@ -1582,7 +1582,7 @@ impl Generator {
                 let r = if rng.chance(1, 3) {
                     build(ret_imm, &[Opnd::Imm(rng.below(4) * 2)])
                 } else {
-                    Some(Instruction::with(ret))
+                    Some(super::case::bare(ret))
                 };
                 let Some(r) = r else { return false };
                 self.finish(b, rng, r, Some(target))
@@ -1678,10 +1678,10 @@ impl Generator {
                     (32, false) | (16, true) => (Code::Pushfd, Code::Popfd),
                     _ => (Code::Pushfw, Code::Popfw),
                 };
-                if !self.finish(b, rng, Instruction::with(pushf), None) {
+                if !self.finish(b, rng, super::case::bare(pushf), None) {
                     return false;
                 }
-                self.finish(b, rng, Instruction::with(popf), None)
+                self.finish(b, rng, super::case::bare(popf), None)
             }
             1 => {
                 // push imm; popf with chosen flags (TF rarely). AC only in
@@ -1709,7 +1709,7 @@ impl Generator {
                 if !b.setup(build(push, &[Opnd::Imm(v)])) {
                     return false;
                 }
-                self.finish(b, rng, Instruction::with(popf), None)
+                self.finish(b, rng, super::case::bare(popf), None)
             }
             2 => {
                 // enter / leave, tracking RBP.
@@ -1767,7 +1767,7 @@ impl Generator {
                     (32, false) | (16, true) => Code::Leaved,
                     _ => Code::Leavew,
                 };
-                if !self.finish(b, rng, Instruction::with(code), None) {
+                if !self.finish(b, rng, super::case::bare(code), None) {
                     return false;
                 }
                 let size: u64 = match code {
@@ -1785,11 +1785,11 @@ impl Generator {
                 } else {
                     (Code::Pushaw, Code::Popaw)
                 };
-                if !self.finish(b, rng, Instruction::with(pusha), None) {
+                if !self.finish(b, rng, super::case::bare(pusha), None) {
                     return false;
                 }
                 // POPA reloads RBX and RBP from the stack it just wrote.
-                let mut it = Item::new(0, Instruction::with(popa));
+                let mut it = Item::new(0, super::case::bare(popa));
                 it.setup = false;
                 b.push_test(it, rng)
             }
@@ -1881,7 +1881,7 @@ impl Generator {
     /// invalid LOCK, a register load from the unmapped page.
     fn gen_fault(&mut self, b: &mut Builder, rng: &mut Rng) -> bool {
         let i = match rng.below(8) {
-            0 => Some(Instruction::with(Code::Ud2)),
+            0 => Some(super::case::bare(Code::Ud2)),
             1 => {
                 // KVM-PVM turns ring-3 INT n (n other than 3 and 4) into
                 // #UD: no oracle there.
@@ -1899,10 +1899,10 @@ impl Generator {
                 };
                 build(Code::Int_imm8, &[Opnd::Imm(v)])
             }
-            2 => Some(Instruction::with(Code::Int3)),
-            3 if b.bits != 64 => Some(Instruction::with(Code::Into)),
-            4 => Some(Instruction::with(Code::Int1)),
-            5 => Some(Instruction::with(Code::Hlt)),
+            2 => Some(super::case::bare(Code::Int3)),
+            3 if b.bits != 64 => Some(super::case::bare(Code::Into)),
+            4 => Some(super::case::bare(Code::Int1)),
+            5 => Some(super::case::bare(Code::Hlt)),
             _ => {
                 // LOCK on a register form: #UD.
                 let r = self.pick_reg(rng, b.bits, 4, true);

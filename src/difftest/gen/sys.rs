@@ -700,7 +700,7 @@ impl Generator {
                 if b.push_item(it).is_err() {
                     return false;
                 }
-                self.finish(b, rng, Instruction::with(retf), Some(target))
+                self.finish(b, rng, crate::difftest::case::bare(retf), Some(target))
             }
         }
     }
@@ -728,7 +728,7 @@ impl Generator {
             // KVM-PVM raises #GP(0) at an IRETQ executed with RFLAGS.AC set
             // (settled; the SDM has no such condition): clear it first.
             if !b.setup(build(push, &[Opnd::Imm(2)]))
-                || !b.setup(Some(Instruction::with(Code::Popfq)))
+                || !b.setup(Some(crate::difftest::case::bare(Code::Popfq)))
             {
                 return false;
             }
@@ -783,7 +783,7 @@ impl Generator {
             return false;
         }
         let rsp_before = b.model.rsp;
-        if !self.finish(b, rng, Instruction::with(iret), Some(target)) {
+        if !self.finish(b, rng, crate::difftest::case::bare(iret), Some(target)) {
             return false;
         }
         if bits == 64 {
@@ -820,7 +820,7 @@ impl Generator {
         if b.push_item(it).is_err() {
             return false;
         }
-        b.setup(Some(Instruction::with(Code::Wrmsr)))
+        b.setup(Some(crate::difftest::case::bare(Code::Wrmsr)))
     }
 
     /// SYSCALL (to LSTAR) and SYSRET (to ring 3), SYSENTER and SYSEXIT (to
@@ -834,7 +834,7 @@ impl Generator {
             } else {
                 Code::Sysenter
             };
-            return self.finish(b, rng, Instruction::with(i), None);
+            return self.finish(b, rng, crate::difftest::case::bare(i), None);
         }
         let long = self.mode.bits() == 64;
         let efer = env::base_state(self.mode).sregs.efer;
@@ -860,7 +860,12 @@ impl Generator {
                 {
                     return false;
                 }
-                self.finish(b, rng, Instruction::with(Code::Sysenter), Some(target))
+                self.finish(
+                    b,
+                    rng,
+                    crate::difftest::case::bare(Code::Sysenter),
+                    Some(target),
+                )
             }
             0 | 1 => {
                 // SYSEXIT (64-bit) to ring 3 at RDX with RSP = RCX.
@@ -880,7 +885,12 @@ impl Generator {
                 if b.push_item(it).is_err() {
                     return false;
                 }
-                if !self.finish(b, rng, Instruction::with(Code::Sysexitq), Some(target)) {
+                if !self.finish(
+                    b,
+                    rng,
+                    crate::difftest::case::bare(Code::Sysexitq),
+                    Some(target),
+                ) {
                     return false;
                 }
                 b.model.rsp = rsp;
@@ -901,7 +911,12 @@ impl Generator {
                 {
                     return false;
                 }
-                self.finish(b, rng, Instruction::with(Code::Syscall), Some(target))
+                self.finish(
+                    b,
+                    rng,
+                    crate::difftest::case::bare(Code::Syscall),
+                    Some(target),
+                )
             }
             _ => {
                 // SYSRETQ to ring 3 at RCX with RFLAGS = R11.
@@ -924,7 +939,12 @@ impl Generator {
                 if b.push_item(it).is_err() {
                     return false;
                 }
-                if !self.finish(b, rng, Instruction::with(Code::Sysretq), Some(target)) {
+                if !self.finish(
+                    b,
+                    rng,
+                    crate::difftest::case::bare(Code::Sysretq),
+                    Some(target),
+                ) {
                     return false;
                 }
                 b.sys.left_ring = true;
@@ -943,7 +963,7 @@ impl Generator {
             return false;
         }
         if rng.chance(1, 3) {
-            return self.finish(b, rng, Instruction::with(Code::Rdmsr), None);
+            return self.finish(b, rng, crate::difftest::case::bare(Code::Rdmsr), None);
         }
         let v = match msr {
             0x277 => {
@@ -979,12 +999,12 @@ impl Generator {
             return false;
         }
         let noncanon = canon && msr != 0x4000_1234 && !is_canonical(v);
-        if !self.finish_sdm(b, rng, Instruction::with(Code::Wrmsr), gp(noncanon, Some(0), "WRMSR of a non-canonical value to FS_BASE/GS_BASE/KERNEL_GS_BASE/LSTAR/CSTAR/SYSENTER_EIP/ESP accepted (KVM-PVM; SDM: #GP(0))")) {
+        if !self.finish_sdm(b, rng, crate::difftest::case::bare(Code::Wrmsr), gp(noncanon, Some(0), "WRMSR of a non-canonical value to FS_BASE/GS_BASE/KERNEL_GS_BASE/LSTAR/CSTAR/SYSENTER_EIP/ESP accepted (KVM-PVM; SDM: #GP(0))")) {
             return false;
         }
         // A read back, sometimes.
         if rng.bool() {
-            let _ = self.finish(b, rng, Instruction::with(Code::Rdmsr), None);
+            let _ = self.finish(b, rng, crate::difftest::case::bare(Code::Rdmsr), None);
         }
         true
     }
@@ -1019,7 +1039,7 @@ impl Generator {
         // the interpreter's is duet's model): the analysis leaves them
         // undefined.
         let mut enc = iced_x86::Encoder::new(b.bits);
-        let i = Instruction::with(Code::Cpuid);
+        let i = crate::difftest::case::bare(Code::Cpuid);
         if enc.encode(&i, env::CODE).is_err() {
             return false;
         }
@@ -1093,7 +1113,7 @@ impl Generator {
     /// CLTS, LMSW, SMSW, SWAPGS, INVLPG, WBINVD.
     fn gen_misc_sys(&mut self, b: &mut Builder, rng: &mut Rng) -> bool {
         let i = match rng.below(6) {
-            0 => Some(Instruction::with(Code::Clts)),
+            0 => Some(crate::difftest::case::bare(Code::Clts)),
             1 => {
                 let cr0 = self.cr0(b);
                 // LMSW can set PE but never clear it; keep MP/EM/TS toggles.
@@ -1113,12 +1133,12 @@ impl Generator {
                 let r = self.gpr_scratch(rng, 2);
                 build(Code::Smsw_rm16, &[Opnd::Reg(r)])
             }
-            3 if self.mode.bits() == 64 => Some(Instruction::with(Code::Swapgs)),
+            3 if self.mode.bits() == 64 => Some(crate::difftest::case::bare(Code::Swapgs)),
             4 if self.mode.paged() => {
                 let t = self.at(b, env::W_RW0 + rng.below(0x2000));
                 build(Code::Invlpg_m, &[Opnd::Mem(t)])
             }
-            _ => Some(Instruction::with(Code::Wbinvd)),
+            _ => Some(crate::difftest::case::bare(Code::Wbinvd)),
         };
         let Some(i) = i else { return false };
         self.finish(b, rng, i, None)
@@ -1159,8 +1179,8 @@ impl Generator {
                 },
                 &[Opnd::Reg(Register::DR7), Opnd::Reg(r)],
             ),
-            3 => Some(Instruction::with(Code::Wrmsr)),
-            4 => Some(Instruction::with(Code::Rdmsr)),
+            3 => Some(crate::difftest::case::bare(Code::Wrmsr)),
+            4 => Some(crate::difftest::case::bare(Code::Rdmsr)),
             5 => {
                 let t = self.at(b, env::W_RW0 + rng.below(0xff0));
                 build(Code::Invlpg_m, &[Opnd::Mem(t)])
@@ -1171,8 +1191,8 @@ impl Generator {
                 build(lgdt, &[Opnd::Mem(t)])
             }
             7 => build(Code::Ltr_rm16, &[Opnd::Reg(Register::AX)]),
-            8 => Some(Instruction::with(Code::Clts)),
-            _ => Some(Instruction::with(if long {
+            8 => Some(crate::difftest::case::bare(Code::Clts)),
+            _ => Some(crate::difftest::case::bare(if long {
                 Code::Swapgs
             } else {
                 Code::Clts
