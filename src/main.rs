@@ -234,7 +234,8 @@ Examples:
   printf 'uname -r\\npoweroff -f\\n' | duet run --kernel bzImage --initrd initrd.gz \\
       --serial file=console.log --stats-json stats.json; echo \"status $?\"
 
-Exit status: 0 when the guest stopped, powered off or was quit (Ctrl-A x); the
+Exit status: 0 when the guest stopped, powered off or was quit (Ctrl-A x, or
+SIGTERM, SIGINT or SIGHUP: the VM stops cleanly, disk images flushed); the
 isa-debug-exit status ((value << 1) | 1) when it wrote to port 0xf4; 2 after a
 reset request; 4 after a triple fault; 6 when the guest could not continue; 1 for
 errors in the options or on the host.";
