@@ -301,9 +301,10 @@ impl Door {
         at
     }
 
-    /// After a vCPU run from instruction `start` that was allowed to reach
-    /// `target` and ended at `icount`; `early` when it ended for a reason
-    /// other than its budget or a guest event (a stop request or a kick).
+    /// After a vCPU run that ended at instruction `icount`; `early` when it
+    /// ended before its budget for a reason other than a guest event (a
+    /// stop request, a kick): the recorder logs where, the replayer checks
+    /// it stopped there.
     pub fn after_run(&mut self, icount: u64, early: bool) -> Result<(), ReplayError> {
         match &mut self.mode {
             Mode::Off => Ok(()),
