@@ -68,6 +68,10 @@ struct DifftestArgs {
     /// Write every exercised instruction form (iced Code) and its count.
     #[arg(long, value_name = "FILE")]
     coverage: Option<PathBuf>,
+    /// Only x86-64-v2/v3 random cases (SSE4, AVX/AVX2, FMA, BMI, XSAVE
+    /// ...; 64-bit ring 3, where the CPU is the oracle).
+    #[arg(long)]
+    isa_only: bool,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -106,6 +110,7 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         progress_every: args.progress,
         max_len: args.max_len.max(1),
         only: args.case,
+        isa_only: args.isa_only,
     };
     let summary = run_campaign(&cfg, &mut std::io::stdout()).context("difftest")?;
     print!("{}", summary.render());
