@@ -113,6 +113,10 @@ struct DifftestArgs {
     /// Write every exercised instruction form (iced Code) and its count.
     #[arg(long, value_name = "FILE")]
     coverage: Option<PathBuf>,
+    /// Only x86-64-v2/v3 random cases (SSE4, AVX/AVX2, FMA, BMI, XSAVE
+    /// ...; 64-bit ring 3, where the CPU is the oracle).
+    #[arg(long)]
+    isa_only: bool,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -151,6 +155,7 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         progress_every: args.progress,
         max_len: args.max_len.max(1),
         only: args.case,
+        isa_only: args.isa_only,
     };
     // Create the coverage file first: a bad path fails now, not after the
     // campaign.

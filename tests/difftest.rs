@@ -90,6 +90,56 @@ fn difftest_real_mode() {
     run_mode(Mode::Real16, 0x16_00);
 }
 
+/// x86-64-v2/v3 only (SSE4.1/4.2, AVX/AVX2, FMA, F16C, BMI, LZCNT,
+/// MOVBE, AES-NI, PCLMULQDQ, gathers, the XSAVE family) against the CPU:
+/// no divergence, and every extension the host has is exercised (those it
+/// lacks are named and skipped).
+#[test]
+fn difftest_x86_64_v2_v3_forms() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let lacks = duet::difftest::gen::isa::host_lacks();
+    if !lacks.is_empty() {
+        println!("skipping (the host CPU lacks them): {}", lacks.join(", "));
+    }
+    if duet::difftest::env::oracle_xcr0() & 6 != 6 {
+        println!("skipping: the host's XCR0 does not enable AVX");
+        return;
+    }
+    let cases = 4000;
+    let cfg = CampaignConfig {
+        seed: 0x1903,
+        cases,
+        modes: vec![Mode::Long64Ring3],
+        max_reports: 10,
+        isa_only: true,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let start = std::time::Instant::now();
+    let mut c = Campaign::new(cfg, &mut out).expect("harness");
+    c.run_random(Mode::Long64Ring3, cases)
+        .expect("random cases");
+    let summary = c.finish(start);
+    let text = summary.render();
+    println!("{text}");
+    assert!(
+        summary.clean(),
+        "divergences\n{}\n{text}",
+        String::from_utf8_lossy(&out)
+    );
+    for (name, (hit, all)) in summary.coverage_by_extension() {
+        if lacks.contains(&name) {
+            continue;
+        }
+        assert!(
+            all > 0 && hit * 10 >= all * 7,
+            "{name}: {hit} of {all} forms exercised\n{text}"
+        );
+    }
+}
+
 #[test]
 fn difftest_proptest_random_sequences() {
     use proptest::prelude::*;

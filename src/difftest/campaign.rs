@@ -46,6 +46,9 @@ pub struct CampaignConfig {
     pub max_len: usize,
     /// Run only this random case index (and print it in full).
     pub only: Option<u64>,
+    /// Random cases are all x86-64-v2/v3 cases (in 64-bit ring 3; the soak
+    /// of the new instructions).
+    pub isa_only: bool,
 }
 
 impl Default for CampaignConfig {
@@ -59,6 +62,7 @@ impl Default for CampaignConfig {
             progress_every: 0,
             max_len: 8,
             only: None,
+            isa_only: false,
         }
     }
 }
@@ -289,7 +293,65 @@ impl Summary {
         for (class, (hit, all)) in self.coverage_by_class() {
             let _ = writeln!(t, "  {class:<8} {hit:>4} of {all:>4} implemented forms");
         }
+        let ext = self.coverage_by_extension();
+        if ext.iter().any(|e| e.1 .0 > 0) {
+            let _ = writeln!(t, "  x86-64-v2/v3 extensions (legacy and VEX forms):");
+            for (name, (hit, all)) in ext {
+                let _ = writeln!(t, "    {name:<10} {hit:>4} of {all:>4} forms");
+            }
+        }
+        let lacks = super::gen::isa::host_lacks();
+        if !lacks.is_empty() {
+            let _ = writeln!(
+                t,
+                "  skipped (the host CPU lacks them, no oracle): {}",
+                lacks.join(", ")
+            );
+        }
+        if super::env::oracle_xcr0() & 6 != 6 {
+            let _ = writeln!(
+                t,
+                "  skipped: every x86-64-v2/v3 case (the host's XCR0 does not enable AVX)"
+            );
+        }
         t
+    }
+
+    /// Exercised vs generatable forms per x86-64-v2/v3 extension.
+    pub fn coverage_by_extension(&self) -> Vec<(&'static str, (usize, usize))> {
+        let pool: Vec<Code> = super::gen::isa::isa_groups(super::Mode::Long64Ring3)
+            .into_iter()
+            .flatten()
+            .chain(
+                [
+                    Code::Xsave_mem,
+                    Code::Xsave64_mem,
+                    Code::Xsaveopt_mem,
+                    Code::Xsaveopt64_mem,
+                    Code::Xsavec_mem,
+                    Code::Xsavec64_mem,
+                    Code::Xrstor_mem,
+                    Code::Xrstor64_mem,
+                    Code::Xgetbv,
+                ]
+                .into_iter()
+                .filter(|&c| super::gen::isa::host_runs(c)),
+            )
+            .collect();
+        super::gen::isa::EXTENSIONS
+            .iter()
+            .map(|(name, _)| {
+                let mine: Vec<&Code> = pool
+                    .iter()
+                    .filter(|c| super::gen::isa::extension_of(**c) == Some(*name))
+                    .collect();
+                let hit = mine
+                    .iter()
+                    .filter(|c| self.coverage.contains_key(**c))
+                    .count();
+                (*name, (hit, mine.len()))
+            })
+            .collect()
     }
 
     /// Exercised vs implemented forms per class (integer/x87/MMX/SSE).
@@ -486,6 +548,14 @@ fn describe_state(s: &CpuState, bits: u32) -> String {
             }
             let hex: String = r.iter().rev().map(|b| format!("{b:02x}")).collect();
             let _ = write!(t, "r{k}={hex} ");
+        }
+    }
+    if f.xmm != d.xmm || f.ymm_hi != d.ymm_hi {
+        for k in 0..16 {
+            if k % 2 == 0 {
+                t.push_str("\n    ");
+            }
+            let _ = write!(t, "ymm{k}={:032x}_{:032x} ", f.ymm_hi[k], f.xmm[k]);
         }
     }
     t
@@ -748,6 +818,7 @@ impl<'a> Campaign<'a> {
     pub fn run_random(&mut self, mode: Mode, n: u64) -> Result<(), DifftestError> {
         let mut g = Generator::new(mode);
         g.max_len = self.cfg.max_len;
+        g.isa_only = self.cfg.isa_only;
         let range = match self.cfg.only {
             Some(k) => k..k + 1,
             None => 0..n,

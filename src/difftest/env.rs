@@ -292,11 +292,56 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bits of the environment: IF in ring 3 (IOPL stays 0: KVM-PVM
 /// forces it there), nothing in ring 0.
 pub const RFLAGS_IF: u64 = 1 << 9;
+
+/// The host's XCR0 (what XGETBV returns in the difftest process), 1 when
+/// the host has no OSXSAVE.
+pub fn host_xcr0() -> u64 {
+    static XCR0: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *XCR0.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let l1 = std::arch::x86_64::__cpuid(1);
+            if l1.ecx & (1 << 27) == 0 {
+                return 1;
+            }
+            let (lo, hi): (u32, u32);
+            // SAFETY: XGETBV with ECX = 0 is valid when CPUID.1:ECX.OSXSAVE
+            // is set (checked above); it only reads XCR0.
+            unsafe {
+                std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+                    options(nomem, nostack, preserves_flags));
+            }
+            (u64::from(hi) << 32) | u64::from(lo)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            1
+        }
+    })
+}
+
+/// XCR0 of the 64-bit ring-3 cases: the host's own XCR0 (limited to the
+/// state components the interpreter holds). KVM-PVM runs guest ring-3
+/// code with the host's XCR0 whatever KVM_SET_XCRS said (XGETBV there
+/// returns it), so the interpreter must use the same; on other hosts KVM
+/// loads the value set. 1 (no XSAVE) when the host has no OSXSAVE.
+/// Components the host enables beyond these (AMX tiles, say) are kept
+/// out of the cases (`gen::isa`): the interpreter cannot hold them.
+pub fn oracle_xcr0() -> u64 {
+    use cpu_interp::insn::xsave::{xcr0_valid, CARRIED};
+    let carried = host_xcr0() & CARRIED;
+    if xcr0_valid(carried, CARRIED) {
+        carried
+    } else {
+        carried & 7
+    }
+}
 
 /// Segment base of segment register `sr` (iced order ES CS SS DS FS GS) as
 /// the initial state of `mode` has it.
@@ -422,6 +467,12 @@ pub fn base_state(mode: Mode) -> CpuState {
                     (s.sregs.ds, s.sregs.es, s.sregs.ss) = (d, d, d);
                     s.sregs.fs = seg(0, FS_BASE64, flat, 0x3, 3, true, false);
                     s.sregs.gs = seg(0, 0, flat, 0x3, 3, true, false);
+                    // The hardware oracle: AVX enabled (x86-64-v3 cases).
+                    let xcr0 = oracle_xcr0();
+                    if xcr0 & 6 == 6 {
+                        s.sregs.cr4 |= CR4_OSXSAVE;
+                        s.xcr0 = xcr0;
+                    }
                 }
                 Mode::Compat32Ring3 => {
                     s.sregs.cs = seg(SEL_CODE32_3, 0, flat, 0xb, 3, true, false);

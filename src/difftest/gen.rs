@@ -27,6 +27,8 @@ use iced_x86::{
 use cpu_interp::state::{gpr, CpuState};
 
 use super::case::{Case, Flow, Invalid, Item, ARITH};
+
+pub mod isa;
 use super::env;
 use super::rng::Rng;
 use super::Mode;
@@ -434,6 +436,9 @@ struct Model {
 struct Builder {
     /// The instruction being built is x87/MMX/SSE (see `gen_code`).
     fp_operand: bool,
+    /// Alignment forced on the next memory operand (0: the default rule;
+    /// 1: none, for the unaligned vector forms).
+    align: u64,
     /// The case is complete (a transcendental was generated: it must be
     /// the last instruction).
     done: bool,
@@ -639,6 +644,11 @@ pub struct Generator {
     /// Also generate system instructions (`gen/sys.rs`).
     pub sys: bool,
     fp_groups: Vec<Vec<Code>>,
+    /// Also generate x86-64-v2/v3 cases (`isa.rs`; 64-bit ring 3 only).
+    pub isa: bool,
+    /// Every random case an x86-64-v2/v3 case (when `isa`).
+    pub isa_only: bool,
+    isa_groups: Vec<Vec<Code>>,
 }
 
 /// Address-size choices for a memory operand.
@@ -669,6 +679,9 @@ impl Generator {
             fp: mode == Mode::Long64Ring3,
             sys: true,
             fp_groups: super::fp::fp_groups(mode, supported_kinds),
+            isa: mode == Mode::Long64Ring3 && env::oracle_xcr0() & 6 == 6,
+            isa_only: false,
+            isa_groups: isa::isa_groups(mode),
         }
     }
 
@@ -729,14 +742,20 @@ impl Generator {
     /// A random case with `origin` as its label.
     pub fn case(&mut self, rng: &mut Rng, origin: String) -> Case {
         for _ in 0..64 {
-            let fp_case = self.fp && !self.fp_groups.is_empty() && rng.chance(1, 3);
+            let isa_case =
+                self.isa && !self.isa_groups.is_empty() && (self.isa_only || rng.chance(1, 3));
+            let fp_case = !isa_case && self.fp && !self.fp_groups.is_empty() && rng.chance(1, 2);
             let mut init = self.init_state(rng);
             let mut area = self.init_area(rng);
             if fp_case {
                 super::fp::randomize(rng, &mut init);
                 super::fp::sprinkle(rng, &mut area);
             }
-            let (items, patches) = self.sequence(rng, &init, fp_case);
+            if isa_case {
+                isa::randomize(rng, &mut init);
+                super::fp::sprinkle(rng, &mut area);
+            }
+            let (items, patches) = self.sequence(rng, &init, fp_case, isa_case);
             if !items.iter().any(|it| !it.setup) {
                 continue;
             }
@@ -780,9 +799,11 @@ impl Generator {
         rng: &mut Rng,
         init: &CpuState,
         fp_case: bool,
+        isa_case: bool,
     ) -> (Vec<Item>, Vec<(u64, Vec<u8>)>) {
         let mut b = Builder {
             fp_operand: false,
+            align: 0,
             done: false,
             group: None,
             mode: self.mode,
@@ -809,6 +830,12 @@ impl Generator {
             b.group = None;
             if fp_case && rng.chance(3, 4) {
                 self.gen_fp(&mut b, rng);
+                continue;
+            }
+            if isa_case && rng.chance(3, 4) {
+                b.group = None;
+                self.gen_isa(&mut b, rng);
+                b.fp_operand = false;
                 continue;
             }
             let r = rng.below(100);
@@ -880,7 +907,9 @@ impl Generator {
         // Under KVM-PVM a #GP raised by an x87/SSE instruction in ring 3
         // reaches the guest as #UD (PVM's emulator does not know them):
         // keep their operands aligned and canonical.
-        if size >= 16 && (b.fp_operand || rng.chance(3, 4)) {
+        if b.align > 0 {
+            target &= !(b.align - 1);
+        } else if size >= 16 && (b.fp_operand || rng.chance(3, 4)) {
             target &= !15;
         }
         // Segment override.
@@ -1944,6 +1973,29 @@ fn xmm(rng: &mut Rng, bits: u32) -> Register {
         Register::XMM15,
     ];
     X[rng.below(if bits == 64 { 16 } else { 8 }) as usize]
+}
+
+/// XMMn.
+pub(super) fn xmm_index_reg(n: usize) -> Register {
+    const X: [Register; 16] = [
+        Register::XMM0,
+        Register::XMM1,
+        Register::XMM2,
+        Register::XMM3,
+        Register::XMM4,
+        Register::XMM5,
+        Register::XMM6,
+        Register::XMM7,
+        Register::XMM8,
+        Register::XMM9,
+        Register::XMM10,
+        Register::XMM11,
+        Register::XMM12,
+        Register::XMM13,
+        Register::XMM14,
+        Register::XMM15,
+    ];
+    X[n & 15]
 }
 
 fn mm(rng: &mut Rng) -> Register {

@@ -195,7 +195,9 @@ pub struct InterpSide {
 impl InterpSide {
     pub fn new() -> Result<Self, DifftestError> {
         let mem = env::new_memory()?;
-        let cpu = Cpu::new(Ram::new(mem.clone()));
+        let mut cpu = Cpu::new(Ram::new(mem.clone()));
+        // The XSAVE components of the oracle's XCR0 (AVX-512 included).
+        cpu.set_xsave_components(env::oracle_xcr0());
         Ok(InterpSide { cpu, mem })
     }
 

@@ -74,11 +74,24 @@ impl Cpu {
         self.fpu.xmm[i] = v[0];
         self.fpu.ymm_hi[i] = if wide { v[1] } else { 0 };
         self.xstate.zmm_hi256[i] = [0, 0];
+        // A 256-bit write, even of zeros, puts the AVX state in use; a
+        // 128-bit one leaves it as it was (what XSAVEOPT/XSAVEC then save,
+        // as the hardware oracle shows it; see `set_vreg_vex256`).
         self.xstate.xinuse |= if wide {
             xsave::SSE | xsave::AVX
         } else {
             xsave::SSE
         };
+    }
+
+    /// Write an XMM register from an instruction encoded with VEX.L = 1
+    /// (VEXTRACTF128, VCVTPD2PS xmm, ymm, a gather with a YMM index, ...):
+    /// the processor counts the AVX state in use afterwards although bits
+    /// 255:128 end up zero.
+    #[inline(always)]
+    pub(crate) fn set_vreg_vex256(&mut self, r: Register, v: Y) {
+        self.set_vreg(r, v);
+        self.xstate.xinuse |= xsave::AVX;
     }
 
     /// Write an XMM (upper bits zeroed) or YMM register.
@@ -668,7 +681,11 @@ fn vcvt_narrow(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         r = set_lane(r, i, 4, v);
     }
     cpu.sse_commit_flags(e.flags)?;
-    cpu.set_vreg(dst, [r, 0]);
+    if src_wide {
+        cpu.set_vreg_vex256(dst, [r, 0]);
+    } else {
+        cpu.set_vreg(dst, [r, 0]);
+    }
     Ok(())
 }
 
@@ -897,6 +914,8 @@ fn vldmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     cpu.fpu.mxcsr = v;
+    // As LDMXCSR.
+    cpu.mxcsr_in_use = true;
     Ok(())
 }
 
@@ -919,8 +938,15 @@ fn vzero(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         cpu.fpu.ymm_hi[i] = 0;
         cpu.xstate.zmm_hi256[i] = [0, 0];
     }
-    // The upper state is clean again (what VZEROUPPER is for).
-    cpu.xstate.xinuse &= !(xsave::AVX | xsave::ZMM_HI256 | if all { xsave::SSE } else { 0 });
+    // The upper halves are in their initial configuration again, and after
+    // VZEROALL the XMM registers too (XSAVE on the hardware oracle then
+    // marks neither in XSTATE_BV; XSAVEC still marks SSE unless MXCSR is
+    // 1F80H: see `Cpu::xinuse_compacted`).
+    if all {
+        cpu.xstate.xinuse &= !xsave::SSE;
+        cpu.mxcsr_in_use = false;
+    }
+    cpu.xstate.xinuse &= !(xsave::AVX | xsave::ZMM_HI256);
     Ok(())
 }
 

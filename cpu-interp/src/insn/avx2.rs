@@ -125,7 +125,7 @@ fn vextract128(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let v = cpu.vreg(d.i.op1_register())[usize::from(imm8(d) & 1)];
     match d.i.op0_kind() {
         OpKind::Register => {
-            cpu.set_vreg(d.i.op0_register(), [v, 0]);
+            cpu.set_vreg_vex256(d.i.op0_register(), [v, 0]);
             Ok(())
         }
         _ => cpu.vmem_store(p, d, [v, 0], 16, false),
@@ -267,7 +267,8 @@ fn vshiftv(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 /// mask sign bit is set are read, the others are zero. Stores (mem,
 /// mask, src): only the selected elements are written. Only the selected
 /// elements are accessed, so only they can fault; a store checks all of
-/// them before writing any.
+/// them before writing any (the span's first byte, then its last, then
+/// each element: the fault address the processor reports).
 fn vmaskmov(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_avx()?;
     let w = match d.i.mnemonic() {
@@ -298,6 +299,15 @@ fn vmaskmov(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         let sel: Vec<usize> = (0..n)
             .filter(|&i| yl(&mask, i, w) >> (8 * w - 1) != 0)
             .collect();
+        // The processor checks the first and the last byte of the span of
+        // selected elements first (a fault there is what it reports),
+        // then the elements themselves.
+        if let (Some(&first), Some(&last)) = (sel.first(), sel.last()) {
+            let lo = off.wrapping_add((first * w) as u64) & d.amask;
+            let hi = off.wrapping_add((last * w + w - 1) as u64) & d.amask;
+            cpu.probe_write(p, seg, lo, 1)?;
+            cpu.probe_write(p, seg, hi, 1)?;
+        }
         for &i in &sel {
             let a = off.wrapping_add((i * w) as u64) & d.amask;
             cpu.probe_write(p, seg, a, w)?;
@@ -387,8 +397,14 @@ fn vgather(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     for (k, h) in mask.iter_mut().enumerate() {
         *h = mask_bytes(*h, keep.saturating_sub(16 * k));
     }
-    cpu.set_vreg(dst, v);
-    cpu.set_vreg(maskr, mask);
+    if index.is_ymm() || dst.is_ymm() {
+        // VEX.L = 1 (see `set_vreg_vex256`).
+        cpu.set_vreg_vex256(dst, v);
+        cpu.set_vreg_vex256(maskr, mask);
+    } else {
+        cpu.set_vreg(dst, v);
+        cpu.set_vreg(maskr, mask);
+    }
     result
 }
 

@@ -6,7 +6,8 @@
 //! destination, 132 computes op1 × op3 + op2, 213 op2 × op1 + op3 and 231
 //! op2 × op3 + op1. The negations are exact (they flip signs before the
 //! single rounding) and never touch a NaN operand, which propagates as it
-//! came (the first NaN in operand order, quietened).
+//! came: the first NaN of the expression a × b + c (not the operand
+//! order), quietened — as this host's processor does.
 
 use iced_x86::{Mnemonic, OpKind};
 use rustc_apfloat::ieee::{Half, IeeeFloat, Semantics, Single};
@@ -156,9 +157,10 @@ fn fma<T: Fmt, const ORDER: u16, const NEG: bool, const SUB: u8, const SCALAR: b
             2 => i % 2 == 0,
             _ => i % 2 == 1,
         };
+        let order = [a, b, c];
         let a = if NEG { neg(a) } else { a };
         let c = if subtract { neg(c) } else { c };
-        let v = sf::fma::<T>(&mut e, a, b, c, [x1, x2, x3]);
+        let v = sf::fma::<T>(&mut e, a, b, c, order);
         set_yl(&mut r, i, w, v);
     }
     cpu.sse_commit_flags(e.flags)?;
@@ -297,6 +299,10 @@ fn vcvtps2ph(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
     cpu.sse_commit_flags(e.flags)?;
     match d.i.op0_kind() {
+        OpKind::Register if src.is_ymm() => {
+            cpu.set_vreg_vex256(d.i.op0_register(), r);
+            Ok(())
+        }
         OpKind::Register => {
             cpu.set_vreg(d.i.op0_register(), r);
             Ok(())

@@ -376,18 +376,13 @@ pub fn round_int<T: Fmt>(e: &mut Env, a: u64, imm: u8) -> u64 {
 }
 
 /// Fused multiply-add `a * b + c` rounded once (the FMA3 instructions;
-/// the negated forms pass negated operands). NaN operands: an SNaN
-/// raises IE; the result is the first NaN of `nan_order` (the operands in
-/// instruction order), quietened. `0 × ∞` raises IE even with a QNaN
-/// addend (default NaN only when no operand is a NaN).
+/// the negated forms pass negated operands, NaNs unnegated). NaN operands:
+/// an SNaN raises IE; the result is the first NaN of `nan_order` (the
+/// operands in the order of the expression a × b + c, as Intel processors
+/// pick it), quietened; `0 × ∞` plus a QNaN returns the QNaN without IE.
 pub fn fma<T: Fmt>(e: &mut Env, a: u64, b: u64, c: u64, nan_order: [u64; 3]) -> u64 {
-    let nan = [a, b, c].iter().any(|&x| is_nan::<T>(x));
-    let inf_zero = |x: u64, y: u64| {
-        (is_inf::<T>(x) && is_zero::<T>(input::<T>(&mut e.clone(), y, false)))
-            || (is_zero::<T>(input::<T>(&mut e.clone(), x, false)) && is_inf::<T>(y))
-    };
-    if nan {
-        if [a, b, c].iter().any(|&x| is_snan::<T>(x)) || inf_zero(a, b) {
+    if [a, b, c].iter().any(|&x| is_nan::<T>(x)) {
+        if [a, b, c].iter().any(|&x| is_snan::<T>(x)) {
             e.flags |= IE;
         }
         let first = nan_order

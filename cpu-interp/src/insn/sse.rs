@@ -317,6 +317,9 @@ fn ldmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
         return Err(Exception::gp0());
     }
     cpu.fpu.mxcsr = v;
+    // XSAVEC then saves the SSE state, even after loading 1F80H (the
+    // hardware oracle).
+    cpu.mxcsr_in_use = true;
     Ok(())
 }
 

@@ -428,12 +428,17 @@ fn legacy_insert(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 
 /// DPPS (`T` = F32) / DPPD: the products selected by imm[7:4] (an
 /// unselected product is +0.0 and raises nothing), summed pairwise —
-/// (p0 + p1) + (p2 + p3) —, broadcast to the lanes of imm[3:0] (others
-/// +0.0).
+/// (p0 + p1) + (p2 + p3) —, written to the lanes of imm[3:0] (others
+/// +0.0). The processor sums in a different operand order for each
+/// output lane, which shows only in which NaN propagates: lane j adds
+/// the pair holding element j first, and within a pair element j (or its
+/// neighbour) first — DPPD lane j: p_j + p_(1-j); DPPS lane j: the pairs
+/// (p1 + p0 | p0 + p1 for even | odd j, likewise p3/p2), then the pair
+/// of j's half first. The flags are those of one summation.
 pub fn dp<T: Fmt>(e: &mut Env, a: u128, b: u128, imm: u8) -> u128 {
     let w = T::BYTES;
     let n = 16 / w;
-    let prods: Vec<u64> = (0..n)
+    let p: Vec<u64> = (0..n)
         .map(|i| {
             if imm & (0x10 << i) != 0 {
                 sf::mul::<T>(e, lane(a, i, w), lane(b, i, w))
@@ -442,16 +447,47 @@ pub fn dp<T: Fmt>(e: &mut Env, a: u128, b: u128, imm: u8) -> u128 {
             }
         })
         .collect();
-    let sum = if n == 2 {
-        sf::add::<T>(e, prods[0], prods[1])
+    // The multiplications are one step: an unmasked exception there ends
+    // the instruction (#XM with their flags) before any addition.
+    let masks = (e.mxcsr >> 7) & 0x3f;
+    if e.flags & !masks & 0x3f != 0 {
+        return 0;
+    }
+    // The flags of the summation (a denormal product is an input like
+    // any other there: DE, or zero under DAZ).
+    if n == 2 {
+        sf::add::<T>(e, p[0], p[1]);
     } else {
-        let lo = sf::add::<T>(e, prods[0], prods[1]);
-        let hi = sf::add::<T>(e, prods[2], prods[3]);
-        sf::add::<T>(e, lo, hi)
+        let lo = sf::add::<T>(e, p[0], p[1]);
+        let hi = sf::add::<T>(e, p[2], p[3]);
+        sf::add::<T>(e, lo, hi);
+    }
+    let mut x = Env::new(e.mxcsr);
+    let sum = |x: &mut Env, j: usize| -> u64 {
+        if n == 2 {
+            sf::add::<T>(x, p[j], p[1 - j])
+        } else {
+            let even = j % 2 == 0;
+            let lo = if even {
+                sf::add::<T>(x, p[1], p[0])
+            } else {
+                sf::add::<T>(x, p[0], p[1])
+            };
+            let hi = if even {
+                sf::add::<T>(x, p[3], p[2])
+            } else {
+                sf::add::<T>(x, p[2], p[3])
+            };
+            if j < 2 {
+                sf::add::<T>(x, lo, hi)
+            } else {
+                sf::add::<T>(x, hi, lo)
+            }
+        }
     };
-    (0..n).fold(0u128, |r, i| {
-        if imm & (1 << i) != 0 {
-            set_lane(r, i, w, sum)
+    (0..n).fold(0u128, |r, j| {
+        if imm & (1 << j) != 0 {
+            set_lane(r, j, w, sum(&mut x, j))
         } else {
             r
         }

@@ -17,10 +17,14 @@
 //! supported, so IA32_XSS stays 0 and XSAVES/XRSTORS act on user state.
 //!
 //! XINUSE (which components may be out of their initial configuration,
-//! SDM 13.6) is tracked: XRSTOR sets it from XSTATE_BV, writes to XMM and
-//! YMM registers set their bits, VZEROUPPER/VZEROALL clear them; a
-//! component whose contents are not the initial ones always counts as in
-//! use. XSAVEOPT, XSAVEC and XSAVES use the init optimization (components
+//! SDM 13.6) is tracked as the hardware oracle shows it: XRSTOR sets it
+//! from XSTATE_BV, any write to an XMM register sets the SSE bit, a write
+//! of a YMM register (even of zeros) or of an XMM register by a VEX.256
+//! instruction (VEXTRACTF128, VCVTPD2PS xmm, ymm) the AVX bit too,
+//! VZEROUPPER clears the AVX bit and VZEROALL the AVX bit and, when MXCSR
+//! is 1F80H, the SSE bit; (V)LDMXCSR sets the SSE bit; a VEX.128 write
+//! leaves the AVX bit as it was. A component whose contents
+//! are not the initial ones always counts as in use. XSAVEOPT, XSAVEC and XSAVES use the init optimization (components
 //! not in use are not written); none uses the modified optimization, which
 //! the SDM leaves optional.
 
@@ -125,6 +129,17 @@ impl Cpu {
             v |= PKRU;
         }
         v & CARRIED
+    }
+
+    /// XINUSE as XSAVEC/XSAVES store it and XGETBV(1) reports it: the
+    /// SSE bit also covers MXCSR there (a compacted XRSTOR sets MXCSR to
+    /// 1F80H when XSTATE_BV[1] is clear). On the hardware oracle it is set
+    /// while MXCSR is not 1F80H, and after LDMXCSR of any value until
+    /// VZEROALL or XRSTOR; XSAVE and XSAVEOPT ignore MXCSR (SDM 13.6:
+    /// XINUSE[1] pertains to the XMM registers only).
+    pub(crate) fn xinuse_compacted(&self) -> u64 {
+        let mx = self.mxcsr_in_use || self.fpu.mxcsr != MXCSR_INIT;
+        self.xinuse() | if mx { SSE } else { 0 }
     }
 
     /// Contents of extended component `i` as stored in an XSAVE area.
@@ -280,7 +295,7 @@ fn xgetbv(cpu: &mut Cpu, _p: &mut dyn Platform, _d: &Insn) -> XResult<()> {
     }
     let v = match cpu.gpr[gpr::RCX] as u32 {
         0 => cpu.xcr0,
-        1 if cpu.has(feat::XGETBV1) => cpu.xcr0 & cpu.xinuse(),
+        1 if cpu.has(feat::XGETBV1) => cpu.xcr0 & cpu.xinuse_compacted(),
         _ => return Err(Exception::gp0()),
     };
     cpu.gpr[gpr::RAX] = v & 0xffff_ffff;
@@ -405,14 +420,23 @@ fn save<const REX_W: bool, const KIND: u8>(
         )
     };
     let lin = area(cpu, p, d, supervisor, size, true)?;
-    let inuse = cpu.xinuse();
+    let inuse = if compacted {
+        cpu.xinuse_compacted()
+    } else {
+        cpu.xinuse()
+    };
     // The init optimization: XSAVEOPT, XSAVEC and XSAVES skip components
     // not in use.
     let optimized = KIND != STD;
     let saves = |i: u64| rfbm & i != 0 && (!optimized || inuse & i != 0);
 
     // Every byte the instruction may write is checked before the first
-    // write: the legacy region and header, and the components saved.
+    // write: the first and the last byte of the area first (a fault there
+    // is what the processor reports), then the legacy region and header,
+    // and the components saved.
+    let mask = cpu.lin_mask();
+    cpu.probe_lin_range(p, lin, 1, true)?;
+    cpu.probe_lin_range(p, lin.wrapping_add(size as u64 - 1) & mask, 1, true)?;
     cpu.probe_lin_range(p, lin, HEADER_END, true)?;
     for &(_, at, len) in &layout {
         cpu.probe_lin_range(p, lin.wrapping_add(at as u64) & cpu.lin_mask(), len, true)?;
@@ -472,7 +496,6 @@ fn save<const REX_W: bool, const KIND: u8>(
         let bv = (old & !rfbm) | (inuse & rfbm);
         writes.push((XSTATE_BV, bv.to_le_bytes().to_vec()));
     }
-    let mask = cpu.lin_mask();
     for (at, b) in writes {
         cpu.write_lin_bytes(p, lin.wrapping_add(at as u64) & mask, &b)?;
     }
@@ -489,12 +512,34 @@ fn restore<const REX_W: bool, const SUPERVISOR: bool>(
     let rfbm = edx_eax(cpu) & enabled;
     let lin = area(cpu, p, d, SUPERVISOR, HEADER_END, false)?;
     let mask = cpu.lin_mask();
+    // XCOMP_BV (the format) is read first, then the rest of the header.
     let mut header = [0u8; 64];
-    cpu.read_lin_bytes(p, lin.wrapping_add(XSTATE_BV as u64) & mask, &mut header)?;
+    cpu.read_lin_bytes(p, lin.wrapping_add(520) & mask, &mut header[8..16])?;
+    cpu.read_lin_bytes(
+        p,
+        lin.wrapping_add(XSTATE_BV as u64) & mask,
+        &mut header[..8],
+    )?;
+    cpu.read_lin_bytes(p, lin.wrapping_add(528) & mask, &mut header[16..])?;
     let bv = get64(&header, 0);
     let xcomp = get64(&header, 8);
     let compacted = xcomp & COMPACTED != 0;
     let gp = Err(Exception::gp0());
+    // Then the first and last byte of the area — the standard format's
+    // extent for RFBM, or (once XCOMP_BV is known to be valid) the
+    // compacted one — before the rest of the header is checked, as the
+    // hardware oracle orders these faults.
+    if compacted && ((!SUPERVISOR && !cpu.has(feat::XSAVEC)) || xcomp & !COMPACTED & !enabled != 0)
+    {
+        return gp;
+    }
+    let extent = if compacted {
+        compacted_layout(xcomp & CARRIED).1
+    } else {
+        standard_size(rfbm)
+    };
+    cpu.probe_lin_range(p, lin, 1, false)?;
+    cpu.probe_lin_range(p, lin.wrapping_add(extent as u64 - 1) & mask, 1, false)?;
     if compacted {
         if !SUPERVISOR && !cpu.has(feat::XSAVEC) {
             return gp;
@@ -599,6 +644,7 @@ fn restore<const REX_W: bool, const SUPERVISOR: bool>(
         }
     }
     cpu.xstate.xinuse = (cpu.xstate.xinuse & !rfbm) | (bv & rfbm);
+    cpu.mxcsr_in_use = false;
     Ok(())
 }
 
@@ -690,6 +736,78 @@ mod tests {
         assert_eq!(c.fpu.mxcsr, 0x1f80 | 0x6021);
         assert_eq!(c.fpu.fcw, 0x027f);
         assert_eq!(c.fpu.st(0), 0x3fff_8000_0000_0000_0000);
+    }
+
+    /// XSTATE_BV as XSAVE (standard) and XSAVEC (compacted) store it after
+    /// `body`, from the initial state with XINUSE = x87|SSE (what the
+    /// hardware oracle showed for each of these sequences, 2026-12-06,
+    /// Intel family 6 model 0xcf).
+    fn bv_after(body: fn(&mut CodeAssembler) -> Result<(), IcedError>, mxcsr: u32) -> (u64, u64) {
+        let code = asm(64, |a| {
+            body(a)?;
+            a.mov(eax, -1)?;
+            a.mov(edx, -1)?;
+            a.mov(rbx, AREA as i64)?;
+            a.xsave64(ptr(rbx))?;
+            a.xsavec64(ptr(rbx + 0x1000))
+        });
+        let c = run(Mode::Long64, &code, |c| {
+            avx_on(c);
+            c.fpu.mxcsr = mxcsr;
+            c.xstate.xinuse = X87 | SSE;
+            write_phys(c, AREA + 0x800, &0x1f80u32.to_le_bytes());
+        });
+        let std = get64(&read_bytes(&c, AREA, 576), 512);
+        let cmp = get64(&read_bytes(&c, AREA + 0x1000, 576), 512);
+        (std, cmp)
+    }
+
+    #[test]
+    fn xinuse_follows_the_hardware_oracle() {
+        // A VEX.128 write leaves AVX clean; a VEX.256 write (even of zeros)
+        // or a VEX.256 instruction writing an XMM register dirties it.
+        assert_eq!(bv_after(|a| a.vpaddd(xmm1, xmm2, xmm3), MXCSR_INIT), (3, 3));
+        assert_eq!(bv_after(|a| a.vpxor(ymm1, ymm1, ymm1), MXCSR_INIT), (7, 7));
+        assert_eq!(
+            bv_after(|a| a.vextractf128(xmm1, ymm2, 1), MXCSR_INIT),
+            (7, 7)
+        );
+        assert_eq!(
+            bv_after(
+                |a| {
+                    a.vpxor(ymm1, ymm1, ymm1)?;
+                    a.vzeroupper()
+                },
+                MXCSR_INIT
+            ),
+            (3, 3)
+        );
+        // VZEROALL cleans SSE too; XSAVEC still marks it while MXCSR is
+        // not 1F80H, or after LDMXCSR of any value.
+        assert_eq!(bv_after(|a| a.vzeroall(), MXCSR_INIT), (1, 1));
+        assert_eq!(bv_after(|a| a.vzeroall(), 0x5f80), (1, 3));
+        assert_eq!(
+            bv_after(
+                |a| {
+                    a.vzeroall()?;
+                    a.mov(rcx, (AREA + 0x800) as i64)?;
+                    a.ldmxcsr(dword_ptr(rcx))
+                },
+                MXCSR_INIT
+            ),
+            (1, 3)
+        );
+        // VZEROALL followed by a VEX.128 write: SSE in use, AVX not.
+        assert_eq!(
+            bv_after(
+                |a| {
+                    a.vzeroall()?;
+                    a.vpaddd(xmm1, xmm2, xmm3)
+                },
+                MXCSR_INIT
+            ),
+            (3, 3)
+        );
     }
 
     #[test]
