@@ -669,7 +669,8 @@ mod tests {
     fn state_in_every_component(c: &mut Cpu) {
         avx_on(c);
         for k in 0..16 {
-            c.fpu.xmm[k] = 0x1111_0000_0000_0000_0000_0000_0000_0000 * (k as u128 + 1) + 7;
+            c.fpu.xmm[k] =
+                0x1111_0000_0000_0000_0000_0000_0000_0000u128.wrapping_mul(k as u128 + 1) + 7;
             c.fpu.ymm_hi[k] = 0xaaaa_0000_0000_0000_0000_0000_0000_0000 | k as u128;
         }
         c.fpu.mxcsr = 0x1f80 | 0x6000 | 0x21;
@@ -726,7 +727,7 @@ mod tests {
         for k in 0..16 {
             assert_eq!(
                 c.fpu.xmm[k],
-                0x1111_0000_0000_0000_0000_0000_0000_0000 * (k as u128 + 1) + 7
+                0x1111_0000_0000_0000_0000_0000_0000_0000u128.wrapping_mul(k as u128 + 1) + 7
             );
             assert_eq!(
                 c.fpu.ymm_hi[k],
