@@ -90,3 +90,8 @@ put("cpu_exec", "tf", bytes([1, 0x20]) + regs + bytes.fromhex("9cf3a4cc"))
 # device_registers: arbitrary's encoding; a few byte strings per device.
 for d in range(11):
     put("device_registers", f"dev{d}", bytes([d]) + bytes((d * 37 + k * 11) & 0xFF for k in range(120)))
+
+# e1000: arbitrary's encoding of an op list; byte strings of a few shapes
+# (the leading bytes pick op kinds, the rest fill their fields).
+for s in range(8):
+    put("e1000", f"ops{s}", bytes(((s * 53 + k * (2 * s + 3)) ^ (k >> 3)) & 0xFF for k in range(64 + 96 * s)))

@@ -49,3 +49,8 @@ fn cpu_exec() {
 fn device_registers() {
     replay("device_registers", duet_fuzz::device_registers);
 }
+
+#[test]
+fn e1000() {
+    replay("e1000", duet_fuzz::e1000);
+}

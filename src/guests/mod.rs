@@ -7,6 +7,7 @@ use cpu_interp::state::CpuState;
 
 pub mod asm;
 pub mod checksum;
+pub mod e1000_loop;
 pub mod fault;
 pub mod hello_real;
 pub mod irq_boundary;
@@ -136,6 +137,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: pci::NAME,
             description: pci::DESCRIPTION,
             build: pci::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: e1000_loop::NAME,
+            description: e1000_loop::DESCRIPTION,
+            build: e1000_loop::build,
             needs_input: false,
         },
         BuiltinGuest {
