@@ -5,15 +5,15 @@
 //! controllers {duet's userspace ones, KVM's in-kernel ones} × coalesced
 //! MMIO {off, on}. The workload is a built-in guest with a small driver
 //! that sends a fixed number of frames through a loopback backend and
-//! waits for each to come back (`e1000` for the e1000; the same guest on
-//! every cell of a model). Per cell: throughput, device accesses (VM exits
+//! waits for each to come back (`e1000` for the e1000, `virtio-net-pci`
+//! and `virtio-net-mmio` for virtio-net: the same frames, the same
+//! checks, the same guest on every cell of a path). Per cell: throughput, device accesses (VM exits
 //! on KVM, I/O callbacks on the interpreter) per MB, interrupts per MB,
 //! guest instructions per packet (interpreter), the round-trip time of a
 //! small frame, and host CPU seconds per MB.
 //!
 //! Cells a host or this build cannot run are kept, with the reason (no
-//! KVM, no in-kernel interrupt controller on the interpreter, a path not
-//! built yet). Results go to `io-results.csv` and a self-contained
+//! KVM, no in-kernel interrupt controller on the interpreter). Results go to `io-results.csv` and a self-contained
 //! `io-report.html` with one SVG bar chart per metric (one series per NIC
 //! path, one group per backend configuration); every bar carries its CSV
 //! value in `data-value`, so a test can check the plot against the table.
@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{BackendKind, IrqchipKind};
-use crate::guests::e1000_loop;
-use crate::machine::{Machine, MachineConfig, Outcome};
+use crate::guests::{e1000_loop, virtio as virtio_guest, GuestImage};
+use crate::machine::{Machine, MachineConfig, Outcome, VirtioTransport};
 
 /// Frames of the throughput run (full-size) and of the latency run (64 B).
 pub const DEFAULT_FRAMES: u32 = 2048;
@@ -53,6 +53,20 @@ impl NicPath {
             NicPath::E1000 => "e1000",
             NicPath::VirtioPci => "virtio-net-pci",
             NicPath::VirtioMmio => "virtio-net-mmio",
+        }
+    }
+
+    /// The loopback guest of this path: `frames` frames of `frame_len`
+    /// bytes.
+    pub fn guest(self, frames: u32, frame_len: u32) -> GuestImage {
+        match self {
+            NicPath::E1000 => e1000_loop::build_with(frames, frame_len),
+            NicPath::VirtioPci => {
+                virtio_guest::build_net_loop(VirtioTransport::Pci, frames, frame_len)
+            }
+            NicPath::VirtioMmio => {
+                virtio_guest::build_net_loop(VirtioTransport::Mmio, frames, frame_len)
+            }
         }
     }
 }
@@ -152,9 +166,6 @@ impl Metrics {
 
 /// Why a cell cannot run here (None: it can).
 pub fn unavailable(cell: &Cell, kvm: &Result<(), String>) -> Option<String> {
-    if cell.nic != NicPath::E1000 {
-        return Some("no built-in virtio-net loopback guest in this build yet".into());
-    }
     match cell.backend {
         BackendKind::Interp if cell.irqchip == IrqchipKind::Kernel => {
             Some("the interpreter has no in-kernel interrupt controller".into())
@@ -187,7 +198,7 @@ struct Run {
 }
 
 fn run_once(cell: &Cell, frames: u32, frame_len: u32) -> Result<Run, String> {
-    let img = e1000_loop::build_with(frames, frame_len);
+    let img = cell.nic.guest(frames, frame_len);
     let cfg = MachineConfig {
         memory: 64 << 20,
         irqchip: cell.irqchip,

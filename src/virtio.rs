@@ -137,7 +137,22 @@ impl VirtioDevices {
             .iter()
             .map(|(_, p)| match p {
                 Plugged::E1000(d) => lock(d).stats().interrupts,
-                _ => 0,
+                Plugged::Pci(d) => {
+                    let d = lock(d);
+                    if d.core().device().device_type() == devices::virtio::device_type::NET {
+                        d.interrupts()
+                    } else {
+                        0
+                    }
+                }
+                Plugged::Mmio(d) => {
+                    let d = lock(d);
+                    if d.core().device().device_type() == devices::virtio::device_type::NET {
+                        d.interrupts()
+                    } else {
+                        0
+                    }
+                }
             })
             .sum()
     }

@@ -62,29 +62,35 @@ fn report_parses_and_plots_the_csv_values() {
     let html_text = std::fs::read_to_string(out.join("io-report.html")).unwrap();
     check_nesting(&html_text).unwrap();
 
-    // The e1000 on the interpreter with userspace chips was measured; the
+    // Every path on the interpreter with userspace chips was measured; the
     // interpreter has no kernel chip: those rows are kept, marked.
     let lines: Vec<&str> = csv_text.lines().collect();
     assert_eq!(lines.len(), cells.len() + 1);
-    let e1000 = lines
-        .iter()
-        .find(|l| l.starts_with("e1000,interp,userspace,off,measured"))
-        .expect("the e1000 cell was measured");
     assert!(lines
         .iter()
         .any(|l| l.starts_with("e1000,interp,kernel,off,\"skipped: the interpreter")));
-    let values: Vec<&str> = e1000.split(',').skip(5).collect();
-    assert_eq!(values.len(), METRICS.len());
-    for v in &values {
-        assert!(v.parse::<f64>().unwrap() > 0.0, "{e1000}");
+    for nic in NicPath::ALL {
+        for coalesced in ["off", "on"] {
+            let head = format!("{},interp,userspace,{coalesced},measured", nic.name());
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with(&head))
+                .unwrap_or_else(|| panic!("{head}: not measured\n{csv_text}"));
+            let values: Vec<&str> = line.split(',').skip(5).collect();
+            assert_eq!(values.len(), METRICS.len());
+            for v in &values {
+                assert!(v.parse::<f64>().unwrap() > 0.0, "{line}");
+            }
+            // 64 frames, one receive interrupt each (virtio-net's transmit
+            // interrupts are off), per (64 × 1514 / 1e6) MB.
+            let irq_per_mb: f64 = values[2].parse().unwrap();
+            let want = 64.0 / (64.0 * 1514.0 / 1e6);
+            assert!(
+                (irq_per_mb - want).abs() / want < 0.002,
+                "{line}: {irq_per_mb} vs {want}"
+            );
+        }
     }
-    // 64 frames, one interrupt each, per (64 × 1514 / 1e6) MB.
-    let irq_per_mb: f64 = values[2].parse().unwrap();
-    let want = 64.0 / (64.0 * 1514.0 / 1e6);
-    assert!(
-        (irq_per_mb - want).abs() / want < 0.002,
-        "{irq_per_mb} vs {want}"
-    );
 
     // Every metric has a plot with both axes and one series per NIC path,
     // and the plotted value of every measured cell is the CSV's.
@@ -100,13 +106,35 @@ fn report_parses_and_plots_the_csv_values() {
             "{key}"
         );
         let col = METRICS.iter().position(|(k, _)| *k == key).unwrap() + 5;
-        let plotted = attrs(svg, "rect", "data-value");
-        let from_csv: Vec<&str> = lines
+        let mut plotted: Vec<(String, String, String)> = Vec::new();
+        for series in svg.split("<g class=\"series\" ").skip(1) {
+            let series = &series[..series.find("</g>").unwrap()];
+            let path = &series[series.find("data-path=\"").unwrap() + 11..];
+            let path = &path[..path.find('"').unwrap()];
+            for (config, value) in attrs(series, "rect", "data-config").into_iter().zip(attrs(
+                series,
+                "rect",
+                "data-value",
+            )) {
+                plotted.push((path.into(), config.into(), value.into()));
+            }
+        }
+        let mut from_csv: Vec<(String, String, String)> = lines
             .iter()
             .filter(|l| l.contains(",measured,"))
-            .map(|l| l.split(',').nth(col).unwrap())
-            .filter(|v| !v.is_empty())
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| !f[col].is_empty())
+            .map(|f| {
+                (
+                    f[0].to_string(),
+                    format!("{}/{}/coalesced-{}", f[1], f[2], f[3]),
+                    f[col].to_string(),
+                )
+            })
             .collect();
+        plotted.sort();
+        from_csv.sort();
+        assert!(!from_csv.is_empty(), "{key}");
         assert_eq!(plotted, from_csv, "{key}");
     }
     assert_eq!(results.len(), cells.len());

@@ -202,6 +202,18 @@ pub fn all() -> &'static [BuiltinGuest] {
             needs_input: false,
         },
         BuiltinGuest {
+            name: virtio::NET_LOOP_PCI_NAME,
+            description: virtio::NET_LOOP_PCI_DESCRIPTION,
+            build: virtio::build_net_loop_pci,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: virtio::NET_LOOP_MMIO_NAME,
+            description: virtio::NET_LOOP_MMIO_DESCRIPTION,
+            build: virtio::build_net_loop_mmio,
+            needs_input: false,
+        },
+        BuiltinGuest {
             name: serial_echo::NAME,
             description: serial_echo::DESCRIPTION,
             build: serial_echo::build,

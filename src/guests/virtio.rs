@@ -125,9 +125,12 @@ const _: () = assert!(region::WRITE_BUF + 512 <= region::ID_BUF);
 const _: () = assert!(region::ID_BUF + 32 <= region::BLOB_END);
 const FRAME_TEXT_LEN: usize = FRAME_TEXT.len();
 
-/// The four devices: (kind, transport, region base, first vector,
-/// interrupts expected).
-const DEVICES: [(BuiltinVirtioKind, VirtioTransport, u32, u8, u32); 4] = [
+/// A device the guest drives: (kind, transport, region base, first
+/// vector, interrupts expected).
+type DeviceEntry = (BuiltinVirtioKind, VirtioTransport, u32, u8, u32);
+
+/// The four devices of the self-test.
+const DEVICES: [DeviceEntry; 4] = [
     (
         BuiltinVirtioKind::Block,
         VirtioTransport::Pci,
@@ -195,6 +198,17 @@ pub enum End {
     PowerOff,
     /// `sti; hlt` forever.
     Wait,
+    /// `cli; hlt` (the frame loop: the run stops).
+    Halt,
+}
+
+/// What the guest does with its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    /// Exercise every device once, then end.
+    SelfTest(End),
+    /// Loop `frames` frames of `frame_len` bytes through one virtio-net.
+    NetLoop { frames: u32, frame_len: u32 },
 }
 
 pub fn build() -> GuestImage {
@@ -206,8 +220,12 @@ pub fn build_wait() -> GuestImage {
 }
 
 fn build_with(end: End) -> GuestImage {
-    let mut image = program_with(end).into_image();
-    image.virtio_devices = DEVICES
+    image_of(program_with(end), &DEVICES)
+}
+
+fn image_of(program: GuestProgram, table: &[DeviceEntry]) -> GuestImage {
+    let mut image = program.into_image();
+    image.virtio_devices = table
         .iter()
         .map(|&(kind, transport, ..)| BuiltinVirtio { kind, transport })
         .collect();
@@ -219,7 +237,7 @@ pub fn program() -> GuestProgram {
 }
 
 pub fn program_with(end: End) -> GuestProgram {
-    assemble_program(end).expect("virtio guest assembles")
+    assemble_program(&DEVICES, Workload::SelfTest(end)).expect("virtio guest assembles")
 }
 
 fn desc(addr: u32, len: u32, flags: u16, next: u16) -> [u8; 16] {
@@ -349,9 +367,19 @@ struct Strings {
     waiting: u32,
     unexpected: u32,
     records: Vec<u32>,
+    /// The frame loop's strings (its workload only).
+    looped: Option<LoopStrings>,
 }
 
-fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
+struct LoopStrings {
+    sent: u32,
+    bytes: u32,
+    irqs: u32,
+    sum: u32,
+    bad: u32,
+}
+
+fn assemble_program(table: &[DeviceEntry], work: Workload) -> Result<GuestProgram, IcedError> {
     let mut data = DataBlock::new(map::DATA);
     let gdt_limit = (asm::GDT_DESCRIPTORS.len() * 8 - 1) as u16;
     let idt_limit = (map::IDT_END - map::IDT - 1) as u16;
@@ -360,7 +388,12 @@ fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
     let mut s = Strings {
         gdtr: data.table_register(map::GDT, gdt_limit),
         idtr: data.table_register(map::IDT, idt_limit),
-        header: data.cstr("virtio: virtio-blk and virtio-net on virtio-pci and virtio-mmio\r\n"),
+        header: data.cstr(match work {
+            Workload::SelfTest(_) => {
+                "virtio: virtio-blk and virtio-net on virtio-pci and virtio-mmio\r\n"
+            }
+            Workload::NetLoop { .. } => "virtio-net: looping frames through a loopback backend\r\n",
+        }),
         blk: data.cstr("virtio-blk on "),
         net: data.cstr("virtio-net on "),
         on: data.cstr(": "),
@@ -389,8 +422,18 @@ fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
         waiting: data.cstr("virtio: waiting for Ctrl-A x or a signal\r\n"),
         unexpected: data.cstr("virtio: unexpected interrupt or exception, stopping\r\n"),
         records: Vec::new(),
+        looped: match work {
+            Workload::SelfTest(_) => None,
+            Workload::NetLoop { .. } => Some(LoopStrings {
+                sent: data.cstr("virtio-net: frames looped back: "),
+                bytes: data.cstr(", bytes: "),
+                irqs: data.cstr(", receive interrupts: "),
+                sum: data.cstr(", checksum 0x"),
+                bad: data.cstr("virtio-net: received frame did not match, stopping at frame "),
+            }),
+        },
     };
-    for &(_, transport, region, vector, irqs) in &DEVICES {
+    for &(_, transport, region, vector, irqs) in table {
         let mut r = vec![0u8; rec::LEN];
         let mut set = |off: i32, v: u64| {
             r[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
@@ -407,7 +450,7 @@ fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
         s.records.push(data.bytes(&r, 8));
     }
     let code16 = asm::long_mode_entry(s.gdtr, true)?;
-    let code64 = long_mode_code(&s, end)?;
+    let code64 = long_mode_code(&s, table, work)?;
     let mut blobs = vec![asm::gdt_blob(), data.finish()];
     let mut work_areas = vec![
         (map::PML4, map::PAGE_TABLES_END, "page tables"),
@@ -415,15 +458,20 @@ fn assemble_program(end: End) -> Result<GuestProgram, IcedError> {
         (map::IDT, map::IDT_END, "IDT"),
         (map::PD_MMIO, map::PD_MMIO_END, "PD for the MMIO gap"),
     ];
-    for &(kind, _, base, ..) in &DEVICES {
-        let bytes = match kind {
-            BuiltinVirtioKind::Block => blk_region(base),
-            BuiltinVirtioKind::NetLoopback => net_region(base),
+    for &(kind, _, base, ..) in table {
+        let (bytes, end) = match (kind, work) {
+            (BuiltinVirtioKind::Block, _) => (blk_region(base), region::END),
+            (BuiltinVirtioKind::NetLoopback, Workload::SelfTest(_)) => {
+                (net_region(base), region::END)
+            }
+            (BuiltinVirtioKind::NetLoopback, Workload::NetLoop { frame_len, .. }) => {
+                (net_loop_region(base, frame_len), net_loop::END)
+            }
         };
         blobs.push((u64::from(base), bytes));
         work_areas.push((
             u64::from(base + region::BUF_A),
-            u64::from(base + region::END),
+            u64::from(base + end),
             "device buffers",
         ));
     }
@@ -454,7 +502,11 @@ struct Driver {
     irq_common: CodeLabel,
 }
 
-fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
+fn long_mode_code(
+    s: &Strings,
+    table: &[DeviceEntry],
+    work: Workload,
+) -> Result<asm::CodeBlob, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let routines = Routines::new(&mut a);
     let decimal = asm::DecimalPrinter::new(&mut a);
@@ -483,7 +535,7 @@ fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
     routines.print(&mut a, s.header)?;
     idt.emit_clear(&mut a)?;
     idt.emit_install_all(&mut a, unexpected)?;
-    for &(_, transport, _, vector, _) in &DEVICES {
+    for &(_, transport, _, vector, _) in table {
         let vectors = match transport {
             VirtioTransport::Pci => 2,
             VirtioTransport::Mmio => 1,
@@ -500,7 +552,7 @@ fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
     apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
 
     // Find the devices.
-    for (i, &(kind, transport, ..)) in DEVICES.iter().enumerate() {
+    for (i, &(kind, transport, ..)) in table.iter().enumerate() {
         if transport != VirtioTransport::Pci {
             continue;
         }
@@ -509,17 +561,30 @@ fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
         a.mov(edx, id << 16 | PCI_VENDOR)?;
         a.call(d.pci_find)?;
     }
-    a.call(d.mmio_scan)?;
-    // Drive them.
-    for (i, &(kind, ..)) in DEVICES.iter().enumerate() {
-        a.mov(ebx, s.records[i])?;
-        match kind {
-            BuiltinVirtioKind::Block => a.call(d.blk_test)?,
-            BuiltinVirtioKind::NetLoopback => a.call(d.net_test)?,
-        }
+    if table.iter().any(|e| e.1 == VirtioTransport::Mmio) {
+        a.call(d.mmio_scan)?;
     }
-    routines.print(&mut a, s.done)?;
+    // Drive them.
+    let end = match work {
+        Workload::SelfTest(end) => {
+            for (i, &(kind, ..)) in table.iter().enumerate() {
+                a.mov(ebx, s.records[i])?;
+                match kind {
+                    BuiltinVirtioKind::Block => a.call(d.blk_test)?,
+                    BuiltinVirtioKind::NetLoopback => a.call(d.net_test)?,
+                }
+            }
+            routines.print(&mut a, s.done)?;
+            end
+        }
+        Workload::NetLoop { frames, frame_len } => {
+            a.mov(ebx, s.records[0])?;
+            emit_net_loop(&mut a, &mut d, s, &routines, &decimal, frames, frame_len)?;
+            End::Halt
+        }
+    };
     match end {
+        End::Halt => asm::emit_halt(&mut a)?,
         End::PowerOff => {
             use devices::acpi_pm::S5_SLP_TYP;
             const PM1A_CNT: u16 = layout::boot::ACPI_PM_BASE + 4;
@@ -539,15 +604,17 @@ fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
         }
     }
 
-    emit_discovery(&mut a, &mut d, s)?;
+    emit_discovery(&mut a, &mut d, s, table)?;
     emit_transport(&mut a, &mut d)?;
     emit_bring_up(&mut a, &mut d, s, &routines)?;
-    emit_blk_test(&mut a, &mut d, s, &routines, &decimal)?;
-    emit_net_test(&mut a, &mut d, s, &routines, &decimal)?;
+    if let Workload::SelfTest(_) = work {
+        emit_blk_test(&mut a, &mut d, s, &routines, &decimal)?;
+        emit_net_test(&mut a, &mut d, s, &routines, &decimal)?;
+    }
 
     // Interrupt stubs: RBX = the device's record, then the common part.
     let mut stub_iter = stubs.into_iter();
-    for (i, &(_, transport, ..)) in DEVICES.iter().enumerate() {
+    for (i, &(_, transport, ..)) in table.iter().enumerate() {
         let vectors = match transport {
             VirtioTransport::Pci => 2,
             VirtioTransport::Mmio => 1,
@@ -602,7 +669,12 @@ fn long_mode_code(s: &Strings, end: End) -> Result<asm::CodeBlob, IcedError> {
 /// capabilities, its MSI-X table; memory decoding and bus mastering on.
 /// `mmio_scan`: probe the virtio-mmio register blocks until one lacks the
 /// magic value; the first disk and NIC fill the MMIO records.
-fn emit_discovery(a: &mut CodeAssembler, d: &mut Driver, s: &Strings) -> Result<(), IcedError> {
+fn emit_discovery(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    table: &[DeviceEntry],
+) -> Result<(), IcedError> {
     use devices::pci::config::cap_id;
     use devices::virtio::pci::cap_type;
     let mut next_slot = a.create_label();
@@ -679,12 +751,11 @@ fn emit_discovery(a: &mut CodeAssembler, d: &mut Driver, s: &Strings) -> Result<
     a.ret()?;
 
     // mmio_scan. Records: the first disk and NIC on MMIO.
-    let mmio_record = |kind: BuiltinVirtioKind| -> u32 {
-        let i = DEVICES
+    let mmio_record = |kind: BuiltinVirtioKind| -> Option<u32> {
+        table
             .iter()
             .position(|&(k, t, ..)| k == kind && t == VirtioTransport::Mmio)
-            .expect("an MMIO device of each kind");
-        s.records[i]
+            .map(|i| s.records[i])
     };
     use devices::virtio::mmio::reg;
     use layout::virtio_mmio as slots;
@@ -705,12 +776,20 @@ fn emit_discovery(a: &mut CodeAssembler, d: &mut Driver, s: &Strings) -> Result<
     a.mov(eax, dword_ptr(rdi + reg::DEVICE_ID))?;
     a.cmp(eax, BuiltinVirtioKind::Block.device_type() as i32)?;
     a.jne(not_blk)?;
-    a.mov(r8d, mmio_record(BuiltinVirtioKind::Block))?;
-    a.jmp(claim)?;
+    match mmio_record(BuiltinVirtioKind::Block) {
+        Some(r) => {
+            a.mov(r8d, r)?;
+            a.jmp(claim)?;
+        }
+        None => a.jmp(skip)?,
+    }
     a.set_label(&mut not_blk)?;
     a.cmp(eax, BuiltinVirtioKind::NetLoopback.device_type() as i32)?;
     a.jne(skip)?;
-    a.mov(r8d, mmio_record(BuiltinVirtioKind::NetLoopback))?;
+    match mmio_record(BuiltinVirtioKind::NetLoopback) {
+        Some(r) => a.mov(r8d, r)?,
+        None => a.jmp(skip)?,
+    }
     a.set_label(&mut claim)?;
     a.cmp(qword_ptr(r8 + rec::FOUND), 0)?;
     a.jne(skip)?;
@@ -1152,6 +1231,250 @@ fn emit_net_test(
     a.ret()
 }
 
+/// `virtio-net-pci` and `virtio-net-mmio`: the virtio-net side of the I/O
+/// benchmark's loop (the e1000's is [`super::e1000_loop`]). The same
+/// driver as the self-test (discovery, bring-up, interrupts), one NIC on
+/// one transport, then [`super::e1000_loop::FRAMES`] frames of
+/// [`super::e1000_loop::FRAME_LEN`] bytes, one at a time, each through the
+/// loopback and back: the frames, the per-frame checks and the printed
+/// checksum are the e1000 guest's, so the two guests print the same
+/// checksum.
+///
+/// Per frame: bump the transmit ring's available index (its descriptors
+/// and ring entries are set up once; its available ring says
+/// NO_INTERRUPT, as Linux's virtio-net with its transmit interrupts
+/// off), notify the transmit queue, `sti; hlt` until the receive
+/// interrupt, check the used element (length, sequence number), give the
+/// buffer back to the receive ring, and notify the receive queue once
+/// every half ring (Linux refills in batches too).
+pub const NET_LOOP_PCI_NAME: &str = "virtio-net-pci";
+pub const NET_LOOP_PCI_DESCRIPTION: &str =
+    "64-bit long mode: a small virtio-net driver loops frames through virtio-pci (MSI-X) and a loopback backend";
+pub const NET_LOOP_MMIO_NAME: &str = "virtio-net-mmio";
+pub const NET_LOOP_MMIO_DESCRIPTION: &str =
+    "64-bit long mode: a small virtio-net driver loops frames through virtio-mmio (IOAPIC line) and a loopback backend";
+
+/// The device region of the frame loop (after the self-test's rings and
+/// transmit frame at [`region::HEADERS`]): the receive buffers.
+mod net_loop {
+    pub const RX_BUFS: u32 = super::region::BUF_A;
+    pub const RX_BUF_LEN: u32 = 2048;
+    pub const END: u32 = RX_BUFS + super::QUEUE_SIZE as u32 * RX_BUF_LEN;
+    /// Where the region sits and the first vector.
+    pub const BASE: u32 = 0x30000;
+    pub const VECTOR: u8 = 0x44;
+}
+
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const _: () = assert!(NET_HDR + super::e1000_loop::FRAME_LEN <= net_loop::RX_BUF_LEN);
+const _: () = assert!(region::HEADERS + NET_HDR + super::e1000_loop::FRAME_LEN <= region::BLOB_END);
+
+fn net_loop_table(transport: VirtioTransport) -> [DeviceEntry; 1] {
+    [(
+        BuiltinVirtioKind::NetLoopback,
+        transport,
+        net_loop::BASE,
+        net_loop::VECTOR,
+        0,
+    )]
+}
+
+pub fn build_net_loop_pci() -> GuestImage {
+    build_net_loop(
+        VirtioTransport::Pci,
+        super::e1000_loop::FRAMES,
+        super::e1000_loop::FRAME_LEN,
+    )
+}
+
+pub fn build_net_loop_mmio() -> GuestImage {
+    build_net_loop(
+        VirtioTransport::Mmio,
+        super::e1000_loop::FRAMES,
+        super::e1000_loop::FRAME_LEN,
+    )
+}
+
+/// The frame loop with another frame count and length (the I/O
+/// benchmark's runs); `frame_len` is clamped to 64..=1514.
+pub fn build_net_loop(transport: VirtioTransport, frames: u32, frame_len: u32) -> GuestImage {
+    image_of(
+        net_loop_program(transport, frames, frame_len),
+        &net_loop_table(transport),
+    )
+}
+
+pub fn net_loop_program(transport: VirtioTransport, frames: u32, frame_len: u32) -> GuestProgram {
+    let frame_len = frame_len.clamp(64, super::e1000_loop::FRAME_LEN);
+    assemble_program(
+        &net_loop_table(transport),
+        Workload::NetLoop { frames, frame_len },
+    )
+    .expect("virtio-net loop guest assembles")
+}
+
+/// The prepared rings and the frame of the loop's NIC at `base`: every
+/// receive descriptor on its own buffer and in the available ring (the
+/// index is published by the driver), every transmit descriptor on the
+/// one frame, transmit interrupts off.
+fn net_loop_region(base: u32, frame_len: u32) -> Vec<u8> {
+    use region::*;
+    let mut b = vec![0u8; BLOB_END as usize];
+    let all: Vec<u16> = (0..QUEUE_SIZE).collect();
+    for i in 0..u32::from(QUEUE_SIZE) {
+        let rx = base + net_loop::RX_BUFS + i * net_loop::RX_BUF_LEN;
+        put(
+            &mut b,
+            DESC0 + 16 * i,
+            &desc(rx, net_loop::RX_BUF_LEN, DESC_WRITE, 0),
+        );
+        put(
+            &mut b,
+            DESC1 + 16 * i,
+            &desc(base + HEADERS, NET_HDR + frame_len, 0, 0),
+        );
+    }
+    avail(&mut b, AVAIL0, &all);
+    avail(&mut b, AVAIL1, &all);
+    put(&mut b, AVAIL1, &AVAIL_F_NO_INTERRUPT.to_le_bytes());
+    // The e1000 guest's frame: both addresses the NIC's MAC (the driver
+    // writes them), a local ethertype, 0x5a up to the end, the sequence
+    // number at 14.
+    let frame = HEADERS + NET_HDR;
+    put(&mut b, frame, &vec![0x5a; frame_len as usize]);
+    put(&mut b, frame + 12, &ETHERTYPE_LOCAL.to_be_bytes());
+    b
+}
+
+/// The frame loop (RBX = the NIC's record); falls through when done.
+fn emit_net_loop(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+    frames: u32,
+    frame_len: u32,
+) -> Result<(), IcedError> {
+    use devices::virtio::net::{RX_QUEUE, TX_QUEUE};
+    let l = s.looped.as_ref().expect("the loop's strings");
+    let frame = region::HEADERS + NET_HDR;
+    let used_len = NET_HDR + frame_len;
+    let half = u32::from(QUEUE_SIZE / 2);
+    let mut done = a.create_label();
+    let mut bad = a.create_label();
+    emit_device_intro(a, s, routines, s.net, done)?;
+    a.mov(r14d, F_NET_MAC)?;
+    a.mov(r15d, 2)?;
+    a.call(d.bring_up)?;
+    a.jc(done)?;
+    // The MAC into both addresses of the frame, then printed.
+    a.mov(r12, qword_ptr(rbx + rec::REGION))?;
+    a.xor(ecx, ecx)?;
+    a.call(d.config_read)?;
+    a.mov(dword_ptr(r12 + frame), eax)?;
+    a.mov(dword_ptr(r12 + (frame + 6)), eax)?;
+    a.mov(ecx, 4)?;
+    a.call(d.config_read)?;
+    a.mov(word_ptr(r12 + (frame + 4)), ax)?;
+    a.mov(word_ptr(r12 + (frame + 10)), ax)?;
+    routines.print(a, s.mac)?;
+    emit_hex_bytes(a, routines, frame, 6, s.colon)?;
+    routines.print(a, s.line_end)?;
+    // Every receive buffer, one notification.
+    a.mov(word_ptr(r12 + (region::AVAIL0 + 2)), u32::from(QUEUE_SIZE))?;
+    a.mov(ecx, RX_QUEUE as u32)?;
+    a.call(d.notify)?;
+
+    // R13 = frame number, R14 = checksum, R15 = interrupts before the send.
+    let mut next = a.create_label();
+    let mut wait = a.create_label();
+    let mut arrived = a.create_label();
+    let mut no_kick = a.create_label();
+    a.xor(r13d, r13d)?;
+    a.xor(r14d, r14d)?;
+    a.set_label(&mut next)?;
+    a.mov(dword_ptr(r12 + (frame + 14)), r13d)?;
+    a.mov(r15d, dword_ptr(rbx + rec::IRQ_COUNT))?;
+    a.inc(word_ptr(r12 + (region::AVAIL1 + 2)))?;
+    a.mov(ecx, TX_QUEUE as u32)?;
+    a.call(d.notify)?;
+    a.set_label(&mut wait)?;
+    a.cmp(dword_ptr(rbx + rec::IRQ_COUNT), r15d)?;
+    a.jne(arrived)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.jmp(wait)?;
+    a.set_label(&mut arrived)?;
+    // The used ring has this frame: index = frame + 1, element frame % 16
+    // = (buffer id, length).
+    a.movzx(eax, word_ptr(r12 + (region::USED0 + 2)))?;
+    a.lea(ecx, dword_ptr(r13 + 1))?;
+    a.movzx(ecx, cx)?;
+    a.cmp(eax, ecx)?;
+    a.jne(bad)?;
+    a.mov(eax, r13d)?;
+    a.and(eax, i32::from(QUEUE_SIZE - 1))?;
+    a.mov(esi, dword_ptr(r12 + rax * 8 + (region::USED0 + 4)))?;
+    a.cmp(
+        dword_ptr(r12 + rax * 8 + (region::USED0 + 8)),
+        used_len as i32,
+    )?;
+    a.jne(bad)?;
+    a.cmp(esi, i32::from(QUEUE_SIZE))?;
+    a.jae(bad)?;
+    // RDI = the buffer's frame.
+    a.mov(edi, esi)?;
+    a.shl(edi, net_loop::RX_BUF_LEN.trailing_zeros())?;
+    a.add(rdi, r12)?;
+    a.add(rdi, (net_loop::RX_BUFS + NET_HDR) as i32)?;
+    a.mov(eax, dword_ptr(rdi + 14))?;
+    a.cmp(eax, r13d)?;
+    a.jne(bad)?;
+    // checksum = rotl(checksum, 5) ^ (sequence + last byte), as the e1000's.
+    a.rol(r14d, 5)?;
+    a.movzx(ecx, byte_ptr(rdi + (frame_len - 1) as i32))?;
+    a.add(eax, ecx)?;
+    a.xor(r14d, eax)?;
+    // The buffer back into the receive ring.
+    a.movzx(eax, word_ptr(r12 + (region::AVAIL0 + 2)))?;
+    a.and(eax, i32::from(QUEUE_SIZE - 1))?;
+    a.mov(word_ptr(r12 + rax * 2 + (region::AVAIL0 + 4)), si)?;
+    a.inc(word_ptr(r12 + (region::AVAIL0 + 2)))?;
+    a.inc(r13d)?;
+    a.test(r13d, (half - 1) as i32)?;
+    a.jnz(no_kick)?;
+    a.mov(ecx, RX_QUEUE as u32)?;
+    a.call(d.notify)?;
+    a.set_label(&mut no_kick)?;
+    a.cmp(r13d, frames as i32)?;
+    a.jb(next)?;
+
+    routines.print(a, l.sent)?;
+    a.mov(eax, frames)?;
+    decimal.print(a)?;
+    routines.print(a, l.bytes)?;
+    a.mov(eax, frames.wrapping_mul(frame_len))?;
+    decimal.print(a)?;
+    routines.print(a, l.irqs)?;
+    a.mov(eax, dword_ptr(rbx + rec::IRQ_COUNT))?;
+    decimal.print(a)?;
+    routines.print(a, l.sum)?;
+    a.mov(eax, r14d)?;
+    hex(a, routines, 8)?;
+    routines.print(a, s.line_end)?;
+    a.jmp(done)?;
+
+    a.set_label(&mut bad)?;
+    routines.print(a, l.bad)?;
+    a.mov(eax, r13d)?;
+    decimal.print(a)?;
+    routines.print(a, s.line_end)?;
+    a.set_label(&mut done)?;
+    a.cli()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1160,5 +1483,8 @@ mod tests {
     #[test]
     fn assembles_and_decodes() {
         testing::check_program(&program());
+        for t in [VirtioTransport::Pci, VirtioTransport::Mmio] {
+            testing::check_program(&net_loop_program(t, 16, 1514));
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct VirtioMmio {
     line: Box<dyn IrqLine>,
     level: bool,
     malformed: LogOnce,
+    /// Line assertions (a statistic, not state).
+    interrupts: u64,
 }
 
 fn set_low(v: &mut u64, low: u32) {
@@ -89,7 +91,13 @@ impl VirtioMmio {
             line,
             level: false,
             malformed: LogOnce::new(),
+            interrupts: 0,
         }
+    }
+
+    /// Interrupts raised so far (line assertions).
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 
     pub fn core(&self) -> &VirtioCore {
@@ -111,6 +119,7 @@ impl VirtioMmio {
         let level = self.interrupt_status != 0;
         if level != self.level {
             self.level = level;
+            self.interrupts += u64::from(level);
             self.line.set_level(level);
         }
     }

@@ -141,6 +141,9 @@ pub struct VirtioPci {
     intx_line: Box<dyn IrqLine>,
     intx_level: bool,
     msi_sink: Arc<dyn MsiSink>,
+    /// Interrupts raised (MSI-X messages sent, INTx assertions): a
+    /// statistic, not state.
+    interrupts: u64,
 }
 
 impl VirtioPci {
@@ -228,6 +231,7 @@ impl VirtioPci {
             queue_vectors: vec![NO_VECTOR; queues],
             intx_line,
             intx_level: false,
+            interrupts: 0,
             msi_sink,
         }
     }
@@ -242,8 +246,14 @@ impl VirtioPci {
         self.signal(s);
     }
 
+    /// Interrupts raised so far (MSI-X messages sent, INTx assertions).
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
+    }
+
     fn send(&mut self, m: Option<MsiMessage>) {
         if let Some(m) = m {
+            self.interrupts += 1;
             self.msi_sink.signal_msi(m);
         }
     }
@@ -288,6 +298,7 @@ impl VirtioPci {
         let level = self.isr != 0 && self.config.command() & command::INTX_DISABLE == 0;
         if level != self.intx_level {
             self.intx_level = level;
+            self.interrupts += u64::from(level);
             self.intx_line.set_level(level);
         }
     }

@@ -32,6 +32,7 @@ const DESCRIPTOR_SIZE: u64 = 16;
 const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+const AVAIL_F_NO_INTERRUPT: u16 = virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// What is wrong with a queue or one of its chains (guest input).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -328,6 +329,18 @@ impl Virtqueue {
     /// After adding used buffers: does the driver want an interrupt
     /// (event index or the NO_INTERRUPT flag)?
     pub fn needs_interrupt(&mut self) -> bool {
+        // Without VIRTIO_F_EVENT_IDX the driver turns interrupts off with
+        // VIRTQ_AVAIL_F_NO_INTERRUPT in the available ring's flags (virtio
+        // 1.2, 2.7.10); `virtio-queue` does not look at it.
+        if !self.queue.event_idx_enabled() {
+            let flags: u16 = self
+                .mem
+                .read_obj(GuestAddress(self.queue.avail_ring()))
+                .unwrap_or(0);
+            if u16::from_le(flags) & AVAIL_F_NO_INTERRUPT != 0 {
+                return false;
+            }
+        }
         self.queue.needs_notification(&self.mem).unwrap_or(true)
     }
 
@@ -586,6 +599,29 @@ mod tests {
         v.add_used(c.head, 16).unwrap();
         assert_eq!(d.take_used(&mem), vec![(0, 16)]);
         assert_eq!(v.pop().unwrap(), None);
+    }
+
+    /// Without the event index, VIRTQ_AVAIL_F_NO_INTERRUPT in the
+    /// available ring's flags silences the queue; clearing it restores
+    /// interrupts.
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_index() {
+        let mem = memory();
+        let mut d = DriverQueue::new(0x1000, 8);
+        let mut v = queue(&mem, &d);
+        d.add_chain(&mem, &[(b"", 16, true)]);
+        let c = v.pop().unwrap().unwrap();
+        v.add_used(c.head, 0).unwrap();
+        assert!(v.needs_interrupt());
+        mem.write_obj(AVAIL_F_NO_INTERRUPT, GuestAddress(d.config().driver))
+            .unwrap();
+        d.add_chain(&mem, &[(b"", 16, true)]);
+        let c = v.pop().unwrap().unwrap();
+        v.add_used(c.head, 0).unwrap();
+        assert!(!v.needs_interrupt());
+        mem.write_obj(0u16, GuestAddress(d.config().driver))
+            .unwrap();
+        assert!(v.needs_interrupt());
     }
 
     #[test]
