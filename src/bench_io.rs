@@ -239,8 +239,29 @@ fn run_once(cell: &Cell, frames: u32, frame_len: u32) -> Result<Run, String> {
     })
 }
 
-/// Measure one cell.
-pub fn measure(cell: &Cell, frames: u32) -> Result<Metrics, String> {
+/// Measure one cell `runs` times: each metric is the median of the runs.
+pub fn measure(cell: &Cell, frames: u32, runs: u32) -> Result<Metrics, String> {
+    let all = (0..runs.max(1))
+        .map(|_| measure_once(cell, frames))
+        .collect::<Result<Vec<_>, _>>()?;
+    let median = |f: &dyn Fn(&Metrics) -> f64| -> f64 {
+        let mut v: Vec<f64> = all.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Metrics {
+        throughput_mb_s: median(&|m| m.throughput_mb_s),
+        accesses_per_mb: median(&|m| m.accesses_per_mb),
+        interrupts_per_mb: median(&|m| m.interrupts_per_mb),
+        instructions_per_packet: all[0]
+            .instructions_per_packet
+            .map(|_| median(&|m| m.instructions_per_packet.unwrap_or(0.0))),
+        rtt_us: median(&|m| m.rtt_us),
+        cpu_s_per_mb: median(&|m| m.cpu_s_per_mb),
+    })
+}
+
+fn measure_once(cell: &Cell, frames: u32) -> Result<Metrics, String> {
     let big = run_once(cell, frames, e1000_loop::FRAME_LEN)?;
     let small = run_once(cell, LATENCY_FRAMES, SMALL_FRAME)?;
     let mb = f64::from(frames) * f64::from(e1000_loop::FRAME_LEN) / 1e6;
@@ -439,7 +460,8 @@ pub fn html(results: &[(Cell, CellResult)], command: &str, host: &str) -> String
         "<p>Workload: a built-in guest with a small NIC driver sends each frame through a \
          loopback backend and waits for its receive interrupt. Throughput uses full-size \
          frames; the round trip is timed with 64-byte frames. Device accesses are VM exits on \
-         KVM and I/O callbacks on the interpreter.</p>\n",
+         KVM and I/O callbacks on the interpreter. Each value is the median of the cell's runs \
+         (<code>--runs</code>, 3 by default).</p>\n",
     );
     for (k, title) in METRICS {
         s.push_str(&plot(k, title, results));
@@ -516,11 +538,13 @@ pub fn markdown(results: &[(Cell, CellResult)]) -> String {
     s
 }
 
-/// Run the matrix (`cells`), one progress line per cell on `progress`,
-/// and write the CSV and HTML into `out`. Returns the results.
+/// Run the matrix (`cells`), each cell `runs` times (the medians are
+/// reported), one progress line per cell on `progress`, and write the CSV
+/// and HTML into `out`. Returns the results.
 pub fn run(
     cells: &[Cell],
     frames: u32,
+    runs: u32,
     out: &Path,
     command: &str,
     progress: &mut dyn std::io::Write,
@@ -539,7 +563,7 @@ pub fn run(
         let _ = progress.flush();
         let r = match unavailable(c, &kvm) {
             Some(why) => CellResult::Skipped(why),
-            None => match measure(c, frames) {
+            None => match measure(c, frames, runs) {
                 Ok(m) => CellResult::Measured(m),
                 Err(e) => CellResult::Skipped(format!("failed: {e}")),
             },

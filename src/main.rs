@@ -210,6 +210,9 @@ struct BenchArgs {
     /// `bench io`: full-size frames per throughput run.
     #[arg(long, default_value_t = duet::bench_io::DEFAULT_FRAMES)]
     frames: u32,
+    /// `bench io`: runs per cell (each metric is the median).
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -1323,6 +1326,7 @@ fn bench_io(args: &BenchArgs) -> Result<ExitCode> {
     let results = duet::bench_io::run(
         &cells,
         args.frames.max(1),
+        args.runs.max(1),
         &args.out,
         &command.join(" "),
         &mut std::io::stdout(),

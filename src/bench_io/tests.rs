@@ -55,7 +55,7 @@ fn report_parses_and_plots_the_csv_values() {
         .collect();
     let out = std::env::temp_dir().join(format!("duet-bench-io-{}", std::process::id()));
     let mut progress = Vec::new();
-    let results = run(&cells, 64, &out, "duet bench io (test)", &mut progress).unwrap();
+    let results = run(&cells, 64, 1, &out, "duet bench io (test)", &mut progress).unwrap();
     let progress = String::from_utf8(progress).unwrap();
     assert_eq!(progress.lines().count(), cells.len(), "{progress}");
     let csv_text = std::fs::read_to_string(out.join("io-results.csv")).unwrap();
