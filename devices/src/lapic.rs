@@ -435,6 +435,7 @@ pub struct LapicState {
     /// Expiries delivered since `timer_start_ns`.
     pub timer_expiries: u64,
     /// Periodic expiries merged into others, owed to the guest.
+    #[serde(default)]
     pub timer_lost: u32,
     /// IA32_TSC_DEADLINE (0 = disarmed).
     pub tsc_deadline: u64,

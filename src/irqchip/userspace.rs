@@ -49,6 +49,7 @@ pub struct UserspaceIrqChip {
     c: Arc<Controllers>,
     lines: Vec<Arc<SharedLine>>,
     pit: Arc<Mutex<Pit8254>>,
+    legacy_gate: Arc<devices::irq::IrqGate>,
 }
 
 /// The PIC's INTR output, wired to LINT0 of the bootstrap processor.
@@ -283,12 +284,19 @@ impl UserspaceIrqChip {
                 SharedLine::new(Box::new(move |level| c.set_line(gsi, level)))
             })
             .collect();
+        // The PIT's IRQ0 passes a gate the HPET's legacy replacement closes.
+        let legacy_gate = devices::irq::IrqGate::new();
         let pit = Arc::new(Mutex::new(Pit8254::new(
             cfg.clock.clone(),
-            Box::new(lines[0].source()),
+            Box::new(legacy_gate.line(Box::new(lines[0].source()))),
             cfg.taint.clone(),
         )));
-        Arc::new(UserspaceIrqChip { c, lines, pit })
+        Arc::new(UserspaceIrqChip {
+            c,
+            lines,
+            pit,
+            legacy_gate,
+        })
     }
 
     pub fn controllers(&self) -> &Arc<Controllers> {
@@ -345,6 +353,10 @@ impl IrqChip for UserspaceIrqChip {
 
     fn msi_sink(&self) -> Arc<dyn MsiSink> {
         self.c.clone()
+    }
+
+    fn legacy_timer_gate(&self) -> Option<Arc<devices::irq::IrqGate>> {
+        Some(self.legacy_gate.clone())
     }
 
     fn deliver(&self, msg: InterruptMessage) {
