@@ -473,6 +473,7 @@ mod tests {
                     gsi: 21,
                 },
             ],
+            ..Default::default()
         };
         let d = dsdt_with(&cfg);
         assert!(checksum_ok(&d));

@@ -121,6 +121,8 @@ pub struct ChipConfig {
     pub lapic_timer_hz: u64,
     /// The guest's TSC frequency.
     pub tsc_hz: u64,
+    /// The guest's MAXPHYADDR (the backend's [`backend::Backend::phys_addr_bits`]).
+    pub phys_addr_bits: u32,
 }
 
 /// The machine's interrupt controllers.

@@ -437,6 +437,7 @@ impl Machine {
                 taint: taint.clone(),
                 lapic_timer_hz: u64::from(backend::interp::LAPIC_TIMER_HZ),
                 tsc_hz,
+                phys_addr_bits: be.phys_addr_bits(),
             },
         )?;
 

@@ -252,14 +252,16 @@ impl UserspaceIrqChip {
     pub fn build(cfg: ChipConfig) -> Arc<UserspaceIrqChip> {
         let lapics: Vec<Arc<Mutex<Lapic>>> = (0..cfg.vcpus.max(1))
             .map(|id| {
-                Arc::new(Mutex::new(Lapic::new(
+                let mut l = Lapic::new(
                     id as u32,
                     id == 0,
                     cfg.clock.clone(),
                     cfg.taint.clone(),
                     cfg.lapic_timer_hz,
                     cfg.tsc_hz,
-                )))
+                );
+                l.set_phys_addr_bits(cfg.phys_addr_bits);
+                Arc::new(Mutex::new(l))
             })
             .collect();
         let c = Arc::new(Controllers {
@@ -568,6 +570,7 @@ mod tests {
             taint: TimeTaint::new(),
             lapic_timer_hz: 1_000_000_000,
             tsc_hz: 1_000_000_000,
+            phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
         })
     }
 
