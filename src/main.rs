@@ -393,8 +393,9 @@ struct RunArgs {
     /// Example: --rng transport=mmio
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     rng: Option<duet::device_args::RngSpec>,
-    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH
-    /// or virtio,stdio, with [,transport=pci|mmio].
+    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH,
+    /// virtio,stdio, virtio,pty (a new pseudo-terminal, its path on stderr)
+    /// or virtio,null, with [,transport=pci|mmio].
     ///
     /// Example: --console-device virtio,socket=/tmp/hvc0
     #[arg(long = "console-device", value_name = "SPEC")]
@@ -420,6 +421,7 @@ struct RunArgs {
         long,
         value_name = "N",
         default_value_t = 50_000_000,
+        value_parser = parse_checkpoint_every,
         requires = "record"
     )]
     checkpoint_every: u64,
@@ -429,6 +431,12 @@ struct RunArgs {
     /// Example: --device-trace guest.devtrace
     #[arg(long, value_name = "FILE")]
     device_trace: Option<PathBuf>,
+}
+
+fn parse_checkpoint_every(s: &str) -> std::result::Result<u64, String> {
+    s.replace('_', "").parse().map_err(|_| {
+        "expected a whole number of instructions (e.g. 50000000; 0: only at the end)".to_string()
+    })
 }
 
 fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
@@ -689,7 +697,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         | MachineError::MemoryAlloc { .. }
         | MachineError::MemoryTooLarge { .. } => anyhow!("--memory {memory_text}: {e}"),
         MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
-            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+            // The same error type serves --trace and --device-trace.
+            let flag = if args
+                .trace
+                .as_ref()
+                .is_some_and(|t| t.display().to_string() == path)
+            {
+                "--trace"
+            } else {
+                "--device-trace"
+            };
+            anyhow!("{flag} {path}: cannot create it: {}", io_reason(&source))
         }
         e => anyhow!(e),
     })?;
@@ -754,8 +772,15 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     stop_signals.spawn_waiter(m.control(), m.kicker())?;
     if let Some(r) = &record {
         if r.full {
-            let w = duet::replay::log::LogWriter::create(&r.path, &r.header)
-                .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+            let w =
+                duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
+                    duet::replay::log::LogError::Open { source, .. } => anyhow!(
+                        "--record {}: cannot create it: {}",
+                        r.path.display(),
+                        io_reason(&source)
+                    ),
+                    e => anyhow!("--record {}: {e}", r.path.display()),
+                })?;
             let door = duet::replay::Door::record(w, args.checkpoint_every)
                 .with_net_log(r.net_log.clone());
             m.set_door(door);

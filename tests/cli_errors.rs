@@ -396,3 +396,93 @@ fn bench_and_difftest_errors() {
          try '--help'.\n",
     );
 }
+
+/// The newer options: each bad value gives one line naming the option, the
+/// value and what is accepted.
+#[test]
+fn newer_option_errors() {
+    fails_with(
+        &["--guest", "long-mode", "--tier", "bogus"],
+        &invalid_choice("bogus", "--tier <TIER>", "interp, jit"),
+    );
+    fails_with(
+        &["--guest", "long-mode", "--cpu", "bogus"],
+        &invalid(
+            "bogus",
+            "--cpu <MODEL>",
+            "unknown CPU model 'bogus' (x86-64-v1, x86-64-v2, x86-64-v3 or max)",
+        ),
+    );
+    fails_with(
+        &["--guest", "long-mode", "--seccomp", "maybe"],
+        &invalid_choice("maybe", "--seccomp <on|off>", "on, off"),
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--trace",
+            "/tmp/t",
+            "--trace-limit",
+            "12Q",
+        ],
+        &invalid(
+            "12Q",
+            "--trace-limit <SIZE>",
+            "unknown unit 'Q' (use K, M, G or T, e.g. 256M)",
+        ),
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--record",
+            "/tmp/r.log",
+            "--checkpoint-every",
+            "often",
+        ],
+        &invalid(
+            "often",
+            "--checkpoint-every <N>",
+            "expected a whole number of instructions (e.g. 50000000; 0: only at the end)",
+        ),
+    );
+    fails_with(
+        &[
+            "--backend",
+            "interp",
+            "--guest",
+            "long-mode",
+            "--record",
+            "/nonexistent/dir/run.log",
+        ],
+        "duet: error: --record /nonexistent/dir/run.log: cannot create it: no such directory \
+         (check the path)\n",
+    );
+    fails_with(
+        &[
+            "--backend",
+            "interp",
+            "--guest",
+            "long-mode",
+            "--device-trace",
+            "/nonexistent/dir/run.devtrace",
+        ],
+        "duet: error: --device-trace /nonexistent/dir/run.devtrace: cannot create it: no such \
+         directory (check the path)\n",
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--console-device",
+            "virtio,pty,bogus",
+        ],
+        &invalid(
+            "virtio,pty,bogus",
+            "--console-device <SPEC>",
+            "unknown key 'bogus' (accepted: virtio, file=PATH, socket=PATH, stdio, pty, null, \
+             transport=pci|mmio)",
+        ),
+    );
+}

@@ -132,10 +132,14 @@ const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// First x2APIC MSR (0x800–0x8ff).
 const MSR_X2APIC_FIRST: u32 = 0x800;
-/// IA32_APIC_BASE bits a WRMSR may set (BSP, x2APIC enable, enable, base
-/// below 64 GiB): the interpreter's check, applied when duet stores the
-/// value for a machine that does not own the MSR.
-const APIC_BASE_WRITABLE: u64 = 0xf_ffff_fd00;
+/// The guest's MAXPHYADDR in `cpuid` (leaf 0x80000008 EAX[7:0]; 36 when
+/// the leaf is absent, as the SDM says).
+fn cpuid_phys_addr_bits(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> u32 {
+    cpuid
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(devices::lapic::DEFAULT_PHYS_ADDR_BITS, |e| e.eax & 0xff)
+}
 
 /// The machine's MSRs, as `(first, count)`: KVM's MSR filter denies guest
 /// accesses to them, which `KVM_MSR_EXIT_REASON_FILTER` turns into exits to
@@ -739,6 +743,7 @@ impl KvmBackend {
             fallback_enabled: true,
             interp: None,
             guest_xcr0,
+            phys_addr_bits: cpuid_phys_addr_bits(effective.as_slice()),
             exits: BTreeMap::new(),
             fallbacks: 0,
             fallback_mnemonics: HashMap::new(),
@@ -1047,6 +1052,10 @@ impl Backend for KvmBackend {
             khz => Some(khz),
         }
     }
+
+    fn phys_addr_bits(&self) -> u32 {
+        cpuid_phys_addr_bits(self.supported_cpuid.as_slice())
+    }
 }
 
 /// Drives the in-kernel irqchip's GSIs (`KVM_IRQ_LINE`) from device lines.
@@ -1115,6 +1124,8 @@ pub struct KvmVcpu {
     /// The XSAVE state components the guest's CPUID (leaf 0xD) offers, as
     /// KVM finally set it up.
     guest_xcr0: u64,
+    /// The guest's MAXPHYADDR (its CPUID as KVM finally set it up).
+    phys_addr_bits: u32,
     exits: BTreeMap<&'static str, u64>,
     fallbacks: u64,
     fallback_mnemonics: HashMap<Mnemonic, u64>,
@@ -1537,7 +1548,7 @@ impl KvmVcpu {
     /// Store IA32_APIC_BASE in KVM as a guest WRMSR would (the interpreter's
     /// reserved-bit check). False if the value is refused (#GP).
     fn store_apic_base(&mut self, v: u64) -> Result<bool> {
-        if v & !APIC_BASE_WRITABLE != 0 {
+        if v & !devices::lapic::apic_base_writable(self.phys_addr_bits) != 0 {
             return Ok(false);
         }
         let entry = kvm_msr_entry {
