@@ -212,6 +212,72 @@ fn a_kvm_recording_replays_at_the_device_level() {
     assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
 }
 
+/// The seccomp filter of a process, from /proc (0: none, 2: a filter).
+fn seccomp_mode(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A KVM recording opens its log and reads its device trace back through
+/// descriptors opened before the run, so the seccomp filter is on while
+/// the guest runs; the log then replays and no temporary file is left.
+#[test]
+fn a_kvm_recording_runs_under_the_seccomp_filter() {
+    if !common::kvm_or_skip("a_kvm_recording_runs_under_the_seccomp_filter") {
+        return;
+    }
+    let dir = tmp("kvm-seccomp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("echo.log");
+    let out = dir.join("echo.serial");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "--guest",
+            "serial-echo",
+            "--record",
+            p(&log),
+            "--serial",
+            &format!("file={}", p(&out)),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    // The guest waits for its input: the filter must be on by then.
+    let mut mode = None;
+    for _ in 0..400 {
+        mode = seccomp_mode(c.id());
+        if mode == Some(2) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut i = c.stdin.take().unwrap();
+    i.write_all(b"duet-rx!").unwrap();
+    drop(i);
+    let o = c.wait_with_output().expect("duet output");
+    assert_eq!(mode, Some(2), "seccomp mode of the recording duet");
+    assert!(o.status.success(), "record on KVM: {}", stderr(&o));
+    let serial = std::fs::read_to_string(&out).unwrap();
+    assert!(serial.contains("received \"duet-rx!\""), "{serial:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "files left: {left:?}");
+    let o = duet(&["replay", p(&log)], b"");
+    assert!(o.status.success(), "device-level replay: {}", stderr(&o));
+    assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn golden_traces() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/devices");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
