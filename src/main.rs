@@ -1171,8 +1171,14 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         ..MachineConfig::new(BackendKind::Interp, port.take_output())
     };
     let mut m = Machine::new(cfg)?;
-    let mut door =
-        duet::replay::Door::replay(reader).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let mut door = duet::replay::Door::replay(reader).map_err(|e| {
+        // A recording that was killed: say how much of it is intact.
+        let intact = std::fs::read(&args.log)
+            .ok()
+            .and_then(|b| duet::replay::log::read_complete(&b).ok())
+            .map_or_else(String::new, |s| format!(" ({})", s.describe()));
+        anyhow!("{}: {e}{intact}", args.log.display())
+    })?;
     let scripts = (0..nets.len()).map(|i| door.net_script(i)).collect();
     let _devices = duet::virtio::plug(
         &mut m,

@@ -418,6 +418,72 @@ fn a_linux_boot_with_typed_commands_replays_bit_exact() {
     }
 }
 
+/// A recording killed with SIGKILL in the middle of a Linux boot: the log
+/// holds every frame written before the kill (a frame is flushed at each
+/// checkpoint), `duet replay` refuses it with status 1, the byte offset and
+/// how much of it is intact, never a panic; the intact part reads back.
+#[test]
+fn a_killed_recording_is_refused_cleanly_and_its_complete_part_reads() {
+    let kit = linux_kit();
+    let log = tmp("killed.log");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--kernel",
+            p(&kit.join("vmlinux-cloud")),
+            "--initrd",
+            p(&kit.join("initramfs.cpio.gz")),
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--serial",
+            "null",
+            "--checkpoint-every",
+            "2000000",
+            "--record",
+            p(&log),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    // Wait for a few frames, then kill it mid-run.
+    let mut size = 0;
+    for _ in 0..1200 {
+        size = std::fs::metadata(&log).map_or(0, |m| m.len());
+        if size > 3000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let alive = c.try_wait().unwrap().is_none();
+    c.kill().unwrap();
+    let st = c.wait().unwrap();
+    assert!(alive, "the boot ended before it was killed");
+    assert!(size > 3000, "the recording wrote {size} bytes");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+    let bytes = std::fs::read(&log).unwrap();
+    let s = duet::replay::log::read_complete(&bytes).expect("the header is whole");
+    assert!(s.damage.is_some(), "a killed log has no end marker");
+    let (index, icount) = s.last_checkpoint().expect("a complete checkpoint");
+    assert!(index >= 1 && icount >= 2_000_000, "{index} at {icount}");
+    let o = duet(&["replay", p(&log), "--serial", "null"], b"");
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(
+        e.contains("truncated at byte")
+            && e.contains("cut short")
+            && e.contains(&format!(
+                "through checkpoint {index} at instruction {icount}"
+            )),
+        "{e}"
+    );
+    std::fs::remove_file(&log).ok();
+}
+
 /// A network exchange over `--net user` (DHCP, then an HTTP download
 /// from a server on 127.0.0.1) recorded on the interpreter, replayed with
 /// no network at all: the same serial output, the same final state.
