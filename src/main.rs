@@ -770,33 +770,35 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let input = m.serial_input();
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
     stop_signals.spawn_waiter(m.control(), m.kicker())?;
+    // Every file a recording writes or reads is open before the run, so
+    // the seccomp filter (no open) holds for recordings too.
+    let mut kvm_log = None;
     if let Some(r) = &record {
+        let w =
+            duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
+                duet::replay::log::LogError::Open { source, .. } => anyhow!(
+                    "--record {}: cannot create it: {}",
+                    r.path.display(),
+                    io_reason(&source)
+                ),
+                e => anyhow!("--record {}: {e}", r.path.display()),
+            })?;
         if r.full {
-            let w =
-                duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
-                    duet::replay::log::LogError::Open { source, .. } => anyhow!(
-                        "--record {}: cannot create it: {}",
-                        r.path.display(),
-                        io_reason(&source)
-                    ),
-                    e => anyhow!("--record {}: {e}", r.path.display()),
-                })?;
             let door = duet::replay::Door::record(w, args.checkpoint_every)
                 .with_net_log(r.net_log.clone());
             m.set_door(door);
+        } else {
+            kvm_log = Some(open_kvm_log(r, w)?);
         }
     }
-    // A KVM recording assembles its log from the device trace after the
-    // run, which needs files opened then: no filter for it.
-    let after_run_files = record.as_ref().is_some_and(|r| !r.full);
-    if args.seccomp == SeccompArg::On && !after_run_files {
+    if args.seccomp == SeccompArg::On {
         duet::sandbox::apply_to_all_threads()?;
     }
     let outcome = m.run();
     drop(raw);
     let outcome = outcome?;
     if let Some(r) = &record {
-        finish_record(r, &m, &outcome)?;
+        finish_record(r, &m, &outcome, kvm_log)?;
     }
     let status = outcome.exit_status();
     if status != 0 || matches!(outcome, duet::machine::Outcome::HostSignal(_)) {
@@ -1008,10 +1010,44 @@ fn prepare_record(
     })
 }
 
+/// A KVM recording's log, opened before the run: the writer (its header
+/// written) and the device trace the run writes, opened for reading.
+struct KvmLog {
+    writer: duet::replay::log::LogWriter,
+    trace: std::fs::File,
+}
+
+/// Open what a KVM recording needs after its run. The device trace's
+/// temporary file is unlinked at once (the open descriptor keeps it), so
+/// no file is left behind whatever happens to the run.
+fn open_kvm_log(r: &Recording, writer: duet::replay::log::LogWriter) -> Result<KvmLog> {
+    let path = r
+        .device_trace
+        .as_ref()
+        .ok_or_else(|| anyhow!("--record: no device trace for a KVM recording"))?;
+    let trace = std::fs::File::open(path).map_err(|e| {
+        anyhow!(
+            "--record: opening the device trace {}: {}",
+            path.display(),
+            io_reason(&e)
+        )
+    })?;
+    if *path == r.path.with_extension("devtrace.tmp") {
+        std::fs::remove_file(path).ok();
+    }
+    Ok(KvmLog { writer, trace })
+}
+
 /// After a recorded run: report the log; a KVM recording's device trace
 /// goes into its log.
-fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -> Result<()> {
-    use duet::replay::log::{EndRecord, Event, LogWriter};
+fn finish_record(
+    r: &Recording,
+    m: &Machine,
+    outcome: &duet::machine::Outcome,
+    kvm: Option<KvmLog>,
+) -> Result<()> {
+    use duet::replay::log::{EndRecord, Event};
+    use std::io::Read;
     if r.full {
         if let Some(s) = m.door_summary() {
             eprintln!(
@@ -1024,17 +1060,17 @@ fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -
         }
         return Ok(());
     }
-    let Some(trace) = &r.device_trace else {
+    let Some(KvmLog {
+        writer: mut w,
+        mut trace,
+    }) = kvm
+    else {
         return Ok(());
     };
-    let text = std::fs::read(trace).map_err(|e| {
-        anyhow!(
-            "--record: reading the device trace {}: {e}",
-            trace.display()
-        )
-    })?;
-    let mut w = LogWriter::create(&r.path, &r.header)
-        .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+    let mut text = Vec::new();
+    trace
+        .read_to_end(&mut text)
+        .map_err(|e| anyhow!("--record: reading the device trace back: {e}"))?;
     for chunk in text.chunks(32 << 10) {
         w.push(&Event::DeviceTrace {
             bytes: chunk.to_vec(),
@@ -1050,11 +1086,6 @@ fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -
         },
     })?;
     let bytes = w.finish()?;
-    if r.device_trace.as_ref() != Some(&r.path.with_extension("devtrace.tmp")) {
-        // The user asked for the device trace too: keep it.
-    } else {
-        std::fs::remove_file(trace).ok();
-    }
     eprintln!(
         "duet: recorded the device trace ({} lines, device-level: KVM counts no instructions) in {} bytes in {}",
         text.iter().filter(|&&b| b == b'\n').count(),
@@ -1193,8 +1224,14 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         ..MachineConfig::new(BackendKind::Interp, port.take_output())
     };
     let mut m = Machine::new(cfg)?;
-    let mut door =
-        duet::replay::Door::replay(reader).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let mut door = duet::replay::Door::replay(reader).map_err(|e| {
+        // A recording that was killed: say how much of it is intact.
+        let intact = std::fs::read(&args.log)
+            .ok()
+            .and_then(|b| duet::replay::log::read_complete(&b).ok())
+            .map_or_else(String::new, |s| format!(" ({})", s.describe()));
+        anyhow!("{}: {e}{intact}", args.log.display())
+    })?;
     let scripts = (0..nets.len()).map(|i| door.net_script(i)).collect();
     let _devices = duet::virtio::plug(
         &mut m,
