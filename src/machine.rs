@@ -396,22 +396,29 @@ impl Machine {
         let mem = create_memory(cfg.memory)?;
         let control = VmControl::new();
         let taint = TimeTaint::new();
-        let vclock = (cfg.clock != ClockKind::Host).then(VirtualClock::new);
-        // On the interpreter duet reads the clock every few microseconds
-        // while the guest runs, so it can hide the host's stalls (see
-        // `HostClock`); KVM runs the guest out of sight.
-        let host_clock = vclock.is_none().then(|| {
-            Arc::new(if cfg.backend == BackendKind::Interp {
-                HostClock::compensating()
-            } else {
-                HostClock::new()
-            })
-        });
-        let clock: Arc<dyn Clock> = match (&cfg.manual_clock, &vclock, &host_clock) {
-            (Some(m), _, _) => m.clone(),
-            (None, Some(v), _) => Arc::new(v.clone()),
-            (None, None, Some(h)) => h.clone(),
-            (None, None, None) => Arc::new(HostClock::new()),
+        // Exactly one of the two clocks exists: instruction-count time
+        // (virtual, recorded) or the host's. On the interpreter duet reads
+        // the host clock every few microseconds while the guest runs, so it
+        // can hide the host's stalls (see `HostClock`); KVM runs the guest
+        // out of sight.
+        let (vclock, host_clock, machine_clock): (_, _, Arc<dyn Clock>) = match cfg.clock {
+            ClockKind::Virtual | ClockKind::Recorded => {
+                let v = VirtualClock::new();
+                (Some(v.clone()), None, Arc::new(v))
+            }
+            ClockKind::Host => {
+                let h = Arc::new(if cfg.backend == BackendKind::Interp {
+                    HostClock::compensating()
+                } else {
+                    HostClock::new()
+                });
+                (None, Some(h.clone()), h)
+            }
+        };
+        // A test's manual clock replaces it as the devices' time source.
+        let clock: Arc<dyn Clock> = match &cfg.manual_clock {
+            Some(m) => m.clone(),
+            None => machine_clock,
         };
         // Device-level traces note the time each access saw.
         let observed = cfg
