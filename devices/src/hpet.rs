@@ -147,11 +147,14 @@ pub struct HpetState {
     pub timers: [HpetTimerState; TIMERS],
 }
 
+/// Timer 0's and timer 1's legacy-replacement lines (IRQ0, IRQ8).
+pub type LegacyLines = [Box<dyn IrqLine>; 2];
+
 /// The lines a timer can drive.
 pub struct HpetLines {
     /// Timer 0 → IRQ0 and timer 1 → IRQ8 under legacy replacement (None:
     /// no LEG_RT_CAP), and the gate that cuts the PIT and RTC off meanwhile.
-    pub legacy: Option<([Box<dyn IrqLine>; 2], Arc<IrqGate>)>,
+    pub legacy: Option<(LegacyLines, Arc<IrqGate>)>,
     /// For each pin of [`ROUTE_PINS`], one source per timer.
     pub routed: Vec<(u8, [Box<dyn IrqLine>; TIMERS])>,
 }
@@ -327,15 +330,15 @@ impl Hpet {
             }
             self.fire(n);
             let t = &mut self.s.timers[n];
-            if t.config & TN_PERIODIC != 0 && t.period != 0 {
+            if t.config & TN_PERIODIC != 0 {
                 // Step the comparator past `to` in one go.
                 let period = if t.config & TN_32BIT != 0 {
                     t.period & 0xffff_ffff
                 } else {
                     t.period
                 };
-                if period != 0 {
-                    let steps = (to - x) / period + 1;
+                if let Some(whole) = (to - x).checked_div(period) {
+                    let steps = whole + 1;
                     let next = x.wrapping_add(steps.wrapping_mul(period));
                     t.comparator = if t.config & TN_32BIT != 0 {
                         next & 0xffff_ffff
