@@ -579,6 +579,19 @@ fn choose_backend(
 }
 
 /// What an I/O error means to the user.
+/// Why a file named on the command line cannot be read, with the fix.
+fn read_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => "no such file (check the path)".into(),
+        ErrorKind::PermissionDenied => {
+            "permission denied (make the file readable for this user)".into()
+        }
+        ErrorKind::IsADirectory => "is a directory, not a file".into(),
+        _ => e.to_string(),
+    }
+}
+
 fn io_reason(e: &std::io::Error) -> String {
     use std::io::ErrorKind;
     match e.kind() {
@@ -774,15 +787,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     // the seccomp filter (no open) holds for recordings too.
     let mut kvm_log = None;
     if let Some(r) = &record {
-        let w =
-            duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
-                duet::replay::log::LogError::Open { source, .. } => anyhow!(
-                    "--record {}: cannot create it: {}",
-                    r.path.display(),
-                    io_reason(&source)
-                ),
-                e => anyhow!("--record {}: {e}", r.path.display()),
-            })?;
+        let w = duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
+            duet::replay::log::LogError::Open { source, .. } => anyhow!(
+                "--record {}: cannot create it: {}",
+                r.path.display(),
+                io_reason(&source)
+            ),
+            e => anyhow!("--record {}: {e}", r.path.display()),
+        })?;
         if r.full {
             let door = duet::replay::Door::record(w, args.checkpoint_every)
                 .with_net_log(r.net_log.clone());
@@ -1098,8 +1110,14 @@ fn finish_record(
 /// `duet replay`: exit status 0 when the replay followed the recording to
 /// its end, 3 when it diverged.
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    use duet::machine::MachineError;
     use duet::replay::log::{Event, LogKind, LogReader};
-    let reader = LogReader::open(&args.log).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let reader = LogReader::open(&args.log).map_err(|e| match e {
+        duet::replay::log::LogError::Open { source, .. } => {
+            anyhow!("{}: {}", args.log.display(), read_reason(&source))
+        }
+        e => anyhow!("{}: {e}", args.log.display()),
+    })?;
     let header = reader.header().clone();
     let hm = &header.machine;
     if header.kind == LogKind::Devices {
@@ -1223,7 +1241,12 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         epoch: Some(hm.epoch),
         ..MachineConfig::new(BackendKind::Interp, port.take_output())
     };
-    let mut m = Machine::new(cfg)?;
+    let mut m = Machine::new(cfg).map_err(|e| match e {
+        MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
+            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+        }
+        e => anyhow!(e),
+    })?;
     let mut door = duet::replay::Door::replay(reader).map_err(|e| {
         // A recording that was killed: say how much of it is intact.
         let intact = std::fs::read(&args.log)
@@ -1298,6 +1321,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
 fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
     use duet::replay::devtrace::{replay_device_file, DeviceReplayError};
     for p in &args.traces {
+        if let Err(e) = std::fs::File::open(p) {
+            bail!("{}: {}", p.display(), read_reason(&e));
+        }
         match replay_device_file(p) {
             Ok(r) => println!(
                 "{}: {} lines, {} reads, {} writes, {} interrupts: all matched",
@@ -1311,6 +1337,8 @@ fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
                 println!("{}:{}", p.display(), e);
                 return Ok(ExitCode::from(3));
             }
+            // The reason names the file.
+            Err(e @ DeviceReplayError::Read { .. }) => bail!("{e}"),
             Err(e) => bail!("{}: {e}", p.display()),
         }
     }

@@ -486,3 +486,67 @@ fn newer_option_errors() {
         ),
     );
 }
+
+/// `duet replay` and `duet replay-devices`: a missing file, a file that is
+/// not a log, an unwritable trace.
+#[test]
+fn replay_errors() {
+    let run = |args: &[&str], want: &str| {
+        let out = duet().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err, want, "duet {}", args.join(" "));
+        assert_eq!(out.status.code(), Some(1), "duet {}", args.join(" "));
+        assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+    };
+    run(
+        &["replay", "/nonexistent/run.log"],
+        "duet: error: /nonexistent/run.log: no such file (check the path)\n",
+    );
+    run(
+        &["replay-devices", "/nonexistent/run.devtrace"],
+        "duet: error: /nonexistent/run.devtrace: no such file (check the path)\n",
+    );
+    let junk = temp("not-a-log", b"hello\n");
+    run(
+        &["replay", junk.to_str().unwrap()],
+        &format!(
+            "duet: error: {}: not a duet replay log: byte 0 should start with \"DUETLOG\\x1a\"\n",
+            junk.display()
+        ),
+    );
+    // A real recording, replayed with a trace that cannot be created.
+    let log = std::env::temp_dir().join(format!("duet-cli-err-{}-rec.log", std::process::id()));
+    let rec = duet()
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--clock",
+            "virtual",
+            "--guest",
+            "hello-real",
+        ])
+        .arg("--record")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(
+        rec.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    run(
+        &[
+            "replay",
+            log.to_str().unwrap(),
+            "--trace",
+            "/nonexistent/dir/replay.trace",
+        ],
+        "duet: error: --trace /nonexistent/dir/replay.trace: cannot create it: no such directory \
+         (check the path)\n",
+    );
+    for p in [junk, log] {
+        std::fs::remove_file(p).ok();
+    }
+}

@@ -117,6 +117,10 @@ const TN_ROUTE_MASK: u64 = 0x1f << TN_ROUTE_SHIFT;
 const TN_WRITABLE: u64 = TN_INT_LEVEL | TN_INT_ENABLE | TN_PERIODIC | TN_VAL_SET | TN_32BIT;
 const TN_CAPS: u64 = TN_PERIODIC_CAP | TN_SIZE_CAP;
 
+/// Matches further away than this (about 58 years at 100 MHz) get no
+/// deadline.
+const FAR_TICKS: u64 = 1 << 58;
+
 static COUNTER_WRITE_WHILE_RUNNING: RateLimiter = RateLimiter::new(4);
 
 /// One comparator's state.
@@ -147,11 +151,14 @@ pub struct HpetState {
     pub timers: [HpetTimerState; TIMERS],
 }
 
+/// Timer 0's and timer 1's legacy-replacement lines (IRQ0, IRQ8).
+pub type LegacyLines = [Box<dyn IrqLine>; 2];
+
 /// The lines a timer can drive.
 pub struct HpetLines {
     /// Timer 0 → IRQ0 and timer 1 → IRQ8 under legacy replacement (None:
     /// no LEG_RT_CAP), and the gate that cuts the PIT and RTC off meanwhile.
-    pub legacy: Option<([Box<dyn IrqLine>; 2], Arc<IrqGate>)>,
+    pub legacy: Option<(LegacyLines, Arc<IrqGate>)>,
     /// For each pin of [`ROUTE_PINS`], one source per timer.
     pub routed: Vec<(u8, [Box<dyn IrqLine>; TIMERS])>,
 }
@@ -286,7 +293,8 @@ impl Hpet {
         }
     }
 
-    /// VM time at which the counter reaches `value` (> the counter now).
+    /// VM time at which the counter reaches `value` (after the counter now,
+    /// modulo 2^64).
     fn time_of(&self, value: u64) -> u64 {
         self.s.base_ns.saturating_add(
             value
@@ -295,48 +303,52 @@ impl Hpet {
         )
     }
 
-    /// The first counter value after `after` at which timer `n` matches.
-    fn next_match(&self, n: usize, after: u64) -> u64 {
+    /// How many ticks after counter value `from` timer `n` next matches
+    /// (at least 1; the counter wraps at 2^64, a 32-bit timer's comparator
+    /// every 2^32 ticks).
+    fn ticks_to_match(&self, n: usize, from: u64) -> u64 {
         let t = &self.s.timers[n];
         if t.config & TN_32BIT != 0 {
-            let cmp = t.comparator & 0xffff_ffff;
-            let mut x = (after & !0xffff_ffff) | cmp;
-            if x <= after {
-                x = x.wrapping_add(1 << 32);
+            match (t.comparator as u32).wrapping_sub(from as u32) {
+                0 => 1 << 32,
+                d => u64::from(d),
             }
-            x
         } else {
-            t.comparator
+            match t.comparator.wrapping_sub(from) {
+                0 => u64::MAX,
+                d => d,
+            }
         }
     }
 
-    /// Handle every match in (synced, counter(now)].
+    /// Handle every match in (synced, counter(now)], modulo 2^64.
     fn sync(&mut self, now: u64) {
         if !self.enabled() {
             return;
         }
         let to = self.counter_at(now);
         let from = self.s.synced;
-        if to <= from {
+        let delta = to.wrapping_sub(from);
+        if delta == 0 {
             return;
         }
         for n in 0..TIMERS {
-            let x = self.next_match(n, from);
-            if x <= from || x > to {
+            let d = self.ticks_to_match(n, from);
+            if d > delta {
                 continue;
             }
             self.fire(n);
             let t = &mut self.s.timers[n];
-            if t.config & TN_PERIODIC != 0 && t.period != 0 {
+            if t.config & TN_PERIODIC != 0 {
                 // Step the comparator past `to` in one go.
                 let period = if t.config & TN_32BIT != 0 {
                     t.period & 0xffff_ffff
                 } else {
                     t.period
                 };
-                if period != 0 {
-                    let steps = (to - x) / period + 1;
-                    let next = x.wrapping_add(steps.wrapping_mul(period));
+                if let Some(whole) = (delta - d).checked_div(period) {
+                    let x = from.wrapping_add(d);
+                    let next = x.wrapping_add((whole + 1).wrapping_mul(period));
                     t.comparator = if t.config & TN_32BIT != 0 {
                         next & 0xffff_ffff
                     } else {
@@ -551,9 +563,11 @@ impl Timed for Hpet {
         }
         (0..TIMERS)
             .filter(|&n| self.s.timers[n].config & TN_INT_ENABLE != 0)
-            .map(|n| self.next_match(n, self.s.synced))
-            .filter(|&x| x > self.s.synced)
-            .map(|x| self.time_of(x))
+            .map(|n| self.ticks_to_match(n, self.s.synced))
+            // A 64-bit comparator behind the counter matches after the
+            // counter wraps, thousands of years on: no deadline.
+            .filter(|&d| d <= FAR_TICKS)
+            .map(|d| self.time_of(self.s.synced.wrapping_add(d)))
             .min()
     }
 
@@ -910,6 +924,21 @@ mod tests {
         assert!(!r.gate.closed());
         assert_eq!(r.irq8.take(), vec![false]);
         assert_eq!(r.pin10[1].take(), vec![true]);
+    }
+
+    #[test]
+    fn the_counter_wraps_and_timers_keep_matching() {
+        let mut r = rig();
+        r.wr(REG_COUNTER, u64::MAX - 99);
+        r.wr(Rig::tcfg(2), (10 << TN_ROUTE_SHIFT) | TN_INT_ENABLE);
+        r.wr(Rig::tcmp(2), 50);
+        r.wr(REG_CONFIG, CFG_ENABLE);
+        // 100 ticks to the wrap, 50 more to the comparator.
+        assert_eq!(r.hpet.next_deadline(), Some(1_500));
+        r.run_to(2_000);
+        assert_eq!(r.pin10[2].pulses(), 1);
+        assert_eq!(r.rd(REG_COUNTER), 100);
+        assert_eq!(r.hpet.next_deadline(), None, "one-shot, far behind now");
     }
 
     #[test]
