@@ -29,7 +29,6 @@ use crate::cpu::{sreg, Cpu, CR0_TS, CR4_OSXSAVE};
 use crate::dispatch::{Handler, Table};
 use crate::exception::{Exception, XResult};
 use crate::flags;
-use crate::fpu::MXCSR_MASK;
 use crate::platform::Platform;
 
 /// A YMM value: low 128 bits, high 128 bits.
@@ -910,13 +909,7 @@ fn vmovmsk(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn vldmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_avx()?;
     let v = cpu.vmem_load(p, d, 4, false)?[0] as u32;
-    if v & !MXCSR_MASK != 0 {
-        return Err(Exception::gp0());
-    }
-    cpu.fpu.mxcsr = v;
-    // As LDMXCSR.
-    cpu.mxcsr_in_use = true;
-    Ok(())
+    cpu.load_mxcsr(v)
 }
 
 fn vstmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
