@@ -591,6 +591,8 @@ fn fp_lanes(
     let mut e = Env::new(cpu.fpu.mxcsr);
     let lo = f(&mut e, a[0], b[0], imm);
     let hi = if wide { f(&mut e, a[1], b[1], imm) } else { 0 };
+    // Flags a first step recorded as its own (VDPPS/VDPPD's products).
+    cpu.fpu.mxcsr |= e.mxcsr & 0x3f;
     cpu.sse_commit_flags(e.flags)?;
     cpu.set_vreg(dst, [lo, hi]);
     Ok(())
