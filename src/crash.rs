@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
+use cpu_interp::recent::RecentEntry;
 use cpu_interp::state::CpuState;
 use cpu_interp::{Cpu, Ram};
 
@@ -146,31 +147,29 @@ pub fn guest_mode(s: &CpuState) -> String {
     format!("{what}, ring {cpl}")
 }
 
-/// Where the guest was: RIP, mode and the instruction there (read from
-/// RAM through the guest's page tables; never a device access).
-pub fn describe_guest(s: &CpuState, mem: &GuestMemory) -> String {
-    let mut cpu = Cpu::new(Ram::new(mem.clone()));
-    cpu.set_state(s);
-    let long = s.sregs.cr0 & cpu_interp::cpu::CR0_PE != 0
-        && s.sregs.efer & cpu_interp::cpu::EFER_LMA != 0
-        && s.sregs.cs.l;
-    let bits = if long {
+/// The code size of the state's CS: 16, 32 or 64.
+fn code_bits(s: &CpuState) -> u32 {
+    let pe = s.sregs.cr0 & cpu_interp::cpu::CR0_PE != 0;
+    if pe && s.sregs.efer & cpu_interp::cpu::EFER_LMA != 0 && s.sregs.cs.l {
         64
-    } else if s.regs.rflags & cpu_interp::flags::VM == 0
-        && s.sregs.cr0 & cpu_interp::cpu::CR0_PE != 0
-        && s.sregs.cs.db
-    {
+    } else if pe && s.regs.rflags & cpu_interp::flags::VM == 0 && s.sregs.cs.db {
         32
     } else {
         16
-    };
+    }
+}
+
+/// Up to `n` bytes of code at `rip` (CS base `cs_base` outside 64-bit
+/// code), read from RAM through the guest's page tables as `cpu` has them;
+/// never a device access. Shorter where the code leaves RAM.
+fn code_bytes(cpu: &mut Cpu, bits: u32, cs_base: u64, rip: u64, n: u64) -> Vec<u8> {
     let lin0 = if bits == 64 {
-        s.regs.rip
+        rip
     } else {
-        s.sregs.cs.base.wrapping_add(s.regs.rip) & 0xffff_ffff
+        cs_base.wrapping_add(rip) & 0xffff_ffff
     };
     let mut bytes = Vec::new();
-    for k in 0..15u64 {
+    for k in 0..n {
         let Some(pa) = cpu.translate_debug(&mut cpu_interp::NullPlatform, lin0.wrapping_add(k))
         else {
             break;
@@ -181,6 +180,16 @@ pub fn describe_guest(s: &CpuState, mem: &GuestMemory) -> String {
         }
         bytes.push(b[0]);
     }
+    bytes
+}
+
+/// Where the guest was: RIP, mode and the instruction there (read from
+/// RAM through the guest's page tables; never a device access).
+pub fn describe_guest(s: &CpuState, mem: &GuestMemory) -> String {
+    let mut cpu = Cpu::new(Ram::new(mem.clone()));
+    cpu.set_state(s);
+    let bits = code_bits(s);
+    let bytes = code_bytes(&mut cpu, bits, s.sregs.cs.base, s.regs.rip, 15);
     let insn = if bytes.is_empty() {
         "(not in RAM)".to_string()
     } else {
@@ -192,6 +201,59 @@ pub fn describe_guest(s: &CpuState, mem: &GuestMemory) -> String {
         s.sregs.cs.selector,
         guest_mode(s)
     )
+}
+
+/// Instructions shown per block entered, at most.
+const PER_BLOCK: usize = 8;
+
+/// The last blocks the CPU entered (oldest first) with their instructions:
+/// each block from its start to its first control transfer, the last one
+/// up to the current RIP. Disassembled from RAM through the current page
+/// tables (code that a page-table change or a code write replaced since
+/// shows as it is now). Empty when the backend keeps no history.
+pub fn describe_recent(s: &CpuState, mem: &GuestMemory, recent: &[RecentEntry]) -> String {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    if recent.is_empty() {
+        return String::new();
+    }
+    let mut cpu = Cpu::new(Ram::new(mem.clone()));
+    cpu.set_state(s);
+    let mut t = format!(
+        "last {} blocks entered (oldest first; from RAM through the current page tables):",
+        recent.len()
+    );
+    for (k, e) in recent.iter().enumerate() {
+        let last = k + 1 == recent.len();
+        let bytes = code_bytes(&mut cpu, e.bits, e.cs_base, e.rip, 15 * PER_BLOCK as u64);
+        let mut d = Decoder::with_ip(e.bits, &bytes, e.rip, DecoderOptions::NONE);
+        let mut insns = Vec::new();
+        while d.can_decode() && insns.len() < PER_BLOCK {
+            let i = d.decode();
+            if i.is_invalid() {
+                insns.push("(invalid)".to_string());
+                break;
+            }
+            let here = last && i.ip() == s.regs.rip;
+            insns.push(format!(
+                "{}{}",
+                cpu_interp::disasm(&i),
+                if here { "  <- RIP" } else { "" }
+            ));
+            let ends = if last {
+                i.ip() >= s.regs.rip
+            } else {
+                i.flow_control() != FlowControl::Next
+            };
+            if ends {
+                break;
+            }
+        }
+        if bytes.is_empty() {
+            insns.push("(not in RAM)".to_string());
+        }
+        t.push_str(&format!("\n    {:#x}: {}", e.rip, insns.join("; ")));
+    }
+    t
 }
 
 #[cfg(test)]

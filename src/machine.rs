@@ -1155,7 +1155,20 @@ impl Machine {
             .instructions
             .map(|n| format!("; {n} guest instructions retired"))
             .unwrap_or_default();
-        format!("{rec}\n  {guest}{retired}")
+        let recent = self.vcpu.recent_code();
+        let history =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self.vcpu.state() {
+                Ok(s) if !recent.is_empty() => {
+                    format!(
+                        "\n  {}",
+                        crate::crash::describe_recent(&s, &self.mem, &recent)
+                    )
+                }
+                Ok(_) => "\n  (no record of the instructions before it on this backend)".into(),
+                Err(_) => String::new(),
+            }))
+            .unwrap_or_default();
+        format!("{rec}\n  {guest}{retired}{history}")
     }
 
     /// Run at most `instructions` more guest instructions (interpreter

@@ -203,6 +203,8 @@ pub struct Cpu {
     /// `--profile`: count block executions and time the tiers.
     pub(crate) profiling: bool,
     pub(crate) profile: crate::profile::Totals,
+    /// The last blocks entered (crash reports).
+    pub(crate) recent: crate::recent::RecentCode,
 }
 
 impl Cpu {
@@ -269,6 +271,7 @@ impl Cpu {
             jit_flush_pending: false,
             profiling: false,
             profile: Default::default(),
+            recent: Default::default(),
         };
         cpu.set_state(&CpuState::reset());
         cpu
@@ -289,6 +292,12 @@ impl Cpu {
     pub fn set_uncached(&mut self, on: bool) {
         self.uncached = on;
         self.clear_blocks();
+    }
+
+    /// The last blocks (and single-stepped instructions) the run loop
+    /// entered, oldest first (see [`crate::recent`]).
+    pub fn recent_code(&self) -> Vec<crate::recent::RecentEntry> {
+        self.recent.entries()
     }
 
     /// Drop all decoded blocks, translations and links (only between

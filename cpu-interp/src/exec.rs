@@ -188,6 +188,8 @@ impl Cpu {
                 // (see `debug`) or RF suppresses one. (Every instruction
                 // that can set TF or RF or change DR7 ends its block.)
                 prev = None;
+                self.recent
+                    .push(self.rip, self.seg[crate::cpu::sreg::CS].base, self.bits);
                 if let Some(e) = self.step(p) {
                     return e;
                 }
@@ -230,6 +232,8 @@ impl Cpu {
             // (only above, between blocks, or outside `run`); invalidation
             // during execution merely unlinks the block.
             let block = unsafe { &*block };
+            self.recent
+                .push(self.rip, self.seg[crate::cpu::sreg::CS].base, self.bits);
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             if !shadow
                 && block.bits == 64

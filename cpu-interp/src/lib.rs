@@ -30,6 +30,7 @@ mod msr_audit;
 pub mod platform;
 pub mod profile;
 pub mod quirks;
+pub mod recent;
 pub mod segment;
 pub mod softfloat80;
 pub mod state;

@@ -226,6 +226,10 @@ impl Vcpu for InterpVcpu {
         Arc::new(InterpKick(self.kick.clone()))
     }
 
+    fn recent_code(&self) -> Vec<cpu_interp::recent::RecentEntry> {
+        self.cpu.recent_code()
+    }
+
     fn stats(&self) -> VcpuStats {
         VcpuStats {
             instructions: Some(self.cpu.retired()),

@@ -233,6 +233,12 @@ pub trait Vcpu: Send {
     /// Counters for `--stats`.
     fn stats(&self) -> VcpuStats;
 
+    /// The last blocks of guest code entered, oldest first, for crash
+    /// reports (the interpreter keeps a small ring; KVM has none).
+    fn recent_code(&self) -> Vec<cpu_interp::recent::RecentEntry> {
+        Vec::new()
+    }
+
     /// `--profile`: count block executions and time the execution tiers
     /// (interpreter backend only).
     fn set_profiling(&mut self, _on: bool) {}

@@ -400,14 +400,19 @@ impl Summary {
 }
 
 /// The instruction groups the summary reports the oracle share for.
-pub const GROUPS: [&str; 7] = [
-    "integer", "string", "control", "system", "x87", "mmx", "sse",
+pub const GROUPS: [&str; 8] = [
+    "integer", "string", "control", "system", "x87", "mmx", "sse", "v2/v3",
 ];
 
 /// The group of a test instruction.
 pub fn group_of(i: &iced_x86::Instruction) -> &'static str {
     use iced_x86::{FlowControl, Mnemonic as M};
     let c = i.code();
+    // SSE4.1/4.2, AVX/AVX2, FMA, F16C, BMI, LZCNT, MOVBE, AES, PCLMULQDQ,
+    // XSAVE (legacy and VEX forms).
+    if super::gen::isa::extension_of(c).is_some() {
+        return "v2/v3";
+    }
     match class_of(c) {
         1 => return "x87",
         2 => return "mmx",
@@ -902,4 +907,26 @@ pub fn run_campaign(cfg: &CampaignConfig, out: &mut dyn Write) -> Result<Summary
         }
     }
     Ok(c.finish(start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn group(bytes: &[u8]) -> &'static str {
+        group_of(&Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE).decode())
+    }
+
+    #[test]
+    fn each_instruction_has_its_group() {
+        assert_eq!(group(&[0x48, 0x01, 0xd8]), "integer"); // add rax, rbx
+        assert_eq!(group(&[0xf3, 0xa4]), "string"); // rep movsb
+        assert_eq!(group(&[0x0f, 0xa2]), "system"); // cpuid
+        assert_eq!(group(&[0xd9, 0xe8]), "x87"); // fld1
+        assert_eq!(group(&[0x0f, 0x58, 0xc1]), "sse"); // addps xmm0, xmm1
+        assert_eq!(group(&[0xc5, 0xf3, 0x5a, 0xc2]), "v2/v3"); // vcvtsd2ss
+        assert_eq!(group(&[0x66, 0x0f, 0x38, 0x17, 0xc1]), "v2/v3"); // ptest
+        assert!(GROUPS.contains(&"v2/v3"));
+    }
 }

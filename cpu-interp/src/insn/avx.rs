@@ -29,7 +29,6 @@ use crate::cpu::{sreg, Cpu, CR0_TS, CR4_OSXSAVE};
 use crate::dispatch::{Handler, Table};
 use crate::exception::{Exception, XResult};
 use crate::flags;
-use crate::fpu::MXCSR_MASK;
 use crate::platform::Platform;
 
 /// A YMM value: low 128 bits, high 128 bits.
@@ -592,6 +591,8 @@ fn fp_lanes(
     let mut e = Env::new(cpu.fpu.mxcsr);
     let lo = f(&mut e, a[0], b[0], imm);
     let hi = if wide { f(&mut e, a[1], b[1], imm) } else { 0 };
+    // Flags a first step recorded as its own (VDPPS/VDPPD's products).
+    cpu.fpu.mxcsr |= e.mxcsr & 0x3f;
     cpu.sse_commit_flags(e.flags)?;
     cpu.set_vreg(dst, [lo, hi]);
     Ok(())
@@ -910,13 +911,7 @@ fn vmovmsk(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn vldmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_avx()?;
     let v = cpu.vmem_load(p, d, 4, false)?[0] as u32;
-    if v & !MXCSR_MASK != 0 {
-        return Err(Exception::gp0());
-    }
-    cpu.fpu.mxcsr = v;
-    // As LDMXCSR.
-    cpu.mxcsr_in_use = true;
-    Ok(())
+    cpu.load_mxcsr(v)
 }
 
 fn vstmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {

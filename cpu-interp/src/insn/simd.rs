@@ -153,6 +153,18 @@ impl Cpu {
         Ok(())
     }
 
+    /// LDMXCSR / VLDMXCSR of `v`: a reserved bit set is #GP(0); otherwise
+    /// MXCSR ← `v`, and from now on XSAVEC and XGETBV(1) see the SSE state
+    /// in use, even after loading 1F80H (the hardware oracle).
+    pub(crate) fn load_mxcsr(&mut self, v: u32) -> XResult<()> {
+        if v & !crate::fpu::MXCSR_MASK != 0 {
+            return Err(Exception::gp0());
+        }
+        self.fpu.mxcsr = v;
+        self.mxcsr_in_use = true;
+        Ok(())
+    }
+
     /// Value of a register operand: XMM (128 bits), MMX (64) or GPR.
     #[inline(always)]
     pub(crate) fn vec_reg_value(&self, r: Register) -> u128 {

@@ -23,9 +23,8 @@ use super::simd_fp::{self as sf, Env, Fmt, F32, F64};
 use crate::block::Insn;
 use crate::cpu::Cpu;
 use crate::dispatch::Table;
-use crate::exception::{Exception, XResult};
+use crate::exception::XResult;
 use crate::flags;
-use crate::fpu::MXCSR_MASK;
 use crate::platform::Platform;
 
 pub fn register(t: &mut Table) {
@@ -313,14 +312,7 @@ fn movnti(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn ldmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     cpu.check_sse()?;
     let v = cpu.vec_load(p, d, 4, false)? as u32;
-    if v & !MXCSR_MASK != 0 {
-        return Err(Exception::gp0());
-    }
-    cpu.fpu.mxcsr = v;
-    // XSAVEC then saves the SSE state, even after loading 1F80H (the
-    // hardware oracle).
-    cpu.mxcsr_in_use = true;
-    Ok(())
+    cpu.load_mxcsr(v)
 }
 
 fn stmxcsr(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {

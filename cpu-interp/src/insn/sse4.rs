@@ -453,6 +453,11 @@ pub fn dp<T: Fmt>(e: &mut Env, a: u128, b: u128, imm: u8) -> u128 {
     if e.flags & !masks & 0x3f != 0 {
         return 0;
     }
+    // Their (masked) flags stay in MXCSR even when the summation then
+    // faults on a pre-computation exception (hardware oracle: products
+    // that overflow and underflow, then a denormal product with DE
+    // unmasked, leave DE|OE|UE|PE): the callers record `e.mxcsr`'s flags.
+    e.mxcsr |= e.flags & 0x3f;
     // The flags of the summation (a denormal product is an input like
     // any other there: DE, or zero under DAZ).
     if n == 2 {
@@ -521,6 +526,8 @@ fn legacy_fp(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let dst = d.i.op0_register();
     let mut e = Env::new(cpu.fpu.mxcsr);
     let r = fp_op(d.i.mnemonic())(&mut e, cpu.xmm_reg(dst), b, d.i.immediate8());
+    // Flags a first step recorded as its own (DPPS/DPPD's products).
+    cpu.fpu.mxcsr |= e.mxcsr & 0x3f;
     cpu.sse_commit_flags(e.flags)?;
     cpu.set_xmm_reg(dst, r);
     Ok(())
@@ -864,5 +871,29 @@ mod tests {
             insert_lane(Mnemonic::Insertps, u128::MAX, 7, 0x21),
             0xffff_ffff_0000_0007_ffff_ffff_0000_0000
         );
+    }
+
+    /// Hardware oracle (`--seed 19071 --isa-only --case 54878`): the
+    /// products' masked OE/UE/PE stay in MXCSR when a denormal product
+    /// then faults the summation with DE unmasked.
+    #[test]
+    fn dpps_keeps_the_flags_of_its_products_when_the_sum_faults() {
+        use crate::insn::simd_fp::{DE, OE, PE, UE};
+        // DE and ZE unmasked, RC toward zero.
+        let mxcsr = 0x7c80;
+        let a = u128::from(0x7f00_0000u32) // 2^127 × 2^127: overflow
+            | (u128::from(0x0080_0000u32) << 32) // 2^-126 × 2^-2: a denormal product
+            | (u128::from(0x3f80_0000u32) << 64);
+        let b = u128::from(0x7f00_0000u32)
+            | (u128::from(0x3e80_0000u32) << 32)
+            | (u128::from(0x3f80_0000u32) << 64);
+        let mut e = Env::new(mxcsr);
+        dp::<F32>(&mut e, a, b, 0x7f);
+        assert_eq!(
+            e.mxcsr & (OE | UE | PE),
+            OE | PE,
+            "the products' flags are sticky"
+        );
+        assert_ne!(e.flags & DE, 0, "the denormal product is a summation input");
     }
 }
