@@ -374,6 +374,22 @@ fn apic_base() {
     assert_eq!(k.serial, without_deadline, "apic-base on KVM");
 }
 
+/// The HPET (issue 16, item 3): capabilities, the counter, timer 0 on
+/// IRQ0 through legacy replacement (one-shot and periodic), timer 2
+/// level-triggered on an IOAPIC pin; the same serial output on both
+/// backends. The device traces are not compared: on KVM-PVM the guest's
+/// ring 0 runs so slowly (emulated) that its 1 ms periodic interrupts
+/// interleave differently with the accesses around them.
+#[test]
+fn hpet() {
+    check_interp("hpet");
+    if !kvm_or_skip("hpet") {
+        return;
+    }
+    let k = run_guest("hpet", BackendKind::Kvm);
+    check_golden("hpet", &k.serial, "hpet on KVM");
+}
+
 /// Protected mode back to real mode, BIOS-less 16-bit code and I/O, and
 /// protected mode again (issue 10, item 6).
 #[test]

@@ -12,6 +12,7 @@ pub mod debug_regs;
 pub mod e1000_loop;
 pub mod fault;
 pub mod hello_real;
+pub mod hpet;
 pub mod irq_boundary;
 pub mod irq_level_eoi;
 pub mod irq_masking;
@@ -176,6 +177,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: apic_base::NAME,
             description: apic_base::DESCRIPTION,
             build: apic_base::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: hpet::NAME,
+            description: hpet::DESCRIPTION,
+            build: hpet::build,
             needs_input: false,
         },
         BuiltinGuest {
