@@ -213,3 +213,8 @@ for t, tname in ((0, "pci"), (1, "mmio")):
     put("virtio_devices", f"rng-{tname}", rng_session(t))
     for kind in range(5):
         put("virtio_devices", f"hostile-{kind}-{tname}", hostile(bytes([kind, 3, t]), VERSION_1 | 1 << 28 | 1 << 29))
+
+# e1000: arbitrary's encoding of an op list; byte strings of a few shapes
+# (the leading bytes pick op kinds, the rest fill their fields).
+for s in range(8):
+    put("e1000", f"ops{s}", bytes(((s * 53 + k * (2 * s + 3)) ^ (k >> 3)) & 0xFF for k in range(64 + 96 * s)))

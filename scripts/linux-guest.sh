@@ -15,7 +15,8 @@
 #                     virtio_ring, virtio_pci*, virtio_mmio, failover,
 #                     net_failover, virtio_net, virtio_blk, virtio_console,
 #                     virtio-rng: both kernels' copies are in /lib/modules, in
-#                     dependency order), brings up lo, prints
+#                     dependency order; and e1000, which only the generic
+#                     kernel has), brings up lo, prints
 #                     "DUET-INIT-READY" and runs a shell on the console (or,
 #                     with `duet.poweroff` on the kernel command line, prints
 #                     the marker and powers off at once). udhcpc's script
@@ -127,7 +128,9 @@ fi
 # The virtio modules of both kernels (the packages ship them uncompressed
 # and without modules.dep; /init loads them in dependency order).
 modules="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio failover net_failover virtio_net virtio_blk virtio_console virtio-rng"
-if [ ! -s "$out/modules/.done" ]; then
+# Modules only some kernels have (Debian's cloud kernel has no e1000).
+optional_modules="e1000"
+if [ ! -s "$out/modules/.done" ] || [ "$(cat "$out/modules/.done")" != "$modules $optional_modules" ]; then
     rm -rf "$out/modules"
     for dir in "$out"/extract/linux-image-*/lib/modules/*; do
         [ -d "$dir/kernel" ] || continue
@@ -138,12 +141,17 @@ if [ ! -s "$out/modules/.done" ]; then
             [ -n "$f" ] || { echo "linux-guest.sh: $m.ko missing from $ver" >&2; exit 1; }
             cp "$f" "$out/modules/$ver/"
         done
+        for m in $optional_modules; do
+            f="$(find "$dir/kernel" -name "$m.ko" | head -n 1)"
+            [ -z "$f" ] || cp "$f" "$out/modules/$ver/"
+        done
     done
-    echo "$modules" > "$out/modules/.done"
+    echo "$modules $optional_modules" > "$out/modules/.done"
+    rm -f "$out/initramfs.cpio.gz"
 fi
 
 if [ ! -s "$out/initramfs.cpio.gz" ] || [ "$0" -nt "$out/initramfs.cpio.gz" ]; then
-    python3 - "$out/busybox" "$out/initramfs.cpio.gz" "$out/modules" "$modules" <<'PY'
+    python3 - "$out/busybox" "$out/initramfs.cpio.gz" "$out/modules" "$modules $optional_modules" <<'PY'
 # A deterministic newc cpio (fixed mtimes and owners), gzip-compressed.
 import gzip, os, sys
 
@@ -209,7 +217,9 @@ for ver in sorted(os.listdir(moddir)):
         continue
     entries.append(("lib/modules/" + ver, 0o040755, b""))
     for name in modnames.split():
-        entries.append(("lib/modules/%s/%s.ko" % (ver, name), 0o100644, open(os.path.join(d, name + ".ko"), "rb").read()))
+        path = os.path.join(d, name + ".ko")
+        if os.path.exists(path):
+            entries.append(("lib/modules/%s/%s.ko" % (ver, name), 0o100644, open(path, "rb").read()))
 out = bytearray()
 ino = 1
 def pad4(b):

@@ -136,14 +136,25 @@ pub enum NetBackendSpec {
     Tap { ifname: String },
 }
 
-/// `--net user[,hostfwd=...][,mac=...][,pcap=FILE][,transport=...]` or
-/// `--net tap=IFNAME[,...]`.
+/// Which NIC the guest sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NicModel {
+    /// virtio-net on the chosen transport.
+    #[default]
+    VirtioNet,
+    /// An emulated Intel 82540EM (PCI only).
+    E1000,
+}
+
+/// `--net user[,hostfwd=...][,mac=...][,pcap=FILE][,transport=...][,model=...]`
+/// or `--net tap=IFNAME[,...]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetSpec {
     pub backend: NetBackendSpec,
     pub mac: Option<[u8; 6]>,
     pub pcap: Option<PathBuf>,
     pub transport: VirtioTransport,
+    pub model: NicModel,
 }
 
 fn parse_mac(v: &str) -> Result<[u8; 6], String> {
@@ -179,7 +190,9 @@ impl FromStr for NetSpec {
             mac: None,
             pcap: None,
             transport: VirtioTransport::Pci,
+            model: NicModel::VirtioNet,
         };
+        let mut transport_given = false;
         for (k, v) in pairs(s) {
             match (k, v) {
                 ("user", "") => {
@@ -203,14 +216,28 @@ impl FromStr for NetSpec {
                 ("mac", v) => spec.mac = Some(parse_mac(v)?),
                 ("pcap", "") => return Err("pcap= needs a file, e.g. pcap=net.pcap".into()),
                 ("pcap", p) => spec.pcap = Some(PathBuf::from(p)),
-                ("transport", v) => spec.transport = transport(v)?,
+                ("transport", v) => {
+                    spec.transport = transport(v)?;
+                    transport_given = true;
+                }
+                ("model", "virtio" | "virtio-net") => spec.model = NicModel::VirtioNet,
+                ("model", "e1000") => spec.model = NicModel::E1000,
+                ("model", v) => {
+                    return Err(format!("model={v}: expected virtio or e1000"));
+                }
                 (k, _) => {
                     return Err(format!(
                         "unknown key '{k}' (accepted: user or tap=IFNAME, hostfwd=..., mac=..., \
-                         pcap=FILE, transport=pci|mmio)"
+                         pcap=FILE, transport=pci|mmio, model=virtio|e1000)"
                     ))
                 }
             }
+        }
+        if spec.model == NicModel::E1000
+            && transport_given
+            && spec.transport != VirtioTransport::Pci
+        {
+            return Err("model=e1000 is a PCI device; transport= is for virtio-net".into());
         }
         spec.backend = match backend {
             Some(NetBackendSpec::User { .. }) => NetBackendSpec::User { hostfwd },
@@ -365,6 +392,20 @@ mod tests {
         assert_eq!(hostfwd[0].guest_port, 80);
         assert_eq!(hostfwd[0].guest_addr, Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        let e: NetSpec = "user,model=e1000".parse().unwrap();
+        assert_eq!(e.model, NicModel::E1000);
+        assert_eq!(
+            "user".parse::<NetSpec>().unwrap().model,
+            NicModel::VirtioNet
+        );
+        assert!("user,model=e1000,transport=mmio"
+            .parse::<NetSpec>()
+            .unwrap_err()
+            .contains("PCI"));
+        assert!("user,model=rtl8139"
+            .parse::<NetSpec>()
+            .unwrap_err()
+            .contains("model="));
         let n: NetSpec = "tap=tap0,transport=mmio".parse().unwrap();
         assert_eq!(
             n.backend,

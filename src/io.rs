@@ -68,7 +68,18 @@ pub struct DeviceIo {
     /// The xAPIC page while IA32_APIC_BASE has it unmapped.
     parked_xapic: Option<(devices::DeviceId, u64, devices::SharedDevice)>,
     xapic_overlap_logged: devices::ratelimit::RateLimiter,
+    /// Coalesced MMIO: guest-physical ranges whose writes are queued (in
+    /// order) instead of dispatched, until the next other device access,
+    /// MSR access or the end of the vCPU run.
+    coalesced: Vec<(u64, u64)>,
+    queued: Vec<(u64, [u8; 8], usize)>,
+    /// Writes that went through the queue.
+    pub coalesced_writes: u64,
 }
+
+/// Most writes queued before they are dispatched anyway (KVM's ring holds
+/// about as many).
+pub const COALESCED_QUEUE: usize = 170;
 
 impl DeviceIo {
     pub fn new(
@@ -94,7 +105,39 @@ impl DeviceIo {
             pci: None,
             parked_xapic: None,
             xapic_overlap_logged: devices::ratelimit::RateLimiter::new(4),
+            coalesced: Vec::new(),
+            queued: Vec::new(),
+            coalesced_writes: 0,
         }
+    }
+
+    /// Queue writes to `base..base + len` (write-only, side-effect-free
+    /// registers: their effect may wait until the next other access).
+    pub fn add_coalesced_range(&mut self, base: u64, len: u64) {
+        self.coalesced.push((base, len));
+    }
+
+    /// Dispatch the queued coalesced writes, in order.
+    pub fn flush_coalesced(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        for (addr, mut data, len) in queued.iter().copied() {
+            self.access(BusKind::Mmio, addr, &mut data[..len], true);
+        }
+        // Keep the allocation.
+        let mut queued = queued;
+        queued.clear();
+        if self.queued.is_empty() {
+            self.queued = queued;
+        }
+    }
+
+    fn is_coalesced(&self, addr: u64) -> bool {
+        self.coalesced
+            .iter()
+            .any(|&(base, len)| addr >= base && addr - base < len)
     }
 
     /// Add a device to the machine's list; its id. Accesses to it are
@@ -370,21 +413,33 @@ fn bar_bus(b: &BarMapping) -> BusKind {
 
 impl IoHandler for DeviceIo {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.flush_coalesced();
         self.access(BusKind::Pio, u64::from(port), data, false);
     }
     fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.flush_coalesced();
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
         self.access(BusKind::Pio, u64::from(port), &mut buf[..n], true);
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.flush_coalesced();
         self.access(BusKind::Mmio, addr, data, false);
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
+        if !self.coalesced.is_empty() && self.is_coalesced(addr) {
+            if self.queued.len() >= COALESCED_QUEUE {
+                self.flush_coalesced();
+            }
+            self.coalesced_writes += 1;
+            self.queued.push((addr, buf, n));
+            return;
+        }
+        self.flush_coalesced();
         self.access(BusKind::Mmio, addr, &mut buf[..n], true);
     }
     fn exit_requested(&self) -> bool {
@@ -400,6 +455,7 @@ impl IoHandler for DeviceIo {
     }
 
     fn msr_read(&mut self, msr: u32) -> MsrResult {
+        self.flush_coalesced();
         let mark = self.tracer.mark();
         let r = self.chip.msr_read(self.vcpu, msr);
         if let Some(d) = self.tracer.devices() {
@@ -409,6 +465,7 @@ impl IoHandler for DeviceIo {
     }
 
     fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+        self.flush_coalesced();
         let mark = self.tracer.mark();
         let r = self.chip.msr_write(self.vcpu, msr, value);
         if let Some(d) = self.tracer.devices() {

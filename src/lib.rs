@@ -11,6 +11,7 @@
 pub mod acpi;
 pub mod backend;
 pub mod bench;
+pub mod bench_io;
 pub mod clock;
 pub mod console;
 pub mod crash;

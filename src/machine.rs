@@ -94,6 +94,9 @@ pub struct MachineConfig {
     pub device_trace: Option<PathBuf>,
     /// Drive every device's clock by hand (device-trace replay).
     pub manual_clock: Option<Arc<devices::ManualClock>>,
+    /// Coalesce writes to the NICs' side-effect-free registers (KVM's
+    /// coalesced MMIO ring on KVM, the same queue on the interpreter).
+    pub coalesced_mmio: bool,
 }
 
 /// The default tier: `DUET_TIER` (`interp` or `jit`) when set, else the
@@ -122,6 +125,7 @@ impl MachineConfig {
             epoch: None,
             device_trace: None,
             manual_clock: None,
+            coalesced_mmio: false,
         }
     }
 }
@@ -204,6 +208,7 @@ pub struct Machine {
     vcpu: Box<dyn Vcpu>,
     backend_name: &'static str,
     clock_kind: ClockKind,
+    coalesced_mmio: bool,
     vclock: Option<VirtualClock>,
     /// The host clock, told when the vCPU idles (None with virtual time).
     host_clock: Option<Arc<HostClock>>,
@@ -241,6 +246,8 @@ pub struct Machine {
 pub enum PciDeviceKind {
     /// The test device of the built-in guests (INTx/MSI/MSI-X on command).
     Test,
+    /// An e1000 whose backend loops every frame back (built-in guests).
+    E1000Loopback,
 }
 
 /// The transport a virtio device sits on.
@@ -618,6 +625,7 @@ impl Machine {
             vcpu,
             backend_name: be.name(),
             clock_kind: cfg.clock,
+            coalesced_mmio: cfg.coalesced_mmio,
             vclock,
             host_clock,
             uart,
@@ -631,24 +639,76 @@ impl Machine {
     pub fn add_pci_device(&mut self, spec: PciDeviceSpec) -> Result<PciAddress, MachineError> {
         let slot = irqchip::lock(&self.pci).free_slot(spec.slot)?;
         let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
-        let name = match spec.kind {
-            PciDeviceKind::Test => format!("pci-test-{slot:02x}"),
-        };
-        let dev = match spec.kind {
-            PciDeviceKind::Test => Arc::new(Mutex::new(PciTestDevice::new(
-                &name,
-                self.chip.irq_line(gsi),
-                self.chip.msi_sink(),
-            ))),
-        };
-        self.devices.push(MachineDevice::new(
-            &name,
-            DeviceHandle::PciTest(dev.clone()),
-        ));
-        if let Some(d) = self.io.tracer.devices() {
-            d.header("pci", &format!("test {slot:02}"));
+        match spec.kind {
+            PciDeviceKind::Test => {
+                let name = format!("pci-test-{slot:02x}");
+                let dev = Arc::new(Mutex::new(PciTestDevice::new(
+                    &name,
+                    self.chip.irq_line(gsi),
+                    self.chip.msi_sink(),
+                )));
+                self.devices.push(MachineDevice::new(
+                    &name,
+                    DeviceHandle::PciTest(dev.clone()),
+                ));
+                if let Some(d) = self.io.tracer.devices() {
+                    d.header("pci", &format!("test {slot:02}"));
+                }
+                self.plug_pci(slot, &name, dev, 0)
+            }
+            PciDeviceKind::E1000Loopback => self.add_e1000_in(
+                Some(slot),
+                "e1000-0",
+                crate::net::default_mac(0),
+                Box::new(crate::net::loopback::LoopbackBackend::new()),
+            ),
         }
-        self.plug_pci(slot, &name, dev)
+    }
+
+    /// Plug in an emulated e1000 (82540EM) NIC in the first free PCI slot,
+    /// its frames going to `backend`. It has a timer (interrupt
+    /// throttling) and takes host input like the virtio devices.
+    pub fn add_e1000(
+        &mut self,
+        name: &str,
+        mac: [u8; 6],
+        backend: Box<dyn devices::virtio::net::NetBackend>,
+    ) -> Result<(), MachineError> {
+        self.add_e1000_in(None, name, mac, backend).map(|_| ())
+    }
+
+    fn add_e1000_in(
+        &mut self,
+        slot: Option<u8>,
+        name: &str,
+        mac: [u8; 6],
+        backend: Box<dyn devices::virtio::net::NetBackend>,
+    ) -> Result<PciAddress, MachineError> {
+        let slot = irqchip::lock(&self.pci).free_slot(slot)?;
+        let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
+        let dev = Arc::new(Mutex::new(devices::e1000::E1000::new(
+            name,
+            mac,
+            backend,
+            self.mem.clone(),
+            self.chip.irq_line(gsi),
+            self.clock.clone(),
+        )));
+        let address = self.plug_pci(slot, name, dev.clone(), AFFECTS_TIMERS)?;
+        if self.coalesced_mmio {
+            let bar0 = irqchip::lock(&dev)
+                .config()
+                .bar_address(usize::from(devices::e1000::MMIO_BAR));
+            if let Some(bar0) = bar0 {
+                for (off, len) in devices::e1000::coalesced_ranges() {
+                    self.io.add_coalesced_range(bar0 + off, len);
+                    self._backend.register_coalesced_mmio(bar0 + off, len)?;
+                }
+            }
+        }
+        self.io.timers.add(dev.clone());
+        self.virtio.add_e1000(name, dev);
+        Ok(address)
     }
 
     /// Map a device of the caller's on the I/O-port bus at `base..base +
@@ -674,6 +734,7 @@ impl Machine {
         slot: u8,
         name: &str,
         dev: Arc<Mutex<dyn PciDevice>>,
+        affects: u8,
     ) -> Result<PciAddress, MachineError> {
         let gsi = pci_intx_gsi(slot, devices::pci::IntxPin::IntA as u8);
         let mapped = {
@@ -699,7 +760,7 @@ impl Machine {
             cfg.mapped_bars()
         };
         let address = irqchip::lock(&self.pci).add(Some(slot), dev.clone())?;
-        let id = self.io.register(name);
+        let id = self.io.register_with(name, affects);
         self.io.note_pci_function(address, id);
         for b in mapped {
             let kind = if b.io { BusKind::Pio } else { BusKind::Mmio };
@@ -734,7 +795,7 @@ impl Machine {
                     self.chip.irq_line(gsi),
                     self.chip.msi_sink(),
                 )));
-                self.plug_pci(slot, name, dev.clone())?;
+                self.plug_pci(slot, name, dev.clone(), 0)?;
                 self.devices.push(MachineDevice::new(
                     name,
                     DeviceHandle::VirtioPci(dev.clone()),
@@ -1138,6 +1199,9 @@ impl Machine {
                 t.disarm();
             }
             let exit = exit?;
+            // Writes queued in coalesced MMIO ranges take effect before
+            // the VMM does anything else.
+            self.io.flush_coalesced();
             if let (Some(target), Some(after)) = (target, self.vcpu.stats().instructions) {
                 let early =
                     matches!(exit, VcpuExit::Interrupted | VcpuExit::IoRequest) && after < target;
@@ -1394,6 +1458,11 @@ impl Machine {
     /// The vCPU's counters.
     pub fn vcpu_stats(&self) -> VcpuStats {
         self.vcpu.stats()
+    }
+
+    /// Interrupts the emulated NICs raised.
+    pub fn nic_interrupts(&self) -> u64 {
+        self.virtio.nic_interrupts()
     }
 
     /// Device access counts by (bus, device), and the unmapped accesses.

@@ -117,6 +117,11 @@ struct DifftestArgs {
     /// ...; 64-bit ring 3, where the CPU is the oracle).
     #[arg(long)]
     isa_only: bool,
+    /// The interpreter side's execution tier: the interpreter alone (the
+    /// default), or the translation tier with every 64-bit block
+    /// translated the first time it runs.
+    #[arg(long, value_enum)]
+    tier: Option<TierArg>,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -156,6 +161,10 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         max_len: args.max_len.max(1),
         only: args.case,
         isa_only: args.isa_only,
+        tier: match args.tier {
+            Some(TierArg::Jit) => cpu_interp::Tier::Jit,
+            _ => cpu_interp::Tier::Interp,
+        },
     };
     // Create the coverage file first: a bad path fails now, not after the
     // campaign.
@@ -204,12 +213,28 @@ struct BenchArgs {
     /// Interpreter backend's execution tier (default: the fastest).
     #[arg(long, value_enum)]
     tier: Option<TierArg>,
+    /// `bench io`: where io-results.csv and io-report.html go.
+    #[arg(long, value_name = "DIR", default_value = "bench-io")]
+    out: std::path::PathBuf,
+    /// `bench io`: full-size frames per throughput run.
+    #[arg(long, default_value_t = duet::bench_io::DEFAULT_FRAMES)]
+    frames: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum OnOff {
+    On,
+    #[default]
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BenchTarget {
     Interp,
     Kvm,
+    /// The I/O report: NIC paths × backends × interrupt controllers ×
+    /// coalesced MMIO (CSV and HTML with plots in --out).
+    Io,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -346,17 +371,28 @@ struct RunArgs {
     /// code, interpreter helpers, interpreter, translating) at exit.
     #[arg(long)]
     profile: bool,
+    /// Coalesce writes to the emulated NICs' side-effect-free registers:
+    /// KVM's coalesced MMIO ring on KVM, the same queue on the interpreter
+    /// (the device trace is the same either way).
+    #[arg(
+        long = "coalesced-mmio",
+        value_enum,
+        value_name = "ON|OFF",
+        default_value = "off"
+    )]
+    coalesced_mmio: OnOff,
     /// A virtio-blk disk on a raw image (repeatable; the first is /dev/vda):
     /// path=FILE[,readonly=on][,transport=pci|mmio][,serial=ID].
     ///
     /// Example: --disk path=disk.img,readonly=on
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<duet::device_args::DiskSpec>,
-    /// A virtio-net NIC (repeatable): user[,hostfwd=tcp:127.0.0.1:H-:G]
+    /// A NIC (repeatable): user[,hostfwd=tcp:127.0.0.1:H-:G]
     /// (user-mode networking, guest 10.0.2.15, host 10.0.2.2, DNS 10.0.2.3)
-    /// or tap=IFNAME; with [,mac=..][,pcap=FILE][,transport=pci|mmio].
+    /// or tap=IFNAME; with [,mac=..][,pcap=FILE][,transport=pci|mmio]
+    /// [,model=virtio|e1000] (virtio-net, or an emulated Intel 82540EM on PCI).
     ///
-    /// Example: --net user,hostfwd=tcp:127.0.0.1:8080-:80,pcap=net.pcap
+    /// Example: --net user,hostfwd=tcp:127.0.0.1:8080-:80,pcap=net.pcap,model=e1000
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<duet::device_args::NetSpec>,
     /// A virtio-rng entropy device: host getrandom, or a seeded
@@ -653,6 +689,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         },
         tier: TierArg::tier(args.tier),
         cpu: args.cpu,
+        coalesced_mmio: args.coalesced_mmio == OnOff::On,
         ..MachineConfig::new(kind, port.take_output())
     };
     let memory_text = memory.map_or_else(|| "256M (the default)".to_string(), |m| m.text);
@@ -1232,6 +1269,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     let kind = match args.target {
         BenchTarget::Interp => BackendKind::Interp,
         BenchTarget::Kvm => choose_backend(BackendArg::Kvm, None)?.0,
+        BenchTarget::Io => return bench_io(&args),
     };
     let workloads: Vec<Workload> = if args.only.is_empty() {
         Workload::ALL.to_vec()
@@ -1285,6 +1323,25 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_io(args: &BenchArgs) -> Result<ExitCode> {
+    let command: Vec<String> = std::env::args().collect();
+    let cells = duet::bench_io::matrix();
+    let results = duet::bench_io::run(
+        &cells,
+        args.frames.max(1),
+        &args.out,
+        &command.join(" "),
+        &mut std::io::stdout(),
+    )?;
+    print!("{}", duet::bench_io::markdown(&results));
+    println!(
+        "wrote {} and {}",
+        args.out.join("io-results.csv").display(),
+        args.out.join("io-report.html").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

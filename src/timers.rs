@@ -32,6 +32,12 @@ impl Timers {
         t
     }
 
+    /// Add a timed device (plugged in after the machine was built).
+    pub fn add(&mut self, t: Arc<Mutex<dyn Timed + Send>>) {
+        self.timed.push(t);
+        self.deadline = self.compute_deadline();
+    }
+
     pub fn now(&self) -> u64 {
         self.clock.now_ns()
     }

@@ -47,6 +47,8 @@ impl InputNotifier for HostInput {
 enum Plugged {
     Pci(Arc<Mutex<VirtioPci>>),
     Mmio(Arc<Mutex<VirtioMmio>>),
+    /// An emulated NIC on the same host-input path.
+    E1000(Arc<Mutex<devices::e1000::E1000>>),
 }
 
 /// The virtio devices of a machine.
@@ -77,6 +79,11 @@ impl VirtioDevices {
         self.plugged.push((name.to_string(), Plugged::Pci(dev)));
     }
 
+    /// An e1000 polled with the virtio devices when host input is pending.
+    pub fn add_e1000(&mut self, name: &str, dev: Arc<Mutex<devices::e1000::E1000>>) {
+        self.plugged.push((name.to_string(), Plugged::E1000(dev)));
+    }
+
     /// Register block and line for the next virtio-mmio device.
     pub fn next_mmio_slot(&self) -> Option<(u64, u32)> {
         layout::virtio_mmio::slot(self.mmio.len() as u64)
@@ -105,6 +112,7 @@ impl VirtioDevices {
             match p {
                 Plugged::Pci(d) => lock(d).poll(),
                 Plugged::Mmio(d) => lock(d).poll(),
+                Plugged::E1000(d) => lock(d).poll(),
             }
         }
         true
@@ -118,8 +126,20 @@ impl VirtioDevices {
             match p {
                 Plugged::Pci(d) => lock(d).poll(),
                 Plugged::Mmio(d) => lock(d).poll(),
+                Plugged::E1000(d) => lock(d).poll(),
             }
         }
+    }
+
+    /// Interrupts the emulated NICs raised (for the I/O benchmark).
+    pub fn nic_interrupts(&self) -> u64 {
+        self.plugged
+            .iter()
+            .map(|(_, p)| match p {
+                Plugged::E1000(d) => lock(d).stats().interrupts,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// `--stats` lines: each device's counters.
@@ -128,11 +148,12 @@ impl VirtioDevices {
         if self.plugged.is_empty() {
             return s;
         }
-        s.push_str("virtio devices:\n");
+        s.push_str("network and virtio devices:\n");
         for (name, p) in &self.plugged {
             let (transport, text) = match p {
                 Plugged::Pci(d) => ("pci", lock(d).core().device().describe()),
                 Plugged::Mmio(d) => ("mmio", lock(d).core().device().describe()),
+                Plugged::E1000(d) => ("pci", lock(d).describe()),
             };
             s.push_str(&format!("  {name:<12} {transport:<4} {text}\n"));
         }
@@ -239,6 +260,11 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
             }
         };
         let mac = n.mac.unwrap_or_else(|| crate::net::default_mac(i));
+        if n.model == crate::device_args::NicModel::E1000 {
+            m.add_e1000(&format!("e1000-{i}"), mac, backend)
+                .map_err(|e| err("--net", given, e.to_string()))?;
+            continue;
+        }
         let dev = VirtioNet::new(mac, backend);
         m.add_virtio(&format!("virtio-net{i}"), n.transport, Box::new(dev))
             .map_err(|e| err("--net", given, e.to_string()))?;

@@ -326,6 +326,18 @@ impl Cpu {
         self.blocks.invalidate_page(page)
     }
 
+    /// Translate a 64-bit block once it has run `n` times (default 64, or
+    /// `DUET_JIT_HOT`); 1 translates every block the first time (what a
+    /// differential test of the translation tier wants). No effect on the
+    /// interpreter tier.
+    pub fn set_jit_threshold(&mut self, n: u32) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = self.jit.as_mut() {
+            j.hot = n.max(1);
+        }
+        let _ = n;
+    }
+
     /// Choose the execution tier (default: the interpreter). `Jit` falls
     /// back to the interpreter, with an error, where the host cannot run
     /// translated code.

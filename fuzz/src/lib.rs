@@ -665,3 +665,159 @@ pub fn replay_log(data: &[u8]) {
         }
     }
 }
+
+// ---- e1000 -------------------------------------------------------------------
+
+/// Registers the e1000 fuzzer aims at (any other offset is reachable too).
+const E1000_REGS: [u32; 24] = [
+    0x0000, 0x0010, 0x0014, 0x0020, 0x00c0, 0x00c4, 0x00c8, 0x00d0, 0x00d8, 0x0100, 0x0400,
+    0x2800, 0x2804, 0x2808, 0x2810, 0x2818, 0x3800, 0x3804, 0x3808, 0x3810, 0x3818, 0x5200,
+    0x5400, 0x5404,
+];
+
+/// Guest RAM of the e1000 fuzzer: rings and buffers live in its first
+/// 64 KiB (so random addresses hit them), the rest is there to be pointed at.
+const E1000_RAM: u64 = 1 << 20;
+
+/// One action against an e1000.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum E1000Op {
+    /// Write a register: `which` picks one of [`E1000_REGS`] or, past
+    /// them, a raw offset.
+    Write { which: u16, value: u32, size: u8 },
+    Read { which: u16, size: u8 },
+    /// Through the I/O BAR (IOADDR/IODATA).
+    IoWrite { offset: u8, value: u32 },
+    IoRead { offset: u8 },
+    /// The guest writes descriptors or data.
+    Memory { at: u16, bytes: Vec<u8> },
+    /// A descriptor at `index` of a ring at 0x1000 or 0x2000.
+    Descriptor { rx: bool, index: u8, addr: u16, word: u64 },
+    /// A frame arrives from the network.
+    Frame { bytes: Vec<u8>, broadcast: bool },
+    /// PCI command register (bus master, INTx disable).
+    Command { value: u16 },
+    /// VM time passes (interrupt throttling).
+    Advance { ns: u32 },
+}
+
+/// A backend that records nothing and hands out queued frames.
+struct FuzzWire(Arc<Mutex<std::collections::VecDeque<devices::virtio::net::RxFrame>>>);
+
+impl devices::virtio::net::NetBackend for FuzzWire {
+    fn send(&mut self, _h: &devices::virtio::net::NetHeader, frame: &[u8]) {
+        assert!(frame.len() <= devices::e1000::MAX_TX_FRAME + 4, "frame too long");
+    }
+    fn recv(&mut self) -> Option<devices::virtio::net::RxFrame> {
+        self.0.lock().expect("wire").pop_front()
+    }
+    fn unrecv(&mut self, frame: devices::virtio::net::RxFrame) {
+        self.0.lock().expect("wire").push_front(frame);
+    }
+}
+
+thread_local! {
+    static E1000_MEM: RefCell<Option<devices::virtio::GuestMemory>> = const { RefCell::new(None) };
+}
+
+/// An e1000 session: register accesses, descriptor memory, received
+/// frames and time, against a fresh device. It must never panic, hang or
+/// send a frame longer than the device allows.
+pub fn e1000(data: &[u8]) {
+    use devices::pci::PciDevice;
+    let mut u = Unstructured::new(data);
+    let Ok(ops) = Vec::<E1000Op>::arbitrary(&mut u) else {
+        return;
+    };
+    let mem = E1000_MEM.with(|m| {
+        m.borrow_mut()
+            .get_or_insert_with(|| {
+                devices::virtio::GuestMemory::from_ranges(&[(GuestAddress(0), E1000_RAM as usize)])
+                    .expect("guest memory")
+            })
+            .clone()
+    });
+    // Fresh contents for every input.
+    let zero = vec![0u8; 0x10000];
+    mem.write_slice(&zero, GuestAddress(0)).expect("clear");
+    let clock = ManualClock::new();
+    let wire = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let mut dev = devices::e1000::E1000::new(
+        "e1000",
+        [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        Box::new(FuzzWire(wire.clone())),
+        mem.clone(),
+        Box::new(NullIrq),
+        Arc::new(clock.clone()),
+    );
+    dev.write_config(4, &7u16.to_le_bytes());
+    for op in ops.into_iter().take(MAX_OPS) {
+        match op {
+            E1000Op::Write { which, value, size } => {
+                let off = match E1000_REGS.get(usize::from(which)) {
+                    Some(&r) => u64::from(r),
+                    None => u64::from(which) * 4 % devices::e1000::MMIO_BAR_LEN,
+                };
+                let n = [1usize, 2, 4][usize::from(size % 3)];
+                dev.write_bar(0, off, &value.to_le_bytes()[..n]);
+            }
+            E1000Op::Read { which, size } => {
+                let off = match E1000_REGS.get(usize::from(which)) {
+                    Some(&r) => u64::from(r),
+                    None => u64::from(which) * 4 % devices::e1000::MMIO_BAR_LEN,
+                };
+                let n = [1usize, 2, 4][usize::from(size % 3)];
+                let mut b = [0u8; 4];
+                dev.read_bar(0, off, &mut b[..n]);
+            }
+            E1000Op::IoWrite { offset, value } => {
+                dev.write_bar(1, u64::from(offset % 64), &value.to_le_bytes())
+            }
+            E1000Op::IoRead { offset } => {
+                let mut b = [0u8; 4];
+                dev.read_bar(1, u64::from(offset % 64), &mut b);
+            }
+            E1000Op::Memory { at, bytes } => {
+                let n = bytes.len().min(0x1_0000 - usize::from(at));
+                let _ = mem.write_slice(&bytes[..n], GuestAddress(u64::from(at)));
+            }
+            E1000Op::Descriptor {
+                rx,
+                index,
+                addr,
+                word,
+            } => {
+                let ring = if rx { 0x2000u64 } else { 0x1000 };
+                let mut d = [0u8; 16];
+                d[..8].copy_from_slice(&u64::from(addr).to_le_bytes());
+                d[8..].copy_from_slice(&word.to_le_bytes());
+                let _ = mem.write_slice(&d, GuestAddress(ring + u64::from(index) * 16));
+            }
+            E1000Op::Frame {
+                mut bytes,
+                broadcast,
+            } => {
+                bytes.truncate(20_000);
+                if broadcast && bytes.len() >= 6 {
+                    bytes[..6].fill(0xff);
+                }
+                let mut w = wire.lock().expect("wire");
+                if w.len() < 64 {
+                    w.push_back(devices::virtio::net::RxFrame {
+                        header: [0; devices::virtio::net::HDR_LEN],
+                        data: bytes,
+                    });
+                }
+            }
+            E1000Op::Command { value } => dev.write_config(4, &value.to_le_bytes()),
+            E1000Op::Advance { ns } => {
+                clock.advance_by(u64::from(ns));
+                let now = clock.now_ns();
+                if dev.next_deadline().is_some_and(|d| d <= now) {
+                    dev.advance(now);
+                }
+            }
+        }
+        dev.poll();
+    }
+}

@@ -59,3 +59,8 @@ fn virtio_devices() {
 fn replay_log() {
     replay("replay_log", duet_fuzz::replay_log);
 }
+
+#[test]
+fn e1000() {
+    replay("e1000", duet_fuzz::e1000);
+}

@@ -88,18 +88,19 @@ use cpu_interp::state::msr;
 use cpu_interp::{Cpu, CpuExit, Ram};
 use iced_x86::{Code, Mnemonic};
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_fpu, kvm_interrupt, kvm_msr_entry,
-    kvm_pit_config, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs as KvmMsrs, Xsave,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_VCPUEVENT_VALID_NMI_PENDING,
-    KVM_VCPUEVENT_VALID_SHADOW, KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
+    kvm_coalesced_mmio, kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_fpu, kvm_interrupt,
+    kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs as KvmMsrs,
+    Xsave, KVM_CAP_X86_USER_SPACE_MSR, KVM_INTERNAL_ERROR_DELIVERY_EV,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
 };
 use kvm_ioctls::{
-    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, SyncReg,
+    Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, SyncReg,
     VcpuExit as KvmExit, VcpuFd, VmFd,
 };
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -409,6 +410,11 @@ fn open_kvm() -> std::result::Result<Kvm, String> {
     })
 }
 
+/// Does this KVM offer coalesced MMIO (`KVM_CAP_COALESCED_MMIO`)?
+pub fn coalesced_mmio_supported() -> bool {
+    open_kvm().is_ok_and(|k| k.check_extension(Cap::CoalescedMmio))
+}
+
 /// Is KVM usable? Opens `/dev/kvm` and checks the API version.
 pub fn probe() -> std::result::Result<(), String> {
     let kvm = open_kvm()?;
@@ -706,9 +712,18 @@ impl KvmBackend {
                 Err(e) => log::debug!("kvm: KVM_GET_TSC_KHZ failed: {e}"),
             }
         }
+        let coalesced = (self.vm.check_extension(Cap::CoalescedMmio)
+            && self.run_size >= (COALESCED_RING_PAGE + 1) * PAGE_SIZE)
+            .then(|| {
+                let base = NonNull::from(&mut *fd.get_kvm_run()).cast::<u8>();
+                // SAFETY: the vCPU mapping is `run_size` bytes long (checked
+                // above), so the ring page lies inside it.
+                CoalescedRing(unsafe { base.add(COALESCED_RING_PAGE * PAGE_SIZE) })
+            });
         let run = fd.get_kvm_run();
         let immediate_exit = NonNull::from(&mut run.immediate_exit);
         let mut vcpu = KvmVcpu {
+            coalesced,
             kick: Arc::new(KvmKick::new(immediate_exit)),
             kick_unblocked_on: None,
             fd,
@@ -1013,6 +1028,19 @@ impl Backend for KvmBackend {
             .then(|| Arc::new(KvmGsiSink(self.vm.clone())) as Arc<dyn super::GsiSink>)
     }
 
+    fn register_coalesced_mmio(&self, base: u64, len: u64) -> Result<()> {
+        if !self.vm.check_extension(Cap::CoalescedMmio) {
+            // The VMM's own queue still batches; every write exits.
+            return Ok(());
+        }
+        let len = u32::try_from(len).map_err(|_| {
+            BackendError::Unsupported(format!("coalesced MMIO range of {len:#x} bytes"))
+        })?;
+        self.vm
+            .register_coalesced_mmio(IoEventAddress::Mmio(base), len)
+            .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO"))
+    }
+
     fn tsc_khz(&self) -> Option<u32> {
         match self.tsc_khz.load(Ordering::Relaxed) {
             0 => None,
@@ -1051,6 +1079,9 @@ impl super::GsiSink for KvmGsiSink {
 
 /// A vCPU on KVM.
 pub struct KvmVcpu {
+    /// KVM's coalesced MMIO ring, a page of `fd`'s mapping (declared
+    /// before `fd`: it points into it).
+    coalesced: Option<CoalescedRing>,
     fd: VcpuFd,
     id: u32,
     caps: Caps,
@@ -1103,6 +1134,54 @@ impl Drop for KvmVcpu {
         // Kickers may outlive the vCPU: keep them off the kvm_run mapping,
         // which goes away with `fd` right after this.
         self.kick.detach();
+    }
+}
+
+/// The page of the vCPU mapping that holds the coalesced MMIO ring on x86
+/// (`KVM_COALESCED_MMIO_PAGE_OFFSET`).
+const COALESCED_RING_PAGE: usize = kvm_bindings::KVM_COALESCED_MMIO_PAGE_OFFSET as usize;
+const PAGE_SIZE: usize = 4096;
+
+/// KVM's coalesced MMIO ring: `u32 first, last` then entries; KVM appends
+/// at `last`, the VMM consumes from `first`.
+struct CoalescedRing(NonNull<u8>);
+
+// SAFETY: the ring is a page of the vCPU's own mapping, used only by the
+// thread running the vCPU (the KvmVcpu is moved between threads whole).
+unsafe impl Send for CoalescedRing {}
+
+impl CoalescedRing {
+    const ENTRIES: u32 = ((PAGE_SIZE - 8) / std::mem::size_of::<kvm_coalesced_mmio>()) as u32;
+
+    /// Hand every queued write to `io`, oldest first.
+    fn drain(&self, io: &mut dyn IoHandler) {
+        let base = self.0.as_ptr();
+        // SAFETY: `base` points at the ring page (see its construction),
+        // whose first two dwords are the indices KVM updates; they are
+        // accessed atomically, as the kernel does with its barriers.
+        let (first, last) = unsafe {
+            (
+                &*(base as *const std::sync::atomic::AtomicU32),
+                &*(base.add(4) as *const std::sync::atomic::AtomicU32),
+            )
+        };
+        loop {
+            let end = last.load(Ordering::Acquire);
+            let at = first.load(Ordering::Relaxed);
+            if at == end || at >= Self::ENTRIES {
+                return;
+            }
+            // SAFETY: `at` < ENTRIES, so the entry lies inside the page.
+            let e: kvm_coalesced_mmio = unsafe {
+                std::ptr::read_volatile(
+                    base.add(8 + at as usize * std::mem::size_of::<kvm_coalesced_mmio>())
+                        as *const kvm_coalesced_mmio,
+                )
+            };
+            let len = (e.len as usize).min(e.data.len());
+            io.mmio_write(e.phys_addr, &e.data[..len]);
+            first.store((at + 1) % Self::ENTRIES, Ordering::Release);
+        }
     }
 }
 
@@ -1215,6 +1294,10 @@ impl KvmVcpu {
             self.kick.enter();
             let result = self.fd.run();
             self.kick.leave();
+            // Writes KVM queued without exiting come first, in order.
+            if let Some(ring) = &self.coalesced {
+                ring.drain(io);
+            }
             let raw = match result {
                 Ok(KvmExit::SetTpr) => Raw::SetTpr,
                 Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..)) => Raw::Pio,

@@ -276,6 +276,15 @@ pub trait Backend {
     fn irq_sink(&self) -> Option<std::sync::Arc<dyn GsiSink>> {
         None
     }
+
+    /// Have writes to `base..base + len` queued without an exit (KVM's
+    /// coalesced MMIO); the vCPU hands them to the VMM, in order, at its
+    /// next exit. Backends without exits (the interpreter) do nothing: the
+    /// VMM's own queue ([`crate::io::DeviceIo::add_coalesced_range`]) is
+    /// the same batching.
+    fn register_coalesced_mmio(&self, _base: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Which backend to use.
@@ -295,6 +304,18 @@ impl BackendKind {
 }
 
 /// Is KVM usable here? `Err` carries a reason a user can act on.
+/// Does KVM offer coalesced MMIO here (false without KVM)?
+pub fn kvm_coalesced_mmio() -> bool {
+    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    {
+        kvm::coalesced_mmio_supported()
+    }
+    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
 pub fn kvm_available() -> std::result::Result<(), String> {
     #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
     {

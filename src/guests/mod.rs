@@ -8,6 +8,7 @@ use cpu_interp::state::CpuState;
 pub mod asm;
 pub mod checksum;
 pub mod debug_regs;
+pub mod e1000_loop;
 pub mod fault;
 pub mod hello_real;
 pub mod irq_boundary;
@@ -193,6 +194,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             description: virtio::WAIT_DESCRIPTION,
             build: virtio::build_wait,
             needs_input: true,
+        },
+        BuiltinGuest {
+            name: e1000_loop::NAME,
+            description: e1000_loop::DESCRIPTION,
+            build: e1000_loop::build,
+            needs_input: false,
         },
         BuiltinGuest {
             name: serial_echo::NAME,

@@ -1,4 +1,5 @@
-//! Network backends for the NICs: `tap` ([`tap`]), `user` ([`slirp`]), and
+//! Network backends for the NICs: `tap` ([`tap`]), `user` ([`slirp`]),
+//! `loopback` for the built-in guests ([`loopback`]), and
 //! the `pcap=` capture any of them can be wrapped in ([`pcap`]).
 //!
 //! A backend is a [`NetBackend`]: the device hands it the guest's frames
@@ -14,6 +15,7 @@ use devices::Clock;
 
 use crate::device_args::{NetBackendSpec, NetSpec};
 
+pub mod loopback;
 pub mod pcap;
 pub mod slirp;
 pub mod tap;

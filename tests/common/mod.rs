@@ -133,6 +133,33 @@ pub fn golden_path(name: &str) -> PathBuf {
         .join(format!("{name}.serial.txt"))
 }
 
+/// Boot built-in guest `name` with coalesced MMIO on or off.
+pub fn run_guest_coalesced(name: &str, kind: BackendKind, coalesced: bool) -> RunResult {
+    let guest = guests::find(name).unwrap_or_else(|| panic!("no built-in guest {name}"));
+    let out = SharedBuf::default();
+    let trace = temp_path(&format!("{name}-coalesced-{coalesced}"));
+    let cfg = MachineConfig {
+        memory: 64 << 20,
+        trace: Some(trace.clone()),
+        coalesced_mmio: coalesced,
+        ..MachineConfig::new(kind, Box::new(out.clone()))
+    };
+    let mut m = Machine::new(cfg).expect("machine");
+    m.load(&(guest.build)()).expect("load");
+    let outcome = m.run().expect("run");
+    let stats = m.vcpu_stats();
+    drop(m);
+    let trace_text = std::fs::read_to_string(&trace).expect("trace file");
+    std::fs::remove_file(&trace).ok();
+    let serial = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    RunResult {
+        serial,
+        trace: trace_text,
+        outcome,
+        stats,
+    }
+}
+
 /// The golden serial output of a guest.
 pub fn golden(name: &str) -> String {
     let p = golden_path(name);
