@@ -117,6 +117,11 @@ struct DifftestArgs {
     /// ...; 64-bit ring 3, where the CPU is the oracle).
     #[arg(long)]
     isa_only: bool,
+    /// The interpreter side's execution tier: the interpreter alone (the
+    /// default), or the translation tier with every 64-bit block
+    /// translated the first time it runs.
+    #[arg(long, value_enum)]
+    tier: Option<TierArg>,
 }
 
 /// `duet difftest`: exit status 0 without divergences, 3 with.
@@ -156,6 +161,10 @@ fn difftest(args: DifftestArgs) -> Result<ExitCode> {
         max_len: args.max_len.max(1),
         only: args.case,
         isa_only: args.isa_only,
+        tier: match args.tier {
+            Some(TierArg::Jit) => cpu_interp::Tier::Jit,
+            _ => cpu_interp::Tier::Interp,
+        },
     };
     // Create the coverage file first: a bad path fails now, not after the
     // campaign.

@@ -335,6 +335,18 @@ impl Cpu {
         self.blocks.invalidate_page(page)
     }
 
+    /// Translate a 64-bit block once it has run `n` times (default 64, or
+    /// `DUET_JIT_HOT`); 1 translates every block the first time (what a
+    /// differential test of the translation tier wants). No effect on the
+    /// interpreter tier.
+    pub fn set_jit_threshold(&mut self, n: u32) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(j) = self.jit.as_mut() {
+            j.hot = n.max(1);
+        }
+        let _ = n;
+    }
+
     /// Choose the execution tier (default: the interpreter). `Jit` falls
     /// back to the interpreter, with an error, where the host cannot run
     /// translated code.
@@ -467,17 +479,39 @@ impl Cpu {
     }
 
     /// Forget decoded code in a guest-physical range that was written by
-    /// someone other than this CPU (device DMA, a loader).
-    pub fn invalidate_phys_range(&mut self, start: u64, len: u64) {
+    /// someone other than this CPU (device DMA, a loader). True when some
+    /// was dropped. (Writes through a [`crate::memory::ForeignWrites`] log
+    /// given to the CPU's [`Ram`] are picked up without this call.)
+    pub fn invalidate_phys_range(&mut self, start: u64, len: u64) -> bool {
         let mut page = start & !0xfff;
         let end = start.saturating_add(len);
+        let mut dropped = false;
         while page < end {
-            if self.invalidate_code_page(page) {
+            if self.blocks.is_code_page(page) && self.invalidate_code_page(page) {
                 self.tlb.clear_code_page(page);
                 self.tlb.bump();
+                dropped = true;
             }
             page += 0x1000;
         }
+        dropped
+    }
+
+    /// Drop the code others wrote over since the last look (the RAM's
+    /// [`crate::memory::ForeignWrites`] log). Called after every port and
+    /// MMIO access (a device may have run DMA) and when a run starts (the
+    /// VMM may have run devices in between). If decoded code was dropped,
+    /// the running block ends after the current instruction, exactly as
+    /// after a store of the CPU's own into code.
+    #[inline]
+    pub(crate) fn take_foreign_writes(&mut self) {
+        let Some(mut log) = self.ram.foreign.take() else {
+            return;
+        };
+        let mut dropped = false;
+        log.take(&mut |start, len| dropped |= self.invalidate_phys_range(start, len));
+        self.ram.foreign = Some(log);
+        self.code_written |= dropped;
     }
 
     // ---- state transfer -------------------------------------------------

@@ -162,6 +162,9 @@ impl Cpu {
 
     fn run_inner(&mut self, p: &mut dyn Platform, budget: u64) -> CpuExit {
         let limit = self.retired.saturating_add(budget);
+        // Devices may have written code between runs.
+        self.take_foreign_writes();
+        self.code_written = false;
         if self.blocks.dead() > 8192 && self.tier() == crate::Tier::Interp {
             // Nothing executes now: reclaim blocks unlinked by code writes.
             // (With translations, dead blocks wait for the cache bound: a

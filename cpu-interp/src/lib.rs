@@ -41,9 +41,10 @@ pub use memory::Ram;
 pub use platform::{MsrResult, NullPlatform, Platform};
 
 /// Which engine executes guest code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Tier {
     /// The interpreter alone.
+    #[default]
     Interp,
     /// Hot 64-bit blocks translated to host code, the interpreter for the
     /// rest (x86-64 Linux hosts).

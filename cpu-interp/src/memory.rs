@@ -3,8 +3,25 @@
 //! The interpreter reads and writes the same `GuestMemoryMmap` the KVM
 //! backend maps into its memory slots. [`Ram`] keeps the host address of each
 //! region so that a TLB entry can point straight at host memory.
+//!
+//! Others write that memory too (device DMA, loaders, a snapshot restore).
+//! The interpreter caches code decoded from it (and the translation tier
+//! code compiled from that), so whoever owns the memory tells the CPU what
+//! was written through [`ForeignWrites`]; the CPU asks after every port or
+//! MMIO access and whenever [`crate::Cpu::run`] starts.
 
+use std::any::Any;
+
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Guest-physical ranges written by something other than the CPU.
+pub trait ForeignWrites: Send {
+    /// Call `written(start, len)` for every guest-physical range written
+    /// since the last call (whole pages are fine), and forget them. Called
+    /// often: return quickly when nothing was written.
+    fn take(&mut self, written: &mut dyn FnMut(u64, u64));
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Region {
@@ -16,8 +33,11 @@ struct Region {
 /// Guest RAM as a list of (guest-physical range, host pointer).
 pub struct Ram {
     regions: Vec<Region>,
-    /// Keeps the mappings alive as long as the pointers above are used.
-    _mem: GuestMemoryMmap,
+    /// Keeps the mappings alive as long as the pointers above are used (a
+    /// `GuestMemoryMmap<B>` of whichever write-tracking bitmap `B`).
+    _mem: Box<dyn Any + Send>,
+    /// Who reports writes by others, if anyone does.
+    pub(crate) foreign: Option<Box<dyn ForeignWrites>>,
 }
 
 // SAFETY: `Ram` only holds pointers into the mmap regions owned by `_mem`,
@@ -26,7 +46,12 @@ pub struct Ram {
 unsafe impl Send for Ram {}
 
 impl Ram {
-    pub fn new(mem: GuestMemoryMmap) -> Self {
+    /// RAM over `mem`. The CPU's own writes bypass `mem`'s bitmap (they go
+    /// to the host mapping directly).
+    pub fn new<B>(mem: GuestMemoryMmap<B>) -> Self
+    where
+        B: Bitmap + Send + Sync + 'static,
+    {
         let mut regions: Vec<Region> = mem
             .iter()
             .filter(|r| r.len() > 0)
@@ -41,20 +66,27 @@ impl Ram {
             })
             .collect();
         regions.sort_by_key(|r| r.start);
-        Ram { regions, _mem: mem }
+        Ram {
+            regions,
+            _mem: Box::new(mem),
+            foreign: None,
+        }
+    }
+
+    /// Have `log` report the writes others make to this RAM (device DMA):
+    /// the CPU drops decoded and translated code on those pages.
+    pub fn with_foreign_writes(mut self, log: Box<dyn ForeignWrites>) -> Self {
+        self.foreign = Some(log);
+        self
     }
 
     /// An empty RAM (every physical address is MMIO). For tests.
     pub fn empty() -> Self {
         Ram {
             regions: Vec::new(),
-            _mem: GuestMemoryMmap::default(),
+            _mem: Box::new(GuestMemoryMmap::<()>::default()),
+            foreign: None,
         }
-    }
-
-    /// The guest memory this RAM view was built from.
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self._mem
     }
 
     /// Host address of the 4 KiB page containing `paddr`, if it is RAM.

@@ -263,6 +263,7 @@ impl Cpu {
         p.retired_hint(self.retired);
         self.io_happened = true;
         p.mmio_read(paddr, &mut buf[..size]);
+        self.take_foreign_writes();
         Ok(u64::from_le_bytes(buf))
     }
 
@@ -313,6 +314,7 @@ impl Cpu {
         p.retired_hint(self.retired);
         self.io_happened = true;
         p.mmio_write(paddr, &v.to_le_bytes()[..size]);
+        self.take_foreign_writes();
         // The write may have made an interrupt deliverable (EOI, TPR, ICR,
         // an unmask) or moved a timer: events are checked right after this
         // instruction.

@@ -72,6 +72,22 @@ impl Platform for IoPlatform<'_> {
     }
 }
 
+/// The guest memory's write logs (device DMA, loaders, restores) as the
+/// interpreter's view of who else wrote RAM: the CPU drops decoded and
+/// translated code on those pages.
+struct DeviceWrites(Vec<(u64, devices::guest_memory::WriteLog)>);
+
+impl cpu_interp::memory::ForeignWrites for DeviceWrites {
+    #[inline]
+    fn take(&mut self, written: &mut dyn FnMut(u64, u64)) {
+        for (base, log) in &self.0 {
+            if log.pending() {
+                log.drain(|offset, len| written(base + offset, len));
+            }
+        }
+    }
+}
+
 /// One VM on the interpreter.
 pub struct InterpBackend {
     mem: GuestMemory,
@@ -111,7 +127,9 @@ impl Backend for InterpBackend {
     }
 
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
-        let mut cpu = Cpu::new(Ram::new(self.mem.clone()));
+        // One interpreter vCPU per VM: it alone drains the write logs.
+        let writes = DeviceWrites(devices::guest_memory::write_logs(&self.mem));
+        let mut cpu = Cpu::new(Ram::new(self.mem.clone()).with_foreign_writes(Box::new(writes)));
         cpu.set_cpuid_config(cpu_interp::cpuid::CpuidConfig {
             apic_id: id,
             apic: true,
@@ -242,6 +260,153 @@ impl Vcpu for InterpVcpu {
             code_cache: Some(self.cpu.cache_stats()),
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             jit: self.cpu.jit_stats(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::backend::MsrResult;
+    use cpu_interp::state::{gpr, Segment};
+
+    const CODE: u64 = 0x1000;
+    /// The function the guest calls, on its own page.
+    const FUNC: u64 = 0x4000;
+    const STACK_TOP: u64 = 0x8000;
+    const PML4: u64 = 0x10_000;
+    /// More than the translation threshold (64): each FUNC the device
+    /// overwrites has been translated.
+    const CALLS: u32 = 100;
+
+    fn func(k: u32) -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(eax, k).unwrap();
+        a.ret().unwrap();
+        a.assemble(FUNC).unwrap()
+    }
+
+    /// A device that writes guest memory the way the virtio models do
+    /// (through `GuestMemory`, so the write log sees it): on port 0x80 it
+    /// DMA-writes a new FUNC; on port 0x81 it wants the VMM.
+    struct Dma {
+        mem: GuestMemory,
+        exit: bool,
+    }
+    impl Dma {
+        fn write(&self, k: u32) {
+            self.mem.write_slice(&func(k), GuestAddress(FUNC)).unwrap();
+        }
+    }
+    impl IoHandler for Dma {
+        fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn pio_write(&mut self, port: u16, _data: &[u8]) {
+            match port {
+                0x80 => self.write(100),
+                0x81 => self.exit = true,
+                _ => {}
+            }
+        }
+        fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _addr: u64, _data: &[u8]) {}
+        fn exit_requested(&self) -> bool {
+            self.exit
+        }
+        fn msr_read(&mut self, _msr: u32) -> MsrResult {
+            MsrResult::Unhandled
+        }
+    }
+
+    /// Three rounds of CALLS calls to FUNC summed in RBX; the device
+    /// rewrites FUNC after the first (port write) and the second (while
+    /// the VMM has the vCPU).
+    fn program() -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        for round in 0..3 {
+            let mut l = a.create_label();
+            a.mov(ecx, CALLS).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.mov(rdx, FUNC).unwrap();
+            a.call(rdx).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l).unwrap();
+            match round {
+                0 => a.out(0x80, al).unwrap(),
+                1 => a.out(0x81, al).unwrap(),
+                _ => {}
+            }
+        }
+        a.hlt().unwrap();
+        a.assemble(CODE).unwrap()
+    }
+
+    /// Flat 64-bit mode, the first 2 MiB identity-mapped.
+    fn long_mode(vcpu: &mut dyn Vcpu, mem: &GuestMemory) {
+        mem.write_obj((PML4 + 0x1000) | 3, GuestAddress(PML4))
+            .unwrap();
+        mem.write_obj((PML4 + 0x2000) | 3, GuestAddress(PML4 + 0x1000))
+            .unwrap();
+        mem.write_obj(0x83u64, GuestAddress(PML4 + 0x2000)).unwrap();
+        let mut s = vcpu.state().unwrap();
+        s.sregs.cr0 = cpu_interp::cpu::CR0_PE | cpu_interp::cpu::CR0_PG | cpu_interp::cpu::CR0_ET;
+        s.sregs.cr3 = PML4;
+        s.sregs.cr4 = cpu_interp::cpu::CR4_PAE;
+        s.sregs.efer = cpu_interp::cpu::EFER_LME | cpu_interp::cpu::EFER_LMA;
+        let seg = |code: bool, selector: u16| Segment {
+            selector,
+            limit: 0xffff_ffff,
+            type_: if code { 0xb } else { 0x3 },
+            s: true,
+            present: true,
+            l: code,
+            db: !code,
+            g: true,
+            ..Default::default()
+        };
+        s.sregs.cs = seg(true, 0x8);
+        let d = seg(false, 0x10);
+        (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.fs, s.sregs.gs) = (d, d, d, d, d);
+        s.regs.rip = CODE;
+        s.regs.gpr[gpr::RSP] = STACK_TOP;
+        vcpu.set_state(&s).unwrap();
+    }
+
+    #[test]
+    fn device_dma_over_executed_code_runs_the_new_code_on_both_tiers() {
+        for tier in [cpu_interp::Tier::Interp, cpu_interp::Tier::best()] {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            // The loader's writes are logged too (harmless: no code yet).
+            mem.write_slice(&program(), GuestAddress(CODE)).unwrap();
+            let mut dma = Dma {
+                mem: mem.clone(),
+                exit: false,
+            };
+            dma.write(1);
+            let mut be = InterpBackend::with_options(mem.clone(), tier, Default::default());
+            let mut vcpu = be.create_vcpu(0).unwrap();
+            long_mode(vcpu.as_mut(), &mem);
+            assert!(matches!(vcpu.run(&mut dma).unwrap(), VcpuExit::IoRequest));
+            // The VMM's turn: a device completes a request (as after a
+            // host input) and writes FUNC again.
+            dma.exit = false;
+            dma.write(10_000);
+            assert!(matches!(vcpu.run(&mut dma).unwrap(), VcpuExit::Halted));
+            let sum = vcpu.state().unwrap().regs.gpr[gpr::RBX];
+            assert_eq!(sum, u64::from(CALLS) * (1 + 100 + 10_000), "{tier:?}");
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if tier == cpu_interp::Tier::Jit {
+                let jit = vcpu.stats().jit.expect("JIT stats");
+                assert!(jit.translations > 0, "{jit:?}");
+            }
         }
     }
 }

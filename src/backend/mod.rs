@@ -20,8 +20,9 @@ pub mod interp;
 pub mod kvm;
 pub mod select;
 
-/// Guest memory as shared by both backends.
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+/// Guest memory as shared by both backends and the devices (writes through
+/// it are logged for the interpreter's code caches).
+pub type GuestMemory = devices::guest_memory::GuestMemory;
 
 pub use cpu_interp::MsrResult;
 

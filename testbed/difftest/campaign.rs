@@ -49,6 +49,9 @@ pub struct CampaignConfig {
     /// Random cases are all x86-64-v2/v3 cases (in 64-bit ring 3; the soak
     /// of the new instructions).
     pub isa_only: bool,
+    /// The interpreter side's execution tier (with `Jit`, every 64-bit
+    /// block is translated the first time it runs).
+    pub tier: cpu_interp::Tier,
 }
 
 impl Default for CampaignConfig {
@@ -63,6 +66,7 @@ impl Default for CampaignConfig {
             max_len: 8,
             only: None,
             isa_only: false,
+            tier: cpu_interp::Tier::Interp,
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct Summary {
     pub probe: Option<super::probe::ProbeReport>,
     /// The SDM-reference check of the BCD instructions (no KVM oracle).
     pub sdm: Option<super::sdm::BcdReport>,
+    /// The interpreter side's execution tier.
+    pub tier: cpu_interp::Tier,
 }
 
 impl Summary {
@@ -156,6 +162,7 @@ impl Summary {
     pub fn render(&self) -> String {
         let mut t = String::new();
         let _ = writeln!(t, "== difftest summary");
+        let _ = writeln!(t, "interpreter tier: {}", self.tier.name());
         let _ = writeln!(
             t,
             "host CPU: {} ({}); on the hardware oracle the interpreter plays these quirks \
@@ -641,9 +648,11 @@ pub struct Campaign<'a> {
 
 impl<'a> Campaign<'a> {
     pub fn new(cfg: CampaignConfig, out: &'a mut dyn Write) -> Result<Self, DifftestError> {
-        let h = Harness::new()?;
+        let mut h = Harness::new()?;
+        h.interp.set_tier(cfg.tier)?;
         Ok(Campaign {
             summary: Summary {
+                tier: cfg.tier,
                 probe: Some(h.probe.clone()),
                 ..Default::default()
             },

@@ -201,6 +201,17 @@ impl InterpSide {
         Ok(InterpSide { cpu, mem })
     }
 
+    /// Run on execution tier `tier`; on the translation tier every 64-bit
+    /// block is translated the first time it runs, so each case's code runs
+    /// as host code (cases are short and run once).
+    pub fn set_tier(&mut self, tier: cpu_interp::Tier) -> Result<(), DifftestError> {
+        self.cpu
+            .set_tier(tier)
+            .map_err(|e| DifftestError::Config(e.to_string()))?;
+        self.cpu.set_jit_threshold(1);
+        Ok(())
+    }
+
     /// Run from `init` until a stop port, HLT, triple fault or `budget`
     /// instructions.
     /// A panic inside the interpreter ends the run as `End::Failed`.

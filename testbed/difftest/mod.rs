@@ -47,7 +47,7 @@ pub mod watchdog;
 pub use campaign::{run_campaign, CampaignConfig, Corpus, Summary};
 
 /// Guest memory (the same type both backends use).
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+pub type GuestMemory = crate::backend::GuestMemory;
 
 /// Host-side failures of the harness. A case that misbehaves is never an
 /// error: it is a divergence, a refusal or a timeout in the summary.

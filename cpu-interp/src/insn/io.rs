@@ -63,6 +63,7 @@ fn in_(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     p.retired_hint(cpu.retired);
     cpu.io_happened = true;
     p.io_read(port, &mut buf[..size]);
+    cpu.take_foreign_writes();
     cpu.note_io_access(port, size);
     cpu.set_gpr_sized(gpr::RAX, size as u32, u64::from(u32::from_le_bytes(buf)));
     cpu.end_block = true;
@@ -77,6 +78,7 @@ fn out(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     p.retired_hint(cpu.retired);
     cpu.io_happened = true;
     p.io_write(port, &v.to_le_bytes()[..size]);
+    cpu.take_foreign_writes();
     cpu.note_io_access(port, size);
     cpu.end_block = true;
     Ok(())

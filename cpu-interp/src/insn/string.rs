@@ -222,6 +222,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 p.retired_hint(cpu.retired);
                 cpu.io_happened = true;
                 p.io_read(cpu.gpr[gpr::RDX] as u16, &mut buf[..size]);
+                cpu.take_foreign_writes();
                 cpu.note_io_access(cpu.gpr[gpr::RDX] as u16, size);
                 cpu.write_mem(p, sreg::ES, di, size, u64::from(u32::from_le_bytes(buf)))?;
                 bump(cpu, gpr::RDI, step, am);
@@ -231,6 +232,7 @@ fn string_op<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XRe
                 p.retired_hint(cpu.retired);
                 cpu.io_happened = true;
                 p.io_write(cpu.gpr[gpr::RDX] as u16, &v.to_le_bytes()[..size]);
+                cpu.take_foreign_writes();
                 cpu.note_io_access(cpu.gpr[gpr::RDX] as u16, size);
                 bump(cpu, gpr::RSI, step, am);
             }

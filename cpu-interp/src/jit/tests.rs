@@ -213,6 +213,156 @@ fn self_modifying_code_in_a_hot_loop() {
     assert_eq!(j.gpr(crate::state::gpr::RBX), expect);
 }
 
+// ---- code written by someone else (device DMA) ------------------------
+
+mod foreign {
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::memory::{ForeignWrites, Ram};
+    use crate::state::gpr;
+
+    /// The function the program calls: `mov eax, k; ret`, on its own page.
+    const FUNC: u64 = 0x4000;
+    /// Physical address with nothing behind it (RAM is 4 MiB).
+    const MMIO: u64 = 0x80_0000;
+    const CALLS: u32 = 50;
+
+    fn func(k: u32) -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(eax, k).unwrap();
+        a.ret().unwrap();
+        a.assemble(FUNC).unwrap()
+    }
+
+    type Log = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    struct SharedLog(Log);
+    impl ForeignWrites for SharedLog {
+        fn take(&mut self, written: &mut dyn FnMut(u64, u64)) {
+            for (s, l) in self.0.lock().unwrap().drain(..) {
+                written(s, l);
+            }
+        }
+    }
+
+    /// A "device" that DMA-writes a new `func` when the guest writes port
+    /// 0x80 or the MMIO register, and asks for the VMM on port 0x81.
+    struct Dma {
+        mem: GuestMemoryMmap<()>,
+        log: Log,
+        stop: bool,
+    }
+    impl Dma {
+        fn write(&mut self, k: u32) {
+            let code = func(k);
+            self.mem.write_slice(&code, GuestAddress(FUNC)).unwrap();
+            self.log.lock().unwrap().push((FUNC, code.len() as u64));
+        }
+    }
+    impl crate::Platform for Dma {
+        fn io_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn io_write(&mut self, port: u16, _data: &[u8]) {
+            match port {
+                0x80 => self.write(100),
+                0x81 => self.stop = true,
+                _ => {}
+            }
+        }
+        fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn mmio_write(&mut self, addr: u64, _data: &[u8]) {
+            if addr == MMIO {
+                self.write(10_000);
+            }
+        }
+        fn stop_requested(&self) -> bool {
+            self.stop
+        }
+    }
+
+    /// Four rounds of `CALLS` calls to FUNC, summed in RBX; between them
+    /// the device rewrites FUNC: on a port write, on an MMIO write, and
+    /// while the VMM has the CPU (between two runs).
+    fn program() -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        for round in 0..4 {
+            let mut l = a.create_label();
+            a.mov(ecx, CALLS).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.mov(rdx, FUNC).unwrap();
+            a.call(rdx).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l).unwrap();
+            match round {
+                0 => a.out(0x80, al).unwrap(),
+                1 => {
+                    a.mov(rdx, MMIO).unwrap();
+                    a.mov(dword_ptr(rdx), eax).unwrap();
+                }
+                2 => a.out(0x81, al).unwrap(),
+                _ => {}
+            }
+        }
+        a.hlt().unwrap();
+        a.assemble(CODE).unwrap()
+    }
+
+    /// RBX after the program on `tier`, with or without the write log.
+    fn run(tier: Tier, logged: bool) -> (u64, Cpu) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
+        let log: Log = Arc::default();
+        let mut ram = Ram::new(mem.clone());
+        if logged {
+            ram = ram.with_foreign_writes(Box::new(SharedLog(log.clone())));
+        }
+        let mut c = Cpu::new(ram);
+        setup(&mut c, Mode::Long64);
+        c.set_tier(tier).unwrap();
+        if let Some(j) = c.jit.as_mut() {
+            j.hot = 1;
+        }
+        write_phys(&c, CODE, &program());
+        write_phys(&c, FUNC, &func(1));
+        let mut dma = Dma {
+            mem,
+            log,
+            stop: false,
+        };
+        assert_eq!(c.run(&mut dma, 1_000_000), CpuExit::StopRequested);
+        dma.stop = false;
+        dma.write(1_000_000);
+        assert_eq!(c.run(&mut dma, 1_000_000), CpuExit::Halted);
+        (c.gpr(gpr::RBX), c)
+    }
+
+    #[test]
+    fn code_written_by_a_device_over_executed_code_runs() {
+        let expect = u64::from(CALLS) * (1 + 100 + 10_000 + 1_000_000);
+        for tier in [Tier::Interp, Tier::Jit] {
+            let (sum, c) = run(tier, true);
+            assert_eq!(sum, expect, "{tier:?}");
+            if tier == Tier::Jit {
+                let st = c.jit_stats().unwrap();
+                assert!(st.translations > 0, "{st:?}");
+            }
+        }
+        // Without the log both tiers keep running the first FUNC they
+        // decoded: the test can tell.
+        for tier in [Tier::Interp, Tier::Jit] {
+            let (sum, _) = run(tier, false);
+            assert_eq!(sum, u64::from(CALLS) * 4, "{tier:?}");
+        }
+    }
+}
+
 #[test]
 fn budget_stops_are_exact_in_translated_code() {
     let code = asm(|a| {

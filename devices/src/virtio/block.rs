@@ -18,7 +18,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::guest_memory::GuestSlice;
 
 use super::queue::ChainCursor;
 use super::{
@@ -55,9 +58,9 @@ pub trait Disk: Send {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Fill `dst` from byte `offset`.
-    fn read_to(&mut self, offset: u64, dst: &VolatileSlice) -> io::Result<()>;
+    fn read_to(&mut self, offset: u64, dst: &GuestSlice) -> io::Result<()>;
     /// Write `src` at byte `offset`.
-    fn write_from(&mut self, offset: u64, src: &VolatileSlice) -> io::Result<()>;
+    fn write_from(&mut self, offset: u64, src: &GuestSlice) -> io::Result<()>;
     /// Make every write durable.
     fn flush(&mut self) -> io::Result<()>;
     /// The guest no longer needs `[offset, offset + len)`.
@@ -118,7 +121,10 @@ impl Disk for DiskFile {
         self.size
     }
 
-    fn read_to(&mut self, offset: u64, dst: &VolatileSlice) -> io::Result<()> {
+    fn read_to(&mut self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
+        // pread writes behind vm-memory's back: log the pages (for CPUs
+        // that cache code decoded from guest memory).
+        dst.bitmap().mark_dirty(0, dst.len());
         let guard = dst.ptr_guard_mut();
         let mut done = 0usize;
         while done < dst.len() {
@@ -150,7 +156,7 @@ impl Disk for DiskFile {
         Ok(())
     }
 
-    fn write_from(&mut self, offset: u64, src: &VolatileSlice) -> io::Result<()> {
+    fn write_from(&mut self, offset: u64, src: &GuestSlice) -> io::Result<()> {
         let guard = src.ptr_guard();
         let mut done = 0usize;
         self.dirty = true;
@@ -250,12 +256,12 @@ impl Disk for MemDisk {
     fn size(&self) -> u64 {
         self.data.len() as u64
     }
-    fn read_to(&mut self, offset: u64, dst: &VolatileSlice) -> io::Result<()> {
+    fn read_to(&mut self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
         let o = offset as usize;
         dst.copy_from(&self.data[o..o + dst.len()]);
         Ok(())
     }
-    fn write_from(&mut self, offset: u64, src: &VolatileSlice) -> io::Result<()> {
+    fn write_from(&mut self, offset: u64, src: &GuestSlice) -> io::Result<()> {
         let o = offset as usize;
         let n = src.len();
         src.copy_to(&mut self.data[o..o + n]);

@@ -43,8 +43,8 @@ pub mod rng;
 pub use self::core::VirtioCore;
 pub use queue::{Chain, QueueError, Segment, Virtqueue};
 
-/// Guest memory as the devices see it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+/// Guest memory as the devices see it (with its write log).
+pub use crate::guest_memory::GuestMemory;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
