@@ -64,44 +64,16 @@ impl VirtioConsole {
         let (Some(mut q), Some(mem)) = (self.tx.take(), self.mem.clone()) else {
             return Ok(Signals::default());
         };
-        let mut used = false;
-        let result = loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    if q.enable_notification() {
-                        continue;
-                    }
-                    break Ok(());
-                }
-                Err(error) => {
-                    break Err(DeviceFault::Queue {
-                        queue: TX_QUEUE,
-                        error,
-                    })
-                }
-            };
+        let r = q.serve_all(TX_QUEUE, |chain| {
             let bytes = chain.read_bytes(&mem, 0, MAX_TX);
             self.bytes_out += bytes.len() as u64;
             // Output errors (a closed socket) lose output, not the VM.
             let _ = self.output.write_all(&bytes);
-            if let Err(error) = q.add_used(chain.head, 0) {
-                break Err(DeviceFault::Queue {
-                    queue: TX_QUEUE,
-                    error,
-                });
-            }
-            used = true;
-        };
+            0
+        });
         let _ = self.output.flush();
-        let signal = used && q.needs_interrupt();
         self.tx = Some(q);
-        result?;
-        Ok(if signal {
-            Signals::queue(TX_QUEUE)
-        } else {
-            Signals::default()
-        })
+        r
     }
 
     fn process_rx(&mut self) -> Result<Signals, DeviceFault> {
