@@ -399,8 +399,9 @@ struct RunArgs {
     /// Example: --rng transport=mmio
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     rng: Option<duet::device_args::RngSpec>,
-    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH
-    /// or virtio,stdio, with [,transport=pci|mmio].
+    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH,
+    /// virtio,stdio, virtio,pty (a new pseudo-terminal, its path on stderr)
+    /// or virtio,null, with [,transport=pci|mmio].
     ///
     /// Example: --console-device virtio,socket=/tmp/hvc0
     #[arg(long = "console-device", value_name = "SPEC")]
@@ -426,6 +427,7 @@ struct RunArgs {
         long,
         value_name = "N",
         default_value_t = 50_000_000,
+        value_parser = parse_checkpoint_every,
         requires = "record"
     )]
     checkpoint_every: u64,
@@ -435,6 +437,12 @@ struct RunArgs {
     /// Example: --device-trace guest.devtrace
     #[arg(long, value_name = "FILE")]
     device_trace: Option<PathBuf>,
+}
+
+fn parse_checkpoint_every(s: &str) -> std::result::Result<u64, String> {
+    s.replace('_', "").parse().map_err(|_| {
+        "expected a whole number of instructions (e.g. 50000000; 0: only at the end)".to_string()
+    })
 }
 
 fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
@@ -577,6 +585,19 @@ fn choose_backend(
 }
 
 /// What an I/O error means to the user.
+/// Why a file named on the command line cannot be read, with the fix.
+fn read_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => "no such file (check the path)".into(),
+        ErrorKind::PermissionDenied => {
+            "permission denied (make the file readable for this user)".into()
+        }
+        ErrorKind::IsADirectory => "is a directory, not a file".into(),
+        _ => e.to_string(),
+    }
+}
+
 fn io_reason(e: &std::io::Error) -> String {
     use std::io::ErrorKind;
     match e.kind() {
@@ -695,7 +716,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         | MachineError::MemoryAlloc { .. }
         | MachineError::MemoryTooLarge { .. } => anyhow!("--memory {memory_text}: {e}"),
         MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
-            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+            // The same error type serves --trace and --device-trace.
+            let flag = if args
+                .trace
+                .as_ref()
+                .is_some_and(|t| t.display().to_string() == path)
+            {
+                "--trace"
+            } else {
+                "--device-trace"
+            };
+            anyhow!("{flag} {path}: cannot create it: {}", io_reason(&source))
         }
         e => anyhow!(e),
     })?;
@@ -762,8 +793,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     // the seccomp filter (no open) holds for recordings too.
     let mut kvm_log = None;
     if let Some(r) = &record {
-        let w = duet::replay::log::LogWriter::create(&r.path, &r.header)
-            .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+        let w = duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
+            duet::replay::log::LogError::Open { source, .. } => anyhow!(
+                "--record {}: cannot create it: {}",
+                r.path.display(),
+                io_reason(&source)
+            ),
+            e => anyhow!("--record {}: {e}", r.path.display()),
+        })?;
         if r.full {
             let door = duet::replay::Door::record(w, args.checkpoint_every)
                 .with_net_log(r.net_log.clone());
@@ -1095,8 +1132,14 @@ fn finish_record(
 /// `duet replay`: exit status 0 when the replay followed the recording to
 /// its end, 3 when it diverged.
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    use duet::machine::MachineError;
     use duet::replay::log::{Event, LogKind, LogReader};
-    let reader = LogReader::open(&args.log).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let reader = LogReader::open(&args.log).map_err(|e| match e {
+        duet::replay::log::LogError::Open { source, .. } => {
+            anyhow!("{}: {}", args.log.display(), read_reason(&source))
+        }
+        e => anyhow!("{}: {e}", args.log.display()),
+    })?;
     let header = reader.header().clone();
     let hm = &header.machine;
     if header.kind == LogKind::Devices {
@@ -1220,7 +1263,12 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         epoch: Some(hm.epoch),
         ..MachineConfig::new(BackendKind::Interp, port.take_output())
     };
-    let mut m = Machine::new(cfg)?;
+    let mut m = Machine::new(cfg).map_err(|e| match e {
+        MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
+            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+        }
+        e => anyhow!(e),
+    })?;
     let mut door = duet::replay::Door::replay(reader).map_err(|e| {
         // A recording that was killed: say how much of it is intact.
         let intact = std::fs::read(&args.log)
@@ -1312,6 +1360,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
 fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
     use duet::replay::devtrace::{replay_device_file, DeviceReplayError};
     for p in &args.traces {
+        if let Err(e) = std::fs::File::open(p) {
+            bail!("{}: {}", p.display(), read_reason(&e));
+        }
         match replay_device_file(p) {
             Ok(r) => println!(
                 "{}: {} lines, {} reads, {} writes, {} interrupts, {} line changes and MSIs: all matched",
@@ -1326,6 +1377,8 @@ fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
                 println!("{}:{}", p.display(), e);
                 return Ok(ExitCode::from(3));
             }
+            // The reason names the file.
+            Err(e @ DeviceReplayError::Read { .. }) => bail!("{e}"),
             Err(e) => bail!("{}: {e}", p.display()),
         }
     }

@@ -9,42 +9,15 @@
 //! on hosts whose KVM emulates ring-0 code in software (KVM-PVM) a boot
 //! takes many minutes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn kit() -> &'static PathBuf {
-    static KIT: OnceLock<PathBuf> = OnceLock::new();
-    KIT.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/linux-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run scripts/linux-guest.sh");
-        assert!(
-            out.status.success(),
-            "scripts/linux-guest.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("")
-                .to_string(),
-        )
-    })
-}
+mod common;
 
-/// A duet process with its serial console on pipes.
-struct Console {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    seen: usize,
-}
+use common::console::{linux_kit as kit, Console};
 
 impl Console {
     fn boot(backend: &str, kernel: &Path, extra_cmdline: &str) -> Console {
@@ -67,86 +40,14 @@ impl Console {
         extra_args: &[&str],
     ) -> Console {
         let cmdline = format!("console=ttyS0 panic=-1 {extra_cmdline}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-            .args(["run", "--backend", backend, "--memory", "256M", "--kernel"])
-            .arg(kernel)
-            .args(["--initrd", initrd])
-            .args(extra_args)
-            .args(["--cmdline", &cmdline])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn duet");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().expect("stdout");
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Console {
-            child,
-            out,
-            seen: 0,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Wait until `needle` appears after what was already consumed; return
-    /// the text up to and including it.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let t = self.text();
-            if let Some(pos) = t[self.seen.min(t.len())..].find(needle) {
-                let end = self.seen + pos + needle.len();
-                let got = t[self.seen..end].to_string();
-                self.seen = end;
-                return got;
-            }
-            if start.elapsed() > timeout {
-                panic!("timed out waiting for {needle:?}; console so far:\n{t}");
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("duet exited ({st}) while waiting for {needle:?}; console:\n{t}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin
-            .write_all(line.as_bytes())
-            .expect("write to the console");
-        stdin.write_all(b"\n").expect("write to the console");
-        stdin.flush().ok();
-    }
-
-    /// Run a shell command and return its output (between markers).
-    fn run(&mut self, cmd: &str, timeout: Duration) -> String {
-        self.send(&format!("echo '<<'BEGIN; {cmd}; echo '<<'END"));
-        self.wait_for("<<BEGIN", timeout);
-        let out = self.wait_for("<<END", timeout);
-        out.trim_end_matches("<<END").to_string()
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-        }
-        self.child.wait().ok();
+        Console::spawn(
+            Command::new(env!("CARGO_BIN_EXE_duet"))
+                .args(["run", "--backend", backend, "--memory", "256M", "--kernel"])
+                .arg(kernel)
+                .args(["--initrd", initrd])
+                .args(extra_args)
+                .args(["--cmdline", &cmdline]),
+        )
     }
 }
 
@@ -721,4 +622,55 @@ fn x86_64_v2_and_v3_programs_on_the_interpreter() {
         assert!(start.elapsed() < step, "no exit after poweroff -f");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---- issue 16: the HPET ---------------------------------------------------
+
+/// Linux finds the HPET through its ACPI table, lists it among the
+/// clocksources, and with `clocksource=hpet` keeps time by it: the legacy
+/// replacement timer drives IRQ0, `sleep` returns, the counter moves
+/// between two reads of it by the guest, and the log is clean.
+#[test]
+fn generic_kernel_uses_the_hpet_with_clocksource_hpet() {
+    let dir = kit();
+    let mut c = Console::boot("interp", &dir.join("vmlinuz-generic"), "clocksource=hpet");
+    c.wait_for("DUET-INIT-READY", Duration::from_secs(600));
+    let step = Duration::from_secs(300);
+    let cs = "/sys/devices/system/clocksource/clocksource0";
+    let available = c.run(&format!("cat {cs}/available_clocksource"), step);
+    assert!(available.contains("hpet"), "{available}");
+    let current = c.run(&format!("cat {cs}/current_clocksource"), step);
+    assert_eq!(current.trim(), "hpet", "{current}");
+    let log = c.run("dmesg | grep -i -e hpet -e clocksource", step);
+    assert!(
+        log.contains("hpet0: 3 comparators, 64-bit 100.000000 MHz counter"),
+        "{log}"
+    );
+    assert!(log.contains("Switched to clocksource hpet"), "{log}");
+    let sleep = c.run("sleep 1 && echo slept-$((40+2))", step);
+    assert!(sleep.contains("slept-42"), "{sleep}");
+    let irqs = c.run("cat /proc/interrupts", step);
+    let timer = irqs
+        .lines()
+        .find(|l| l.contains("timer"))
+        .unwrap_or_else(|| panic!("no timer line:\n{irqs}"));
+    let ticks: u64 = timer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ticks > 0, "IRQ0 from the HPET's timer 0: {timer}");
+    let dmesg = c.run("dmesg", step);
+    let problems = kernel_log_problems(&dmesg);
+    assert!(problems.is_empty(), "{problems:#?}\n{dmesg}");
+    c.send("poweroff -f");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = c.child.try_wait() {
+            break st;
+        }
+        assert!(start.elapsed() < step, "no exit:\n{}", c.text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "console:\n{}", c.text());
 }

@@ -21,44 +21,19 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn kit() -> &'static PathBuf {
-    static KIT: OnceLock<PathBuf> = OnceLock::new();
-    KIT.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/linux-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run scripts/linux-guest.sh");
-        assert!(
-            out.status.success(),
-            "scripts/linux-guest.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("")
-                .to_string(),
-        )
-    })
-}
+mod common;
+
+use common::console::{linux_kit as kit, Console};
 
 const STEP: Duration = Duration::from_secs(240);
 
-/// A duet process booting the cloud kernel, its serial console on pipes.
-struct Console {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    seen: usize,
-}
-
 impl Console {
+    /// Boot the cloud kernel on the interpreter with `extra` options, through
+    /// `pre` (a command to run duet under) when given; wait for the init.
     fn boot(extra: &[String], pre: Option<&mut Command>) -> Console {
         let dir = kit();
         let mut owned;
@@ -74,69 +49,15 @@ impl Console {
             .arg("--initrd")
             .arg(dir.join("initramfs.cpio.gz"))
             .args(["--cmdline", "console=ttyS0 panic=-1"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn duet");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().expect("stdout");
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let mut c = Console {
-            child,
-            out,
-            seen: 0,
-        };
+            .args(extra);
+        let mut c = Console::spawn(cmd);
         c.wait_for("DUET-INIT-READY", STEP);
         c
     }
 
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let t = self.text();
-            if let Some(pos) = t[self.seen.min(t.len())..].find(needle) {
-                let end = self.seen + pos + needle.len();
-                let got = t[self.seen..end].to_string();
-                self.seen = end;
-                return got;
-            }
-            if start.elapsed() > timeout {
-                panic!("timed out waiting for {needle:?}; console so far:\n{t}");
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("duet exited ({st}) while waiting for {needle:?}; console:\n{t}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(line.as_bytes()).expect("console");
-        stdin.write_all(b"\n").expect("console");
-        stdin.flush().ok();
-    }
-
     /// Run a shell command; its output between markers.
-    fn run(&mut self, cmd: &str) -> String {
-        self.send(&format!("echo '<<'BEGIN; {cmd}; echo '<<'END"));
-        self.wait_for("<<BEGIN", STEP);
-        let out = self.wait_for("<<END", STEP);
-        out.trim_end_matches("<<END").to_string()
+    fn step(&mut self, cmd: &str) -> String {
+        self.run(cmd, STEP)
     }
 
     /// `poweroff -f` and wait for duet to exit with status 0.
@@ -155,15 +76,6 @@ impl Console {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-        }
-        self.child.wait().ok();
     }
 }
 
@@ -293,8 +205,8 @@ fn devices_on(transport: &str) {
     let mut c = Console::boot(&args, None);
 
     // Every device is on the transport asked for.
-    let bus =
-        c.run("for d in /sys/bus/virtio/devices/*; do basename $(dirname $(readlink -f $d)); done");
+    let bus = c
+        .step("for d in /sys/bus/virtio/devices/*; do basename $(dirname $(readlink -f $d)); done");
     let expect = if transport == "pci" {
         "0000:00:"
     } else {
@@ -307,14 +219,14 @@ fn devices_on(transport: &str) {
     );
 
     // (a) Disks.
-    let sum = c.run("sha256sum /dev/vda");
+    let sum = c.step("sha256sum /dev/vda");
     assert!(sum.contains(&sha256_hex(&data)), "guest hash: {sum}");
-    let w = c.run(&format!(
+    let w = c.step(&format!(
         "yes '{}' | head -c {PATTERN_BYTES} > /dev/vdb; sync; echo wrote $?",
         std::str::from_utf8(&PATTERN[..PATTERN.len() - 1]).unwrap()
     ));
     assert!(w.contains("wrote 0"), "{w}");
-    let r = c.run("dd if=/dev/zero of=/dev/vdc bs=512 count=1; echo status $?");
+    let r = c.step("dd if=/dev/zero of=/dev/vdc bs=512 count=1; echo status $?");
     assert!(r.contains("status 1"), "a readonly disk took a write: {r}");
     assert!(
         r.contains("Operation not permitted") || r.contains("Read-only") || r.contains("I/O error"),
@@ -322,9 +234,9 @@ fn devices_on(transport: &str) {
     );
 
     // (b) User networking.
-    let d = c.run("udhcpc -i eth0 -n -q -t 10 2>&1; ip -4 addr show eth0");
+    let d = c.step("udhcpc -i eth0 -n -q -t 10 2>&1; ip -4 addr show eth0");
     assert!(d.contains("inet 10.0.2.15/24"), "DHCP: {d}");
-    let g = c.run(&format!(
+    let g = c.step(&format!(
         "wget -q -O /tmp/payload http://10.0.2.2:{server_port}/payload && sha256sum /tmp/payload"
     ));
     let want = {
@@ -333,14 +245,14 @@ fn devices_on(transport: &str) {
         sha256_hex(&p)
     };
     assert!(g.contains(&want), "download: {g}");
-    c.run("mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 8080 -h /www");
+    c.step("mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 8080 -h /www");
     let body = http_get(&format!("127.0.0.1:{fwd_port}"), "/index.html");
     assert_eq!(body, b"hello-from-the-guest\n");
 
     // (e) hvc0 both ways, hwrng.
     let mut sock = UnixStream::connect(&hvc).expect("hvc0 socket");
     sock.set_read_timeout(Some(STEP)).unwrap();
-    c.run("stty -F /dev/hvc0 raw -echo; echo line-from-guest > /dev/hvc0");
+    c.step("stty -F /dev/hvc0 raw -echo; echo line-from-guest > /dev/hvc0");
     let mut got = Vec::new();
     let mut b = [0u8; 64];
     while !got.ends_with(b"line-from-guest\n") && !got.ends_with(b"line-from-guest\r\n") {
@@ -352,7 +264,7 @@ fn devices_on(transport: &str) {
     std::thread::sleep(Duration::from_millis(500));
     sock.write_all(b"line-from-host\n").unwrap();
     c.wait_for("hvc-got:line-from-host", STEP);
-    let rng = c.run(
+    let rng = c.step(
         "head -c 64 /dev/hwrng | od -An -tx1 | wc -w; cat /sys/class/misc/hw_random/rng_current",
     );
     assert!(rng.contains("64"), "hwrng: {rng}");
@@ -453,9 +365,9 @@ fn tap_on(transport: &'static str) {
             format!("tap=duettap0,transport={transport}"),
         ];
         let mut c = Console::boot(&args, None);
-        let up = c.run("ip link set eth0 up && ip addr add 10.9.0.2/24 dev eth0 && echo up");
+        let up = c.step("ip link set eth0 up && ip addr add 10.9.0.2/24 dev eth0 && echo up");
         assert!(up.contains("up"), "{up}");
-        let g = c.run(&format!(
+        let g = c.step(&format!(
             "wget -q -O /tmp/p http://10.9.0.1:{port}/p && mkdir -p /www && cp /tmp/p /www/back && \
              httpd -p 8080 -h /www && echo fetched"
         ));

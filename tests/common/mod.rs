@@ -6,6 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub mod console;
+
 use duet::backend::{self, BackendKind, IrqchipKind, VcpuStats};
 use duet::clock::ClockKind;
 use duet::guests;
