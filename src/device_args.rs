@@ -41,6 +41,9 @@ pub struct DiskSpec {
     pub transport: VirtioTransport,
     /// What the guest reads as the disk's ID (default: the file name).
     pub serial: Option<String>,
+    /// Writes go to a copy-on-write overlay, the image stays unchanged
+    /// (forced on for the writable disks of a recording and its replay).
+    pub snapshot: bool,
 }
 
 impl FromStr for DiskSpec {
@@ -52,12 +55,14 @@ impl FromStr for DiskSpec {
             readonly: false,
             transport: VirtioTransport::Pci,
             serial: None,
+            snapshot: false,
         };
         for (k, v) in pairs(s) {
             match (k, v) {
                 ("path", "") => return Err("path= needs a file, e.g. path=disk.img".into()),
                 ("path", p) => path = Some(PathBuf::from(p)),
                 ("readonly", v) => spec.readonly = on_off("readonly", v)?,
+                ("snapshot", v) => spec.snapshot = on_off("snapshot", v)?,
                 ("transport", v) => spec.transport = transport(v)?,
                 ("serial", v) if v.len() <= 20 => spec.serial = Some(v.to_string()),
                 ("serial", _) => return Err("serial= takes at most 20 characters".into()),
@@ -65,7 +70,7 @@ impl FromStr for DiskSpec {
                 (k, _) => {
                     return Err(format!(
                         "unknown key '{k}' (accepted: path=FILE, readonly=on|off, \
-                         transport=pci|mmio, serial=ID)"
+                         snapshot=on|off, transport=pci|mmio, serial=ID)"
                     ))
                 }
             }
@@ -134,6 +139,9 @@ pub enum NetBackendSpec {
     User { hostfwd: Vec<HostForward> },
     /// A TAP interface.
     Tap { ifname: String },
+    /// No host side: every frame the guest sends comes straight back
+    /// (deterministic; tests and benchmarks).
+    Loopback,
 }
 
 /// Which NIC the guest sees.
@@ -200,6 +208,7 @@ impl FromStr for NetSpec {
                         hostfwd: Vec::new(),
                     })
                 }
+                ("loopback", "") => backend = Some(NetBackendSpec::Loopback),
                 ("tap", "") => return Err("tap= needs an interface name, e.g. tap=tap0".into()),
                 ("tap", name) => {
                     if name.len() >= libc::IFNAMSIZ {
@@ -244,13 +253,17 @@ impl FromStr for NetSpec {
             Some(tap) => {
                 if !hostfwd.is_empty() {
                     return Err(
-                        "hostfwd= is for user networking; a TAP device is reached directly".into(),
+                        "hostfwd= is for user networking; a TAP device is reached directly, \
+                         a loopback not at all"
+                            .into(),
                     );
                 }
                 tap
             }
             None => {
-                return Err("say which network: user or tap=IFNAME (e.g. --net user)".into());
+                return Err(
+                    "say which network: user, tap=IFNAME or loopback (e.g. --net user)".into(),
+                );
             }
         };
         Ok(spec)

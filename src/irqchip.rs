@@ -29,6 +29,43 @@ use crate::backend::{self, IrqchipKind, MsrResult, Vcpu};
 pub mod kernel;
 pub mod userspace;
 
+/// An interrupt signal a chip's inputs saw: a line's new level (the OR of
+/// its sources), or an MSI write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineEvent {
+    Line { gsi: u32, level: bool },
+    Msi { address: u64, data: u32 },
+}
+
+/// The interrupt signals a chip's inputs saw, in order, while watched
+/// (device traces write them; their replay compares them one by one).
+#[derive(Default)]
+pub struct LineWatch {
+    on: AtomicBool,
+    seen: Mutex<Vec<LineEvent>>,
+}
+
+impl LineWatch {
+    /// Start noting signals.
+    pub fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    pub fn note(&self, e: LineEvent) {
+        if self.on.load(Ordering::Relaxed) {
+            lock(&self.seen).push(e);
+        }
+    }
+
+    /// The signals noted since the last call.
+    pub fn take(&self) -> Vec<LineEvent> {
+        if !self.on.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *lock(&self.seen))
+    }
+}
+
 /// IOAPIC pin for ISA IRQ `irq` (the usual IRQ0 → GSI 2 override).
 pub fn isa_to_gsi(irq: u8) -> usize {
     if irq == 0 {
@@ -136,6 +173,13 @@ pub trait IrqChip: Send + Sync {
 
     /// Where devices send their MSI/MSI-X writes.
     fn msi_sink(&self) -> Arc<dyn MsiSink>;
+
+    /// The chip's record of line changes and MSIs (device traces); none
+    /// when the chip cannot see them (KVM's in-kernel chip takes them as
+    /// irqfd/ioctl calls it does not report back).
+    fn line_watch(&self) -> Option<Arc<LineWatch>> {
+        None
+    }
 
     /// The gate in front of the PIT's IRQ0 that the HPET's legacy
     /// replacement closes (the machine puts the RTC's IRQ8 behind it too);

@@ -478,10 +478,11 @@ impl Machine {
             None => Tracer::disabled(),
         };
         if let (Some(p), Some(o)) = (&cfg.device_trace, &observed) {
-            tracer.set_device_trace(crate::replay::devtrace::DeviceTraceWriter::create(
-                p,
-                o.clone(),
-            )?);
+            let mut w = crate::replay::devtrace::DeviceTraceWriter::create(p, o.clone())?;
+            if let Some(watch) = chip.line_watch() {
+                w.watch_lines(watch);
+            }
+            tracer.set_device_trace(w);
         }
         let hpet = Arc::new(Mutex::new(devices::hpet::Hpet::new(
             clock.clone(),

@@ -63,6 +63,10 @@ struct ReplayArgs {
     /// Write one line per device access to FILE (as `duet run --trace`).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Where the replayed guest's virtio console (hvc0) output goes, when
+    /// the recording had --console-device (default: discarded).
+    #[arg(long, value_name = "FILE")]
+    console_output: Option<PathBuf>,
     /// The kernel, when it moved since the recording (its hash must match).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
@@ -385,14 +389,16 @@ struct RunArgs {
     )]
     coalesced_mmio: OnOff,
     /// A virtio-blk disk on a raw image (repeatable; the first is /dev/vda):
-    /// path=FILE[,readonly=on][,transport=pci|mmio][,serial=ID].
+    /// path=FILE[,readonly=on][,snapshot=on][,transport=pci|mmio][,serial=ID].
+    /// snapshot=on: the guest's writes go to a copy-on-write overlay, the
+    /// image is not changed (always so for a writable disk under --record).
     ///
     /// Example: --disk path=disk.img,readonly=on
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<duet::device_args::DiskSpec>,
     /// A NIC (repeatable): user[,hostfwd=tcp:127.0.0.1:H-:G]
     /// (user-mode networking, guest 10.0.2.15, host 10.0.2.2, DNS 10.0.2.3)
-    /// or tap=IFNAME; with [,mac=..][,pcap=FILE][,transport=pci|mmio]
+    /// or tap=IFNAME or loopback (frames come straight back); with [,mac=..][,pcap=FILE][,transport=pci|mmio]
     /// [,model=virtio|e1000] (virtio-net, or an emulated Intel 82540EM on PCI).
     ///
     /// Example: --net user,hostfwd=tcp:127.0.0.1:8080-:80,pcap=net.pcap,model=e1000
@@ -754,9 +760,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             nets: args.nets.clone(),
             rng: args.rng.clone(),
             console: args.console_device.clone(),
-            net_door: match &record {
-                Some(r) if r.full => duet::virtio::NetDoor::Record(r.net_log.clone()),
-                _ => duet::virtio::NetDoor::Live,
+            door: match &record {
+                Some(r) if r.full => duet::virtio::InputDoor::Record(r.net_log.clone()),
+                _ => duet::virtio::InputDoor::Live,
             },
         },
     )?;
@@ -884,6 +890,8 @@ fn disk_string(d: &duet::device_args::DiskSpec) -> String {
     );
     if d.readonly {
         s.push_str(",readonly=on");
+    } else if d.snapshot {
+        s.push_str(",snapshot=on");
     }
     if let Some(id) = &d.serial {
         s.push_str(&format!(",serial={id}"));
@@ -898,12 +906,17 @@ fn net_string(i: usize, n: &duet::device_args::NetSpec) -> String {
     let backend = match &n.backend {
         NetBackendSpec::User { .. } => "user".to_string(),
         NetBackendSpec::Tap { ifname } => format!("tap={ifname}"),
+        NetBackendSpec::Loopback => "loopback".to_string(),
     };
-    format!(
-        "{backend},mac={},transport={}",
-        mac.join(":"),
-        transport_name(n.transport)
-    )
+    let model = match n.model {
+        duet::device_args::NicModel::E1000 => ",model=e1000",
+        _ => "",
+    };
+    let transport = match n.model {
+        duet::device_args::NicModel::E1000 => String::new(),
+        _ => format!(",transport={}", transport_name(n.transport)),
+    };
+    format!("{backend},mac={}{transport}{model}", mac.join(":"))
 }
 
 /// Check the options a recording allows and describe the machine in the
@@ -916,17 +929,22 @@ fn prepare_record(
 ) -> Result<Recording> {
     use duet::replay::log::{LogHeader, LogKind, RecordedMachine};
     let full = kind == BackendKind::Interp;
-    if args.console_device.is_some() {
-        bail!("--record with --console-device: virtio-console input is not recorded yet; record the serial console");
-    }
-    if !full && (!args.disks.is_empty() || !args.nets.is_empty() || args.rng.is_some()) {
+    if !full
+        && (!args.disks.is_empty()
+            || !args.nets.is_empty()
+            || args.rng.is_some()
+            || args.console_device.is_some())
+    {
         bail!("--record on KVM records the device trace, which cannot hold virtio devices (they read guest memory): record on --backend interp");
     }
     let mut disks = Vec::new();
-    for d in &args.disks {
-        if !d.readonly {
-            bail!(
-                "--record with --disk path={} without readonly=on: a replay needs the image as it was; record with readonly=on (or a copy)",
+    for d in &mut args.disks {
+        if !d.readonly && !d.snapshot {
+            // A replay needs the image as the recording found it: the
+            // guest's writes go to a copy-on-write overlay.
+            d.snapshot = true;
+            eprintln!(
+                "duet: --record: the guest's writes to --disk path={} go to a copy-on-write overlay (snapshot=on); the image is not changed",
                 d.path.display()
             );
         }
@@ -1009,6 +1027,10 @@ fn prepare_record(
             .rng
             .as_ref()
             .map(|r| format!("transport={}", transport_name(r.transport))),
+        console: args
+            .console_device
+            .as_ref()
+            .map(|c| format!("virtio,transport={}", transport_name(c.transport))),
         rng_seed,
         checkpoint_interval: if full { args.checkpoint_every } else { 0 },
     };
@@ -1267,15 +1289,32 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
             .map_or_else(String::new, |s| format!(" ({})", s.describe()));
         anyhow!("{}: {e}{intact}", args.log.display())
     })?;
-    let scripts = (0..nets.len()).map(|i| door.net_script(i)).collect();
+    // The console's host side is not opened in a replay: the input is the
+    // log's, the output goes to --console-output.
+    let console = hm
+        .console
+        .as_ref()
+        .map(|spec| duet::device_args::ConsoleSpec {
+            host: duet::device_args::ConsoleHost::Stdio,
+            transport: if spec.contains("transport=mmio") {
+                duet::machine::VirtioTransport::Mmio
+            } else {
+                duet::machine::VirtioTransport::Pci
+            },
+        });
+    let input = duet::virtio::ReplayInput {
+        nets: (0..nets.len()).map(|i| door.net_script(i)).collect(),
+        console: door.console_script(),
+        console_output: args.console_output.clone(),
+    };
     let _devices = duet::virtio::plug(
         &mut m,
         &duet::virtio::DeviceArgs {
             disks,
             nets,
             rng,
-            console: None,
-            net_door: duet::virtio::NetDoor::Replay(scripts),
+            console,
+            door: duet::virtio::InputDoor::Replay(input),
         },
     )?;
     match (&hm.guest, &kernel) {
@@ -1338,12 +1377,13 @@ fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
         }
         match replay_device_file(p) {
             Ok(r) => println!(
-                "{}: {} lines, {} reads, {} writes, {} interrupts: all matched",
+                "{}: {} lines, {} reads, {} writes, {} interrupts, {} line changes and MSIs: all matched",
                 p.display(),
                 r.lines,
                 r.reads,
                 r.writes,
-                r.interrupts
+                r.interrupts,
+                r.signals
             ),
             Err(e @ DeviceReplayError::Differs { .. }) => {
                 println!("{}:{}", p.display(), e);

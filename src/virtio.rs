@@ -17,14 +17,14 @@ use devices::virtio::mmio::VirtioMmio;
 use devices::virtio::pci::VirtioPci;
 
 use devices::virtio::block::{DiskFile, VirtioBlock};
-use devices::virtio::console::VirtioConsole;
+use devices::virtio::console::{ConsoleInput, VirtioConsole};
 use devices::virtio::inbox::Inbox;
 use devices::virtio::net::VirtioNet;
 use devices::virtio::rng::{EntropySource, VirtioRng};
 
 use crate::acpi::VirtioMmioAcpi;
 use crate::backend::Kick;
-use crate::device_args::{ConsoleHost, ConsoleSpec, DiskSpec, NetSpec, RngSpec};
+use crate::device_args::{ConsoleSpec, DiskSpec, NetSpec, RngSpec};
 use crate::irqchip::{lock, IrqChip};
 use crate::layout;
 use crate::machine::Machine;
@@ -183,28 +183,41 @@ pub struct DeviceArgs {
     pub nets: Vec<NetSpec>,
     pub rng: Option<RngSpec>,
     pub console: Option<ConsoleSpec>,
-    /// Record the NICs' received frames, or replay them without a network.
-    pub net_door: NetDoor,
+    /// Record the host input of the NICs and the console, or replay it
+    /// without a network or a console host.
+    pub door: InputDoor,
 }
 
-/// What the NICs' backends are (see [`crate::replay::net`]).
+/// Where the NICs' frames and the console's input come from (see
+/// [`crate::replay::net`], [`crate::replay::console`]).
 #[derive(Clone, Default)]
-pub enum NetDoor {
-    /// The network `--net` names.
+pub enum InputDoor {
+    /// The network `--net` names, the console's host side.
     #[default]
     Live,
-    /// The network, with every received frame logged.
+    /// The same, with every received frame and console input logged.
     Record(Arc<Mutex<Vec<crate::replay::log::Event>>>),
-    /// No network: the recorded frames, by NIC.
-    Replay(Vec<Arc<Mutex<crate::replay::net::RxScript>>>),
+    /// Neither: the recorded input.
+    Replay(ReplayInput),
 }
 
-impl std::fmt::Debug for NetDoor {
+/// A recording's host input, for a replay.
+#[derive(Clone)]
+pub struct ReplayInput {
+    /// Received frames, by NIC.
+    pub nets: Vec<Arc<Mutex<crate::replay::net::RxScript>>>,
+    /// The virtio console's input.
+    pub console: Arc<Mutex<crate::replay::console::ConsoleScript>>,
+    /// Where the replayed guest's console output goes.
+    pub console_output: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for InputDoor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            NetDoor::Live => "Live",
-            NetDoor::Record(_) => "Record",
-            NetDoor::Replay(_) => "Replay",
+            InputDoor::Live => "Live",
+            InputDoor::Record(_) => "Record",
+            InputDoor::Replay(_) => "Replay",
         })
     }
 }
@@ -229,7 +242,8 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
     let err = |flag: &str, given: String, e: String| PlugError(format!("{flag} {given}: {e}"));
     for (i, d) in args.disks.iter().enumerate() {
         let given = format!("path={}", d.path.display());
-        let file = DiskFile::open(&d.path, d.readonly).map_err(|e| {
+        // A snapshot opens the image read-only: its writes go to the overlay.
+        let file = DiskFile::open(&d.path, d.readonly || d.snapshot).map_err(|e| {
             let msg = match e {
                 devices::virtio::block::DiskError::Locked => {
                     "it is locked (in use by another duet, or given twice)".to_string()
@@ -244,7 +258,24 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        let dev = VirtioBlock::new(Box::new(file), d.readonly, &serial);
+        let disk: Box<dyn devices::virtio::block::Disk> = if d.snapshot && !d.readonly {
+            Box::new(
+                devices::virtio::overlay::OverlayDisk::new(Box::new(file), &std::env::temp_dir())
+                    .map_err(|e| {
+                    err(
+                        "--disk",
+                        given.clone(),
+                        format!(
+                            "cannot create its copy-on-write overlay in {}: {e}",
+                            std::env::temp_dir().display()
+                        ),
+                    )
+                })?,
+            )
+        } else {
+            Box::new(file)
+        };
+        let dev = VirtioBlock::new(disk, d.readonly, &serial);
         m.add_virtio(&format!("virtio-blk{i}"), d.transport, Box::new(dev))
             .map_err(|e| err("--disk", given, e.to_string()))?;
     }
@@ -252,11 +283,12 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
         let given = match &n.backend {
             crate::device_args::NetBackendSpec::User { .. } => "user".to_string(),
             crate::device_args::NetBackendSpec::Tap { ifname } => format!("tap={ifname}"),
+            crate::device_args::NetBackendSpec::Loopback => "loopback".to_string(),
         };
-        let backend: Box<dyn devices::virtio::net::NetBackend> = match &args.net_door {
-            NetDoor::Replay(scripts) => {
+        let backend: Box<dyn devices::virtio::net::NetBackend> = match &args.door {
+            InputDoor::Replay(r) => {
                 let tap = matches!(n.backend, crate::device_args::NetBackendSpec::Tap { .. });
-                let script = scripts.get(i).cloned().unwrap_or_else(|| {
+                let script = r.nets.get(i).cloned().unwrap_or_else(|| {
                     Arc::new(Mutex::new(crate::replay::net::RxScript::new(Vec::new())))
                 });
                 Box::new(crate::replay::net::ReplayNet::new(script, tap))
@@ -265,7 +297,7 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
                 let live = crate::net::open(n, m.input_notifier(), m.clock(), m.epoch())
                     .map_err(|e| err("--net", given.clone(), e.to_string()))?;
                 match door {
-                    NetDoor::Record(log) => Box::new(crate::replay::net::RecordingNet::new(
+                    InputDoor::Record(log) => Box::new(crate::replay::net::RecordingNet::new(
                         live,
                         i as u8,
                         log.clone(),
@@ -295,17 +327,41 @@ pub fn plug(m: &mut Machine, args: &DeviceArgs) -> Result<HostSide, PlugError> {
     }
     let mut hvc = None;
     if let Some(c) = &args.console {
-        let input = Inbox::new(crate::hvc::INBOX_CHUNKS, m.input_notifier());
-        let (out, host) = crate::hvc::open(&c.host, input.clone())
-            .map_err(|e| PlugError(format!("--console-device virtio,{e}")))?;
-        hvc = Some(host);
+        let (out, input): (Box<dyn std::io::Write + Send>, Box<dyn ConsoleInput>) = match &args.door
+        {
+            InputDoor::Replay(r) => {
+                let out: Box<dyn std::io::Write + Send> = match &r.console_output {
+                    Some(p) => Box::new(std::fs::File::create(p).map_err(|e| {
+                        PlugError(format!(
+                            "--console-output {}: cannot create it: {e}",
+                            p.display()
+                        ))
+                    })?),
+                    None => Box::new(std::io::sink()),
+                };
+                let input = crate::replay::console::ReplayConsole::new(r.console.clone());
+                (out, Box::new(input))
+            }
+            door => {
+                let inbox = Inbox::new(crate::hvc::INBOX_CHUNKS, m.input_notifier());
+                let (out, host) = crate::hvc::open(&c.host, inbox.clone())
+                    .map_err(|e| PlugError(format!("--console-device virtio,{e}")))?;
+                hvc = Some(host);
+                let input: Box<dyn ConsoleInput> = match door {
+                    InputDoor::Record(log) => Box::new(
+                        crate::replay::console::RecordingConsole::new(Box::new(inbox), log.clone()),
+                    ),
+                    _ => Box::new(inbox),
+                };
+                (out, input)
+            }
+        };
         m.add_virtio(
             "virtio-console",
             c.transport,
             Box::new(VirtioConsole::new(out, input)),
         )
         .map_err(|e| PlugError(format!("--console-device: {e}")))?;
-        let _ = ConsoleHost::Stdio;
     }
     Ok(HostSide { _hvc: hvc })
 }

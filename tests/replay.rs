@@ -278,6 +278,138 @@ fn a_kvm_recording_runs_under_the_seccomp_filter() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A writable disk under --record runs on a copy-on-write overlay: the
+/// `virtio` guest writes a sector of its --disk and reads it back, the
+/// replay (with the same overlay) repeats it bit for bit, the image file
+/// is unchanged after both, and a changed image is refused.
+#[test]
+fn a_writable_disk_records_and_replays_on_an_overlay() {
+    let dir = tmp("cow");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    let image: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&img, &image).unwrap();
+    let (log, out1, out2) = (
+        dir.join("cow.log"),
+        dir.join("rec.txt"),
+        dir.join("rep.txt"),
+    );
+    let disk = format!("path={}", p(&img));
+    let o = duet(
+        &[
+            "run",
+            "--backend",
+            "interp",
+            "--guest",
+            "virtio",
+            "--disk",
+            &disk,
+            "--checkpoint-every",
+            "20000",
+            "--serial",
+            &format!("file={}", p(&out1)),
+            "--record",
+            p(&log),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "record: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("copy-on-write overlay"),
+        "{}",
+        stderr(&o)
+    );
+    let serial = std::fs::read_to_string(&out1).unwrap();
+    // The guest drives --disk first: its write reads back.
+    let first = serial
+        .lines()
+        .find(|l| l.contains("requests done"))
+        .unwrap_or("");
+    assert!(
+        first.contains("written and read back: same") && first.contains("id 'disk.img'"),
+        "{serial}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == image,
+        "the recording changed the image"
+    );
+    let (h, _) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    assert!(
+        h.machine.disks[0].0.contains("snapshot=on"),
+        "{:?}",
+        h.machine.disks
+    );
+    let o = duet(
+        &["replay", p(&log), "--serial", &format!("file={}", p(&out2))],
+        b"",
+    );
+    assert!(o.status.success(), "replay: {}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
+    assert!(
+        std::fs::read(&img).unwrap() == image,
+        "the replay changed the image"
+    );
+    let mut changed = image.clone();
+    changed[600] ^= 1;
+    std::fs::write(&img, &changed).unwrap();
+    let o = duet(&["replay", p(&log), "--serial", "null"], b"");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not the file recorded"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Under `--clock virtual` a network exchange is a function of the guest
+/// alone: the `virtio` guest sends a frame on a `--net loopback,pcap=...`
+/// NIC (each transport) and gets it back; two runs write byte-identical
+/// captures, timestamps included, with the frames both ways in them.
+#[test]
+fn pcap_captures_under_the_virtual_clock_are_byte_identical() {
+    let dir = tmp("pcap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |tag: &str| -> Vec<Vec<u8>> {
+        let caps: Vec<PathBuf> = ["pci", "mmio"]
+            .iter()
+            .map(|t| dir.join(format!("{tag}-{t}.pcap")))
+            .collect();
+        let o = duet(
+            &[
+                "run",
+                "--backend",
+                "interp",
+                "--clock",
+                "virtual",
+                "--guest",
+                "virtio",
+                "--net",
+                &format!("loopback,transport=pci,pcap={}", p(&caps[0])),
+                "--net",
+                &format!("loopback,transport=mmio,pcap={}", p(&caps[1])),
+                "--serial",
+                "null",
+            ],
+            b"",
+        );
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        caps.iter().map(|c| std::fs::read(c).unwrap()).collect()
+    };
+    let (a, b) = (run("a"), run("b"));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        // Header (24 bytes), then two records: the frame sent and the
+        // frame received, each a 16-byte record header and the frame.
+        assert!(
+            x.len() >= 24 + 2 * (16 + 60),
+            "capture {i}: {} bytes",
+            x.len()
+        );
+        assert!(x == y, "capture {i} differs between two runs");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn golden_traces() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/devices");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -335,6 +467,50 @@ fn a_changed_device_register_fails_at_its_first_access() {
     match replay_devices(&text, Some(&patch)) {
         Err(DeviceReplayError::Differs { line, .. }) => assert_eq!(line, first_lsr),
         other => panic!("expected a difference at line {first_lsr}, got {other:?}"),
+    }
+}
+
+/// Interrupt line changes and MSIs are compared one by one, in order: a
+/// trace with one dropped, one changed or two swapped fails at that line.
+#[test]
+fn interrupt_signals_are_compared_exactly_in_order() {
+    for name in ["irq-level-eoi", "pci"] {
+        let t =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("golden/devices/{name}.devtrace"));
+        let text = std::fs::read_to_string(&t).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let r = replay_devices(&text, None).unwrap();
+        assert!(r.signals > 0, "{name}: no signals in the trace");
+        let is_signal = |l: &str| l.starts_with("line ") || l.starts_with("msi ");
+        let first = lines.iter().position(|l| is_signal(l)).unwrap();
+        let fails_at = |v: &[String]| match replay_devices(&(v.join("\n") + "\n"), None) {
+            Err(DeviceReplayError::Differs { line, .. }) => line,
+            other => panic!("{name}: expected a difference, got {other:?}"),
+        };
+        let owned: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        // Dropped: the models raise it before the trace's next operation.
+        let mut v = owned.clone();
+        v.remove(first);
+        assert_eq!(fails_at(&v), first + 1, "{name}: a dropped signal");
+        // Changed level or line.
+        let mut v = owned.clone();
+        v[first] = match lines[first].split_whitespace().collect::<Vec<_>>()[..] {
+            ["line", g, l] => format!("line {g} {}", 1 - l.parse::<u8>().unwrap()),
+            ["msi", a, d] => format!(
+                "msi  {a} {:#06x}",
+                u32::from_str_radix(&d[2..], 16).unwrap() ^ 1
+            ),
+            _ => unreachable!(),
+        };
+        assert_eq!(fails_at(&v), first + 1, "{name}: a changed signal");
+        // Two different signals in a row, swapped.
+        if let Some(k) = (0..lines.len() - 1)
+            .find(|&k| is_signal(lines[k]) && is_signal(lines[k + 1]) && lines[k] != lines[k + 1])
+        {
+            let mut v = owned.clone();
+            v.swap(k, k + 1);
+            assert_eq!(fails_at(&v), k + 1, "{name}: swapped signals");
+        }
     }
 }
 
@@ -482,6 +658,114 @@ fn a_killed_recording_is_refused_cleanly_and_its_complete_part_reads() {
         "{e}"
     );
     std::fs::remove_file(&log).ok();
+}
+
+/// virtio-console input through the door: a Linux boot reads a line the
+/// host sends on hvc0's socket (at a moment only the host decides) and
+/// answers on hvc0; the replay, with no socket at all, gives the same
+/// serial output, the same hvc0 output and the same final state.
+#[test]
+fn virtio_console_input_is_recorded_and_replayed() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let kit = linux_kit();
+    let dir = tmp("hvc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, sock) = (dir.join("hvc.log"), dir.join("hvc.sock"));
+    let (out1, out2, hvc2) = (
+        dir.join("rec.serial"),
+        dir.join("rep.serial"),
+        dir.join("rep.hvc"),
+    );
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--kernel",
+            p(&kit.join("vmlinux-cloud")),
+            "--initrd",
+            p(&kit.join("initramfs.cpio.gz")),
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--console-device",
+            &format!("virtio,socket={}", p(&sock)),
+            "--serial",
+            &format!("file={}", p(&out1)),
+            "--record",
+            p(&log),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    let mut stdin = c.stdin.take().unwrap();
+    stdin
+        .write_all(
+            // hvc0 is held open (fd 3) before the host sends: input to a
+            // closed port is discarded by the guest's driver.
+            b"exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo hvc-ready\n\
+              read -t 120 line <&3; echo hvc-got:$line\n\
+              echo answer-$line > /dev/hvc0\n\
+              poweroff -f\n",
+        )
+        .unwrap();
+    let wait_for = |what: &dyn Fn() -> bool| {
+        for _ in 0..3000 {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(wait_for(&|| sock.exists()), "hvc0 socket");
+    let mut s = UnixStream::connect(&sock).expect("hvc0 socket");
+    assert!(
+        wait_for(&|| std::fs::read_to_string(&out1).is_ok_and(|t| t.contains("hvc-ready"))),
+        "the guest set hvc0 up: {}",
+        std::fs::read_to_string(&out1).unwrap_or_default()
+    );
+    s.write_all(b"from-host\n").unwrap();
+    let o = c.wait_with_output().unwrap();
+    drop(stdin);
+    let serial = std::fs::read_to_string(&out1).unwrap_or_default();
+    assert!(o.status.success(), "record: {} {serial}", stderr(&o));
+    assert!(serial.contains("hvc-got:from-host"), "{serial}");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut hvc = Vec::new();
+    let _ = s.read_to_end(&mut hvc);
+    assert!(
+        String::from_utf8_lossy(&hvc).contains("answer-from-host"),
+        "hvc0 output: {:?}",
+        String::from_utf8_lossy(&hvc)
+    );
+    let (h, events) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    assert!(h.machine.console.is_some(), "the header names the console");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ConsoleIn { bytes, .. } if bytes == b"from-host\n")),
+        "the console input is in the log"
+    );
+    let o = duet(
+        &[
+            "replay",
+            p(&log),
+            "--serial",
+            &format!("file={}", p(&out2)),
+            "--console-output",
+            p(&hvc2),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "replay: {}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
+    assert_eq!(std::fs::read(&hvc2).unwrap(), hvc, "hvc0 output");
+    assert!(!sock.exists(), "the replay opened no socket");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A network exchange over `--net user` (DHCP, then an HTTP download

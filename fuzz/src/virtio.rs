@@ -239,7 +239,7 @@ pub fn virtio_devices(data: &[u8]) {
         2 => Box::new(VirtioNet::new([2, 0, 0, 0, 0, 1], Box::new(net.clone()))),
         3 => Box::new(VirtioConsole::new(
             Box::new(std::io::sink()),
-            console_in.clone(),
+            Box::new(console_in.clone()),
         )),
         _ => Box::new(VirtioRng::new(EntropySource::Seeded(1))),
     };

@@ -24,7 +24,10 @@ use devices::pit8254::{self, Pit8254};
 use devices::ratelimit::LogOnce;
 use devices::{BusAccess, BusDevice, BusKind, IrqLine, Timed};
 
-use super::{isa_to_gsi, lock, ChipConfig, ChipDevice, HaltWait, IrqChip, Waker, PCI_GSI_BASE};
+use super::{
+    isa_to_gsi, lock, ChipConfig, ChipDevice, HaltWait, IrqChip, LineEvent, LineWatch, Waker,
+    PCI_GSI_BASE,
+};
 use crate::backend::{self, MsrResult, Vcpu};
 use crate::layout::{self, ports};
 
@@ -42,6 +45,8 @@ pub struct Controllers {
     /// come back for it. See [`Controllers::pump`].
     vmm_saw_pending: Vec<std::sync::atomic::AtomicBool>,
     unsupported: LogOnce,
+    /// Line changes and MSIs, for device traces.
+    watch: Arc<LineWatch>,
 }
 
 /// duet's interrupt controllers and PIT.
@@ -203,6 +208,10 @@ impl Controllers {
 
 impl MsiSink for Controllers {
     fn signal_msi(&self, msi: MsiMessage) {
+        self.watch.note(LineEvent::Msi {
+            address: msi.address,
+            data: msi.data,
+        });
         match InterruptMessage::from_msi(msi) {
             Some(m) => self.deliver(m),
             None => {
@@ -271,6 +280,7 @@ impl UserspaceIrqChip {
             lapics,
             waker: Arc::new(Waker::default()),
             unsupported: LogOnce::new(),
+            watch: Arc::new(LineWatch::default()),
         });
         lock(&c.pic).set_intr_line(Box::new(PicIntrToLint0 {
             lapic: c.lapics[0].clone(),
@@ -283,7 +293,13 @@ impl UserspaceIrqChip {
         let lines: Vec<Arc<SharedLine>> = (0..LINES)
             .map(|gsi| {
                 let c = c.clone();
-                SharedLine::new(Box::new(move |level| c.set_line(gsi, level)))
+                SharedLine::new(Box::new(move |level| {
+                    c.watch.note(LineEvent::Line {
+                        gsi: gsi as u32,
+                        level,
+                    });
+                    c.set_line(gsi, level)
+                }))
             })
             .collect();
         // The PIT's IRQ0 passes a gate the HPET's legacy replacement closes.
@@ -355,6 +371,10 @@ impl IrqChip for UserspaceIrqChip {
 
     fn msi_sink(&self) -> Arc<dyn MsiSink> {
         self.c.clone()
+    }
+
+    fn line_watch(&self) -> Option<Arc<LineWatch>> {
+        Some(self.c.watch.clone())
     }
 
     fn legacy_timer_gate(&self) -> Option<Arc<devices::irq::IrqGate>> {

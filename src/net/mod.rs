@@ -54,6 +54,7 @@ pub fn open(
     let backend: Box<dyn NetBackend> = match &spec.backend {
         NetBackendSpec::User { hostfwd } => Box::new(slirp::SlirpBackend::open(hostfwd, notifier)?),
         NetBackendSpec::Tap { ifname } => Box::new(tap::TapBackend::open(ifname, notifier)?),
+        NetBackendSpec::Loopback => Box::new(loopback::LoopbackBackend::new()),
     };
     Ok(match &spec.pcap {
         Some(path) => {

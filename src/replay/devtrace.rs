@@ -34,10 +34,14 @@ use std::sync::Arc;
 use devices::{BusKind, Clock};
 
 use crate::backend::{self, CpuState, IoHandler, Kick, MsrResult, Vcpu, VcpuExit, VcpuStats};
+use crate::irqchip::{LineEvent, LineWatch};
 use crate::trace::TraceError;
 
-/// The first line of every device trace.
-pub const DEVICE_TRACE_MAGIC: &str = "# duet device trace 1";
+/// The first line of every device trace this duet writes (version 2:
+/// interrupt line changes and MSIs are lines of their own).
+pub const DEVICE_TRACE_MAGIC: &str = "# duet device trace 2";
+/// Version 1 (no interrupt signals): still replayed, without them.
+pub const DEVICE_TRACE_MAGIC_V1: &str = "# duet device trace 1";
 
 /// The machine's clock, watched: the last value it returned and how many
 /// reads so far, so that a trace notes the time an access saw.
@@ -73,6 +77,8 @@ pub struct DeviceTraceWriter {
     /// The last `time` written.
     time: Option<u64>,
     error: Option<std::io::Error>,
+    /// The interrupt controllers' line changes and MSIs.
+    lines: Option<Arc<LineWatch>>,
 }
 
 fn value_of(data: &[u8]) -> u64 {
@@ -93,9 +99,32 @@ impl DeviceTraceWriter {
             clock,
             time: None,
             error: None,
+            lines: None,
         };
         w.line(format_args!("{DEVICE_TRACE_MAGIC}"));
         Ok(w)
+    }
+
+    /// Write the interrupt signals `watch` sees (line changes, MSIs), each
+    /// after the operation that caused it.
+    pub fn watch_lines(&mut self, watch: Arc<LineWatch>) {
+        watch.enable();
+        self.lines = Some(watch);
+    }
+
+    /// Write the signals seen since the last operation.
+    fn signals(&mut self) {
+        let Some(w) = &self.lines else { return };
+        for e in w.take() {
+            match e {
+                LineEvent::Line { gsi, level } => {
+                    self.line(format_args!("line {gsi} {}", u8::from(level)))
+                }
+                LineEvent::Msi { address, data } => {
+                    self.line(format_args!("msi  {address:#010x} {data:#06x}"))
+                }
+            }
+        }
     }
 
     fn line(&mut self, args: std::fmt::Arguments<'_>) {
@@ -110,8 +139,12 @@ impl DeviceTraceWriter {
         }
     }
 
-    /// A header line (`# key value`).
+    /// A header line (`# key value`). Signals so far belong to building
+    /// the machine, which a replay does again: dropped.
     pub fn header(&mut self, key: &str, value: &str) {
+        if let Some(w) = &self.lines {
+            w.take();
+        }
         self.line(format_args!("# {key} {value}"));
     }
 
@@ -156,6 +189,7 @@ impl DeviceTraceWriter {
                 w = 2 + 2 * n
             )),
         }
+        self.signals();
     }
 
     pub fn msr(&mut self, mark: u64, write: bool, msr: u32, value: u64, r: MsrResult) {
@@ -171,16 +205,19 @@ impl DeviceTraceWriter {
             other => (value, msr_result_name(other)),
         };
         self.line(format_args!("msr  {rw} {msr:#010x} {value:#018x} {res}"));
+        self.signals();
     }
 
     pub fn cr8(&mut self, mark: u64, value: u64) {
         self.time_since(mark);
         self.line(format_args!("cr8  w {value:#x}"));
+        self.signals();
     }
 
     pub fn advance(&mut self, mark: u64) {
         self.time_since(mark);
         self.line(format_args!("advance"));
+        self.signals();
     }
 
     pub fn injected(&mut self, mark: u64, what: Injected) {
@@ -189,11 +226,13 @@ impl DeviceTraceWriter {
             Injected::Vector(v) => self.line(format_args!("irq  {v:#04x}")),
             Injected::Nmi => self.line(format_args!("nmi")),
         }
+        self.signals();
     }
 
     pub fn input(&mut self, device: &str, bytes: &[u8]) {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         self.line(format_args!("input {device} {hex}"));
+        self.signals();
     }
 
     pub fn finish(&mut self) -> Result<(), TraceError> {
@@ -327,6 +366,8 @@ pub struct DeviceReplayReport {
     pub reads: usize,
     pub writes: usize,
     pub interrupts: usize,
+    /// Interrupt line changes and MSIs compared.
+    pub signals: usize,
 }
 
 /// The machine a trace's header describes.
@@ -336,6 +377,8 @@ pub struct TracedMachine {
     pub epoch: u64,
     /// Slots of PCI test devices, in plug order.
     pub pci_test: Vec<u8>,
+    /// The trace holds the interrupt signals (version 2).
+    pub signals: bool,
 }
 
 fn malformed(line: usize, what: impl Into<String>) -> DeviceReplayError {
@@ -357,14 +400,21 @@ fn num(line: usize, s: Option<&str>, what: &str) -> Result<u64, DeviceReplayErro
 /// Read a trace's header.
 pub fn traced_machine(text: &str) -> Result<TracedMachine, DeviceReplayError> {
     let mut lines = text.lines();
-    if lines.next() != Some(DEVICE_TRACE_MAGIC) {
-        return Err(malformed(
-            1,
-            format!("not a duet device trace (the first line should be `{DEVICE_TRACE_MAGIC}`)"),
-        ));
-    }
+    let signals = match lines.next() {
+        Some(DEVICE_TRACE_MAGIC) => true,
+        Some(DEVICE_TRACE_MAGIC_V1) => false,
+        _ => {
+            return Err(malformed(
+                1,
+                format!(
+                    "not a duet device trace (the first line should be `{DEVICE_TRACE_MAGIC}`)"
+                ),
+            ))
+        }
+    };
     let mut m = TracedMachine {
         memory: crate::layout::DEFAULT_MEMORY,
+        signals,
         ..Default::default()
     };
     for (i, l) in lines.enumerate() {
@@ -429,6 +479,18 @@ pub fn replay_devices(
     }
     let uart = m.uart.clone();
     let (io, chip) = m.device_side();
+    // The signals the device models raise, compared one by one with the
+    // trace's `line` and `msi` lines after each operation.
+    let watch = if tm.signals {
+        let w = chip.line_watch().ok_or_else(|| {
+            DeviceReplayError::Machine("the interrupt controllers report no signals".into())
+        })?;
+        w.enable();
+        Some(w)
+    } else {
+        None
+    };
+    let mut raised: std::collections::VecDeque<LineEvent> = Default::default();
     let mut report = DeviceReplayReport::default();
     for (i, l) in text.lines().enumerate() {
         let n = i + 1;
@@ -438,6 +500,39 @@ pub fn replay_devices(
         }
         let mut f = l.split_whitespace();
         let op = f.next().unwrap_or("");
+        if let Some(w) = &watch {
+            raised.extend(w.take());
+            if op == "line" || op == "msi" {
+                let want = if op == "line" {
+                    LineEvent::Line {
+                        gsi: num(n, f.next(), "line")? as u32,
+                        level: num(n, f.next(), "level")? != 0,
+                    }
+                } else {
+                    LineEvent::Msi {
+                        address: num(n, f.next(), "MSI address")?,
+                        data: num(n, f.next(), "MSI data")? as u32,
+                    }
+                };
+                report.signals += 1;
+                let got = raised.pop_front();
+                if got != Some(want) {
+                    return Err(DeviceReplayError::Differs {
+                        line: n,
+                        expected: l.to_string(),
+                        got: got.map_or_else(|| "no interrupt signal".into(), signal_text),
+                    });
+                }
+                continue;
+            }
+            if let Some(extra) = raised.pop_front() {
+                return Err(DeviceReplayError::Differs {
+                    line: n,
+                    expected: l.to_string(),
+                    got: format!("{} first (not in the trace)", signal_text(extra)),
+                });
+            }
+        }
         match op {
             "time" => clock.set(num(n, f.next(), "time")?),
             "pio" | "mmio" => {
@@ -554,7 +649,25 @@ pub fn replay_devices(
             other => return Err(malformed(n, format!("unknown operation `{other}`"))),
         }
     }
+    if let Some(w) = &watch {
+        raised.extend(w.take());
+        if let Some(extra) = raised.pop_front() {
+            return Err(DeviceReplayError::Differs {
+                line: report.lines + 1,
+                expected: "the end of the trace".into(),
+                got: signal_text(extra),
+            });
+        }
+    }
     Ok(report)
+}
+
+/// A signal as a trace line shows it.
+fn signal_text(e: LineEvent) -> String {
+    match e {
+        LineEvent::Line { gsi, level } => format!("line {gsi} {}", u8::from(level)),
+        LineEvent::Msi { address, data } => format!("msi  {address:#010x} {data:#06x}"),
+    }
 }
 
 /// Replay the device trace in `path`.

@@ -98,6 +98,9 @@ pub struct RecordedMachine {
     /// `--net` values as given (replay runs without the network).
     #[serde(default)]
     pub nets: Vec<String>,
+    /// `--console-device` as given (its input is in the log).
+    #[serde(default)]
+    pub console: Option<String>,
     /// `--rng` as given, and the seed the recording used.
     pub rng: Option<String>,
     pub rng_seed: Option<u64>,
@@ -171,6 +174,12 @@ pub enum Event {
         icount: u64,
         seq: u64,
     },
+    /// Input the virtio console took from its host side on input call
+    /// `call`.
+    ConsoleIn {
+        call: u64,
+        bytes: Vec<u8>,
+    },
     /// A frame the network backend delivered on receive call `call`.
     NetRx {
         device: u8,
@@ -202,7 +211,7 @@ impl Event {
             | Event::VirtioPoll { icount, .. }
             | Event::Checkpoint { icount, .. }
             | Event::End { icount, .. } => *icount,
-            Event::NetRx { .. } | Event::DeviceTrace { .. } => 0,
+            Event::NetRx { .. } | Event::ConsoleIn { .. } | Event::DeviceTrace { .. } => 0,
         }
     }
 
@@ -226,6 +235,7 @@ impl Event {
             Event::HostQuit { .. } => "host quit",
             Event::VirtioPoll { .. } => "virtio poll",
             Event::NetRx { .. } => "received frame",
+            Event::ConsoleIn { .. } => "virtio-console input",
             Event::Checkpoint { .. } => "checkpoint",
             Event::DeviceTrace { .. } => "device trace",
             Event::End { .. } => "end",
@@ -243,6 +253,9 @@ mod kind {
     pub const CHECKPOINT: u8 = 7;
     pub const DEVICE_TRACE: u8 = 8;
     pub const END: u8 = 9;
+    pub const CONSOLE_IN: u8 = 10;
+    /// The largest kind this duet knows.
+    pub const LAST: u8 = CONSOLE_IN;
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -274,12 +287,16 @@ impl Encoder {
             Event::HostQuit { .. } => kind::HOST_QUIT,
             Event::VirtioPoll { .. } => kind::VIRTIO_POLL,
             Event::NetRx { .. } => kind::NET_RX,
+            Event::ConsoleIn { .. } => kind::CONSOLE_IN,
             Event::Checkpoint { .. } => kind::CHECKPOINT,
             Event::DeviceTrace { .. } => kind::DEVICE_TRACE,
             Event::End { .. } => kind::END,
         };
         out.push(kind);
-        if !matches!(e, Event::DeviceTrace { .. } | Event::NetRx { .. }) {
+        if !matches!(
+            e,
+            Event::DeviceTrace { .. } | Event::NetRx { .. } | Event::ConsoleIn { .. }
+        ) {
             // Instruction counts never go back within a log.
             let i = e.icount();
             put_varint(out, i.wrapping_sub(self.icount));
@@ -317,6 +334,10 @@ impl Encoder {
                 }
             }
             Event::DeviceTrace { bytes } => put_bytes(out, bytes),
+            Event::ConsoleIn { call, bytes } => {
+                put_varint(out, *call);
+                put_bytes(out, bytes);
+            }
             Event::End { end, .. } => {
                 put_varint(out, u64::from(end.status as u32));
                 put_bytes(out, end.outcome.as_bytes());
@@ -703,12 +724,12 @@ impl LogReader {
 
 fn decode(c: &mut Cursor<'_>, d: &mut Decoder) -> Result<Event, LogError> {
     let k = c.u8("kind")?;
-    if !(kind::STOP..=kind::END).contains(&k) {
+    if !(kind::STOP..=kind::LAST).contains(&k) {
         c.pos -= 1;
         return Err(c.err(format!("unknown event kind {k}")));
     }
     let mut icount = 0;
-    if k != kind::DEVICE_TRACE && k != kind::NET_RX {
+    if !matches!(k, kind::DEVICE_TRACE | kind::NET_RX | kind::CONSOLE_IN) {
         icount = d.icount.wrapping_add(c.varint("instruction count")?);
         d.icount = icount;
     }
@@ -767,6 +788,10 @@ fn decode(c: &mut Cursor<'_>, d: &mut Decoder) -> Result<Event, LogError> {
         }
         kind::DEVICE_TRACE => Event::DeviceTrace {
             bytes: c.bytes("device trace")?,
+        },
+        kind::CONSOLE_IN => Event::ConsoleIn {
+            call: c.varint("console input call")?,
+            bytes: c.bytes("console input")?,
         },
         _ => {
             let status = c.varint("exit status")? as u32 as i32;
@@ -908,6 +933,10 @@ mod tests {
             },
             Event::DeviceTrace {
                 bytes: b"pio  w 0x03f8 1 0x41 com1\n".to_vec(),
+            },
+            Event::ConsoleIn {
+                call: 3,
+                bytes: b"to hvc0\n".to_vec(),
             },
             Event::HostQuit {
                 icount: 2000,

@@ -21,6 +21,7 @@
 //! device-level: the device trace of [`devtrace`], replayed against the
 //! device models without a CPU.
 
+pub mod console;
 pub mod devtrace;
 pub mod log;
 pub mod net;
@@ -162,6 +163,8 @@ pub struct Door {
     checkpoints: u64,
     /// Receive logs of the network wrappers (replay), by device.
     net_replay: Vec<Arc<Mutex<net::RxScript>>>,
+    /// The virtio console's input (replay).
+    console_replay: Arc<Mutex<console::ConsoleScript>>,
 }
 
 impl Default for Door {
@@ -179,6 +182,7 @@ impl Door {
             next_checkpoint: u64::MAX,
             checkpoints: 0,
             net_replay: Vec::new(),
+            console_replay: Default::default(),
         }
     }
 
@@ -201,8 +205,10 @@ impl Door {
         let interval = reader.header().machine.checkpoint_interval;
         let mut events = VecDeque::new();
         let mut net: Vec<Vec<net::RxEntry>> = Vec::new();
+        let mut console = Vec::new();
         while let Some(e) = reader.next_event()? {
             match e {
+                Event::ConsoleIn { call, bytes } => console.push((call, bytes)),
                 Event::NetRx {
                     device,
                     call,
@@ -227,6 +233,7 @@ impl Door {
                 .into_iter()
                 .map(|v| Arc::new(Mutex::new(net::RxScript::new(v))))
                 .collect(),
+            console_replay: Arc::new(Mutex::new(console::ConsoleScript::new(console))),
             ..Self::off()
         })
     }
@@ -243,8 +250,8 @@ impl Door {
         matches!(self.mode, Mode::Replay(_))
     }
 
-    /// Take the received frames the recording network wrappers log into
-    /// `log` (the list given to [`crate::virtio::NetDoor::Record`]).
+    /// Take the host input the recording wrappers (network, console) log
+    /// into `log` (the list given to [`crate::virtio::InputDoor::Record`]).
     pub fn with_net_log(mut self, log: Arc<Mutex<Vec<Event>>>) -> Self {
         if let Mode::Record(r) = &mut self.mode {
             r.net = log;
@@ -258,6 +265,11 @@ impl Door {
             Mode::Record(r) => Some(r.net.clone()),
             _ => None,
         }
+    }
+
+    /// The recorded virtio-console input, for its replay.
+    pub fn console_script(&self) -> Arc<Mutex<console::ConsoleScript>> {
+        self.console_replay.clone()
     }
 
     /// The received frames of NIC `device`, for its replay backend.

@@ -521,32 +521,9 @@ impl VirtioBlock {
         let (Some(mut q), Some(mem)) = (self.queue.take(), self.mem.clone()) else {
             return Ok(Signals::default());
         };
-        let mut used = false;
-        let result = loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    if q.enable_notification() {
-                        continue;
-                    }
-                    break Ok(());
-                }
-                Err(error) => break Err(DeviceFault::Queue { queue: 0, error }),
-            };
-            let n = self.request(&mem, &chain);
-            if let Err(error) = q.add_used(chain.head, n) {
-                break Err(DeviceFault::Queue { queue: 0, error });
-            }
-            used = true;
-        };
-        let signal = used && q.needs_interrupt();
+        let r = q.serve_all(0, |chain| self.request(&mem, chain));
         self.queue = Some(q);
-        result?;
-        Ok(if signal {
-            Signals::queue(0)
-        } else {
-            Signals::default()
-        })
+        r
     }
 }
 

@@ -1,7 +1,9 @@
 //! virtio-console (virtio 1.2, 5.3) with one port, no multiport: Linux
 //! names it `hvc0`. What the guest writes goes to a host writer (a file,
-//! a socket, stdout); host input arrives through an [`Inbox`] of bytes
-//! and is copied into the receive buffers when the machine polls.
+//! a socket, stdout); host input arrives through a [`ConsoleInput`] (the
+//! machine's [`Inbox`] of bytes, or a recorder or replayer around it) and is
+//! copied into the receive buffers when the machine polls or the guest
+//! notifies the receive queue.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,9 +20,23 @@ pub const TX_QUEUE: usize = 1;
 /// Largest chunk copied from one transmit buffer.
 const MAX_TX: usize = 64 * 1024;
 
+/// Where the console's host input comes from. The device asks only when
+/// the machine polls it or the guest notifies its receive queue, so the
+/// calls are numbered alike in a recorded run and its replay.
+pub trait ConsoleInput: Send {
+    /// The next chunk of host input, if any.
+    fn next_input(&mut self) -> Option<Vec<u8>>;
+}
+
+impl ConsoleInput for Arc<Inbox<Vec<u8>>> {
+    fn next_input(&mut self) -> Option<Vec<u8>> {
+        self.pop()
+    }
+}
+
 pub struct VirtioConsole {
     output: Box<dyn Write + Send>,
-    input: Arc<Inbox<Vec<u8>>>,
+    input: Box<dyn ConsoleInput>,
     /// Input taken from the inbox but not yet placed in a buffer.
     pending: Vec<u8>,
     rx: Option<Virtqueue>,
@@ -31,7 +47,7 @@ pub struct VirtioConsole {
 }
 
 impl VirtioConsole {
-    pub fn new(output: Box<dyn Write + Send>, input: Arc<Inbox<Vec<u8>>>) -> Self {
+    pub fn new(output: Box<dyn Write + Send>, input: Box<dyn ConsoleInput>) -> Self {
         VirtioConsole {
             output,
             input,
@@ -48,44 +64,16 @@ impl VirtioConsole {
         let (Some(mut q), Some(mem)) = (self.tx.take(), self.mem.clone()) else {
             return Ok(Signals::default());
         };
-        let mut used = false;
-        let result = loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    if q.enable_notification() {
-                        continue;
-                    }
-                    break Ok(());
-                }
-                Err(error) => {
-                    break Err(DeviceFault::Queue {
-                        queue: TX_QUEUE,
-                        error,
-                    })
-                }
-            };
+        let r = q.serve_all(TX_QUEUE, |chain| {
             let bytes = chain.read_bytes(&mem, 0, MAX_TX);
             self.bytes_out += bytes.len() as u64;
             // Output errors (a closed socket) lose output, not the VM.
             let _ = self.output.write_all(&bytes);
-            if let Err(error) = q.add_used(chain.head, 0) {
-                break Err(DeviceFault::Queue {
-                    queue: TX_QUEUE,
-                    error,
-                });
-            }
-            used = true;
-        };
+            0
+        });
         let _ = self.output.flush();
-        let signal = used && q.needs_interrupt();
         self.tx = Some(q);
-        result?;
-        Ok(if signal {
-            Signals::queue(TX_QUEUE)
-        } else {
-            Signals::default()
-        })
+        r
     }
 
     fn process_rx(&mut self) -> Result<Signals, DeviceFault> {
@@ -95,7 +83,7 @@ impl VirtioConsole {
         let mut used = false;
         let result = loop {
             if self.pending.is_empty() {
-                match self.input.pop() {
+                match self.input.next_input() {
                     Some(b) => self.pending = b,
                     None => break Ok(()),
                 }
@@ -226,7 +214,7 @@ mod tests {
         let mem = memory();
         let out = Out::default();
         let inbox = Inbox::new(16, Arc::new(NoNotify));
-        let mut d = VirtioConsole::new(Box::new(out.clone()), inbox.clone());
+        let mut d = VirtioConsole::new(Box::new(out.clone()), Box::new(inbox.clone()));
         let mut rx = DriverQueue::new(0x1000, 8);
         let mut tx = DriverQueue::new(0x40000, 8);
         let qs = vec![

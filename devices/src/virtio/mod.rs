@@ -36,6 +36,7 @@ pub mod core;
 pub mod inbox;
 pub mod mmio;
 pub mod net;
+pub mod overlay;
 pub mod pci;
 pub mod queue;
 pub mod rng;

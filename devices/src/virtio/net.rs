@@ -151,32 +151,12 @@ impl VirtioNet {
         let (Some(mut q), Some(mem)) = (self.tx.take(), self.mem.clone()) else {
             return Ok(Signals::default());
         };
-        let mut used = false;
-        let result = loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    if q.enable_notification() {
-                        continue;
-                    }
-                    break Ok(());
-                }
-                Err(error) => break Err(fault(TX_QUEUE, error)),
-            };
-            self.transmit(&mem, &chain);
-            if let Err(error) = q.add_used(chain.head, 0) {
-                break Err(fault(TX_QUEUE, error));
-            }
-            used = true;
-        };
-        let signal = used && q.needs_interrupt();
+        let r = q.serve_all(TX_QUEUE, |chain| {
+            self.transmit(&mem, chain);
+            0
+        });
         self.tx = Some(q);
-        result?;
-        Ok(if signal {
-            Signals::queue(TX_QUEUE)
-        } else {
-            Signals::default()
-        })
+        r
     }
 
     fn transmit(&mut self, mem: &GuestMemory, chain: &Chain) {

@@ -26,7 +26,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::GuestMemory;
+use super::{DeviceFault, GuestMemory, Signals};
 
 const DESCRIPTOR_SIZE: u64 = 16;
 const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
@@ -312,6 +312,39 @@ impl Virtqueue {
         };
         let chain = walk_chain(mem, GuestAddress(self.queue.desc_table()), self.size, head)?;
         Ok(Some(chain))
+    }
+
+    /// Serve every chain the driver made available, as queue `index`:
+    /// `serve` handles one and returns the bytes it wrote into it, and the
+    /// chain goes back to the used ring. Notifications are re-enabled when
+    /// the ring runs dry, and chains that arrived meanwhile served too.
+    /// The signal for the queue when the driver wants one; a queue fault
+    /// (a bad chain or ring) stops it.
+    pub fn serve_all(
+        &mut self,
+        index: usize,
+        mut serve: impl FnMut(&Chain) -> u32,
+    ) -> Result<Signals, DeviceFault> {
+        let fault = |error| DeviceFault::Queue {
+            queue: index,
+            error,
+        };
+        let mut used = false;
+        loop {
+            let chain = match self.pop().map_err(fault)? {
+                Some(c) => c,
+                None if self.enable_notification() => continue,
+                None => break,
+            };
+            let n = serve(&chain);
+            self.add_used(chain.head, n).map_err(fault)?;
+            used = true;
+        }
+        Ok(if used && self.needs_interrupt() {
+            Signals::queue(index)
+        } else {
+            Signals::default()
+        })
     }
 
     /// Put the last popped chain back (the device could not use it yet).

@@ -118,19 +118,8 @@ impl VirtioRng {
         let (Some(mut q), Some(mem)) = (self.queue.take(), self.mem.clone()) else {
             return Ok(Signals::default());
         };
-        let mut used = false;
         let mut buf = Vec::new();
-        let result = loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    if q.enable_notification() {
-                        continue;
-                    }
-                    break Ok(());
-                }
-                Err(error) => break Err(DeviceFault::Queue { queue: 0, error }),
-            };
+        let r = q.serve_all(0, |chain| {
             let want = (chain.writable_len() as usize).min(MAX_REQUEST);
             buf.resize(want, 0);
             let n = if self.fill(&mut buf) {
@@ -139,19 +128,10 @@ impl VirtioRng {
                 0
             };
             self.served += n as u64;
-            if let Err(error) = q.add_used(chain.head, n as u32) {
-                break Err(DeviceFault::Queue { queue: 0, error });
-            }
-            used = true;
-        };
-        let signal = used && q.needs_interrupt();
+            n as u32
+        });
         self.queue = Some(q);
-        result?;
-        Ok(if signal {
-            Signals::queue(0)
-        } else {
-            Signals::default()
-        })
+        r
     }
 }
 
