@@ -189,6 +189,17 @@ impl Bitmap for WriteLogSlice<'_> {
     }
 }
 
+/// A [`GuestSlice`] over a host buffer (a bounce buffer a disk reads into
+/// or writes from). Its writes are marked in `log`: pass a
+/// `WriteLog::default()`, which has no pages and records nothing.
+pub fn host_slice<'a>(buf: &'a mut [u8], log: &'a WriteLog) -> GuestSlice<'a> {
+    // SAFETY: `buf` is `buf.len()` bytes of host memory, borrowed mutably
+    // for the slice's whole lifetime.
+    unsafe {
+        vm_memory::VolatileSlice::with_bitmap(buf.as_mut_ptr(), buf.len(), log.slice_at(0), None)
+    }
+}
+
 /// The write logs of every region of `mem`, each with the guest-physical
 /// address of its region's start.
 pub fn write_logs(mem: &GuestMemory) -> Vec<(u64, WriteLog)> {

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::VolatileSlice;
+use crate::guest_memory::{host_slice, GuestSlice, WriteLog};
 
 use super::block::Disk;
 
@@ -70,8 +70,9 @@ impl OverlayDisk {
         }
         if !whole {
             let mut buf = vec![0u8; self.block_len(block) as usize];
+            let log = WriteLog::default();
             self.base
-                .read_to(block * BLOCK, &VolatileSlice::from(&mut buf[..]))?;
+                .read_to(block * BLOCK, &host_slice(&mut buf[..], &log))?;
             self.overlay.write_all_at(&buf, block * BLOCK)?;
         }
         self.written[(block / 64) as usize] |= 1 << (block % 64);
@@ -99,7 +100,7 @@ impl OverlayDisk {
         Ok(v)
     }
 
-    fn fill(&mut self, offset: u64, len: u64, with: Option<&VolatileSlice>) -> io::Result<()> {
+    fn fill(&mut self, offset: u64, len: u64, with: Option<&GuestSlice>) -> io::Result<()> {
         for (block, at, n, pos) in self.pieces(offset, len)? {
             let whole = n == self.block_len(block);
             self.own(block, whole)?;
@@ -121,7 +122,7 @@ impl Disk for OverlayDisk {
         self.size
     }
 
-    fn read_to(&mut self, offset: u64, dst: &VolatileSlice) -> io::Result<()> {
+    fn read_to(&mut self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
         for (block, at, n, pos) in self.pieces(offset, dst.len() as u64)? {
             let d = dst
                 .subslice(pos as usize, n as usize)
@@ -137,7 +138,7 @@ impl Disk for OverlayDisk {
         Ok(())
     }
 
-    fn write_from(&mut self, offset: u64, src: &VolatileSlice) -> io::Result<()> {
+    fn write_from(&mut self, offset: u64, src: &GuestSlice) -> io::Result<()> {
         self.fill(offset, src.len() as u64, Some(src))
     }
 
@@ -186,13 +187,14 @@ mod tests {
 
     fn read(d: &mut OverlayDisk, offset: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
-        d.read_to(offset, &VolatileSlice::from(&mut b[..])).unwrap();
+        d.read_to(offset, &host_slice(&mut b[..], &WriteLog::default()))
+            .unwrap();
         b
     }
 
     fn write(d: &mut OverlayDisk, offset: u64, data: &[u8]) {
         let mut b = data.to_vec();
-        d.write_from(offset, &VolatileSlice::from(&mut b[..]))
+        d.write_from(offset, &host_slice(&mut b[..], &WriteLog::default()))
             .unwrap();
     }
 
@@ -220,12 +222,16 @@ mod tests {
         assert_eq!(read(&mut d, 4000, 300), want[4000..4300]);
         assert_eq!(d.blocks_written(), 4);
         assert!(d
-            .read_to(3 * BLOCK + 1024, &VolatileSlice::from(&mut [0u8; 1][..]))
+            .read_to(
+                3 * BLOCK + 1024,
+                &host_slice(&mut [0u8; 1][..], &WriteLog::default())
+            )
             .is_err());
         // The image under it is unchanged.
         let mut base = std::mem::replace(&mut d.base, Box::new(MemDisk::new(1)));
         let mut b = vec![0u8; image.len()];
-        base.read_to(0, &VolatileSlice::from(&mut b[..])).unwrap();
+        base.read_to(0, &host_slice(&mut b[..], &WriteLog::default()))
+            .unwrap();
         assert_eq!(b, image);
     }
 }
