@@ -34,6 +34,9 @@ pub struct AcpiConfig {
     pub cpus: u32,
     /// virtio-mmio devices, in the order Linux should find them.
     pub virtio_mmio: Vec<VirtioMmioAcpi>,
+    /// The HPET's event timer block ID (the low half of its capabilities
+    /// register), when the machine has one at [`layout::HPET_BASE`].
+    pub hpet_block_id: Option<u32>,
 }
 
 /// One virtio-mmio device as the DSDT describes it.
@@ -264,6 +267,26 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// The `HPET` table (IA-PC HPET specification 1.0a, 3.2.4): the event
+/// timer block ID, the register block as a 64-bit system-memory GAS, HPET
+/// number 0, the minimum periodic tick (in counter ticks: 100 µs at
+/// 100 MHz) and no page protection.
+pub fn hpet(block_id: u32) -> Vec<u8> {
+    let mut t = Sdt::new(*b"HPET", 56, 1, OEM_ID, OEM_TABLE, OEM_REVISION);
+    t.write_u32(36, block_id);
+    // Generic address: system memory (0), 64 bits wide, offset 0, access
+    // size undefined, the base.
+    t.write_bytes(40, &[0, 64, 0, 0]);
+    t.write_u64(44, layout::HPET_BASE);
+    t.write_u8(52, 0);
+    t.write_u16(53, HPET_MIN_TICK);
+    t.write_u8(55, 0);
+    t.as_slice().to_vec()
+}
+
+/// The minimum periodic tick the HPET table promises (100 µs).
+const HPET_MIN_TICK: u16 = 10_000;
+
 /// The FADT, pointing at the FACS and the DSDT.
 pub fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let pm = boot::ACPI_PM_BASE;
@@ -311,11 +334,16 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
     let madt = madt(cfg);
     let mcfg_addr = align(madt_addr + madt.len() as u64);
     let mcfg = mcfg();
-    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
+    let hpet_addr = align(mcfg_addr + mcfg.len() as u64);
+    let hpet = cfg.hpet_block_id.map(hpet).unwrap_or_default();
+    let xsdt_addr = align(hpet_addr + hpet.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     xsdt.add_entry(mcfg_addr);
+    if !hpet.is_empty() {
+        xsdt.add_entry(hpet_addr);
+    }
     let xsdt = bytes_of(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::HIGH_RAM_START {
@@ -329,6 +357,7 @@ pub fn write(mem: &GuestMemory, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
         (fadt_addr, &fadt),
         (madt_addr, &madt),
         (mcfg_addr, &mcfg),
+        (hpet_addr, &hpet),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(data, GuestAddress(addr))
@@ -360,6 +389,45 @@ mod tests {
             let len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize;
             assert_eq!(len, t.len());
         }
+    }
+
+    #[test]
+    fn hpet_table_names_the_block_and_its_address() {
+        let t = hpet(0x8086_a201);
+        assert!(checksum_ok(&t));
+        assert_eq!(&t[..4], b"HPET");
+        assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()), 56);
+        assert_eq!(
+            u32::from_le_bytes(t[36..40].try_into().unwrap()),
+            0x8086_a201
+        );
+        // GAS: system memory, 64 bits, address.
+        assert_eq!((t[40], t[41]), (0, 64));
+        let addr = u64::from_le_bytes(t[44..52].try_into().unwrap());
+        assert_eq!(addr, layout::HPET_BASE);
+        // Written into the XSDT only when the machine has one.
+        let mem = crate::machine::create_memory(64 << 20).unwrap();
+        let count_hpet = |cfg: &AcpiConfig| {
+            write(&mem, cfg).unwrap();
+            let mut bios = vec![0u8; 0x2_0000];
+            mem.read_slice(&mut bios, GuestAddress(boot::RSDP)).unwrap();
+            let xsdt_at = bios.windows(4).position(|w| w == b"XSDT").unwrap();
+            let len = u32::from_le_bytes(bios[xsdt_at + 4..xsdt_at + 8].try_into().unwrap());
+            bios[xsdt_at + 36..xsdt_at + len as usize]
+                .chunks(8)
+                .filter(|e| {
+                    let a = u64::from_le_bytes((*e).try_into().unwrap()) - boot::RSDP;
+                    &bios[a as usize..a as usize + 4] == b"HPET"
+                })
+                .count()
+        };
+        let mut cfg = AcpiConfig {
+            cpus: 1,
+            ..Default::default()
+        };
+        assert_eq!(count_hpet(&cfg), 0);
+        cfg.hpet_block_id = Some(0x8086_a201);
+        assert_eq!(count_hpet(&cfg), 1);
     }
 
     #[test]
@@ -405,6 +473,7 @@ mod tests {
                     gsi: 21,
                 },
             ],
+            ..Default::default()
         };
         let d = dsdt_with(&cfg);
         assert!(checksum_ok(&d));

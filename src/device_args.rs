@@ -298,9 +298,13 @@ pub enum ConsoleHost {
     Socket(PathBuf),
     /// stdout and stdin.
     Stdio,
+    /// A new pseudo-terminal, its slave's path printed on stderr.
+    Pty,
+    /// Output dropped, no input.
+    Null,
 }
 
-/// `--console-device virtio,file=PATH|socket=PATH|stdio[,transport=...]`.
+/// `--console-device virtio,file=PATH|socket=PATH|stdio|pty|null[,transport=...]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsoleSpec {
     pub host: ConsoleHost,
@@ -322,6 +326,8 @@ impl FromStr for ConsoleSpec {
                 ("file", p) => host = Some(ConsoleHost::File(PathBuf::from(p))),
                 ("socket", p) => host = Some(ConsoleHost::Socket(PathBuf::from(p))),
                 ("stdio", "") => host = Some(ConsoleHost::Stdio),
+                ("pty", "") => host = Some(ConsoleHost::Pty),
+                ("null", "") => host = Some(ConsoleHost::Null),
                 ("transport", v) => transport_v = transport(v)?,
                 (k, "") if !virtio && host.is_none() => {
                     return Err(format!(
@@ -331,8 +337,8 @@ impl FromStr for ConsoleSpec {
                 }
                 (k, _) => {
                     return Err(format!(
-                        "unknown key '{k}' (accepted: virtio, file=PATH, socket=PATH, stdio, \
-                         transport=pci|mmio)"
+                        "unknown key '{k}' (accepted: virtio, file=PATH, socket=PATH, stdio, pty, \
+                         null, transport=pci|mmio)"
                     ))
                 }
             }
@@ -344,7 +350,7 @@ impl FromStr for ConsoleSpec {
             );
         }
         Ok(ConsoleSpec {
-            host: host.ok_or("say where hvc0 goes: file=PATH, socket=PATH or stdio")?,
+            host: host.ok_or("say where hvc0 goes: file=PATH, socket=PATH, stdio, pty or null")?,
             transport: transport_v,
         })
     }

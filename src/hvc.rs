@@ -1,6 +1,7 @@
 //! The host side of the virtio console (`hvc0`): a file (output only), a
 //! Unix socket duet listens on (one client at a time: its bytes are the
-//! guest's input, the guest's output goes to it), or stdio.
+//! guest's input, the guest's output goes to it), stdio, a new
+//! pseudo-terminal (its path on stderr, as `--serial pty`) or nothing.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,6 +19,21 @@ pub const INBOX_CHUNKS: usize = 64;
 /// The opened host side; removes its socket file when dropped.
 pub struct HvcHost {
     cleanup: Option<PathBuf>,
+    /// duet's own descriptor of the pseudo-terminal's slave (pty), so the
+    /// master sees no hang-up while nobody is attached.
+    _pty_slave: Option<std::fs::File>,
+    /// The pseudo-terminal's slave path (pty).
+    pub pty_name: Option<String>,
+}
+
+impl HvcHost {
+    fn plain() -> Self {
+        HvcHost {
+            cleanup: None,
+            _pty_slave: None,
+            pty_name: None,
+        }
+    }
 }
 
 impl Drop for HvcHost {
@@ -72,14 +88,34 @@ pub fn open(
         ConsoleHost::File(p) => {
             let f = std::fs::File::create(p)
                 .map_err(|e| format!("file={}: cannot create it: {e}", p.display()))?;
-            Ok((Box::new(f), HvcHost { cleanup: None }))
+            Ok((Box::new(f), HvcHost::plain()))
         }
         ConsoleHost::Stdio => {
             std::thread::Builder::new()
                 .name("duet-hvc-stdin".into())
                 .spawn(move || pump(std::io::stdin(), &input))
                 .map_err(|e| format!("stdio: {e}"))?;
-            Ok((Box::new(std::io::stdout()), HvcHost { cleanup: None }))
+            Ok((Box::new(std::io::stdout()), HvcHost::plain()))
+        }
+        ConsoleHost::Null => Ok((Box::new(std::io::sink()), HvcHost::plain())),
+        ConsoleHost::Pty => {
+            let (master, slave, name) =
+                crate::serial_port::open_pty().map_err(|e| format!("pty: cannot open one: {e}"))?;
+            let master = Arc::new(master);
+            let reader = crate::serial_port::PtyReader(master.clone());
+            std::thread::Builder::new()
+                .name("duet-hvc-pty".into())
+                .spawn(move || pump(reader, &input))
+                .map_err(|e| format!("pty: {e}"))?;
+            eprintln!("duet: virtio console (hvc0) on {name}");
+            Ok((
+                Box::new(crate::serial_port::PtyWriter(master)),
+                HvcHost {
+                    cleanup: None,
+                    _pty_slave: Some(slave),
+                    pty_name: Some(name),
+                },
+            ))
         }
         ConsoleHost::Socket(p) => {
             if p.exists() {
@@ -113,8 +149,49 @@ pub fn open(
                 Box::new(out),
                 HvcHost {
                     cleanup: Some(p.clone()),
+                    _pty_slave: None,
+                    pty_name: None,
                 },
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::inbox::NoNotify;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn pty_carries_both_ways_and_null_swallows() {
+        let input = Inbox::new(INBOX_CHUNKS, Arc::new(NoNotify));
+        let (mut out, host) = open(&ConsoleHost::Pty, input.clone()).expect("a pseudo-terminal");
+        let name = host.pty_name.clone().expect("the slave's path");
+        assert!(name.starts_with("/dev/pts/"), "{name}");
+        let mut slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&name)
+            .unwrap();
+        out.write_all(b"from-hvc0").unwrap();
+        let mut buf = [0u8; 9];
+        slave.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"from-hvc0");
+        slave.write_all(b"typed").unwrap();
+        let start = Instant::now();
+        let mut got = Vec::new();
+        while got.len() < 5 && start.elapsed() < Duration::from_secs(10) {
+            match input.pop() {
+                Some(c) => got.extend(c),
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        assert_eq!(got, b"typed");
+        let null_in = Inbox::new(INBOX_CHUNKS, Arc::new(NoNotify));
+        let (mut out, host) = open(&ConsoleHost::Null, null_in.clone()).unwrap();
+        out.write_all(b"dropped").unwrap();
+        assert!(host.pty_name.is_none());
+        assert!(null_in.pop().is_none());
     }
 }

@@ -548,6 +548,7 @@ mod tests {
             taint: TimeTaint::new(),
             lapic_timer_hz: 1_000_000_000,
             tsc_hz: 1_000_000_000,
+            phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
         })
     }
 
@@ -645,6 +646,7 @@ mod tests {
                 taint: TimeTaint::new(),
                 lapic_timer_hz: 1_000_000_000,
                 tsc_hz: 1_000_000_000,
+                phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
             });
         let mut io = DeviceIo::new(tracer, VmControl::new(), TimeTaint::new(), timers, chip);
         let id = io.register("echo");

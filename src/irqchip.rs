@@ -121,6 +121,8 @@ pub struct ChipConfig {
     pub lapic_timer_hz: u64,
     /// The guest's TSC frequency.
     pub tsc_hz: u64,
+    /// The guest's MAXPHYADDR (the backend's [`backend::Backend::phys_addr_bits`]).
+    pub phys_addr_bits: u32,
 }
 
 /// The machine's interrupt controllers.
@@ -134,6 +136,14 @@ pub trait IrqChip: Send + Sync {
 
     /// Where devices send their MSI/MSI-X writes.
     fn msi_sink(&self) -> Arc<dyn MsiSink>;
+
+    /// The gate in front of the PIT's IRQ0 that the HPET's legacy
+    /// replacement closes (the machine puts the RTC's IRQ8 behind it too);
+    /// None when the chip cannot give IRQ0 to another device (KVM's
+    /// in-kernel PIT owns it), so the HPET offers no legacy replacement.
+    fn legacy_timer_gate(&self) -> Option<Arc<devices::irq::IrqGate>> {
+        None
+    }
 
     /// Deliver an interrupt message to the local APIC(s) it names.
     fn deliver(&self, msg: InterruptMessage);

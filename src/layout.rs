@@ -10,6 +10,7 @@
 //!     0xe000_0000 .. 0xe010_0000  PCI ECAM (MMCONFIG) for bus 0
 //!     0xfe00_0000 .. 0xfe02_0000  virtio-mmio devices (4 KiB each, in the DSDT)
 //!     0xfec0_0000                 IOAPIC
+//!     0xfed0_0000                 HPET (1 KiB, in the ACPI HPET table)
 //!     0xfee0_0000                 local APIC (and the MSI window)
 //! 0x1_0000_0000 ..               RAM that did not fit below the gap
 //! ```
@@ -39,6 +40,8 @@ pub const DEFAULT_MEMORY: u64 = 256 * MIB;
 /// IOAPIC and local APIC (used from issue 4 on; reserved in the gap now).
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
+/// The HPET's register block.
+pub const HPET_BASE: u64 = devices::hpet::DEFAULT_BASE;
 
 /// PCI: the windows BARs are placed in, ECAM, and the buses.
 pub mod pci {

@@ -451,6 +451,7 @@ impl Machine {
                 taint: taint.clone(),
                 lapic_timer_hz: u64::from(backend::interp::LAPIC_TIMER_HZ),
                 tsc_hz,
+                phys_addr_bits: be.phys_addr_bits(),
             },
         )?;
 
@@ -459,7 +460,14 @@ impl Machine {
             (None, ClockKind::Virtual) => VIRTUAL_EPOCH,
             (None, _) => host_unix_time(),
         };
-        let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), chip.irq_line(8), rtc_start);
+        // The HPET's legacy replacement takes IRQ8 from the RTC (and IRQ0
+        // from the chip's PIT) through this gate.
+        let legacy_gate = chip.legacy_timer_gate();
+        let rtc_irq: Box<dyn devices::IrqLine> = match &legacy_gate {
+            Some(g) => Box::new(g.line(chip.irq_line(8))),
+            None => chip.irq_line(8),
+        };
+        let mut rtc = RtcCmos::new(clock.clone(), taint.clone(), rtc_irq, rtc_start);
         let below = cfg.memory.min(layout::MMIO_GAP_START);
         rtc.set_memory_size(below, cfg.memory - below);
         let rtc = Arc::new(Mutex::new(rtc));
@@ -475,13 +483,27 @@ impl Machine {
                 o.clone(),
             )?);
         }
-        let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone()];
+        let hpet = Arc::new(Mutex::new(devices::hpet::Hpet::new(
+            clock.clone(),
+            taint.clone(),
+            devices::hpet::HpetLines::new(legacy_gate, |irq| chip.irq_line(irq)),
+        )));
+        let mut timed: Vec<Arc<Mutex<dyn Timed + Send>>> = vec![rtc.clone(), hpet.clone()];
         timed.extend(chip.timed());
         let timers = Timers::new(clock.clone(), timed, vclock.clone());
         let mut io = DeviceIo::new(tracer, control.clone(), taint.clone(), timers, chip.clone());
         // The machine's typed device list (save, restore, enumeration).
         let mut device_list: Vec<MachineDevice> = chip.devices();
         device_list.push(MachineDevice::new("rtc", DeviceHandle::Rtc(rtc.clone())));
+        device_list.push(MachineDevice::new("hpet", DeviceHandle::Hpet(hpet.clone())));
+        let id = io.register_with("hpet", AFFECTS_INTERRUPTS | AFFECTS_TIMERS);
+        io.map(
+            BusKind::Mmio,
+            id,
+            layout::HPET_BASE,
+            devices::hpet::MMIO_SIZE,
+            hpet,
+        )?;
 
         // The interrupt controllers' registers (none with the in-kernel chip).
         for d in chip.bus_devices() {
@@ -1008,9 +1030,14 @@ impl Machine {
     /// Load a kernel (bzImage, PVH ELF or multiboot) with its initrd and
     /// command line, and set the vCPU's boot state.
     pub fn load_kernel(&mut self, spec: &crate::loader::KernelSpec) -> Result<(), MachineError> {
+        let hpet_block_id = self.devices.iter().find_map(|d| match &d.handle {
+            DeviceHandle::Hpet(h) => Some(irqchip::lock(h).capabilities() as u32),
+            _ => None,
+        });
         let acpi = crate::acpi::AcpiConfig {
             cpus: 1,
             virtio_mmio: self.virtio.acpi_entries(),
+            hpet_block_id,
         };
         crate::acpi::write(&self.mem, &acpi).map_err(|e| MachineError::Config(e.to_string()))?;
         crate::mptable::write(&self.mem, 1).map_err(|e| MachineError::Config(e.to_string()))?;

@@ -393,8 +393,9 @@ struct RunArgs {
     /// Example: --rng transport=mmio
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     rng: Option<duet::device_args::RngSpec>,
-    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH
-    /// or virtio,stdio, with [,transport=pci|mmio].
+    /// A virtio console (hvc0 in Linux): virtio,file=PATH, virtio,socket=PATH,
+    /// virtio,stdio, virtio,pty (a new pseudo-terminal, its path on stderr)
+    /// or virtio,null, with [,transport=pci|mmio].
     ///
     /// Example: --console-device virtio,socket=/tmp/hvc0
     #[arg(long = "console-device", value_name = "SPEC")]
@@ -420,6 +421,7 @@ struct RunArgs {
         long,
         value_name = "N",
         default_value_t = 50_000_000,
+        value_parser = parse_checkpoint_every,
         requires = "record"
     )]
     checkpoint_every: u64,
@@ -429,6 +431,12 @@ struct RunArgs {
     /// Example: --device-trace guest.devtrace
     #[arg(long, value_name = "FILE")]
     device_trace: Option<PathBuf>,
+}
+
+fn parse_checkpoint_every(s: &str) -> std::result::Result<u64, String> {
+    s.replace('_', "").parse().map_err(|_| {
+        "expected a whole number of instructions (e.g. 50000000; 0: only at the end)".to_string()
+    })
 }
 
 fn parse_cpu_model(s: &str) -> std::result::Result<cpu_interp::cpuid::CpuModel, String> {
@@ -571,6 +579,19 @@ fn choose_backend(
 }
 
 /// What an I/O error means to the user.
+/// Why a file named on the command line cannot be read, with the fix.
+fn read_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => "no such file (check the path)".into(),
+        ErrorKind::PermissionDenied => {
+            "permission denied (make the file readable for this user)".into()
+        }
+        ErrorKind::IsADirectory => "is a directory, not a file".into(),
+        _ => e.to_string(),
+    }
+}
+
 fn io_reason(e: &std::io::Error) -> String {
     use std::io::ErrorKind;
     match e.kind() {
@@ -689,7 +710,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         | MachineError::MemoryAlloc { .. }
         | MachineError::MemoryTooLarge { .. } => anyhow!("--memory {memory_text}: {e}"),
         MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
-            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+            // The same error type serves --trace and --device-trace.
+            let flag = if args
+                .trace
+                .as_ref()
+                .is_some_and(|t| t.display().to_string() == path)
+            {
+                "--trace"
+            } else {
+                "--device-trace"
+            };
+            anyhow!("{flag} {path}: cannot create it: {}", io_reason(&source))
         }
         e => anyhow!(e),
     })?;
@@ -752,26 +783,34 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let input = m.serial_input();
     port.start_input(input, m.control(), m.kicker(), raw.is_some());
     stop_signals.spawn_waiter(m.control(), m.kicker())?;
+    // Every file a recording writes or reads is open before the run, so
+    // the seccomp filter (no open) holds for recordings too.
+    let mut kvm_log = None;
     if let Some(r) = &record {
+        let w = duet::replay::log::LogWriter::create(&r.path, &r.header).map_err(|e| match e {
+            duet::replay::log::LogError::Open { source, .. } => anyhow!(
+                "--record {}: cannot create it: {}",
+                r.path.display(),
+                io_reason(&source)
+            ),
+            e => anyhow!("--record {}: {e}", r.path.display()),
+        })?;
         if r.full {
-            let w = duet::replay::log::LogWriter::create(&r.path, &r.header)
-                .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
             let door = duet::replay::Door::record(w, args.checkpoint_every)
                 .with_net_log(r.net_log.clone());
             m.set_door(door);
+        } else {
+            kvm_log = Some(open_kvm_log(r, w)?);
         }
     }
-    // A KVM recording assembles its log from the device trace after the
-    // run, which needs files opened then: no filter for it.
-    let after_run_files = record.as_ref().is_some_and(|r| !r.full);
-    if args.seccomp == SeccompArg::On && !after_run_files {
+    if args.seccomp == SeccompArg::On {
         duet::sandbox::apply_to_all_threads()?;
     }
     let outcome = m.run();
     drop(raw);
     let outcome = outcome?;
     if let Some(r) = &record {
-        finish_record(r, &m, &outcome)?;
+        finish_record(r, &m, &outcome, kvm_log)?;
     }
     let status = outcome.exit_status();
     if status != 0 || matches!(outcome, duet::machine::Outcome::HostSignal(_)) {
@@ -983,10 +1022,44 @@ fn prepare_record(
     })
 }
 
+/// A KVM recording's log, opened before the run: the writer (its header
+/// written) and the device trace the run writes, opened for reading.
+struct KvmLog {
+    writer: duet::replay::log::LogWriter,
+    trace: std::fs::File,
+}
+
+/// Open what a KVM recording needs after its run. The device trace's
+/// temporary file is unlinked at once (the open descriptor keeps it), so
+/// no file is left behind whatever happens to the run.
+fn open_kvm_log(r: &Recording, writer: duet::replay::log::LogWriter) -> Result<KvmLog> {
+    let path = r
+        .device_trace
+        .as_ref()
+        .ok_or_else(|| anyhow!("--record: no device trace for a KVM recording"))?;
+    let trace = std::fs::File::open(path).map_err(|e| {
+        anyhow!(
+            "--record: opening the device trace {}: {}",
+            path.display(),
+            io_reason(&e)
+        )
+    })?;
+    if *path == r.path.with_extension("devtrace.tmp") {
+        std::fs::remove_file(path).ok();
+    }
+    Ok(KvmLog { writer, trace })
+}
+
 /// After a recorded run: report the log; a KVM recording's device trace
 /// goes into its log.
-fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -> Result<()> {
-    use duet::replay::log::{EndRecord, Event, LogWriter};
+fn finish_record(
+    r: &Recording,
+    m: &Machine,
+    outcome: &duet::machine::Outcome,
+    kvm: Option<KvmLog>,
+) -> Result<()> {
+    use duet::replay::log::{EndRecord, Event};
+    use std::io::Read;
     if r.full {
         if let Some(s) = m.door_summary() {
             eprintln!(
@@ -999,17 +1072,17 @@ fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -
         }
         return Ok(());
     }
-    let Some(trace) = &r.device_trace else {
+    let Some(KvmLog {
+        writer: mut w,
+        mut trace,
+    }) = kvm
+    else {
         return Ok(());
     };
-    let text = std::fs::read(trace).map_err(|e| {
-        anyhow!(
-            "--record: reading the device trace {}: {e}",
-            trace.display()
-        )
-    })?;
-    let mut w = LogWriter::create(&r.path, &r.header)
-        .map_err(|e| anyhow!("--record {}: {e}", r.path.display()))?;
+    let mut text = Vec::new();
+    trace
+        .read_to_end(&mut text)
+        .map_err(|e| anyhow!("--record: reading the device trace back: {e}"))?;
     for chunk in text.chunks(32 << 10) {
         w.push(&Event::DeviceTrace {
             bytes: chunk.to_vec(),
@@ -1025,11 +1098,6 @@ fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -
         },
     })?;
     let bytes = w.finish()?;
-    if r.device_trace.as_ref() != Some(&r.path.with_extension("devtrace.tmp")) {
-        // The user asked for the device trace too: keep it.
-    } else {
-        std::fs::remove_file(trace).ok();
-    }
     eprintln!(
         "duet: recorded the device trace ({} lines, device-level: KVM counts no instructions) in {} bytes in {}",
         text.iter().filter(|&&b| b == b'\n').count(),
@@ -1042,8 +1110,14 @@ fn finish_record(r: &Recording, m: &Machine, outcome: &duet::machine::Outcome) -
 /// `duet replay`: exit status 0 when the replay followed the recording to
 /// its end, 3 when it diverged.
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    use duet::machine::MachineError;
     use duet::replay::log::{Event, LogKind, LogReader};
-    let reader = LogReader::open(&args.log).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let reader = LogReader::open(&args.log).map_err(|e| match e {
+        duet::replay::log::LogError::Open { source, .. } => {
+            anyhow!("{}: {}", args.log.display(), read_reason(&source))
+        }
+        e => anyhow!("{}: {e}", args.log.display()),
+    })?;
     let header = reader.header().clone();
     let hm = &header.machine;
     if header.kind == LogKind::Devices {
@@ -1167,9 +1241,20 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         epoch: Some(hm.epoch),
         ..MachineConfig::new(BackendKind::Interp, port.take_output())
     };
-    let mut m = Machine::new(cfg)?;
-    let mut door =
-        duet::replay::Door::replay(reader).map_err(|e| anyhow!("{}: {e}", args.log.display()))?;
+    let mut m = Machine::new(cfg).map_err(|e| match e {
+        MachineError::Trace(duet::trace::TraceError::Create { path, source }) => {
+            anyhow!("--trace {path}: cannot create it: {}", io_reason(&source))
+        }
+        e => anyhow!(e),
+    })?;
+    let mut door = duet::replay::Door::replay(reader).map_err(|e| {
+        // A recording that was killed: say how much of it is intact.
+        let intact = std::fs::read(&args.log)
+            .ok()
+            .and_then(|b| duet::replay::log::read_complete(&b).ok())
+            .map_or_else(String::new, |s| format!(" ({})", s.describe()));
+        anyhow!("{}: {e}{intact}", args.log.display())
+    })?;
     let scripts = (0..nets.len()).map(|i| door.net_script(i)).collect();
     let _devices = duet::virtio::plug(
         &mut m,
@@ -1236,6 +1321,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
 fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
     use duet::replay::devtrace::{replay_device_file, DeviceReplayError};
     for p in &args.traces {
+        if let Err(e) = std::fs::File::open(p) {
+            bail!("{}: {}", p.display(), read_reason(&e));
+        }
         match replay_device_file(p) {
             Ok(r) => println!(
                 "{}: {} lines, {} reads, {} writes, {} interrupts: all matched",
@@ -1249,6 +1337,8 @@ fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
                 println!("{}:{}", p.display(), e);
                 return Ok(ExitCode::from(3));
             }
+            // The reason names the file.
+            Err(e @ DeviceReplayError::Read { .. }) => bail!("{e}"),
             Err(e) => bail!("{}: {e}", p.display()),
         }
     }

@@ -332,7 +332,7 @@ fn feed_from(mut reader: UnixStream, input: &Mutex<SerialInput>, control: &VmCon
 /// port is dropped, so the master never
 /// sees a hang-up while no one is attached; output nobody reads is dropped
 /// once the terminal's buffer is full.
-fn open_pty() -> Result<(OwnedFd, File, String), String> {
+pub(crate) fn open_pty() -> Result<(OwnedFd, File, String), String> {
     let last = || std::io::Error::last_os_error().to_string();
     // SAFETY: posix_openpt returns a new descriptor or -1.
     let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) };
@@ -371,7 +371,7 @@ fn open_pty() -> Result<(OwnedFd, File, String), String> {
     Ok((master, slave, name))
 }
 
-struct PtyWriter(Arc<OwnedFd>);
+pub(crate) struct PtyWriter(pub(crate) Arc<OwnedFd>);
 
 impl Write for PtyWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -386,7 +386,7 @@ impl Write for PtyWriter {
     }
 }
 
-struct PtyReader(Arc<OwnedFd>);
+pub(crate) struct PtyReader(pub(crate) Arc<OwnedFd>);
 
 impl Read for PtyReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

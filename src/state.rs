@@ -74,6 +74,7 @@ pub enum DeviceHandle {
     Ioapic(Arc<Mutex<Ioapic>>),
     Lapic(Arc<Mutex<Lapic>>),
     Pit(Arc<Mutex<Pit8254>>),
+    Hpet(Arc<Mutex<devices::hpet::Hpet>>),
     VirtioPci(Arc<Mutex<VirtioPci>>),
     VirtioMmio(Arc<Mutex<VirtioMmio>>),
 }
@@ -176,6 +177,7 @@ impl MachineDevice {
             DeviceHandle::Ioapic(d) => save_one(n, d)?,
             DeviceHandle::Lapic(d) => save_one(n, d)?,
             DeviceHandle::Pit(d) => save_one(n, d)?,
+            DeviceHandle::Hpet(d) => save_one(n, d)?,
             DeviceHandle::VirtioPci(d) => save_plain(n, "virtio-pci", &lock(d).state())?,
             DeviceHandle::VirtioMmio(d) => save_plain(n, "virtio-mmio", &lock(d).state())?,
         }))
@@ -197,6 +199,7 @@ impl MachineDevice {
             DeviceHandle::Ioapic(d) => load_one(d, s),
             DeviceHandle::Lapic(d) => load_one(d, s),
             DeviceHandle::Pit(d) => load_one(d, s),
+            DeviceHandle::Hpet(d) => load_one(d, s),
             DeviceHandle::VirtioPci(_) | DeviceHandle::VirtioMmio(_) => {
                 Err(MachineStateError::NotRestorable(self.name.clone()))
             }

@@ -396,3 +396,157 @@ fn bench_and_difftest_errors() {
          try '--help'.\n",
     );
 }
+
+/// The newer options: each bad value gives one line naming the option, the
+/// value and what is accepted.
+#[test]
+fn newer_option_errors() {
+    fails_with(
+        &["--guest", "long-mode", "--tier", "bogus"],
+        &invalid_choice("bogus", "--tier <TIER>", "interp, jit"),
+    );
+    fails_with(
+        &["--guest", "long-mode", "--cpu", "bogus"],
+        &invalid(
+            "bogus",
+            "--cpu <MODEL>",
+            "unknown CPU model 'bogus' (x86-64-v1, x86-64-v2, x86-64-v3 or max)",
+        ),
+    );
+    fails_with(
+        &["--guest", "long-mode", "--seccomp", "maybe"],
+        &invalid_choice("maybe", "--seccomp <on|off>", "on, off"),
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--trace",
+            "/tmp/t",
+            "--trace-limit",
+            "12Q",
+        ],
+        &invalid(
+            "12Q",
+            "--trace-limit <SIZE>",
+            "unknown unit 'Q' (use K, M, G or T, e.g. 256M)",
+        ),
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--record",
+            "/tmp/r.log",
+            "--checkpoint-every",
+            "often",
+        ],
+        &invalid(
+            "often",
+            "--checkpoint-every <N>",
+            "expected a whole number of instructions (e.g. 50000000; 0: only at the end)",
+        ),
+    );
+    fails_with(
+        &[
+            "--backend",
+            "interp",
+            "--guest",
+            "long-mode",
+            "--record",
+            "/nonexistent/dir/run.log",
+        ],
+        "duet: error: --record /nonexistent/dir/run.log: cannot create it: no such directory \
+         (check the path)\n",
+    );
+    fails_with(
+        &[
+            "--backend",
+            "interp",
+            "--guest",
+            "long-mode",
+            "--device-trace",
+            "/nonexistent/dir/run.devtrace",
+        ],
+        "duet: error: --device-trace /nonexistent/dir/run.devtrace: cannot create it: no such \
+         directory (check the path)\n",
+    );
+    fails_with(
+        &[
+            "--guest",
+            "long-mode",
+            "--console-device",
+            "virtio,pty,bogus",
+        ],
+        &invalid(
+            "virtio,pty,bogus",
+            "--console-device <SPEC>",
+            "unknown key 'bogus' (accepted: virtio, file=PATH, socket=PATH, stdio, pty, null, \
+             transport=pci|mmio)",
+        ),
+    );
+}
+
+/// `duet replay` and `duet replay-devices`: a missing file, a file that is
+/// not a log, an unwritable trace.
+#[test]
+fn replay_errors() {
+    let run = |args: &[&str], want: &str| {
+        let out = duet().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err, want, "duet {}", args.join(" "));
+        assert_eq!(out.status.code(), Some(1), "duet {}", args.join(" "));
+        assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+    };
+    run(
+        &["replay", "/nonexistent/run.log"],
+        "duet: error: /nonexistent/run.log: no such file (check the path)\n",
+    );
+    run(
+        &["replay-devices", "/nonexistent/run.devtrace"],
+        "duet: error: /nonexistent/run.devtrace: no such file (check the path)\n",
+    );
+    let junk = temp("not-a-log", b"hello\n");
+    run(
+        &["replay", junk.to_str().unwrap()],
+        &format!(
+            "duet: error: {}: not a duet replay log: byte 0 should start with \"DUETLOG\\x1a\"\n",
+            junk.display()
+        ),
+    );
+    // A real recording, replayed with a trace that cannot be created.
+    let log = std::env::temp_dir().join(format!("duet-cli-err-{}-rec.log", std::process::id()));
+    let rec = duet()
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--clock",
+            "virtual",
+            "--guest",
+            "hello-real",
+        ])
+        .arg("--record")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(
+        rec.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    run(
+        &[
+            "replay",
+            log.to_str().unwrap(),
+            "--trace",
+            "/nonexistent/dir/replay.trace",
+        ],
+        "duet: error: --trace /nonexistent/dir/replay.trace: cannot create it: no such directory \
+         (check the path)\n",
+    );
+    for p in [junk, log] {
+        std::fs::remove_file(p).ok();
+    }
+}

@@ -90,6 +90,83 @@ fn difftest_real_mode() {
     run_mode(Mode::Real16, 0x16_00);
 }
 
+/// The cases the soaks found (docs/DIFFTEST.md), replayed: each must now
+/// match, or be settled by the rule named (an emulator-oracle error).
+#[test]
+fn difftest_soak_findings_replay() {
+    if !kvm_or_skip() {
+        return;
+    }
+    // (seed, max_len, isa_only, mode, case, settled rule or "" for a match)
+    let cases: [(u64, usize, bool, Mode, u64, &str); 6] = [
+        // CVTSD2SS / CVTPD2PS of a double denormal, UE unmasked: no PE.
+        (20261207, 8, true, Mode::Long64Ring3, 58251, ""),
+        (20261207, 8, true, Mode::Long64Ring3, 70171, ""),
+        // es lock cmpxchg16b [rbp+d], misaligned and non-canonical: #GP.
+        (3019963277, 12, false, Mode::Long64Ring3, 35996, ""),
+        // A store into the live page table: either translation is allowed.
+        (
+            1985700065,
+            12,
+            false,
+            Mode::Long64Ring0,
+            102399,
+            "paging-structure entry changed",
+        ),
+        // A GDT outside guest RAM: KVM's emulator never completes.
+        (
+            1985700065,
+            12,
+            false,
+            Mode::Prot32Ring0,
+            29822,
+            "outside guest RAM",
+        ),
+        (
+            3019963277,
+            12,
+            false,
+            Mode::Prot32Ring0,
+            104248,
+            "outside guest RAM",
+        ),
+    ];
+    for (seed, max_len, isa_only, mode, k, rule) in cases {
+        let cfg = CampaignConfig {
+            seed,
+            cases: k + 1,
+            modes: vec![mode],
+            max_len,
+            isa_only,
+            only: Some(k),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let start = std::time::Instant::now();
+        let mut c = Campaign::new(cfg, &mut out).expect("harness");
+        c.run_random(mode, k + 1).expect("the case");
+        let summary = c.finish(start);
+        let text = summary.render();
+        let what = format!("seed {seed} {mode} case {k}");
+        assert!(
+            summary.clean(),
+            "{what}: diverges\n{}\n{text}",
+            String::from_utf8_lossy(&out)
+        );
+        if rule.is_empty() {
+            assert!(
+                summary.settled.is_empty(),
+                "{what}: settled, not matched\n{text}"
+            );
+        } else {
+            assert!(
+                summary.settled.keys().any(|(_, name)| name.contains(rule)),
+                "{what}: not settled by \"{rule}\"\n{text}"
+            );
+        }
+    }
+}
+
 /// x86-64-v2/v3 only (SSE4.1/4.2, AVX/AVX2, FMA, F16C, BMI, LZCNT,
 /// MOVBE, AES-NI, PCLMULQDQ, gathers, the XSAVE family) against the CPU:
 /// no divergence, and every extension the host has is exercised (those it

@@ -212,6 +212,72 @@ fn a_kvm_recording_replays_at_the_device_level() {
     assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
 }
 
+/// The seccomp filter of a process, from /proc (0: none, 2: a filter).
+fn seccomp_mode(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A KVM recording opens its log and reads its device trace back through
+/// descriptors opened before the run, so the seccomp filter is on while
+/// the guest runs; the log then replays and no temporary file is left.
+#[test]
+fn a_kvm_recording_runs_under_the_seccomp_filter() {
+    if !common::kvm_or_skip("a_kvm_recording_runs_under_the_seccomp_filter") {
+        return;
+    }
+    let dir = tmp("kvm-seccomp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("echo.log");
+    let out = dir.join("echo.serial");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "--guest",
+            "serial-echo",
+            "--record",
+            p(&log),
+            "--serial",
+            &format!("file={}", p(&out)),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    // The guest waits for its input: the filter must be on by then.
+    let mut mode = None;
+    for _ in 0..400 {
+        mode = seccomp_mode(c.id());
+        if mode == Some(2) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut i = c.stdin.take().unwrap();
+    i.write_all(b"duet-rx!").unwrap();
+    drop(i);
+    let o = c.wait_with_output().expect("duet output");
+    assert_eq!(mode, Some(2), "seccomp mode of the recording duet");
+    assert!(o.status.success(), "record on KVM: {}", stderr(&o));
+    let serial = std::fs::read_to_string(&out).unwrap();
+    assert!(serial.contains("received \"duet-rx!\""), "{serial:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "files left: {left:?}");
+    let o = duet(&["replay", p(&log)], b"");
+    assert!(o.status.success(), "device-level replay: {}", stderr(&o));
+    assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn golden_traces() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/devices");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -350,6 +416,72 @@ fn a_linux_boot_with_typed_commands_replays_bit_exact() {
     for f in [&log, &out1, &out2, &tr1, &tr2] {
         std::fs::remove_file(f).ok();
     }
+}
+
+/// A recording killed with SIGKILL in the middle of a Linux boot: the log
+/// holds every frame written before the kill (a frame is flushed at each
+/// checkpoint), `duet replay` refuses it with status 1, the byte offset and
+/// how much of it is intact, never a panic; the intact part reads back.
+#[test]
+fn a_killed_recording_is_refused_cleanly_and_its_complete_part_reads() {
+    let kit = linux_kit();
+    let log = tmp("killed.log");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "run",
+            "--backend",
+            "interp",
+            "--kernel",
+            p(&kit.join("vmlinux-cloud")),
+            "--initrd",
+            p(&kit.join("initramfs.cpio.gz")),
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--serial",
+            "null",
+            "--checkpoint-every",
+            "2000000",
+            "--record",
+            p(&log),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duet");
+    // Wait for a few frames, then kill it mid-run.
+    let mut size = 0;
+    for _ in 0..1200 {
+        size = std::fs::metadata(&log).map_or(0, |m| m.len());
+        if size > 3000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let alive = c.try_wait().unwrap().is_none();
+    c.kill().unwrap();
+    let st = c.wait().unwrap();
+    assert!(alive, "the boot ended before it was killed");
+    assert!(size > 3000, "the recording wrote {size} bytes");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+    let bytes = std::fs::read(&log).unwrap();
+    let s = duet::replay::log::read_complete(&bytes).expect("the header is whole");
+    assert!(s.damage.is_some(), "a killed log has no end marker");
+    let (index, icount) = s.last_checkpoint().expect("a complete checkpoint");
+    assert!(index >= 1 && icount >= 2_000_000, "{index} at {icount}");
+    let o = duet(&["replay", p(&log), "--serial", "null"], b"");
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(
+        e.contains("truncated at byte")
+            && e.contains("cut short")
+            && e.contains(&format!(
+                "through checkpoint {index} at instruction {icount}"
+            )),
+        "{e}"
+    );
+    std::fs::remove_file(&log).ok();
 }
 
 /// A network exchange over `--net user` (DHCP, then an HTTP download

@@ -82,7 +82,7 @@ fn bad_nets() {
 fn bad_consoles_and_rngs() {
     fails(
         &["--console-device", "virtio"],
-        &["file=PATH, socket=PATH or stdio"],
+        &["file=PATH, socket=PATH, stdio, pty or null"],
     );
     fails(
         &["--console-device", "serial,file=x"],

@@ -30,6 +30,17 @@
 //! A #DB from breakpoints replaces DR6.B0–B3 with the breakpoints that
 //! fired (as KVM reports them); BS, BD and BT accumulate until software
 //! clears them.
+//!
+//! **Breakpoints that are not enabled.** The SDM (17.2.3) lets B0–B3 "be
+//! set or not" for a condition that matches while its L`n`/G`n` are clear,
+//! and tells handlers to look only at enabled ones. The interpreter never
+//! sets them: that is what a guest sees on KVM (which loads the guest's
+//! DR0–DR3 into the hardware only while DR7 enables one, and reports only
+//! enabled hits), so the built-in guests read the same DR6 on both
+//! backends. QEMU's TCG sets them for matching instruction breakpoints.
+//! **BT** needs a hardware task switch to a TSS with its T flag; the
+//! interpreter implements no task switches (task gates and far transfers
+//! through a TSS raise #GP), so BT is never set by it.
 
 use crate::cpu::{Cpu, CR4_DE};
 
@@ -386,6 +397,27 @@ mod tests {
             c.set_state(&s);
         });
         assert_eq!(c.state().debug.dr6 & (DR6_BS | 0xf), DR6_BS | 1);
+    }
+
+    /// Conditions that match breakpoints whose L/G bits are clear leave
+    /// B0–B3 alone, in a single-step #DB and beside an enabled hit.
+    #[test]
+    fn breakpoints_not_enabled_set_no_b_bits() {
+        // mov [rbx], eax with TF; DR0 an execute breakpoint on it and DR1 a
+        // write watchpoint on the data, neither enabled (R/W and LEN set).
+        let rw_len = (1u64 << 20) | (3 << 22); // DR1: write, 4 bytes
+        let c = run(Mode::Long64, &[0x89, 0x03], |c| {
+            prepare(c, [CODE, DATA, 0, 0], rw_len, TF)
+        });
+        assert!(db_frame(&c).is_some(), "single-step #DB");
+        let dr6 = c.state().debug.dr6;
+        assert_eq!(dr6 & (DR6_BS | DR6_BT | 0xf), DR6_BS, "{dr6:#x}");
+        // An enabled DR2 on the same data: only B2, not B1.
+        let c = run(Mode::Long64, &[0x89, 0x03], |c| {
+            prepare(c, [CODE, DATA, DATA, 0], rw_len | dr7_for(2, 1, 4), 0)
+        });
+        assert!(db_frame(&c).is_some());
+        assert_eq!(c.state().debug.dr6 & 0xf, 1 << 2);
     }
 
     #[test]

@@ -118,3 +118,108 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![true, false]);
     }
 }
+
+/// A switch in front of some interrupt sources: while closed, their lines
+/// are held de-asserted and what they drive is only remembered; opening it
+/// drives each line to its source's current level again. The HPET's legacy
+/// replacement closes the gate in front of the PIT's IRQ0 and the RTC's
+/// IRQ8.
+#[derive(Default)]
+pub struct IrqGate {
+    closed: std::sync::atomic::AtomicBool,
+    lines: std::sync::Mutex<Vec<std::sync::Weak<GatedInner>>>,
+}
+
+struct GatedInner {
+    gate: std::sync::Arc<IrqGate>,
+    /// The line behind the gate and the level its source drives.
+    line: std::sync::Mutex<(Box<dyn IrqLine>, bool)>,
+}
+
+/// A source's line through an [`IrqGate`].
+pub struct GatedLine(std::sync::Arc<GatedInner>);
+
+impl IrqGate {
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(IrqGate::default())
+    }
+
+    /// `line` behind this gate.
+    pub fn line(self: &std::sync::Arc<Self>, line: Box<dyn IrqLine>) -> GatedLine {
+        let inner = std::sync::Arc::new(GatedInner {
+            gate: self.clone(),
+            line: std::sync::Mutex::new((line, false)),
+        });
+        let mut v = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(std::sync::Arc::downgrade(&inner));
+        GatedLine(inner)
+    }
+
+    pub fn closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Close (or open) the gate; a change re-drives every line behind it.
+    pub fn set_closed(&self, closed: bool) {
+        if self
+            .closed
+            .swap(closed, std::sync::atomic::Ordering::AcqRel)
+            == closed
+        {
+            return;
+        }
+        let lines: Vec<_> = self
+            .lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for l in lines {
+            let g = l.line.lock().unwrap_or_else(|e| e.into_inner());
+            if g.1 {
+                g.0.set_level(!closed);
+            }
+        }
+    }
+}
+
+impl IrqLine for GatedLine {
+    fn set_level(&self, level: bool) {
+        let mut g = self.0.line.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 = level;
+        if !self.0.gate.closed() {
+            g.0.set_level(level);
+        }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Probe(Arc<Mutex<Vec<bool>>>);
+    impl IrqLine for Probe {
+        fn set_level(&self, level: bool) {
+            self.0.lock().unwrap().push(level);
+        }
+    }
+
+    #[test]
+    fn a_closed_gate_holds_lines_low_and_opening_restores_their_level() {
+        let gate = IrqGate::new();
+        let p = Probe::default();
+        let l = gate.line(Box::new(p.clone()));
+        l.set_level(true);
+        gate.set_closed(true);
+        l.set_level(false);
+        l.set_level(true);
+        gate.set_closed(true);
+        gate.set_closed(false);
+        l.set_level(false);
+        assert_eq!(*p.0.lock().unwrap(), vec![true, false, true, false]);
+    }
+}

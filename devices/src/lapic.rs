@@ -47,7 +47,8 @@
 //! # IA32_APIC_BASE
 //!
 //! Bits 12-51 base address, 11 global enable (EN), 10 x2APIC enable (EXTD),
-//! 8 BSP. Any other bit set, or a base bit at or above [`PHYS_ADDR_BITS`],
+//! 8 BSP. Any other bit set, or a base bit at or above the guest's MAXPHYADDR
+//! ([`Lapic::set_phys_addr_bits`]),
 //! → #GP. The legal transitions are those of SDM
 //! figure "x2APIC State Transitions": disabled ↔ xAPIC → x2APIC → disabled;
 //! EN=0 with EXTD=1, x2APIC → xAPIC and disabled → x2APIC are #GP. The BSP
@@ -203,9 +204,22 @@ pub const APIC_BASE_EXTD: u64 = 1 << 10;
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
 /// IA32_APIC_BASE: the base address bits (12-51).
 pub const APIC_BASE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// The physical-address width the guest is told about (CPUID 0x80000008,
-/// the interpreter's): base bits from here up are reserved (#GP).
-pub const PHYS_ADDR_BITS: u32 = 40;
+/// The physical-address width (MAXPHYADDR) a LAPIC assumes until the
+/// machine sets the one its guest's CPUID.80000008H:EAX[7:0] reports
+/// ([`Lapic::set_phys_addr_bits`]); the SDM's width when that leaf is absent.
+pub const DEFAULT_PHYS_ADDR_BITS: u32 = 36;
+
+/// IA32_APIC_BASE bits a WRMSR may set for MAXPHYADDR `phys_bits`: BSP,
+/// x2APIC enable, enable and the base bits below `phys_bits`; the rest are
+/// reserved (#GP).
+pub fn apic_base_writable(phys_bits: u32) -> u64 {
+    let phys = if phys_bits >= 52 {
+        APIC_BASE_ADDR_MASK
+    } else {
+        APIC_BASE_ADDR_MASK & ((1u64 << phys_bits) - 1)
+    };
+    phys | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP
+}
 
 /// ESR: send illegal vector.
 pub const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
@@ -435,6 +449,7 @@ pub struct LapicState {
     /// Expiries delivered since `timer_start_ns`.
     pub timer_expiries: u64,
     /// Periodic expiries merged into others, owed to the guest.
+    #[serde(default)]
     pub timer_lost: u32,
     /// IA32_TSC_DEADLINE (0 = disarmed).
     pub tsc_deadline: u64,
@@ -505,6 +520,8 @@ pub struct Lapic {
     timer_hz: u64,
     tsc_hz: u64,
     log_limit: RateLimiter,
+    /// The guest's MAXPHYADDR.
+    phys_addr_bits: u32,
 }
 
 fn bit_test(bits: &[u32; 8], v: u8) -> bool {
@@ -557,7 +574,13 @@ impl Lapic {
             timer_hz: timer_hz.max(1),
             tsc_hz: tsc_hz.max(1),
             log_limit: RateLimiter::new(10),
+            phys_addr_bits: DEFAULT_PHYS_ADDR_BITS,
         }
+    }
+
+    /// The guest's MAXPHYADDR: IA32_APIC_BASE bits from here up #GP.
+    pub fn set_phys_addr_bits(&mut self, bits: u32) {
+        self.phys_addr_bits = bits.clamp(32, 52);
     }
 
     /// Power-on / machine reset: the state of [`Lapic::new`] (the BSP bit
@@ -671,9 +694,7 @@ impl Lapic {
     /// illegal transition); nothing changes then. The caller remaps the
     /// page per [`Lapic::mmio_base`] afterwards.
     pub fn set_apic_base(&mut self, value: u64) -> bool {
-        if value & !(APIC_BASE_ADDR_MASK | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP) != 0
-            || value >> PHYS_ADDR_BITS != 0
-        {
+        if value & !apic_base_writable(self.phys_addr_bits) != 0 {
             return false;
         }
         let Some(new) = mode_of(value) else {
@@ -2130,13 +2151,20 @@ mod tests {
             .apic
             .set_apic_base(0xfee0_0000 | APIC_BASE_ENABLE | (1 << 9)));
         assert!(!r.apic.set_apic_base(1 << 52 | APIC_BASE_ENABLE));
-        // Base bits beyond the physical-address width are reserved too.
-        assert!(!r
-            .apic
-            .set_apic_base(1 << PHYS_ADDR_BITS | 0xfee0_0000 | APIC_BASE_ENABLE));
-        assert!(r
-            .apic
-            .set_apic_base(1 << (PHYS_ADDR_BITS - 1) | 0xfed0_0000 | APIC_BASE_ENABLE));
+        // Base bits beyond the guest's physical-address width are reserved
+        // too, whatever width the machine sets.
+        for bits in [36, 40, 46, 52] {
+            r.apic.set_phys_addr_bits(bits);
+            assert!(
+                !r.apic
+                    .set_apic_base(1 << bits | 0xfee0_0000 | APIC_BASE_ENABLE),
+                "MAXPHYADDR {bits}"
+            );
+            assert!(r
+                .apic
+                .set_apic_base(1 << (bits - 1) | 0xfed0_0000 | APIC_BASE_ENABLE));
+        }
+        assert_eq!(apic_base_writable(36), 0xf_ffff_fd00);
         assert!(r.apic.set_apic_base(0xfed0_0000 | APIC_BASE_ENABLE));
         assert_eq!(r.apic.apic_base(), 0xfed0_0900);
         // Disable: everything resets, the page goes away, accesses fall

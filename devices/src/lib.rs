@@ -10,6 +10,7 @@ pub mod bus;
 pub mod clock;
 pub mod debug_exit;
 pub mod e1000;
+pub mod hpet;
 pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;

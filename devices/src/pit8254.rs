@@ -776,8 +776,10 @@ pub struct Pit8254State {
     /// The level last driven on the IRQ 0 line.
     pub irq_level: bool,
     /// Rising edges of channel 0 not delivered yet (lost ticks).
+    #[serde(default)]
     pub lost_ticks: u32,
     /// VM time of the next catch-up edge while `lost_ticks` > 0.
+    #[serde(default)]
     pub catch_up_ns: u64,
 }
 

@@ -254,8 +254,10 @@ pub struct RtcCmosState {
     /// VM time up to which flags are up to date.
     pub synced_ns: u64,
     /// Periodic interrupts merged into others, owed to the guest.
+    #[serde(default)]
     pub lost_ticks: u32,
     /// When the next owed periodic interrupt is raised.
+    #[serde(default)]
     pub reinject_ns: Option<u64>,
 }
 

@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 /// Why a saved state cannot be restored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
-    #[error("{kind}: saved state version {found}, this duet reads version {expected}")]
+    #[error(
+        "{kind}: saved state version {found}, this duet reads versions {oldest} to {expected}"
+    )]
     Version {
         kind: &'static str,
         found: u32,
+        oldest: u32,
         expected: u32,
     },
     #[error("saved state is for a {found}, not a {expected}")]
@@ -36,6 +39,10 @@ pub trait Stateful {
     const KIND: &'static str;
     /// Bumped whenever `State` changes meaning or shape.
     const VERSION: u32;
+    /// The oldest version `load` still reads: fields added since carry
+    /// `#[serde(default)]`, whose value is what an older duet's device
+    /// meant (no lost ticks owed, say).
+    const OLDEST_VERSION: u32 = Self::VERSION;
 
     fn save(&self) -> Self::State;
     /// Replace the device's state; errors leave the device as it was.
@@ -59,10 +66,11 @@ pub trait Stateful {
                 expected: Self::KIND,
             });
         }
-        if v.version != Self::VERSION {
+        if !(Self::OLDEST_VERSION..=Self::VERSION).contains(&v.version) {
             return Err(StateError::Version {
                 kind: Self::KIND,
                 found: v.version,
+                oldest: Self::OLDEST_VERSION,
                 expected: Self::VERSION,
             });
         }
@@ -100,6 +108,7 @@ pub mod byte_array {
 // ---- the models' states ------------------------------------------------
 
 use crate::acpi_pm::{AcpiPm, AcpiPmState};
+use crate::hpet::{Hpet, HpetState};
 use crate::i8042::{I8042State, I8042};
 use crate::ioapic::{Ioapic, IoapicState};
 use crate::lapic::{Lapic, LapicState};
@@ -117,10 +126,14 @@ use crate::uart16550::{Uart16550, Uart16550State};
 /// `Stateful` for a model whose `state()`/`restore()` already exist.
 macro_rules! stateful {
     ($ty:ty, $state:ty, $kind:literal, $version:literal) => {
+        stateful!($ty, $state, $kind, $version, $version);
+    };
+    ($ty:ty, $state:ty, $kind:literal, $version:literal, $oldest:literal) => {
         impl Stateful for $ty {
             type State = $state;
             const KIND: &'static str = $kind;
             const VERSION: u32 = $version;
+            const OLDEST_VERSION: u32 = $oldest;
             fn save(&self) -> $state {
                 self.state()
             }
@@ -133,16 +146,18 @@ macro_rules! stateful {
 }
 
 stateful!(Uart16550, Uart16550State, "uart16550", 1);
-stateful!(RtcCmos, RtcCmosState, "rtc-cmos", 1);
+// Version 2: the lost-tick fields (version 1 states read as owing none).
+stateful!(RtcCmos, RtcCmosState, "rtc-cmos", 2, 1);
 stateful!(I8042, I8042State, "i8042", 1);
 stateful!(AcpiPm, AcpiPmState, "acpi-pm", 1);
 stateful!(PostCode, PostCodeState, "post-code", 1);
-stateful!(Pit8254, Pit8254State, "pit8254", 1);
+stateful!(Pit8254, Pit8254State, "pit8254", 2, 1);
 stateful!(Pic8259Pair, Pic8259State, "pic8259-pair", 1);
 stateful!(Ioapic, IoapicState, "ioapic", 1);
-stateful!(Lapic, LapicState, "lapic", 1);
+stateful!(Lapic, LapicState, "lapic", 2, 1);
 stateful!(PciConfigIo, PciConfigIoState, "pci-config-io", 1);
 stateful!(PciTestDevice, PciTestDeviceState, "pci-test", 1);
+stateful!(Hpet, HpetState, "hpet", 1);
 
 impl Stateful for HostBridge {
     type State = ConfigSpaceState;
@@ -231,6 +246,21 @@ mod tests {
     impl Driven for Lapic {
         fn drive(&mut self, (w, reg, v): Op) -> u64 {
             bus_op(self, (w, (reg % 0x40) << 4, v), 0x400, 4)
+        }
+    }
+    impl Driven for Hpet {
+        fn drive(&mut self, (w, reg, v): Op) -> u64 {
+            // The named registers, 4 or 8 bytes wide.
+            let regs = [
+                0x00u64, 0x10, 0x20, 0xf0, 0x100, 0x108, 0x120, 0x128, 0x140, 0x148,
+            ];
+            let offset = regs[(reg % regs.len() as u64) as usize] + (reg >> 63) * 4;
+            bus_op(
+                self,
+                (w, offset, v),
+                crate::hpet::MMIO_SIZE,
+                4 << ((reg >> 62) & 1),
+            )
         }
     }
     impl Driven for Pit8254 {
@@ -375,6 +405,7 @@ mod tests {
             round_trip(|| Lapic::new(0, true, clock(), TimeTaint::new(), 1_000_000_000, 1_000_000_000), &before, &after)?;
             round_trip(|| Pit8254::new(clock(), Box::new(NullIrq), TimeTaint::new()), &before, &after)?;
             round_trip(Pic8259Pair::new, &before, &after)?;
+            round_trip(|| Hpet::new(clock(), TimeTaint::new(), crate::hpet::HpetLines::none()), &before, &after)?;
             round_trip(|| I8042::new(VmControl::new(), Box::new(NullIrq), Box::new(NullIrq)), &before, &after)?;
             round_trip(|| {
                 let root = Arc::new(Mutex::new(crate::pci::root::PciRoot::new()));
@@ -398,5 +429,47 @@ mod tests {
         v.version = 1;
         v.kind = "uart16550".into();
         assert!(matches!(q.load_versioned(&v), Err(StateError::Kind { .. })));
+    }
+
+    #[test]
+    fn version_1_lost_tick_states_load_as_owing_nothing() {
+        // Version 1 of the PIT, RTC and LAPIC states had no lost-tick
+        // fields: such a state (a field removed from today's JSON) loads,
+        // owing no ticks; a version from the future is refused by name.
+        fn old<D: Stateful>(d: &D, fields: &[&str]) -> Versioned<D::State> {
+            let mut j = serde_json::to_value(d.save()).unwrap();
+            for f in fields {
+                assert!(j.as_object_mut().unwrap().remove(*f).is_some(), "{f}");
+            }
+            Versioned {
+                kind: D::KIND.into(),
+                version: 1,
+                state: serde_json::from_value(j).unwrap(),
+            }
+        }
+        let mut pit = Pit8254::new(clock(), Box::new(NullIrq), TimeTaint::new());
+        let v = old(&pit, &["lost_ticks", "catch_up_ns"]);
+        pit.load_versioned(&v).unwrap();
+        assert_eq!(pit.save().lost_ticks, 0);
+        let mut rtc = RtcCmos::new(clock(), TimeTaint::new(), Box::new(NullIrq), 0);
+        let v = old(&rtc, &["lost_ticks", "reinject_ns"]);
+        rtc.load_versioned(&v).unwrap();
+        assert_eq!(rtc.save().reinject_ns, None);
+        let mut lapic = Lapic::new(
+            0,
+            true,
+            clock(),
+            TimeTaint::new(),
+            1_000_000_000,
+            1_000_000_000,
+        );
+        let mut v = old(&lapic, &["timer_lost"]);
+        lapic.load_versioned(&v).unwrap();
+        v.version = 3;
+        let e = lapic.load_versioned(&v).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "lapic: saved state version 3, this duet reads versions 1 to 2"
+        );
     }
 }

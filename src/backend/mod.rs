@@ -270,6 +270,14 @@ pub trait Backend {
         None
     }
 
+    /// The guest's MAXPHYADDR, as its CPUID.80000008H:EAX[7:0] reports it:
+    /// the interpreter's own width, or on KVM the host's as KVM passes it
+    /// through. The machine's models use it for reserved-bit checks (the
+    /// IA32_APIC_BASE base).
+    fn phys_addr_bits(&self) -> u32 {
+        cpu_interp::mmu::PHYS_ADDR_BITS
+    }
+
     /// Where device interrupt lines go when the backend's in-kernel
     /// irqchip is used (None with duet's userspace irqchip).
     fn irq_sink(&self) -> Option<std::sync::Arc<dyn GsiSink>> {

@@ -49,6 +49,7 @@ pub struct UserspaceIrqChip {
     c: Arc<Controllers>,
     lines: Vec<Arc<SharedLine>>,
     pit: Arc<Mutex<Pit8254>>,
+    legacy_gate: Arc<devices::irq::IrqGate>,
 }
 
 /// The PIC's INTR output, wired to LINT0 of the bootstrap processor.
@@ -251,14 +252,16 @@ impl UserspaceIrqChip {
     pub fn build(cfg: ChipConfig) -> Arc<UserspaceIrqChip> {
         let lapics: Vec<Arc<Mutex<Lapic>>> = (0..cfg.vcpus.max(1))
             .map(|id| {
-                Arc::new(Mutex::new(Lapic::new(
+                let mut l = Lapic::new(
                     id as u32,
                     id == 0,
                     cfg.clock.clone(),
                     cfg.taint.clone(),
                     cfg.lapic_timer_hz,
                     cfg.tsc_hz,
-                )))
+                );
+                l.set_phys_addr_bits(cfg.phys_addr_bits);
+                Arc::new(Mutex::new(l))
             })
             .collect();
         let c = Arc::new(Controllers {
@@ -283,12 +286,19 @@ impl UserspaceIrqChip {
                 SharedLine::new(Box::new(move |level| c.set_line(gsi, level)))
             })
             .collect();
+        // The PIT's IRQ0 passes a gate the HPET's legacy replacement closes.
+        let legacy_gate = devices::irq::IrqGate::new();
         let pit = Arc::new(Mutex::new(Pit8254::new(
             cfg.clock.clone(),
-            Box::new(lines[0].source()),
+            Box::new(legacy_gate.line(Box::new(lines[0].source()))),
             cfg.taint.clone(),
         )));
-        Arc::new(UserspaceIrqChip { c, lines, pit })
+        Arc::new(UserspaceIrqChip {
+            c,
+            lines,
+            pit,
+            legacy_gate,
+        })
     }
 
     pub fn controllers(&self) -> &Arc<Controllers> {
@@ -345,6 +355,10 @@ impl IrqChip for UserspaceIrqChip {
 
     fn msi_sink(&self) -> Arc<dyn MsiSink> {
         self.c.clone()
+    }
+
+    fn legacy_timer_gate(&self) -> Option<Arc<devices::irq::IrqGate>> {
+        Some(self.legacy_gate.clone())
     }
 
     fn deliver(&self, msg: InterruptMessage) {
@@ -556,6 +570,7 @@ mod tests {
             taint: TimeTaint::new(),
             lapic_timer_hz: 1_000_000_000,
             tsc_hz: 1_000_000_000,
+            phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
         })
     }
 

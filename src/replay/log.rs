@@ -654,7 +654,10 @@ impl LogReader {
             }
             b'F' => {
                 let Some(h) = self.data.get(at + 1..at + 17) else {
-                    return Err(truncated(at + 1, "a 16-byte frame header"));
+                    return Err(truncated(
+                        at + 1,
+                        "a 16-byte frame header: the recording was cut short",
+                    ));
                 };
                 let raw = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
                 let packed = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
@@ -668,7 +671,9 @@ impl LogReader {
                 let Some(body) = self.data.get(at + 17..at + 17 + packed) else {
                     return Err(truncated(
                         at + 17,
-                        &format!("{packed} compressed bytes of a frame"),
+                        &format!(
+                            "{packed} compressed bytes of a frame: the recording was cut short"
+                        ),
                     ));
                 };
                 let frame =
@@ -789,6 +794,71 @@ pub fn read_all(data: &[u8]) -> Result<(LogHeader, Vec<Event>), LogError> {
         v.push(e);
     }
     Ok((r.header.clone(), v))
+}
+
+/// What a damaged log still holds: its header and the complete events
+/// before the damage.
+#[derive(Debug)]
+pub struct Salvaged {
+    pub header: LogHeader,
+    /// Every event of the frames before the damage.
+    pub events: Vec<Event>,
+    /// Why reading stopped (`None`: the log is whole).
+    pub damage: Option<LogError>,
+}
+
+impl Salvaged {
+    /// The last complete checkpoint: its index and instruction count.
+    pub fn last_checkpoint(&self) -> Option<(u64, u64)> {
+        self.events.iter().rev().find_map(|e| match e {
+            Event::Checkpoint { icount, checkpoint } => Some((checkpoint.index, *icount)),
+            _ => None,
+        })
+    }
+
+    /// One line on what survived (for the message of a refused log).
+    pub fn describe(&self) -> String {
+        let n = self.events.len();
+        match self.last_checkpoint() {
+            Some((index, icount)) => format!(
+                "{n} complete events precede it, through checkpoint {index} at instruction {icount}"
+            ),
+            None => format!("{n} complete events precede it, no checkpoint among them"),
+        }
+    }
+}
+
+/// Read what a log holds up to its first damage (a recording that was
+/// killed ends in a partly written frame or without its end marker): the
+/// header must be whole; the events of every intact frame before the
+/// damage are kept, with the error that stopped the reading.
+pub fn read_complete(data: &[u8]) -> Result<Salvaged, LogError> {
+    let mut r = LogReader::from_bytes(data.to_vec())?;
+    let mut events = Vec::new();
+    let mut kept = 0;
+    let damage = loop {
+        match r.next_event() {
+            Ok(Some(e)) => {
+                events.push(e);
+                // Only whole frames count: a frame that fails halfway
+                // is dropped with its damage.
+                if r.in_frame >= r.frame.len() {
+                    kept = events.len();
+                }
+            }
+            Ok(None) => {
+                kept = events.len();
+                break None;
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    events.truncate(kept);
+    Ok(Salvaged {
+        header: r.header.clone(),
+        events,
+        damage,
+    })
 }
 
 #[cfg(test)]
@@ -921,5 +991,40 @@ mod tests {
         assert!(e.to_string().contains("version 9"));
         let e = read_all(b"not a log at all").unwrap_err();
         assert!(matches!(e, LogError::Magic));
+    }
+
+    /// A log cut anywhere after its header keeps the events of its intact
+    /// frames, in order, and says why it stopped; a whole log loses none.
+    #[test]
+    fn a_cut_log_keeps_its_complete_frames() {
+        let events = sample();
+        // A frame every 1000 events, as checkpoints flush them.
+        let buf = SharedVec::default();
+        let mut w = LogWriter::new(Box::new(buf.clone()), &header()).unwrap();
+        for (i, e) in events.iter().enumerate() {
+            w.push(e).unwrap();
+            if i % 1000 == 999 {
+                w.flush_frame().unwrap();
+            }
+        }
+        w.finish().unwrap();
+        let bytes = buf.0.lock().unwrap().clone();
+        let whole = read_complete(&bytes).unwrap();
+        assert!(whole.damage.is_none());
+        assert_eq!(whole.events, events);
+        let head = 16 + serde_json::to_vec(&header()).unwrap().len() + 8;
+        let mut seen = std::collections::BTreeSet::new();
+        for cut in (head..bytes.len()).step_by(211) {
+            let s = read_complete(&bytes[..cut]).unwrap();
+            assert!(
+                matches!(s.damage, Some(LogError::Truncated { .. })),
+                "cut at {cut}: {:?}",
+                s.damage
+            );
+            assert_eq!(s.events[..], events[..s.events.len()], "cut at {cut}");
+            seen.insert(s.events.len());
+        }
+        assert!(seen.len() >= 3, "frames salvaged: {seen:?}");
+        assert!(read_complete(&bytes[..head - 1]).is_err(), "a cut header");
     }
 }

@@ -5,6 +5,7 @@
 
 use cpu_interp::state::CpuState;
 
+pub mod apic_base;
 pub mod asm;
 pub mod checksum;
 pub mod debug_regs;
@@ -169,6 +170,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: debug_regs::NAME,
             description: debug_regs::DESCRIPTION,
             build: debug_regs::build,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: apic_base::NAME,
+            description: apic_base::DESCRIPTION,
+            build: apic_base::build,
             needs_input: false,
         },
         BuiltinGuest {

@@ -173,11 +173,12 @@ fn fma<T: Fmt, const ORDER: u16, const NEG: bool, const SUB: u8, const SCALAR: b
 
 // ---- F16C ---------------------------------------------------------------------------
 
-/// Half precision with an 8-bit exponent: rounding with unbounded exponent.
+/// Half precision with an 11-bit exponent: rounding with unbounded
+/// exponent (wide enough for every single, denormals included).
 pub struct WideHalfS;
 impl Semantics for WideHalfS {
-    const BITS: usize = 11 + 8;
-    const EXP_BITS: usize = 8;
+    const BITS: usize = 11 + 11;
+    const EXP_BITS: usize = 11;
 }
 
 /// IEEE binary16 as an MXCSR format (only VCVTPS2PH produces it).
@@ -355,5 +356,15 @@ mod tests {
             0x0011
         );
         assert_eq!(e.flags, sf::UE | sf::PE, "FTZ ignored");
+    }
+
+    /// A single denormal with few significant bits is exact when rounded
+    /// to half precision with unbounded exponent: with UE unmasked, DE and
+    /// UE but no PE (the rule CVTSD2SS shows on the hardware oracle).
+    #[test]
+    fn single_denormal_to_half_with_underflow_unmasked() {
+        let mut e = Env::new(0x1f80 & !(1 << 11));
+        assert_eq!(single_to_half(&mut e, 0x0000_0005, Round::TowardZero), 0);
+        assert_eq!(e.flags, sf::DE | sf::UE);
     }
 }

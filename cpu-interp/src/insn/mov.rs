@@ -323,9 +323,23 @@ fn cmpxchg8b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 fn cmpxchg16b(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let off = cpu.ea(d);
     let seg = d.seg as usize;
-    // The canonical (#GP/#SS) check of the address comes before the
-    // alignment check, as on hardware (a misaligned operand that starts
-    // canonical and runs into the hole is #GP for its alignment).
+    // Which comes first, the canonical check of the first byte (#SS for a
+    // stack access, else #GP) or the alignment check (#GP), depends on the
+    // segment the instruction names (hardware oracle, Emerald Rapids): a
+    // stack access named as such — rBP/rSP-based without an override, or
+    // an SS override — is checked for canonicality first; with any other
+    // segment (the default DS, or an ES/CS/DS override, which 64-bit mode
+    // otherwise ignores: an aligned rBP-based operand is still #SS) the
+    // alignment is checked first. A misaligned operand that starts
+    // canonical and runs into the hole is #GP for its alignment.
+    let named_stack = seg == sreg::SS
+        && !matches!(
+            d.i.segment_prefix(),
+            Register::ES | Register::CS | Register::DS
+        );
+    if !named_stack && off & 15 != 0 {
+        return Err(Exception::gp0());
+    }
     cpu.linear(seg, off, 1, true)?;
     if off & 15 != 0 {
         return Err(Exception::gp0());
@@ -459,6 +473,51 @@ mod tests {
         let insn = c.decode_one(&mut p).expect("decodable");
         let e = (insn.h)(&mut c, &mut p, &insn).expect_err("#SS");
         assert_eq!(e.vector, crate::exception::SS);
+    }
+
+    /// Hardware oracle (Emerald Rapids; `--seed 3019963277 --max-len 12
+    /// --mode 64 --ring 3 --case 35996`): a misaligned, non-canonical
+    /// `es cmpxchg16b [rbp+d]` is #GP (alignment first), the same without
+    /// the override or with SS #SS (canonical first); aligned, all three
+    /// are #SS (the ES override does not make the stack access a data one).
+    #[test]
+    fn cmpxchg16b_with_an_es_override_checks_alignment_first() {
+        for (code, misaligned, vector) in [
+            (
+                &[0x26, 0x48, 0x0f, 0xc7, 0x4d, 0x10][..],
+                true,
+                crate::exception::GP,
+            ),
+            (
+                &[0x48, 0x0f, 0xc7, 0x4d, 0x10][..],
+                true,
+                crate::exception::SS,
+            ),
+            (
+                &[0x36, 0x48, 0x0f, 0xc7, 0x4d, 0x10][..],
+                true,
+                crate::exception::SS,
+            ),
+            (
+                &[0x26, 0x48, 0x0f, 0xc7, 0x4d, 0x10][..],
+                false,
+                crate::exception::SS,
+            ),
+            (
+                &[0x26, 0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x10][..],
+                true,
+                crate::exception::GP,
+            ),
+        ] {
+            let mut c = new_cpu();
+            setup(&mut c, Mode::Long64);
+            write_phys(&c, CODE, code);
+            c.set_gpr(RBP, 0x8000_0000_0000_1000 + u64::from(misaligned));
+            let mut p = TestPlatform::default();
+            let insn = c.decode_one(&mut p).expect("decodable");
+            let e = (insn.h)(&mut c, &mut p, &insn).expect_err("faults");
+            assert_eq!(e.vector, vector, "{code:02x?} misaligned {misaligned}");
+        }
     }
 
     #[test]

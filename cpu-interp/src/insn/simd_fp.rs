@@ -48,12 +48,15 @@ pub const OM: u32 = 1 << 10;
 pub const UM: u32 = 1 << 11;
 pub const FTZ: u32 = 1 << 15;
 
-/// Single precision with an 11-bit exponent: rounding "with unbounded
-/// exponent" for tininess detection.
+/// Single precision with a 15-bit exponent: rounding "with unbounded
+/// exponent" for tininess detection and for the PE of an unmasked
+/// underflow. The exponent must also hold every double (CVTSD2SS of a
+/// double denormal: with an 11-bit exponent its value fell below the wide
+/// format's range and looked inexact, a PE the CPU does not report).
 pub struct WideSingleS;
 impl Semantics for WideSingleS {
-    const BITS: usize = 24 + 11;
-    const EXP_BITS: usize = 11;
+    const BITS: usize = 24 + 15;
+    const EXP_BITS: usize = 15;
 }
 /// Double precision with a 15-bit exponent.
 pub struct WideDoubleS;
@@ -1089,6 +1092,26 @@ mod tests {
         let mut e = Env::new(RU);
         assert_eq!(from_int::<F32>(&mut e, 16_777_217), f(16_777_218.0));
         assert_eq!(from_int::<F64>(&mut e, -5), d(-5.0));
+    }
+
+    /// Hardware oracle (Emerald Rapids, `--seed 20261207 --isa-only` cases
+    /// 58251 and 70171): CVTSD2SS/CVTPD2PS of a double denormal with UE
+    /// unmasked raise DE and UE but not PE — rounded with unbounded
+    /// exponent, a denormal double with few significant bits is exact in
+    /// single precision. A result that needs more than 24 bits is inexact.
+    #[test]
+    fn narrowing_a_double_denormal_with_underflow_unmasked() {
+        let unmasked_ue = RZ & !UM;
+        let mut e = Env::new(unmasked_ue);
+        assert_eq!(f64_to_f32(&mut e, 0x1d1), 0);
+        assert_eq!(e.flags, DE | UE);
+        let mut e = Env::new(unmasked_ue);
+        f64_to_f32(&mut e, 0x000f_ffff_ffff_ffff);
+        assert_eq!(e.flags, DE | UE | PE);
+        // Masked: the tiny inexact result is UE | PE as before.
+        let mut e = Env::new(RZ);
+        assert_eq!(f64_to_f32(&mut e, 0x1d1), 0);
+        assert_eq!(e.flags, DE | UE | PE);
     }
 
     #[test]

@@ -146,10 +146,14 @@ const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// First x2APIC MSR (0x800–0x8ff).
 const MSR_X2APIC_FIRST: u32 = 0x800;
-/// IA32_APIC_BASE bits a WRMSR may set (BSP, x2APIC enable, enable, base
-/// below 64 GiB): the interpreter's check, applied when duet stores the
-/// value for a machine that does not own the MSR.
-const APIC_BASE_WRITABLE: u64 = 0xf_ffff_fd00;
+/// The guest's MAXPHYADDR in `cpuid` (leaf 0x80000008 EAX[7:0]; 36 when
+/// the leaf is absent, as the SDM says).
+fn cpuid_phys_addr_bits(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> u32 {
+    cpuid
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(devices::lapic::DEFAULT_PHYS_ADDR_BITS, |e| e.eax & 0xff)
+}
 
 /// The machine's MSRs, as `(first, count)`: KVM's MSR filter denies guest
 /// accesses to them, which `KVM_MSR_EXIT_REASON_FILTER` turns into exits to

@@ -40,6 +40,8 @@ pub struct KvmVcpu {
     /// The XSAVE state components the guest's CPUID (leaf 0xD) offers, as
     /// KVM finally set it up.
     pub(super) guest_xcr0: u64,
+    /// The guest's MAXPHYADDR (its CPUID as KVM finally set it up).
+    pub(super) phys_addr_bits: u32,
     pub(super) exits: BTreeMap<&'static str, u64>,
     pub(super) fallbacks: u64,
     pub(super) fallback_mnemonics: HashMap<Mnemonic, u64>,
@@ -463,7 +465,7 @@ impl KvmVcpu {
     /// Store IA32_APIC_BASE in KVM as a guest WRMSR would (the interpreter's
     /// reserved-bit check). False if the value is refused (#GP).
     pub(super) fn store_apic_base(&mut self, v: u64) -> Result<bool> {
-        if v & !APIC_BASE_WRITABLE != 0 {
+        if v & !devices::lapic::apic_base_writable(self.phys_addr_bits) != 0 {
             return Ok(false);
         }
         let entry = kvm_msr_entry {

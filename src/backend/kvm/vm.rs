@@ -370,6 +370,7 @@ impl KvmBackend {
             fallback_enabled: true,
             interp: None,
             guest_xcr0,
+            phys_addr_bits: cpuid_phys_addr_bits(effective.as_slice()),
             exits: BTreeMap::new(),
             fallbacks: 0,
             fallback_mnemonics: HashMap::new(),
@@ -677,6 +678,10 @@ impl Backend for KvmBackend {
             0 => None,
             khz => Some(khz),
         }
+    }
+
+    fn phys_addr_bits(&self) -> u32 {
+        cpuid_phys_addr_bits(self.supported_cpuid.as_slice())
     }
 }
 
