@@ -433,6 +433,19 @@ pub fn long_mode_entry(gdtr: u32, map_mmio: bool) -> Result<CodeBlob, IcedError>
     Ok(assemble(&mut a, map::CODE16)?.blob)
 }
 
+/// [`long_mode_entry`] for the interrupt guests: the local APIC and
+/// IOAPIC pages mapped (uncached, [`map::PD_MMIO`]) instead of the whole
+/// MMIO gap.
+pub fn long_mode_entry_with_apic_pages(gdtr: u32) -> Result<CodeBlob, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    emit_real_mode_prologue(&mut a)?;
+    emit_uart_init(&mut a)?;
+    emit_build_page_tables(&mut a)?;
+    emit_map_apic_pages(&mut a)?;
+    emit_real_mode_to_long_mode(&mut a, gdtr)?;
+    Ok(assemble(&mut a, map::CODE16)?.blob)
+}
+
 /// Turn on long mode: CR4.PAE, CR3 = [`map::PML4`], EFER.LME, then CR0.PE
 /// and CR0.PG together (clearing CD/NW). 16- or 32-bit code; the caller
 /// far-jumps to 64-bit code next. Clobbers EAX, ECX, EDX.

@@ -152,12 +152,7 @@ fn assemble_program() -> Result<GuestProgram, IcedError> {
         invalid: data.zeroed(4, 4),
     };
 
-    let mut a = CodeAssembler::new(16)?;
-    asm::emit_real_mode_prologue(&mut a)?;
-    asm::emit_uart_init(&mut a)?;
-    asm::emit_build_page_tables(&mut a)?;
-    asm::emit_real_mode_to_long_mode(&mut a, d.gdtr)?;
-    let code16 = asm::assemble(&mut a, map::CODE16)?.blob;
+    let code16 = asm::long_mode_entry(d.gdtr, false)?;
 
     let code64 = long_mode_code(&d)?;
 
