@@ -435,7 +435,7 @@ mod tests {
         assert!("mac=52:54:00:00:00:01"
             .parse::<NetSpec>()
             .unwrap_err()
-            .contains("user or tap"));
+            .contains("user, tap=IFNAME or loopback"));
         assert!("user,mac=01:00:00:00:00:00"
             .parse::<NetSpec>()
             .unwrap_err()

@@ -65,7 +65,7 @@ fn bad_disks() {
 fn bad_nets() {
     fails(
         &["--net", "mac=52:54:00:00:00:01"],
-        &["'--net <SPEC>'", "user or tap=IFNAME"],
+        &["'--net <SPEC>'", "user, tap=IFNAME or loopback"],
     );
     fails(
         &["--net", "user,hostfwd=tcp:80"],
