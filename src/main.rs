@@ -372,15 +372,21 @@ struct RunArgs {
     /// Interpreter backend's execution tier: the interpreter alone, or hot
     /// code translated to host code (default: the fastest this host
     /// supports).
+    ///
+    /// Example: --tier interp
     #[arg(long, value_enum)]
     tier: Option<TierArg>,
     /// Print the hottest guest blocks and where host time went (translated
     /// code, interpreter helpers, interpreter, translating) at exit.
+    ///
+    /// Example: --profile --stats
     #[arg(long)]
     profile: bool,
     /// Coalesce writes to the emulated NICs' side-effect-free registers:
     /// KVM's coalesced MMIO ring on KVM, the same queue on the interpreter
     /// (the device trace is the same either way).
+    ///
+    /// Example: --coalesced-mmio on --net user,model=e1000
     #[arg(
         long = "coalesced-mmio",
         value_enum,
@@ -435,6 +441,8 @@ struct RunArgs {
     record: Option<PathBuf>,
     /// With --record: hash the machine's state every N instructions, so a
     /// replay names where it diverged (0: only at the end).
+    ///
+    /// Example: --checkpoint-every 10000000 --record boot.log
     #[arg(
         long,
         value_name = "N",
