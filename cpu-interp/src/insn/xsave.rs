@@ -457,8 +457,11 @@ fn save<const REX_W: bool, const KIND: u8>(
         writes.push((0, img[0..24].to_vec()));
         writes.push((32, img[32..160].to_vec()));
     }
+    // The compacted forms store MXCSR with the SSE component, so the init
+    // optimization skips it too (the hardware oracle: after VZEROALL with
+    // MXCSR = 1F80H, XSAVEC leaves bytes 24..32 alone).
     let mxcsr = if compacted {
-        rfbm & SSE != 0
+        saves(SSE)
     } else {
         rfbm & (SSE | AVX) != 0
     };
