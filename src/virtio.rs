@@ -108,13 +108,7 @@ impl VirtioDevices {
         if !self.input.pending.swap(false, Ordering::AcqRel) {
             return false;
         }
-        for (_, p) in &self.plugged {
-            match p {
-                Plugged::Pci(d) => lock(d).poll(),
-                Plugged::Mmio(d) => lock(d).poll(),
-                Plugged::E1000(d) => lock(d).poll(),
-            }
-        }
+        self.poll_devices();
         true
     }
 
@@ -122,6 +116,10 @@ impl VirtioDevices {
     /// pending).
     pub fn poll_all(&self) {
         self.input.pending.store(false, Ordering::Release);
+        self.poll_devices();
+    }
+
+    fn poll_devices(&self) {
         for (_, p) in &self.plugged {
             match p {
                 Plugged::Pci(d) => lock(d).poll(),
