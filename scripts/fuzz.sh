@@ -20,7 +20,7 @@ rounds=${2:-1}
 shift 2 2>/dev/null || shift $#
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(loader_bzimage loader_elf_pvh loader_multiboot cpu_exec device_registers virtio_devices e1000)
+    targets=(loader_bzimage loader_elf_pvh loader_multiboot cpu_exec device_registers virtio_devices e1000 replay_log)
 fi
 bin=target/x86_64-unknown-linux-gnu/release
 for ((r = 0; r < rounds; r++)); do
