@@ -237,6 +237,8 @@ pub struct Machine {
     /// time and VM time).
     idle_since: Option<(std::time::Instant, u64)>,
     epoch: u64,
+    /// Told of the devices' accesses to guest memory (device traces).
+    dma_watch: Option<Arc<dyn devices::dma::DmaWatch>>,
     // Keep the backend (the VM) alive as long as its vCPU.
     _backend: Box<dyn backend::Backend>,
 }
@@ -631,7 +633,11 @@ impl Machine {
             vcpu.kicker(),
             chip.clone(),
         ));
+        let mut dma_watch: Option<Arc<dyn devices::dma::DmaWatch>> = None;
         if let Some(d) = io.tracer.devices() {
+            let log = Arc::new(crate::replay::devtrace::DmaLog::new(mem.clone()));
+            d.watch_dma(log.clone());
+            dma_watch = Some(log);
             d.header("memory", &cfg.memory.to_string());
             d.header("epoch", &rtc_start.to_string());
             d.header("irqchip", chip.name());
@@ -646,6 +652,7 @@ impl Machine {
             virtio,
             clock,
             epoch: rtc_start,
+            dma_watch,
             ticker,
             chip,
             pci,
@@ -686,12 +693,17 @@ impl Machine {
                 }
                 self.plug_pci(slot, &name, dev, 0)
             }
-            PciDeviceKind::E1000Loopback => self.add_e1000_in(
-                Some(slot),
-                "e1000-0",
-                crate::net::default_mac(0),
-                Box::new(crate::net::loopback::LoopbackBackend::new()),
-            ),
+            PciDeviceKind::E1000Loopback => {
+                if let Some(d) = self.io.tracer.devices() {
+                    d.header("pci", &format!("e1000-loopback {slot:02}"));
+                }
+                self.add_e1000_in(
+                    Some(slot),
+                    "e1000-0",
+                    crate::net::default_mac(0),
+                    Box::new(crate::net::loopback::LoopbackBackend::new()),
+                )
+            }
         }
     }
 
@@ -720,7 +732,7 @@ impl Machine {
             name,
             mac,
             backend,
-            self.mem.clone(),
+            self.dma_memory(),
             self.chip.irq_line(gsi),
             self.clock.clone(),
         )));
@@ -821,7 +833,7 @@ impl Machine {
                 let dev = Arc::new(Mutex::new(devices::virtio::pci::VirtioPci::new(
                     name,
                     device,
-                    self.mem.clone(),
+                    self.dma_memory(),
                     self.chip.irq_line(gsi),
                     self.chip.msi_sink(),
                 )));
@@ -842,7 +854,7 @@ impl Machine {
                 let dev = Arc::new(Mutex::new(devices::virtio::mmio::VirtioMmio::new(
                     name,
                     device,
-                    self.mem.clone(),
+                    self.dma_memory(),
                     self.chip.irq_line(gsi),
                 )));
                 let id = self.io.register(name);
@@ -864,11 +876,17 @@ impl Machine {
     }
 
     /// Plug in the `index`th virtio device a built-in guest brings along.
-    fn add_builtin_virtio(
+    pub(crate) fn add_builtin_virtio(
         &mut self,
         index: usize,
         v: crate::guests::BuiltinVirtio,
     ) -> Result<(), MachineError> {
+        if let Some(d) = self.io.tracer.devices() {
+            d.header(
+                "builtin-virtio",
+                &crate::replay::devtrace::builtin_virtio_header(index, v),
+            );
+        }
         use crate::guests::{virtio as guest, BuiltinVirtioKind};
         use devices::virtio::{block, net};
         let transport = match v.transport {
@@ -1077,8 +1095,40 @@ impl Machine {
 
     /// The device side, for a device-trace replay: the I/O path (buses,
     /// timers) and the interrupt controllers.
-    pub(crate) fn device_side(&mut self) -> (&mut DeviceIo, Arc<dyn IrqChip>) {
-        (&mut self.io, self.chip.clone())
+    pub(crate) fn device_side(
+        &mut self,
+    ) -> (
+        &mut DeviceIo,
+        Arc<dyn IrqChip>,
+        &crate::virtio::VirtioDevices,
+    ) {
+        (&mut self.io, self.chip.clone(), &self.virtio)
+    }
+
+    /// Report the devices' accesses to guest memory to `watch` (a
+    /// device-trace replay; before the devices are plugged in).
+    pub(crate) fn set_dma_watch(&mut self, watch: Arc<dyn devices::dma::DmaWatch>) {
+        self.dma_watch = Some(watch);
+    }
+
+    /// Guest memory as a device sees it.
+    fn dma_memory(&self) -> devices::dma::DmaMemory {
+        devices::dma::DmaMemory::watched(self.mem.clone(), self.dma_watch.clone())
+    }
+
+    /// Put `wrap(old)` in place of the MMIO device mapped at `base` (tests:
+    /// a deliberately changed device model).
+    pub fn wrap_mmio_device(
+        &mut self,
+        base: u64,
+        wrap: impl FnOnce(SharedDevice) -> SharedDevice,
+    ) -> Result<(), MachineError> {
+        let Some(m) = self.io.mmio.mappings().into_iter().find(|m| m.base == base) else {
+            return Err(MachineError::Config(format!("no device at {base:#x}")));
+        };
+        let old = self.io.mmio.remove(base)?;
+        self.io.mmio.insert(m.id, &m.name, base, m.len, wrap(old))?;
+        Ok(())
     }
 
     /// Put `wrap(old)` in place of the port-I/O device mapped at `base`
@@ -1325,6 +1375,9 @@ impl Machine {
                     Replayed::VirtioPoll => {
                         self.virtio.poll_all();
                         self.chip.pump();
+                        if let Some(d) = self.io.tracer.devices() {
+                            d.poll();
+                        }
                     }
                     Replayed::HostQuit => return Ok(Some(Outcome::HostQuit)),
                 }
@@ -1363,6 +1416,9 @@ impl Machine {
     fn poll_host_input(&mut self) -> bool {
         if self.virtio.poll_if_pending() {
             self.chip.pump();
+            if let Some(d) = self.io.tracer.devices() {
+                d.poll();
+            }
             true
         } else {
             false

@@ -1162,6 +1162,31 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     })?;
     let header = reader.header().clone();
     let hm = &header.machine;
+    // --kernel and --initrd only point at moved files of a recorded boot:
+    // refused where they could not apply rather than silently ignored.
+    let moved_files = [
+        (
+            "--kernel",
+            args.kernel.as_ref().map(|k| k.display().to_string()),
+        ),
+        ("--initrd", args.initrd.clone()),
+    ];
+    for (flag, given) in moved_files {
+        let Some(given) = given else { continue };
+        if header.kind == LogKind::Devices {
+            bail!(
+                "{flag} {given}: {} is a device-level recording, replayed against the device models with no CPU and no guest: {flag} does not apply",
+                args.log.display()
+            );
+        }
+        if hm.kernel.is_none() {
+            bail!(
+                "{flag} {given}: {} is a recording of the built-in guest `{}`, which is rebuilt from its name; {flag} only names the recorded kernel or initrd when it moved",
+                args.log.display(),
+                hm.guest.as_deref().unwrap_or("?")
+            );
+        }
+    }
     if header.kind == LogKind::Devices {
         let mut text = Vec::new();
         let mut r = reader;
@@ -1385,13 +1410,14 @@ fn replay_devices(args: ReplayDevicesArgs) -> Result<ExitCode> {
         }
         match replay_device_file(p) {
             Ok(r) => println!(
-                "{}: {} lines, {} reads, {} writes, {} interrupts, {} line changes and MSIs: all matched",
+                "{}: {} lines, {} reads, {} writes, {} interrupts, {} line changes and MSIs, {} guest-memory accesses: all matched",
                 p.display(),
                 r.lines,
                 r.reads,
                 r.writes,
                 r.interrupts,
-                r.signals
+                r.signals,
+                r.dma
             ),
             Err(e @ DeviceReplayError::Differs { .. }) => {
                 println!("{}:{}", p.display(), e);

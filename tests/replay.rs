@@ -42,46 +42,115 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Record `serial-echo` on the interpreter with host time and serial
-/// input; replay it.
-fn record_echo(tag: &str) -> (PathBuf, String, String) {
+/// A run recorded with `--record`: its log, serial output and `--trace`.
+struct Recording {
+    log: PathBuf,
+    serial: String,
+    trace: String,
+    stderr: String,
+    files: Vec<PathBuf>,
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        for f in &self.files {
+            std::fs::remove_file(f).ok();
+        }
+    }
+}
+
+/// `duet run ARGS --serial file=... --trace ... --record LOG` with `stdin`;
+/// it must succeed.
+fn record(tag: &str, args: &[&str], stdin: &[u8]) -> Recording {
     let log = tmp(&format!("{tag}.log"));
     let out = tmp(&format!("{tag}.serial"));
     let trace = tmp(&format!("{tag}.trace"));
-    let o = duet(
+    let serial_arg = format!("file={}", p(&out));
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--serial",
+        &serial_arg,
+        "--trace",
+        p(&trace),
+        "--record",
+        p(&log),
+    ]);
+    let o = duet(&all, stdin);
+    let serial = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(o.status.success(), "record {tag}: {} {serial}", stderr(&o));
+    let trace_text = std::fs::read_to_string(&trace).unwrap_or_default();
+    Recording {
+        log: log.clone(),
+        serial,
+        trace: trace_text,
+        stderr: stderr(&o),
+        files: vec![log, out, trace],
+    }
+}
+
+/// `duet replay` of `rec` (with `extra` options): it must succeed with the
+/// recorded serial output and device trace. Returns its stderr.
+fn replay_same(rec: &Recording, tag: &str, extra: &[&str]) -> String {
+    let out = tmp(&format!("{tag}-replay.serial"));
+    let trace = tmp(&format!("{tag}-replay.trace"));
+    let serial_arg = format!("file={}", p(&out));
+    let mut all = vec![
+        "replay",
+        p(&rec.log),
+        "--serial",
+        &serial_arg,
+        "--trace",
+        p(&trace),
+    ];
+    all.extend_from_slice(extra);
+    let o = duet(&all, b"");
+    assert!(o.status.success(), "replay {tag}: {}", stderr(&o));
+    let serial = std::fs::read_to_string(&out).unwrap_or_default();
+    let replayed_trace = std::fs::read_to_string(&trace).unwrap_or_default();
+    std::fs::remove_file(&out).ok();
+    std::fs::remove_file(&trace).ok();
+    assert_eq!(serial, rec.serial, "{tag}: serial output");
+    assert!(
+        replayed_trace == rec.trace,
+        "{tag}: the device traces differ"
+    );
+    stderr(&o)
+}
+
+/// Record `args` on KVM and replay the log at the device level.
+fn kvm_device_replay(log: &Path) {
+    let o = duet(&["replay", p(log)], b"");
+    assert!(o.status.success(), "device-level replay: {}", stderr(&o));
+    assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
+}
+
+/// Record `serial-echo` on the interpreter with host time and serial
+/// input.
+fn record_echo(tag: &str) -> Recording {
+    record(
+        tag,
         &[
-            "run",
             "--backend",
             "interp",
             "--guest",
             "serial-echo",
-            "--record",
-            p(&log),
             "--checkpoint-every",
             "2000",
-            "--serial",
-            &format!("file={}", p(&out)),
-            "--trace",
-            p(&trace),
         ],
         b"duet-rx!",
-    );
-    assert!(o.status.success(), "record: {}", stderr(&o));
-    (
-        log,
-        std::fs::read_to_string(&out).unwrap(),
-        std::fs::read_to_string(&trace).unwrap(),
     )
 }
 
 #[test]
 fn an_interpreter_recording_replays_bit_exact() {
-    let (log, serial, trace) = record_echo("echo");
+    let rec = record_echo("echo");
     assert!(
-        serial.contains("received \"duet-rx!\""),
-        "the guest got its input: {serial:?}"
+        rec.serial.contains("received \"duet-rx!\""),
+        "the guest got its input: {:?}",
+        rec.serial
     );
-    let (_, events) = read_all(&std::fs::read(&log).unwrap()).expect("readable log");
+    let (_, events) = read_all(&std::fs::read(&rec.log).unwrap()).expect("readable log");
     assert!(
         events.iter().any(|e| matches!(e, Event::SerialIn { .. })),
         "serial input is in the log"
@@ -91,36 +160,32 @@ fn an_interpreter_recording_replays_bit_exact() {
         .filter(|e| matches!(e, Event::Checkpoint { .. }))
         .count();
     assert!(checkpoints >= 2, "{checkpoints} checkpoints");
-    let out = tmp("echo-replay.serial");
-    let trace2 = tmp("echo-replay.trace");
-    let o = duet(
-        &[
-            "replay",
-            p(&log),
-            "--serial",
-            &format!("file={}", p(&out)),
-            "--trace",
-            p(&trace2),
-        ],
-        b"",
-    );
-    assert!(o.status.success(), "replay: {}", stderr(&o));
-    assert!(stderr(&o).contains("replay matched"), "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap(),
-        serial,
-        "serial output"
-    );
-    assert!(
-        std::fs::read_to_string(&trace2).unwrap() == trace,
-        "the device traces differ"
-    );
+    let e = replay_same(&rec, "echo", &[]);
+    assert!(e.contains("replay matched"), "{e}");
+}
+
+/// `--kernel` and `--initrd` name moved files of a recorded boot; given to
+/// the replay of a built-in guest's recording (or of a device-level one)
+/// they are refused with a message, not ignored.
+#[test]
+fn replay_refuses_kernel_options_that_cannot_apply() {
+    let rec = record_echo("kernel-flag");
+    let bogus = tmp("no-such-vmlinux");
+    for flag in ["--kernel", "--initrd"] {
+        let o = duet(&["replay", p(&rec.log), flag, p(&bogus)], b"");
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {e}");
+        assert!(
+            e.contains(flag) && e.contains("built-in guest `serial-echo`"),
+            "{flag}: {e}"
+        );
+    }
 }
 
 #[test]
 fn damaged_logs_fail_cleanly_with_status_1() {
-    let (log, _, _) = record_echo("damaged");
-    let bytes = std::fs::read(&log).unwrap();
+    let rec = record_echo("damaged");
+    let bytes = std::fs::read(&rec.log).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
         ("flipped", {
@@ -154,8 +219,8 @@ fn damaged_logs_fail_cleanly_with_status_1() {
 
 #[test]
 fn a_changed_checkpoint_is_reported_where_it_diverges() {
-    let (log, _, _) = record_echo("diverge");
-    let (header, mut events) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    let rec = record_echo("diverge");
+    let (header, mut events) = read_all(&std::fs::read(&rec.log).unwrap()).unwrap();
     // Change the general-register hash of the second checkpoint.
     let (at, index) = events
         .iter_mut()
@@ -191,25 +256,12 @@ fn a_kvm_recording_replays_at_the_device_level() {
     if !common::kvm_or_skip("a_kvm_recording_replays_at_the_device_level") {
         return;
     }
-    let log = tmp("kvm.log");
-    let o = duet(
-        &[
-            "run",
-            "--backend",
-            "kvm",
-            "--guest",
-            "irq-pit-ioapic",
-            "--record",
-            p(&log),
-            "--serial",
-            "null",
-        ],
+    let rec = record(
+        "kvm",
+        &["--backend", "kvm", "--guest", "irq-pit-ioapic"],
         b"",
     );
-    assert!(o.status.success(), "record on KVM: {}", stderr(&o));
-    let o = duet(&["replay", p(&log)], b"");
-    assert!(o.status.success(), "device-level replay: {}", stderr(&o));
-    assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
+    kvm_device_replay(&rec.log);
 }
 
 /// The seccomp filter of a process, from /proc (0: none, 2: a filter).
@@ -272,9 +324,7 @@ fn a_kvm_recording_runs_under_the_seccomp_filter() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left.len(), 2, "files left: {left:?}");
-    let o = duet(&["replay", p(&log)], b"");
-    assert!(o.status.success(), "device-level replay: {}", stderr(&o));
-    assert!(stderr(&o).contains("device-level replay"), "{}", stderr(&o));
+    kvm_device_replay(&log);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -289,15 +339,10 @@ fn a_writable_disk_records_and_replays_on_an_overlay() {
     let img = dir.join("disk.img");
     let image: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(&img, &image).unwrap();
-    let (log, out1, out2) = (
-        dir.join("cow.log"),
-        dir.join("rec.txt"),
-        dir.join("rep.txt"),
-    );
     let disk = format!("path={}", p(&img));
-    let o = duet(
+    let rec = record(
+        "cow",
         &[
-            "run",
             "--backend",
             "interp",
             "--guest",
@@ -306,45 +351,36 @@ fn a_writable_disk_records_and_replays_on_an_overlay() {
             &disk,
             "--checkpoint-every",
             "20000",
-            "--serial",
-            &format!("file={}", p(&out1)),
-            "--record",
-            p(&log),
         ],
         b"",
     );
-    assert!(o.status.success(), "record: {}", stderr(&o));
     assert!(
-        stderr(&o).contains("copy-on-write overlay"),
+        rec.stderr.contains("copy-on-write overlay"),
         "{}",
-        stderr(&o)
+        rec.stderr
     );
-    let serial = std::fs::read_to_string(&out1).unwrap();
     // The guest drives --disk first: its write reads back.
-    let first = serial
+    let first = rec
+        .serial
         .lines()
         .find(|l| l.contains("requests done"))
         .unwrap_or("");
     assert!(
         first.contains("written and read back: same") && first.contains("id 'disk.img'"),
-        "{serial}"
+        "{}",
+        rec.serial
     );
     assert!(
         std::fs::read(&img).unwrap() == image,
         "the recording changed the image"
     );
-    let (h, _) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    let (h, _) = read_all(&std::fs::read(&rec.log).unwrap()).unwrap();
     assert!(
         h.machine.disks[0].0.contains("snapshot=on"),
         "{:?}",
         h.machine.disks
     );
-    let o = duet(
-        &["replay", p(&log), "--serial", &format!("file={}", p(&out2))],
-        b"",
-    );
-    assert!(o.status.success(), "replay: {}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
+    replay_same(&rec, "cow", &[]);
     assert!(
         std::fs::read(&img).unwrap() == image,
         "the replay changed the image"
@@ -352,7 +388,7 @@ fn a_writable_disk_records_and_replays_on_an_overlay() {
     let mut changed = image.clone();
     changed[600] ^= 1;
     std::fs::write(&img, &changed).unwrap();
-    let o = duet(&["replay", p(&log), "--serial", "null"], b"");
+    let o = duet(&["replay", p(&rec.log), "--serial", "null"], b"");
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("not the file recorded"),
@@ -542,56 +578,28 @@ fn linux_kit() -> PathBuf {
 #[test]
 fn a_linux_boot_with_typed_commands_replays_bit_exact() {
     let kit = linux_kit();
-    let kernel = kit.join("vmlinux-cloud");
-    let initrd = kit.join("initramfs.cpio.gz");
-    let log = tmp("linux.log");
-    let (out1, out2) = (tmp("linux-rec.serial"), tmp("linux-rep.serial"));
-    let (tr1, tr2) = (tmp("linux-rec.trace"), tmp("linux-rep.trace"));
-    let o = duet(
+    let rec = record(
+        "linux",
         &[
-            "run",
             "--backend",
             "interp",
             "--memory",
             "256M",
             "--kernel",
-            p(&kernel),
+            p(&kit.join("vmlinux-cloud")),
             "--initrd",
-            p(&initrd),
+            p(&kit.join("initramfs.cpio.gz")),
             "--cmdline",
             "console=ttyS0 panic=-1 quiet",
-            "--serial",
-            &format!("file={}", p(&out1)),
-            "--trace",
-            p(&tr1),
-            "--record",
-            p(&log),
         ],
         b"echo duet-$((6*7))\ncat /proc/uptime\nuname -r\npoweroff -f\n",
     );
-    let serial = std::fs::read_to_string(&out1).unwrap_or_default();
-    assert!(o.status.success(), "record: {} {serial}", stderr(&o));
-    assert!(serial.contains("duet-42"), "the commands ran: {serial}");
-    let o = duet(
-        &[
-            "replay",
-            p(&log),
-            "--serial",
-            &format!("file={}", p(&out2)),
-            "--trace",
-            p(&tr2),
-        ],
-        b"",
-    );
-    assert!(o.status.success(), "replay: {}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
     assert!(
-        std::fs::read(&tr1).unwrap() == std::fs::read(&tr2).unwrap(),
-        "device traces differ"
+        rec.serial.contains("duet-42"),
+        "the commands ran: {}",
+        rec.serial
     );
-    for f in [&log, &out1, &out2, &tr1, &tr2] {
-        std::fs::remove_file(f).ok();
-    }
+    replay_same(&rec, "linux", &[]);
 }
 
 /// A recording killed with SIGKILL in the middle of a Linux boot: the log
@@ -790,17 +798,15 @@ fn a_network_exchange_replays_without_the_network() {
             );
         }
     });
-    let log = tmp("net.log");
-    let (out1, out2) = (tmp("net-rec.serial"), tmp("net-rep.serial"));
     let typed = format!(
         "udhcpc -i eth0 -n -q -t 10 >/dev/null 2>&1; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'\n\
          wget -q -O - http://10.0.2.2:{port}/x\n\
          head -c 8 /dev/hwrng | od -An -tx1\n\
          poweroff -f\n"
     );
-    let o = duet(
+    let rec = record(
+        "net",
         &[
-            "run",
             "--backend",
             "interp",
             "--memory",
@@ -814,31 +820,151 @@ fn a_network_exchange_replays_without_the_network() {
             "--net",
             "user",
             "--rng",
-            "--serial",
-            &format!("file={}", p(&out1)),
-            "--record",
-            p(&log),
         ],
         typed.as_bytes(),
     );
-    let serial = std::fs::read_to_string(&out1).unwrap_or_default();
-    assert!(o.status.success(), "record: {} {serial}", stderr(&o));
     assert!(
-        serial.contains("inet 10.0.2.15/24") && serial.contains("payload-from-the-host-42"),
-        "the exchange happened: {serial}"
+        rec.serial.contains("inet 10.0.2.15/24") && rec.serial.contains("payload-from-the-host-42"),
+        "the exchange happened: {}",
+        rec.serial
     );
-    let (_, events) = read_all(&std::fs::read(&log).unwrap()).unwrap();
+    let (_, events) = read_all(&std::fs::read(&rec.log).unwrap()).unwrap();
     assert!(
         events.iter().any(|e| matches!(e, Event::NetRx { .. })),
         "received frames are in the log"
     );
-    let o = duet(
-        &["replay", p(&log), "--serial", &format!("file={}", p(&out2))],
-        b"",
-    );
-    assert!(o.status.success(), "replay: {}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(&out2).unwrap(), serial);
-    for f in [&log, &out1, &out2] {
-        std::fs::remove_file(f).ok();
+    replay_same(&rec, "net", &[]);
+}
+
+/// A register block whose reads at `offset` come back with `xor` applied.
+struct ChangedRegister {
+    inner: devices::SharedDevice,
+    offset: u64,
+    xor: u8,
+}
+
+impl devices::BusDevice for ChangedRegister {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        devices::bus::lock(&self.inner).read(offset, data);
+        if offset == self.offset {
+            data[0] ^= self.xor;
+        }
     }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        devices::bus::lock(&self.inner).write(offset, data);
+    }
+}
+
+fn virtio_golden() -> String {
+    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/devices/virtio.devtrace");
+    std::fs::read_to_string(t).unwrap()
+}
+
+fn differs_at(text: &str, patch: Option<&dyn Fn(&mut duet::machine::Machine)>) -> (usize, String) {
+    match replay_devices(text, patch) {
+        Err(DeviceReplayError::Differs { line, got, .. }) => (line, got),
+        other => panic!("expected a difference, got {other:?}"),
+    }
+}
+
+/// The virtio golden trace carries the devices' reads of guest memory:
+/// it replays with no guest, every read fed and every write compared.
+#[test]
+fn virtio_devices_replay_from_their_memory_accesses() {
+    let text = virtio_golden();
+    let r = replay_devices(&text, None).unwrap();
+    let dma = |rw: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("dma  {rw} ")))
+            .count()
+    };
+    assert!(dma("r") > 20 && dma("w") > 20, "{} {}", dma("r"), dma("w"));
+    assert_eq!(r.dma, dma("r") + dma("w"));
+    for dev in [
+        "builtin-blk-pci",
+        "builtin-net-pci",
+        "builtin-blk-mmio",
+        "builtin-net-mmio",
+    ] {
+        assert!(
+            text.contains(&format!("# virtio {dev}\n")),
+            "{dev} not in the trace"
+        );
+    }
+    assert!(r.signals > 0 && r.interrupts > 0);
+}
+
+/// A virtio-mmio register changed in the device model fails at the
+/// first read of it.
+#[test]
+fn a_changed_virtio_register_fails_at_its_first_read() {
+    let text = virtio_golden();
+    // The first virtio-mmio block (the built-in disk); DeviceID at 0x008.
+    let (base, _) = duet::layout::virtio_mmio::slot(0).unwrap();
+    let device_id = format!("mmio r {:#010x} 4 ", base + 8);
+    let first = text
+        .lines()
+        .position(|l| l.starts_with(&device_id))
+        .unwrap()
+        + 1;
+    let patch = |m: &mut duet::machine::Machine| {
+        m.wrap_mmio_device(base, |inner| {
+            std::sync::Arc::new(std::sync::Mutex::new(ChangedRegister {
+                inner,
+                offset: 8,
+                xor: 0x40,
+            }))
+        })
+        .unwrap();
+    };
+    let (line, got) = differs_at(&text, Some(&patch));
+    assert_eq!(line, first, "{got}");
+}
+
+/// What a device wrote to guest memory, where it read, and what it read
+/// are all checked at their own line.
+#[test]
+fn virtio_memory_accesses_are_compared_at_their_line() {
+    let text = virtio_golden();
+    let lines: Vec<String> = text.lines().map(String::from).collect();
+    let join = |v: &[String]| v.join("\n") + "\n";
+    // A device write whose bytes differ (the last byte flipped).
+    let w = lines
+        .iter()
+        .position(|l| l.starts_with("dma  w ") && !l.ends_with(" -"))
+        .unwrap();
+    let mut v = lines.clone();
+    let flip = |l: &str| {
+        let (head, last) = l.split_at(l.len() - 2);
+        format!("{head}{:02x}", u8::from_str_radix(last, 16).unwrap() ^ 0xff)
+    };
+    v[w] = flip(&lines[w]);
+    let (line, got) = differs_at(&join(&v), None);
+    assert_eq!(line, w + 1, "{got}");
+    assert!(got.starts_with("dma  w "), "{got}");
+    // A device read at another address than the trace has.
+    let r = lines.iter().position(|l| l.starts_with("dma  r ")).unwrap();
+    let mut v = lines.clone();
+    let f: Vec<&str> = lines[r].split_whitespace().collect();
+    let addr = u64::from_str_radix(&f[2][2..], 16).unwrap();
+    v[r] = format!("dma  r {:#x} {} {}", addr + 0x100, f[3], f[4]);
+    assert_eq!(differs_at(&join(&v), None).0, r + 1);
+    // A read of a descriptor changed: the device then does something else,
+    // which shows at or after that line, never before.
+    let r2 = lines
+        .iter()
+        .position(|l| l.starts_with("dma  r ") && l.split_whitespace().nth(3) == Some("16"))
+        .expect("a descriptor read");
+    let mut v = lines.clone();
+    let f: Vec<&str> = lines[r2].split_whitespace().collect();
+    // The descriptor's length field (bytes 8..12) set to 1.
+    let mut hex = f[4].to_string();
+    hex.replace_range(16..24, "01000000");
+    v[r2] = format!("dma  r {} 16 {hex}", f[2]);
+    assert!(differs_at(&join(&v), None).0 > r2 + 1);
+    // Dropped: the device makes an access the trace does not list there.
+    let mut v = lines.clone();
+    let last_dma = lines.iter().rposition(|l| l.starts_with("dma ")).unwrap();
+    v.remove(last_dma);
+    assert!(replay_devices(&join(&v), None).is_err());
 }

@@ -9,6 +9,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod clock;
 pub mod debug_exit;
+pub mod dma;
 pub mod e1000;
 pub mod guest_memory;
 pub mod hpet;

@@ -79,6 +79,8 @@ pub struct DeviceTraceWriter {
     error: Option<std::io::Error>,
     /// The interrupt controllers' line changes and MSIs.
     lines: Option<Arc<LineWatch>>,
+    /// The devices' accesses to guest memory.
+    dma: Option<Arc<DmaLog>>,
 }
 
 fn value_of(data: &[u8]) -> u64 {
@@ -100,6 +102,7 @@ impl DeviceTraceWriter {
             time: None,
             error: None,
             lines: None,
+            dma: None,
         };
         w.line(format_args!("{DEVICE_TRACE_MAGIC}"));
         Ok(w)
@@ -112,8 +115,20 @@ impl DeviceTraceWriter {
         self.lines = Some(watch);
     }
 
-    /// Write the signals seen since the last operation.
+    /// Write the devices' accesses to guest memory (`dma` lines), each
+    /// after the operation that caused it.
+    pub fn watch_dma(&mut self, log: Arc<DmaLog>) {
+        self.dma = Some(log);
+    }
+
+    /// Write the memory accesses, then the signals, seen since the last
+    /// operation.
     fn signals(&mut self) {
+        if let Some(d) = self.dma.clone() {
+            for e in d.take() {
+                self.line(format_args!("{e}"));
+            }
+        }
         let Some(w) = &self.lines else { return };
         for e in w.take() {
             match e {
@@ -144,6 +159,9 @@ impl DeviceTraceWriter {
     pub fn header(&mut self, key: &str, value: &str) {
         if let Some(w) = &self.lines {
             w.take();
+        }
+        if let Some(d) = &self.dma {
+            d.take();
         }
         self.line(format_args!("# {key} {value}"));
     }
@@ -229,6 +247,12 @@ impl DeviceTraceWriter {
         self.signals();
     }
 
+    /// The virtio devices (and NICs) were polled for host input.
+    pub fn poll(&mut self) {
+        self.line(format_args!("poll"));
+        self.signals();
+    }
+
     pub fn input(&mut self, device: &str, bytes: &[u8]) {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         self.line(format_args!("input {device} {hex}"));
@@ -242,6 +266,235 @@ impl DeviceTraceWriter {
         self.out.flush()?;
         Ok(())
     }
+}
+
+/// One device access to guest memory, as a trace line shows it:
+/// `dma  r ADDR LEN HEX` (the bytes the device read) or `dma  w ADDR LEN
+/// HEX` (the bytes the range held when the operation was over); `-` for
+/// a range outside RAM (the access failed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmaAccess {
+    pub write: bool,
+    pub addr: u64,
+    pub len: usize,
+    pub bytes: Option<Vec<u8>>,
+}
+
+impl std::fmt::Display for DmaAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rw = if self.write { 'w' } else { 'r' };
+        write!(f, "dma  {rw} {:#x} {} ", self.addr, self.len)?;
+        match &self.bytes {
+            Some(b) => b.iter().try_for_each(|x| write!(f, "{x:02x}")),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+fn read_guest(mem: &devices::guest_memory::GuestMemory, addr: u64, len: usize) -> Option<Vec<u8>> {
+    use vm_memory::Bytes;
+    let mut b = vec![0; len];
+    mem.read_slice(&mut b, vm_memory::GuestAddress(addr))
+        .ok()
+        .map(|()| b)
+}
+
+/// The recording side: notes every device access to guest memory (the
+/// bytes of a read at once, the range of a write), for the trace writer
+/// to write after the operation that caused it.
+pub struct DmaLog {
+    mem: devices::guest_memory::GuestMemory,
+    seen: std::sync::Mutex<Vec<DmaAccess>>,
+}
+
+impl DmaLog {
+    pub fn new(mem: devices::guest_memory::GuestMemory) -> Self {
+        DmaLog {
+            mem,
+            seen: Default::default(),
+        }
+    }
+
+    /// The accesses since the last call; a write's bytes are read now.
+    fn take(&self) -> Vec<DmaAccess> {
+        let mut v = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        for a in v.iter_mut().filter(|a| a.write) {
+            a.bytes = read_guest(&self.mem, a.addr, a.len);
+        }
+        v
+    }
+}
+
+impl devices::dma::DmaWatch for DmaLog {
+    fn access(&self, mem: &devices::guest_memory::GuestMemory, addr: u64, len: usize, write: bool) {
+        let bytes = if write {
+            None
+        } else {
+            read_guest(mem, addr, len)
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(DmaAccess {
+                write,
+                addr,
+                len,
+                bytes,
+            });
+    }
+}
+
+/// The replay side: before an operation, the accesses its `dma` lines
+/// list; each read the device models make puts the recorded bytes in
+/// memory just before they read it; every access is checked against the
+/// trace in order, and each write's bytes after the operation.
+#[derive(Default)]
+struct DmaFeed {
+    state: std::sync::Mutex<FeedState>,
+}
+
+#[derive(Default)]
+struct FeedState {
+    /// (line number, line text, access) still expected.
+    expected: std::collections::VecDeque<(usize, String, DmaAccess)>,
+    /// Writes done: checked after the operation.
+    written: Vec<(usize, String, DmaAccess)>,
+    /// The line after the operation's last `dma` line.
+    next_line: usize,
+    error: Option<DeviceReplayError>,
+}
+
+impl DmaFeed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The accesses the next operation should make.
+    fn expect(&self, accesses: Vec<(usize, String, DmaAccess)>, next_line: usize) {
+        let mut s = self.lock();
+        s.expected = accesses.into();
+        s.written.clear();
+        s.next_line = next_line;
+        s.error = None;
+    }
+
+    /// After the operation: every expected access made, every write's
+    /// bytes as recorded.
+    fn check(&self, mem: &devices::guest_memory::GuestMemory) -> Result<(), DeviceReplayError> {
+        let mut s = self.lock();
+        if let Some(e) = s.error.take() {
+            return Err(e);
+        }
+        if let Some((line, text, _)) = s.expected.pop_front() {
+            return Err(DeviceReplayError::Differs {
+                line,
+                expected: text,
+                got: "no such access to guest memory".into(),
+            });
+        }
+        for (line, text, a) in std::mem::take(&mut s.written) {
+            let got = read_guest(mem, a.addr, a.len);
+            if got != a.bytes {
+                let got = DmaAccess { bytes: got, ..a };
+                return Err(DeviceReplayError::Differs {
+                    line,
+                    expected: text,
+                    got: got.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl devices::dma::DmaWatch for DmaFeed {
+    fn access(&self, mem: &devices::guest_memory::GuestMemory, addr: u64, len: usize, write: bool) {
+        use vm_memory::Bytes;
+        let mut s = self.lock();
+        if s.error.is_some() {
+            return;
+        }
+        let got = DmaAccess {
+            write,
+            addr,
+            len,
+            bytes: None,
+        };
+        match s.expected.pop_front() {
+            Some((line, text, want))
+                if want.write == write && want.addr == addr && want.len == len =>
+            {
+                if write {
+                    s.written.push((line, text, want));
+                } else if let Some(b) = &want.bytes {
+                    // In RAM when recorded, in RAM now (same memory size).
+                    let _ = mem.write_slice(b, vm_memory::GuestAddress(addr));
+                }
+            }
+            Some((line, text, _)) => {
+                s.error = Some(DeviceReplayError::Differs {
+                    line,
+                    expected: text,
+                    got: format!("{} (bytes not compared)", got),
+                })
+            }
+            None => {
+                let line = s.next_line;
+                s.error = Some(DeviceReplayError::Differs {
+                    line,
+                    expected: "no more accesses to guest memory before this line".into(),
+                    got: format!("{} (bytes not compared)", got),
+                })
+            }
+        }
+    }
+}
+
+/// Parse a `dma` line.
+fn dma_line(
+    n: usize,
+    f: &mut std::str::SplitWhitespace<'_>,
+) -> Result<DmaAccess, DeviceReplayError> {
+    let write = match f.next() {
+        Some("r") => false,
+        Some("w") => true,
+        _ => return Err(malformed(n, "expected r or w")),
+    };
+    let addr = num(n, f.next(), "address")?;
+    let len = num(n, f.next(), "length")? as usize;
+    let hex = f.next().unwrap_or("");
+    let bytes = if hex == "-" {
+        None
+    } else {
+        let b = parse_hex(n, hex)?;
+        if b.len() != len {
+            return Err(malformed(
+                n,
+                format!("{} bytes for a length of {len}", b.len()),
+            ));
+        }
+        Some(b)
+    };
+    Ok(DmaAccess {
+        write,
+        addr,
+        len,
+        bytes,
+    })
+}
+
+fn parse_hex(n: usize, hex: &str) -> Result<Vec<u8>, DeviceReplayError> {
+    if hex.len() % 2 != 0 {
+        return Err(malformed(n, "odd number of hex digits"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|k| {
+            hex.get(k..k + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| malformed(n, "not hexadecimal"))
+        })
+        .collect()
 }
 
 fn msr_result_name(r: MsrResult) -> String {
@@ -368,6 +621,19 @@ pub struct DeviceReplayReport {
     pub interrupts: usize,
     /// Interrupt line changes and MSIs compared.
     pub signals: usize,
+    /// Device accesses to guest memory fed and compared.
+    pub dma: usize,
+}
+
+/// A device the trace's header plugs in, in plug order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TracedDevice {
+    /// A PCI test device in this slot.
+    PciTest(u8),
+    /// An e1000 whose frames loop back, in this slot.
+    E1000Loopback(u8),
+    /// A built-in guest's virtio device (its index in the guest's list).
+    BuiltinVirtio(usize, crate::guests::BuiltinVirtio),
 }
 
 /// The machine a trace's header describes.
@@ -375,8 +641,8 @@ pub struct DeviceReplayReport {
 pub struct TracedMachine {
     pub memory: u64,
     pub epoch: u64,
-    /// Slots of PCI test devices, in plug order.
-    pub pci_test: Vec<u8>,
+    /// Devices beyond the fixed machine, in plug order.
+    pub plugged: Vec<TracedDevice>,
     /// The trace holds the interrupt signals (version 2).
     pub signals: bool,
 }
@@ -397,8 +663,24 @@ fn num(line: usize, s: Option<&str>, what: &str) -> Result<u64, DeviceReplayErro
     r.map_err(|_| malformed(line, format!("{what} `{s}` is not a number")))
 }
 
+/// The header line of a built-in guest's virtio device.
+pub fn builtin_virtio_header(index: usize, v: crate::guests::BuiltinVirtio) -> String {
+    use crate::guests::BuiltinVirtioKind;
+    let kind = match v.kind {
+        BuiltinVirtioKind::Block => "blk",
+        BuiltinVirtioKind::NetLoopback => "net-loopback",
+    };
+    let transport = match v.transport {
+        crate::machine::VirtioTransport::Pci => "pci",
+        crate::machine::VirtioTransport::Mmio => "mmio",
+    };
+    format!("{index} {kind} {transport}")
+}
+
 /// Read a trace's header.
 pub fn traced_machine(text: &str) -> Result<TracedMachine, DeviceReplayError> {
+    use crate::guests::{BuiltinVirtio, BuiltinVirtioKind};
+    use crate::machine::VirtioTransport;
     let mut lines = text.lines();
     let signals = match lines.next() {
         Some(DEVICE_TRACE_MAGIC) => true,
@@ -417,20 +699,43 @@ pub fn traced_machine(text: &str) -> Result<TracedMachine, DeviceReplayError> {
         signals,
         ..Default::default()
     };
+    // A `virtio` line right after `builtin-virtio` names that device.
+    let mut builtin_pending = false;
     for (i, l) in lines.enumerate() {
         let n = i + 2;
         let Some(h) = l.strip_prefix("# ") else {
             continue;
         };
         let mut f = h.split_whitespace();
-        match f.next() {
+        let key = f.next();
+        let after_builtin = std::mem::replace(&mut builtin_pending, false);
+        match key {
             Some("memory") => m.memory = num(n, f.next(), "memory size")?,
             Some("epoch") => m.epoch = num(n, f.next(), "epoch")?,
-            Some("pci") => {
-                if f.next() != Some("test") {
-                    return Err(malformed(n, "only PCI test devices can be replayed"));
-                }
-                m.pci_test.push(num(n, f.next(), "slot")? as u8);
+            Some("pci") => match f.next() {
+                Some("test") => m
+                    .plugged
+                    .push(TracedDevice::PciTest(num(n, f.next(), "slot")? as u8)),
+                Some("e1000-loopback") => m
+                    .plugged
+                    .push(TracedDevice::E1000Loopback(num(n, f.next(), "slot")? as u8)),
+                _ => return Err(malformed(n, "only PCI test devices and the loopback e1000 can be replayed")),
+            },
+            Some("builtin-virtio") => {
+                let index = num(n, f.next(), "index")? as usize;
+                let kind = match f.next() {
+                    Some("blk") => BuiltinVirtioKind::Block,
+                    Some("net-loopback") => BuiltinVirtioKind::NetLoopback,
+                    _ => return Err(malformed(n, "unknown built-in virtio device")),
+                };
+                let transport = match f.next() {
+                    Some("pci") => VirtioTransport::Pci,
+                    Some("mmio") => VirtioTransport::Mmio,
+                    _ => return Err(malformed(n, "unknown virtio transport")),
+                };
+                m.plugged
+                    .push(TracedDevice::BuiltinVirtio(index, BuiltinVirtio { kind, transport }));
+                builtin_pending = true;
             }
             Some("irqchip") if f.next() != Some("userspace") => {
                 return Err(malformed(
@@ -438,10 +743,13 @@ pub fn traced_machine(text: &str) -> Result<TracedMachine, DeviceReplayError> {
                     "traces of KVM's in-kernel irqchip cannot be replayed (its devices are in the kernel)",
                 ));
             }
-            Some("virtio") => {
+            Some("virtio") if !after_builtin => {
                 return Err(malformed(
                     n,
-                    "virtio devices read guest memory, which a device trace does not hold: not replayable",
+                    format!(
+                        "virtio device {}: its host side (a disk image, a network, a console, host entropy) is not in the trace; only the built-in guests' virtio devices can be replayed",
+                        f.next().unwrap_or("?")
+                    ),
                 ))
             }
             _ => {}
@@ -466,19 +774,37 @@ pub fn replay_devices(
         manual_clock: Some(clock.clone()),
         ..MachineConfig::new(backend::BackendKind::Interp, Box::new(std::io::sink()))
     };
-    let mut m = Machine::new(cfg).map_err(|e| DeviceReplayError::Machine(e.to_string()))?;
-    for slot in &tm.pci_test {
-        m.add_pci_device(PciDeviceSpec {
-            kind: PciDeviceKind::Test,
-            slot: Some(*slot),
-        })
-        .map_err(|e| DeviceReplayError::Machine(e.to_string()))?;
+    let machine_err = |e: crate::machine::MachineError| DeviceReplayError::Machine(e.to_string());
+    let mut m = Machine::new(cfg).map_err(machine_err)?;
+    let feed = Arc::new(DmaFeed::default());
+    m.set_dma_watch(feed.clone());
+    for d in &tm.plugged {
+        match *d {
+            TracedDevice::PciTest(slot) => {
+                m.add_pci_device(PciDeviceSpec {
+                    kind: PciDeviceKind::Test,
+                    slot: Some(slot),
+                })
+                .map_err(machine_err)?;
+            }
+            TracedDevice::E1000Loopback(slot) => {
+                m.add_pci_device(PciDeviceSpec {
+                    kind: PciDeviceKind::E1000Loopback,
+                    slot: Some(slot),
+                })
+                .map_err(machine_err)?;
+            }
+            TracedDevice::BuiltinVirtio(index, v) => {
+                m.add_builtin_virtio(index, v).map_err(machine_err)?
+            }
+        }
     }
     if let Some(p) = patch {
         p(&mut m);
     }
     let uart = m.uart.clone();
-    let (io, chip) = m.device_side();
+    let mem = m.memory().clone();
+    let (io, chip, virtio) = m.device_side();
     // The signals the device models raise, compared one by one with the
     // trace's `line` and `msi` lines after each operation.
     let watch = if tm.signals {
@@ -490,12 +816,14 @@ pub fn replay_devices(
     } else {
         None
     };
+    let all: Vec<&str> = text.lines().collect();
     let mut raised: std::collections::VecDeque<LineEvent> = Default::default();
     let mut report = DeviceReplayReport::default();
-    for (i, l) in text.lines().enumerate() {
+    for (i, l) in all.iter().enumerate() {
         let n = i + 1;
         report.lines = n;
-        if l.starts_with('#') || l.is_empty() {
+        if l.starts_with('#') || l.is_empty() || l.starts_with("dma ") {
+            // `dma` lines were taken with the operation before them.
             continue;
         }
         let mut f = l.split_whitespace();
@@ -533,6 +861,19 @@ pub fn replay_devices(
                 });
             }
         }
+        // The guest memory this operation's devices access.
+        let mut accesses = Vec::new();
+        let mut j = i + 1;
+        while let Some(d) = all.get(j).and_then(|d| d.strip_prefix("dma ")) {
+            accesses.push((
+                j + 1,
+                all[j].to_string(),
+                dma_line(j + 1, &mut d.split_whitespace())?,
+            ));
+            j += 1;
+        }
+        report.dma += accesses.len();
+        feed.expect(accesses, j + 1);
         match op {
             "time" => clock.set(num(n, f.next(), "time")?),
             "pio" | "mmio" => {
@@ -599,6 +940,10 @@ pub fn replay_devices(
                 io.refresh_deadline();
                 io.timers.advance_due();
             }
+            "poll" => {
+                virtio.poll_all();
+                chip.pump();
+            }
             "irq" | "nmi" => {
                 let want = if op == "nmi" {
                     Injected::Nmi
@@ -623,17 +968,7 @@ pub fn replay_devices(
             }
             "input" => {
                 let _dev = f.next();
-                let hex = f.next().unwrap_or("");
-                if hex.len() % 2 != 0 {
-                    return Err(malformed(n, "odd number of hex digits"));
-                }
-                let mut bytes = Vec::with_capacity(hex.len() / 2);
-                for k in (0..hex.len()).step_by(2) {
-                    bytes.push(
-                        u8::from_str_radix(&hex[k..k + 2], 16)
-                            .map_err(|_| malformed(n, "input is not hexadecimal"))?,
-                    );
-                }
+                let bytes = parse_hex(n, f.next().unwrap_or(""))?;
                 let took = uart
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -648,6 +983,7 @@ pub fn replay_devices(
             }
             other => return Err(malformed(n, format!("unknown operation `{other}`"))),
         }
+        feed.check(&mem)?;
     }
     if let Some(w) = &watch {
         raised.extend(w.take());

@@ -51,7 +51,9 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mem = GuestMemory::from(
+        crate::guest_memory::GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap(),
+    );
     let wire = Arc::new(Mutex::new(Wire::default()));
     let line = Arc::new(AtomicBool::new(false));
     let clock = ManualClock::new();

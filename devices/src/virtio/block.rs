@@ -19,7 +19,7 @@ use std::path::Path;
 
 use virtio_bindings::virtio_blk::*;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
 use crate::guest_memory::GuestSlice;
 
@@ -370,7 +370,7 @@ impl VirtioBlock {
                 return Err(io::Error::other("chain shorter than the request"));
             };
             let slice = mem
-                .get_slice(GuestAddress(p.addr.0), p.len as usize)
+                .get_slice(GuestAddress(p.addr.0), p.len as usize, !write)
                 .map_err(|_| io::Error::other("buffer outside RAM"))?;
             if write {
                 self.disk.write_from(offset, &slice)?;
@@ -755,7 +755,7 @@ mod tests {
             ));
             let mem = memory();
             mem.write_slice(&[0x5a; 512], GuestAddress(0x8000)).unwrap();
-            let s = mem.get_slice(GuestAddress(0x8000), 512).unwrap();
+            let s = mem.get_slice(GuestAddress(0x8000), 512, false).unwrap();
             f.write_from(1024, &s).unwrap();
         }
         let back = std::fs::read(&path).unwrap();

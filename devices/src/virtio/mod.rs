@@ -44,8 +44,9 @@ pub mod rng;
 pub use self::core::VirtioCore;
 pub use queue::{Chain, QueueError, Segment, Virtqueue};
 
-/// Guest memory as the devices see it (with its write log).
-pub use crate::guest_memory::GuestMemory;
+/// Guest memory as the devices see it (with its write log, and a watcher
+/// of every access when a device trace is written).
+pub use crate::dma::DmaMemory as GuestMemory;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

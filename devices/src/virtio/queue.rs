@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{DeviceFault, GuestMemory, Signals};
 
@@ -221,13 +221,7 @@ impl QueueConfig {
 
 /// Is `[addr, addr + len)` inside one RAM region?
 fn in_ram(mem: &GuestMemory, addr: GuestAddress, len: u64) -> bool {
-    let Some(r) = mem.find_region(addr) else {
-        return len == 0;
-    };
-    let Some(last) = addr.0.checked_add(len.saturating_sub(1)) else {
-        return false;
-    };
-    len == 0 || last <= r.last_addr().0
+    mem.in_one_region(addr, len)
 }
 
 /// One active queue.
@@ -604,7 +598,9 @@ pub(crate) mod testing {
     }
 
     pub fn memory() -> GuestMemory {
-        GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemory::from(
+            crate::guest_memory::GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        )
     }
 }
 
