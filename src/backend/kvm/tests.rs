@@ -337,14 +337,14 @@ impl Recorder {
     }
 }
 
-impl IoHandler for Recorder {
-    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+impl Platform for Recorder {
+    fn io_read(&mut self, port: u16, data: &mut [u8]) {
         self.log.push(Access::In(port, data.len()));
         let v = self.in_value.to_le_bytes();
         data.copy_from_slice(&v[..data.len()]);
         self.in_value = self.in_value.wrapping_add(1);
     }
-    fn pio_write(&mut self, port: u16, data: &[u8]) {
+    fn io_write(&mut self, port: u16, data: &[u8]) {
         self.log.push(Access::Out(port, data.to_vec()));
         if Some(port) == self.exit_port {
             self.requested = true;
@@ -357,10 +357,10 @@ impl IoHandler for Recorder {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.log.push(Access::MmioWrite(addr, data.to_vec()));
     }
-    fn exit_requested(&self) -> bool {
+    fn stop_requested(&self) -> bool {
         self.requested
     }
-    fn msr_read(&mut self, msr: u32) -> MsrResult {
+    fn read_msr(&mut self, msr: u32) -> MsrResult {
         let r = if self.msr_faults.contains(&msr) {
             MsrResult::Fault
         } else {
@@ -371,7 +371,7 @@ impl IoHandler for Recorder {
         self.log.push(Access::Rdmsr(msr, r));
         r
     }
-    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+    fn write_msr(&mut self, msr: u32, value: u64) -> MsrResult {
         let r = if self.msr_faults.contains(&msr) {
             MsrResult::Fault
         } else if let Some(v) = self.msrs.get_mut(&msr) {
@@ -1104,12 +1104,12 @@ fn kick_between_exits_completes_the_instruction() {
         rec: Recorder,
         kick: Arc<dyn Kick>,
     }
-    impl IoHandler for KickOnOut {
-        fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-            self.rec.pio_read(port, data)
+    impl Platform for KickOnOut {
+        fn io_read(&mut self, port: u16, data: &mut [u8]) {
+            self.rec.io_read(port, data)
         }
-        fn pio_write(&mut self, port: u16, data: &[u8]) {
-            self.rec.pio_write(port, data);
+        fn io_write(&mut self, port: u16, data: &[u8]) {
+            self.rec.io_write(port, data);
             if port == 0x83 {
                 self.kick.kick();
             }
@@ -1120,7 +1120,7 @@ fn kick_between_exits_completes_the_instruction() {
         fn mmio_write(&mut self, addr: u64, data: &[u8]) {
             self.rec.mmio_write(addr, data)
         }
-        fn exit_requested(&self) -> bool {
+        fn stop_requested(&self) -> bool {
             false
         }
     }
@@ -1290,7 +1290,7 @@ fn machine_view(io: &Recorder) -> Vec<Access> {
         .collect()
 }
 
-/// The machine's MSRs reach the IoHandler through MSR exits, with the
+/// The machine's MSRs reach the Platform through MSR exits, with the
 /// same accesses, answers and results as on the KVM fallback path and
 /// on the interpreter. Prints which path this host's KVM takes.
 #[test]
@@ -1605,12 +1605,12 @@ fn fallback_io_request_returns_at_once() {
     rig.write(CODE, &bytes);
     rig.vcpu.set_state(&mode_state(Mode::Prot32)).unwrap();
     struct ExitOnMmio(Recorder);
-    impl IoHandler for ExitOnMmio {
-        fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-            self.0.pio_read(port, data)
+    impl Platform for ExitOnMmio {
+        fn io_read(&mut self, port: u16, data: &mut [u8]) {
+            self.0.io_read(port, data)
         }
-        fn pio_write(&mut self, port: u16, data: &[u8]) {
-            self.0.pio_write(port, data)
+        fn io_write(&mut self, port: u16, data: &[u8]) {
+            self.0.io_write(port, data)
         }
         fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
             self.0.mmio_read(addr, data);
@@ -1619,7 +1619,7 @@ fn fallback_io_request_returns_at_once() {
         fn mmio_write(&mut self, addr: u64, data: &[u8]) {
             self.0.mmio_write(addr, data)
         }
-        fn exit_requested(&self) -> bool {
+        fn stop_requested(&self) -> bool {
             self.0.requested
         }
     }
