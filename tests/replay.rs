@@ -934,11 +934,8 @@ fn virtio_memory_accesses_are_compared_at_their_line() {
         .position(|l| l.starts_with("dma  w ") && !l.ends_with(" -"))
         .unwrap();
     let mut v = lines.clone();
-    let flip = |l: &str| {
-        let (head, last) = l.split_at(l.len() - 2);
-        format!("{head}{:02x}", u8::from_str_radix(last, 16).unwrap() ^ 0xff)
-    };
-    v[w] = flip(&lines[w]);
+    let (head, last) = lines[w].split_at(lines[w].len() - 2);
+    v[w] = format!("{head}{:02x}", u8::from_str_radix(last, 16).unwrap() ^ 0xff);
     let (line, got) = differs_at(&join(&v), None);
     assert_eq!(line, w + 1, "{got}");
     assert!(got.starts_with("dma  w "), "{got}");
