@@ -194,9 +194,12 @@ fn e1000_tap_both_ways() {
         let stats = c.power_off(STEP);
         let line = stats
             .lines()
-            .find(|l| l.contains("e1000-0"))
+            .find(|l| l.contains("e1000-0") && l.contains("frames"))
             .unwrap_or_else(|| panic!("no e1000 line in --stats:\n{stats}"));
-        assert!(line.contains("tap"), "the e1000 is not on the TAP: {line}");
+        assert!(
+            line.contains("tap duettap0"),
+            "the e1000 is not on the TAP: {line}"
+        );
     });
     if done.is_none() {
         eprintln!("e1000_tap_both_ways: SKIPPED (no network namespace)");
