@@ -17,7 +17,7 @@ use devices::pci::{BarMapping, PciAddress, PciBarWindow};
 use devices::ratelimit::LogOnce;
 use devices::{Bus, BusKind, DeviceId, SharedDevice, TimeTaint, VmControl};
 
-use crate::backend::{MsrResult, Platform};
+use crate::backend::{BackendError, CoalescedZones, MsrResult, Platform};
 use crate::irqchip::{lock, IrqChip};
 use crate::timers::Timers;
 use crate::trace::Tracer;
@@ -70,8 +70,16 @@ pub struct DeviceIo {
     xapic_overlap_logged: devices::ratelimit::RateLimiter,
     /// Coalesced MMIO: guest-physical ranges whose writes are queued (in
     /// order) instead of dispatched, until the next other device access,
-    /// MSR access or the end of the vCPU run.
+    /// MSR access or the end of the vCPU run. The fixed ranges and those
+    /// of the BARs in `coalesced_bars` where they are mapped now.
     coalesced: Vec<(u64, u64)>,
+    /// Ranges that were given at fixed addresses.
+    coalesced_fixed: Vec<(u64, u64)>,
+    /// Ranges that live inside a PCI BAR and move with it.
+    coalesced_bars: Vec<CoalescedBar>,
+    /// The backend's own zones (KVM), kept where `coalesced` says.
+    coalesced_zones: Option<Arc<dyn CoalescedZones>>,
+    zone_error: LogOnce,
     queued: Vec<(u64, [u8; 8], usize)>,
     /// Writes that went through the queue.
     pub coalesced_writes: u64,
@@ -80,6 +88,16 @@ pub struct DeviceIo {
 /// Most writes queued before they are dispatched anyway (KVM's ring holds
 /// about as many).
 pub const COALESCED_QUEUE: usize = 170;
+
+/// Coalesced ranges of one PCI BAR, as offsets into it.
+struct CoalescedBar {
+    address: PciAddress,
+    bar: u8,
+    ranges: Vec<(u64, u64)>,
+    /// The BAR's base where the ranges are in force now (None while the
+    /// BAR is not mapped).
+    base: Option<u64>,
+}
 
 impl DeviceIo {
     pub fn new(
@@ -106,15 +124,116 @@ impl DeviceIo {
             parked_xapic: None,
             xapic_overlap_logged: devices::ratelimit::RateLimiter::new(4),
             coalesced: Vec::new(),
+            coalesced_fixed: Vec::new(),
+            coalesced_bars: Vec::new(),
+            coalesced_zones: None,
+            zone_error: LogOnce::new(),
             queued: Vec::new(),
             coalesced_writes: 0,
         }
     }
 
+    /// Keep the backend's coalesced zones (KVM) in step with this queue's
+    /// ranges from now on.
+    pub fn set_coalesced_zones(&mut self, zones: Option<Arc<dyn CoalescedZones>>) {
+        self.coalesced_zones = zones;
+    }
+
     /// Queue writes to `base..base + len` (write-only, side-effect-free
-    /// registers: their effect may wait until the next other access).
-    pub fn add_coalesced_range(&mut self, base: u64, len: u64) {
-        self.coalesced.push((base, len));
+    /// registers: their effect may wait until the next other access); the
+    /// backend's zone too.
+    pub fn add_coalesced_range(&mut self, base: u64, len: u64) -> Result<(), BackendError> {
+        if let Some(z) = &self.coalesced_zones {
+            z.register(base, len)?;
+        }
+        self.coalesced_fixed.push((base, len));
+        self.rebuild_coalesced();
+        Ok(())
+    }
+
+    /// Queue writes to `ranges` (offset, length) of BAR `bar` of the PCI
+    /// function at `address`, wherever the guest maps the BAR: the ranges
+    /// (and the backend's zones) move with it in
+    /// [`DeviceIo::apply_pci_changes`]. `base` is where it is mapped now.
+    pub fn add_coalesced_bar(
+        &mut self,
+        address: PciAddress,
+        bar: u8,
+        ranges: Vec<(u64, u64)>,
+        base: Option<u64>,
+    ) -> Result<(), BackendError> {
+        if let (Some(z), Some(base)) = (&self.coalesced_zones, base) {
+            for &(off, len) in &ranges {
+                z.register(base + off, len)?;
+            }
+        }
+        self.coalesced_bars.push(CoalescedBar {
+            address,
+            bar,
+            ranges,
+            base,
+        });
+        self.rebuild_coalesced();
+        Ok(())
+    }
+
+    /// The coalesced ranges in force now (guest-physical base, length).
+    pub fn coalesced_ranges(&self) -> &[(u64, u64)] {
+        &self.coalesced
+    }
+
+    fn rebuild_coalesced(&mut self) {
+        self.coalesced.clear();
+        self.coalesced.extend_from_slice(&self.coalesced_fixed);
+        for b in &self.coalesced_bars {
+            if let Some(base) = b.base {
+                self.coalesced
+                    .extend(b.ranges.iter().map(|&(off, len)| (base + off, len)));
+            }
+        }
+    }
+
+    /// Put the coalesced ranges of BAR `bar` of `address` at `to` (None:
+    /// the BAR is no longer mapped), moving the backend's zones. Writes
+    /// still queued for the old place are dispatched first.
+    fn place_coalesced_bar(&mut self, address: PciAddress, bar: u8, to: Option<u64>) {
+        let Some(i) = self
+            .coalesced_bars
+            .iter()
+            .position(|b| b.address == address && b.bar == bar)
+        else {
+            return;
+        };
+        if self.coalesced_bars[i].base == to {
+            return;
+        }
+        self.flush_coalesced();
+        let b = &mut self.coalesced_bars[i];
+        let from = std::mem::replace(&mut b.base, to);
+        if let Some(z) = &self.coalesced_zones {
+            let mut failed = None;
+            for &(off, len) in &b.ranges {
+                if let Some(from) = from {
+                    if let Err(e) = z.unregister(from + off, len) {
+                        failed.get_or_insert(e);
+                    }
+                }
+                if let Some(to) = to {
+                    if let Err(e) = z.register(to + off, len) {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                if self.zone_error.first() {
+                    log::warn!(
+                        "pci {address}: BAR {bar}'s coalesced MMIO zones not moved: {e}; \
+                         its writes exit one by one (logged once)"
+                    );
+                }
+            }
+        }
+        self.rebuild_coalesced();
     }
 
     /// Dispatch the queued coalesced writes, in order.
@@ -231,11 +350,18 @@ impl DeviceIo {
                 let kind = bar_bus(b);
                 // A BAR that never got mapped (overlap) is not there to remove.
                 let _ = self.bus_mut(kind).remove(b.base);
+                if !b.io {
+                    self.place_coalesced_bar(c.address, b.index, None);
+                }
             }
             for b in &c.added {
                 let window: SharedDevice =
                     Arc::new(Mutex::new(PciBarWindow::new(device.clone(), b.index)));
-                if let Err(e) = self.map(bar_bus(b), id, b.base, b.size, window) {
+                let mapped = self.map(bar_bus(b), id, b.base, b.size, window);
+                if mapped.is_ok() && !b.io {
+                    self.place_coalesced_bar(c.address, b.index, Some(b.base));
+                }
+                if let Err(e) = mapped {
                     if self.pci.as_ref().is_some_and(|p| p.overlap.first()) {
                         log::warn!(
                             "pci {}: BAR {} left unmapped: {e} (logged once)",
@@ -277,6 +403,19 @@ impl DeviceIo {
                 continue;
             };
             let bars = lock(&device).config().mapped_bars();
+            let coalesced: Vec<u8> = self
+                .coalesced_bars
+                .iter()
+                .filter(|c| c.address == address)
+                .map(|c| c.bar)
+                .collect();
+            for bar in coalesced {
+                let to = bars
+                    .iter()
+                    .find(|b| b.index == bar && !b.io)
+                    .map(|b| b.base);
+                self.place_coalesced_bar(address, bar, to);
+            }
             for b in bars {
                 let window: SharedDevice =
                     Arc::new(Mutex::new(PciBarWindow::new(device.clone(), b.index)));

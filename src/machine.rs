@@ -495,6 +495,9 @@ impl Machine {
         timed.extend(chip.timed());
         let timers = Timers::new(clock.clone(), timed, vclock.clone());
         let mut io = DeviceIo::new(tracer, control.clone(), taint.clone(), timers, chip.clone());
+        if cfg.coalesced_mmio {
+            io.set_coalesced_zones(be.coalesced_zones());
+        }
         // The machine's typed device list (save, restore, enumeration).
         let mut device_list: Vec<MachineDevice> = chip.devices();
         device_list.push(MachineDevice::new("rtc", DeviceHandle::Rtc(rtc.clone())));
@@ -737,16 +740,19 @@ impl Machine {
             self.clock.clone(),
         )));
         let address = self.plug_pci(slot, name, dev.clone(), AFFECTS_TIMERS)?;
+        self.devices
+            .push(MachineDevice::new(name, DeviceHandle::E1000(dev.clone())));
         if self.coalesced_mmio {
+            // The ranges follow BAR 0 wherever the guest moves it.
             let bar0 = irqchip::lock(&dev)
                 .config()
                 .bar_address(usize::from(devices::e1000::MMIO_BAR));
-            if let Some(bar0) = bar0 {
-                for (off, len) in devices::e1000::coalesced_ranges() {
-                    self.io.add_coalesced_range(bar0 + off, len);
-                    self._backend.register_coalesced_mmio(bar0 + off, len)?;
-                }
-            }
+            self.io.add_coalesced_bar(
+                address,
+                devices::e1000::MMIO_BAR,
+                devices::e1000::coalesced_ranges(),
+                bar0,
+            )?;
         }
         self.io.timers.add(dev.clone());
         self.virtio.add_e1000(name, dev);
@@ -915,6 +921,17 @@ impl Machine {
             ),
         };
         self.add_virtio(&name, v.transport, device)
+    }
+
+    /// Writes that went through the coalesced MMIO queue so far (on KVM:
+    /// those KVM queued without an exit, and any that exited anyway).
+    pub fn coalesced_writes(&self) -> u64 {
+        self.io.coalesced_writes
+    }
+
+    /// The coalesced MMIO ranges in force now (guest-physical base, length).
+    pub fn coalesced_ranges(&self) -> Vec<(u64, u64)> {
+        self.io.coalesced_ranges().to_vec()
     }
 
     /// The machine's device models, with their types.

@@ -77,6 +77,7 @@ pub enum DeviceHandle {
     Hpet(Arc<Mutex<devices::hpet::Hpet>>),
     VirtioPci(Arc<Mutex<VirtioPci>>),
     VirtioMmio(Arc<Mutex<VirtioMmio>>),
+    E1000(Arc<Mutex<devices::e1000::E1000>>),
 }
 
 /// One entry of the machine's device list.
@@ -180,6 +181,7 @@ impl MachineDevice {
             DeviceHandle::Hpet(d) => save_one(n, d)?,
             DeviceHandle::VirtioPci(d) => save_plain(n, "virtio-pci", &lock(d).state())?,
             DeviceHandle::VirtioMmio(d) => save_plain(n, "virtio-mmio", &lock(d).state())?,
+            DeviceHandle::E1000(d) => save_one(n, d)?,
         }))
     }
 
@@ -200,6 +202,7 @@ impl MachineDevice {
             DeviceHandle::Lapic(d) => load_one(d, s),
             DeviceHandle::Pit(d) => load_one(d, s),
             DeviceHandle::Hpet(d) => load_one(d, s),
+            DeviceHandle::E1000(d) => load_one(d, s),
             DeviceHandle::VirtioPci(_) | DeviceHandle::VirtioMmio(_) => {
                 Err(MachineStateError::NotRestorable(self.name.clone()))
             }

@@ -202,6 +202,61 @@ fn e1000_with_coalesced_mmio() {
     }
 }
 
+/// Coalesced ranges follow the e1000's BAR 0 when the guest moves it
+/// (`e1000-bar-move`): on both backends with coalesced MMIO on, the
+/// serial output (the old address no longer answers, 256 writes to the
+/// multicast table read back in order, the frame loop) and the device
+/// trace are those of the run without it; the writes at the new address
+/// went through the queue (interpreter) and took no exit (KVM).
+#[test]
+fn coalesced_ranges_follow_a_bar_move() {
+    use duet::guests::e1000_loop::{MOVED_BAR0, MOVED_NAME, MTA_WRITES};
+    let plain = run_guest(MOVED_NAME, BackendKind::Interp);
+    assert_eq!(plain.serial, golden(MOVED_NAME));
+    assert!(
+        plain.serial.contains(&format!(
+            "to 0x{MOVED_BAR0:08x}, the old address reads 0xffffffff"
+        )),
+        "{}",
+        plain.serial
+    );
+    let mut kinds = vec![BackendKind::Interp];
+    if kvm_or_skip("coalesced_ranges_follow_a_bar_move") {
+        kinds.push(BackendKind::Kvm);
+    }
+    for kind in kinds {
+        let c = common::run_guest_coalesced(MOVED_NAME, kind, true);
+        assert_eq!(c.serial, golden(MOVED_NAME), "{kind:?}");
+        if let Some(d) = trace_difference(&plain.trace, &c.trace) {
+            panic!("{kind:?}: coalesced MMIO changed the device trace: {d}");
+        }
+        let moved = u64::from(MOVED_BAR0);
+        assert!(
+            !c.coalesced_ranges.is_empty()
+                && c.coalesced_ranges
+                    .iter()
+                    .all(|&(b, l)| b >= moved && b + l <= moved + devices::e1000::MMIO_BAR_LEN),
+            "{kind:?}: coalesced ranges not at the moved BAR: {:x?}",
+            c.coalesced_ranges
+        );
+        assert!(
+            c.coalesced_writes >= u64::from(MTA_WRITES),
+            "{kind:?}: only {} writes queued",
+            c.coalesced_writes
+        );
+        if kind == BackendKind::Kvm && duet::backend::kvm_coalesced_mmio() {
+            let exits = |r: &common::RunResult| r.stats.exits.iter().map(|e| e.1).sum::<u64>();
+            let off = common::run_guest_coalesced(MOVED_NAME, kind, false);
+            assert!(
+                exits(&c) + u64::from(MTA_WRITES) <= exits(&off),
+                "the moved BAR's writes still exit: coalesced {:?} vs plain {:?}",
+                c.stats.exits,
+                off.stats.exits
+            );
+        }
+    }
+}
+
 /// With `--clock virtual`, runs are bit-for-bit repeatable: three runs of
 /// every guest give byte-identical serial output and traces (time-dependent
 /// values included). Guests that wait for serial input are left out

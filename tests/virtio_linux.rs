@@ -17,17 +17,20 @@
 //! Guest kit: `scripts/linux-guest.sh` (its initramfs loads the virtio
 //! modules). Network traffic goes only to 127.0.0.1 or into the namespace.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
 use common::console::{linux_kit as kit, Console};
+use common::net::{
+    bytes, free_port, http_get, in_new_netns, make_tap, serve, sha256_file, sha256_hex,
+};
 
 const STEP: Duration = Duration::from_secs(240);
 
@@ -59,101 +62,6 @@ impl Console {
     fn step(&mut self, cmd: &str) -> String {
         self.run(cmd, STEP)
     }
-
-    /// `poweroff -f` and wait for duet to exit with status 0.
-    fn power_off(mut self) {
-        self.send("poweroff -f");
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                assert_eq!(st.code(), Some(0), "console:\n{}", self.text());
-                return;
-            }
-            assert!(
-                start.elapsed() < STEP,
-                "no exit after poweroff:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn sha256_hex(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Deterministic bytes (a xorshift stream) for images and payloads.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Serve `body` to every GET on `listener` (the guest's downloads).
-fn serve(listener: TcpListener, body: Arc<Vec<u8>>) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let body = body.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok() {
-                    if line == "\r\n" || line.is_empty() {
-                        break;
-                    }
-                    line.clear();
-                }
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes());
-                let _ = s.write_all(&body);
-            });
-        }
-    });
-}
-
-/// GET `path` from `addr`; the body.
-fn http_get(addr: &str, path: &str) -> Vec<u8> {
-    let start = Instant::now();
-    loop {
-        if let Ok(mut s) = TcpStream::connect(addr) {
-            s.set_read_timeout(Some(STEP)).ok();
-            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n");
-            let mut resp = Vec::new();
-            let _ = s.read_to_end(&mut resp);
-            if let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
-                return resp[i + 4..].to_vec();
-            }
-        }
-        assert!(start.elapsed() < STEP, "GET {addr}{path} never answered");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -174,7 +82,7 @@ fn devices_on(transport: &str) {
     std::fs::write(&data, bytes(1, 4 << 20)).unwrap();
     std::fs::write(&scratch_disk, vec![0u8; 2 << 20]).unwrap();
     std::fs::write(&ro, bytes(2, 1 << 20)).unwrap();
-    let ro_hash = sha256_hex(&ro);
+    let ro_hash = sha256_file(&ro);
     let pcap = dir.join("net.pcap");
     let hvc = dir.join("hvc.sock");
 
@@ -220,7 +128,7 @@ fn devices_on(transport: &str) {
 
     // (a) Disks.
     let sum = c.step("sha256sum /dev/vda");
-    assert!(sum.contains(&sha256_hex(&data)), "guest hash: {sum}");
+    assert!(sum.contains(&sha256_file(&data)), "guest hash: {sum}");
     let w = c.step(&format!(
         "yes '{}' | head -c {PATTERN_BYTES} > /dev/vdb; sync; echo wrote $?",
         std::str::from_utf8(&PATTERN[..PATTERN.len() - 1]).unwrap()
@@ -239,14 +147,10 @@ fn devices_on(transport: &str) {
     let g = c.step(&format!(
         "wget -q -O /tmp/payload http://10.0.2.2:{server_port}/payload && sha256sum /tmp/payload"
     ));
-    let want = {
-        let p = dir.join("payload");
-        std::fs::write(&p, &*payload).unwrap();
-        sha256_hex(&p)
-    };
+    let want = sha256_hex(&payload);
     assert!(g.contains(&want), "download: {g}");
     c.step("mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 8080 -h /www");
-    let body = http_get(&format!("127.0.0.1:{fwd_port}"), "/index.html");
+    let body = http_get(&format!("127.0.0.1:{fwd_port}"), "/index.html", STEP);
     assert_eq!(body, b"hello-from-the-guest\n");
 
     // (e) hvc0 both ways, hwrng.
@@ -270,7 +174,7 @@ fn devices_on(transport: &str) {
     assert!(rng.contains("64"), "hwrng: {rng}");
     assert!(rng.contains("virtio_rng"), "hwrng: {rng}");
 
-    c.power_off();
+    c.power_off(STEP);
 
     // (a) after power-off: the pattern is in the file, the readonly image intact.
     let back = std::fs::read(&scratch_disk).unwrap();
@@ -285,7 +189,7 @@ fn devices_on(transport: &str) {
         "pattern not on the disk"
     );
     assert!(back[PATTERN_BYTES..].iter().all(|&b| b == 0));
-    assert_eq!(sha256_hex(&ro), ro_hash, "the readonly image changed");
+    assert_eq!(sha256_file(&ro), ro_hash, "the readonly image changed");
 
     // (d) The capture: tcpdump reads it and sees DHCP and HTTP.
     match Command::new("tcpdump").arg("-nr").arg(&pcap).output() {
@@ -324,38 +228,12 @@ fn virtio_devices_on_mmio() {
     devices_on("mmio");
 }
 
-/// Run `f` on a thread inside a new network namespace (children it spawns
-/// are in it too); `None` when this host does not allow one (not root).
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            eprintln!(
-                "SKIPPED: cannot create a network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-            return None;
-        }
-        Some(f())
-    })
-    .join()
-    .expect("namespace thread")
-}
-
-fn sh(cmd: &str) {
-    let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
-    assert!(st.success(), "{cmd} failed");
-}
-
 /// (c) A TAP device inside a network namespace the test made: the guest
 /// downloads from a server on the host side, the host downloads the same
 /// bytes back from the guest's httpd.
 fn tap_on(transport: &'static str) {
     let done = in_new_netns(move || {
-        sh(
-            "ip link set lo up && ip tuntap add dev duettap0 mode tap && \
-            ip addr add 10.9.0.1/24 dev duettap0 && ip link set duettap0 up",
-        );
+        make_tap("duettap0", "10.9.0.1/24");
         let payload = Arc::new(bytes(4, 500_000));
         let server = TcpListener::bind("10.9.0.1:0").unwrap();
         let port = server.local_addr().unwrap().port();
@@ -372,13 +250,13 @@ fn tap_on(transport: &'static str) {
              httpd -p 8080 -h /www && echo fetched"
         ));
         assert!(g.contains("fetched"), "guest download over tap: {g}");
-        let back = http_get("10.9.0.2:8080", "/back");
+        let back = http_get("10.9.0.2:8080", "/back", STEP);
         assert!(
             back == *payload,
             "bytes back from the guest differ ({} bytes)",
             back.len()
         );
-        c.power_off();
+        c.power_off(STEP);
     });
     if done.is_none() {
         eprintln!("tap_on({transport}): SKIPPED (no network namespace)");

@@ -29,15 +29,18 @@
 //! throttling (ITR) uses the injected clock and [`Timed`], so it is as
 //! deterministic as the VM clock.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::clock::{Clock, Timed};
 use crate::irq::IrqLine;
-use crate::pci::config::{command, status, Bar, BarKind, ConfigSpace, PciId};
+use crate::pci::config::{command, status, Bar, BarKind, ConfigSpace, ConfigSpaceState, PciId};
 use crate::pci::{IntxPin, PciDevice};
 use crate::ratelimit::LogOnce;
+use crate::state::StateError;
 use crate::virtio::net::{GuestOffloads, NetBackend, NetHeader, RxFrame};
 use crate::virtio::GuestMemory;
 
@@ -348,7 +351,7 @@ pub mod eeprom {
 }
 
 /// The device's counters for `--stats` and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct E1000Stats {
     pub tx_frames: u64,
     pub tx_bytes: u64,
@@ -365,44 +368,66 @@ pub struct E1000Stats {
     pub throttled: u64,
 }
 
-/// The last TX context descriptor.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct TxContext {
-    ipcss: u8,
-    ipcso: u8,
-    ipcse: u16,
-    tucss: u8,
-    tucso: u8,
-    tucse: u16,
-    tucmd: u8,
-    hdrlen: u8,
-    mss: u16,
+/// The last TX context descriptor (offsets and commands as the driver
+/// wrote them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxContext {
+    pub ipcss: u8,
+    pub ipcso: u8,
+    pub ipcse: u16,
+    pub tucss: u8,
+    pub tucso: u8,
+    pub tucse: u16,
+    pub tucmd: u8,
+    pub hdrlen: u8,
+    pub mss: u16,
 }
 
-/// The frame being assembled from data descriptors.
-#[derive(Debug, Default)]
-struct TxFrame {
-    data: Vec<u8>,
+/// The frame being assembled from data descriptors (a frame may span
+/// several TDT writes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxFrame {
+    pub data: Vec<u8>,
     /// Longer than [`MAX_TX_FRAME`]: dropped at EOP.
-    oversize: bool,
+    pub oversize: bool,
     /// From the first data descriptor of the frame.
-    tse: bool,
-    popts: u8,
+    pub tse: bool,
+    pub popts: u8,
     /// Legacy checksum insertion (CSS, CSO) and VLAN tag.
-    legacy_csum: Option<(u8, u8)>,
-    vlan: Option<u16>,
-    started: bool,
+    pub legacy_csum: Option<(u8, u8)>,
+    pub vlan: Option<u16>,
+    pub started: bool,
 }
 
 /// The EEPROM's Microwire interface.
-#[derive(Clone, Copy, Debug, Default)]
-struct Microwire {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Microwire {
     /// Last EECD value the driver wrote (SK, CS, DI).
-    lines: u32,
-    bits_in: u32,
-    value_in: u32,
+    pub lines: u32,
+    pub bits_in: u32,
+    pub value_in: u32,
     /// Reading: the bit position (word * 16 + bit) DO presents.
-    out_pos: Option<u32>,
+    pub out_pos: Option<u32>,
+}
+
+/// Everything an 82540EM keeps, for snapshots and record/replay checks
+/// (the EEPROM is rebuilt from the MAC; the backend's queue is host state
+/// and not part of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct E1000State {
+    pub config: ConfigSpaceState,
+    pub mac: [u8; 6],
+    /// The register file: the non-zero dwords by offset into BAR 0.
+    pub regs: BTreeMap<u32, u32>,
+    pub phy: [u16; 32],
+    pub microwire: Microwire,
+    pub ctx: TxContext,
+    pub tx: TxFrame,
+    pub ioaddr: u32,
+    pub line_level: bool,
+    pub last_raise_ns: Option<u64>,
+    pub throttle_deadline: Option<u64>,
+    pub stats: E1000Stats,
 }
 
 /// An 82540EM.
@@ -1507,6 +1532,80 @@ impl E1000 {
     /// Host input may be pending: receive what fits.
     pub fn poll(&mut self) {
         self.receive();
+    }
+
+    // ---- saved state --------------------------------------------------
+
+    /// The device's state (see [`E1000State`]).
+    pub fn state(&self) -> E1000State {
+        E1000State {
+            config: self.config.state(),
+            mac: self.mac,
+            regs: self
+                .regs
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v != 0)
+                .map(|(i, &v)| (i as u32 * 4, v))
+                .collect(),
+            phy: self.phy,
+            microwire: self.microwire,
+            ctx: self.ctx,
+            tx: self.tx.clone(),
+            ioaddr: self.ioaddr,
+            line_level: self.line_level,
+            last_raise_ns: self.last_raise_ns,
+            throttle_deadline: self.throttle_deadline,
+            stats: self.stats,
+        }
+    }
+
+    /// Replace the device's state with `s`, INTA# driven to the restored
+    /// level. A state that cannot be this device's (another MAC, a
+    /// register outside BAR 0, a frame longer than the device assembles)
+    /// is refused and the device left as it was.
+    pub fn restore(&mut self, s: &E1000State) -> Result<(), StateError> {
+        let mismatch = |reason: String| StateError::Mismatch {
+            kind: "e1000",
+            reason,
+        };
+        if s.mac != self.mac {
+            return Err(mismatch(format!(
+                "saved for MAC {:02x?}, this device has {:02x?}",
+                s.mac, self.mac
+            )));
+        }
+        if let Some((&off, _)) = s
+            .regs
+            .iter()
+            .find(|(&o, _)| o % 4 != 0 || u64::from(o) >= MMIO_BAR_LEN)
+        {
+            return Err(mismatch(format!("register offset {off:#x}")));
+        }
+        if s.tx.data.len() > MAX_TX_FRAME {
+            return Err(mismatch(format!(
+                "a transmit frame of {} bytes",
+                s.tx.data.len()
+            )));
+        }
+        self.config.restore(&s.config);
+        self.regs.fill(0);
+        for (&off, &v) in &s.regs {
+            self.regs[off as usize / 4] = v;
+        }
+        self.phy = s.phy;
+        self.microwire = s.microwire;
+        self.ctx = s.ctx;
+        self.tx = s.tx.clone();
+        self.ioaddr = s.ioaddr;
+        self.last_raise_ns = s.last_raise_ns;
+        self.throttle_deadline = s.throttle_deadline;
+        self.stats = s.stats;
+        if self.line_level != s.line_level {
+            self.line_level = s.line_level;
+            self.irq.set_level(s.line_level);
+        }
+        Ok(())
     }
 }
 

@@ -159,6 +159,18 @@ stateful!(PciConfigIo, PciConfigIoState, "pci-config-io", 1);
 stateful!(PciTestDevice, PciTestDeviceState, "pci-test", 1);
 stateful!(Hpet, HpetState, "hpet", 1);
 
+impl Stateful for crate::e1000::E1000 {
+    type State = crate::e1000::E1000State;
+    const KIND: &'static str = "e1000";
+    const VERSION: u32 = 1;
+    fn save(&self) -> Self::State {
+        self.state()
+    }
+    fn load(&mut self, s: &Self::State) -> Result<(), StateError> {
+        self.restore(s)
+    }
+}
+
 impl Stateful for HostBridge {
     type State = ConfigSpaceState;
     const KIND: &'static str = "pci-host-bridge";

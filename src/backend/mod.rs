@@ -244,14 +244,24 @@ pub trait Backend {
         None
     }
 
-    /// Have writes to `base..base + len` queued without an exit (KVM's
-    /// coalesced MMIO); the vCPU hands them to the VMM, in order, at its
-    /// next exit. Backends without exits (the interpreter) do nothing: the
-    /// VMM's own queue ([`crate::io::DeviceIo::add_coalesced_range`]) is
-    /// the same batching.
-    fn register_coalesced_mmio(&self, _base: u64, _len: u64) -> Result<()> {
-        Ok(())
+    /// The backend's coalesced MMIO zones (KVM's
+    /// `KVM_REGISTER_COALESCED_MMIO`), when it has them: writes inside a
+    /// zone are queued without an exit and handed to the VMM, in order, at
+    /// the vCPU's next exit. Backends without exits (the interpreter) have
+    /// none: the VMM's own queue ([`crate::io::DeviceIo`]) is the same
+    /// batching.
+    fn coalesced_zones(&self) -> Option<std::sync::Arc<dyn CoalescedZones>> {
+        None
     }
+}
+
+/// Coalesced MMIO zones of a VM, registered and removed while it runs (a
+/// zone follows the PCI BAR it lies in when the guest moves the BAR).
+pub trait CoalescedZones: Send + Sync {
+    /// Queue writes to `base..base + len` without an exit.
+    fn register(&self, base: u64, len: u64) -> Result<()>;
+    /// Remove the zone registered as `base..base + len`.
+    fn unregister(&self, base: u64, len: u64) -> Result<()>;
 }
 
 /// Which backend to use.

@@ -197,20 +197,69 @@ struct Run {
     instructions: Option<u64>,
 }
 
+/// The text of the guests' summary line, printed once the last frame is
+/// back.
+const SUMMARY: &[u8] = b"frames looped back";
+
+/// The guest's serial output, with the time its summary line began: the
+/// end of the workload. (The run itself ends later: the guest then halts
+/// with interrupts off, which the in-kernel irqchip keeps inside KVM
+/// until duet's periodic check, up to `IrqChip::kick_period` later.)
+#[derive(Clone, Default)]
+struct SummaryClock(std::sync::Arc<std::sync::Mutex<SummaryState>>);
+
+#[derive(Default)]
+struct SummaryState {
+    line: Vec<u8>,
+    line_start: Option<Instant>,
+    summary_at: Option<Instant>,
+}
+
+impl std::io::Write for SummaryClock {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let now = Instant::now();
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for &c in b {
+            if s.line.is_empty() {
+                s.line_start = Some(now);
+            }
+            if c == b'\n' {
+                s.line.clear();
+            } else if s.line.len() < 256 {
+                s.line.push(c);
+            }
+            if s.summary_at.is_none() && s.line.ends_with(SUMMARY) {
+                s.summary_at = s.line_start;
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn run_once(cell: &Cell, frames: u32, frame_len: u32) -> Result<Run, String> {
     let img = cell.nic.guest(frames, frame_len);
+    let serial = SummaryClock::default();
     let cfg = MachineConfig {
         memory: 64 << 20,
         irqchip: cell.irqchip,
         coalesced_mmio: cell.coalesced,
-        ..MachineConfig::new(cell.backend, Box::new(std::io::sink()))
+        ..MachineConfig::new(cell.backend, Box::new(serial.clone()))
     };
     let mut m = Machine::new(cfg).map_err(|e| e.to_string())?;
     m.load(&img).map_err(|e| e.to_string())?;
     let cpu0 = cpu_seconds();
     let t = Instant::now();
     let outcome = m.run().map_err(|e| e.to_string())?;
-    let wall = t.elapsed().as_secs_f64();
+    let end = serial
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .summary_at
+        .ok_or("the guest printed no summary line")?;
+    let wall = end.duration_since(t).as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     if outcome != Outcome::Stopped {
         return Err(format!("the guest ended with {}", outcome.describe()));

@@ -55,11 +55,36 @@ pub fn build() -> GuestImage {
     build_with(FRAMES, FRAME_LEN)
 }
 
+/// `e1000-bar-move`: the same driver, but it first moves BAR 0 to
+/// [`MOVED_BAR0`] (memory decoding off, BAR written, decoding on), checks
+/// that the old address no longer answers, then makes 256 writes to the
+/// multicast table (a coalesced range) and reads them back in order before
+/// it loops [`MOVED_FRAMES`] frames. With `--coalesced-mmio on` the
+/// coalesced ranges must have followed the BAR.
+pub const MOVED_NAME: &str = "e1000-bar-move";
+pub const MOVED_DESCRIPTION: &str =
+    "64-bit long mode: the e1000 driver moves the NIC's BAR 0, writes the multicast table in order, loops frames";
+/// Where `e1000-bar-move` puts BAR 0 (inside the host bridge's window,
+/// away from where the machine places BARs).
+pub const MOVED_BAR0: u32 = 0xd000_0000;
+pub const MOVED_FRAMES: u32 = 64;
+/// The multicast-table writes of `e1000-bar-move`: write `i` goes to
+/// MTA[i % 8].
+pub const MTA_WRITES: u32 = 256;
+
+pub fn build_moved() -> GuestImage {
+    build_program(MOVED_FRAMES, FRAME_LEN, true)
+}
+
 /// The same driver with another frame count and length (the I/O
 /// benchmark's runs); `frame_len` is clamped to 64..=1514.
 pub fn build_with(frames: u32, frame_len: u32) -> GuestImage {
+    build_program(frames, frame_len, false)
+}
+
+fn build_program(frames: u32, frame_len: u32, move_bar: bool) -> GuestImage {
     let frame_len = frame_len.clamp(64, FRAME_LEN);
-    let mut image = assemble_program(frames, frame_len)
+    let mut image = assemble_program(frames, frame_len, move_bar)
         .expect("e1000 guest assembles")
         .into_image();
     image.pci_devices = vec![PciDeviceSpec {
@@ -70,7 +95,7 @@ pub fn build_with(frames: u32, frame_len: u32) -> GuestImage {
 }
 
 pub fn program() -> GuestProgram {
-    assemble_program(FRAMES, FRAME_LEN).expect("e1000 guest assembles")
+    assemble_program(FRAMES, FRAME_LEN, false).expect("e1000 guest assembles")
 }
 
 struct Data {
@@ -87,6 +112,11 @@ struct Data {
     line_end: u32,
     missing: u32,
     unexpected: u32,
+    moved: u32,
+    moved_to: u32,
+    old_reads: u32,
+    mta: u32,
+    space: u32,
     // Variables.
     slot: u32,
     bar0: u32,
@@ -94,7 +124,11 @@ struct Data {
     checksum: u32,
 }
 
-fn assemble_program(frames: u32, frame_len: u32) -> Result<GuestProgram, IcedError> {
+fn assemble_program(
+    frames: u32,
+    frame_len: u32,
+    move_bar: bool,
+) -> Result<GuestProgram, IcedError> {
     let mut data = DataBlock::new(map::DATA);
     let gdt_limit = (asm::GDT_DESCRIPTORS.len() * 8 - 1) as u16;
     let idt_limit = (map::IDT_END - map::IDT - 1) as u16;
@@ -112,13 +146,18 @@ fn assemble_program(frames: u32, frame_len: u32) -> Result<GuestProgram, IcedErr
         line_end: data.cstr("\r\n"),
         missing: data.cstr("e1000: no NIC found\r\n"),
         unexpected: data.cstr("e1000: unexpected interrupt or exception, stopping\r\n"),
+        moved: data.cstr(", BAR0 moved from 0x"),
+        moved_to: data.cstr(" to 0x"),
+        old_reads: data.cstr(", the old address reads 0x"),
+        mta: data.cstr("e1000: MTA[0..8] after 256 writes:"),
+        space: data.cstr(" "),
         slot: data.zeroed(4, 4),
         bar0: data.zeroed(4, 4),
         interrupts: data.zeroed(4, 4),
         checksum: data.zeroed(4, 4),
     };
     let code16 = asm::long_mode_entry(d.gdtr, true)?;
-    let code64 = long_mode_code(&d, frames, frame_len)?;
+    let code64 = long_mode_code(&d, frames, frame_len, move_bar)?;
     Ok(GuestProgram {
         code: vec![code16, code64],
         data: vec![asm::gdt_blob(), data.finish()],
@@ -148,7 +187,30 @@ fn config_read(a: &mut CodeAssembler, slot: u32, offset: u32) -> Result<(), Iced
     a.in_(eax, dx)
 }
 
-fn long_mode_code(d: &Data, frames: u32, frame_len: u32) -> Result<asm::CodeBlob, IcedError> {
+/// Write `value` to config dword `offset` of the function
+/// in `[slot]` (mechanism #1). Clobbers EAX and EDX.
+fn config_write(
+    a: &mut CodeAssembler,
+    slot: u32,
+    offset: u32,
+    value: u32,
+) -> Result<(), IcedError> {
+    a.mov(eax, dword_ptr(u64::from(slot)))?;
+    a.shl(eax, 11)?;
+    a.or(eax, (0x8000_0000 | offset) as i32)?;
+    a.mov(dx, u32::from(CONFIG_ADDRESS))?;
+    a.out(dx, eax)?;
+    a.mov(dx, u32::from(CONFIG_DATA))?;
+    a.mov(eax, value)?;
+    a.out(dx, eax)
+}
+
+fn long_mode_code(
+    d: &Data,
+    frames: u32,
+    frame_len: u32,
+    move_bar: bool,
+) -> Result<asm::CodeBlob, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let routines = Routines::new(&mut a);
     let decimal = asm::DecimalPrinter::new(&mut a);
@@ -187,6 +249,28 @@ fn long_mode_code(d: &Data, frames: u32, frame_len: u32) -> Result<asm::CodeBlob
     config_read(&mut a, d.slot, 0x10)?;
     a.and(eax, -16)?;
     a.mov(dword_ptr(u64::from(d.bar0)), eax)?;
+    if move_bar {
+        use devices::pci::config::{command, reg as cfg};
+        let cmd = u32::from(command::IO_SPACE | command::BUS_MASTER);
+        config_write(&mut a, d.slot, cfg::COMMAND as u32, cmd)?;
+        config_write(&mut a, d.slot, cfg::BAR0 as u32, MOVED_BAR0)?;
+        let cmd = cmd | u32::from(command::MEMORY_SPACE);
+        config_write(&mut a, d.slot, cfg::COMMAND as u32, cmd)?;
+        routines.print(&mut a, d.moved)?;
+        a.mov(eax, dword_ptr(u64::from(d.bar0)))?;
+        routines.print_hex(&mut a, 8)?;
+        routines.print(&mut a, d.moved_to)?;
+        config_read(&mut a, d.slot, 0x10)?;
+        a.and(eax, -16)?;
+        routines.print_hex(&mut a, 8)?;
+        routines.print(&mut a, d.old_reads)?;
+        a.mov(edx, dword_ptr(u64::from(d.bar0)))?;
+        a.mov(eax, dword_ptr(rdx + reg::STATUS as i32))?;
+        routines.print_hex(&mut a, 8)?;
+        config_read(&mut a, d.slot, 0x10)?;
+        a.and(eax, -16)?;
+        a.mov(dword_ptr(u64::from(d.bar0)), eax)?;
+    }
     // The GSI: IOAPIC entry, level-triggered, active-low.
     config_read(&mut a, d.slot, 0x3c)?;
     a.movzx(eax, al)?;
@@ -255,6 +339,27 @@ fn long_mode_code(d: &Data, frames: u32, frame_len: u32) -> Result<asm::CodeBlob
     w(&mut a, reg::RDT, RING - 1)?;
     w(&mut a, reg::RCTL, rctl::EN | rctl::BAM | rctl::SECRC)?;
     w(&mut a, reg::IMS, icr::RXT0)?;
+    if move_bar {
+        // Write i to MTA[i % 8], in order; read the eight back.
+        let mut more = a.create_label();
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut more)?;
+        a.mov(eax, ecx)?;
+        a.and(eax, 7)?;
+        a.mov(dword_ptr(rbx + rax * 4 + reg::MTA as i32), ecx)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, MTA_WRITES as i32)?;
+        a.jb(more)?;
+        routines.print(&mut a, d.mta)?;
+        for i in 0..8u32 {
+            routines.print(&mut a, d.space)?;
+            a.mov(ebx, dword_ptr(u64::from(d.bar0)))?;
+            a.mov(eax, dword_ptr(rbx + (reg::MTA + 4 * i) as i32))?;
+            routines.print_hex(&mut a, 8)?;
+        }
+        routines.print(&mut a, d.line_end)?;
+        a.mov(ebx, dword_ptr(u64::from(d.bar0)))?;
+    }
 
     // 3. The loop: R12 = frame number, R13 = ring index, R14 = checksum.
     let mut next = a.create_label();

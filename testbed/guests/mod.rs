@@ -216,6 +216,12 @@ pub fn all() -> &'static [BuiltinGuest] {
             needs_input: false,
         },
         BuiltinGuest {
+            name: e1000_loop::MOVED_NAME,
+            description: e1000_loop::MOVED_DESCRIPTION,
+            build: e1000_loop::build_moved,
+            needs_input: false,
+        },
+        BuiltinGuest {
             name: virtio::NET_LOOP_PCI_NAME,
             description: virtio::NET_LOOP_PCI_DESCRIPTION,
             build: virtio::build_net_loop_pci,

@@ -34,37 +34,88 @@ pub fn linux_kit() -> &'static PathBuf {
     })
 }
 
-/// A duet process with its serial console on pipes (stderr inherited).
+/// A duet process with its serial console on pipes (stderr inherited, or
+/// collected with [`Console::spawn_capturing_stderr`]).
 pub struct Console {
     pub child: Child,
     out: Arc<Mutex<Vec<u8>>>,
+    err: Option<Arc<Mutex<Vec<u8>>>>,
     /// Bytes of the output already consumed by [`Console::wait_for`].
     seen: usize,
+}
+
+/// Read `r` to its end on a thread, into the buffer returned.
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let s = sink.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    sink
 }
 
 impl Console {
     /// Spawn `cmd` (a duet command line) with stdin and stdout on pipes.
     pub fn spawn(cmd: &mut Command) -> Console {
+        Self::spawn_with(cmd, false)
+    }
+
+    /// [`Console::spawn`] with stderr collected too (`--stats`, warnings):
+    /// [`Console::stderr_text`].
+    pub fn spawn_capturing_stderr(cmd: &mut Command) -> Console {
+        Self::spawn_with(cmd, true)
+    }
+
+    fn spawn_with(cmd: &mut Command, capture_stderr: bool) -> Console {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         let mut child = cmd.spawn().expect("spawn duet");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().expect("stdout");
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
+        let out = collect(child.stdout.take().expect("stdout"));
+        let err = child.stderr.take().map(collect);
         Console {
             child,
             out,
+            err,
             seen: 0,
+        }
+    }
+
+    /// What duet wrote to stderr so far (empty unless collected).
+    pub fn stderr_text(&self) -> String {
+        self.err.as_ref().map_or_else(String::new, |e| {
+            String::from_utf8_lossy(&e.lock().unwrap()).into_owned()
+        })
+    }
+
+    /// `poweroff -f`; wait (at most `timeout`) for duet to exit with
+    /// status 0. Returns its stderr when collected.
+    pub fn power_off(mut self, timeout: Duration) -> String {
+        self.send("poweroff -f");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                assert_eq!(st.code(), Some(0), "console:\n{}", self.text());
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(300));
+                return self.stderr_text();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no exit after poweroff:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub mod console;
+pub mod net;
 
 use duet::backend::{self, BackendKind, IrqchipKind, VcpuStats};
 use duet::clock::ClockKind;
@@ -32,6 +33,10 @@ pub struct RunResult {
     pub trace: String,
     pub outcome: Outcome,
     pub stats: VcpuStats,
+    /// Writes that went through the coalesced MMIO queue.
+    pub coalesced_writes: u64,
+    /// The coalesced ranges in force at the end.
+    pub coalesced_ranges: Vec<(u64, u64)>,
 }
 
 /// Is KVM usable? Prints why not (the test then skips).
@@ -116,6 +121,8 @@ pub fn run_guest_tier(
     m.load(&(guest.build)()).expect("load");
     let outcome = m.run().expect("run");
     let stats = m.vcpu_stats();
+    let coalesced_writes = m.coalesced_writes();
+    let coalesced_ranges = m.coalesced_ranges();
     drop(m);
     let trace_text = std::fs::read_to_string(&trace).expect("trace file");
     std::fs::remove_file(&trace).ok();
@@ -125,6 +132,8 @@ pub fn run_guest_tier(
         trace: trace_text,
         outcome,
         stats,
+        coalesced_writes,
+        coalesced_ranges,
     }
 }
 
@@ -150,6 +159,8 @@ pub fn run_guest_coalesced(name: &str, kind: BackendKind, coalesced: bool) -> Ru
     m.load(&(guest.build)()).expect("load");
     let outcome = m.run().expect("run");
     let stats = m.vcpu_stats();
+    let coalesced_writes = m.coalesced_writes();
+    let coalesced_ranges = m.coalesced_ranges();
     drop(m);
     let trace_text = std::fs::read_to_string(&trace).expect("trace file");
     std::fs::remove_file(&trace).ok();
@@ -159,6 +170,8 @@ pub fn run_guest_coalesced(name: &str, kind: BackendKind, coalesced: bool) -> Ru
         trace: trace_text,
         outcome,
         stats,
+        coalesced_writes,
+        coalesced_ranges,
     }
 }
 

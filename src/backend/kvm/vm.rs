@@ -660,17 +660,12 @@ impl Backend for KvmBackend {
             .then(|| Arc::new(KvmGsiSink(self.vm.clone())) as Arc<dyn crate::backend::GsiSink>)
     }
 
-    fn register_coalesced_mmio(&self, base: u64, len: u64) -> Result<()> {
-        if !self.vm.check_extension(Cap::CoalescedMmio) {
-            // The VMM's own queue still batches; every write exits.
-            return Ok(());
-        }
-        let len = u32::try_from(len).map_err(|_| {
-            BackendError::Unsupported(format!("coalesced MMIO range of {len:#x} bytes"))
-        })?;
+    fn coalesced_zones(&self) -> Option<Arc<dyn crate::backend::CoalescedZones>> {
+        // Without the capability every write exits; the VMM's own queue
+        // still batches.
         self.vm
-            .register_coalesced_mmio(IoEventAddress::Mmio(base), len)
-            .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO"))
+            .check_extension(Cap::CoalescedMmio)
+            .then(|| Arc::new(KvmCoalescedZones(self.vm.clone())) as _)
     }
 
     fn tsc_khz(&self) -> Option<u32> {
@@ -682,6 +677,31 @@ impl Backend for KvmBackend {
 
     fn phys_addr_bits(&self) -> u32 {
         cpuid_phys_addr_bits(self.supported_cpuid.as_slice())
+    }
+}
+
+/// KVM's coalesced MMIO zones (`KVM_(UN)REGISTER_COALESCED_MMIO`).
+pub(super) struct KvmCoalescedZones(pub(super) Arc<VmFd>);
+
+impl KvmCoalescedZones {
+    fn zone_len(len: u64) -> Result<u32> {
+        u32::try_from(len).map_err(|_| {
+            BackendError::Unsupported(format!("coalesced MMIO range of {len:#x} bytes"))
+        })
+    }
+}
+
+impl crate::backend::CoalescedZones for KvmCoalescedZones {
+    fn register(&self, base: u64, len: u64) -> Result<()> {
+        self.0
+            .register_coalesced_mmio(IoEventAddress::Mmio(base), Self::zone_len(len)?)
+            .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO"))
+    }
+
+    fn unregister(&self, base: u64, len: u64) -> Result<()> {
+        self.0
+            .unregister_coalesced_mmio(IoEventAddress::Mmio(base), Self::zone_len(len)?)
+            .map_err(kvm_err("KVM_UNREGISTER_COALESCED_MMIO"))
     }
 }
 
