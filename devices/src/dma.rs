@@ -140,8 +140,11 @@ mod tests {
     use std::sync::Mutex;
     use vm_memory::Bytes;
 
+    /// One reported access: address, length, write?, the bytes there then.
+    type Access = (u64, usize, bool, Vec<u8>);
+
     #[derive(Default)]
-    struct Seen(Mutex<Vec<(u64, usize, bool, Vec<u8>)>>);
+    struct Seen(Mutex<Vec<Access>>);
     impl DmaWatch for Seen {
         fn access(&self, mem: &GuestMemory, addr: u64, len: usize, write: bool) {
             let mut b = vec![0; len];
