@@ -41,12 +41,12 @@ fn main() {
     let io = machine.io_handler();
     // Warm up (counters' map entries, caches).
     for _ in 0..10_000 {
-        io.pio_write(0x80, &[1]);
+        io.io_write(0x80, &[1]);
     }
-    let post = median_ns(|| io.pio_write(black_box(0x80), black_box(&[0x55])));
-    let unmapped = median_ns(|| io.pio_write(black_box(0x2f0), black_box(&[0x55])));
+    let post = median_ns(|| io.io_write(black_box(0x80), black_box(&[0x55])));
+    let unmapped = median_ns(|| io.io_write(black_box(0x2f0), black_box(&[0x55])));
     let mut byte = [0u8; 1];
-    let lsr = median_ns(|| io.pio_read(black_box(0x3fd), black_box(&mut byte)));
+    let lsr = median_ns(|| io.io_read(black_box(0x3fd), black_box(&mut byte)));
     println!("port write 0x80 (POST code):   {post:8.1} ns");
     println!("port write 0x2f0 (unmapped):   {unmapped:8.1} ns");
     println!("port read 0x3fd (COM1 LSR):    {lsr:8.1} ns");

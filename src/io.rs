@@ -17,7 +17,7 @@ use devices::pci::{BarMapping, PciAddress, PciBarWindow};
 use devices::ratelimit::LogOnce;
 use devices::{Bus, BusKind, DeviceId, SharedDevice, TimeTaint, VmControl};
 
-use crate::backend::{IoHandler, MsrResult};
+use crate::backend::{MsrResult, Platform};
 use crate::irqchip::{lock, IrqChip};
 use crate::timers::Timers;
 use crate::trace::Tracer;
@@ -411,12 +411,12 @@ fn bar_bus(b: &BarMapping) -> BusKind {
     }
 }
 
-impl IoHandler for DeviceIo {
-    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+impl Platform for DeviceIo {
+    fn io_read(&mut self, port: u16, data: &mut [u8]) {
         self.flush_coalesced();
         self.access(BusKind::Pio, u64::from(port), data, false);
     }
-    fn pio_write(&mut self, port: u16, data: &[u8]) {
+    fn io_write(&mut self, port: u16, data: &[u8]) {
         self.flush_coalesced();
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
@@ -442,19 +442,19 @@ impl IoHandler for DeviceIo {
         self.flush_coalesced();
         self.access(BusKind::Mmio, addr, &mut buf[..n], true);
     }
-    fn exit_requested(&self) -> bool {
+    fn stop_requested(&self) -> bool {
         self.control.is_pending()
             || self.chip.attention()
             || self.timers.deadline <= self.timers.now()
     }
 
-    fn instructions_retired(&mut self, n: u64) {
+    fn retired_hint(&mut self, n: u64) {
         if let Some(v) = &self.timers.vclock {
             v.set_instructions(n);
         }
     }
 
-    fn msr_read(&mut self, msr: u32) -> MsrResult {
+    fn read_msr(&mut self, msr: u32) -> MsrResult {
         self.flush_coalesced();
         let mark = self.tracer.mark();
         let r = self.chip.msr_read(self.vcpu, msr);
@@ -464,7 +464,7 @@ impl IoHandler for DeviceIo {
         r
     }
 
-    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+    fn write_msr(&mut self, msr: u32, value: u64) -> MsrResult {
         self.flush_coalesced();
         let mark = self.tracer.mark();
         let r = self.chip.msr_write(self.vcpu, msr, value);
@@ -500,11 +500,11 @@ impl IoHandler for DeviceIo {
         }
     }
 
-    fn cr8_read(&mut self) -> Option<u64> {
+    fn read_cr8(&mut self) -> Option<u64> {
         self.chip.tpr(self.vcpu).map(|t| u64::from(t >> 4))
     }
 
-    fn cr8_write(&mut self, cr8: u64) -> bool {
+    fn write_cr8(&mut self, cr8: u64) -> bool {
         let mark = self.tracer.mark();
         let r = self.chip.set_tpr(self.vcpu, ((cr8 & 0xf) << 4) as u8);
         if let Some(d) = self.tracer.devices() {
@@ -570,10 +570,10 @@ mod tests {
         let mut io = io_with(Arc::new(v.clone()), Some(v.clone()), 12_345);
         let n = io.next_check(100);
         assert_eq!(n, 12_345 / crate::clock::VIRTUAL_NS_PER_INSTRUCTION);
-        io.instructions_retired(n - 1);
-        assert!(!io.exit_requested(), "one instruction early");
-        io.instructions_retired(n);
-        assert!(io.exit_requested(), "due at exactly that count");
+        io.retired_hint(n - 1);
+        assert!(!io.stop_requested(), "one instruction early");
+        io.retired_hint(n);
+        assert!(io.stop_requested(), "due at exactly that count");
         // Far deadlines: still a poll for host requests.
         let mut io = io_with(Arc::new(v.clone()), Some(v), u64::MAX - 1);
         assert_eq!(io.next_check(0), VIRTUAL_POLL_INTERVAL);
@@ -602,7 +602,7 @@ mod tests {
             io.mmio_read(page + 0x30, &mut b);
             u32::from_le_bytes(b)
         };
-        let base = |io: &mut DeviceIo, v: u64| io.msr_write(devices::lapic::MSR_APIC_BASE, v);
+        let base = |io: &mut DeviceIo, v: u64| io.write_msr(devices::lapic::MSR_APIC_BASE, v);
         let old = crate::layout::LAPIC_BASE;
         let new = 0xfed0_0000;
         assert_ne!(version(&mut io, old), u32::MAX);
@@ -652,9 +652,9 @@ mod tests {
         let id = io.register("echo");
         io.map(BusKind::Pio, id, 0x3f8, 8, Arc::new(Mutex::new(Echo(0))))
             .unwrap();
-        io.pio_write(0x3f8, &[0x48]);
+        io.io_write(0x3f8, &[0x48]);
         let mut b = [0u8; 1];
-        io.pio_read(0x3fd, &mut b);
+        io.io_read(0x3fd, &mut b);
         let mut w = [0u8; 4];
         io.mmio_read(0xfec0_0000, &mut w);
         io.tracer.finish().unwrap();

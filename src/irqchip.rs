@@ -105,7 +105,7 @@ impl Waker {
         self.cv.notify_all();
     }
 
-    /// Cheap check the `IoHandler` makes after each access.
+    /// Cheap check the `Platform` makes after each access.
     pub fn pending(&self) -> bool {
         self.attention.load(Ordering::Acquire)
     }

@@ -1492,7 +1492,7 @@ impl Machine {
 
     /// The machine's side of device I/O, as a vCPU sees it (benchmarks
     /// and tests drive accesses through it without a guest).
-    pub fn io_handler(&mut self) -> &mut dyn backend::IoHandler {
+    pub fn io_handler(&mut self) -> &mut dyn backend::Platform {
         &mut self.io
     }
 

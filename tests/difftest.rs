@@ -102,6 +102,20 @@ fn difftest_soak_findings_replay() {
         // VZEROALL then XSAVEC with MXCSR = 1F80H: SSE not in use, MXCSR
         // not stored.
         (19072, 8, true, Mode::Long64Ring3, 2095, ""),
+        // DPPS whose summation faults: the products' flags stay (fix 43).
+        (19071, 8, true, Mode::Long64Ring3, 54878, ""),
+        // VCVTPS2PH of a single denormal, UE unmasked: PE (fix 45).
+        (19073, 8, true, Mode::Long64Ring3, 73272, ""),
+        (19074, 8, true, Mode::Long64Ring3, 115984, ""),
+        (19075, 8, true, Mode::Long64Ring3, 91406, ""),
+        // VZEROALL, VLDMXCSR 1F81H, XSAVEOPT: SSE in use, the XMM area
+        // written (fix 46).
+        (19074, 8, true, Mode::Long64Ring3, 231958, ""),
+        // VDPPS ymm: each step on both lanes at once (fix 47).
+        (19075, 8, true, Mode::Long64Ring3, 210320, ""),
+        // A RIP-relative operand aimed at a virtual IP of the block
+        // encoder (harness, fix 48).
+        (19074, 8, true, Mode::Long64Ring3, 126386, ""),
         // CVTSD2SS / CVTPD2PS of a double denormal, UE unmasked: no PE.
         (20261207, 8, true, Mode::Long64Ring3, 58251, ""),
         (20261207, 8, true, Mode::Long64Ring3, 70171, ""),

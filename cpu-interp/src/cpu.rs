@@ -182,10 +182,6 @@ pub struct Cpu {
     /// XCR0 bits XSETBV/XRSTOR accept (the model's, or the KVM guest's
     /// components with `host_features`).
     pub(crate) xcr0_mask: u64,
-    /// MXCSR has been loaded (LDMXCSR) since VZEROALL or XRSTOR last found
-    /// it at 1F80H: the compacted save formats and XGETBV(1) then count
-    /// the SSE state in use (see `insn::xsave`).
-    pub(crate) mxcsr_in_use: bool,
     /// Vendor-specific behaviour (Intel's unless told otherwise).
     pub(crate) quirks: crate::quirks::Quirks,
     /// MTRR MSRs written by the guest.
@@ -259,7 +255,6 @@ impl Cpu {
             chain: vec![ChainEntry::EMPTY; CHAIN_SIZE].into_boxed_slice(),
             cpuid_cfg: crate::cpuid::CpuidConfig::default(),
             feat: crate::cpuid::feat::ALL,
-            mxcsr_in_use: false,
             xcr0_mask: crate::cpuid::xcr0_supported(crate::cpuid::feat::ALL),
             quirks: crate::quirks::Quirks::INTEL,
             mtrr: std::collections::BTreeMap::new(),
@@ -582,7 +577,6 @@ impl Cpu {
 
     /// Replace the complete architectural state; all caches are flushed.
     pub fn set_state(&mut self, s: &CpuState) {
-        self.mxcsr_in_use = false;
         self.gpr = s.regs.gpr;
         self.rip = s.regs.rip;
         self.flags = Flags::new(s.regs.rflags);

@@ -3,7 +3,8 @@
 //! RAM is reached directly through the guest memory mapping (see
 //! [`crate::memory`]); everything else — port I/O, physical addresses that are
 //! not RAM, the clock — goes through this trait. The interpreter knows nothing
-//! of devices, buses or backends.
+//! of devices, buses or backends. The VMM's device I/O implements it once for
+//! both of its backends: KVM's exits are serviced through the same trait.
 
 /// The machine's answer to an MSR access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,14 +33,15 @@ pub trait Platform {
     /// A write of guest-physical memory that is not RAM.
     fn mmio_write(&mut self, addr: u64, data: &[u8]);
     /// True when the machine wants the CPU to stop at the next instruction
-    /// boundary (a device asked for a VM-level action such as reset).
+    /// boundary (a device asked for a VM-level action such as reset). KVM's
+    /// backend asks after every exit it services and returns the vCPU.
     fn stop_requested(&self) -> bool {
         false
     }
     /// Told the number of instructions retired so far, right before every
     /// port or MMIO access and every stop check, so a machine whose clock
     /// is derived from the instruction count (virtual time) is exact at the
-    /// access.
+    /// access. (KVM's backend never calls it.)
     fn retired_hint(&mut self, _retired: u64) {}
     /// RDMSR of an MSR the machine may own (local APIC: IA32_APIC_BASE,
     /// x2APIC 0x800–0x8ff, TSC_DEADLINE). Asked before the CPU's own MSRs.
@@ -55,7 +57,8 @@ pub trait Platform {
     /// timer deadline when time derives from the instruction count, a poll
     /// interval otherwise. Asked after every event check; `retired` is the
     /// current count. The CPU stops exactly there (inside a block if need
-    /// be), so deadlines are taken with no latency in virtual time.
+    /// be), so deadlines are taken with no latency in virtual time. (KVM's
+    /// backend never calls it.)
     fn next_check(&mut self, retired: u64) -> u64 {
         retired.saturating_add(DEFAULT_CHECK_INTERVAL)
     }

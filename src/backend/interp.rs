@@ -3,9 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cpu_interp::{Cpu, CpuExit, Platform, Ram};
+use cpu_interp::{Cpu, CpuExit, Ram};
 
-use super::{Backend, CpuState, GuestMemory, IoHandler, Result, Vcpu, VcpuExit, VcpuStats};
+use super::{Backend, CpuState, GuestMemory, Platform, Result, Vcpu, VcpuExit, VcpuStats};
 
 /// The interpreter's TSC frequency (kHz), reported in CPUID leaf 0x15/0x16.
 pub const INTERP_TSC_KHZ: u32 = 2_000_000;
@@ -16,10 +16,10 @@ pub const LAPIC_TIMER_HZ: u32 = 1_000_000_000;
 /// VMM gets regular chances to look at the outside world.
 pub const DEFAULT_BUDGET: u64 = 4_000_000;
 
-/// Presents the VMM's [`IoHandler`] as the interpreter's [`Platform`].
-/// Shared with the KVM backend's fallback path.
+/// The VMM's [`Platform`] with the vCPU's kick added: the CPU stops when
+/// either asks. Shared with the KVM backend's fallback path.
 pub struct IoPlatform<'a> {
-    pub io: &'a mut dyn IoHandler,
+    pub io: &'a mut dyn Platform,
     /// Set by [`InterpKick`]; makes the CPU stop at the next check.
     pub kick: &'a AtomicBool,
 }
@@ -35,10 +35,10 @@ impl super::Kick for InterpKick {
 
 impl Platform for IoPlatform<'_> {
     fn io_read(&mut self, port: u16, data: &mut [u8]) {
-        self.io.pio_read(port, data);
+        self.io.io_read(port, data);
     }
     fn io_write(&mut self, port: u16, data: &[u8]) {
-        self.io.pio_write(port, data);
+        self.io.io_write(port, data);
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
         self.io.mmio_read(addr, data);
@@ -47,16 +47,16 @@ impl Platform for IoPlatform<'_> {
         self.io.mmio_write(addr, data);
     }
     fn read_msr(&mut self, msr: u32) -> cpu_interp::MsrResult {
-        self.io.msr_read(msr)
+        self.io.read_msr(msr)
     }
     fn write_msr(&mut self, msr: u32, value: u64) -> cpu_interp::MsrResult {
-        self.io.msr_write(msr, value)
+        self.io.write_msr(msr, value)
     }
     fn retired_hint(&mut self, retired: u64) {
-        self.io.instructions_retired(retired);
+        self.io.retired_hint(retired);
     }
     fn stop_requested(&self) -> bool {
-        self.kick.load(std::sync::atomic::Ordering::Relaxed) || self.io.exit_requested()
+        self.kick.load(std::sync::atomic::Ordering::Relaxed) || self.io.stop_requested()
     }
     fn tsc(&mut self) -> Option<u64> {
         self.io.tsc()
@@ -65,10 +65,10 @@ impl Platform for IoPlatform<'_> {
         self.io.next_check(retired)
     }
     fn read_cr8(&mut self) -> Option<u64> {
-        self.io.cr8_read()
+        self.io.read_cr8()
     }
     fn write_cr8(&mut self, cr8: u64) -> bool {
-        self.io.cr8_write(cr8)
+        self.io.write_cr8(cr8)
     }
 }
 
@@ -173,7 +173,7 @@ impl InterpVcpu {
 }
 
 impl Vcpu for InterpVcpu {
-    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
+    fn run(&mut self, io: &mut dyn Platform) -> Result<VcpuExit> {
         let mut plat = IoPlatform {
             io,
             kick: &self.kick,
@@ -301,11 +301,11 @@ mod tests {
             self.mem.write_slice(&func(k), GuestAddress(FUNC)).unwrap();
         }
     }
-    impl IoHandler for Dma {
-        fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+    impl Platform for Dma {
+        fn io_read(&mut self, _port: u16, data: &mut [u8]) {
             data.fill(0);
         }
-        fn pio_write(&mut self, port: u16, _data: &[u8]) {
+        fn io_write(&mut self, port: u16, _data: &[u8]) {
             match port {
                 0x80 => self.write(100),
                 0x81 => self.exit = true,
@@ -316,10 +316,10 @@ mod tests {
             data.fill(0xff);
         }
         fn mmio_write(&mut self, _addr: u64, _data: &[u8]) {}
-        fn exit_requested(&self) -> bool {
+        fn stop_requested(&self) -> bool {
             self.exit
         }
-        fn msr_read(&mut self, _msr: u32) -> MsrResult {
+        fn read_msr(&mut self, _msr: u32) -> MsrResult {
             MsrResult::Unhandled
         }
     }

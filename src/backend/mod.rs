@@ -2,7 +2,7 @@
 //!
 //! A [`Backend`] is one VM over duet's guest memory; it creates [`Vcpu`]s.
 //! A vCPU runs guest code until something the VMM must act on happens, and
-//! services port I/O and MMIO synchronously through an [`IoHandler`] while it
+//! services port I/O and MMIO synchronously through a [`Platform`] while it
 //! runs, so that the interpreter can complete an MMIO access in the middle of
 //! an instruction and KVM can complete its I/O exits, both through the same
 //! device bus. No KVM type crosses these traits: registers are the neutral
@@ -24,7 +24,11 @@ pub mod select;
 /// it are logged for the interpreter's code caches).
 pub type GuestMemory = devices::guest_memory::GuestMemory;
 
-pub use cpu_interp::MsrResult;
+/// What a running vCPU needs from the machine around it — port I/O, MMIO,
+/// the machine's MSRs and CR8, time, "give the vCPU back" — on either
+/// backend: the interpreter's own trait, which the VMM's device I/O
+/// ([`crate::io::DeviceIo`]) implements and KVM's exits are serviced through.
+pub use cpu_interp::{MsrResult, Platform};
 
 /// Makes a running [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon; safe
 /// to call from any thread (timer threads, input threads).
@@ -71,57 +75,6 @@ impl Default for VmOptions {
     }
 }
 
-/// Services the VMM provides to a running vCPU.
-pub trait IoHandler {
-    /// Port read of `data.len()` bytes (1, 2 or 4).
-    fn pio_read(&mut self, port: u16, data: &mut [u8]);
-    /// Port write.
-    fn pio_write(&mut self, port: u16, data: &[u8]);
-    /// Read of guest-physical memory that is not RAM.
-    fn mmio_read(&mut self, addr: u64, data: &mut [u8]);
-    /// Write to guest-physical memory that is not RAM.
-    fn mmio_write(&mut self, addr: u64, data: &[u8]);
-    /// Checked by the backend after every access it services: true when the
-    /// VMM needs the vCPU back (a device asked for a VM-level action). The
-    /// backend completes the current instruction and returns
-    /// [`VcpuExit::IoRequest`].
-    fn exit_requested(&self) -> bool;
-    /// RDMSR of an MSR the machine may own (the local APIC's: IA32_APIC_BASE,
-    /// x2APIC 0x800–0x8ff, TSC_DEADLINE 0x6e0). `Unhandled` lets the CPU (or
-    /// KVM) handle it.
-    fn msr_read(&mut self, _msr: u32) -> MsrResult {
-        MsrResult::Unhandled
-    }
-    /// WRMSR counterpart of [`IoHandler::msr_read`].
-    fn msr_write(&mut self, _msr: u32, _value: u64) -> MsrResult {
-        MsrResult::Unhandled
-    }
-    /// The interpreter reports its retired-instruction count before every
-    /// access and stop check (the basis of virtual time). KVM never calls it.
-    fn instructions_retired(&mut self, _n: u64) {}
-    /// The VM clock's time-stamp counter, when the VMM owns time.
-    fn tsc(&mut self) -> Option<u64> {
-        None
-    }
-    /// The interpreter's retired-instruction count at which it must next
-    /// stop and ask [`IoHandler::exit_requested`] (`retired` is the count
-    /// now): the next timer deadline in virtual time, exactly; a poll
-    /// interval with host time. KVM never calls it.
-    fn next_check(&mut self, retired: u64) -> u64 {
-        retired.saturating_add(cpu_interp::platform::DEFAULT_CHECK_INTERVAL)
-    }
-    /// MOV from CR8: the local APIC's task-priority class (TPR bits 7:4),
-    /// when the machine's LAPIC owns it (`None` otherwise).
-    fn cr8_read(&mut self) -> Option<u64> {
-        None
-    }
-    /// MOV to CR8: set the local APIC's TPR to `cr8 << 4`. True when the
-    /// machine's LAPIC took it.
-    fn cr8_write(&mut self, _cr8: u64) -> bool {
-        false
-    }
-}
-
 /// Why the guest shut down.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShutdownReason {
@@ -156,8 +109,8 @@ pub enum VcpuExit {
     InterruptWindow,
     /// The guest shut down.
     Shutdown(ShutdownReason),
-    /// The [`IoHandler`] asked for the vCPU back (see
-    /// [`IoHandler::exit_requested`]); the VMM knows why.
+    /// The [`Platform`] asked for the vCPU back (see
+    /// [`Platform::stop_requested`]); the VMM knows why.
     IoRequest,
     /// The run was interrupted from outside (a kick or an instruction budget
     /// running out); nothing happened that needs action.
@@ -204,7 +157,7 @@ pub struct VcpuStats {
 /// One virtual CPU.
 pub trait Vcpu: Send {
     /// Run until something the VMM must act on. I/O is serviced through `io`.
-    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit>;
+    fn run(&mut self, io: &mut dyn Platform) -> Result<VcpuExit>;
 
     /// The complete architectural state.
     fn state(&mut self) -> Result<CpuState>;

@@ -9,7 +9,7 @@
 //! cycle exists.
 //!
 //! Whenever something may have made an interrupt deliverable, the chip
-//! raises `attention` (the `IoHandler` reports it so the vCPU comes back
+//! raises `attention` (the `Platform` reports it so the vCPU comes back
 //! to have it injected) and wakes a halted vCPU.
 
 use std::sync::{Arc, Mutex};

@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use devices::{BusKind, Clock};
 
-use crate::backend::{self, CpuState, IoHandler, Kick, MsrResult, Vcpu, VcpuExit, VcpuStats};
+use crate::backend::{self, CpuState, Kick, MsrResult, Platform, Vcpu, VcpuExit, VcpuStats};
 use crate::irqchip::{LineEvent, LineWatch};
 use crate::trace::TraceError;
 
@@ -266,7 +266,7 @@ pub struct InjectTap<'a> {
 }
 
 impl Vcpu for InjectTap<'_> {
-    fn run(&mut self, io: &mut dyn IoHandler) -> backend::Result<VcpuExit> {
+    fn run(&mut self, io: &mut dyn Platform) -> backend::Result<VcpuExit> {
         self.inner.run(io)
     }
     fn state(&mut self) -> backend::Result<CpuState> {
@@ -312,7 +312,7 @@ struct TraceVcpu {
 }
 
 impl Vcpu for TraceVcpu {
-    fn run(&mut self, _io: &mut dyn IoHandler) -> backend::Result<VcpuExit> {
+    fn run(&mut self, _io: &mut dyn Platform) -> backend::Result<VcpuExit> {
         Ok(VcpuExit::Halted)
     }
     fn state(&mut self) -> backend::Result<CpuState> {
@@ -546,9 +546,9 @@ pub fn replay_devices(
                 let mut buf = value.to_le_bytes();
                 let data = &mut buf[..size];
                 match (op, rw) {
-                    ("pio", Some("w")) => io.pio_write(addr as u16, data),
+                    ("pio", Some("w")) => io.io_write(addr as u16, data),
                     ("mmio", Some("w")) => io.mmio_write(addr, data),
-                    ("pio", Some("r")) => io.pio_read(addr as u16, data),
+                    ("pio", Some("r")) => io.io_read(addr as u16, data),
                     ("mmio", Some("r")) => io.mmio_read(addr, data),
                     _ => return Err(malformed(n, "expected r or w")),
                 }
@@ -572,9 +572,9 @@ pub fn replay_devices(
                 let value = num(n, f.next(), "value")?;
                 let want = f.next().unwrap_or("");
                 let (got_v, r) = match rw {
-                    Some("w") => (value, io.msr_write(msr, value)),
+                    Some("w") => (value, io.write_msr(msr, value)),
                     Some("r") => {
-                        let r = io.msr_read(msr);
+                        let r = io.read_msr(msr);
                         let v = if let MsrResult::Done(v) = r { v } else { value };
                         (v, r)
                     }
@@ -592,7 +592,7 @@ pub fn replay_devices(
             "cr8" => {
                 let _ = f.next();
                 let v = num(n, f.next(), "CR8 value")?;
-                io.cr8_write(v);
+                io.write_cr8(v);
             }
             "advance" => {
                 // The run loop keeps the earliest deadline current.

@@ -627,9 +627,25 @@ fn vhoriz(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     }
 }
 
+/// VDPPS/VDPPD: a YMM VDPPS takes each step on both lanes at once
+/// (`sse4::dp_lanes`).
 fn vdp(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
-    let f = sse4::fp_op(d.i.mnemonic());
-    fp_lanes(cpu, p, d, f)
+    cpu.check_avx()?;
+    let dst = d.i.op0_register();
+    let a = cpu.vreg(d.i.op1_register());
+    let b = cpu.vsrc(p, d, 2)?;
+    let lanes = if dst.is_ymm() { 2 } else { 1 };
+    let mut e = Env::new(cpu.fpu.mxcsr);
+    let r = if d.i.mnemonic() == Mnemonic::Vdpps {
+        sse4::dp_lanes::<F32>(&mut e, &a[..lanes], &b[..lanes], imm8(d))
+    } else {
+        sse4::dp_lanes::<F64>(&mut e, &a[..lanes], &b[..lanes], imm8(d))
+    };
+    // Flags of the steps before a faulting one.
+    cpu.fpu.mxcsr |= e.mxcsr & 0x3f;
+    cpu.sse_commit_flags(e.flags)?;
+    cpu.set_vreg(dst, r);
+    Ok(())
 }
 
 // ---- conversions that change the width ---------------------------------------------
@@ -939,7 +955,6 @@ fn vzero(cpu: &mut Cpu, _p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     // 1F80H: see `Cpu::xinuse_compacted`).
     if all {
         cpu.xstate.xinuse &= !xsave::SSE;
-        cpu.mxcsr_in_use = false;
     }
     cpu.xstate.xinuse &= !(xsave::AVX | xsave::ZMM_HI256);
     Ok(())

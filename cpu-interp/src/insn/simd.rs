@@ -154,14 +154,15 @@ impl Cpu {
     }
 
     /// LDMXCSR / VLDMXCSR of `v`: a reserved bit set is #GP(0); otherwise
-    /// MXCSR ← `v`, and from now on XSAVEC and XGETBV(1) see the SSE state
-    /// in use, even after loading 1F80H (the hardware oracle).
+    /// MXCSR ← `v`, and the SSE state component is in use (XINUSE[1]) for
+    /// every save instruction, even after loading 1F80H, until VZEROALL or
+    /// an XRSTOR of the component (the hardware oracle; fix 46).
     pub(crate) fn load_mxcsr(&mut self, v: u32) -> XResult<()> {
         if v & !crate::fpu::MXCSR_MASK != 0 {
             return Err(Exception::gp0());
         }
         self.fpu.mxcsr = v;
-        self.mxcsr_in_use = true;
+        self.xstate.xinuse |= crate::insn::xsave::SSE;
         Ok(())
     }
 

@@ -436,39 +436,95 @@ fn legacy_insert(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 /// (p1 + p0 | p0 + p1 for even | odd j, likewise p3/p2), then the pair
 /// of j's half first. The flags are those of one summation.
 pub fn dp<T: Fmt>(e: &mut Env, a: u128, b: u128, imm: u8) -> u128 {
+    dp_lanes::<T>(e, &[a], &[b], imm)[0]
+}
+
+/// DPPS/DPPD on every 128-bit lane of `a` and `b` (two for VDPPS ymm).
+/// The processor works in steps, each over all lanes at once — the
+/// products, then (DPPS) the pair sums, then the final sums — like
+/// packed instructions of their own (hardware oracle, fixes 43 and 47):
+/// an unmasked exception in a step ends the instruction with that step's
+/// flags (only its IE/DE/ZE when one of those is unmasked); the masked
+/// flags of the steps before stay in MXCSR, recorded in `e.mxcsr`, which
+/// the callers OR into MXCSR. A 0 × ∞ product in the upper lane of a YMM
+/// operand thus leaves the lower lane's inexact products unreported, and
+/// an ∞ − ∞ summation in one lane keeps the inexact products of both.
+pub fn dp_lanes<T: Fmt>(e: &mut Env, a: &[u128], b: &[u128], imm: u8) -> [u128; 2] {
     let w = T::BYTES;
     let n = 16 / w;
-    let p: Vec<u64> = (0..n)
-        .map(|i| {
-            if imm & (0x10 << i) != 0 {
-                sf::mul::<T>(e, lane(a, i, w), lane(b, i, w))
-            } else {
-                0
-            }
-        })
-        .collect();
-    // The multiplications are one step: an unmasked exception there ends
-    // the instruction (#XM with their flags) before any addition.
+    let lanes = a.len().min(b.len()).min(2);
     let masks = (e.mxcsr >> 7) & 0x3f;
-    if e.flags & !masks & 0x3f != 0 {
-        return 0;
+    // Runs one step; false when it faults. The flags of a faulting step,
+    // and of the last one, go to `e.flags`; those of a step completed
+    // before another are recorded as sticky.
+    let step = |e: &mut Env, f: &mut dyn FnMut(&mut Env), last: bool| -> bool {
+        let mut s = Env::new(e.mxcsr);
+        f(&mut s);
+        if last || s.flags & !masks & 0x3f != 0 {
+            e.flags |= s.flags;
+            s.flags & !masks & 0x3f == 0
+        } else {
+            e.mxcsr |= s.flags & 0x3f;
+            true
+        }
+    };
+    let mut p = [[0u64; 4]; 2];
+    let mut products = |s: &mut Env| {
+        for (l, pl) in p.iter_mut().enumerate().take(lanes) {
+            for (i, pi) in pl.iter_mut().enumerate().take(n) {
+                if imm & (0x10 << i) != 0 {
+                    *pi = sf::mul::<T>(s, lane(a[l], i, w), lane(b[l], i, w));
+                }
+            }
+        }
+    };
+    if !step(e, &mut products, false) {
+        return [0, 0];
     }
-    // Their (masked) flags stay in MXCSR even when the summation then
-    // faults on a pre-computation exception (hardware oracle: products
-    // that overflow and underflow, then a denormal product with DE
-    // unmasked, leave DE|OE|UE|PE): the callers record `e.mxcsr`'s flags.
-    e.mxcsr |= e.flags & 0x3f;
-    // The flags of the summation (a denormal product is an input like
-    // any other there: DE, or zero under DAZ).
+    // The summation's flags (a denormal product is an input like any
+    // other there: DE, or zero under DAZ).
     if n == 2 {
-        sf::add::<T>(e, p[0], p[1]);
+        let ok = step(
+            e,
+            &mut |s: &mut Env| {
+                for pl in &p[..lanes] {
+                    sf::add::<T>(s, pl[0], pl[1]);
+                }
+            },
+            true,
+        );
+        if !ok {
+            return [0, 0];
+        }
     } else {
-        let lo = sf::add::<T>(e, p[0], p[1]);
-        let hi = sf::add::<T>(e, p[2], p[3]);
-        sf::add::<T>(e, lo, hi);
+        let mut pairs = [[0u64; 2]; 2];
+        let ok = step(
+            e,
+            &mut |s: &mut Env| {
+                for (pl, pr) in p[..lanes].iter().zip(pairs.iter_mut()) {
+                    *pr = [sf::add::<T>(s, pl[0], pl[1]), sf::add::<T>(s, pl[2], pl[3])];
+                }
+            },
+            false,
+        );
+        let ok = ok
+            && step(
+                e,
+                &mut |s: &mut Env| {
+                    for pr in &pairs[..lanes] {
+                        sf::add::<T>(s, pr[0], pr[1]);
+                    }
+                },
+                true,
+            );
+        if !ok {
+            return [0, 0];
+        }
     }
+    // The results, lane by lane in each output element's own order (their
+    // flags are those recorded above).
     let mut x = Env::new(e.mxcsr);
-    let sum = |x: &mut Env, j: usize| -> u64 {
+    let sum = |x: &mut Env, p: &[u64; 4], j: usize| -> u64 {
         if n == 2 {
             sf::add::<T>(x, p[j], p[1 - j])
         } else {
@@ -490,13 +546,17 @@ pub fn dp<T: Fmt>(e: &mut Env, a: u128, b: u128, imm: u8) -> u128 {
             }
         }
     };
-    (0..n).fold(0u128, |r, j| {
-        if imm & (1 << j) != 0 {
-            set_lane(r, j, w, sum(&mut x, j))
-        } else {
-            r
-        }
-    })
+    let mut r = [0u128; 2];
+    for (l, rl) in r.iter_mut().enumerate().take(lanes) {
+        *rl = (0..n).fold(0u128, |acc, j| {
+            if imm & (1 << j) != 0 {
+                set_lane(acc, j, w, sum(&mut x, &p[l], j))
+            } else {
+                acc
+            }
+        });
+    }
+    r
 }
 
 /// ROUNDPS/ROUNDPD (`PACKED`) and ROUNDSS/ROUNDSD (lane 0 of `b` into `a`).
@@ -895,5 +955,78 @@ mod tests {
             "the products' flags are sticky"
         );
         assert_ne!(e.flags & DE, 0, "the denormal product is a summation input");
+    }
+
+    /// Hardware oracle (`--seed 19075 --isa-only --case 210320`, then a
+    /// probe on the host CPU): VDPPS ymm takes each step — products, pair
+    /// sums, final sums — on both lanes at once (fix 47).
+    #[test]
+    fn vdpps_ymm_takes_each_step_on_both_lanes() {
+        use crate::insn::simd_fp::{IE, OE, PE};
+        const ONE: u32 = 0x3f80_0000;
+        const THIRD: u32 = 0x3eaa_aaab;
+        const INF: u32 = 0x7f80_0000;
+        const BIG: u32 = 0x7f00_0000; // 2^127
+        const ULP: u32 = 0x3380_0000; // 2^-24: 1 + ULP is inexact
+        fn v(x: [u32; 4]) -> u128 {
+            x.iter()
+                .enumerate()
+                .fold(0, |r, (i, &e)| r | (u128::from(e) << (32 * i)))
+        }
+        // Flags MXCSR ends with (IE unmasked, the rest masked), by lane.
+        fn flags(a: [[u32; 4]; 2], b: [[u32; 4]; 2]) -> u32 {
+            let mut e = Env::new(0x1f00);
+            dp_lanes::<F32>(&mut e, &[v(a[0]), v(a[1])], &[v(b[0]), v(b[1])], 0xff);
+            let masks = (e.mxcsr >> 7) & 0x3f;
+            let unmasked = e.flags & !masks & 0x3f;
+            let step = if unmasked & 7 != 0 {
+                e.flags & 7
+            } else {
+                e.flags
+            };
+            (e.mxcsr | step) & 0x3f
+        }
+        let z = [0u32; 4];
+        for (a, b, want, what) in [
+            // An inexact product in one lane, 0 × ∞ in the other: the
+            // products fault together, PE is not reported.
+            (
+                [[THIRD, 0, 0, 0], [0; 4]],
+                [[THIRD, 0, 0, 0], [INF, 0, 0, 0]],
+                IE,
+                "0 × ∞",
+            ),
+            (
+                [[0; 4], [THIRD, 0, 0, 0]],
+                [[INF, 0, 0, 0], [THIRD, 0, 0, 0]],
+                IE,
+                "0 × ∞ low",
+            ),
+            // ∞ − ∞ in the pair sums of one lane: the products' PE stays.
+            (
+                [[INF, 0xff80_0000, 0, 0], [THIRD, 0, 0, 0]],
+                [[ONE, ONE, 0, 0], [THIRD, 0, 0, 0]],
+                IE | PE,
+                "∞ − ∞ after an inexact product",
+            ),
+            // An inexact pair sum in one lane, ∞ − ∞ in the other's: one
+            // step, PE not reported.
+            (
+                [[ONE, ULP, 0, 0], [INF, 0xff80_0000, 0, 0]],
+                [[ONE, ONE, 0, 0], [ONE, ONE, 0, 0]],
+                IE,
+                "pair sums",
+            ),
+            // Pair sums overflowing (masked) to +∞ and −∞, then ∞ − ∞ in
+            // the final sum: the pair sums' OE|PE stay.
+            (
+                [z, [BIG; 4]],
+                [z, [0x3fc0_0000, 0x3fc0_0000, 0xbfc0_0000, 0xbfc0_0000]],
+                IE | OE | PE,
+                "final sum",
+            ),
+        ] {
+            assert_eq!(flags(a, b), want, "{what}");
+        }
     }
 }

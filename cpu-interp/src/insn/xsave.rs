@@ -133,12 +133,14 @@ impl Cpu {
 
     /// XINUSE as XSAVEC/XSAVES store it and XGETBV(1) reports it: the
     /// SSE bit also covers MXCSR there (a compacted XRSTOR sets MXCSR to
-    /// 1F80H when XSTATE_BV[1] is clear). On the hardware oracle it is set
-    /// while MXCSR is not 1F80H, and after LDMXCSR of any value until
-    /// VZEROALL or XRSTOR; XSAVE and XSAVEOPT ignore MXCSR (SDM 13.6:
-    /// XINUSE[1] pertains to the XMM registers only).
+    /// 1F80H when XSTATE_BV[1] is clear), so it is set while MXCSR is not
+    /// 1F80H. For every save form, LDMXCSR of any value sets XINUSE[1]
+    /// like a write of an XMM register, until VZEROALL or an XRSTOR whose
+    /// RFBM[1] is set (the hardware oracle, fix 46: VZEROALL, LDMXCSR
+    /// 1F80H, XSAVE stores XSTATE_BV[1] = 1 and XSAVEOPT writes the XMM
+    /// area; an XRSTOR of the x87 or AVX component alone leaves it set).
     pub(crate) fn xinuse_compacted(&self) -> u64 {
-        let mx = self.mxcsr_in_use || self.fpu.mxcsr != MXCSR_INIT;
+        let mx = self.fpu.mxcsr != MXCSR_INIT;
         self.xinuse() | if mx { SSE } else { 0 }
     }
 
@@ -647,7 +649,6 @@ fn restore<const REX_W: bool, const SUPERVISOR: bool>(
         }
     }
     cpu.xstate.xinuse = (cpu.xstate.xinuse & !rfbm) | (bv & rfbm);
-    cpu.mxcsr_in_use = false;
     Ok(())
 }
 
@@ -787,7 +788,8 @@ mod tests {
             (3, 3)
         );
         // VZEROALL cleans SSE too; XSAVEC still marks it while MXCSR is
-        // not 1F80H, or after LDMXCSR of any value.
+        // not 1F80H. LDMXCSR of any value after it marks SSE for XSAVE as
+        // well (fix 46).
         assert_eq!(bv_after(|a| a.vzeroall(), MXCSR_INIT), (1, 1));
         assert_eq!(bv_after(|a| a.vzeroall(), 0x5f80), (1, 3));
         assert_eq!(
@@ -799,7 +801,7 @@ mod tests {
                 },
                 MXCSR_INIT
             ),
-            (1, 3)
+            (3, 3)
         );
         // VZEROALL followed by a VEX.128 write: SSE in use, AVX not.
         assert_eq!(
@@ -812,6 +814,61 @@ mod tests {
             ),
             (3, 3)
         );
+    }
+
+    /// LDMXCSR after VZEROALL puts the SSE component in use for XSAVE and
+    /// XSAVEOPT too, even loading 1F80H: XSAVEOPT then writes the XMM area
+    /// (seed 19074 `--isa-only` case 231958, and a probe on the host CPU).
+    /// An XRSTOR of another component leaves it in use; one of SSE with
+    /// XSTATE_BV[1] clear takes it out of use (fix 46).
+    #[test]
+    fn ldmxcsr_puts_the_sse_component_in_use_for_every_save_form() {
+        fn xsaveopt_after(tail: fn(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+            let code = asm(64, |a| {
+                a.vzeroall()?;
+                a.mov(rcx, (AREA + 0x800) as i64)?;
+                a.vldmxcsr(dword_ptr(rcx))?;
+                tail(a)?;
+                a.mov(eax, 2)?;
+                a.xor(edx, edx)?;
+                a.mov(rbx, AREA as i64)?;
+                a.xsaveopt64(ptr(rbx))
+            });
+            let c = run(Mode::Long64, &code, |c| {
+                avx_on(c);
+                c.xstate.xinuse = X87 | SSE;
+                write_phys(c, AREA, &[0xee; 576]);
+                write_phys(c, AREA + 0x800, &0x1f80u32.to_le_bytes());
+                // An x87-only and an all-init XRSTOR image.
+                write_phys(c, AREA + 0x1000, &[0; 576]);
+                write_phys(c, AREA + 0x1000, &0x037fu16.to_le_bytes());
+                write_phys(c, AREA + 0x1000 + 24, &0x1f80u32.to_le_bytes());
+                write_phys(c, AREA + 0x1000 + 512, &X87.to_le_bytes());
+            });
+            read_bytes(&c, AREA, 576)
+        }
+        let img = xsaveopt_after(|_| Ok(()));
+        assert_eq!(get64(&img, 512) & SSE, SSE, "XSTATE_BV[1]");
+        assert_eq!(&img[160..176], &[0; 16], "XMM0 written");
+        assert_eq!(&img[24..28], &0x1f80u32.to_le_bytes());
+        // XRSTOR of the x87 component alone: still in use.
+        let img = xsaveopt_after(|a| {
+            a.mov(eax, 1)?;
+            a.xor(edx, edx)?;
+            a.mov(rsi, (AREA + 0x1000) as i64)?;
+            a.xrstor64(ptr(rsi))
+        });
+        assert_eq!(get64(&img, 512) & SSE, SSE);
+        assert_eq!(&img[160..176], &[0; 16]);
+        // XRSTOR of SSE with XSTATE_BV[1] clear: initial, not written.
+        let img = xsaveopt_after(|a| {
+            a.mov(eax, 2)?;
+            a.xor(edx, edx)?;
+            a.mov(rsi, (AREA + 0x1000) as i64)?;
+            a.xrstor64(ptr(rsi))
+        });
+        assert_eq!(get64(&img, 512) & SSE, 0);
+        assert_eq!(&img[160..176], &[0xee; 16], "XMM area skipped");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - Interrupt controllers ([`IrqchipKind`]):
 //!   - `Userspace` (the default): no in-kernel irqchip and no in-kernel PIT.
 //!     Every port and MMIO access exits to userspace and goes through the
-//!     VMM's [`IoHandler`], exactly as with the interpreter. External
+//!     VMM's [`Platform`], exactly as with the interpreter. External
 //!     interrupts are queued with `KVM_INTERRUPT` (userspace irqchip
 //!     semantics: KVM injects at the next entry whatever is queued, so it
 //!     is only queued when the guest can take it; otherwise it is held here
@@ -15,7 +15,7 @@
 //!     (`KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`). Their ports (0x20/0x21,
 //!     0xa0/0xa1, 0x4d0/0x4d1, 0x40–0x43 and, with the PIT's speaker dummy,
 //!     0x61) and MMIO (IOAPIC 0xfec00000, LAPIC 0xfee00000) never reach the
-//!     [`IoHandler`]; the VMM raises interrupt lines with
+//!     [`Platform`]; the VMM raises interrupt lines with
 //!     [`Backend::set_irq_line`]; HLT waits in the kernel, also `cli; hlt`
 //!     (a kick ends the wait, and `run` then returns `Halted` if KVM holds
 //!     the vCPU halted, else `Interrupted`; so the VMM must kick to notice
@@ -26,7 +26,7 @@
 //!     `KVM_CAP_TSC_DEADLINE_TIMER`) TSC-deadline for KVM's LAPIC.
 //! - The machine's MSRs (userspace irqchip): IA32_APIC_BASE (0x1b),
 //!   IA32_TSC_DEADLINE (0x6e0) and the x2APIC range (0x800–0x8ff) reach
-//!   [`IoHandler::msr_read`]/[`IoHandler::msr_write`] through
+//!   [`Platform::read_msr`]/[`Platform::write_msr`] through
 //!   `KVM_CAP_X86_USER_SPACE_MSR` exits, as they do on the interpreter (see
 //!   [`USER_SPACE_MSR_REASONS`] and [`MACHINE_MSR_RANGES`]). Only then are
 //!   x2APIC and TSC-deadline advertised in CPUID
@@ -107,9 +107,9 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddr
 
 use super::interp::IoPlatform;
 use super::{
-    Backend, BackendError, CpuState, DebugRegs, DescriptorTable, FpuState, GuestMemory, IoHandler,
-    IrqchipKind, Kick, MsrResult, Msrs, PendingEvents, Regs, Result, Segment, ShutdownReason,
-    Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions, XState,
+    Backend, BackendError, CpuState, DebugRegs, DescriptorTable, FpuState, GuestMemory,
+    IrqchipKind, Kick, MsrResult, Msrs, PendingEvents, Platform, Regs, Result, Segment,
+    ShutdownReason, Sregs, Vcpu, VcpuExit, VcpuStats, VmOptions, XState,
 };
 
 mod convert;
@@ -157,7 +157,7 @@ fn cpuid_phys_addr_bits(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> u32 {
 
 /// The machine's MSRs, as `(first, count)`: KVM's MSR filter denies guest
 /// accesses to them, which `KVM_MSR_EXIT_REASON_FILTER` turns into exits to
-/// the [`IoHandler`]. (Without an in-kernel LAPIC KVM would store
+/// the [`Platform`]. (Without an in-kernel LAPIC KVM would store
 /// IA32_APIC_BASE and ignore relocation, disable and x2APIC enable, and
 /// would fail the others.)
 pub const MACHINE_MSR_RANGES: [(u32, u32); 3] = [

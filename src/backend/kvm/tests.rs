@@ -337,14 +337,14 @@ impl Recorder {
     }
 }
 
-impl IoHandler for Recorder {
-    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+impl Platform for Recorder {
+    fn io_read(&mut self, port: u16, data: &mut [u8]) {
         self.log.push(Access::In(port, data.len()));
         let v = self.in_value.to_le_bytes();
         data.copy_from_slice(&v[..data.len()]);
         self.in_value = self.in_value.wrapping_add(1);
     }
-    fn pio_write(&mut self, port: u16, data: &[u8]) {
+    fn io_write(&mut self, port: u16, data: &[u8]) {
         self.log.push(Access::Out(port, data.to_vec()));
         if Some(port) == self.exit_port {
             self.requested = true;
@@ -357,10 +357,10 @@ impl IoHandler for Recorder {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.log.push(Access::MmioWrite(addr, data.to_vec()));
     }
-    fn exit_requested(&self) -> bool {
+    fn stop_requested(&self) -> bool {
         self.requested
     }
-    fn msr_read(&mut self, msr: u32) -> MsrResult {
+    fn read_msr(&mut self, msr: u32) -> MsrResult {
         let r = if self.msr_faults.contains(&msr) {
             MsrResult::Fault
         } else {
@@ -371,7 +371,7 @@ impl IoHandler for Recorder {
         self.log.push(Access::Rdmsr(msr, r));
         r
     }
-    fn msr_write(&mut self, msr: u32, value: u64) -> MsrResult {
+    fn write_msr(&mut self, msr: u32, value: u64) -> MsrResult {
         let r = if self.msr_faults.contains(&msr) {
             MsrResult::Fault
         } else if let Some(v) = self.msrs.get_mut(&msr) {
@@ -410,21 +410,42 @@ enum Mode {
 struct Rig {
     vcpu: KvmVcpu,
     mem: GuestMemory,
-    _backend: KvmBackend,
+    backend: KvmBackend,
 }
 
+/// A VM with default options and one vCPU.
 fn rig() -> Rig {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let mut backend = KvmBackend::new(&mem).expect("create KVM VM");
-    let vcpu = backend.create_kvm_vcpu(0).expect("create vCPU");
-    Rig {
-        vcpu,
-        mem,
-        _backend: backend,
-    }
+    Rig::with_options(VmOptions::default()).expect("create KVM VM")
+}
+
+/// A rig whose vCPU starts in real mode at CODE, where `code` is.
+fn real_mode_rig(code: &[u8]) -> Rig {
+    let mut rig = rig();
+    rig.write(CODE, code);
+    rig.vcpu
+        .set_state(&CpuState::real_mode_at(0, CODE as u16))
+        .unwrap();
+    rig
 }
 
 impl Rig {
+    /// A VM with `opts` and one vCPU (the VM's creation error, so a test
+    /// can skip visibly on a KVM without the feature).
+    fn with_options(opts: VmOptions) -> Result<Rig> {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mut backend = KvmBackend::with_options(&mem, opts)?;
+        let vcpu = backend.create_kvm_vcpu(0).expect("create vCPU");
+        Ok(Rig { vcpu, mem, backend })
+    }
+
+    /// [`Rig::setup`] for `mode`, `code` at CODE and the vCPU in `mode`'s
+    /// ring-0 state there.
+    fn start(&mut self, mode: Mode, code: &[u8]) {
+        self.setup(mode);
+        self.write(CODE, code);
+        self.vcpu.set_state(&mode_state(mode)).unwrap();
+    }
+
     fn write(&self, addr: u64, bytes: &[u8]) {
         self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
@@ -588,22 +609,16 @@ fn cpu_model_reaches_the_kvm_guest_or_is_reported_overridden() {
     if !kvm_usable() {
         return;
     }
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let opts = VmOptions {
         cpu: cpu_interp::cpuid::CpuModel::V2,
         ..Default::default()
     };
-    let mut backend = KvmBackend::with_options(&mem, opts).expect("VM");
-    let vcpu = backend.create_kvm_vcpu(0).expect("vCPU");
-    let mut rig = Rig {
-        vcpu,
-        mem,
-        _backend: backend,
-    };
-    rig.setup(Mode::Long64);
+    let mut rig = Rig::with_options(opts).expect("VM");
     // mov eax, 1 ; cpuid ; mov esi, ecx ; hlt
-    rig.write(CODE, &[0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x89, 0xce, 0xf4]);
-    rig.vcpu.set_state(&mode_state(Mode::Long64)).unwrap();
+    rig.start(
+        Mode::Long64,
+        &[0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x89, 0xce, 0xf4],
+    );
     let mut io = Recorder::default();
     assert_eq!(rig.run(&mut io), VcpuExit::Halted);
     let ecx = rig.vcpu.state().unwrap().regs.gpr[cpu_interp::state::gpr::RSI] as u32;
@@ -636,7 +651,6 @@ fn real_mode_port_io_per_element() {
     if !kvm_usable() {
         return;
     }
-    let mut rig = rig();
     let code = [
         0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0xb0, b'A', // mov al, 'A'
@@ -656,12 +670,9 @@ fn real_mode_port_io_per_element() {
         0xec, // in al, dx
         0xf4, // hlt
     ];
-    rig.write(CODE, &code);
+    let mut rig = real_mode_rig(&code);
     rig.write(0x9500, b"hello");
     rig.write(0x9510, &[1, 2, 3, 4]);
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
     let mut io = Recorder {
         in_value: 0x41,
         ..Default::default()
@@ -711,7 +722,6 @@ fn io_request_completes_the_instruction() {
     if !kvm_usable() {
         return;
     }
-    let mut rig = rig();
     let code = [
         0xb0, 0x07, // mov al, 7
         0xe6, 0xf4, // out 0xf4, al
@@ -719,10 +729,7 @@ fn io_request_completes_the_instruction() {
         0xe6, 0xe9, // out 0xe9, al
         0xf4, // hlt
     ];
-    rig.write(CODE, &code);
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
+    let mut rig = real_mode_rig(&code);
     let mut io = Recorder {
         exit_port: Some(0xf4),
         ..Default::default()
@@ -901,11 +908,7 @@ fn immediate_exit_returns_interrupted() {
     if !kvm_usable() {
         return;
     }
-    let mut rig = rig();
-    rig.write(CODE, &[0xb0, b'K', 0xe6, PORT_END as u8, 0xf4]);
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
+    let mut rig = real_mode_rig(&[0xb0, b'K', 0xe6, PORT_END as u8, 0xf4]);
     rig.vcpu.fd.set_kvm_immediate_exit(1);
     let mut io = Recorder::default();
     assert_eq!(rig.vcpu.run(&mut io).unwrap(), VcpuExit::Interrupted);
@@ -1033,11 +1036,7 @@ fn kick_reaches_a_thread_that_blocked_the_signal() {
         println!("kick_reaches_a_thread_that_blocked_the_signal: SKIPPED (no kick signal)");
         return;
     };
-    let mut rig = rig();
-    rig.write(CODE, &[0xeb, 0xfe]); // jmp $
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
+    let mut rig = real_mode_rig(&[0xeb, 0xfe]); // jmp $
     let kicker = rig.vcpu.kicker();
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
@@ -1071,11 +1070,7 @@ fn kick_outside_run_is_kept_once() {
     if !kvm_usable() {
         return;
     }
-    let mut rig = rig();
-    rig.write(CODE, &[0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
+    let mut rig = real_mode_rig(&[0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
     let kicker = rig.vcpu.kicker();
     kicker.kick();
     kicker.kick();
@@ -1104,12 +1099,12 @@ fn kick_between_exits_completes_the_instruction() {
         rec: Recorder,
         kick: Arc<dyn Kick>,
     }
-    impl IoHandler for KickOnOut {
-        fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-            self.rec.pio_read(port, data)
+    impl Platform for KickOnOut {
+        fn io_read(&mut self, port: u16, data: &mut [u8]) {
+            self.rec.io_read(port, data)
         }
-        fn pio_write(&mut self, port: u16, data: &[u8]) {
-            self.rec.pio_write(port, data);
+        fn io_write(&mut self, port: u16, data: &[u8]) {
+            self.rec.io_write(port, data);
             if port == 0x83 {
                 self.kick.kick();
             }
@@ -1120,16 +1115,12 @@ fn kick_between_exits_completes_the_instruction() {
         fn mmio_write(&mut self, addr: u64, data: &[u8]) {
             self.rec.mmio_write(addr, data)
         }
-        fn exit_requested(&self) -> bool {
+        fn stop_requested(&self) -> bool {
             false
         }
     }
-    let mut rig = rig();
     // out 0x83, al; mov al, 'E'; out PORT_END, al; hlt
-    rig.write(CODE, &[0xe6, 0x83, 0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
-    rig.vcpu
-        .set_state(&CpuState::real_mode_at(0, CODE as u16))
-        .unwrap();
+    let mut rig = real_mode_rig(&[0xe6, 0x83, 0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
     let mut io = KickOnOut {
         rec: Recorder::default(),
         kick: rig.vcpu.kicker(),
@@ -1290,7 +1281,7 @@ fn machine_view(io: &Recorder) -> Vec<Access> {
         .collect()
 }
 
-/// The machine's MSRs reach the IoHandler through MSR exits, with the
+/// The machine's MSRs reach the Platform through MSR exits, with the
 /// same accesses, answers and results as on the KVM fallback path and
 /// on the interpreter. Prints which path this host's KVM takes.
 #[test]
@@ -1298,7 +1289,7 @@ fn machine_msrs_reach_the_handler() {
     if !kvm_usable() {
         return;
     }
-    let supported = rig()._backend.machine_msrs_supported();
+    let supported = rig().backend.machine_msrs_supported();
     println!(
         "this KVM: machine MSR exits {}",
         if supported {
@@ -1409,13 +1400,12 @@ fn kernel_irqchip_runs_a_guest() {
     if !kvm_usable() {
         return;
     }
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let opts = VmOptions {
         irqchip: IrqchipKind::Kernel,
         ..VmOptions::default()
     };
-    let mut backend = match KvmBackend::with_options(&mem, opts) {
-        Ok(b) => b,
+    let mut rig = match Rig::with_options(opts) {
+        Ok(r) => r,
         Err(e) => {
             println!("this KVM has no in-kernel irqchip: {e}");
             assert!(matches!(e, BackendError::Unsupported(ref m) if m.contains("irqchip")));
@@ -1423,15 +1413,8 @@ fn kernel_irqchip_runs_a_guest() {
         }
     };
     println!("this KVM: in-kernel irqchip and PIT created");
-    assert_eq!(backend.irqchip(), IrqchipKind::Kernel);
-    assert!(!backend.machine_msrs_supported());
-    let vcpu = backend.create_kvm_vcpu(0).expect("create vCPU");
-    let mut rig = Rig {
-        vcpu,
-        mem,
-        _backend: backend,
-    };
-    rig.setup(Mode::Real);
+    assert_eq!(rig.backend.irqchip(), IrqchipKind::Kernel);
+    assert!(!rig.backend.machine_msrs_supported());
     #[rustfmt::skip]
     let code = [
         0xb0, 0x11, 0xe6, 0x20, // ICW1
@@ -1446,8 +1429,7 @@ fn kernel_irqchip_runs_a_guest() {
         0xe6, 0xf4, // exit request
         0xfa, 0xf4,
     ];
-    rig.write(CODE, &code);
-    rig.vcpu.set_state(&mode_state(Mode::Real)).unwrap();
+    rig.start(Mode::Real, &code);
     assert!(!rig.vcpu.ready_for_interrupt());
     assert!(matches!(
         rig.vcpu.inject_interrupt(0x21),
@@ -1458,7 +1440,7 @@ fn kernel_irqchip_runs_a_guest() {
         ..Default::default()
     };
     let kicker = rig.vcpu.kicker();
-    let (backend, vcpu) = (&rig._backend, &mut rig.vcpu);
+    let (backend, vcpu) = (&rig.backend, &mut rig.vcpu);
     let done = AtomicBool::new(false);
     let done = &done;
     let exit = std::thread::scope(|sc| {
@@ -1491,7 +1473,7 @@ fn kernel_irqchip_runs_a_guest() {
         io.log
     );
     assert!(!rig.vcpu.stats().exits.iter().any(|(k, _)| k == "hlt"));
-    assert!(rig._backend.tsc_khz().is_some());
+    assert!(rig.backend.tsc_khz().is_some());
 
     // `cli; hlt` waits in the kernel for good; a kick shows it halted.
     io.requested = false;
@@ -1534,7 +1516,7 @@ fn set_irq_line_needs_the_kernel_irqchip() {
         return;
     }
     let rig = rig();
-    let e = rig._backend.set_irq_line(4, true).unwrap_err();
+    let e = rig.backend.set_irq_line(4, true).unwrap_err();
     assert!(matches!(e, BackendError::Unsupported(_)), "{e}");
 }
 
@@ -1545,7 +1527,7 @@ fn tsc_khz_is_plausible() {
         return;
     }
     let rig = rig();
-    let khz = rig._backend.tsc_khz().expect("TSC frequency");
+    let khz = rig.backend.tsc_khz().expect("TSC frequency");
     println!("this KVM: TSC {khz} kHz");
     assert!(khz > 100_000, "{khz} kHz");
 }
@@ -1599,18 +1581,16 @@ fn fallback_io_request_returns_at_once() {
     // popcnt eax, [0xc0000000] (refused, MMIO read); then 'E'.
     let code = [0xf3, 0x0f, 0xb8, 0x05, 0x00, 0x00, 0x00, 0xc0];
     let mut rig = rig();
-    rig.setup(Mode::Prot32);
     let mut bytes = code.to_vec();
     bytes.extend([0xb0, b'E', 0xe6, PORT_END as u8, 0xf4]);
-    rig.write(CODE, &bytes);
-    rig.vcpu.set_state(&mode_state(Mode::Prot32)).unwrap();
+    rig.start(Mode::Prot32, &bytes);
     struct ExitOnMmio(Recorder);
-    impl IoHandler for ExitOnMmio {
-        fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-            self.0.pio_read(port, data)
+    impl Platform for ExitOnMmio {
+        fn io_read(&mut self, port: u16, data: &mut [u8]) {
+            self.0.io_read(port, data)
         }
-        fn pio_write(&mut self, port: u16, data: &[u8]) {
-            self.0.pio_write(port, data)
+        fn io_write(&mut self, port: u16, data: &[u8]) {
+            self.0.io_write(port, data)
         }
         fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
             self.0.mmio_read(addr, data);
@@ -1619,7 +1599,7 @@ fn fallback_io_request_returns_at_once() {
         fn mmio_write(&mut self, addr: u64, data: &[u8]) {
             self.0.mmio_write(addr, data)
         }
-        fn exit_requested(&self) -> bool {
+        fn stop_requested(&self) -> bool {
             self.0.requested
         }
     }

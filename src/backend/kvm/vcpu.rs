@@ -82,7 +82,7 @@ impl CoalescedRing {
         ((PAGE_SIZE - 8) / std::mem::size_of::<kvm_coalesced_mmio>()) as u32;
 
     /// Hand every queued write to `io`, oldest first.
-    pub(super) fn drain(&self, io: &mut dyn IoHandler) {
+    pub(super) fn drain(&self, io: &mut dyn Platform) {
         let base = self.0.as_ptr();
         // SAFETY: `base` points at the ring page (see its construction),
         // whose first two dwords are the indices KVM updates; they are
@@ -179,7 +179,7 @@ impl KvmVcpu {
 
     // ---- the run loop ---------------------------------------------------
 
-    pub(super) fn run_loop(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
+    pub(super) fn run_loop(&mut self, io: &mut dyn Platform) -> Result<VcpuExit> {
         if self.halted && !self.caps.kernel_irqchip {
             if !self.wake_pending()? {
                 return Ok(VcpuExit::Halted);
@@ -211,7 +211,7 @@ impl KvmVcpu {
             let cr8_in = if self.caps.kernel_irqchip {
                 None
             } else {
-                io.cr8_read()
+                io.read_cr8()
             };
             if let Some(c) = cr8_in {
                 self.fd.get_kvm_run().cr8 = c;
@@ -333,7 +333,7 @@ impl KvmVcpu {
             match next {
                 Next::Continue => {}
                 Next::Serviced => {
-                    if io.exit_requested() {
+                    if io.stop_requested() {
                         exiting = Some(VcpuExit::IoRequest);
                     } else if exiting.is_none() && self.window_requested && self.window_open() {
                         // Hosts that emulate ring 0 (KVM-PVM) raise the
@@ -378,7 +378,7 @@ impl KvmVcpu {
     /// After an exit: hand a CR8 the guest changed (`kvm_run.cr8` differs
     /// from `entered`, what the VMM loaded at entry) to the LAPIC's TPR.
     /// True when it changed.
-    pub(super) fn sync_cr8(&mut self, io: &mut dyn IoHandler, entered: Option<u64>) -> bool {
+    pub(super) fn sync_cr8(&mut self, io: &mut dyn Platform, entered: Option<u64>) -> bool {
         let Some(before) = entered else {
             return false;
         };
@@ -386,7 +386,7 @@ impl KvmVcpu {
         if now == before {
             return false;
         }
-        io.cr8_write(now);
+        io.write_cr8(now);
         true
     }
 
@@ -396,12 +396,12 @@ impl KvmVcpu {
     /// from) KVM, anything else gets #GP.
     pub(super) fn service_msr(
         &mut self,
-        io: &mut dyn IoHandler,
+        io: &mut dyn Platform,
         index: u32,
         write: Option<u64>,
     ) -> Result<()> {
         let (data, fault) = match write {
-            None => match io.msr_read(index) {
+            None => match io.read_msr(index) {
                 MsrResult::Done(v) => (Some(v), false),
                 MsrResult::Fault => (None, true),
                 MsrResult::Unhandled if index == msr::APIC_BASE => {
@@ -412,7 +412,7 @@ impl KvmVcpu {
                     (None, true)
                 }
             },
-            Some(v) => match io.msr_write(index, v) {
+            Some(v) => match io.write_msr(index, v) {
                 MsrResult::Done(_) => {
                     // As on the interpreter, the CPU's copy follows the
                     // machine's (so `state()` agrees).
@@ -497,7 +497,7 @@ impl KvmVcpu {
 
     /// Hand the port I/O of the current `KVM_EXIT_IO` to `io`, one element
     /// (of `size` bytes) at a time.
-    pub(super) fn service_pio(&mut self, io: &mut dyn IoHandler) -> Result<()> {
+    pub(super) fn service_pio(&mut self, io: &mut dyn Platform) -> Result<()> {
         let run_size = self.run_size;
         let run: &mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: the last KVM_RUN returned KVM_EXIT_IO, so `io` is the
@@ -525,9 +525,9 @@ impl KvmVcpu {
         let is_in = u32::from(pio.direction) == kvm_bindings::KVM_EXIT_IO_IN;
         for elem in data.chunks_exact_mut(size) {
             if is_in {
-                io.pio_read(pio.port, elem);
+                io.io_read(pio.port, elem);
             } else {
-                io.pio_write(pio.port, elem);
+                io.io_write(pio.port, elem);
             }
         }
         Ok(())
@@ -535,7 +535,7 @@ impl KvmVcpu {
 
     /// `KVM_EXIT_INTERNAL_ERROR`: the interpreter fallback for emulation
     /// failures, a shutdown for everything else.
-    pub(super) fn internal_error(&mut self, io: &mut dyn IoHandler) -> Result<Next> {
+    pub(super) fn internal_error(&mut self, io: &mut dyn Platform) -> Result<Next> {
         self.count("internal-error");
         let run = self.fd.get_kvm_run();
         // SAFETY: the last KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so
@@ -564,7 +564,7 @@ impl KvmVcpu {
     }
 
     /// Execute the instruction at RIP with the interpreter.
-    pub(super) fn fallback(&mut self, io: &mut dyn IoHandler, kvm_data: &[u64]) -> Result<Next> {
+    pub(super) fn fallback(&mut self, io: &mut dyn Platform, kvm_data: &[u64]) -> Result<Next> {
         let mut cpu = match self.interp.take() {
             Some(cpu) => cpu,
             None => {
@@ -591,7 +591,7 @@ impl KvmVcpu {
     pub(super) fn fallback_on(
         &mut self,
         cpu: &mut Cpu,
-        io: &mut dyn IoHandler,
+        io: &mut dyn Platform,
         kvm_data: &[u64],
     ) -> Result<Next> {
         let kvm_data = kvm_data.to_vec();
@@ -642,7 +642,7 @@ impl KvmVcpu {
             Err(exc) => (None, None, format!("(fetch fault {exc:?})")),
         };
         let exit = cpu.step(&mut plat);
-        let io_requested = plat.io.exit_requested();
+        let io_requested = plat.io.stop_requested();
         let new_state = cpu.state();
         self.put_state(&new_state, Some(&state))?;
         self.fallbacks += 1;
@@ -1192,7 +1192,7 @@ pub(super) fn fam_err(op: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error)
 }
 
 impl Vcpu for KvmVcpu {
-    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
+    fn run(&mut self, io: &mut dyn Platform) -> Result<VcpuExit> {
         self.kick.unblock_here(&mut self.kick_unblocked_on);
         let r = self.run_loop(io);
         // Whatever this returns answers the kicks made so far; clearing

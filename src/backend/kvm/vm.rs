@@ -156,7 +156,7 @@ impl KvmBackend {
     }
 
     /// Whether the machine's MSRs (IA32_APIC_BASE, IA32_TSC_DEADLINE,
-    /// x2APIC 0x800–0x8ff) reach the [`IoHandler`] on this VM. True with the
+    /// x2APIC 0x800–0x8ff) reach the [`Platform`] on this VM. True with the
     /// userspace irqchip on a KVM with `KVM_CAP_X86_USER_SPACE_MSR` and
     /// `KVM_CAP_X86_MSR_FILTER`; only then do the vCPUs' CPUID advertise
     /// x2APIC and TSC-deadline (implemented by the machine's LAPIC model).
