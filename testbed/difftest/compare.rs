@@ -90,7 +90,16 @@ pub enum Stop {
 }
 
 pub fn stop_of(case: &Case, s: &CpuState, mem: &[u8], asm: &Assembled) -> Stop {
-    if let Some(v) = env::stub_vector(s.sregs.cs.base, s.regs.rip) {
+    // A 64-bit code segment's base is ignored (SDM vol. 3, 3.2.4): KVM-PVM
+    // may leave a garbage base cached in CS after delivering an exception
+    // through a damaged descriptor (soak 20261207, `--tier jit`, 64-bit
+    // ring 0 case 9312).
+    let cs_base = if s.sregs.efer & cpu_interp::cpu::EFER_LMA != 0 && s.sregs.cs.l {
+        0
+    } else {
+        s.sregs.cs.base
+    };
+    if let Some(v) = env::stub_vector(cs_base, s.regs.rip) {
         // Ring-3 cases end with UD2: its frame points at it.
         if case.mode.ring() == 3 && v == env::VECTOR_END {
             if let Some(f) = frame(case.mode, s, mem, v, case.init.sregs.cs.selector) {
@@ -101,7 +110,7 @@ pub fn stop_of(case: &Case, s: &CpuState, mem: &[u8], asm: &Assembled) -> Stop {
         }
         return Stop::Vector(v);
     }
-    if s.sregs.cs.base.wrapping_add(s.regs.rip) == asm.end_addr {
+    if cs_base.wrapping_add(s.regs.rip) == asm.end_addr {
         return Stop::Done;
     }
     Stop::Elsewhere(s.regs.rip)
@@ -583,8 +592,10 @@ fn settled_erratum(
     (!kvm_same).then_some(want.erratum)
 }
 
-/// KVM-PVM delivers exceptions in long mode without reading the gate's
-/// code-segment descriptor from the GDT. When a case has loaded a GDT of
+/// KVM-PVM delivers exceptions in long mode without checking the gate's
+/// code-segment descriptor from the GDT (it loads whatever is there into
+/// CS: a read-only data segment of DPL 1 with a garbage base in soak
+/// 20261207's case 9312). When a case has loaded a GDT of
 /// its own (LGDT) that a test item then damaged, the CPU (and the
 /// interpreter) find no 64-bit code segment at the gate's selector: #GP
 /// during delivery, #DF, triple fault (SDM 6.12.1.1 and 6.14); KVM delivers

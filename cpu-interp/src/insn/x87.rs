@@ -349,7 +349,11 @@ fn put(f: &mut Fpu, i: usize, r: Res<u128>) -> bool {
     }
 }
 
-/// Push a loaded or computed value, with the stack-overflow check.
+/// Push a loaded or computed value, with the stack-overflow check. An
+/// unmasked invalid operation (FLD of an SNaN) suppresses the push; an
+/// unmasked denormal operand (FLD m32fp/m64fp of a denormal) does not: the
+/// exception is flagged and the value still pushed (SDM FLD; Emerald
+/// Rapids: TOP decremented, the tag valid, the normalised value in ST(0)).
 fn push_res(f: &mut Fpu, r: Res<u128>) {
     if !f.st_empty(7) {
         if overflow(f) {
@@ -357,7 +361,8 @@ fn push_res(f: &mut Fpu, r: Res<u128>) {
         }
         return;
     }
-    if accept(f, r.flags) {
+    if accept(f, r.flags & !DE) {
+        f.raise(r.flags & DE);
         f.push(r.v);
         f.set_c1(r.up);
     } else {
@@ -824,10 +829,7 @@ fn arith<const OP: u8, const POP: bool>(
         return Ok(());
     }
     let x = f.st(dst);
-    // With a NaN operand the result is the NaN: a denormal memory
-    // operand is not reported then (as on the processors).
     let nan = |v: u128| matches!(sf::classify(v), sf::Class::QNaN | sf::Class::SNaN);
-    let conv = if nan(x) || nan(src) { conv & !DE } else { conv };
     let (a, b) = if OP == SUBR || OP == DIVR {
         (src, x)
     } else {
@@ -838,6 +840,18 @@ fn arith<const OP: u8, const POP: bool>(
         SUB | SUBR => sf::sub(a, b, &c),
         MUL => sf::mul(a, b, &c),
         _ => sf::div(a, b, &c),
+    };
+    // A memory operand that was a denormal in its single or double format
+    // is a normal double extended value by now: the arithmetic could not
+    // see it, so its DE follows the arithmetic's own rules for a denormal
+    // operand. With a NaN operand the result is the NaN, and a zero
+    // divisor reports only #Z (also an FDIVR's memory dividend): no DE
+    // then (Emerald Rapids, every FADD…FDIVR/FCOM form with m32 and m64
+    // against each class of ST(0)).
+    let conv = if nan(x) || nan(src) || r.flags & ZE != 0 {
+        conv & !DE
+    } else {
+        conv
     };
     r.flags |= conv;
     // A memory operand that was an SNaN reached the arithmetic quietened by
@@ -1928,7 +1942,8 @@ mod tests {
         let c = run(Mode::Prot32, &prog, |c| put_f64(c, D, 1e300));
         assert_eq!(read_phys(&c, u64::from(D) + 8, 4), 0x7f80_0000);
         assert_eq!((c.fpu.top(), c.fpu.fsw & 0xff), (0, FSW_OE | FSW_PE));
-        // Denormal operand, unmasked: FLD m64 pushes nothing.
+        // Denormal operand, unmasked: FLD m64 flags it and still pushes
+        // (SDM FLD; fix 51).
         let prog = code(&[
             &m(&[0xdd], 0, D), // fld qword [0x2000]      (denormal)
         ]);
@@ -1936,7 +1951,8 @@ mod tests {
             write_phys(c, u64::from(D), &1u64.to_le_bytes());
             c.fpu.fcw = 0x037d;
         });
-        assert_eq!(c.fpu.top(), 0);
+        assert_eq!(c.fpu.top(), 7);
+        assert_eq!(c.fpu.st(0), x(0x3fff - 1074, 1 << 63));
         assert_eq!(c.fpu.fsw & 0x80ff, FSW_DE | FSW_ES | FSW_B);
         // ...masked, it loads the (normalised) value.
         let c = run(Mode::Prot32, &prog, |c| {
@@ -2719,6 +2735,78 @@ mod tests {
             put_f64(c, D + 8, den);
         });
         assert_eq!(c.fpu.fsw & FSW_DE, 0);
+    }
+
+    /// Fix 50 (soak 20261208, case 165944: `fdivr st, dword [m]` with a
+    /// single denormal in memory and +0 in ST(0)): a zero divisor reports
+    /// #Z alone, also when the denormal dividend came from memory; the
+    /// memory denormal's DE stays where the divisor is not zero.
+    #[test]
+    fn a_zero_divisor_hides_a_memory_denormal_dividend() {
+        // fldcw [D+0x10]; fldz / fld1; fdivr (or fdiv) m32/m64 [D].
+        let cw = m(&[0xd9], 5, D + 0x10);
+        for (op, val, size) in [(0xd8u8, 0x8000_0001u64, 4), (0xdc, 1, 8)] {
+            for (fcw, unmasked_de) in [(0x037fu16, false), (0x037d, true)] {
+                let put = |c: &mut Cpu| {
+                    write_phys(c, u64::from(D), &val.to_le_bytes()[..size]);
+                    put_u16(c, D + 0x10, fcw);
+                };
+                // FDIVR: [D] / +0: -inf (or +inf), ZE only, whatever DM says.
+                let c = run(
+                    Mode::Prot32,
+                    &code(&[&cw, &[0xd9, 0xee], &m(&[op], 7, D)]),
+                    put,
+                );
+                assert_eq!(c.fpu.fsw & 0xff, FSW_ZE, "{op:#x} fcw {fcw:#x}");
+                let inf = if size == 4 { 0xffff } else { 0x7fff };
+                assert_eq!(c.fpu.st(0), x(inf, 1 << 63));
+                // FDIV: 1 / [D]: the denormal is reported (and with DM
+                // clear it suppresses the result).
+                let c = run(
+                    Mode::Prot32,
+                    &code(&[&cw, &[0xd9, 0xe8], &m(&[op], 6, D)]),
+                    put,
+                );
+                assert_ne!(c.fpu.fsw & FSW_DE, 0, "{op:#x} fcw {fcw:#x}");
+                assert_eq!(c.fpu.fsw & FSW_ZE, 0);
+                assert_eq!(c.fpu.st(0) == sf::ONE, unmasked_de);
+            }
+        }
+    }
+
+    /// Fix 51 (jit soak 20261207, 64-bit ring 3 case 47024): FLD m32fp or
+    /// m64fp of a denormal with DM clear flags #D (DE, ES, B) and still
+    /// pushes the normalised value (SDM FLD); an SNaN with IM clear is not
+    /// pushed.
+    #[test]
+    fn fld_of_a_denormal_with_the_exception_unmasked_still_pushes() {
+        let cw = m(&[0xd9], 5, D + 0x10);
+        for (op, val, size, want) in [
+            (0xd9u8, 0x0000_0001u64, 4, x(0x3f6a, 1 << 63)),
+            (
+                0xdd,
+                0x800f_ffff_ffff_ffff,
+                8,
+                x(0xbc00, 0xffff_ffff_ffff_f000),
+            ),
+        ] {
+            let c = run(Mode::Prot32, &code(&[&cw, &m(&[op], 0, D)]), |c| {
+                write_phys(c, u64::from(D), &val.to_le_bytes()[..size]);
+                put_u16(c, D + 0x10, 0x037d);
+            });
+            assert_eq!(c.fpu.fsw & 0xff, FSW_DE | FSW_ES, "{op:#x}");
+            assert_ne!(c.fpu.fsw & FSW_B, 0);
+            assert_eq!(c.fpu.top(), 7);
+            assert_eq!(c.fpu.ftw, 0x3fff);
+            assert_eq!(c.fpu.st(0), want);
+        }
+        // fld dword [D] of an SNaN with IM clear: IE, nothing pushed.
+        let c = run(Mode::Prot32, &code(&[&cw, &m(&[0xd9], 0, D)]), |c| {
+            write_phys(c, u64::from(D), &0x7f80_0001u32.to_le_bytes());
+            put_u16(c, D + 0x10, 0x037e);
+        });
+        assert_eq!(c.fpu.fsw & 0xff, FSW_IE | FSW_ES);
+        assert_eq!((c.fpu.top(), c.fpu.ftw), (0, 0xffff));
     }
 
     #[test]
