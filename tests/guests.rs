@@ -295,17 +295,25 @@ fn virtual_clock_runs_are_byte_identical() {
 /// never reach duet, so traces are not compared. `pci` checks MSIs
 /// (KVM_SIGNAL_MSI) and a level-triggered PCI line shared by two devices,
 /// re-delivered by KVM's IOAPIC after an EOI while the second device still
-/// holds it. `irq-level-eoi` is left out: its phase 2 (EOI before the
-/// UART's level source on ISA IRQ4 is cleared) never gets the second
-/// delivery from KVM's IOAPIC on this KVM-PVM host, although the same
-/// EOI-while-asserted sequence on PCI GSI 19 works (an open item; see
-/// docs/ARCHITECTURE.md).
+/// holds it. `irq-level-eoi` runs too, except on KVM-PVM hosts, where it
+/// hangs (skipped there, visibly; docs/IO.md "Level-triggered lines on the
+/// in-kernel irqchip" has what was observed).
 #[test]
 fn kernel_irqchip_runs_the_interrupt_guests() {
     if !kvm_or_skip("kernel_irqchip_runs_the_interrupt_guests") {
         return;
     }
-    for g in [
+    let pvm = duet::backend::select::HostFacts::probe().kvm_pvm;
+    if pvm {
+        println!(
+            "kernel_irqchip_runs_the_interrupt_guests: irq-level-eoi SKIPPED on this KVM-PVM host: \
+             it hangs waiting for a level-triggered interrupt on --irqchip kernel although KVM-PVM's \
+             in-kernel IOAPIC/LAPIC re-deliver a level line after an EOI in \
+             backend::kvm::tests::kernel_irqchip_redelivers_a_level_line_after_eoi (docs/IO.md)"
+        );
+    }
+    let level_eoi = (!pvm).then_some("irq-level-eoi");
+    for g in level_eoi.into_iter().chain([
         "pci",
         "irq-pit-pic",
         "irq-pit-ioapic",
@@ -314,7 +322,7 @@ fn kernel_irqchip_runs_the_interrupt_guests() {
         "self-ipi",
         "irq-masking",
         "tsc-pit",
-    ] {
+    ]) {
         let r = run_guest_irqchip(g, BackendKind::Kvm, duet::backend::IrqchipKind::Kernel);
         assert_eq!(
             r.outcome,

@@ -25,7 +25,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 
 pub const NAME: &str = "apic-base";
@@ -202,13 +202,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, VECTOR_DEADLINE, deadline_handler)?;
     idt.emit_install(&mut a, VECTOR_SPURIOUS, spurious_handler)?;
     a.lidt(ptr(d.idtr))?;
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(
-        &mut a,
-        apic::SVR,
-        apic::SVR_ENABLE | u32::from(VECTOR_SPURIOUS),
-    )?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, VECTOR_SPURIOUS)?;
 
     // 1. The base at reset, then moved and back.
     r.print(&mut a, d.base)?;
@@ -284,11 +279,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     apic::lapic_read(&mut a, apic::TPR)?;
     r.print_hex(&mut a, 2)?;
     r.print(&mut a, d.line_end)?;
-    apic::lapic_write(
-        &mut a,
-        apic::SVR,
-        apic::SVR_ENABLE | u32::from(VECTOR_SPURIOUS),
-    )?;
+    apic::emit_software_enable(&mut a, VECTOR_SPURIOUS)?;
 
     // 4. CR8 and TPR.
     a.mov(eax, 0xf)?;

@@ -754,6 +754,13 @@ pub mod pic {
     pub const SLAVE_VECTOR: u8 = 0x28;
 }
 
+/// Mask every line of both PICs (OCW1 0xff to each). Any bitness.
+/// Clobbers AL.
+pub fn emit_pic_mask_all(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    emit_outb(a, pic::MASTER_DATA, 0xff)?;
+    emit_outb(a, pic::SLAVE_DATA, 0xff)
+}
+
 /// Initialise both PICs as Linux's `init_8259A` does: mask everything,
 /// ICW1-ICW4 on the master (vectors from `master_vector`, slave on IR2)
 /// and on the slave (vectors from `slave_vector`, identity 2), then mask
@@ -764,8 +771,7 @@ pub fn emit_pic_init(
     master_vector: u8,
     slave_vector: u8,
 ) -> Result<(), IcedError> {
-    emit_outb(a, pic::MASTER_DATA, 0xff)?;
-    emit_outb(a, pic::SLAVE_DATA, 0xff)?;
+    emit_pic_mask_all(a)?;
     emit_outb(a, pic::MASTER_COMMAND, pic::ICW1)?;
     emit_outb(a, pic::MASTER_DATA, master_vector)?;
     emit_outb(a, pic::MASTER_DATA, pic::ICW3_MASTER)?;
@@ -774,8 +780,7 @@ pub fn emit_pic_init(
     emit_outb(a, pic::SLAVE_DATA, slave_vector)?;
     emit_outb(a, pic::SLAVE_DATA, pic::ICW3_SLAVE)?;
     emit_outb(a, pic::SLAVE_DATA, pic::ICW4)?;
-    emit_outb(a, pic::MASTER_DATA, 0xff)?;
-    emit_outb(a, pic::SLAVE_DATA, 0xff)
+    emit_pic_mask_all(a)
 }
 
 /// The 8254 PIT: ports and the values the guests use.
@@ -865,6 +870,12 @@ pub mod apic {
     pub fn lapic_write(a: &mut CodeAssembler, reg: u32, value: u32) -> Result<(), IcedError> {
         a.mov(edx, LAPIC_BASE)?;
         a.mov(dword_ptr(rdx + reg), value)
+    }
+
+    /// Software-enable the local APIC (SVR bit 8) with spurious vector
+    /// `spurious`. Clobbers RDX.
+    pub fn emit_software_enable(a: &mut CodeAssembler, spurious: u8) -> Result<(), IcedError> {
+        lapic_write(a, SVR, SVR_ENABLE | u32::from(spurious))
     }
 
     /// `mov dword [LAPIC_BASE + reg], eax`. Clobbers RDX.

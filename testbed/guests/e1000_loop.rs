@@ -21,7 +21,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 use crate::layout::ports;
 use crate::machine::{PciDeviceKind, PciDeviceSpec};
@@ -226,9 +226,8 @@ fn long_mode_code(
     idt.emit_install_all(&mut a, unexpected)?;
     idt.emit_install(&mut a, VECTOR, handler)?;
     a.lidt(ptr(d.idtr))?;
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
 
     // 1. Find the NIC.
     let mut scan = a.create_label();

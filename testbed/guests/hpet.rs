@@ -14,7 +14,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 
 pub const NAME: &str = "hpet";
@@ -173,13 +173,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, VECTOR_TIMER2, timer2_handler)?;
     idt.emit_install(&mut a, VECTOR_SPURIOUS, spurious_handler)?;
     a.lidt(ptr(d.idtr))?;
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(
-        &mut a,
-        apic::SVR,
-        apic::SVR_ENABLE | u32::from(VECTOR_SPURIOUS),
-    )?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, VECTOR_SPURIOUS)?;
     apic::ioapic_write(
         &mut a,
         apic::redirection(IOAPIC_PIN_IRQ0),

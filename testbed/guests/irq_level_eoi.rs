@@ -48,7 +48,7 @@
 use iced_x86::code_asm::*;
 
 use super::asm::{
-    self, apic, map, pic, uart, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines,
+    self, apic, map, uart, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines,
 };
 use super::GuestImage;
 use crate::layout::ports;
@@ -216,9 +216,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, VECTOR_EARLY_EOI, early_eoi_handler)?;
     a.lidt(ptr(d.idtr))?;
 
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
     route_pin(&mut a, VECTOR, false)?;
     uart_write(&mut a, uart::IER_OR_DLM, 0)?;
     uart_write(&mut a, uart::MCR, MCR_OUT2)?;

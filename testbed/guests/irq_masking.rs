@@ -293,8 +293,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, VECTOR_SPURIOUS_SLAVE, spurious_handler)?;
     a.lidt(ptr(d.idtr))?;
 
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
     apic::lapic_write(&mut a, apic::SVR, SVR)?;
     apic::lapic_read(&mut a, apic::SVR)?;
     save(&mut a, d.svr)?;

@@ -33,7 +33,7 @@
 use iced_x86::code_asm::*;
 
 use super::asm::{
-    self, apic, map, pic, pit, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines,
+    self, apic, map, pit, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines,
 };
 use super::GuestImage;
 
@@ -162,8 +162,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     a.lidt(ptr(d.idtr))?;
 
     // PICs masked; local APIC on.
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
     apic::lapic_write(&mut a, apic::SVR, SVR)?;
     apic::lapic_read(&mut a, apic::SVR)?;
     a.mov(dword_ptr(d.svr), eax)?;

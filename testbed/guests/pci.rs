@@ -29,7 +29,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 use crate::layout::{self, ports};
 use crate::machine::{PciDeviceKind, PciDeviceSpec};
@@ -203,9 +203,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, MSIX_VECTOR, msix_handler)?;
     idt.emit_install(&mut a, INTX_VECTOR, intx_handler)?;
     a.lidt(ptr(d.idtr))?;
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
 
     // 1. Enumerate: every slot through mechanism #1, compared with ECAM.
     let mut scan = a.create_label();

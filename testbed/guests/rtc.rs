@@ -260,8 +260,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
         rtc_read(&mut a, *reg)?;
         a.mov(byte_ptr(u64::from(d.date) + i as u64), al)?;
     }
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
 
     // Checks (no device access depends on them).
     let mut uip_clear = a.create_label();

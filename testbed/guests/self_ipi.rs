@@ -30,9 +30,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{
-    self, apic, map, pic, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines,
-};
+use super::asm::{self, apic, map, DataBlock, DecimalPrinter, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 
 pub const NAME: &str = "self-ipi";
@@ -177,9 +175,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     }
     a.lidt(ptr(d.idtr))?;
 
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
     apic::lapic_read(&mut a, apic::ID)?;
     a.mov(dword_ptr(d.apic_id), eax)?;
     routines.print(&mut a, d.header)?;

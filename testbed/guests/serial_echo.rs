@@ -37,7 +37,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, uart, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, uart, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::GuestImage;
 use crate::layout::ports;
 
@@ -156,9 +156,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     idt.emit_install(&mut a, VECTOR, rx_handler)?;
     a.lidt(ptr(d.idtr))?;
 
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
     route_pin(&mut a, false)?;
     // 8N1 and the divisor are set by the 16-bit code; FIFOs on (emptied),
     // trigger level 1; receive interrupt only; OUT2.

@@ -39,7 +39,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{self, apic, map, pic, DataBlock, GuestProgram, IdtBuilder, Routines};
+use super::asm::{self, apic, map, DataBlock, GuestProgram, IdtBuilder, Routines};
 use super::{BuiltinVirtio, BuiltinVirtioKind, GuestImage};
 use crate::layout;
 use crate::machine::VirtioTransport;
@@ -547,9 +547,8 @@ fn long_mode_code(
         }
     }
     a.lidt(ptr(s.idtr))?;
-    asm::emit_outb(&mut a, pic::MASTER_DATA, 0xff)?;
-    asm::emit_outb(&mut a, pic::SLAVE_DATA, 0xff)?;
-    apic::lapic_write(&mut a, apic::SVR, apic::SVR_ENABLE | 0xff)?;
+    asm::emit_pic_mask_all(&mut a)?;
+    apic::emit_software_enable(&mut a, 0xff)?;
 
     // Find the devices.
     for (i, &(kind, transport, ..)) in table.iter().enumerate() {

@@ -2398,3 +2398,318 @@ fn survey_refusals() {
     }
     assert!(!summary.is_empty());
 }
+
+/// How a [`level_reassert_probe`] guest writes its local APIC's EOI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EoiPath {
+    /// The xAPIC page (MMIO 0xfee000b0).
+    XapicMmio,
+    /// x2APIC mode, WRMSR 0x80b.
+    X2apicMsr,
+}
+
+/// What [`level_reassert_probe`] saw.
+#[derive(Debug)]
+struct ReassertProbe {
+    /// Interrupts the guest's handler took (2 = the EOI while the line
+    /// was still asserted brought the second delivery).
+    deliveries: u32,
+    /// The guest hung in HLT waiting for the second one (the watchdog
+    /// kicked it out).
+    hung: bool,
+    /// KVM's IOAPIC redirection entry for the pin afterwards, and its IRR bit.
+    entry: u64,
+    ioapic_irr: bool,
+    /// KVM's local APIC: the vector's IRR, ISR and TMR bits afterwards.
+    lapic_irr: bool,
+    lapic_isr: bool,
+    lapic_tmr: bool,
+}
+
+/// A 32-bit guest on KVM's in-kernel irqchip routes IOAPIC pin `gsi`
+/// level-triggered to vector 0x40; the host asserts the line; the handler
+/// writes the EOI *while the line is still asserted* (through `eoi`) and
+/// only then asks the host to lower it. An IOAPIC must deliver the vector
+/// a second time (remote IRR clears at the EOI with the line high); the
+/// guest waits for that second delivery in `sti; hlt`, with a 2 s
+/// watchdog. Returns what happened and KVM's irqchip state afterwards.
+fn level_reassert_probe(
+    gsi: u32,
+    eoi: EoiPath,
+    warmup: bool,
+    read_entry: bool,
+) -> Option<ReassertProbe> {
+    use iced_x86::code_asm::*;
+    use std::time::Duration;
+    const VECTOR: u32 = 0x40;
+    const COUNT: u64 = 0x9f00;
+    const HANDLER: u64 = 0xa000;
+    const WARMUP_VECTOR: u32 = 0x34;
+    const WARMUP_COUNT: u64 = 0x9f10;
+    const WARMUP_HANDLER: u64 = 0xa400;
+    const PORT_LOWER_FIRST: u16 = 0x87;
+    const PORT_ASSERT: u16 = 0x84;
+    const PORT_LOWER: u16 = 0x85;
+    const PORT_DONE: u16 = 0x86;
+    const LAPIC: u64 = 0xfee0_0000;
+    const IOAPIC: u64 = 0xfec0_0000;
+    let opts = VmOptions {
+        irqchip: IrqchipKind::Kernel,
+        ..VmOptions::default()
+    };
+    let Ok(mut rig) = Rig::with_options(opts) else {
+        return None;
+    };
+    let asm = |body: &dyn Fn(&mut CodeAssembler) -> std::result::Result<(), IcedError>, at: u64| {
+        let mut a = CodeAssembler::new(32).unwrap();
+        body(&mut a).unwrap();
+        a.assemble(at).unwrap()
+    };
+    let main = asm(
+        &|a| {
+            a.mov(al, 0xff)?;
+            a.out(0x21, al)?;
+            a.out(0xa1, al)?;
+            match eoi {
+                EoiPath::XapicMmio => a.mov(dword_ptr(LAPIC + 0xf0), 0x1ff)?,
+                EoiPath::X2apicMsr => {
+                    a.mov(ecx, 0x1b)?;
+                    a.rdmsr()?;
+                    a.or(eax, 0xc00)?;
+                    a.wrmsr()?;
+                    a.mov(ecx, 0x80f)?;
+                    a.mov(eax, 0x1ff)?;
+                    a.xor(edx, edx)?;
+                    a.wrmsr()?;
+                }
+            }
+            let rte = 0x10 + 2 * gsi;
+            a.mov(dword_ptr(IOAPIC), rte + 1)?;
+            a.mov(dword_ptr(IOAPIC + 0x10), 0)?;
+            if warmup {
+                // One ordinary level interrupt first (source lowered, then
+                // EOI) on another vector.
+                a.mov(dword_ptr(IOAPIC), rte)?;
+                a.mov(dword_ptr(IOAPIC + 0x10), 0x8000 | WARMUP_VECTOR)?;
+                a.out(PORT_ASSERT as u32, al)?;
+                let mut wait = a.create_label();
+                a.set_label(&mut wait)?;
+                a.sti()?;
+                a.hlt()?;
+                a.cli()?;
+                a.cmp(dword_ptr(WARMUP_COUNT), 1)?;
+                a.jb(wait)?;
+            }
+            a.mov(dword_ptr(IOAPIC), rte)?;
+            a.mov(dword_ptr(IOAPIC + 0x10), 0x8000 | VECTOR)?;
+            a.out(PORT_ASSERT as u32, al)?;
+            let mut wait = a.create_label();
+            a.set_label(&mut wait)?;
+            a.sti()?;
+            a.hlt()?;
+            a.cli()?;
+            a.cmp(dword_ptr(COUNT), 2)?;
+            a.jb(wait)?;
+            a.out(PORT_DONE as u32, al)?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let handler = asm(
+        &|a| {
+            a.push(eax)?;
+            a.push(ecx)?;
+            a.push(edx)?;
+            a.inc(dword_ptr(COUNT))?;
+            match eoi {
+                EoiPath::XapicMmio => a.mov(dword_ptr(LAPIC + 0xb0), 0)?,
+                EoiPath::X2apicMsr => {
+                    a.mov(ecx, 0x80b)?;
+                    a.xor(eax, eax)?;
+                    a.xor(edx, edx)?;
+                    a.wrmsr()?;
+                }
+            }
+            if read_entry {
+                // As irq-level-eoi's handler does: read the pin's
+                // redirection entry between the EOI and the source's end.
+                a.mov(dword_ptr(IOAPIC), 0x10 + 2 * gsi)?;
+                a.mov(eax, dword_ptr(IOAPIC + 0x10))?;
+            }
+            a.mov(eax, dword_ptr(COUNT))?;
+            a.out(PORT_LOWER as u32, al)?;
+            a.pop(edx)?;
+            a.pop(ecx)?;
+            a.pop(eax)?;
+            a.iretd()
+        },
+        HANDLER,
+    );
+    let warmup_handler = asm(
+        &|a| {
+            a.push(eax)?;
+            a.push(ecx)?;
+            a.push(edx)?;
+            a.inc(dword_ptr(WARMUP_COUNT))?;
+            a.out(PORT_LOWER_FIRST as u32, al)?;
+            match eoi {
+                EoiPath::XapicMmio => a.mov(dword_ptr(LAPIC + 0xb0), 0)?,
+                EoiPath::X2apicMsr => {
+                    a.mov(ecx, 0x80b)?;
+                    a.xor(eax, eax)?;
+                    a.xor(edx, edx)?;
+                    a.wrmsr()?;
+                }
+            }
+            a.pop(edx)?;
+            a.pop(ecx)?;
+            a.pop(eax)?;
+            a.iretd()
+        },
+        WARMUP_HANDLER,
+    );
+    rig.start(Mode::Prot32, &main);
+    rig.write(HANDLER, &handler);
+    rig.write(WARMUP_HANDLER, &warmup_handler);
+    let gate = (WARMUP_HANDLER & 0xffff)
+        | (0x18 << 16)
+        | (0x8e00 << 32)
+        | ((WARMUP_HANDLER >> 16) & 0xffff) << 48;
+    rig.write(IDT + u64::from(WARMUP_VECTOR) * 8, &gate.to_le_bytes());
+    let gate =
+        (HANDLER & 0xffff) | (0x18 << 16) | (0x8e00 << 32) | ((HANDLER >> 16) & 0xffff) << 48;
+    rig.write(IDT + u64::from(VECTOR) * 8, &gate.to_le_bytes());
+
+    /// Asks for the vCPU back on the probe's three ports.
+    #[derive(Default)]
+    struct Ports {
+        last: Option<(u16, u8)>,
+    }
+    impl Platform for Ports {
+        fn io_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn io_write(&mut self, port: u16, data: &[u8]) {
+            if matches!(
+                port,
+                PORT_ASSERT | PORT_LOWER | PORT_LOWER_FIRST | PORT_DONE
+            ) {
+                self.last = Some((port, data[0]));
+            }
+        }
+        fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _addr: u64, _data: &[u8]) {}
+        fn stop_requested(&self) -> bool {
+            self.last.is_some()
+        }
+    }
+    let mut io = Ports::default();
+    let kicker = rig.vcpu.kicker();
+    let (backend, vcpu) = (&rig.backend, &mut rig.vcpu);
+    let done = AtomicBool::new(false);
+    let hung = AtomicBool::new(false);
+    let (done, hung_ref) = (&done, &hung);
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            for _ in 0..200 {
+                if done.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            hung_ref.store(true, Ordering::Relaxed);
+            kicker.kick();
+        });
+        while !hung_ref.load(Ordering::Relaxed) {
+            match vcpu.run(&mut io).expect("KVM_RUN") {
+                VcpuExit::IoRequest => match io.last.take() {
+                    Some((PORT_ASSERT, _)) => backend.set_irq_line(gsi, true).unwrap(),
+                    Some((PORT_LOWER, 1) | (PORT_LOWER_FIRST, _)) => {
+                        backend.set_irq_line(gsi, false).unwrap()
+                    }
+                    Some((PORT_DONE, _)) => break,
+                    _ => {}
+                },
+                VcpuExit::Interrupted | VcpuExit::Halted => {}
+                e => panic!("probe guest: {e:?}"),
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let mut count = [0u8; 4];
+    rig.mem.read_slice(&mut count, GuestAddress(COUNT)).unwrap();
+    let mut chip = kvm_bindings::kvm_irqchip {
+        chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    rig.backend
+        .vm
+        .get_irqchip(&mut chip)
+        .expect("KVM_GET_IRQCHIP");
+    // SAFETY: with chip_id KVM_IRQCHIP_IOAPIC KVM_GET_IRQCHIP fills the
+    // union's `ioapic` member; its fields are plain integers.
+    let (entry, irr) = unsafe {
+        (
+            chip.chip.ioapic.redirtbl[gsi as usize].bits,
+            chip.chip.ioapic.irr,
+        )
+    };
+    let lapic = rig.vcpu.fd.get_lapic().expect("KVM_GET_LAPIC");
+    let bit = |base: usize| {
+        let off = base + (VECTOR as usize / 32) * 0x10;
+        let word = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[off + i] as u8));
+        word & (1 << (VECTOR % 32)) != 0
+    };
+    Some(ReassertProbe {
+        deliveries: u32::from_le_bytes(count),
+        hung: hung.load(Ordering::Relaxed),
+        entry,
+        ioapic_irr: irr & (1 << gsi) != 0,
+        lapic_irr: bit(0x200),
+        lapic_isr: bit(0x100),
+        lapic_tmr: bit(0x180),
+    })
+}
+
+/// Level-triggered re-delivery after an EOI on KVM's in-kernel irqchip,
+/// for an ISA pin (4, also wired to the PIC) and a PCI pin (19), with the
+/// EOI written through the xAPIC page and through the x2APIC MSR.
+#[test]
+fn kernel_irqchip_redelivers_a_level_line_after_eoi() {
+    if !kvm_usable() {
+        return;
+    }
+    let pvm = crate::backend::select::HostFacts::probe().kvm_pvm;
+    for gsi in [4, 19] {
+        for (eoi, warmup) in [
+            (EoiPath::XapicMmio, false),
+            (EoiPath::X2apicMsr, false),
+            (EoiPath::XapicMmio, true),
+            (EoiPath::X2apicMsr, true),
+        ] {
+            let Some(p) = level_reassert_probe(gsi, eoi, warmup, false) else {
+                println!("kernel_irqchip_redelivers_a_level_line_after_eoi: SKIPPED (no in-kernel irqchip)");
+                return;
+            };
+            println!("GSI {gsi}, EOI {eoi:?}, warm-up {warmup}: {p:x?}");
+            assert!(
+                !p.hung && p.deliveries == 2,
+                "GSI {gsi}, EOI {eoi:?}, warm-up {warmup}: no second delivery (KVM-PVM: {pvm}): {p:x?}"
+            );
+            // Remote IRR clear after the second EOI, nothing left pending.
+            assert_eq!(p.entry & (1 << 14), 0, "{p:x?}");
+            assert!(!p.ioapic_irr && !p.lapic_irr && !p.lapic_isr, "{p:x?}");
+            // The LAPIC accepted the vector as level-triggered (TMR set).
+            assert!(p.lapic_tmr, "{p:x?}");
+        }
+    }
+    // Observation only: irq-level-eoi's handler also reads the IOAPIC
+    // entry between its EOI and the source's end.
+    for gsi in [4, 19] {
+        if let Some(p) = level_reassert_probe(gsi, EoiPath::XapicMmio, true, true) {
+            println!("GSI {gsi}, EOI XapicMmio, warm-up, entry read after the EOI: {p:x?}");
+        }
+    }
+}
