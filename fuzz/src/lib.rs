@@ -670,9 +670,8 @@ pub fn replay_log(data: &[u8]) {
 
 /// Registers the e1000 fuzzer aims at (any other offset is reachable too).
 const E1000_REGS: [u32; 24] = [
-    0x0000, 0x0010, 0x0014, 0x0020, 0x00c0, 0x00c4, 0x00c8, 0x00d0, 0x00d8, 0x0100, 0x0400,
-    0x2800, 0x2804, 0x2808, 0x2810, 0x2818, 0x3800, 0x3804, 0x3808, 0x3810, 0x3818, 0x5200,
-    0x5400, 0x5404,
+    0x0000, 0x0010, 0x0014, 0x0020, 0x00c0, 0x00c4, 0x00c8, 0x00d0, 0x00d8, 0x0100, 0x0400, 0x2800,
+    0x2804, 0x2808, 0x2810, 0x2818, 0x3800, 0x3804, 0x3808, 0x3810, 0x3818, 0x5200, 0x5400, 0x5404,
 ];
 
 /// Guest RAM of the e1000 fuzzer: rings and buffers live in its first
@@ -684,21 +683,48 @@ const E1000_RAM: u64 = 1 << 20;
 pub enum E1000Op {
     /// Write a register: `which` picks one of [`E1000_REGS`] or, past
     /// them, a raw offset.
-    Write { which: u16, value: u32, size: u8 },
-    Read { which: u16, size: u8 },
+    Write {
+        which: u16,
+        value: u32,
+        size: u8,
+    },
+    Read {
+        which: u16,
+        size: u8,
+    },
     /// Through the I/O BAR (IOADDR/IODATA).
-    IoWrite { offset: u8, value: u32 },
-    IoRead { offset: u8 },
+    IoWrite {
+        offset: u8,
+        value: u32,
+    },
+    IoRead {
+        offset: u8,
+    },
     /// The guest writes descriptors or data.
-    Memory { at: u16, bytes: Vec<u8> },
+    Memory {
+        at: u16,
+        bytes: Vec<u8>,
+    },
     /// A descriptor at `index` of a ring at 0x1000 or 0x2000.
-    Descriptor { rx: bool, index: u8, addr: u16, word: u64 },
+    Descriptor {
+        rx: bool,
+        index: u8,
+        addr: u16,
+        word: u64,
+    },
     /// A frame arrives from the network.
-    Frame { bytes: Vec<u8>, broadcast: bool },
+    Frame {
+        bytes: Vec<u8>,
+        broadcast: bool,
+    },
     /// PCI command register (bus master, INTx disable).
-    Command { value: u16 },
+    Command {
+        value: u16,
+    },
     /// VM time passes (interrupt throttling).
-    Advance { ns: u32 },
+    Advance {
+        ns: u32,
+    },
 }
 
 /// A backend that records nothing and hands out queued frames.
@@ -706,7 +732,10 @@ struct FuzzWire(Arc<Mutex<std::collections::VecDeque<devices::virtio::net::RxFra
 
 impl devices::virtio::net::NetBackend for FuzzWire {
     fn send(&mut self, _h: &devices::virtio::net::NetHeader, frame: &[u8]) {
-        assert!(frame.len() <= devices::e1000::MAX_TX_FRAME + 4, "frame too long");
+        assert!(
+            frame.len() <= devices::e1000::MAX_TX_FRAME + 4,
+            "frame too long"
+        );
     }
     fn recv(&mut self) -> Option<devices::virtio::net::RxFrame> {
         self.0.lock().expect("wire").pop_front()
@@ -732,8 +761,13 @@ pub fn e1000(data: &[u8]) {
     let mem = E1000_MEM.with(|m| {
         m.borrow_mut()
             .get_or_insert_with(|| {
-                devices::virtio::GuestMemory::from_ranges(&[(GuestAddress(0), E1000_RAM as usize)])
-                    .expect("guest memory")
+                devices::virtio::GuestMemory::from(
+                    devices::guest_memory::GuestMemory::from_ranges(&[(
+                        GuestAddress(0),
+                        E1000_RAM as usize,
+                    )])
+                    .expect("guest memory"),
+                )
             })
             .clone()
     });

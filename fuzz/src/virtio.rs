@@ -223,7 +223,10 @@ impl Transport {
 /// Run a virtio session decoded from the bytes.
 pub fn virtio_devices(data: &[u8]) {
     let mut r = Reader { data, pos: 0 };
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("RAM");
+    let mem = GuestMemory::from(
+        devices::guest_memory::GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+            .expect("RAM"),
+    );
     let net = FuzzNet::default();
     let console_in = Inbox::new(64, Arc::new(NoNotify));
     let kind = r.u8() % 5;
@@ -252,7 +255,12 @@ pub fn virtio_devices(data: &[u8]) {
             Arc::new(NullMsi),
         ))
     } else {
-        Transport::Mmio(VirtioMmio::new("fuzz", device, mem.clone(), Box::new(NullIrq)))
+        Transport::Mmio(VirtioMmio::new(
+            "fuzz",
+            device,
+            mem.clone(),
+            Box::new(NullIrq),
+        ))
     };
     for _ in 0..MAX_OPS {
         if r.done() {
