@@ -163,6 +163,25 @@ fn difftest_soak_findings_replay() {
             9312,
             "gate's code segment",
         ),
+        // LLDT / LTR of the non-canonical descriptor after a REP MOVSD / an
+        // STD; REP STOSB damaged descriptor 1 of the case's GDT: KVM-PVM
+        // loads it, the SDM's #GP cannot be delivered (triple fault).
+        (
+            20261210,
+            12,
+            false,
+            Mode::Long64Ring0,
+            123538,
+            "undeliverable",
+        ),
+        (
+            20261210,
+            12,
+            false,
+            Mode::Long64Ring0,
+            149405,
+            "undeliverable",
+        ),
     ];
     for &(seed, max_len, isa_only, mode, k, rule) in cases {
         let cfg = CampaignConfig {

@@ -511,6 +511,9 @@ pub fn compare(case: &Case, an: &Analysis, out: &Outcome) -> Verdict {
     if let Some(name) = settled_delivery_through_a_changed_gdt(case, &out.asm, k, i) {
         return Verdict::Settled(name);
     }
+    if let Some(name) = settled_undeliverable_sdm_fault(case, &out.asm, k, i) {
+        return Verdict::Settled(name);
+    }
     if let Some(name) = settled_descriptor_table_outside_ram(case, k, i) {
         return Verdict::Settled(name);
     }
@@ -623,6 +626,117 @@ fn settled_delivery_through_a_changed_gdt(
              longer a 64-bit code segment (KVM-PVM does not read it; SDM: #GP, #DF, triple fault)",
     )
 }
+
+/// The settled LLDT/LTR error (KVM-PVM loads a 16-byte descriptor with a
+/// non-canonical base) seen through a GDT the case damaged: a test item
+/// (soak 20261210, 64-bit ring 0: REP MOVSD #123538, STD; REP STOSB
+/// #149405) overwrote the case's own GDT copy before the LGDT that loads
+/// it, including descriptor 1, the code segment of every IDT gate, but not
+/// the LDT/TSS descriptor the LLDT/LTR then selects. The SDM's #GP(selector)
+/// for the non-canonical base cannot be delivered: the gate's code segment
+/// is no longer a present 64-bit ring-0 code segment, so #GP during
+/// delivery, #DF, which fails the same way: triple fault (SDM vol. 3,
+/// 6.12.1.1, 6.14, 6.15 "Interrupt 8"). KVM-PVM raises nothing and runs on.
+///
+/// Settled only when the SDM's outcome follows from the interpreter's own
+/// final state: it triple-faulted with RIP at an LLDT/LTR item carrying the
+/// non-canonical [`SdmFault`](super::case::SdmFault), KVM did not stop at
+/// that item with that #GP, the descriptor the selector names in the final
+/// GDT is a present LDT (LLDT) or available 64-bit TSS (LTR) with a
+/// non-canonical base (so #GP(selector) is due), and the IDT gates of #GP
+/// and #DF are present 64-bit interrupt/trap gates whose code-segment
+/// selector does not name a present 64-bit code segment of DPL 0 in that
+/// GDT (so neither can be delivered).
+fn settled_undeliverable_sdm_fault(
+    case: &Case,
+    asm: &Assembled,
+    k: &Snapshot,
+    i: &Snapshot,
+) -> Option<&'static str> {
+    if case.mode.oracle() != super::Oracle::Emulator
+        || !case.mode.long()
+        || case.mode.ring() != 0
+        || i.end != End::TripleFault
+        || k.end != End::Stop
+    {
+        return None;
+    }
+    let sr = &i.state.sregs;
+    // 64-bit code: CS's base is ignored (SDM vol. 3, 3.2.4).
+    let at = asm.index_of(i.state.regs.rip)?;
+    let item = case.items.get(at)?;
+    let want = item.sdm_fault?;
+    let (name, type_) = match item.instr.mnemonic() {
+        iced_x86::Mnemonic::Lldt => (LLDT_UNDELIVERABLE, 2),
+        iced_x86::Mnemonic::Ltr => (LTR_UNDELIVERABLE, 9),
+        _ => return None,
+    };
+    let sel = want.error_code?;
+    if want.vector != 13 || sel & 7 != 0 || sel == 0 {
+        return None;
+    }
+    // KVM went past the item (or stopped elsewhere), not at it with #GP.
+    let cs = case.init.sregs.cs.selector;
+    let kvm_same = matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(13))
+        && frame(case.mode, &k.state, &k.mem, 13, cs)
+            .is_some_and(|kf| asm.index_of(kf.rip) == Some(at));
+    if kvm_same {
+        return None;
+    }
+    let mem = &i.mem;
+    let gdt_entry = |sel: u64, width: u64| -> Option<(u64, u64)> {
+        if sel & 4 != 0 || (sel & !7) + width - 1 > u64::from(sr.gdt.limit) {
+            return None;
+        }
+        let a = sr.gdt.base.checked_add(sel & !7)?;
+        let lo = read_le(mem, a, 8)?;
+        let hi = if width == 16 {
+            read_le(mem, a + 8, 8)?
+        } else {
+            0
+        };
+        Some((lo, hi))
+    };
+    // The SDM's #GP(selector): a present LDT/available TSS with a
+    // non-canonical base.
+    let (lo, hi) = gdt_entry(sel, 16)?;
+    let access = (lo >> 40) & 0xff;
+    let base = ((lo >> 16) & 0xff_ffff) | (((lo >> 56) & 0xff) << 24) | ((hi & 0xffff_ffff) << 32);
+    if access & 0x1f != type_ || access & 0x80 == 0 || canonical(base) {
+        return None;
+    }
+    // Neither #GP nor #DF can be delivered through its gate.
+    let deliverable = |vector: u64| -> Option<bool> {
+        if u64::from(sr.idt.limit) < vector * 16 + 15 {
+            return None;
+        }
+        let g = read_le(mem, sr.idt.base.checked_add(vector * 16)?, 8)?;
+        let gate_type = (g >> 40) & 0x1f;
+        if g & (1 << 47) == 0 || !matches!(gate_type, 0xe | 0xf) {
+            return None;
+        }
+        let cs_sel = (g >> 16) & 0xffff;
+        if cs_sel & !3 == 0 {
+            return Some(false);
+        }
+        let Some((d, _)) = gdt_entry(cs_sel, 8) else {
+            return Some(false);
+        };
+        let code = d & (1 << 44) != 0 && d & (1 << 43) != 0;
+        let present = d & (1 << 47) != 0;
+        let dpl0 = (d >> 45) & 3 == 0;
+        let long = d & (1 << 53) != 0 && d & (1 << 54) == 0;
+        Some(code && present && dpl0 && long)
+    };
+    (!deliverable(13)? && !deliverable(8)?).then_some(name)
+}
+
+const LLDT_UNDELIVERABLE: &str =
+    "LLDT of a 16-byte LDT descriptor with a non-canonical base accepted (KVM-PVM; SDM: \
+     #GP(selector)), the #GP undeliverable through the case's damaged GDT (SDM: triple fault)";
+const LTR_UNDELIVERABLE: &str =
+    "LTR of a 16-byte TSS descriptor with a non-canonical base accepted (KVM-PVM; SDM: \
+     #GP(selector)), the #GP undeliverable through the case's damaged GDT (SDM: triple fault)";
 
 /// KVM-PVM's emulator never completes an instruction that reads a segment
 /// descriptor from a table outside guest RAM (a GDT that a test item moved
@@ -885,6 +999,104 @@ pub fn describe_end(case: &Case, asm: &Assembled, s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Soak 20261210's LLDT/LTR cases in miniature: the interpreter
+    /// triple-faults at an LLDT of the non-canonical LDT descriptor of the
+    /// case's GDT copy whose descriptor 1 a test item overwrote, KVM ran on.
+    /// Settled only while every condition holds: the same case with
+    /// descriptor 1 intact, with the selected descriptor canonical or not
+    /// an LDT, or with KVM stopping at the LLDT, is not.
+    #[test]
+    fn an_undeliverable_sdm_fault_is_settled_only_when_the_sdm_says_so() {
+        use super::super::case::{assemble, Item, SdmFault};
+        use super::super::gen::sys::{gdt_copy, GDT_COPY, SEL_LDT, SEL_LDT_NONCANON};
+        use iced_x86::{Code, Instruction, Register};
+        let mode = Mode::Long64Ring0;
+        let setup = Instruction::with2(Code::Mov_rm64_imm32, Register::R14, 0xa0).unwrap();
+        let lldt = Instruction::with1(Code::Lldt_rm16, Register::R14W).unwrap();
+        let mut items = vec![Item::new(0, setup), Item::new(1, lldt)];
+        items[0].setup = true;
+        items[1].sdm_fault = Some(SdmFault {
+            vector: 13,
+            error_code: Some(u64::from(SEL_LDT_NONCANON)),
+            erratum: "LLDT",
+        });
+        let mut init = env::base_state(mode);
+        init.regs.rip = env::CODE;
+        let case = Case {
+            mode,
+            init,
+            area: vec![0; (env::SPACE - env::CASE_AREA) as usize],
+            items,
+            origin: "test".into(),
+        };
+        let asm = assemble(mode, &case.items).unwrap();
+        // The interpreter: RIP at the LLDT, the GDT copy loaded.
+        let low = env::image().into_iter().next().unwrap().1;
+        let snap = |end: End, gdt: &[u8], sel: u16, rip: u64| {
+            let mut mem = low.clone();
+            mem[GDT_COPY as usize..][..gdt.len()].copy_from_slice(gdt);
+            let mut state = case.init;
+            state.regs.rip = rip;
+            state.regs.gpr[14] = u64::from(sel);
+            state.sregs.gdt.base = GDT_COPY;
+            state.sregs.gdt.limit = gdt.len() as u16 - 1;
+            Snapshot {
+                end,
+                state,
+                mem,
+                io: Vec::new(),
+            }
+        };
+        let intact = gdt_copy(mode);
+        let mut damaged = intact.clone();
+        damaged[8..16].fill(0xff); // descriptor 1: L and D set, DPL 3
+        let kvm = snap(End::Stop, &damaged, SEL_LDT_NONCANON, asm.end_addr);
+        let interp = snap(End::TripleFault, &damaged, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &interp),
+            Some(LLDT_UNDELIVERABLE)
+        );
+        // Descriptor 1 intact: the #GP is deliverable, a triple fault is wrong.
+        let i2 = snap(End::TripleFault, &intact, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i2),
+            None
+        );
+        // Descriptor 1 a 64-bit code segment of DPL 3: still undeliverable.
+        let mut dpl3 = intact.clone();
+        dpl3[13] |= 0x60;
+        let i3 = snap(End::TripleFault, &dpl3, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert!(settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i3).is_some());
+        // The selected LDT descriptor with a canonical base: no #GP is due.
+        let mut canon = damaged.clone();
+        let a = usize::from(SEL_LDT_NONCANON);
+        canon[a..a + 16].copy_from_slice(&intact[usize::from(SEL_LDT)..][..16]);
+        let i4 = snap(End::TripleFault, &canon, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i4),
+            None
+        );
+        // Not an LDT descriptor any more (type 9): not this rule.
+        let mut tss = damaged.clone();
+        tss[a + 5] = 0x89;
+        let i5 = snap(End::TripleFault, &tss, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i5),
+            None
+        );
+        // The interpreter stopped elsewhere, or KVM did not run on.
+        let i6 = snap(End::TripleFault, &damaged, SEL_LDT_NONCANON, asm.addrs[0]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i6),
+            None
+        );
+        let k7 = snap(End::TripleFault, &damaged, SEL_LDT_NONCANON, asm.addrs[1]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &k7, &interp),
+            None
+        );
+    }
 
     #[test]
     fn frames_are_found_with_and_without_error_codes() {

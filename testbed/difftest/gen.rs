@@ -33,7 +33,7 @@ use super::env;
 use super::rng::Rng;
 use super::Mode;
 
-mod sys;
+pub(crate) mod sys;
 pub use sys::gdt_copy;
 
 /// Integer mnemonics the random generator draws from (with every legacy

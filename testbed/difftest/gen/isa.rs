@@ -225,6 +225,30 @@ pub fn isa_groups(mode: Mode) -> Vec<Vec<Code>> {
     by.into_values().collect()
 }
 
+/// Every x86-64-v2/v3 form the generator can produce on this host: the
+/// random forms of [`isa_groups`] and the XSAVE/XGETBV templates'.
+pub fn generatable_forms() -> Vec<Code> {
+    isa_groups(Mode::Long64Ring3)
+        .into_iter()
+        .flatten()
+        .chain(
+            [
+                Code::Xsave_mem,
+                Code::Xsave64_mem,
+                Code::Xsaveopt_mem,
+                Code::Xsaveopt64_mem,
+                Code::Xsavec_mem,
+                Code::Xsavec64_mem,
+                Code::Xrstor_mem,
+                Code::Xrstor64_mem,
+                Code::Xgetbv,
+            ]
+            .into_iter()
+            .filter(|&c| host_runs(c)),
+        )
+        .collect()
+}
+
 /// The aligned forms: a misaligned operand is #GP (a #UD under KVM-PVM
 /// in ring 3, so they stay aligned).
 fn needs_alignment(c: Code) -> Option<u64> {
