@@ -894,7 +894,7 @@ impl Machine {
             );
         }
         use crate::guests::{virtio as guest, BuiltinVirtioKind};
-        use devices::virtio::{block, net};
+        use devices::virtio::{block, console, net, rng};
         let transport = match v.transport {
             VirtioTransport::Pci => "pci",
             VirtioTransport::Mmio => "mmio",
@@ -918,6 +918,22 @@ impl Machine {
                     [0x52, 0x54, 0x00, 0xd0, 0xe7, index as u8],
                     Box::<net::LoopbackBackend>::default(),
                 )),
+            ),
+            BuiltinVirtioKind::ConsoleLoopback => {
+                let host = console::LoopbackConsole::new(guest::CONSOLE_GREETING);
+                (
+                    format!("builtin-console-{transport}"),
+                    Box::new(console::VirtioConsole::new(
+                        Box::new(host.clone()),
+                        Box::new(host),
+                    )),
+                )
+            }
+            BuiltinVirtioKind::Rng => (
+                format!("builtin-rng-{transport}"),
+                Box::new(rng::VirtioRng::new(rng::EntropySource::Seeded(
+                    crate::virtio::DEFAULT_RNG_SEED,
+                ))),
             ),
         };
         self.add_virtio(&name, v.transport, device)

@@ -834,10 +834,29 @@ impl devices::BusDevice for ChangedRegister {
     }
 }
 
-fn virtio_golden() -> String {
-    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/devices/virtio.devtrace");
-    std::fs::read_to_string(t).unwrap()
+fn golden_trace(name: &str) -> String {
+    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("golden/devices/{name}.devtrace"));
+    std::fs::read_to_string(&t).unwrap_or_else(|e| panic!("{}: {e}", t.display()))
 }
+
+/// The golden traces of the built-in guests with virtio devices, and the
+/// devices each names.
+const VIRTIO_TRACES: [(&str, &[&str]); 3] = [
+    (
+        "virtio",
+        &[
+            "builtin-blk-pci",
+            "builtin-net-pci",
+            "builtin-blk-mmio",
+            "builtin-net-mmio",
+        ],
+    ),
+    (
+        "virtio-console",
+        &["builtin-console-pci", "builtin-console-mmio"],
+    ),
+    ("virtio-rng", &["builtin-rng-pci", "builtin-rng-mmio"]),
+];
 
 fn differs_at(text: &str, patch: Option<&dyn Fn(&mut duet::machine::Machine)>) -> (usize, String) {
     match replay_devices(text, patch) {
@@ -846,65 +865,123 @@ fn differs_at(text: &str, patch: Option<&dyn Fn(&mut duet::machine::Machine)>) -
     }
 }
 
-/// The virtio golden trace carries the devices' reads of guest memory:
-/// it replays with no guest, every read fed and every write compared.
+/// The virtio golden traces (virtio-blk and virtio-net; virtio-console;
+/// virtio-rng; each on both transports) carry the devices' reads of
+/// guest memory: they replay with no guest, every read fed and every
+/// write compared.
 #[test]
 fn virtio_devices_replay_from_their_memory_accesses() {
-    let text = virtio_golden();
-    let r = replay_devices(&text, None).unwrap();
-    let dma = |rw: &str| {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("dma  {rw} ")))
-            .count()
-    };
-    assert!(dma("r") > 20 && dma("w") > 20, "{} {}", dma("r"), dma("w"));
-    assert_eq!(r.dma, dma("r") + dma("w"));
-    for dev in [
-        "builtin-blk-pci",
-        "builtin-net-pci",
-        "builtin-blk-mmio",
-        "builtin-net-mmio",
-    ] {
+    for (name, devs) in VIRTIO_TRACES {
+        let text = golden_trace(name);
+        let r = replay_devices(&text, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let dma = |rw: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("dma  {rw} ")))
+                .count()
+        };
         assert!(
-            text.contains(&format!("# virtio {dev}\n")),
-            "{dev} not in the trace"
+            dma("r") > 10 && dma("w") > 10,
+            "{name}: {} {}",
+            dma("r"),
+            dma("w")
+        );
+        assert_eq!(r.dma, dma("r") + dma("w"), "{name}");
+        for dev in devs {
+            assert!(
+                text.contains(&format!("# virtio {dev}\n")),
+                "{name}: {dev} not in the trace"
+            );
+        }
+        assert!(r.signals > 0 && r.interrupts > 0, "{name}: {r:?}");
+    }
+}
+
+/// What the host side gave each device is in its trace as the bytes the
+/// device wrote into the guest's buffers: the console's greeting and
+/// echo, the seeded generator's bytes.
+#[test]
+fn console_and_rng_traces_hold_what_the_host_side_gave() {
+    let written = |text: &str| -> Vec<Vec<u8>> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("dma  w "))
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .filter(|h| *h != "-")
+            .map(|h| {
+                (0..h.len())
+                    .step_by(2)
+                    .map(|k| u8::from_str_radix(&h[k..k + 2], 16).unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let console = written(&golden_trace("virtio-console"));
+    let greeting = duet::guests::virtio::CONSOLE_GREETING;
+    assert_eq!(
+        console.iter().filter(|b| b.as_slice() == greeting).count(),
+        2,
+        "the greeting, once per transport"
+    );
+    for t in [
+        duet::machine::VirtioTransport::Pci,
+        duet::machine::VirtioTransport::Mmio,
+    ] {
+        let line = duet::guests::virtio::console_line(t);
+        assert!(
+            console.iter().any(|b| b.as_slice() == line.as_bytes()),
+            "the echo of {line:?}"
         );
     }
-    assert!(r.signals > 0 && r.interrupts > 0);
+    let mut bytes = [0u8; 16];
+    devices::virtio::rng::SeededRng::new(duet::virtio::DEFAULT_RNG_SEED).fill(&mut bytes);
+    let rng = written(&golden_trace("virtio-rng"));
+    assert_eq!(
+        rng.iter().filter(|b| b.as_slice() == bytes).count(),
+        2,
+        "the seeded bytes, once per transport"
+    );
 }
 
 /// A virtio-mmio register changed in the device model fails at the
-/// first read of it.
+/// first read of it, in each virtio golden trace.
 #[test]
 fn a_changed_virtio_register_fails_at_its_first_read() {
-    let text = virtio_golden();
-    // The first virtio-mmio block (the built-in disk); DeviceID at 0x008.
-    let (base, _) = duet::layout::virtio_mmio::slot(0).unwrap();
-    let device_id = format!("mmio r {:#010x} 4 ", base + 8);
-    let first = text
-        .lines()
-        .position(|l| l.starts_with(&device_id))
-        .unwrap()
-        + 1;
-    let patch = |m: &mut duet::machine::Machine| {
-        m.wrap_mmio_device(base, |inner| {
-            std::sync::Arc::new(std::sync::Mutex::new(ChangedRegister {
-                inner,
-                offset: 8,
-                xor: 0x40,
-            }))
-        })
-        .unwrap();
-    };
-    let (line, got) = differs_at(&text, Some(&patch));
-    assert_eq!(line, first, "{got}");
+    for (name, _) in VIRTIO_TRACES {
+        let text = golden_trace(name);
+        // The first virtio-mmio block (the guest's first virtio-mmio
+        // device); DeviceID at 0x008.
+        let (base, _) = duet::layout::virtio_mmio::slot(0).unwrap();
+        let device_id = format!("mmio r {:#010x} 4 ", base + 8);
+        let first = text
+            .lines()
+            .position(|l| l.starts_with(&device_id))
+            .unwrap_or_else(|| panic!("{name}: no DeviceID read"))
+            + 1;
+        let patch = |m: &mut duet::machine::Machine| {
+            m.wrap_mmio_device(base, |inner| {
+                std::sync::Arc::new(std::sync::Mutex::new(ChangedRegister {
+                    inner,
+                    offset: 8,
+                    xor: 0x40,
+                }))
+            })
+            .unwrap();
+        };
+        let (line, got) = differs_at(&text, Some(&patch));
+        assert_eq!(line, first, "{name}: {got}");
+    }
 }
 
 /// What a device wrote to guest memory, where it read, and what it read
 /// are all checked at their own line.
 #[test]
 fn virtio_memory_accesses_are_compared_at_their_line() {
-    let text = virtio_golden();
+    for (name, _) in VIRTIO_TRACES {
+        eprintln!("{name}");
+        memory_accesses_are_compared_at_their_line(&golden_trace(name));
+    }
+}
+
+fn memory_accesses_are_compared_at_their_line(text: &str) {
     let lines: Vec<String> = text.lines().map(String::from).collect();
     let join = |v: &[String]| v.join("\n") + "\n";
     // A device write whose bytes differ (the last byte flipped).
@@ -943,4 +1020,40 @@ fn virtio_memory_accesses_are_compared_at_their_line() {
     let last_dma = lines.iter().rposition(|l| l.starts_with("dma ")).unwrap();
     v.remove(last_dma);
     assert!(replay_devices(&join(&v), None).is_err());
+}
+
+/// The virtio-console and virtio-rng guests: recorded on the interpreter
+/// they replay bit-exact (serial output, device trace, final state);
+/// recorded on KVM they replay at the device level.
+#[test]
+fn the_console_and_rng_guests_record_and_replay() {
+    for g in ["virtio-console", "virtio-rng"] {
+        let rec = record(
+            &format!("{g}-interp"),
+            &[
+                "--backend",
+                "interp",
+                "--guest",
+                g,
+                "--checkpoint-every",
+                "20000",
+            ],
+            b"",
+        );
+        assert!(
+            rec.serial.contains(&format!("{g} on mmio: ")) && rec.serial.contains("virtio: done"),
+            "{g}: {}",
+            rec.serial
+        );
+        let e = replay_same(&rec, g, &[]);
+        assert!(e.contains("replay matched"), "{g}: {e}");
+        if common::kvm_or_skip(&format!("{g} recorded on KVM")) {
+            let rec = record(
+                &format!("{g}-kvm"),
+                &["--backend", "kvm", "--guest", g],
+                b"",
+            );
+            kvm_device_replay(&rec.log);
+        }
+    }
 }

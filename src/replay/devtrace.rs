@@ -669,6 +669,8 @@ pub fn builtin_virtio_header(index: usize, v: crate::guests::BuiltinVirtio) -> S
     let kind = match v.kind {
         BuiltinVirtioKind::Block => "blk",
         BuiltinVirtioKind::NetLoopback => "net-loopback",
+        BuiltinVirtioKind::ConsoleLoopback => "console-loopback",
+        BuiltinVirtioKind::Rng => "rng",
     };
     let transport = match v.transport {
         crate::machine::VirtioTransport::Pci => "pci",
@@ -726,6 +728,8 @@ pub fn traced_machine(text: &str) -> Result<TracedMachine, DeviceReplayError> {
                 let kind = match f.next() {
                     Some("blk") => BuiltinVirtioKind::Block,
                     Some("net-loopback") => BuiltinVirtioKind::NetLoopback,
+                    Some("console-loopback") => BuiltinVirtioKind::ConsoleLoopback,
+                    Some("rng") => BuiltinVirtioKind::Rng,
                     _ => return Err(malformed(n, "unknown built-in virtio device")),
                 };
                 let transport = match f.next() {

@@ -52,6 +52,13 @@ pub enum BuiltinVirtioKind {
     Block,
     /// virtio-net whose sent frames come back as received ones.
     NetLoopback,
+    /// virtio-console whose host side greets with a fixed line, then
+    /// gives back what the guest writes
+    /// ([`devices::virtio::console::LoopbackConsole`]).
+    ConsoleLoopback,
+    /// virtio-rng on the seeded generator `--rng` gets under `--clock
+    /// virtual` (whatever the clock: built-in devices repeat exactly).
+    Rng,
 }
 
 impl BuiltinVirtioKind {
@@ -59,6 +66,8 @@ impl BuiltinVirtioKind {
         match self {
             BuiltinVirtioKind::Block => devices::virtio::device_type::BLOCK,
             BuiltinVirtioKind::NetLoopback => devices::virtio::device_type::NET,
+            BuiltinVirtioKind::ConsoleLoopback => devices::virtio::device_type::CONSOLE,
+            BuiltinVirtioKind::Rng => devices::virtio::device_type::RNG,
         }
     }
 }
@@ -231,6 +240,18 @@ pub fn all() -> &'static [BuiltinGuest] {
             name: virtio::NET_LOOP_MMIO_NAME,
             description: virtio::NET_LOOP_MMIO_DESCRIPTION,
             build: virtio::build_net_loop_mmio,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: virtio::CONSOLE_NAME,
+            description: virtio::CONSOLE_DESCRIPTION,
+            build: virtio::build_console,
+            needs_input: false,
+        },
+        BuiltinGuest {
+            name: virtio::RNG_NAME,
+            description: virtio::RNG_DESCRIPTION,
+            build: virtio::build_rng,
             needs_input: false,
         },
         BuiltinGuest {

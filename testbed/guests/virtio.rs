@@ -191,6 +191,116 @@ pub const WAIT_NAME: &str = "virtio-wait";
 pub const WAIT_DESCRIPTION: &str =
     "the virtio guest, then waiting (for Ctrl-A x or a signal) instead of powering off";
 
+/// The self-test's first line.
+const SELF_TEST_HEADER: &str =
+    "virtio: virtio-blk and virtio-net on virtio-pci and virtio-mmio\r\n";
+
+/// `virtio-console`: the same driver on two virtio-consoles (one port
+/// each, no MULTIPORT), one on virtio-pci and one on virtio-mmio, each
+/// with the loopback host side
+/// ([`devices::virtio::console::LoopbackConsole`]): the host greets with
+/// [`CONSOLE_GREETING`], then gives back what the guest writes. For each:
+/// one receive buffer posted (the greeting arrives), a line written on the
+/// transmit queue ([`console_line`]), a second receive buffer posted (the
+/// line comes back); the guest waits for the interrupt of each step, then
+/// prints the greeting, its line and whether the echo matches.
+pub const CONSOLE_NAME: &str = "virtio-console";
+pub const CONSOLE_DESCRIPTION: &str =
+    "64-bit long mode: a line each way through virtio-console on virtio-pci (MSI-X) and virtio-mmio (IOAPIC line)";
+const CONSOLE_HEADER: &str = "virtio-console: a line each way on virtio-pci and virtio-mmio\r\n";
+/// What the built-in console's host side supplies first.
+pub const CONSOLE_GREETING: &[u8] = b"hello from the host side of hvc0\n";
+/// The line the guest writes on the console of `transport`.
+pub fn console_line(transport: VirtioTransport) -> String {
+    let t = match transport {
+        VirtioTransport::Pci => "pci",
+        VirtioTransport::Mmio => "mmio",
+    };
+    format!("a line from the guest on virtio-console over {t}\n")
+}
+/// Bytes of each receive buffer of the console guest.
+const CONSOLE_RX_LEN: u32 = 64;
+const _: () = assert!(CONSOLE_GREETING.len() < CONSOLE_RX_LEN as usize);
+
+/// `virtio-rng`: the same driver on two virtio-rngs, on virtio-pci and on
+/// virtio-mmio, each on the seeded generator `--rng` uses under `--clock
+/// virtual` ([`crate::virtio::DEFAULT_RNG_SEED`]); two requests published
+/// at once, [`RNG_REQUEST`] bytes each (one buffer; a chain of two
+/// halves), one notification, one interrupt; the bytes are printed. Both
+/// devices start from the same seed: both transports print the same bytes.
+pub const RNG_NAME: &str = "virtio-rng";
+pub const RNG_DESCRIPTION: &str =
+    "64-bit long mode: random bytes from virtio-rng (seeded) on virtio-pci (MSI-X) and virtio-mmio (IOAPIC line)";
+const RNG_HEADER: &str = "virtio-rng: seeded random bytes on virtio-pci and virtio-mmio\r\n";
+/// Bytes per request.
+pub const RNG_REQUEST: u32 = 16;
+/// Requests published at once.
+pub const RNG_REQUESTS: u32 = 2;
+
+/// The two consoles of `virtio-console` and the two RNGs of `virtio-rng`
+/// (three interrupts per console: greeting, line sent, echo).
+const CONSOLE_DEVICES: [DeviceEntry; 2] = [
+    (
+        BuiltinVirtioKind::ConsoleLoopback,
+        VirtioTransport::Pci,
+        0x20000,
+        0x40,
+        3,
+    ),
+    (
+        BuiltinVirtioKind::ConsoleLoopback,
+        VirtioTransport::Mmio,
+        0x30000,
+        0x44,
+        3,
+    ),
+];
+const RNG_DEVICES: [DeviceEntry; 2] = [
+    (
+        BuiltinVirtioKind::Rng,
+        VirtioTransport::Pci,
+        0x20000,
+        0x40,
+        1,
+    ),
+    (
+        BuiltinVirtioKind::Rng,
+        VirtioTransport::Mmio,
+        0x30000,
+        0x44,
+        1,
+    ),
+];
+
+pub fn build_console() -> GuestImage {
+    image_of(console_program(), &CONSOLE_DEVICES)
+}
+
+pub fn build_rng() -> GuestImage {
+    image_of(rng_program(), &RNG_DEVICES)
+}
+
+pub fn console_program() -> GuestProgram {
+    assemble_program(
+        &CONSOLE_DEVICES,
+        Workload::SelfTest(End::PowerOff, CONSOLE_HEADER),
+    )
+    .expect("virtio-console guest assembles")
+}
+
+pub fn rng_program() -> GuestProgram {
+    assemble_program(&RNG_DEVICES, Workload::SelfTest(End::PowerOff, RNG_HEADER))
+        .expect("virtio-rng guest assembles")
+}
+
+/// The transport of the table's device at `base`.
+fn transport_of(table: &[DeviceEntry], base: u32) -> VirtioTransport {
+    table
+        .iter()
+        .find(|e| e.2 == base)
+        .map_or(VirtioTransport::Pci, |e| e.1)
+}
+
 /// How the guest ends once its drivers are done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
@@ -205,8 +315,8 @@ pub enum End {
 /// What the guest does with its devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
-    /// Exercise every device once, then end.
-    SelfTest(End),
+    /// Exercise every device once, then end (the header line names them).
+    SelfTest(End, &'static str),
     /// Loop `frames` frames of `frame_len` bytes through one virtio-net.
     NetLoop { frames: u32, frame_len: u32 },
 }
@@ -237,7 +347,8 @@ pub fn program() -> GuestProgram {
 }
 
 pub fn program_with(end: End) -> GuestProgram {
-    assemble_program(&DEVICES, Workload::SelfTest(end)).expect("virtio guest assembles")
+    assemble_program(&DEVICES, Workload::SelfTest(end, SELF_TEST_HEADER))
+        .expect("virtio guest assembles")
 }
 
 fn desc(addr: u32, len: u32, flags: u16, next: u16) -> [u8; 16] {
@@ -313,6 +424,63 @@ fn blk_region(base: u32) -> Vec<u8> {
     b
 }
 
+/// The prepared rings of a console at `base`: two receive buffers
+/// ([`region::BUF_A`], [`region::BUF_B`]) in the receive queue's
+/// available ring, the guest's line at [`region::HEADERS`] in the
+/// transmit queue's (the indexes are published by the driver); the line
+/// without its newline at [`region::WRITE_BUF`], for printing.
+fn console_region(base: u32, transport: VirtioTransport) -> Vec<u8> {
+    use region::*;
+    let line = console_line(transport);
+    let mut b = vec![0u8; BLOB_END as usize];
+    put(
+        &mut b,
+        DESC0,
+        &desc(base + BUF_A, CONSOLE_RX_LEN, DESC_WRITE, 0),
+    );
+    put(
+        &mut b,
+        DESC0 + 16,
+        &desc(base + BUF_B, CONSOLE_RX_LEN, DESC_WRITE, 0),
+    );
+    avail(&mut b, AVAIL0, &[0, 1]);
+    put(
+        &mut b,
+        DESC1,
+        &desc(base + HEADERS, line.len() as u32, 0, 0),
+    );
+    avail(&mut b, AVAIL1, &[0]);
+    put(&mut b, HEADERS, line.as_bytes());
+    put(&mut b, WRITE_BUF, line.trim_end().as_bytes());
+    b
+}
+
+/// The prepared rings of an RNG at `base`: request 0 one buffer of
+/// [`RNG_REQUEST`] bytes at [`region::BUF_A`], request 1 a chain of two
+/// halves at [`region::BUF_B`].
+fn rng_region(base: u32) -> Vec<u8> {
+    use region::*;
+    let half = RNG_REQUEST / 2;
+    let mut b = vec![0u8; BLOB_END as usize];
+    put(
+        &mut b,
+        DESC0,
+        &desc(base + BUF_A, RNG_REQUEST, DESC_WRITE, 0),
+    );
+    put(
+        &mut b,
+        DESC0 + 16,
+        &desc(base + BUF_B, half, DESC_WRITE | DESC_NEXT, 2),
+    );
+    put(
+        &mut b,
+        DESC0 + 32,
+        &desc(base + BUF_B + half, half, DESC_WRITE, 0),
+    );
+    avail(&mut b, AVAIL0, &[0, 1]);
+    b
+}
+
 /// The prepared rings and the frame of a NIC at `base`.
 fn net_region(base: u32) -> Vec<u8> {
     use region::*;
@@ -366,6 +534,16 @@ struct Strings {
     done: u32,
     waiting: u32,
     unexpected: u32,
+    console: u32,
+    rng: u32,
+    received_quote: u32,
+    paren_open: u32,
+    sent_quote: u32,
+    echoed: u32,
+    requests: u32,
+    plus: u32,
+    bytes_colon: u32,
+    semicolon: u32,
     records: Vec<u32>,
     /// The frame loop's strings (its workload only).
     looped: Option<LoopStrings>,
@@ -389,9 +567,7 @@ fn assemble_program(table: &[DeviceEntry], work: Workload) -> Result<GuestProgra
         gdtr: data.table_register(map::GDT, gdt_limit),
         idtr: data.table_register(map::IDT, idt_limit),
         header: data.cstr(match work {
-            Workload::SelfTest(_) => {
-                "virtio: virtio-blk and virtio-net on virtio-pci and virtio-mmio\r\n"
-            }
+            Workload::SelfTest(_, header) => header,
             Workload::NetLoop { .. } => "virtio-net: looping frames through a loopback backend\r\n",
         }),
         blk: data.cstr("virtio-blk on "),
@@ -421,9 +597,19 @@ fn assemble_program(table: &[DeviceEntry], work: Workload) -> Result<GuestProgra
         done: data.cstr("virtio: done\r\n"),
         waiting: data.cstr("virtio: waiting for Ctrl-A x or a signal\r\n"),
         unexpected: data.cstr("virtio: unexpected interrupt or exception, stopping\r\n"),
+        console: data.cstr("virtio-console on "),
+        rng: data.cstr("virtio-rng on "),
+        received_quote: data.cstr("received '"),
+        paren_open: data.cstr("' ("),
+        sent_quote: data.cstr(" bytes); sent '"),
+        echoed: data.cstr(" bytes); echoed back: "),
+        requests: data.cstr(" requests done, "),
+        plus: data.cstr(" + "),
+        bytes_colon: data.cstr(" bytes: "),
+        semicolon: data.cstr("; "),
         records: Vec::new(),
         looped: match work {
-            Workload::SelfTest(_) => None,
+            Workload::SelfTest(..) => None,
             Workload::NetLoop { .. } => Some(LoopStrings {
                 sent: data.cstr("virtio-net: frames looped back: "),
                 bytes: data.cstr(", bytes: "),
@@ -461,9 +647,13 @@ fn assemble_program(table: &[DeviceEntry], work: Workload) -> Result<GuestProgra
     for &(kind, _, base, ..) in table {
         let (bytes, end) = match (kind, work) {
             (BuiltinVirtioKind::Block, _) => (blk_region(base), region::END),
-            (BuiltinVirtioKind::NetLoopback, Workload::SelfTest(_)) => {
+            (BuiltinVirtioKind::NetLoopback, Workload::SelfTest(..)) => {
                 (net_region(base), region::END)
             }
+            (BuiltinVirtioKind::ConsoleLoopback, _) => {
+                (console_region(base, transport_of(table, base)), region::END)
+            }
+            (BuiltinVirtioKind::Rng, _) => (rng_region(base), region::END),
             (BuiltinVirtioKind::NetLoopback, Workload::NetLoop { frame_len, .. }) => {
                 (net_loop_region(base, frame_len), net_loop::END)
             }
@@ -499,6 +689,8 @@ struct Driver {
     wait_irqs: CodeLabel,
     blk_test: CodeLabel,
     net_test: CodeLabel,
+    console_test: CodeLabel,
+    rng_test: CodeLabel,
     irq_common: CodeLabel,
 }
 
@@ -527,6 +719,8 @@ fn long_mode_code(
         wait_irqs: a.create_label(),
         blk_test: a.create_label(),
         net_test: a.create_label(),
+        console_test: a.create_label(),
+        rng_test: a.create_label(),
         irq_common: a.create_label(),
     };
     let mut stubs: Vec<CodeLabel> = Vec::new();
@@ -565,12 +759,14 @@ fn long_mode_code(
     }
     // Drive them.
     let end = match work {
-        Workload::SelfTest(end) => {
+        Workload::SelfTest(end, _) => {
             for (i, &(kind, ..)) in table.iter().enumerate() {
                 a.mov(ebx, s.records[i])?;
                 match kind {
                     BuiltinVirtioKind::Block => a.call(d.blk_test)?,
                     BuiltinVirtioKind::NetLoopback => a.call(d.net_test)?,
+                    BuiltinVirtioKind::ConsoleLoopback => a.call(d.console_test)?,
+                    BuiltinVirtioKind::Rng => a.call(d.rng_test)?,
                 }
             }
             routines.print(&mut a, s.done)?;
@@ -606,9 +802,20 @@ fn long_mode_code(
     emit_discovery(&mut a, &mut d, s, table)?;
     emit_transport(&mut a, &mut d)?;
     emit_bring_up(&mut a, &mut d, s, &routines)?;
-    if let Workload::SelfTest(_) = work {
-        emit_blk_test(&mut a, &mut d, s, &routines, &decimal)?;
-        emit_net_test(&mut a, &mut d, s, &routines, &decimal)?;
+    if let Workload::SelfTest(..) = work {
+        let has = |k: BuiltinVirtioKind| table.iter().any(|e| e.0 == k);
+        if has(BuiltinVirtioKind::Block) {
+            emit_blk_test(&mut a, &mut d, s, &routines, &decimal)?;
+        }
+        if has(BuiltinVirtioKind::NetLoopback) {
+            emit_net_test(&mut a, &mut d, s, &routines, &decimal)?;
+        }
+        if has(BuiltinVirtioKind::ConsoleLoopback) {
+            emit_console_test(&mut a, &mut d, s, &routines, &decimal)?;
+        }
+        if has(BuiltinVirtioKind::Rng) {
+            emit_rng_test(&mut a, &mut d, s, &routines, &decimal)?;
+        }
     }
 
     // Interrupt stubs: RBX = the device's record, then the common part.
@@ -749,17 +956,16 @@ fn emit_discovery(
     a.set_label(&mut absent)?;
     a.ret()?;
 
-    // mmio_scan. Records: the first disk and NIC on MMIO.
-    let mmio_record = |kind: BuiltinVirtioKind| -> Option<u32> {
-        table
-            .iter()
-            .position(|&(k, t, ..)| k == kind && t == VirtioTransport::Mmio)
-            .map(|i| s.records[i])
-    };
+    // mmio_scan. Records: the first device of each kind on MMIO.
+    let mut mmio_kinds: Vec<(BuiltinVirtioKind, u32)> = Vec::new();
+    for (i, &(k, t, ..)) in table.iter().enumerate() {
+        if t == VirtioTransport::Mmio && !mmio_kinds.iter().any(|e| e.0 == k) {
+            mmio_kinds.push((k, s.records[i]));
+        }
+    }
     use devices::virtio::mmio::reg;
     use layout::virtio_mmio as slots;
     let mut next = a.create_label();
-    let mut not_blk = a.create_label();
     let mut claim = a.create_label();
     let mut skip = a.create_label();
     let mut done = a.create_label();
@@ -773,22 +979,15 @@ fn emit_discovery(
     a.cmp(dword_ptr(rdi + reg::MAGIC), MMIO_MAGIC as i32)?;
     a.jne(done)?;
     a.mov(eax, dword_ptr(rdi + reg::DEVICE_ID))?;
-    a.cmp(eax, BuiltinVirtioKind::Block.device_type() as i32)?;
-    a.jne(not_blk)?;
-    match mmio_record(BuiltinVirtioKind::Block) {
-        Some(r) => {
-            a.mov(r8d, r)?;
-            a.jmp(claim)?;
-        }
-        None => a.jmp(skip)?,
+    for &(kind, record) in &mmio_kinds {
+        let mut other = a.create_label();
+        a.cmp(eax, kind.device_type() as i32)?;
+        a.jne(other)?;
+        a.mov(r8d, record)?;
+        a.jmp(claim)?;
+        a.set_label(&mut other)?;
     }
-    a.set_label(&mut not_blk)?;
-    a.cmp(eax, BuiltinVirtioKind::NetLoopback.device_type() as i32)?;
-    a.jne(skip)?;
-    match mmio_record(BuiltinVirtioKind::NetLoopback) {
-        Some(r) => a.mov(r8d, r)?,
-        None => a.jmp(skip)?,
-    }
+    a.jmp(skip)?;
     a.set_label(&mut claim)?;
     a.cmp(qword_ptr(r8 + rec::FOUND), 0)?;
     a.jne(skip)?;
@@ -1230,6 +1429,135 @@ fn emit_net_test(
     a.ret()
 }
 
+/// `console_test` (RBX = record): greeting in, a line out, the line back
+/// in, one interrupt per step.
+fn emit_console_test(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+) -> Result<(), IcedError> {
+    use devices::virtio::console::{RX_QUEUE, TX_QUEUE};
+    let mut done = a.create_label();
+    let mut keep = a.create_label();
+    let mut differs = a.create_label();
+    let mut compared = a.create_label();
+    a.set_label(&mut d.console_test)?;
+    emit_device_intro(a, s, routines, s.console, done)?;
+    a.xor(r14d, r14d)?;
+    a.mov(r15d, 2)?;
+    a.call(d.bring_up)?;
+    a.jc(done)?;
+    routines.print(a, s.line_end)?;
+    a.mov(r12, qword_ptr(rbx + rec::REGION))?;
+    // Post the first receive buffer (the greeting), send the line, post
+    // the second receive buffer (the echo): each step waits for its
+    // interrupt.
+    for (avail_ring, index, queue, irqs) in [
+        (region::AVAIL0, 1u32, RX_QUEUE, 1u32),
+        (region::AVAIL1, 1, TX_QUEUE, 2),
+        (region::AVAIL0, 2, RX_QUEUE, 3),
+    ] {
+        a.mov(word_ptr(r12 + (avail_ring + 2)), index)?;
+        a.mov(ecx, queue as u32)?;
+        a.call(d.notify)?;
+        a.mov(dword_ptr(rbx + rec::EXPECTED_IRQS), irqs)?;
+        a.call(d.wait_irqs)?;
+    }
+    routines.print(a, s.console)?;
+    a.mov(rsi, qword_ptr(rbx + rec::NAME))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.on)?;
+    routines.print(a, s.received_quote)?;
+    // The greeting, printed without its newline.
+    a.mov(eax, dword_ptr(r12 + (region::USED0 + 8)))?;
+    a.test(eax, eax)?;
+    a.jz(keep)?;
+    a.cmp(eax, CONSOLE_RX_LEN as i32)?;
+    a.ja(keep)?;
+    a.cmp(byte_ptr(r12 + rax + (region::BUF_A - 1)), i32::from(b'\n'))?;
+    a.jne(keep)?;
+    a.mov(byte_ptr(r12 + rax + (region::BUF_A - 1)), 0)?;
+    a.set_label(&mut keep)?;
+    a.lea(rsi, qword_ptr(r12 + region::BUF_A))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.paren_open)?;
+    a.mov(eax, dword_ptr(r12 + (region::USED0 + 8)))?;
+    decimal.print(a)?;
+    routines.print(a, s.sent_quote)?;
+    a.lea(rsi, qword_ptr(r12 + region::WRITE_BUF))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.paren_open)?;
+    // The line's length: its transmit descriptor's.
+    a.mov(eax, dword_ptr(r12 + (region::DESC1 + 8)))?;
+    decimal.print(a)?;
+    routines.print(a, s.echoed)?;
+    // The echo: the second used receive element, as long as the line and
+    // equal to it.
+    a.movzx(eax, word_ptr(r12 + (region::USED0 + 2)))?;
+    a.cmp(eax, 2)?;
+    a.jne(differs)?;
+    a.mov(ecx, dword_ptr(r12 + (region::DESC1 + 8)))?;
+    a.cmp(dword_ptr(r12 + (region::USED0 + 16)), ecx)?;
+    a.jne(differs)?;
+    a.lea(rsi, qword_ptr(r12 + region::HEADERS))?;
+    a.lea(rdi, qword_ptr(r12 + region::BUF_B))?;
+    a.repe().cmpsb()?;
+    a.jne(differs)?;
+    routines.print(a, s.same)?;
+    a.jmp(compared)?;
+    a.set_label(&mut differs)?;
+    routines.print(a, s.different)?;
+    a.set_label(&mut compared)?;
+    emit_irq_count(a, s, routines, decimal)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+/// `rng_test` (RBX = record): two requests, one notification, one
+/// interrupt; the bytes printed.
+fn emit_rng_test(
+    a: &mut CodeAssembler,
+    d: &mut Driver,
+    s: &Strings,
+    routines: &Routines,
+    decimal: &asm::DecimalPrinter,
+) -> Result<(), IcedError> {
+    let mut done = a.create_label();
+    a.set_label(&mut d.rng_test)?;
+    emit_device_intro(a, s, routines, s.rng, done)?;
+    a.xor(r14d, r14d)?;
+    a.mov(r15d, 1)?;
+    a.call(d.bring_up)?;
+    a.jc(done)?;
+    routines.print(a, s.line_end)?;
+    a.mov(r12, qword_ptr(rbx + rec::REGION))?;
+    a.mov(word_ptr(r12 + (region::AVAIL0 + 2)), RNG_REQUESTS)?;
+    a.xor(ecx, ecx)?;
+    a.call(d.notify)?;
+    a.call(d.wait_irqs)?;
+    routines.print(a, s.rng)?;
+    a.mov(rsi, qword_ptr(rbx + rec::NAME))?;
+    a.call(routines.print_str)?;
+    routines.print(a, s.on)?;
+    a.movzx(eax, word_ptr(r12 + (region::USED0 + 2)))?;
+    decimal.print(a)?;
+    routines.print(a, s.requests)?;
+    a.mov(eax, dword_ptr(r12 + (region::USED0 + 8)))?;
+    decimal.print(a)?;
+    routines.print(a, s.plus)?;
+    a.mov(eax, dword_ptr(r12 + (region::USED0 + 16)))?;
+    decimal.print(a)?;
+    routines.print(a, s.bytes_colon)?;
+    emit_hex_bytes(a, routines, region::BUF_A, RNG_REQUEST, s.space)?;
+    routines.print(a, s.semicolon)?;
+    emit_hex_bytes(a, routines, region::BUF_B, RNG_REQUEST, s.space)?;
+    emit_irq_count(a, s, routines, decimal)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
 /// `virtio-net-pci` and `virtio-net-mmio`: the virtio-net side of the I/O
 /// benchmark's loop (the e1000's is [`super::e1000_loop`]). The same
 /// driver as the self-test (discovery, bring-up, interrupts), one NIC on
@@ -1482,6 +1810,8 @@ mod tests {
     #[test]
     fn assembles_and_decodes() {
         testing::check_program(&program());
+        testing::check_program(&console_program());
+        testing::check_program(&rng_program());
         for t in [VirtioTransport::Pci, VirtioTransport::Mmio] {
             testing::check_program(&net_loop_program(t, 16, 1514));
         }
