@@ -687,6 +687,7 @@ mod tests {
             taint: TimeTaint::new(),
             lapic_timer_hz: 1_000_000_000,
             tsc_hz: 1_000_000_000,
+            guest_tsc: None,
             phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
         })
     }
@@ -785,6 +786,7 @@ mod tests {
                 taint: TimeTaint::new(),
                 lapic_timer_hz: 1_000_000_000,
                 tsc_hz: 1_000_000_000,
+                guest_tsc: None,
                 phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
             });
         let mut io = DeviceIo::new(tracer, VmControl::new(), TimeTaint::new(), timers, chip);

@@ -158,6 +158,10 @@ pub struct ChipConfig {
     pub lapic_timer_hz: u64,
     /// The guest's TSC frequency.
     pub tsc_hz: u64,
+    /// The guest's TSC as the backend runs it, when it is not the VM clock
+    /// at `tsc_hz` (KVM: the hardware TSC plus KVM's offset); the local
+    /// APICs' TSC-deadline timers compare against it.
+    pub guest_tsc: Option<Arc<dyn devices::TscSource>>,
     /// The guest's MAXPHYADDR (the backend's [`backend::Backend::phys_addr_bits`]).
     pub phys_addr_bits: u32,
 }

@@ -453,6 +453,7 @@ impl Machine {
                 taint: taint.clone(),
                 lapic_timer_hz: u64::from(backend::interp::LAPIC_TIMER_HZ),
                 tsc_hz,
+                guest_tsc: be.guest_tsc(),
                 phys_addr_bits: be.phys_addr_bits(),
             },
         )?;

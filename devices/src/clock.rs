@@ -88,6 +88,59 @@ pub fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
     ((u128::from(ns) * u128::from(hz)) / 1_000_000_000) as u64
 }
 
+/// The first nanosecond at which `ticks` of a `hz` counter have elapsed
+/// (ceil(ticks * 1e9 / hz)), or `None` past the end of time.
+pub fn ticks_to_ns_ceil(ticks: u128, hz: u64) -> Option<u64> {
+    let hz = u128::from(hz.max(1));
+    let ns = ticks.checked_mul(1_000_000_000)?.div_ceil(hz);
+    u64::try_from(ns).ok()
+}
+
+/// The guest's time-stamp counter, as the devices that compare against it
+/// (the local APIC's TSC-deadline timer) see it. Injected like the
+/// [`Clock`]: the interpreter derives its TSC from the VM clock
+/// ([`ClockTsc`]); on KVM the guest's TSC is the hardware's plus KVM's
+/// offset, and the VMM gives the devices a source that reads exactly that,
+/// so a deadline fires when the guest's own RDTSC passes it.
+pub trait TscSource: Send + Sync {
+    /// Ticks per second.
+    fn hz(&self) -> u64;
+    /// The guest TSC at VM time `now_ns`. Callers only ask about the
+    /// present: a source that reads a hardware counter returns its value
+    /// now.
+    fn tsc_at(&self, now_ns: u64) -> u64;
+    /// The first VM time (ns) at which the guest TSC reads `tsc` or more,
+    /// `now_ns` being the present (`None` past the end of time). A source
+    /// whose counter is not derived from the VM clock estimates it; the
+    /// device checks [`TscSource::tsc_at`] again when that time comes.
+    fn ns_when(&self, tsc: u64, now_ns: u64) -> Option<u64>;
+}
+
+/// A TSC derived from the VM clock: `ns_to_ticks(now_ns, hz)`, counting
+/// from 0 at VM creation (the interpreter's RDTSC, bit-for-bit repeatable
+/// with a virtual clock).
+pub struct ClockTsc {
+    hz: u64,
+}
+
+impl ClockTsc {
+    pub fn new(hz: u64) -> Self {
+        ClockTsc { hz: hz.max(1) }
+    }
+}
+
+impl TscSource for ClockTsc {
+    fn hz(&self) -> u64 {
+        self.hz
+    }
+    fn tsc_at(&self, now_ns: u64) -> u64 {
+        ns_to_ticks(now_ns, self.hz)
+    }
+    fn ns_when(&self, tsc: u64, _now_ns: u64) -> Option<u64> {
+        ticks_to_ns_ceil(u128::from(tsc), self.hz)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,12 +152,14 @@
 //! [`Timed::next_deadline`] reports no deadline then (the expiries are
 //! caught up without interrupts at the next access or `advance`).
 //!
-//! **TSC-deadline mode.** The guest's TSC is taken to be
-//! `ns_to_ticks(now_ns, tsc_hz)` (`tsc_hz` from the constructor), i.e. it
-//! counts from 0 at VM creation; [`Lapic::tsc`] gives that value and the VMM
-//! must present the same TSC to the guest (the interpreter computes RDTSC
-//! from the same clock; on KVM the TSC frequency and offset are set to
-//! match). The deadline fires at the first nanosecond whose TSC is >= the
+//! **TSC-deadline mode.** The guest's TSC comes from an injected
+//! [`TscSource`]: by default ([`ClockTsc`]) `ns_to_ticks(now_ns, tsc_hz)`
+//! (`tsc_hz` from the constructor), i.e. it counts from 0 at VM creation,
+//! as the interpreter's RDTSC does; on KVM the VMM injects the guest's
+//! hardware TSC (host TSC plus KVM's offset) with
+//! [`Lapic::set_tsc_source`], and the timer is scheduled on the VM clock
+//! from the source's estimate and fires when the source reads the deadline
+//! or more. [`Lapic::tsc`] gives the source's value. The deadline fires at the first nanosecond whose TSC is >= the
 //! MSR value, then the MSR reads 0. Writing 0 disarms; a deadline already
 //! past fires at once. In other timer modes the MSR reads 0 and writes are
 //! ignored. Reads of the MSR mark the [`TimeTaint`] (the value drops to 0
@@ -172,7 +174,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
-use crate::clock::{ns_to_ticks, Clock, TimeTaint, Timed};
+use crate::clock::{ns_to_ticks, ticks_to_ns_ceil, Clock, ClockTsc, TimeTaint, Timed, TscSource};
 use crate::ratelimit::RateLimiter;
 
 /// Where the xAPIC page is after reset.
@@ -307,8 +309,6 @@ const ICR_TRIGGER_LEVEL: u32 = 1 << 15;
 
 const TIMER_DIVIDE_MASK: u32 = 0xb;
 const DFR_FLAT: u32 = 0xffff_ffff;
-
-const NS_PER_SEC: u128 = 1_000_000_000;
 
 /// What the LAPIC asks the vCPU to take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -518,7 +518,7 @@ pub struct Lapic {
     clock: Arc<dyn Clock>,
     taint: TimeTaint,
     timer_hz: u64,
-    tsc_hz: u64,
+    tsc: Arc<dyn TscSource>,
     log_limit: RateLimiter,
     /// The guest's MAXPHYADDR.
     phys_addr_bits: u32,
@@ -544,14 +544,6 @@ fn highest(bits: &[u32; 8]) -> Option<u8> {
         .map(|i| (i as u32 * 32 + 31 - bits[i].leading_zeros()) as u8)
 }
 
-/// The first nanosecond at which `ticks` of a `hz` counter have elapsed
-/// (ceil(ticks * 1e9 / hz)), or `None` past the end of time.
-fn ticks_to_ns_ceil(ticks: u128, hz: u64) -> Option<u64> {
-    let hz = u128::from(hz.max(1));
-    let ns = ticks.checked_mul(NS_PER_SEC)?.div_ceil(hz);
-    u64::try_from(ns).ok()
-}
-
 impl Lapic {
     /// The LAPIC of the vCPU with initial APIC ID `apic_id` (xAPIC mode
     /// shows its low 8 bits; larger IDs need x2APIC). `timer_hz` is the
@@ -572,7 +564,7 @@ impl Lapic {
             clock,
             taint,
             timer_hz: timer_hz.max(1),
-            tsc_hz: tsc_hz.max(1),
+            tsc: Arc::new(ClockTsc::new(tsc_hz)),
             log_limit: RateLimiter::new(10),
             phys_addr_bits: DEFAULT_PHYS_ADDR_BITS,
         }
@@ -655,12 +647,18 @@ impl Lapic {
     }
 
     pub fn tsc_hz(&self) -> u64 {
-        self.tsc_hz
+        self.tsc.hz()
+    }
+
+    /// Take the guest's TSC from `tsc` (instead of the VM clock at
+    /// `tsc_hz`): the KVM backend's view of the vCPU's hardware TSC.
+    pub fn set_tsc_source(&mut self, tsc: Arc<dyn TscSource>) {
+        self.tsc = tsc;
     }
 
     /// The guest TSC now, as the TSC-deadline timer sees it.
     pub fn tsc(&self) -> u64 {
-        ns_to_ticks(self.clock.now_ns(), self.tsc_hz)
+        self.tsc.tsc_at(self.clock.now_ns())
     }
 
     // ----- IA32_APIC_BASE -----
@@ -1175,7 +1173,7 @@ impl Lapic {
                 if self.s.tsc_deadline == 0 {
                     None
                 } else {
-                    ticks_to_ns_ceil(u128::from(self.s.tsc_deadline), self.tsc_hz)
+                    self.tsc.ns_when(self.s.tsc_deadline, self.clock.now_ns())
                 }
             }
             _ if !self.timer_counting() => None,
@@ -1200,7 +1198,7 @@ impl Lapic {
         let fired = match self.timer_mode() {
             TimerMode::TscDeadline => {
                 let d = self.s.tsc_deadline;
-                if d != 0 && ns_to_ticks(now, self.tsc_hz) >= d {
+                if d != 0 && self.tsc.tsc_at(now) >= d {
                     self.s.tsc_deadline = 0;
                     true
                 } else {
@@ -2472,6 +2470,50 @@ mod tests {
         // A far-future deadline does not overflow.
         assert!(r.apic.write_msr(MSR_TSC_DEADLINE, u64::MAX));
         assert_eq!(r.apic.next_deadline(), Some(u64::MAX / 2 + 1));
+    }
+
+    /// A guest TSC that is not the VM clock (KVM: the hardware TSC plus
+    /// KVM's offset), 1 GHz, set by hand.
+    struct HardwareTsc(Arc<std::sync::atomic::AtomicU64>);
+
+    impl TscSource for HardwareTsc {
+        fn hz(&self) -> u64 {
+            1_000_000_000
+        }
+        fn tsc_at(&self, _now_ns: u64) -> u64 {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        fn ns_when(&self, tsc: u64, now_ns: u64) -> Option<u64> {
+            Some(now_ns + tsc.saturating_sub(self.tsc_at(now_ns)))
+        }
+    }
+
+    #[test]
+    fn tsc_deadline_compares_against_the_injected_tsc() {
+        let mut r = rig();
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(7_000_000));
+        r.apic
+            .set_tsc_source(Arc::new(HardwareTsc(counter.clone())));
+        assert_eq!(r.apic.tsc(), 7_000_000);
+        assert_eq!(r.apic.tsc_hz(), 1_000_000_000);
+        r.wr(REG_LVT_TIMER, 0x4_0050);
+        // 500 ticks ahead of the guest's TSC (not of the clock's 0).
+        assert!(r.apic.write_msr(MSR_TSC_DEADLINE, 7_000_500));
+        assert_eq!(r.take(), None);
+        assert_eq!(r.apic.next_deadline(), Some(500));
+        // The clock got there but the guest's TSC lags: not yet, and the
+        // timer is rescheduled from the source's new estimate.
+        r.at(500);
+        assert_eq!(r.take(), None);
+        assert_eq!(r.apic.next_deadline(), Some(1_000));
+        counter.store(7_000_500, std::sync::atomic::Ordering::Relaxed);
+        r.at(1_000);
+        assert_eq!(r.take(), Some(InterruptRequest::Fixed(0x50)));
+        assert_eq!(r.apic.read_msr(MSR_TSC_DEADLINE), Some(0));
+        r.wr(REG_EOI, 0);
+        // Behind the guest's TSC (though far ahead of the clock's): at once.
+        assert!(r.apic.write_msr(MSR_TSC_DEADLINE, 7_000_400));
+        assert_eq!(r.take(), Some(InterruptRequest::Fixed(0x50)));
     }
 
     #[test]

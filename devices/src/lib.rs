@@ -31,6 +31,6 @@ pub mod virtio;
 pub mod vm_control;
 
 pub use bus::{Bus, BusAccess, BusDevice, BusError, BusKind, DeviceId, SharedDevice};
-pub use clock::{Clock, ManualClock, TimeTaint, Timed};
+pub use clock::{Clock, ClockTsc, ManualClock, TimeTaint, Timed, TscSource};
 pub use irq::{IrqLine, NullIrq};
 pub use vm_control::{VmAction, VmControl};

@@ -230,6 +230,13 @@ pub trait Backend {
         None
     }
 
+    /// The guest's TSC, when it is not the VM clock at [`Backend::tsc_khz`]
+    /// (KVM with duet's own LAPIC: the hardware TSC plus KVM's offset). The
+    /// machine hands it to the LAPIC model's TSC-deadline timer.
+    fn guest_tsc(&self) -> Option<std::sync::Arc<dyn devices::TscSource>> {
+        None
+    }
+
     /// The guest's MAXPHYADDR, as its CPUID.80000008H:EAX[7:0] reports it:
     /// the interpreter's own width, or on KVM the host's as KVM passes it
     /// through. The machine's models use it for reserved-bit checks (the
@@ -280,7 +287,6 @@ impl BackendKind {
     }
 }
 
-/// Is KVM usable here? `Err` carries a reason a user can act on.
 /// Does KVM offer coalesced MMIO here (false without KVM)?
 pub fn kvm_coalesced_mmio() -> bool {
     #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
@@ -293,6 +299,32 @@ pub fn kvm_coalesced_mmio() -> bool {
     }
 }
 
+/// Does this host's in-kernel local APIC (`--irqchip kernel`) end an
+/// interrupt as it delivers it — the vector not in service inside its
+/// handler, a level-triggered line re-sampled at delivery instead of at the
+/// guest's EOI? True on KVM-PVM hosts; see `kvm::probe_kernel_lapic`.
+/// `Ok(None)` without KVM or its in-kernel irqchip. Probed once per process
+/// (a tiny guest, a few milliseconds).
+pub fn kernel_lapic_eoi_at_delivery() -> std::result::Result<Option<bool>, String> {
+    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    {
+        static PROBED: std::sync::OnceLock<std::result::Result<Option<bool>, String>> =
+            std::sync::OnceLock::new();
+        PROBED
+            .get_or_init(|| {
+                kvm::probe_kernel_lapic()
+                    .map(|f| f.map(|f| f.eoi_at_delivery()))
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+    {
+        Ok(None)
+    }
+}
+
+/// Is KVM usable here? `Err` carries a reason a user can act on.
 pub fn kvm_available() -> std::result::Result<(), String> {
     #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
     {

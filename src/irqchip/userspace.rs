@@ -270,6 +270,9 @@ impl UserspaceIrqChip {
                     cfg.tsc_hz,
                 );
                 l.set_phys_addr_bits(cfg.phys_addr_bits);
+                if let Some(tsc) = &cfg.guest_tsc {
+                    l.set_tsc_source(tsc.clone());
+                }
                 Arc::new(Mutex::new(l))
             })
             .collect();
@@ -590,6 +593,7 @@ mod tests {
             taint: TimeTaint::new(),
             lapic_timer_hz: 1_000_000_000,
             tsc_hz: 1_000_000_000,
+            guest_tsc: None,
             phys_addr_bits: cpu_interp::mmu::PHYS_ADDR_BITS,
         })
     }

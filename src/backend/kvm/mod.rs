@@ -31,6 +31,9 @@
 //!   [`USER_SPACE_MSR_REASONS`] and [`MACHINE_MSR_RANGES`]). Only then are
 //!   x2APIC and TSC-deadline advertised in CPUID
 //!   ([`KvmBackend::machine_msrs_supported`]).
+//! - `probe`: [`probe_kernel_lapic`] finds out whether the in-kernel LAPIC
+//!   keeps a delivered vector in service until the guest's EOI (KVM-PVM
+//!   ends it at delivery; docs/IO.md).
 //! - Kicks ([`Vcpu::kicker`]): a kick sets `kvm_run.immediate_exit` and a
 //!   pending flag, and sends [`kick_signal`] (a real-time signal with a
 //!   no-op handler, installed once per process without `SA_RESTART`) to
@@ -115,6 +118,7 @@ use super::{
 mod convert;
 mod kick;
 mod messages;
+mod probe;
 #[cfg(test)]
 mod tests;
 mod vcpu;
@@ -123,6 +127,7 @@ mod vm;
 pub use self::convert::*;
 pub use self::kick::*;
 use self::messages::*;
+pub use self::probe::{probe_kernel_lapic, KernelLapicFacts};
 pub use self::vcpu::*;
 pub use self::vm::*;
 

@@ -2438,6 +2438,7 @@ fn level_reassert_probe(
     eoi: EoiPath,
     warmup: bool,
     read_entry: bool,
+    lower_first: bool,
 ) -> Option<ReassertProbe> {
     use iced_x86::code_asm::*;
     use std::time::Duration;
@@ -2508,8 +2509,20 @@ fn level_reassert_probe(
             a.sti()?;
             a.hlt()?;
             a.cli()?;
-            a.cmp(dword_ptr(COUNT), 2)?;
+            a.cmp(dword_ptr(COUNT), if lower_first { 1 } else { 2 })?;
             a.jb(wait)?;
+            if lower_first {
+                // Give a second delivery (if any is pending) the chance
+                // to arrive: interrupts enabled for a while, no HLT.
+                a.mov(ecx, 10_000)?;
+                let mut spin = a.create_label();
+                a.sti()?;
+                a.set_label(&mut spin)?;
+                a.pause()?;
+                a.dec(ecx)?;
+                a.jnz(spin)?;
+                a.cli()?;
+            }
             a.out(PORT_DONE as u32, al)?;
             a.hlt()
         },
@@ -2521,6 +2534,10 @@ fn level_reassert_probe(
             a.push(ecx)?;
             a.push(edx)?;
             a.inc(dword_ptr(COUNT))?;
+            if lower_first {
+                // The usual order: end the source, then EOI.
+                a.out(PORT_LOWER_FIRST as u32, al)?;
+            }
             match eoi {
                 EoiPath::XapicMmio => a.mov(dword_ptr(LAPIC + 0xb0), 0)?,
                 EoiPath::X2apicMsr => {
@@ -2675,7 +2692,10 @@ fn level_reassert_probe(
 
 /// Level-triggered re-delivery after an EOI on KVM's in-kernel irqchip,
 /// for an ISA pin (4, also wired to the PIC) and a PCI pin (19), with the
-/// EOI written through the xAPIC page and through the x2APIC MSR.
+/// EOI written through the xAPIC page and through the x2APIC MSR. (On a
+/// host that EOIs at delivery — KVM-PVM, see
+/// `kernel_lapic_probe_matches_a_level_line` — the second delivery is
+/// caused by that early EOI, not by the handler's.)
 #[test]
 fn kernel_irqchip_redelivers_a_level_line_after_eoi() {
     if !kvm_usable() {
@@ -2689,7 +2709,7 @@ fn kernel_irqchip_redelivers_a_level_line_after_eoi() {
             (EoiPath::XapicMmio, true),
             (EoiPath::X2apicMsr, true),
         ] {
-            let Some(p) = level_reassert_probe(gsi, eoi, warmup, false) else {
+            let Some(p) = level_reassert_probe(gsi, eoi, warmup, false, false) else {
                 println!("kernel_irqchip_redelivers_a_level_line_after_eoi: SKIPPED (no in-kernel irqchip)");
                 return;
             };
@@ -2708,8 +2728,38 @@ fn kernel_irqchip_redelivers_a_level_line_after_eoi() {
     // Observation only: irq-level-eoi's handler also reads the IOAPIC
     // entry between its EOI and the source's end.
     for gsi in [4, 19] {
-        if let Some(p) = level_reassert_probe(gsi, EoiPath::XapicMmio, true, true) {
+        if let Some(p) = level_reassert_probe(gsi, EoiPath::XapicMmio, true, true, false) {
             println!("GSI {gsi}, EOI XapicMmio, warm-up, entry read after the EOI: {p:x?}");
         }
     }
+}
+
+/// What this host's in-kernel local APIC does with an interrupt it
+/// delivers (`probe_kernel_lapic`, which decides whether the guests test
+/// runs `irq-level-eoi` on `--irqchip kernel`), cross-checked with a
+/// level-triggered line: one assertion whose handler ends the source
+/// *before* its EOI is one interrupt on an APIC (the vector in service
+/// until the EOI, the line low by then), and two on a host that ends the
+/// interrupt as it delivers it (KVM's IOAPIC sees that EOI while the
+/// source is still high and sends the vector again).
+#[test]
+fn kernel_lapic_probe_matches_a_level_line() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(facts) = super::probe_kernel_lapic().expect("in-kernel LAPIC probe") else {
+        println!("kernel_lapic_probe_matches_a_level_line: SKIPPED (no in-kernel irqchip)");
+        return;
+    };
+    let pvm = crate::backend::select::HostFacts::probe().kvm_pvm;
+    println!("in-kernel LAPIC: {facts:?} (KVM-PVM: {pvm})");
+    let p =
+        level_reassert_probe(4, EoiPath::XapicMmio, false, false, true).expect("in-kernel irqchip");
+    println!("GSI 4, source ended before the EOI: {p:x?}");
+    let expected = if facts.eoi_at_delivery() { 2 } else { 1 };
+    assert_eq!(
+        p.deliveries, expected,
+        "deliveries for one assertion, {facts:?}: {p:x?}"
+    );
+    assert_eq!(p.entry & (1 << 14), 0, "remote IRR left set: {p:x?}");
 }
