@@ -69,8 +69,13 @@ newest() {
 fetch() {
     local pkg="$1"
     if ! ls "$out/debs/${pkg}_"*.deb >/dev/null 2>&1; then
-        (cd "$out/debs" && apt-get download "$pkg" >/dev/null) || {
-            echo "linux-guest.sh: apt-get download $pkg failed (try apt-get update)" >&2
+        # As root, apt's download sandbox user cannot write here: download
+        # as root. A stale package index names versions the mirror no longer
+        # has: refresh it once and retry.
+        (cd "$out/debs" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null) ||
+            { apt-get update >/dev/null 2>&1 || true
+              (cd "$out/debs" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null); } || {
+            echo "linux-guest.sh: apt-get download $pkg failed (is deb.debian.org reachable? see /etc/apt/sources.list)" >&2
             exit 1
         }
     fi

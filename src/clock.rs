@@ -47,8 +47,13 @@ pub enum ClockKind {
 /// halted ([`HostClock::set_idle`]) gaps are real waiting and are never
 /// hidden. Every guest clock (TSC, PIT, LAPIC timer, RTC, ACPI PM timer)
 /// reads this one clock, so they stay consistent with each other.
+///
+/// The clock stands at zero until [`HostClock::start`] (the first time the
+/// vCPU runs): the devices are built, and read their start times, at VM
+/// time 0 however long the host took to set the machine up, so a replay
+/// that builds them at 0 sees the same timers.
 pub struct HostClock {
-    start: Instant,
+    origin: std::sync::OnceLock<Instant>,
     compensate: bool,
     state: std::sync::Mutex<Compensation>,
     /// VM time at `start` (non-zero after a restore).
@@ -76,11 +81,16 @@ impl HostClock {
     /// Plain host time.
     pub fn new() -> Self {
         HostClock {
-            start: Instant::now(),
+            origin: std::sync::OnceLock::new(),
             compensate: false,
             state: Default::default(),
             offset_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Let time run from now on (idempotent: only the first call counts).
+    pub fn start(&self) {
+        self.origin.get_or_init(Instant::now);
     }
 
     /// A clock that continues from a saved VM time.
@@ -124,7 +134,9 @@ impl HostClock {
     }
 
     fn raw(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        self.origin
+            .get()
+            .map_or(0, |o| o.elapsed().as_nanos() as u64)
     }
 
     /// Advance the compensation to host time `raw`; returns VM time.
@@ -273,8 +285,11 @@ mod tests {
     }
 
     #[test]
-    fn host_clock_moves_forward() {
+    fn host_clock_stands_until_started_then_moves_forward() {
         let c = HostClock::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(c.now_ns(), 0, "VM time waits for the first run");
+        c.start();
         let a = c.now_ns();
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(c.now_ns() >= a + 2_000_000);
@@ -308,6 +323,7 @@ mod tests {
         assert_eq!(last, raw);
         // Idle: a long gap is real time.
         let c = HostClock::compensating();
+        c.start();
         c.set_idle(true);
         let before = c.now_ns();
         std::thread::sleep(std::time::Duration::from_millis(5));

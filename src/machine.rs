@@ -1280,6 +1280,10 @@ impl Machine {
     }
 
     fn run_loop(&mut self, limit: Option<u64>) -> Result<Option<Outcome>, MachineError> {
+        // Host time starts with the guest (see `HostClock`).
+        if let Some(h) = &self.host_clock {
+            h.start();
+        }
         let outcome = loop {
             if let Some(rec) = crate::crash::take_host_thread_panic() {
                 break Outcome::Crashed(self.crash_report(&rec));

@@ -161,6 +161,8 @@ fn e1000_user_networking_on_the_interpreter() {
 /// TSO and checksum offload, the TAP hands frames over as they are).
 #[test]
 fn e1000_tap_both_ways() {
+    // The kit may need a download: fetch it before leaving the network.
+    kit();
     let done = in_new_netns(|| {
         make_tap("duettap0", "10.9.0.1/24");
         let payload = Arc::new(bytes(5, 600_000));

@@ -550,34 +550,13 @@ fn interrupt_signals_are_compared_exactly_in_order() {
     }
 }
 
-fn linux_kit() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/linux-guest.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run scripts/linux-guest.sh");
-    assert!(
-        out.status.success(),
-        "scripts/linux-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("")
-            .to_string(),
-    )
-}
-
 /// A Linux boot on the interpreter with host time, driven by commands
 /// typed on the serial console (one of them reads the uptime: real time
 /// enters), recorded and replayed: the same serial output, the same device
 /// trace, the same final state.
 #[test]
 fn a_linux_boot_with_typed_commands_replays_bit_exact() {
-    let kit = linux_kit();
+    let kit = common::console::linux_kit().clone();
     let rec = record(
         "linux",
         &[
@@ -608,7 +587,7 @@ fn a_linux_boot_with_typed_commands_replays_bit_exact() {
 /// how much of it is intact, never a panic; the intact part reads back.
 #[test]
 fn a_killed_recording_is_refused_cleanly_and_its_complete_part_reads() {
-    let kit = linux_kit();
+    let kit = common::console::linux_kit().clone();
     let log = tmp("killed.log");
     let mut c = Command::new(env!("CARGO_BIN_EXE_duet"))
         .args([
@@ -676,7 +655,7 @@ fn a_killed_recording_is_refused_cleanly_and_its_complete_part_reads() {
 fn virtio_console_input_is_recorded_and_replayed() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    let kit = linux_kit();
+    let kit = common::console::linux_kit().clone();
     let dir = tmp("hvc");
     std::fs::create_dir_all(&dir).unwrap();
     let (log, sock) = (dir.join("hvc.log"), dir.join("hvc.sock"));
@@ -782,7 +761,7 @@ fn virtio_console_input_is_recorded_and_replayed() {
 #[test]
 fn a_network_exchange_replays_without_the_network() {
     use std::io::{Read, Write};
-    let kit = linux_kit();
+    let kit = common::console::linux_kit().clone();
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = server.local_addr().unwrap().port();
     std::thread::spawn(move || {

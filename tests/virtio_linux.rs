@@ -232,6 +232,8 @@ fn virtio_devices_on_mmio() {
 /// downloads from a server on the host side, the host downloads the same
 /// bytes back from the guest's httpd.
 fn tap_on(transport: &'static str) {
+    // The kit may need a download: fetch it before leaving the network.
+    kit();
     let done = in_new_netns(move || {
         make_tap("duettap0", "10.9.0.1/24");
         let payload = Arc::new(bytes(4, 500_000));

@@ -107,7 +107,8 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// Run `f` on a thread inside a new network namespace (children it spawns
 /// are in it too); `None`, with a SKIPPED line, when this host does not
-/// allow one (not root).
+/// allow one (not root). The namespace has no route out: fetch anything `f`
+/// needs from the network (the Linux guest kit) before calling this.
 pub fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's namespaces.
