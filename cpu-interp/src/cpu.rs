@@ -394,11 +394,7 @@ impl Cpu {
         self.chain.fill(ChainEntry::EMPTY);
         self.tlb.bump();
         // Pages no longer hold decoded code: writes may take the fast path.
-        for set in &mut self.tlb.sets {
-            for e in set.iter_mut() {
-                e.write &= !crate::mmu::TLB_CODE;
-            }
-        }
+        self.tlb.clear_all_code();
     }
 
     /// Bound the host memory of the decoded-block cache (default

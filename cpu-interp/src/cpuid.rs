@@ -190,6 +190,71 @@ pub mod leaf7_ebx {
     pub const BMI2: u32 = 1 << 8;
 }
 
+pub mod leaf7_edx {
+    /// IA32_ARCH_CAPABILITIES (MSR 0x10a) is there.
+    pub const ARCH_CAPABILITIES: u32 = 1 << 29;
+}
+
+/// Bits of IA32_ARCH_CAPABILITIES (MSR 0x10a).
+pub mod arch_cap {
+    /// Not susceptible to Rogue Data Cache Load (Meltdown).
+    pub const RDCL_NO: u64 = 1 << 0;
+    /// Not susceptible to Speculative Store Bypass.
+    pub const SSB_NO: u64 = 1 << 4;
+    /// Not susceptible to Microarchitectural Data Sampling.
+    pub const MDS_NO: u64 = 1 << 5;
+    /// No machine check on a page-size change without a TLB invalidation
+    /// (iTLB multihit).
+    pub const PSCHANGE_MC_NO: u64 = 1 << 6;
+    /// Not susceptible to TSX Asynchronous Abort.
+    pub const TAA_NO: u64 = 1 << 8;
+    /// Not susceptible to the MMIO stale-data vulnerabilities (shared
+    /// buffers data read, fill-buffer and primary stale-data propagation).
+    pub const SBDR_SSDP_NO: u64 = 1 << 13;
+    pub const FBSDP_NO: u64 = 1 << 14;
+    pub const PSDP_NO: u64 = 1 << 15;
+    /// Not susceptible to Branch History Injection.
+    pub const BHI_NO: u64 = 1 << 20;
+    /// Not susceptible to Post-Barrier Return Stack Buffer Predictions.
+    pub const PBRSB_NO: u64 = 1 << 24;
+    /// Not susceptible to Gather Data Sampling.
+    pub const GDS_NO: u64 = 1 << 26;
+    /// Not susceptible to Register File Data Sampling.
+    pub const RFDS_NO: u64 = 1 << 27;
+    /// Not susceptible to Indirect Target Selection.
+    pub const ITS_NO: u64 = 1 << 62;
+}
+
+/// What the interpreter's IA32_ARCH_CAPABILITIES reads, in every CPU
+/// model: the "not susceptible" bits that are true of an interpreter.
+/// It executes no instruction speculatively and has no caches, fill or
+/// store buffers, branch predictors or return stack buffer that could
+/// leak or be trained, so every transient-execution attack these bits
+/// name is impossible on it. Left clear: the bits that announce a
+/// vulnerability or a mitigation control (RSBA, RRSBA, IBRS_ALL,
+/// FB_CLEAR, TSX_CTRL, GDS_CTRL, RFDS_CLEAR, ...), since the MSRs and
+/// behaviour they promise are not modelled, and SKIP_L1DFL_VMENTRY
+/// (about nested VMX, which the interpreter has no part of). Linux reads
+/// it to skip page-table isolation (RDCL_NO), VERW buffer clearing on
+/// every return to user space (MDS_NO) and the BHB-clearing loop on
+/// every system call (BHI_NO); see docs/CPUID.md.
+pub const ARCH_CAPABILITIES: u64 = {
+    use arch_cap::*;
+    RDCL_NO
+        | SSB_NO
+        | MDS_NO
+        | PSCHANGE_MC_NO
+        | TAA_NO
+        | SBDR_SSDP_NO
+        | FBSDP_NO
+        | PSDP_NO
+        | BHI_NO
+        | PBRSB_NO
+        | GDS_NO
+        | RFDS_NO
+        | ITS_NO
+};
+
 /// CPUID.(0xD, 1):EAX.
 pub mod leafd1_eax {
     pub const XSAVEOPT: u32 = 1 << 0;
@@ -383,7 +448,9 @@ pub fn query_with(cfg: &CpuidConfig, dy: &Dynamic, leaf: u32, subleaf: u32) -> [
         // Deterministic cache parameters: report no caches.
         4 => [0, 0, 0, 0],
         7 => match subleaf {
-            0 => [0, l7b, 0, 0],
+            // ARCH_CAPABILITIES in every model: it describes the
+            // interpreter, not an instruction-set level.
+            0 => [0, l7b, 0, leaf7_edx::ARCH_CAPABILITIES],
             _ => [0, 0, 0, 0],
         },
         0xd if f & feat::XSAVE != 0 => {
@@ -494,6 +561,43 @@ mod tests {
         assert_eq!(khz, 2_000_000);
         assert_eq!(query(&c, 0x16, 0)[0], 2000);
         assert_eq!(query(&CpuidConfig::default(), 0x15, 0), [0; 4]);
+    }
+
+    /// Every `--cpu` model advertises IA32_ARCH_CAPABILITIES; RDMSR reads
+    /// the "not susceptible" bits Linux checks before it turns on page-table
+    /// isolation, VERW clearing and the BHB loop; WRMSR #GPs. A KVM guest's
+    /// fallback interpreter claims nothing of its own.
+    #[test]
+    fn every_model_reports_arch_capabilities() {
+        use crate::platform::NullPlatform;
+        use crate::state::msr;
+        for model in CpuModel::ALL {
+            let c = CpuidConfig {
+                model,
+                ..Default::default()
+            };
+            assert_ne!(
+                query(&c, 7, 0)[3] & leaf7_edx::ARCH_CAPABILITIES,
+                0,
+                "{model}"
+            );
+            let mut cpu = crate::insn::testutil::new_cpu();
+            cpu.set_cpuid_config(c);
+            let v = cpu
+                .read_msr(&mut NullPlatform, msr::ARCH_CAPABILITIES)
+                .expect("RDMSR 0x10a");
+            for bit in [arch_cap::RDCL_NO, arch_cap::MDS_NO, arch_cap::BHI_NO] {
+                assert_ne!(v & bit, 0, "{model}: {v:#x} lacks {bit:#x}");
+            }
+            assert!(cpu
+                .write_msr(&mut NullPlatform, msr::ARCH_CAPABILITIES, v)
+                .is_err());
+            cpu.set_host_features(true);
+            assert_eq!(
+                cpu.read_msr(&mut NullPlatform, msr::ARCH_CAPABILITIES),
+                None
+            );
+        }
     }
 
     #[test]

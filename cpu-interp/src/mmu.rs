@@ -67,6 +67,11 @@ pub struct Tlb {
     /// Bumped whenever a translation, the code mode or decoded code changes:
     /// cached block-to-block links from an older epoch are stale.
     pub epoch: u64,
+    /// A bit per entry of each set: filled since it was last emptied.
+    /// Entries without their bit are empty, so flushes and code-page
+    /// marks visit only these (a guest with page-table isolation writes
+    /// CR3 on every kernel entry and exit).
+    filled: [[u64; TLB_SIZE / 64]; 2],
 }
 
 impl Default for Tlb {
@@ -81,6 +86,7 @@ impl Tlb {
             sets: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
             cur: 0,
             epoch: 0,
+            filled: [[0; TLB_SIZE / 64]; 2],
         }
     }
 
@@ -99,18 +105,37 @@ impl Tlb {
         for set in &mut self.sets {
             set.fill(TlbEntry::EMPTY);
         }
+        self.filled = [[0; TLB_SIZE / 64]; 2];
+    }
+
+    /// Note that entry `idx` of set `user` now holds a translation.
+    #[inline]
+    fn note_filled(&mut self, user: bool, idx: usize) {
+        self.filled[user as usize][idx / 64] |= 1 << (idx % 64);
+    }
+
+    /// Visit every filled entry; `f` returns false to empty it.
+    fn retain_filled(&mut self, mut f: impl FnMut(&mut TlbEntry) -> bool) {
+        for (set, bits) in self.sets.iter_mut().zip(self.filled.iter_mut()) {
+            for (w, word) in bits.iter_mut().enumerate() {
+                let mut m = *word;
+                while m != 0 {
+                    let b = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let e = &mut set[w * 64 + b];
+                    if !f(e) {
+                        *e = TlbEntry::EMPTY;
+                        *word &= !(1 << b);
+                    }
+                }
+            }
+        }
     }
 
     /// Flush non-global entries (a CR3 write with CR4.PGE set).
     pub fn flush_nonglobal(&mut self) {
         self.bump();
-        for set in &mut self.sets {
-            for e in set.iter_mut() {
-                if !e.global {
-                    *e = TlbEntry::EMPTY;
-                }
-            }
-        }
+        self.retain_filled(|e| e.global);
     }
 
     /// INVLPG: drop the translation of one linear page.
@@ -132,24 +157,30 @@ impl Tlb {
     /// A page now holds decoded code: force writes to it through the slow
     /// path.
     pub fn mark_code_page(&mut self, paddr: u64) {
-        for set in &mut self.sets {
-            for e in set.iter_mut() {
-                if e.paddr == paddr && e.write & TLB_INVALID == 0 {
-                    e.write |= TLB_CODE;
-                }
+        self.retain_filled(|e| {
+            if e.paddr == paddr && e.write & TLB_INVALID == 0 {
+                e.write |= TLB_CODE;
             }
-        }
+            true
+        });
+    }
+
+    /// No page holds decoded code any more.
+    pub fn clear_all_code(&mut self) {
+        self.retain_filled(|e| {
+            e.write &= !TLB_CODE;
+            true
+        });
     }
 
     /// The page no longer holds decoded code.
     pub fn clear_code_page(&mut self, paddr: u64) {
-        for set in &mut self.sets {
-            for e in set.iter_mut() {
-                if e.paddr == paddr {
-                    e.write &= !TLB_CODE;
-                }
+        self.retain_filled(|e| {
+            if e.paddr == paddr {
+                e.write &= !TLB_CODE;
             }
-        }
+            true
+        });
     }
 }
 
@@ -381,6 +412,7 @@ impl Cpu {
         if t.writable && t.dirty {
             e.write = page | mmio | code | watch_w;
         }
+        self.tlb.note_filled(user, idx);
         Ok(t.paddr)
     }
 

@@ -162,6 +162,7 @@ pub mod msr {
     pub const TSC: u32 = 0x10;
     pub const APIC_BASE: u32 = 0x1b;
     pub const BIOS_SIGN_ID: u32 = 0x8b;
+    pub const ARCH_CAPABILITIES: u32 = 0x10a;
     pub const MTRRCAP: u32 = 0xfe;
     pub const SYSENTER_CS: u32 = 0x174;
     pub const SYSENTER_ESP: u32 = 0x175;

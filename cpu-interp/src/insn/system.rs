@@ -676,6 +676,9 @@ impl Cpu {
             msr::XSS if self.has(crate::cpuid::feat::XSAVES) => self.xstate.xss,
             // IA32_BIOS_SIGN_ID: microcode revision 0 (no microcode loaded).
             msr::BIOS_SIGN_ID => 0,
+            // Read-only (writes #GP). Not for a KVM guest (`host_features`):
+            // it saw KVM's CPUID and MSR, not the interpreter's.
+            msr::ARCH_CAPABILITIES if !self.host_features => crate::cpuid::ARCH_CAPABILITIES,
             // 8 variable ranges, fixed ranges, write-combining.
             msr::MTRRCAP => 0x508,
             msr::MTRR_DEF_TYPE => *self.mtrr.get(&index).unwrap_or(&0xc06),

@@ -318,6 +318,33 @@ impl Asm {
     pub fn popfq(&mut self) {
         self.bytes(&[0x9d]);
     }
+    /// `sahf`: SF, ZF, AF, PF, CF from AH (64-bit mode needs CPUID
+    /// 8000_0001h ECX bit 0, see [`host_has_sahf`]).
+    pub fn sahf(&mut self) {
+        self.bytes(&[0x9e]);
+    }
+    pub fn mov_r32r32(&mut self, dst: Reg, src: Reg) {
+        self.e(Instruction::with2(
+            Code::Mov_r32_rm32,
+            reg(dst, 4),
+            reg(src, 4),
+        ));
+    }
+    pub fn shl_r32i(&mut self, dst: Reg, n: u32) {
+        self.e(Instruction::with2(Code::Shl_rm32_imm8, reg(dst, 4), n));
+    }
+    /// `bt r32, bit`: CF = that bit.
+    pub fn bt_r32i(&mut self, r: Reg, bit: u32) {
+        self.e(Instruction::with2(Code::Bt_rm32_imm8, reg(r, 4), bit));
+    }
+    /// `adc al, imm8`.
+    pub fn adc_al_i(&mut self, v: u8) {
+        self.e(Instruction::with2(
+            Code::Adc_AL_imm8,
+            Register::AL,
+            v as u32,
+        ));
+    }
     pub fn call_r(&mut self, r: Reg) {
         self.e(Instruction::with1(Code::Call_rm64, r64(r)));
     }
@@ -341,6 +368,12 @@ impl Asm {
     pub fn setc_m(&mut self, m: MemoryOperand) {
         self.e(Instruction::with1(Code::Setb_rm8, m));
     }
+}
+
+/// Does the host run LAHF/SAHF in 64-bit mode?
+pub fn host_has_sahf() -> bool {
+    let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod helpers;
 mod layout;
 pub mod translate;
 
+use std::io::Write;
 use std::time::Instant;
 
 use crate::block::{BlockId, Insn};
@@ -148,6 +149,11 @@ pub struct Jit {
     limit: usize,
     /// Host bytes of translation metadata (instruction copies, exits).
     meta_bytes: usize,
+    /// `DUET_JIT_DUMP=file`: every translation's host code, for matching
+    /// `perf` samples in the code buffer to guest blocks.
+    dump: Option<std::io::LineWriter<std::fs::File>>,
+    /// The host has LAHF/SAHF in 64-bit mode (probed once).
+    sahf: bool,
 }
 
 // SAFETY: the raw platform pointer is only set and used during `run` on
@@ -278,6 +284,14 @@ impl Jit {
             profile: None,
             limit: code_size,
             meta_bytes: 0,
+            sahf: asm::host_has_sahf(),
+            dump: std::env::var_os("DUET_JIT_DUMP")
+                .and_then(|f| std::fs::File::create(f).ok())
+                .map(|f| {
+                    let mut w = std::io::LineWriter::new(f);
+                    let _ = writeln!(w, "B {base:x}");
+                    w
+                }),
         })
     }
 
@@ -307,6 +321,7 @@ impl Jit {
             common_exit: self.common_exit,
             lookup: self.lookup[usize::from(user)],
             exec_insn: helpers::exec_insn as *const () as usize as u64,
+            sahf: self.sahf,
         };
         let base = self.buf.next_addr();
         let first_exit = self.exits.len() as u32;
@@ -317,6 +332,17 @@ impl Jit {
         let entry = self.buf.push(&out.code)?;
         debug_assert_eq!(entry, base);
         let id = self.trans.len() as u32;
+        if let Some(w) = self.dump.as_mut() {
+            // Offset in the buffer, guest RIP, privilege, code bytes.
+            let hex: String = out.code.iter().map(|b| format!("{b:02x}")).collect();
+            let _ = writeln!(
+                w,
+                "T {:x} {:x} {} {hex}",
+                entry - self.enter,
+                insns[0].i.ip(),
+                u8::from(user)
+            );
+        }
         let mut exit_ids = Vec::with_capacity(out.exits.len());
         for e in &out.exits {
             debug_assert_eq!(e.id as usize, self.exits.len());
@@ -472,6 +498,9 @@ impl Jit {
             t.fill(EMPTY_LOOKUP);
         }
         self.stats.flushes += 1;
+        if let Some(w) = self.dump.as_mut() {
+            let _ = writeln!(w, "F");
+        }
     }
 
     /// Is the code buffer nearly full (flush before translating more)?

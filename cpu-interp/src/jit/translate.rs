@@ -71,6 +71,9 @@ pub struct Routines {
     pub lookup: u64,
     /// `extern "C" fn(*mut Cpu, *const Insn) -> u32`.
     pub exec_insn: u64,
+    /// The host has LAHF/SAHF in 64-bit mode: flags are restored with
+    /// SAHF (cheap) rather than POPFQ (microcoded, ~20 cycles).
+    pub sahf: bool,
 }
 
 /// A direct exit of the translation (chainable).
@@ -581,14 +584,36 @@ impl<'a> Translator<'a> {
         a.mov_mr(mem(CPU, L::flags_bits()), T2);
     }
 
-    /// Load the `Cpu`'s arithmetic flags into host EFLAGS (uses T1 only:
-    /// T0 may hold the host address of the current memory operand).
-    fn emit_load_flags(a: &mut Asm) {
+    /// Load the `Cpu`'s arithmetic flags into host EFLAGS (uses T1 and
+    /// T2 only: T0 may hold the host address of the current memory
+    /// operand).
+    fn emit_load_flags(a: &mut Asm, sahf: bool) {
         a.mov_rm(T1, mem(CPU, L::flags_bits()));
-        a.and_r32i(T1, ARITH_EFLAGS);
-        a.or_r32i(T1, 0x202);
-        a.push_r(T1);
-        a.popfq();
+        Self::emit_flags_from(a, T1, sahf);
+    }
+
+    /// Set the host's six arithmetic flags from the EFLAGS image in `src`
+    /// (T1; T2 is clobbered, everything else kept). With SAHF: OF comes
+    /// from `adc al, 0x7f` with AL = 0 and CF = the image's OF (0x7f + 1
+    /// overflows, 0x7f + 0 does not), then SAHF loads SF, ZF, AF, PF and
+    /// CF from AH = the image's low byte; RAX (guest RAX) is parked in T2.
+    /// Without it, POPFQ of the image (IF set, as in guest mode).
+    fn emit_flags_from(a: &mut Asm, src: Reg, sahf: bool) {
+        debug_assert!(src != asm::RAX && src != T2);
+        if sahf {
+            a.mov_rr(T2, asm::RAX);
+            a.mov_r32r32(asm::RAX, src);
+            a.shl_r32i(asm::RAX, 8);
+            a.bt_r32i(src, 11);
+            a.adc_al_i(0x7f);
+            a.sahf();
+            a.mov_rr(asm::RAX, T2);
+        } else {
+            a.and_r32i(src, ARITH_EFLAGS);
+            a.or_r32i(src, 0x202);
+            a.push_r(src);
+            a.popfq();
+        }
     }
 
     /// Make the `Cpu`'s flags current (before a helper or an exit).
@@ -609,14 +634,18 @@ impl<'a> Translator<'a> {
     fn prepare_flags(&mut self, k: usize) {
         let (read, modified, conditional) = flag_effect(&self.insns[k].i);
         if self.st.flags.host {
+            // Every flag live here is exact in the host (see `analyse`).
             return;
         }
-        let need = if conditional {
-            ALL6
-        } else if modified != 0 {
-            read | (ALL6 & !modified)
-        } else {
+        // What the instruction reads, and what it leaves alone that is
+        // still needed after it (a partial writer such as ROL or INC only
+        // needs the others loaded when they are live).
+        let written = if conditional { 0 } else { modified };
+        let need = if modified == 0 && !conditional {
+            // Flags stay in the Cpu: load only what it reads.
             read
+        } else {
+            read | (self.facts[k].live_after & !written)
         };
         if need == 0 {
             return;
@@ -624,8 +653,19 @@ impl<'a> Translator<'a> {
         if need & !CF == 0 {
             // CF alone: one BT from the Cpu's bits (bit 0 is CF).
             self.a.bt_mi(mem(CPU, L::flags_bits()), 0);
+            if modified != 0 || conditional {
+                // The host's CF stays exact through the instruction, which
+                // writes the rest of what is live after it.
+                self.st.flags = FlagState {
+                    host: true,
+                    dirty: false,
+                    exact: CF,
+                };
+            }
+            // Otherwise the Cpu still holds the flags (later readers load
+            // what they need from it).
         } else {
-            Self::emit_load_flags(&mut self.a);
+            Self::emit_load_flags(&mut self.a, self.rt.sahf);
             self.st.flags = FlagState {
                 host: true,
                 dirty: false,
@@ -638,10 +678,12 @@ impl<'a> Translator<'a> {
     fn after_flags(&mut self, k: usize) {
         let (_, modified, conditional) = flag_effect(&self.insns[k].i);
         if modified != 0 || conditional {
+            // Host flags not loaded (`prepare_flags` found the others
+            // dead): only what the instruction wrote is exact.
             let exact = if self.st.flags.host {
                 self.st.flags.exact | modified
             } else {
-                ALL6
+                modified
             };
             self.st.flags = FlagState {
                 host: true,
@@ -657,8 +699,17 @@ impl<'a> Translator<'a> {
     /// linear address in T0; on a hit T0 becomes the host address. Opens a
     /// flags window if host flags are live. Returns the slow-path label
     /// and whether a window is open.
-    fn tlb_lookup(&mut self, size: u32, write: bool) -> (Label, bool) {
+    fn tlb_lookup(&mut self, k: usize, size: u32, write: bool) -> (Label, bool) {
         let slow = self.a.label();
+        if self.st.flags.host && !self.st.flags.dirty && self.live_across(k) == 0 {
+            // The Cpu holds the flags (the slow path's) and the fast path
+            // needs none of them: let the probe clobber them.
+            self.st.flags = FlagState {
+                host: false,
+                dirty: false,
+                exact: 0,
+            };
+        }
         let window = self.st.flags.host;
         if window {
             self.a.pushfq();
@@ -686,12 +737,18 @@ impl<'a> Translator<'a> {
         (slow, window)
     }
 
+    /// Flags instruction `k` or later code needs from before `k`'s memory
+    /// access, on its fast path.
+    fn live_across(&self, k: usize) -> u32 {
+        let (read, modified, conditional) = flag_effect(&self.insns[k].i);
+        let written = if conditional { 0 } else { modified };
+        read | (self.facts[k].live_after & !written)
+    }
+
     /// Close a flags window on the fast path before instruction `k` runs:
     /// keep what `k` and later code need.
     fn close_window(&mut self, k: usize) {
-        let (read, modified, conditional) = flag_effect(&self.insns[k].i);
-        let written = if conditional { 0 } else { modified };
-        let live = read | (self.facts[k].live_after & !written);
+        let live = self.live_across(k);
         if live == 0 {
             self.a.lea(asm::RSP, mem(asm::RSP, 8));
             self.st.flags.exact = 0;
@@ -699,6 +756,9 @@ impl<'a> Translator<'a> {
             self.a.bt_mi(mem(asm::RSP, 0), 0);
             self.a.lea(asm::RSP, mem(asm::RSP, 8));
             self.st.flags.exact &= CF;
+        } else if self.rt.sahf {
+            self.a.pop_r(T1);
+            Self::emit_flags_from(&mut self.a, T1, true);
         } else {
             self.a.popfq();
         }
@@ -1000,7 +1060,7 @@ impl<'a> Translator<'a> {
         };
         self.effective_address(&i, locked);
         let pre = self.st;
-        let (slow, window) = self.tlb_lookup(size, write);
+        let (slow, window) = self.tlb_lookup(k, size, write);
         if window {
             self.close_window(k);
         }
@@ -1054,7 +1114,7 @@ impl<'a> Translator<'a> {
                 let hv = src.map(|g| self.get(g, true, locked));
                 self.a.lea(T0, mem(hs, -8));
                 let pre = self.st;
-                let (slow, window) = self.tlb_lookup(8, true);
+                let (slow, window) = self.tlb_lookup(k, 8, true);
                 if window {
                     self.close_window(k);
                 }
@@ -1079,7 +1139,7 @@ impl<'a> Translator<'a> {
                 let hd = self.get(g, false, locked);
                 self.a.mov_rr(T0, hs);
                 let pre = self.st;
-                let (slow, window) = self.tlb_lookup(8, false);
+                let (slow, window) = self.tlb_lookup(k, 8, false);
                 if window {
                     self.close_window(k);
                 }
@@ -1108,7 +1168,7 @@ impl<'a> Translator<'a> {
                 let ht = target_reg.map(|g| self.get(g, true, locked));
                 self.a.lea(T0, mem(hs, -8));
                 let pre = self.st;
-                let (slow, window) = self.tlb_lookup(8, true);
+                let (slow, window) = self.tlb_lookup(k, 8, true);
                 if window {
                     self.close_window(k);
                 }
@@ -1143,7 +1203,7 @@ impl<'a> Translator<'a> {
                 let hs = self.get(RSP_G, true, locked);
                 self.a.mov_rr(T0, hs);
                 let pre = self.st;
-                let (slow, window) = self.tlb_lookup(8, false);
+                let (slow, window) = self.tlb_lookup(k, 8, false);
                 if window {
                     self.close_window(k);
                 }
@@ -1187,7 +1247,7 @@ impl<'a> Translator<'a> {
                 let locked: u16 = used.iter().fold(0, |m, &(g, _, _)| m | (1 << g));
                 self.effective_address(&i, locked);
                 let pre = self.st;
-                let (slow, window) = self.tlb_lookup(8, false);
+                let (slow, window) = self.tlb_lookup(k, 8, false);
                 if window {
                     self.close_window(k);
                 }
@@ -1330,7 +1390,7 @@ impl<'a> Translator<'a> {
                 Resume::At(label) => {
                     Self::reload_with(&mut self.a, &s.post.regs);
                     if s.post.flags.host {
-                        Self::emit_load_flags(&mut self.a);
+                        Self::emit_load_flags(&mut self.a, self.rt.sahf);
                     }
                     self.a.jmp(label);
                 }

@@ -509,7 +509,10 @@ pub(super) fn apply_cpu_model(
             (7, 0) => {
                 e.ebx &= l7b;
                 e.ecx = 0;
-                e.edx = 0;
+                // ARCH_CAPABILITIES is not an instruction-set level: keep
+                // it (and KVM's MSR value) when KVM offers it, so a guest
+                // on a host that is not affected still sees that.
+                e.edx &= cpuid::leaf7_edx::ARCH_CAPABILITIES;
             }
             (7, _) => {
                 *e = kvm_bindings::kvm_cpuid_entry2 {
