@@ -273,19 +273,25 @@ mod tests {
         }
     }
 
+    /// Activate `d` with a receive and a transmit queue of 8 in `mem`.
+    fn activate(d: &mut VirtioConsole, mem: &GuestMemory) -> (DriverQueue, DriverQueue) {
+        let rx = DriverQueue::new(0x1000, 8);
+        let tx = DriverQueue::new(0x40000, 8);
+        let qs = vec![
+            Some(Virtqueue::new(&rx.config(), false, mem.clone()).unwrap()),
+            Some(Virtqueue::new(&tx.config(), false, mem.clone()).unwrap()),
+        ];
+        d.activate(mem.clone(), 0, qs).unwrap();
+        (rx, tx)
+    }
+
     #[test]
     fn a_line_each_way() {
         let mem = memory();
         let out = Out::default();
         let inbox = Inbox::new(16, Arc::new(NoNotify));
         let mut d = VirtioConsole::new(Box::new(out.clone()), Box::new(inbox.clone()));
-        let mut rx = DriverQueue::new(0x1000, 8);
-        let mut tx = DriverQueue::new(0x40000, 8);
-        let qs = vec![
-            Some(Virtqueue::new(&rx.config(), false, mem.clone()).unwrap()),
-            Some(Virtqueue::new(&tx.config(), false, mem.clone()).unwrap()),
-        ];
-        d.activate(mem.clone(), 0, qs).unwrap();
+        let (mut rx, mut tx) = activate(&mut d, &mem);
         tx.add_chain(&mem, &[(b"hello host\n", 11, false)]);
         d.notify(TX_QUEUE).unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"hello host\n");
@@ -308,13 +314,7 @@ mod tests {
         let mem = memory();
         let host = LoopbackConsole::new(b"hi\n");
         let mut d = VirtioConsole::new(Box::new(host.clone()), Box::new(host.clone()));
-        let mut rx = DriverQueue::new(0x1000, 8);
-        let mut tx = DriverQueue::new(0x40000, 8);
-        let qs = vec![
-            Some(Virtqueue::new(&rx.config(), false, mem.clone()).unwrap()),
-            Some(Virtqueue::new(&tx.config(), false, mem.clone()).unwrap()),
-        ];
-        d.activate(mem.clone(), 0, qs).unwrap();
+        let (mut rx, mut tx) = activate(&mut d, &mem);
         let h = rx.add_chain(&mem, &[(&[], 64, true)]);
         d.notify(RX_QUEUE).unwrap();
         assert_eq!(rx.take_used(&mem), vec![(h, 3)]);
