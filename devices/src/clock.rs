@@ -112,7 +112,9 @@ pub trait TscSource: Send + Sync {
     /// The first VM time (ns) at which the guest TSC reads `tsc` or more,
     /// `now_ns` being the present (`None` past the end of time). A source
     /// whose counter is not derived from the VM clock estimates it; the
-    /// device checks [`TscSource::tsc_at`] again when that time comes.
+    /// device checks [`TscSource::tsc_at`] again when that time comes. For
+    /// a value already reached the answer is never later than `now_ns` (a
+    /// caller that read the clock a moment earlier must find it due).
     fn ns_when(&self, tsc: u64, now_ns: u64) -> Option<u64>;
 }
 

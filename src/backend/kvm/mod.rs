@@ -121,6 +121,7 @@ mod messages;
 mod probe;
 #[cfg(test)]
 mod tests;
+mod tsc;
 mod vcpu;
 mod vm;
 
@@ -128,6 +129,8 @@ pub use self::convert::*;
 pub use self::kick::*;
 use self::messages::*;
 pub use self::probe::{probe_kernel_lapic, KernelLapicFacts};
+use self::tsc::host_tsc;
+pub use self::tsc::KvmGuestTsc;
 pub use self::vcpu::*;
 pub use self::vm::*;
 

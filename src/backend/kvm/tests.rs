@@ -1298,19 +1298,23 @@ fn machine_msrs_reach_the_handler() {
             "NOT supported: the machine's MSRs stay with KVM"
         }
     );
-    // CPUID.1:ECX advertises x2APIC exactly then (TSC-deadline only
-    // with the in-kernel LAPIC, see create_kvm_vcpu).
+    // CPUID.1:ECX advertises x2APIC exactly then, and TSC-deadline when
+    // KVM's TSC frequency is known too (see create_kvm_vcpu).
     // mov eax, 1; cpuid; mov eax, ecx; out 0x83, eax
     let cpuid = [
         0x66, 0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x66, 0x89, 0xc8, 0x66, 0xe7, 0x83,
     ];
-    let (exit, io, _rig) = run_snippet(Mode::Real, &cpuid, true, 0);
+    let (exit, io, rig) = run_snippet(Mode::Real, &cpuid, true, 0);
     assert_eq!(exit, VcpuExit::Halted);
     let b = io.out_bytes(0x83);
     let ecx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     assert_eq!(
         ecx & (CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE),
-        if supported { CPUID1_ECX_X2APIC } else { 0 },
+        match (supported, rig.backend.tsc_khz().is_some()) {
+            (false, _) => 0,
+            (true, false) => CPUID1_ECX_X2APIC,
+            (true, true) => CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE,
+        },
         "CPUID.1:ECX {ecx:#x}"
     );
     if !supported {

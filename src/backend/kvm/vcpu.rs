@@ -37,6 +37,9 @@ pub struct KvmVcpu {
     pub(super) fallback_enabled: bool,
     /// The interpreter used for instructions KVM refuses (created on first use).
     pub(super) interp: Option<Box<Cpu>>,
+    /// The guest TSC duet's LAPIC model reads (shared with the machine);
+    /// its offset is re-read at every IA32_TSC_DEADLINE access.
+    pub(super) guest_tsc: Option<Arc<KvmGuestTsc>>,
     /// The XSAVE state components the guest's CPUID (leaf 0xD) offers, as
     /// KVM finally set it up.
     pub(super) guest_xcr0: u64,
@@ -400,6 +403,9 @@ impl KvmVcpu {
         index: u32,
         write: Option<u64>,
     ) -> Result<()> {
+        if index == MSR_TSC_DEADLINE {
+            self.refresh_guest_tsc()?;
+        }
         let (data, fault) = match write {
             None => match io.read_msr(index) {
                 MsrResult::Done(v) => (Some(v), false),
@@ -447,6 +453,33 @@ impl KvmVcpu {
             m.data = v;
         }
         m.error = u8::from(fault);
+        Ok(())
+    }
+
+    /// Re-read the offset of the guest's TSC from the host's into
+    /// [`KvmVcpu::guest_tsc`]: IA32_TSC as KVM reads it, against the host
+    /// TSC read just after, so the estimate never runs ahead of the guest
+    /// (a deadline fires at most one ioctl late, never early). Done at
+    /// every IA32_TSC_DEADLINE access, so a write of IA32_TSC in between
+    /// is followed. (KVM-PVM's guest reads the host's TSC itself: offset 0,
+    /// which this finds too.)
+    pub(super) fn refresh_guest_tsc(&mut self) -> Result<()> {
+        let Some(tsc) = self.guest_tsc.clone() else {
+            return Ok(());
+        };
+        let guest = self.get_msrs(&[msr::TSC])?;
+        let after = host_tsc();
+        match guest.first() {
+            Some(e) if e.index == msr::TSC => tsc.set_offset(e.data.wrapping_sub(after)),
+            _ => {
+                if self.log_once("guest-tsc-unreadable") {
+                    log::warn!(
+                        "kvm: this KVM does not return IA32_TSC; the TSC-deadline timer \
+                         assumes the guest reads the host's TSC (logged once)"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

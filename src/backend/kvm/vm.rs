@@ -97,6 +97,10 @@ pub struct KvmBackend {
     pub(super) model: cpu_interp::cpuid::CpuModel,
     /// CPUID.1:ECX.TSC_DEADLINE may be advertised with the kernel irqchip.
     pub(super) kernel_tsc_deadline: bool,
+    /// The guest's TSC for duet's LAPIC model (userspace irqchip with the
+    /// machine's MSRs): its TSC-deadline timer compares against it, and
+    /// TSC-deadline is offered once KVM's TSC frequency is known.
+    pub(super) guest_tsc: Option<Arc<KvmGuestTsc>>,
     /// KVM's TSC frequency in kHz; 0 until known (from the VM, else from the
     /// first vCPU).
     pub(super) tsc_khz: AtomicU32,
@@ -274,6 +278,9 @@ impl KvmBackend {
         // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the
         // frequency or -1; `vm` is a VM fd.
         let khz = unsafe { vmm_sys_util::ioctl::ioctl(&vm, ioctls::KVM_GET_TSC_KHZ()) };
+        let khz = u32::try_from(khz).unwrap_or(0);
+        let guest_tsc = (!kernel_irqchip && caps.machine_msrs)
+            .then(|| Arc::new(KvmGuestTsc::new(u64::from(khz) * 1000)));
         Ok(KvmBackend {
             vm: Arc::new(vm),
             caps,
@@ -282,7 +289,8 @@ impl KvmBackend {
             irqchip: opts.irqchip,
             model: opts.cpu,
             kernel_tsc_deadline: kernel_irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
-            tsc_khz: AtomicU32::new(u32::try_from(khz).unwrap_or(0)),
+            tsc_khz: AtomicU32::new(khz),
+            guest_tsc,
             mem: mem.clone(),
         })
     }
@@ -293,18 +301,29 @@ impl KvmBackend {
             .vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if self.tsc_khz.load(Ordering::Relaxed) == 0 {
+            match fd.get_tsc_khz() {
+                Ok(khz) => self.tsc_khz.store(khz, Ordering::Relaxed),
+                Err(e) => log::debug!("kvm: KVM_GET_TSC_KHZ failed: {e}"),
+            }
+        }
+        let khz = self.tsc_khz.load(Ordering::Relaxed);
+        if let Some(tsc) = self.guest_tsc.as_ref().filter(|t| !t.known()) {
+            tsc.set_hz(u64::from(khz) * 1000);
+        }
         let mut cpuid = self.supported_cpuid.clone();
-        // TSC-deadline with the userspace LAPIC would need the model's TSC
-        // to be the guest's hardware TSC (offset from host boot): not yet,
-        // so it is advertised only with the in-kernel LAPIC.
+        // TSC-deadline with duet's LAPIC: its timer compares against the
+        // guest's TSC as the guest's RDTSC reads it (`KvmGuestTsc`).
         let (x2apic, tsc_deadline) = if self.caps.kernel_irqchip {
             (true, self.kernel_tsc_deadline)
         } else {
-            (self.caps.machine_msrs, false)
+            (
+                self.caps.machine_msrs,
+                self.guest_tsc.as_ref().is_some_and(|t| t.known()),
+            )
         };
         fixup_cpuid(cpuid.as_mut_slice(), id, x2apic, tsc_deadline);
         if !self.caps.kernel_irqchip {
-            let khz = self.tsc_khz.load(Ordering::Relaxed);
             fixup_tsc_leaves(
                 cpuid.as_mut_slice(),
                 khz,
@@ -337,12 +356,6 @@ impl KvmBackend {
             fd.set_sync_valid_reg(SyncReg::SystemRegister);
             fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         }
-        if self.tsc_khz.load(Ordering::Relaxed) == 0 {
-            match fd.get_tsc_khz() {
-                Ok(khz) => self.tsc_khz.store(khz, Ordering::Relaxed),
-                Err(e) => log::debug!("kvm: KVM_GET_TSC_KHZ failed: {e}"),
-            }
-        }
         let coalesced = (self.vm.check_extension(Cap::CoalescedMmio)
             && self.run_size >= (COALESCED_RING_PAGE + 1) * PAGE_SIZE)
             .then(|| {
@@ -369,6 +382,7 @@ impl KvmBackend {
             halted: false,
             fallback_enabled: true,
             interp: None,
+            guest_tsc: self.guest_tsc.clone(),
             guest_xcr0,
             phys_addr_bits: cpuid_phys_addr_bits(effective.as_slice()),
             exits: BTreeMap::new(),
@@ -676,6 +690,12 @@ impl Backend for KvmBackend {
             0 => None,
             khz => Some(khz),
         }
+    }
+
+    fn guest_tsc(&self) -> Option<Arc<dyn devices::TscSource>> {
+        self.guest_tsc
+            .clone()
+            .map(|t| t as Arc<dyn devices::TscSource>)
     }
 
     fn phys_addr_bits(&self) -> u32 {
