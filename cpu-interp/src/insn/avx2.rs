@@ -9,6 +9,7 @@ use iced_x86::{Mnemonic, OpKind, Register};
 
 use super::avx::{imm8, vidx, Y};
 use super::simd::{lane, set_lane};
+use super::xsave;
 use crate::block::Insn;
 use crate::cpu::Cpu;
 use crate::dispatch::Table;
@@ -362,7 +363,8 @@ fn vgather(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
     let disp = d.i.memory_displacement64();
     let scale = u64::from(d.i.memory_index_scale());
     let seg = d.seg as usize;
-    let mut result = Ok(());
+    let mut gathered = 0;
+    let mut fault = None;
     for i in 0..n {
         if yl(&mask, i, w) >> (8 * w - 1) == 0 {
             continue;
@@ -378,34 +380,76 @@ fn vgather(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
             Ok(x) => {
                 set_yl(&mut v, i, w, x);
                 set_yl(&mut mask, i, w, 0);
+                gathered += 1;
             }
             Err(e) => {
-                result = Err(e);
+                fault = Some(e);
                 break;
             }
         }
     }
-    if result.is_ok() {
-        mask = [0, 0];
+    if let Some(e) = fault {
+        let vex256 = index.is_ymm() || dst.is_ymm();
+        gather_fault_state(cpu, (dst, v), (maskr, mask), w, vex256, gathered > 0);
+        return Err(e);
     }
-    // Elements beyond the gathered width are zeroed (the XMM forms of a
-    // wider index, and VEX.128's bits 255:128).
+    // Done: the whole mask is zero, and the destination's elements beyond
+    // the gathered width are zeroed (the XMM forms of a wider index, and
+    // VEX.128's bits 255:128).
     let keep = n * w;
     for (k, h) in v.iter_mut().enumerate() {
-        *h = mask_bytes(*h, keep.saturating_sub(16 * k));
-    }
-    for (k, h) in mask.iter_mut().enumerate() {
         *h = mask_bytes(*h, keep.saturating_sub(16 * k));
     }
     if index.is_ymm() || dst.is_ymm() {
         // VEX.L = 1 (see `set_vreg_vex256`).
         cpu.set_vreg_vex256(dst, v);
-        cpu.set_vreg_vex256(maskr, mask);
+        cpu.set_vreg_vex256(maskr, [0, 0]);
     } else {
         cpu.set_vreg(dst, v);
-        cpu.set_vreg(maskr, mask);
+        cpu.set_vreg(maskr, [0, 0]);
     }
-    result
+    Ok(())
+}
+
+/// The destination and mask registers as a gather leaves them when an
+/// element faults (hardware oracle, fix 54; the SDM only says that the
+/// elements gathered so far have their mask elements cleared):
+/// - the mask: every element of the mask register (its whole XMM or YMM
+///   width, also beyond the elements the index selects) holds its sign
+///   bit spread over the element, all ones if still to be gathered, zero
+///   if gathered or not selected; the bits above the register are kept
+///   (VEX.128's bits 255:128 are not zeroed);
+/// - the destination: untouched if no element was gathered; otherwise
+///   the gathered elements are merged into its old contents and bits
+///   255:128 are zeroed by VEX.128 forms (VEX.L = 0) and kept by VEX.256
+///   ones, even with an XMM destination (VGATHERQPS/VPGATHERQD with a YMM
+///   index).
+fn gather_fault_state(
+    cpu: &mut Cpu,
+    (dst, v): (Register, Y),
+    (maskr, mut mask): (Register, Y),
+    w: usize,
+    vex256: bool,
+    gathered: bool,
+) {
+    let mi = vidx(maskr);
+    let width = if maskr.is_ymm() { 32 } else { 16 };
+    let ones = u64::MAX >> (64 - 8 * w);
+    for i in 0..width / w {
+        let sign = yl(&mask, i, w) >> (8 * w - 1);
+        set_yl(&mut mask, i, w, if sign != 0 { ones } else { 0 });
+    }
+    cpu.fpu.xmm[mi] = mask[0];
+    if maskr.is_ymm() {
+        cpu.fpu.ymm_hi[mi] = mask[1];
+        cpu.xstate.xinuse |= xsave::AVX;
+    }
+    cpu.xstate.xinuse |= xsave::SSE;
+    if gathered {
+        // VEX.L = 1 works on all 256 bits: those not gathered are kept,
+        // also above an XMM destination of a YMM index.
+        cpu.set_vreg_index(vidx(dst), v, vex256);
+    }
 }
 
 /// The low `n` bytes of `v` (all of it from 16 on).

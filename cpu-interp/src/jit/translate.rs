@@ -57,6 +57,21 @@ pub const ALL6: u32 = 0x3f;
 /// EFLAGS bits of the six arithmetic flags.
 const ARITH_EFLAGS: u32 = 0x8d5;
 
+/// The EFLAGS bits of a set of iced arithmetic-flag bits.
+fn eflags_of(flags: u32) -> u32 {
+    [
+        (OF, 0x800),
+        (SF, 0x80),
+        (ZF, 0x40),
+        (AF, 0x10),
+        (CF, 0x01),
+        (PF, 0x04),
+    ]
+    .iter()
+    .filter(|&&(f, _)| flags & f != 0)
+    .fold(0, |m, &(_, e)| m | e)
+}
+
 /// Exit kinds returned by translated code (low byte of RAX).
 pub const KIND_CHAIN: u64 = 1;
 pub const KIND_LOOKUP: u64 = 2;
@@ -568,18 +583,25 @@ impl<'a> Translator<'a> {
 
     // ---- flags -------------------------------------------------------------
 
-    /// Store the host's arithmetic flags into the `Cpu` (clobbers host flags).
-    fn emit_store_flags(a: &mut Asm) {
+    /// Store the host's arithmetic flags among `exact` (iced bits) into
+    /// the `Cpu` (clobbers host flags).
+    fn emit_store_flags(a: &mut Asm, exact: u32) {
         a.pushfq();
         a.pop_r(T0);
-        Self::emit_merge_flags(a, T0);
+        Self::emit_merge_flags(a, T0, exact);
     }
 
-    /// Merge the EFLAGS image in `r` into the `Cpu`'s flags.
-    fn emit_merge_flags(a: &mut Asm, r: Reg) {
-        a.and_r32i(r, ARITH_EFLAGS);
+    /// Merge the flags among `exact` (iced bits) of the EFLAGS image in
+    /// `r` into the `Cpu`'s flags. The others keep the `Cpu`'s value: a
+    /// flag the host does not hold exactly was neither loaded nor written
+    /// by translated code since the flags last left the `Cpu`, so the
+    /// `Cpu`'s copy is the guest's (or, when a window closed with it dead,
+    /// as good as the host's).
+    fn emit_merge_flags(a: &mut Asm, r: Reg, exact: u32) {
+        let mask = eflags_of(exact);
+        a.and_r32i(r, mask);
         a.mov_rm(T2, mem(CPU, L::flags_bits()));
-        a.and_ri(T2, !(ARITH_EFLAGS as i32));
+        a.and_ri(T2, !(mask as i32));
         a.or_rr(T2, r);
         a.mov_mr(mem(CPU, L::flags_bits()), T2);
     }
@@ -618,9 +640,12 @@ impl<'a> Translator<'a> {
 
     /// Make the `Cpu`'s flags current (before a helper or an exit).
     fn flush_flags(&mut self) {
-        if self.st.flags.host && self.st.flags.dirty {
-            debug_assert_eq!(self.st.flags.exact, ALL6, "storing inexact flags");
-            Self::emit_store_flags(&mut self.a);
+        // Only the exact flags go to memory: when an instruction the
+        // analysis took for native falls back to a helper (a form the
+        // generic path cannot re-encode), flags the analysis found dead
+        // after it may not be in the host; the `Cpu` holds those.
+        if self.st.flags.host && self.st.flags.dirty && self.st.flags.exact != 0 {
+            Self::emit_store_flags(&mut self.a, self.st.flags.exact);
         }
         self.st.flags = FlagState {
             host: false,
@@ -986,9 +1011,17 @@ impl<'a> Translator<'a> {
                 let (g, _) = gpr_index(i.op0_register()).expect("GPR");
                 let hr = self.st.regs.host[g as usize].expect("cached");
                 if size == 2 {
-                    return false;
+                    // MOV r16, imm16 keeps bits 63:16, as LEA r16 does.
+                    let Ok(m) = Instruction::with2(Code::Mov_r16_imm16, reg(hr, 2), ea as u32)
+                    else {
+                        return false;
+                    };
+                    if self.a.emit(&m).is_err() {
+                        return false;
+                    }
+                } else {
+                    self.a.mov_ri(hr, ea);
                 }
-                self.a.mov_ri(hr, ea);
                 for &(g, _, w) in &used {
                     if w {
                         self.mark_dirty(g);
@@ -1372,11 +1405,11 @@ impl<'a> Translator<'a> {
             self.a.bind(s.label);
             if s.window {
                 self.a.pop_r(T0);
-                if s.pre.flags.dirty {
-                    Self::emit_merge_flags(&mut self.a, T0);
+                if s.pre.flags.dirty && s.pre.flags.exact != 0 {
+                    Self::emit_merge_flags(&mut self.a, T0, s.pre.flags.exact);
                 }
-            } else if s.pre.flags.host && s.pre.flags.dirty {
-                Self::emit_store_flags(&mut self.a);
+            } else if s.pre.flags.host && s.pre.flags.dirty && s.pre.flags.exact != 0 {
+                Self::emit_store_flags(&mut self.a, s.pre.flags.exact);
             }
             Self::spill_with(&mut self.a, &s.pre.regs);
             let rip = self.insns[s.k].i.ip();
