@@ -412,7 +412,7 @@ fn vgather(cpu: &mut Cpu, p: &mut dyn Platform, d: &Insn) -> XResult<()> {
 }
 
 /// The destination and mask registers as a gather leaves them when an
-/// element faults (hardware oracle, fix 54; the SDM only says that the
+/// element faults (hardware oracle, fix 55; the SDM only says that the
 /// elements gathered so far have their mask elements cleared):
 /// - the mask: every element of the mask register (its whole XMM or YMM
 ///   width, also beyond the elements the index selects) holds its sign
@@ -533,7 +533,7 @@ mod tests {
     /// the third faults. The mask shows what is left (sign bits spread:
     /// all ones or zero), the destination holds the gathered element and
     /// VEX.128's zeroed bits 255:128; the mask's bits 255:128 are kept
-    /// (the hardware oracle, fix 54).
+    /// (the hardware oracle, fix 55).
     #[test]
     fn an_xmm_gather_faulting_part_way() {
         let code = asm(64, |a| a.vpgatherdd_3(xmm0, ptr(rbx + xmm1), xmm2));
