@@ -113,6 +113,15 @@ fn difftest_soak_findings_replay() {
         (19074, 8, true, Mode::Long64Ring3, 231958, ""),
         // VDPPS ymm: each step on both lanes at once (fix 47).
         (19075, 8, true, Mode::Long64Ring3, 210320, ""),
+        // Gathers faulting part-way (fix 55): VPGATHERQD xmm with a YMM
+        // index and nothing gathered (destination untouched), VGATHERDPS
+        // xmm (bits 255:128 zeroed after an element), VPGATHERQD xmm with
+        // an XMM index (mask elements 3:2 normalised), VGATHERQPS xmm with
+        // a YMM index (bits 255:128 kept after an element).
+        (1919, 8, true, Mode::Long64Ring3, 37, ""),
+        (1919, 8, true, Mode::Long64Ring3, 78, ""),
+        (1919, 8, true, Mode::Long64Ring3, 159, ""),
+        (1919, 8, true, Mode::Long64Ring3, 336, ""),
         // A RIP-relative operand aimed at a virtual IP of the block
         // encoder (harness, fix 48).
         (19074, 8, true, Mode::Long64Ring3, 126386, ""),
