@@ -102,11 +102,7 @@ pub struct MachineConfig {
 /// The default tier: `DUET_TIER` (`interp` or `jit`) when set, else the
 /// fastest this host supports.
 pub fn default_tier() -> cpu_interp::Tier {
-    match std::env::var("DUET_TIER").as_deref() {
-        Ok("interp") => cpu_interp::Tier::Interp,
-        Ok("jit") => cpu_interp::Tier::Jit,
-        _ => cpu_interp::Tier::best(),
-    }
+    backend::default_tier()
 }
 
 impl MachineConfig {

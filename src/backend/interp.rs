@@ -96,12 +96,12 @@ pub struct InterpBackend {
 }
 
 impl InterpBackend {
-    /// On the fastest tier the host supports, with the highest CPU model
-    /// the interpreter has.
+    /// On the default tier (`DUET_TIER`, else the fastest the host
+    /// supports), with the highest CPU model the interpreter has.
     pub fn new(mem: GuestMemory) -> Self {
         Self::with_options(
             mem,
-            cpu_interp::Tier::best(),
+            super::default_tier(),
             cpu_interp::cpuid::CpuModel::default(),
         )
     }

@@ -55,6 +55,16 @@ pub enum IrqchipKind {
     Kernel,
 }
 
+/// The interpreter's default execution tier: `DUET_TIER` (`interp` or
+/// `jit`) when set, else the fastest this host supports.
+pub fn default_tier() -> cpu_interp::Tier {
+    match std::env::var("DUET_TIER").as_deref() {
+        Ok("interp") => cpu_interp::Tier::Interp,
+        Ok("jit") => cpu_interp::Tier::Jit,
+        _ => cpu_interp::Tier::best(),
+    }
+}
+
 /// Options for creating a VM.
 #[derive(Clone, Copy, Debug)]
 pub struct VmOptions {
@@ -69,7 +79,7 @@ impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
             irqchip: IrqchipKind::default(),
-            tier: cpu_interp::Tier::best(),
+            tier: default_tier(),
             cpu: cpu_interp::cpuid::CpuModel::default(),
         }
     }
