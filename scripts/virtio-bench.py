@@ -5,8 +5,11 @@ Same kernel (the guest kit's vmlinux-cloud, PVH), same initramfs, same
 device types (virtio-blk-pci, virtio-net-pci), one vCPU, 256 MiB:
 
 - disk: `dd` in the guest, 64 MiB with 1 MiB blocks, `iflag=direct` from
-  /dev/vda (read) and `oflag=direct` to it (write), timed with the guest's
-  clock (/proc/uptime);
+  /dev/vda (read) and `oflag=direct` to it (write): one untimed `dd` to
+  warm up (both VMMs translate the guest's block layer on first use), then
+  --disk-reps (default 16) of them back to back timed with the guest's
+  clock (/proc/uptime, 10 ms ticks: 1 GiB takes 80-250 ticks, so the
+  clock's granularity is under 1.5 %);
 - network, guest -> host: the guest pipes 32 MiB of zeros into busybox `nc`
   towards a sink on the host; MB/s measured on the host from the first byte
   to the end of the stream. Over `user` (libslirp in both) and over `tap`
@@ -44,9 +47,9 @@ STEP = 600
 class Guest:
     """A VMM process with the guest's serial console on stdin/stdout."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, stderr=None):
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=stderr or subprocess.DEVNULL)
         self.buf = b""
         self.seen = 0
         self.lock = threading.Lock()
@@ -92,10 +95,10 @@ class Guest:
             self.p.wait()
 
 
-def duet_argv(duet, disk, net):
+def duet_argv(duet, disk, net, extra=()):
     return [duet, "run", "--backend", "interp", "--memory", "256M", "--kernel", KERNEL,
             "--initrd", INITRD, "--cmdline", CMDLINE, "--serial", "stdio",
-            "--disk", f"path={disk}", "--net", net]
+            "--disk", f"path={disk}", "--net", net, *extra]
 
 
 def qemu_argv(qemu, disk, net):
@@ -108,16 +111,21 @@ def qemu_argv(qemu, disk, net):
             "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
 
-def timed_dd(g, args):
-    """MB/s (10^6 bytes) of a `dd` in the guest, timed with the guest's
-    /proc/uptime (10 ms resolution; Debian's busybox dd prints no time)."""
-    out = g.run(f"read a b < /proc/uptime; dd {args} 2>&1; read c d < /proc/uptime; echo T $a $c")
-    m = re.search(r"(\d+)\+0 records out", out)
+def timed_dd(g, args, reps=1):
+    """MB/s (10^6 bytes) of `reps` back-to-back `dd`s in the guest (after
+    one untimed to warm up), timed with the guest's /proc/uptime (10 ms
+    resolution; Debian's busybox dd prints no time)."""
+    out = g.run(f"dd {args} 2>&1")
+    if not re.search(r"(\d+)\+0 records out", out):
+        raise RuntimeError(f"dd failed: {out!r}")
+    out = g.run(f"read a b < /proc/uptime; i=0; while [ $i -lt {reps} ]; do "
+                f"dd {args} 2>&1; i=$((i+1)); done; read c d < /proc/uptime; echo T $a $c")
+    records = [int(n) for n in re.findall(r"(\d+)\+0 records out", out)]
     t = re.search(r"T ([\d.]+) ([\d.]+)", out)
-    if not m or not t:
+    if len(records) != reps or not t:
         raise RuntimeError(f"dd failed: {out!r}")
     seconds = float(t.group(2)) - float(t.group(1))
-    return int(m.group(1)) * (1 << 20) / max(seconds, 0.01) / 1e6
+    return sum(records) * (1 << 20) / max(seconds, 0.01) / 1e6
 
 
 class Sink:
@@ -161,12 +169,17 @@ def net_send(g, host_ip, port):
     g.run(f"dd if=/dev/zero bs=64k count={NET_MB * 16} 2>/dev/null | nc {host_ip} {port}")
 
 
-def disk_and_user(argv_of, disk):
-    g = Guest(argv_of(disk, "user"))
+def disk_and_user(argv_of, disk, only, reps, stderr=None):
+    g = Guest(argv_of(disk, "user"), stderr)
     try:
         r = {}
-        r["disk read"] = timed_dd(g, f"if=/dev/vda of=/dev/null bs=1M count={DISK_MB} iflag=direct")
-        r["disk write"] = timed_dd(g, f"if=/dev/zero of=/dev/vda bs=1M count={DISK_MB} oflag=direct")
+        if "disk" in only:
+            r["disk read"] = timed_dd(
+                g, f"if=/dev/vda of=/dev/null bs=1M count={DISK_MB} iflag=direct", reps)
+            r["disk write"] = timed_dd(
+                g, f"if=/dev/zero of=/dev/vda bs=1M count={DISK_MB} oflag=direct", reps)
+        if "user" not in only:
+            return r
         g.run("ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 >/dev/null 2>&1")
         sink = Sink("127.0.0.1")
         net_send(g, "10.0.2.2", sink.port)
@@ -199,6 +212,14 @@ def main():
     ap.add_argument("--duet", default=os.path.join(ROOT, "target", "release", "duet"))
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--only", default="disk,user,tap")
+    ap.add_argument("--baseline", metavar="DUET",
+                    help="another duet binary (e.g. main's) measured in the same runs")
+    ap.add_argument("--duet-args", default="",
+                    help="more `duet run` options, e.g. '--profile' (with --stderr)")
+    ap.add_argument("--stderr", metavar="FILE",
+                    help="append the VMMs' standard error (duet's --profile report) to FILE")
+    ap.add_argument("--disk-reps", type=int, default=16,
+                    help="timed 64 MiB dd runs per measurement (after one to warm up)")
     ap.add_argument("--tap-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -206,9 +227,12 @@ def main():
         with open(disk, "wb") as f:
             f.write(os.urandom((DISK_MB + 16) << 20))
         vmms = {
-            "duet interp": lambda disk, net: duet_argv(a.duet, disk, net),
+            "duet": lambda disk, net: duet_argv(a.duet, disk, net, a.duet_args.split()),
             "QEMU-TCG": lambda disk, net: qemu_argv(a.qemu, disk, net),
         }
+        if a.baseline:
+            vmms["duet baseline"] = lambda disk, net: duet_argv(a.baseline, disk, net,
+                                                                a.duet_args.split())
         if a.tap_child:
             # Inside the network namespace: one line of JSON-ish results.
             out = {}
@@ -217,10 +241,11 @@ def main():
             print("TAP", repr(out))
             return
         results = {}
+        err = open(a.stderr, "ab") if a.stderr else None
         for run in range(a.runs):
             for name, argv_of in vmms.items():
                 if "disk" in a.only or "user" in a.only:
-                    for k, v in disk_and_user(argv_of, disk).items():
+                    for k, v in disk_and_user(argv_of, disk, a.only, a.disk_reps, err).items():
                         results.setdefault((k, name), []).append(v)
             if "tap" in a.only:
                 p = subprocess.run(["unshare", "-n", sys.executable, os.path.abspath(__file__),

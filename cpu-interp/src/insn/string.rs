@@ -341,13 +341,23 @@ fn fast_chunk<const OP: u8>(
         bump(cpu, gpr::RSI, bytes, am);
     } else {
         let v = cpu.gpr[gpr::RAX].to_le_bytes();
-        if size == 1 {
+        if v[1..size].iter().all(|&b| b == v[0]) {
+            // One byte repeated (the kernel's zeroing `rep stosq`): a memset.
             // SAFETY: the range lies inside one mapped RAM page.
             unsafe { std::ptr::write_bytes(dst, v[0], bytes as usize) };
         } else {
-            for e in 0..k as usize {
-                // SAFETY: as above, element e ends within the page.
-                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.add(e * size), size) };
+            // Typed stores (a copy of `size` bytes per element would be a
+            // call to memcpy each).
+            let n = k as usize;
+            let rax = cpu.gpr[gpr::RAX];
+            // SAFETY: as above, element e of `size` bytes ends within the
+            // page; unaligned stores are fine on any address.
+            unsafe {
+                match size {
+                    2 => (0..n).for_each(|e| dst.cast::<u16>().add(e).write_unaligned(rax as u16)),
+                    4 => (0..n).for_each(|e| dst.cast::<u32>().add(e).write_unaligned(rax as u32)),
+                    _ => (0..n).for_each(|e| dst.cast::<u64>().add(e).write_unaligned(rax)),
+                }
             }
         }
     }
@@ -539,6 +549,44 @@ mod tests {
             assert_eq!(read_phys(&c, 0x2ff8 + 4 * k, 4), 0x1122_3344);
         }
         assert_eq!(c.gpr(RDI), 0x3008);
+        assert_eq!(c.gpr(RCX), 0);
+    }
+
+    #[test]
+    fn fast_rep_stos_stores_every_width_and_pattern() {
+        // rep stosw (66 f3 ab), rep stosq (f3 48 ab) with a pattern, then
+        // rep stosq of a repeated byte (the memset path), each crossing a
+        // page boundary; mov rdi/rcx/rax between them.
+        let mut code = vec![0x66, 0xf3, 0xab];
+        code.extend([0x48, 0xc7, 0xc7, 0xf0, 0x5f, 0, 0]); // mov rdi, 0x5ff0
+        code.extend([0x48, 0xc7, 0xc1, 0x04, 0, 0, 0]); // mov rcx, 4
+        code.extend([0x48, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8]); // mov rax, imm64
+        code.extend([0xf3, 0x48, 0xab]);
+        code.extend([0x48, 0xc7, 0xc7, 0xf8, 0x6f, 0, 0]); // mov rdi, 0x6ff8
+        code.extend([0x48, 0xc7, 0xc1, 0x03, 0, 0, 0]); // mov rcx, 3
+        code.extend([0x48, 0xb8, 0xa5, 0xa5, 0xa5, 0xa5, 0xa5, 0xa5, 0xa5, 0xa5]);
+        code.extend([0xf3, 0x48, 0xab]);
+        let c = run(Mode::Long64, &code, |c| {
+            c.set_gpr(RDI, 0x4ffa);
+            c.set_gpr(RCX, 5);
+            c.set_gpr(RAX, 0xffff_1234);
+        });
+        for k in 0..5 {
+            assert_eq!(read_phys(&c, 0x4ffa + 2 * k, 2), 0x1234, "word {k}");
+        }
+        assert_eq!(read_phys(&c, 0x5004, 2), 0, "no sixth word");
+        for k in 0..4 {
+            assert_eq!(
+                read_phys(&c, 0x5ff0 + 8 * k, 8),
+                0x0807_0605_0403_0201,
+                "qword {k}"
+            );
+        }
+        for k in 0..3 {
+            assert_eq!(read_phys(&c, 0x6ff8 + 8 * k, 8), 0xa5a5_a5a5_a5a5_a5a5);
+        }
+        assert_eq!(read_phys(&c, 0x7010, 8), 0, "stops after three");
+        assert_eq!(c.gpr(RDI), 0x7010);
         assert_eq!(c.gpr(RCX), 0);
     }
 
