@@ -191,6 +191,18 @@ fn difftest_soak_findings_replay() {
             149405,
             "undeliverable",
         ),
+        // LEAVE put RSP in the read-only window page, then a WRMSR of a
+        // non-canonical LSTAR: KVM-PVM accepts it, the SDM's #GP(0) cannot
+        // be pushed (#PF, #DF, triple fault). Found by the translation
+        // tier's soak; the interpreter alone does the same.
+        (
+            20261212,
+            12,
+            false,
+            Mode::Long64Ring0,
+            150708,
+            "frame lands on a page",
+        ),
     ];
     for &(seed, max_len, isa_only, mode, k, rule) in cases {
         let cfg = CampaignConfig {

@@ -666,6 +666,9 @@ fn settled_undeliverable_sdm_fault(
     let at = asm.index_of(i.state.regs.rip)?;
     let item = case.items.get(at)?;
     let want = item.sdm_fault?;
+    if item.instr.mnemonic() == iced_x86::Mnemonic::Wrmsr {
+        return settled_wrmsr_fault_without_a_stack(case, asm, k, i, at, want);
+    }
     let (name, type_) = match item.instr.mnemonic() {
         iced_x86::Mnemonic::Lldt => (LLDT_UNDELIVERABLE, 2),
         iced_x86::Mnemonic::Ltr => (LTR_UNDELIVERABLE, 9),
@@ -731,6 +734,78 @@ fn settled_undeliverable_sdm_fault(
     (!deliverable(13)? && !deliverable(8)?).then_some(name)
 }
 
+/// The settled non-canonical WRMSR error (KVM-PVM accepts a non-canonical
+/// LSTAR, FS/GS base...) where the SDM's #GP(0) cannot be pushed: a test
+/// item (translation-tier soak seed 20261212, 64-bit ring 0, case 150708:
+/// LEAVE with RBP in the read-only window page) left RSP where the frame
+/// lands on a page that is not supervisor-writable with CR0.WP set (or not
+/// present). #GP, then #PF on the same stack, then #DF, the same: triple
+/// fault (SDM vol. 3, 6.14.2 and 6.15 "Interrupt 8"); KVM-PVM raises
+/// nothing and runs on.
+///
+/// Settled only when that follows from the interpreter's own final state:
+/// it triple-faulted with RIP at the WRMSR item carrying the #GP(0)
+/// [`SdmFault`](super::case::SdmFault), KVM did not stop at that item with
+/// #GP, the #GP, #PF and #DF gates use no IST (the frames go below the
+/// current RSP, without a stack switch in ring 0), and the 48 bytes below
+/// RSP aligned down to 16 are not all writable through the interpreter's
+/// final page tables.
+fn settled_wrmsr_fault_without_a_stack(
+    case: &Case,
+    asm: &Assembled,
+    k: &Snapshot,
+    i: &Snapshot,
+    at: usize,
+    want: super::case::SdmFault,
+) -> Option<&'static str> {
+    if want.vector != 13 || want.error_code != Some(0) {
+        return None;
+    }
+    let cs = case.init.sregs.cs.selector;
+    let kvm_same = matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(13))
+        && frame(case.mode, &k.state, &k.mem, 13, cs)
+            .is_some_and(|kf| asm.index_of(kf.rip) == Some(at));
+    if kvm_same {
+        return None;
+    }
+    let sr = &i.state.sregs;
+    let mem = &i.mem;
+    for vector in [13u64, 14, 8] {
+        if u64::from(sr.idt.limit) < vector * 16 + 15 {
+            return None;
+        }
+        let hi = read_le(mem, sr.idt.base.checked_add(vector * 16 + 4)?, 4)?;
+        if hi & 7 != 0 {
+            return None; // an IST stack: the frame would go elsewhere
+        }
+    }
+    let top = i.state.regs.gpr[cpu_interp::state::gpr::RSP] & !15;
+    let frame_lo = top.checked_sub(48)?;
+    let writable = |lin: u64| -> Option<bool> {
+        let wp = sr.cr0 & (1 << 16) != 0;
+        let mut table = sr.cr3 & 0x000f_ffff_ffff_f000;
+        let mut rw = true;
+        for level in (0..4u32).rev() {
+            let idx = (lin >> (12 + 9 * level)) & 0x1ff;
+            let e = read_le(mem, table.checked_add(idx * 8)?, 8)?;
+            if e & 1 == 0 {
+                return Some(false);
+            }
+            rw &= e & 2 != 0;
+            if (level == 1 || level == 2) && e & 0x80 != 0 {
+                break;
+            }
+            table = e & 0x000f_ffff_ffff_f000;
+        }
+        Some(rw || !wp)
+    };
+    let all_writable = writable(frame_lo)? && writable(top - 1)?;
+    (!all_writable).then_some(WRMSR_UNDELIVERABLE)
+}
+
+const WRMSR_UNDELIVERABLE: &str =
+    "WRMSR of a non-canonical address accepted (KVM-PVM; SDM: #GP(0)), the #GP undeliverable \
+     because its frame lands on a page the CPU cannot write (SDM: #PF, #DF, triple fault)";
 const LLDT_UNDELIVERABLE: &str =
     "LLDT of a 16-byte LDT descriptor with a non-canonical base accepted (KVM-PVM; SDM: \
      #GP(selector)), the #GP undeliverable through the case's damaged GDT (SDM: triple fault)";
@@ -1006,6 +1081,84 @@ mod tests {
     /// Settled only while every condition holds: the same case with
     /// descriptor 1 intact, with the selected descriptor canonical or not
     /// an LDT, or with KVM stopping at the LLDT, is not.
+    #[test]
+    fn a_wrmsr_fault_without_a_writable_stack_is_settled_only_then() {
+        use super::super::case::{assemble, Item, SdmFault};
+        use iced_x86::{Code, Instruction};
+        let mode = Mode::Long64Ring0;
+        let wrmsr = Instruction::with(Code::Wrmsr);
+        let mut items = vec![Item::new(0, wrmsr)];
+        items[0].sdm_fault = Some(SdmFault {
+            vector: 13,
+            error_code: Some(0),
+            erratum: "WRMSR",
+        });
+        let mut init = env::base_state(mode);
+        init.regs.rip = env::CODE;
+        let case = Case {
+            mode,
+            init,
+            area: vec![0; (env::SPACE - env::CASE_AREA) as usize],
+            items,
+            origin: "test".into(),
+        };
+        let asm = assemble(mode, &case.items).unwrap();
+        let mut mem = Vec::new();
+        for (at, bytes) in env::image() {
+            let end = at as usize + bytes.len();
+            if mem.len() < end {
+                mem.resize(end, 0);
+            }
+            mem[at as usize..end].copy_from_slice(&bytes);
+        }
+        let snap = |end: End, rsp: u64, rip: u64| {
+            let mut state = case.init;
+            state.regs.rip = rip;
+            state.regs.gpr[cpu_interp::state::gpr::RSP] = rsp;
+            Snapshot {
+                end,
+                state,
+                mem: mem.clone(),
+                io: Vec::new(),
+            }
+        };
+        let kvm = snap(End::Stop, env::W_RO + 0x58a, asm.end_addr);
+        // RSP in the read-only window page: the frame cannot be written.
+        let interp = snap(End::TripleFault, env::W_RO + 0x58a, asm.addrs[0]);
+        assert_eq!(
+            settled_wrmsr_fault_without_a_stack(
+                &case,
+                &asm,
+                &kvm,
+                &interp,
+                0,
+                case.items[0].sdm_fault.unwrap()
+            ),
+            Some(WRMSR_UNDELIVERABLE)
+        );
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &interp),
+            Some(WRMSR_UNDELIVERABLE)
+        );
+        // RSP on the writable kernel stack: the #GP is deliverable.
+        let ok = snap(End::TripleFault, env::KSTACK + 0x800, asm.addrs[0]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &ok),
+            None
+        );
+        // KVM stopped at the WRMSR with #GP too, or the interpreter elsewhere.
+        let k2 = snap(End::TripleFault, env::W_RO + 0x58a, asm.addrs[0]);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &k2, &interp),
+            None
+        );
+        let i3 = snap(End::TripleFault, env::W_RO + 0x58a, asm.end_addr);
+        assert_eq!(
+            settled_undeliverable_sdm_fault(&case, &asm, &kvm, &i3),
+            None
+        );
+    }
+
     #[test]
     fn an_undeliverable_sdm_fault_is_settled_only_when_the_sdm_says_so() {
         use super::super::case::{assemble, Item, SdmFault};
