@@ -142,65 +142,11 @@ impl Disk for DiskFile {
     }
 
     fn read_to(&mut self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
-        // pread writes behind vm-memory's back: log the pages (for CPUs
-        // that cache code decoded from guest memory).
-        dst.bitmap().mark_dirty(0, dst.len());
-        let guard = dst.ptr_guard_mut();
-        let mut done = 0usize;
-        while done < dst.len() {
-            // SAFETY: the guard keeps `dst` (guest RAM, len bytes) mapped;
-            // pread writes at most len - done bytes after `done`.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    dst.len() - done,
-                    (offset + done as u64) as i64,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                // Past the end of a file that shrank: zeros.
-                let rest = dst.offset(done).map_err(|_| io::Error::other("slice"))?;
-                rest.copy_from(&vec![0u8; rest.len()]);
-                break;
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.read_vectored(offset, std::slice::from_ref(dst))
     }
 
     fn write_from(&mut self, offset: u64, src: &GuestSlice) -> io::Result<()> {
-        let guard = src.ptr_guard();
-        let mut done = 0usize;
-        self.dirty = true;
-        while done < src.len() {
-            // SAFETY: the guard keeps `src` mapped; pwrite reads at most
-            // len - done bytes after `done`.
-            let n = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    src.len() - done,
-                    (offset + done as u64) as i64,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.write_vectored(offset, std::slice::from_ref(src))
     }
 
     fn read_vectored(&mut self, offset: u64, dst: &[GuestSlice]) -> io::Result<()> {
