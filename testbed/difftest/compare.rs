@@ -1081,6 +1081,19 @@ mod tests {
     /// Settled only while every condition holds: the same case with
     /// descriptor 1 intact, with the selected descriptor canonical or not
     /// an LDT, or with KVM stopping at the LLDT, is not.
+    /// A case of `items` in `mode`'s base state, starting at the code page.
+    fn case_at_code(mode: Mode, items: Vec<super::super::case::Item>) -> Case {
+        let mut init = env::base_state(mode);
+        init.regs.rip = env::CODE;
+        Case {
+            mode,
+            init,
+            area: vec![0; (env::SPACE - env::CASE_AREA) as usize],
+            items,
+            origin: "test".into(),
+        }
+    }
+
     #[test]
     fn a_wrmsr_fault_without_a_writable_stack_is_settled_only_then() {
         use super::super::case::{assemble, Item, SdmFault};
@@ -1093,15 +1106,7 @@ mod tests {
             error_code: Some(0),
             erratum: "WRMSR",
         });
-        let mut init = env::base_state(mode);
-        init.regs.rip = env::CODE;
-        let case = Case {
-            mode,
-            init,
-            area: vec![0; (env::SPACE - env::CASE_AREA) as usize],
-            items,
-            origin: "test".into(),
-        };
+        let case = case_at_code(mode, items);
         let asm = assemble(mode, &case.items).unwrap();
         let mut mem = Vec::new();
         for (at, bytes) in env::image() {
@@ -1174,15 +1179,7 @@ mod tests {
             error_code: Some(u64::from(SEL_LDT_NONCANON)),
             erratum: "LLDT",
         });
-        let mut init = env::base_state(mode);
-        init.regs.rip = env::CODE;
-        let case = Case {
-            mode,
-            init,
-            area: vec![0; (env::SPACE - env::CASE_AREA) as usize],
-            items,
-            origin: "test".into(),
-        };
+        let case = case_at_code(mode, items);
         let asm = assemble(mode, &case.items).unwrap();
         // The interpreter: RIP at the LLDT, the GDT copy loaded.
         let low = env::image().into_iter().next().unwrap().1;
