@@ -150,10 +150,7 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
-/// IA32_TSC_DEADLINE.
-const MSR_TSC_DEADLINE: u32 = 0x6e0;
-/// First x2APIC MSR (0x800–0x8ff).
-const MSR_X2APIC_FIRST: u32 = 0x800;
+use devices::lapic::{MSR_TSC_DEADLINE, MSR_X2APIC_FIRST};
 /// The guest's MAXPHYADDR in `cpuid` (leaf 0x80000008 EAX[7:0]; 36 when
 /// the leaf is absent, as the SDM says).
 fn cpuid_phys_addr_bits(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> u32 {

@@ -51,11 +51,11 @@ const HANDLER: u64 = 0x8800;
 /// Where the handler stores the ISR word it read.
 const RESULT: u64 = 0x9000;
 const VECTOR: u32 = 0x40;
-const LAPIC: u64 = 0xfee0_0000;
-const LAPIC_EOI: u64 = 0xb0;
-const LAPIC_SVR: u64 = 0xf0;
-const LAPIC_ISR: u64 = 0x100;
-const LAPIC_ICR_LOW: u64 = 0x300;
+const LAPIC: u64 = devices::lapic::DEFAULT_BASE;
+const LAPIC_EOI: u64 = devices::lapic::REG_EOI as u64;
+const LAPIC_SVR: u64 = devices::lapic::REG_SVR as u64;
+const LAPIC_ISR: u64 = devices::lapic::REG_ISR as u64;
+const LAPIC_ICR_LOW: u64 = devices::lapic::REG_ICR_LOW as u64;
 /// ICR: fixed, edge, destination shorthand "self".
 const ICR_SELF: u32 = 1 << 18;
 /// The handler writes here when it is done.
