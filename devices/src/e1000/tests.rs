@@ -1056,3 +1056,15 @@ proptest! {
         round_trip(&before_all, &after)?;
     }
 }
+
+#[test]
+fn frame_check_sequence_is_ieee_crc32() {
+    // The standard check value, and the Ethernet residue: a frame followed
+    // by its FCS (least significant byte first) has the CRC 0x2144df1c.
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    assert_eq!(crc32(b""), 0);
+    let mut frame: Vec<u8> = (0..1514u32).map(|i| (i * 7 + 3) as u8).collect();
+    let fcs = crc32(&frame);
+    frame.extend_from_slice(&fcs.to_le_bytes());
+    assert_eq!(crc32(&frame), 0x2144_df1c);
+}
