@@ -309,6 +309,31 @@ pub mod rxd {
     /// Ignore the checksum indication: the driver checks in software.
     pub const IXSM: u8 = 1 << 2;
     pub const VP: u8 = 1 << 3;
+    /// The TCP/UDP checksum was checked (RXCSUM.TUOFL).
+    pub const TCPCS: u8 = 1 << 5;
+    /// The IPv4 header checksum was checked (RXCSUM.IPOFL).
+    pub const IPCS: u8 = 1 << 6;
+    /// Errors byte: the checked TCP/UDP checksum is wrong.
+    pub const ERR_TCPE: u8 = 1 << 5;
+    /// Errors byte: the checked IPv4 header checksum is wrong.
+    pub const ERR_IPE: u8 = 1 << 6;
+}
+
+/// EtherType of IPv4.
+const ETHERTYPE_IPV4: u16 = 0x0800;
+/// IPv4 protocol numbers the checksum offload knows.
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// RXCSUM: receive checksum offload control.
+pub mod rxcsum {
+    /// Packet checksum start: the descriptor's checksum field sums the
+    /// frame from this byte.
+    pub const PCSS_MASK: u32 = 0xff;
+    /// Check IPv4 header checksums.
+    pub const IPOFL: u32 = 1 << 8;
+    /// Check TCP and UDP checksums (over IPv4).
+    pub const TUOFL: u32 = 1 << 9;
 }
 
 /// PHY registers (IEEE 802.3 clause 22 and the M88E1011's own).
@@ -460,18 +485,27 @@ pub struct E1000 {
 }
 
 /// One's-complement sum of `data` (big-endian 16-bit words) into `sum`.
-fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        if sum > 0xffff_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+/// The one's-complement sum of `data` as big-endian 16-bit words (a last
+/// odd byte padded with zero) added to `sum`, folded to 16 bits. Reads
+/// 32-bit words into a 64-bit accumulator: 2^16 = 1 modulo 0xffff, so the
+/// fold at the end gives the same sum as word-by-word end-around carries.
+fn ones_sum(sum: u32, data: &[u8]) -> u32 {
+    let mut acc = u64::from(sum);
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
     }
-    if let [b] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*b) << 8);
+    let mut rest = words.remainder().chunks_exact(2);
+    for h in &mut rest {
+        acc += u64::from(u16::from_be_bytes([h[0], h[1]]));
     }
-    sum
+    if let [b] = rest.remainder() {
+        acc += u64::from(*b) << 8;
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u32
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -505,6 +539,60 @@ fn insert_checksum(buf: &mut [u8], css: usize, cso: usize, cse: usize) {
     }
     let sum = !fold(ones_sum(0, &buf[css..end]));
     put_be16(buf, cso, sum);
+}
+
+/// What receive checksum offload reports for `frame` (as it goes to the
+/// guest, without FCS): the descriptor's status and error bits and its
+/// packet checksum field. With neither IPOFL nor TUOFL in `rxcsum`, only
+/// IXSM (the driver checks in software). Otherwise an IPv4 header is
+/// checked under IPOFL, and a TCP or UDP segment that is not a fragment
+/// under TUOFL (a UDP checksum of zero means none was sent: not checked).
+fn rx_checksum_offload(rxcsum: u32, vet: u16, frame: &[u8]) -> (u8, u8, u16) {
+    let pcss = (rxcsum & rxcsum::PCSS_MASK) as usize;
+    let packet_sum = frame.get(pcss..).map_or(0, |d| fold(ones_sum(0, d)));
+    if rxcsum & (rxcsum::IPOFL | rxcsum::TUOFL) == 0 {
+        return (rxd::IXSM, 0, packet_sum);
+    }
+    let (mut status, mut errors) = (0u8, 0u8);
+    let l3 = if get_be16(frame, 12) == Some(vet) {
+        18
+    } else {
+        14
+    };
+    if get_be16(frame, l3 - 2) != Some(ETHERTYPE_IPV4) {
+        return (status, errors, packet_sum);
+    }
+    let Some(&vihl) = frame.get(l3) else {
+        return (status, errors, packet_sum);
+    };
+    let ihl = usize::from(vihl & 0xf) * 4;
+    let total = usize::from(get_be16(frame, l3 + 2).unwrap_or(0));
+    if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > frame.len() {
+        return (status, errors, packet_sum);
+    }
+    let ip = &frame[l3..l3 + total];
+    if rxcsum & rxcsum::IPOFL != 0 {
+        status |= rxd::IPCS;
+        if fold(ones_sum(0, &ip[..ihl])) != 0xffff {
+            errors |= rxd::ERR_IPE;
+        }
+    }
+    let fragment = get_be16(ip, 6).unwrap_or(0) & 0x3fff != 0;
+    let proto = ip[9];
+    let l4 = &ip[ihl..];
+    let checked = match proto {
+        IPPROTO_TCP => l4.len() >= 20,
+        IPPROTO_UDP => l4.len() >= 8 && get_be16(l4, 6) != Some(0),
+        _ => false,
+    };
+    if rxcsum & rxcsum::TUOFL != 0 && checked && !fragment {
+        status |= rxd::TCPCS;
+        let pseudo = ones_sum(0, &ip[12..20]) + u32::from(proto) + l4.len() as u32;
+        if fold(ones_sum(pseudo, l4)) != 0xffff {
+            errors |= rxd::ERR_TCPE;
+        }
+    }
+    (status, errors, packet_sum)
 }
 
 /// CRC-32 (IEEE 802.3) of `data`, the frame check sequence (table- and
@@ -1459,6 +1547,8 @@ impl E1000 {
         }
         let vp = strip;
         let payload_len = data.len();
+        let (csum_status, csum_errors, packet_sum) =
+            rx_checksum_offload(self.r(reg::RXCSUM), vet, &data);
         if data.len() < MIN_FRAME {
             data.resize(MIN_FRAME, 0);
         }
@@ -1482,12 +1572,14 @@ impl E1000 {
             }
             let last = i as u64 + 1 == needed;
             desc[8..10].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
-            desc[10..12].fill(0);
+            desc[10..12].copy_from_slice(&if last { packet_sum } else { 0 }.to_le_bytes());
             desc[12] = rxd::DD
-                | rxd::IXSM
-                | if last { rxd::EOP } else { 0 }
-                | if vp && last { rxd::VP } else { 0 };
-            desc[13] = 0;
+                | if last {
+                    rxd::EOP | csum_status | if vp { rxd::VP } else { 0 }
+                } else {
+                    csum_status & rxd::IXSM
+                };
+            desc[13] = if last { csum_errors } else { 0 };
             desc[14..16].copy_from_slice(&if last { special } else { 0 }.to_le_bytes());
             if self
                 .mem
