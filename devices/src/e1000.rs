@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::clock::{Clock, Timed};
+use crate::inet::{check_ipv4, fold, get_be16, ones_sum};
 use crate::irq::IrqLine;
 use crate::pci::config::{command, status, Bar, BarKind, ConfigSpace, ConfigSpaceState, PciId};
 use crate::pci::{IntxPin, PciDevice};
@@ -319,12 +320,6 @@ pub mod rxd {
     pub const ERR_IPE: u8 = 1 << 6;
 }
 
-/// EtherType of IPv4.
-const ETHERTYPE_IPV4: u16 = 0x0800;
-/// IPv4 protocol numbers the checksum offload knows.
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-
 /// RXCSUM: receive checksum offload control.
 pub mod rxcsum {
     /// Packet checksum start: the descriptor's checksum field sums the
@@ -485,40 +480,6 @@ pub struct E1000 {
 }
 
 /// One's-complement sum of `data` (big-endian 16-bit words) into `sum`.
-/// The one's-complement sum of `data` as big-endian 16-bit words (a last
-/// odd byte padded with zero) added to `sum`, folded to 16 bits. Reads
-/// 32-bit words into a 64-bit accumulator: 2^16 = 1 modulo 0xffff, so the
-/// fold at the end gives the same sum as word-by-word end-around carries.
-fn ones_sum(sum: u32, data: &[u8]) -> u32 {
-    let mut acc = u64::from(sum);
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let mut rest = words.remainder().chunks_exact(2);
-    for h in &mut rest {
-        acc += u64::from(u16::from_be_bytes([h[0], h[1]]));
-    }
-    if let [b] = rest.remainder() {
-        acc += u64::from(*b) << 8;
-    }
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u32
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn get_be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
 fn put_be16(b: &mut [u8], at: usize, v: u16) {
     if let Some(s) = b.get_mut(at..at + 2) {
         s.copy_from_slice(&v.to_be_bytes());
@@ -553,42 +514,17 @@ fn rx_checksum_offload(rxcsum: u32, vet: u16, frame: &[u8]) -> (u8, u8, u16) {
     if rxcsum & (rxcsum::IPOFL | rxcsum::TUOFL) == 0 {
         return (rxd::IXSM, 0, packet_sum);
     }
+    let checked = check_ipv4(frame, vet);
     let (mut status, mut errors) = (0u8, 0u8);
-    let l3 = if get_be16(frame, 12) == Some(vet) {
-        18
-    } else {
-        14
-    };
-    if get_be16(frame, l3 - 2) != Some(ETHERTYPE_IPV4) {
-        return (status, errors, packet_sum);
-    }
-    let Some(&vihl) = frame.get(l3) else {
-        return (status, errors, packet_sum);
-    };
-    let ihl = usize::from(vihl & 0xf) * 4;
-    let total = usize::from(get_be16(frame, l3 + 2).unwrap_or(0));
-    if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > frame.len() {
-        return (status, errors, packet_sum);
-    }
-    let ip = &frame[l3..l3 + total];
-    if rxcsum & rxcsum::IPOFL != 0 {
+    if let (true, Some(ok)) = (rxcsum & rxcsum::IPOFL != 0, checked.header) {
         status |= rxd::IPCS;
-        if fold(ones_sum(0, &ip[..ihl])) != 0xffff {
+        if !ok {
             errors |= rxd::ERR_IPE;
         }
     }
-    let fragment = get_be16(ip, 6).unwrap_or(0) & 0x3fff != 0;
-    let proto = ip[9];
-    let l4 = &ip[ihl..];
-    let checked = match proto {
-        IPPROTO_TCP => l4.len() >= 20,
-        IPPROTO_UDP => l4.len() >= 8 && get_be16(l4, 6) != Some(0),
-        _ => false,
-    };
-    if rxcsum & rxcsum::TUOFL != 0 && checked && !fragment {
+    if let (true, Some(ok)) = (rxcsum & rxcsum::TUOFL != 0, checked.transport) {
         status |= rxd::TCPCS;
-        let pseudo = ones_sum(0, &ip[12..20]) + u32::from(proto) + l4.len() as u32;
-        if fold(ones_sum(pseudo, l4)) != 0xffff {
+        if !ok {
             errors |= rxd::ERR_TCPE;
         }
     }

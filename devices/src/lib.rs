@@ -14,6 +14,7 @@ pub mod e1000;
 pub mod guest_memory;
 pub mod hpet;
 pub mod i8042;
+pub mod inet;
 pub mod interrupt;
 pub mod ioapic;
 pub mod irq;

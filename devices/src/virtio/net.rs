@@ -1,7 +1,9 @@
 //! virtio-net (virtio 1.2, 5.1): one receive and one transmit queue, a
 //! MAC address, link status, mergeable receive buffers, and checksum and
 //! segmentation offload when the backend passes virtio-net headers
-//! through (a TAP device with `IFF_VNET_HDR`).
+//! through (a TAP device with `IFF_VNET_HDR`). With other backends the
+//! device checks received TCP/UDP-over-IPv4 checksums itself and marks the
+//! right ones `DATA_VALID` (`VIRTIO_NET_F_GUEST_CSUM`).
 //!
 //! The device talks to the network through a [`NetBackend`]: frames the
 //! guest sends go to [`NetBackend::send`] at once; received frames are
@@ -15,6 +17,7 @@ use super::{
     device_type, feature, read_config_bytes, Chain, DeviceFault, GuestMemory, QueueError, Signals,
     VirtioDevice, Virtqueue,
 };
+use crate::inet::{check_ipv4, ETHERTYPE_VLAN};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
@@ -146,6 +149,15 @@ impl VirtioNet {
         self.features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
     }
 
+    /// Does the device itself tell the driver which received checksums are
+    /// right? With a backend without offloads (its frames are complete)
+    /// and a driver that took `GUEST_CSUM`: TCP and UDP over IPv4 whose
+    /// checksum is right get `DATA_VALID`, so the guest does not sum them
+    /// again; anything else goes up unmarked and the guest checks it.
+    fn validates_checksums(&self) -> bool {
+        !self.backend.offloads() && self.features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0
+    }
+
     /// Send everything the driver queued for transmission.
     fn process_tx(&mut self) -> Result<Signals, DeviceFault> {
         let (Some(mut q), Some(mem)) = (self.tx.take(), self.mem.clone()) else {
@@ -258,6 +270,12 @@ impl VirtioNet {
             return Ok(true);
         }
         let mut header = frame.header;
+        if self.validates_checksums()
+            && header[0] == 0
+            && check_ipv4(&frame.data, ETHERTYPE_VLAN).transport == Some(true)
+        {
+            header[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+        }
         header[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
         let mut bytes = Vec::with_capacity(total as usize);
         bytes.extend_from_slice(&header);
@@ -296,10 +314,12 @@ impl VirtioDevice for VirtioNet {
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF)
-            | bit(VIRTIO_NET_F_MTU);
+            | bit(VIRTIO_NET_F_MTU)
+            // With offloads the backend's headers say which checksums were
+            // validated; without, the device checks them (`DATA_VALID`).
+            | bit(VIRTIO_NET_F_GUEST_CSUM);
         if self.backend.offloads() {
             f |= bit(VIRTIO_NET_F_CSUM)
-                | bit(VIRTIO_NET_F_GUEST_CSUM)
                 | bit(VIRTIO_NET_F_HOST_TSO4)
                 | bit(VIRTIO_NET_F_HOST_TSO6)
                 | bit(VIRTIO_NET_F_HOST_ECN)
@@ -409,6 +429,15 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     fn device(mergeable: bool) -> (VirtioNet, GuestMemory, DriverQueue, DriverQueue) {
+        let f = if mergeable {
+            bit(VIRTIO_NET_F_MRG_RXBUF)
+        } else {
+            0
+        };
+        device_with(f)
+    }
+
+    fn device_with(features: u64) -> (VirtioNet, GuestMemory, DriverQueue, DriverQueue) {
         let mem = memory();
         let mut d = VirtioNet::new([2, 0, 0, 0, 0, 1], Box::new(LoopbackBackend::default()));
         let rx = DriverQueue::new(0x1000, 8);
@@ -417,13 +446,82 @@ mod tests {
             Some(Virtqueue::new(&rx.config(), false, mem.clone()).unwrap()),
             Some(Virtqueue::new(&tx.config(), false, mem.clone()).unwrap()),
         ];
-        let f = if mergeable {
-            bit(VIRTIO_NET_F_MRG_RXBUF)
-        } else {
-            0
-        };
-        d.activate(mem.clone(), f | feature::VERSION_1, qs).unwrap();
+        d.activate(mem.clone(), features | feature::VERSION_1, qs)
+            .unwrap();
         (d, mem, rx, tx)
+    }
+
+    /// A UDP/IPv4 frame (with a virtio-net header in front, as the driver
+    /// sends it) whose checksums are right.
+    fn udp_frame(payload: &[u8]) -> Vec<u8> {
+        use crate::inet::{fold, ones_sum, ETHERTYPE_IPV4, IPPROTO_UDP};
+        let mut f = vec![0u8; 14 + 20 + 8];
+        f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let total = (28 + payload.len()) as u16;
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[22] = 64;
+        f[23] = IPPROTO_UDP;
+        f[26..34].copy_from_slice(&[10, 0, 2, 2, 10, 0, 2, 15]);
+        let ip_sum = !fold(ones_sum(0, &f[14..34]));
+        f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+        f[34..36].copy_from_slice(&53u16.to_be_bytes());
+        f[36..38].copy_from_slice(&4000u16.to_be_bytes());
+        f[38..40].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(payload);
+        let pseudo = ones_sum(0, &f[26..34]) + u32::from(IPPROTO_UDP) + 8 + payload.len() as u32;
+        let udp_sum = !fold(ones_sum(pseudo, &f[34..]));
+        f[40..42].copy_from_slice(&udp_sum.to_be_bytes());
+        let mut with_header = vec![0u8; HDR_LEN];
+        with_header.extend_from_slice(&f);
+        with_header
+    }
+
+    /// Loop `frames` back; the flags byte of each received header.
+    fn received_flags(features: u64, frames: &[Vec<u8>]) -> Vec<u8> {
+        let (mut d, mem, mut rx, mut tx) = device_with(features);
+        for f in frames {
+            tx.add_chain(&mem, &[(f, f.len() as u32, false)]);
+        }
+        d.notify(TX_QUEUE).unwrap();
+        for _ in frames {
+            rx.add_chain(&mem, &[(&[], 2048, true)]);
+        }
+        d.notify(RX_QUEUE).unwrap();
+        let used = rx.take_used(&mem);
+        assert_eq!(used.len(), frames.len());
+        (0..frames.len() as u64)
+            .map(|i| {
+                let a: u64 = mem.read_obj(GuestAddress(rx.desc + 16 * i)).unwrap();
+                mem.read_obj(GuestAddress(a)).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn right_checksums_are_marked_data_valid_when_the_driver_takes_guest_csum() {
+        let good = udp_frame(b"checked by the device");
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        let mut not_ip = good.clone();
+        not_ip[HDR_LEN + 12] = 0x86; // 0x86dd: IPv6, not checked here
+        not_ip[HDR_LEN + 13] = 0xdd;
+        let frames = [good, bad, not_ip];
+        let valid = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+        assert_eq!(
+            received_flags(bit(VIRTIO_NET_F_GUEST_CSUM), &frames),
+            [valid, 0, 0]
+        );
+        // A driver without GUEST_CSUM checks everything itself.
+        assert_eq!(received_flags(0, &frames), [0, 0, 0]);
+        assert_ne!(
+            VirtioNet::new([2, 0, 0, 0, 0, 1], Box::new(LoopbackBackend::default())).features()
+                & bit(VIRTIO_NET_F_GUEST_CSUM),
+            0,
+            "offered without backend offloads"
+        );
     }
 
     fn frame(n: usize) -> Vec<u8> {
