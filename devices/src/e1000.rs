@@ -477,9 +477,12 @@ pub struct E1000 {
     dma_error: LogOnce,
     bad_ring: LogOnce,
     tso_error: LogOnce,
+    /// The received frame as it goes into the ring (VLAN tag stripped,
+    /// padded, FCS appended), kept between frames: growing the backend's
+    /// buffer in place was a reallocation per frame, across threads.
+    rx_frame: Vec<u8>,
 }
 
-/// One's-complement sum of `data` (big-endian 16-bit words) into `sum`.
 fn put_be16(b: &mut [u8], at: usize, v: u16) {
     if let Some(s) = b.get_mut(at..at + 2) {
         s.copy_from_slice(&v.to_be_bytes());
@@ -659,6 +662,7 @@ impl E1000 {
             dma_error: LogOnce::new(),
             bad_ring: LogOnce::new(),
             tso_error: LogOnce::new(),
+            rx_frame: Vec::new(),
         };
         d.reset_registers();
         d
@@ -1475,12 +1479,17 @@ impl E1000 {
             return false;
         }
         Self::complete_rx_checksum(&mut frame);
-        let mut data = frame.data;
+        let mut data = std::mem::take(&mut self.rx_frame);
+        data.clear();
         let mut special = 0u16;
         if strip {
-            special = get_be16(&data, 14).unwrap_or(0);
-            data.drain(12..16);
+            special = get_be16(&frame.data, 14).unwrap_or(0);
+            data.extend_from_slice(&frame.data[..12]);
+            data.extend_from_slice(&frame.data[16..]);
+        } else {
+            data.extend_from_slice(&frame.data);
         }
+        self.backend.recycle(frame.data);
         let vp = strip;
         let payload_len = data.len();
         let (csum_status, csum_errors, packet_sum) =
@@ -1549,6 +1558,7 @@ impl E1000 {
             cause |= icr::RXDMT0;
         }
         self.set_cause(cause);
+        self.rx_frame = data;
         true
     }
 

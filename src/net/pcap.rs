@@ -113,6 +113,10 @@ impl NetBackend for PcapBackend {
         self.requeued = Some(frame);
     }
 
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.inner.recycle(buffer);
+    }
+
     fn offloads(&self) -> bool {
         self.inner.offloads()
     }

@@ -185,6 +185,7 @@ struct Timer {
 struct Context {
     start: Instant,
     rx: Arc<Inbox<RxFrame>>,
+    buffers: Arc<BufferPool>,
     /// Boxed: libslirp holds pointers to them, which must not move.
     #[allow(clippy::vec_box)]
     timers: Vec<Box<Timer>>,
@@ -209,7 +210,7 @@ unsafe extern "C" fn cb_send_packet(buf: *const c_void, len: usize, opaque: *mut
     };
     ctx.rx.push(RxFrame {
         header: [0; HDR_LEN],
-        data: frame.to_vec(),
+        data: ctx.buffers.filled(frame),
     });
     len as isize
 }
@@ -319,6 +320,33 @@ unsafe extern "C" fn cb_get_revents(idx: c_int, opaque: *mut c_void) -> c_int {
 
 // ---- the backend ----------------------------------------------------------------
 
+/// Buffers of received frames the device is done with, back to the slirp
+/// thread to fill again (an allocation there and a free on the vCPU thread
+/// per frame made the two threads contend for the allocator's arena).
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// At most a full inbox's worth is kept.
+    const KEEP: usize = INBOX_FRAMES;
+
+    /// A buffer holding a copy of `frame`.
+    fn filled(&self, frame: &[u8]) -> Vec<u8> {
+        let spare = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut v = spare.unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(frame);
+        v
+    }
+
+    fn give(&self, buffer: Vec<u8>) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < Self::KEEP {
+            pool.push(buffer);
+        }
+    }
+}
+
 /// Frames from the guest to the slirp thread.
 struct TxQueue {
     frames: Mutex<VecDeque<Vec<u8>>>,
@@ -339,6 +367,7 @@ impl TxQueue {
 pub struct SlirpBackend {
     tx: Arc<TxQueue>,
     rx: Arc<Inbox<RxFrame>>,
+    buffers: Arc<BufferPool>,
     stop: Arc<AtomicBool>,
     version: String,
     tx_dropped: u64,
@@ -370,10 +399,12 @@ impl SlirpBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let fwd = hostfwd.to_vec();
+        let buffers = Arc::new(BufferPool::default());
         let (t_tx, t_rx, t_stop) = (tx.clone(), rx.clone(), stop.clone());
+        let t_buffers = buffers.clone();
         std::thread::Builder::new()
             .name("duet-slirp".into())
-            .spawn(move || run(lib, &fwd, t_tx, t_rx, t_stop, ready_tx))
+            .spawn(move || run(lib, &fwd, t_tx, t_rx, t_buffers, t_stop, ready_tx))
             .map_err(|e| NetError::User(format!("cannot start the network thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -387,6 +418,7 @@ impl SlirpBackend {
         Ok(SlirpBackend {
             tx,
             rx,
+            buffers,
             stop,
             version,
             tx_dropped: 0,
@@ -401,12 +433,14 @@ fn run(
     hostfwd: &[HostForward],
     tx: Arc<TxQueue>,
     rx: Arc<Inbox<RxFrame>>,
+    buffers: Arc<BufferPool>,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
     let mut ctx = Box::new(Context {
         start: Instant::now(),
         rx,
+        buffers,
         timers: Vec::new(),
         pollfds: Vec::new(),
         guest_errors: 0,
@@ -572,6 +606,10 @@ impl NetBackend for SlirpBackend {
         self.rx.unpop(frame);
     }
 
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.buffers.give(buffer);
+    }
+
     fn describe(&self) -> String {
         format!(
             "user (libslirp {}){}",
@@ -593,5 +631,26 @@ impl Drop for SlirpBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.tx.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_refills_given_buffers_and_keeps_a_bounded_number() {
+        let pool = BufferPool::default();
+        let first = pool.filled(b"frame one");
+        assert_eq!(first, b"frame one");
+        let at = first.as_ptr();
+        pool.give(first);
+        // The next frame lands in the same allocation, holding only itself.
+        let second = pool.filled(b"two");
+        assert_eq!((second.as_slice(), second.as_ptr()), (&b"two"[..], at));
+        for _ in 0..BufferPool::KEEP + 10 {
+            pool.give(Vec::with_capacity(16));
+        }
+        assert_eq!(pool.0.lock().unwrap().len(), BufferPool::KEEP);
     }
 }

@@ -58,6 +58,10 @@ pub trait NetBackend: Send {
     fn recv(&mut self) -> Option<RxFrame>;
     /// Give back a frame the device could not place yet.
     fn unrecv(&mut self, frame: RxFrame);
+    /// The buffer of a frame the device placed, for reuse. A backend that
+    /// fills frames on another thread keeps a pool of them: freeing them
+    /// here would contend for the allocator's lock with that thread.
+    fn recycle(&mut self, _buffer: Vec<u8>) {}
     /// Whether headers carry checksum/segmentation offload information
     /// (TAP with `IFF_VNET_HDR`); then the device offers offloads.
     fn offloads(&self) -> bool {
@@ -209,6 +213,7 @@ impl VirtioNet {
                 Ok(true) => {
                     used = true;
                     retried = false;
+                    self.backend.recycle(frame.data);
                 }
                 Ok(false) => {
                     // No buffers: keep the frame, ask to be notified.
