@@ -320,11 +320,10 @@ pub mod rxd {
     pub const ERR_IPE: u8 = 1 << 6;
 }
 
-/// RXCSUM: receive checksum offload control.
+/// RXCSUM: receive checksum offload control. (Its packet checksum start,
+/// PCSS, is kept but unused: the descriptor's packet checksum field reads
+/// 0, as before; Linux's driver ignores it on this part.)
 pub mod rxcsum {
-    /// Packet checksum start: the descriptor's checksum field sums the
-    /// frame from this byte.
-    pub const PCSS_MASK: u32 = 0xff;
     /// Check IPv4 header checksums.
     pub const IPOFL: u32 = 1 << 8;
     /// Check TCP and UDP checksums (over IPv4).
@@ -506,16 +505,14 @@ fn insert_checksum(buf: &mut [u8], css: usize, cso: usize, cse: usize) {
 }
 
 /// What receive checksum offload reports for `frame` (as it goes to the
-/// guest, without FCS): the descriptor's status and error bits and its
-/// packet checksum field. With neither IPOFL nor TUOFL in `rxcsum`, only
-/// IXSM (the driver checks in software). Otherwise an IPv4 header is
-/// checked under IPOFL, and a TCP or UDP segment that is not a fragment
-/// under TUOFL (a UDP checksum of zero means none was sent: not checked).
-fn rx_checksum_offload(rxcsum: u32, vet: u16, frame: &[u8]) -> (u8, u8, u16) {
-    let pcss = (rxcsum & rxcsum::PCSS_MASK) as usize;
-    let packet_sum = frame.get(pcss..).map_or(0, |d| fold(ones_sum(0, d)));
+/// guest, without FCS): the descriptor's status and error bits. With
+/// neither IPOFL nor TUOFL in `rxcsum`, only IXSM (the driver checks in
+/// software). Otherwise an IPv4 header is checked under IPOFL, and a TCP
+/// or UDP segment that is not a fragment under TUOFL (a UDP checksum of
+/// zero means none was sent: not checked).
+fn rx_checksum_offload(rxcsum: u32, vet: u16, frame: &[u8]) -> (u8, u8) {
     if rxcsum & (rxcsum::IPOFL | rxcsum::TUOFL) == 0 {
-        return (rxd::IXSM, 0, packet_sum);
+        return (rxd::IXSM, 0);
     }
     let checked = check_ipv4(frame, vet);
     let (mut status, mut errors) = (0u8, 0u8);
@@ -531,7 +528,7 @@ fn rx_checksum_offload(rxcsum: u32, vet: u16, frame: &[u8]) -> (u8, u8, u16) {
             errors |= rxd::ERR_TCPE;
         }
     }
-    (status, errors, packet_sum)
+    (status, errors)
 }
 
 /// CRC-32 (IEEE 802.3) of `data`, the frame check sequence (table- and
@@ -1492,8 +1489,7 @@ impl E1000 {
         self.backend.recycle(frame.data);
         let vp = strip;
         let payload_len = data.len();
-        let (csum_status, csum_errors, packet_sum) =
-            rx_checksum_offload(self.r(reg::RXCSUM), vet, &data);
+        let (csum_status, csum_errors) = rx_checksum_offload(self.r(reg::RXCSUM), vet, &data);
         if data.len() < MIN_FRAME {
             data.resize(MIN_FRAME, 0);
         }
@@ -1517,7 +1513,7 @@ impl E1000 {
             }
             let last = i as u64 + 1 == needed;
             desc[8..10].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
-            desc[10..12].copy_from_slice(&if last { packet_sum } else { 0 }.to_le_bytes());
+            desc[10..12].fill(0);
             desc[12] = rxd::DD
                 | if last {
                     rxd::EOP | csum_status | if vp { rxd::VP } else { 0 }
