@@ -397,8 +397,21 @@ mod tests {
         a.assemble(CODE).unwrap()
     }
 
-    /// Resident set size of this process in bytes (Linux), if known.
+    /// Resident set size of this process in bytes (Linux), if known and
+    /// this test's own: with more threads than the harness's and the
+    /// test's (threaded `cargo test` runs other tests beside it; nextest
+    /// gives each its own process) the process's RSS says nothing of it.
     fn rss() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let threads: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        if threads > 2 {
+            return None;
+        }
         let s = std::fs::read_to_string("/proc/self/statm").ok()?;
         let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
         Some(pages * 4096)
@@ -420,15 +433,17 @@ mod tests {
         setup(&mut c, Mode::Long64);
         c.set_cache_limit(limit);
         write_phys(&c, CODE, &code_generator(passes));
-        let rss0 = rss();
+        let mut rss0 = rss();
         let mut peak = 0u64;
         let mut peak_rss = 0u64;
         loop {
             let target = c.retired() + 50_000;
             let exit = c.run_until(&mut crate::NullPlatform, target);
             peak = peak.max(c.cache_stats().bytes);
-            if let Some(r) = rss() {
-                peak_rss = peak_rss.max(r);
+            match rss() {
+                Some(r) => peak_rss = peak_rss.max(r),
+                // Another test ran beside this one: no RSS verdict.
+                None => rss0 = None,
             }
             match exit {
                 CpuExit::BudgetExhausted => {}
@@ -483,6 +498,8 @@ mod tests {
                 "RSS grew by {} MiB",
                 g >> 20
             );
+        } else {
+            eprintln!("RSS bound not checked: other tests shared this process");
         }
     }
 
