@@ -446,6 +446,28 @@ pub fn long_mode_entry_with_apic_pages(gdtr: u32) -> Result<CodeBlob, IcedError>
     Ok(assemble(&mut a, map::CODE16)?.blob)
 }
 
+/// An interrupt guest whole: the real-mode entry of
+/// [`long_mode_entry_with_apic_pages`], its 64-bit `code64`, the GDT and
+/// its `data` block, with the areas that entry fills at run time.
+pub fn long_mode_apic_program(
+    gdtr: u32,
+    code64: CodeBlob,
+    data: (u64, Vec<u8>),
+) -> Result<GuestProgram, IcedError> {
+    let code16 = long_mode_entry_with_apic_pages(gdtr)?;
+    Ok(GuestProgram {
+        code: vec![code16, code64],
+        data: vec![gdt_blob(), data],
+        work_areas: vec![
+            (map::PML4, map::PAGE_TABLES_END, "page tables"),
+            (map::STACK_BOTTOM, map::STACK_TOP, "stack"),
+            (map::IDT, map::IDT_END, "IDT"),
+            (map::PD_MMIO, map::PD_MMIO_END, "PD for the APIC pages"),
+        ],
+        entry: real_mode_entry(),
+    })
+}
+
 /// Turn on long mode: CR4.PAE, CR3 = [`map::PML4`], EFER.LME, then CR0.PE
 /// and CR0.PG together (clearing CD/NW). 16- or 32-bit code; the caller
 /// far-jumps to 64-bit code next. Clobbers EAX, ECX, EDX.

@@ -152,21 +152,7 @@ fn assemble_program() -> Result<GuestProgram, IcedError> {
         early_iir: data.zeroed(2, 1),
     };
 
-    let code16 = asm::long_mode_entry_with_apic_pages(d.gdtr)?;
-
-    let code64 = long_mode_code(&d)?;
-
-    Ok(GuestProgram {
-        code: vec![code16, code64],
-        data: vec![asm::gdt_blob(), data.finish()],
-        work_areas: vec![
-            (map::PML4, map::PAGE_TABLES_END, "page tables"),
-            (map::STACK_BOTTOM, map::STACK_TOP, "stack"),
-            (map::IDT, map::IDT_END, "IDT"),
-            (map::PD_MMIO, map::PD_MMIO_END, "PD for the APIC pages"),
-        ],
-        entry: asm::real_mode_entry(),
-    })
+    asm::long_mode_apic_program(d.gdtr, long_mode_code(&d)?, data.finish())
 }
 
 /// Write `value` to COM1 register `offset`. Clobbers AL, DX.
