@@ -191,12 +191,16 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     r.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR_GP, gp_handler)?;
-    idt.emit_install(&mut a, VECTOR_DEADLINE, deadline_handler)?;
-    idt.emit_install(&mut a, VECTOR_SPURIOUS, spurious_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [
+            (VECTOR_GP, gp_handler),
+            (VECTOR_DEADLINE, deadline_handler),
+            (VECTOR_SPURIOUS, spurious_handler),
+        ],
+    )?;
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, VECTOR_SPURIOUS)?;
 

@@ -666,6 +666,27 @@ impl IdtBuilder {
         a.jb(next)
     }
 
+    /// The whole IDT set-up: clear every gate, point all of them at
+    /// `catch_all` if given, install `gates` (vector, handler) in order,
+    /// then LIDT from the pseudo-descriptor at `idtr`. Clobbers RAX, RCX,
+    /// RDX, RDI.
+    pub fn emit_load(
+        &self,
+        a: &mut CodeAssembler,
+        idtr: u32,
+        catch_all: Option<CodeLabel>,
+        gates: impl IntoIterator<Item = (u8, CodeLabel)>,
+    ) -> Result<(), IcedError> {
+        self.emit_clear(a)?;
+        if let Some(handler) = catch_all {
+            self.emit_install_all(a, handler)?;
+        }
+        for (vector, handler) in gates {
+            self.emit_install(a, vector, handler)?;
+        }
+        a.lidt(ptr(idtr))
+    }
+
     /// Emit the `set_gate` subroutine.
     pub fn emit(mut self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         a.set_label(&mut self.set_gate)?;

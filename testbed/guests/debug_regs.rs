@@ -158,9 +158,7 @@ fn long_mode_code(addresses: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, addresses.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install(&mut a, VECTOR_DB, db_handler)?;
-    a.lidt(ptr(addresses.idtr))?;
+    idt.emit_load(&mut a, addresses.idtr, None, [(VECTOR_DB, db_handler)])?;
     a.xor(eax, eax)?;
     a.mov(dr6, rax)?;
 

@@ -222,10 +222,7 @@ fn long_mode_code(
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(&mut a, d.idtr, Some(unexpected), [(VECTOR, handler)])?;
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;
 

@@ -172,12 +172,17 @@ fn long_mode_code(addresses: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, addresses.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install(&mut a, VECTOR_DE, stub_de)?;
-    idt.emit_install(&mut a, VECTOR_UD, stub_ud)?;
-    idt.emit_install(&mut a, VECTOR_GP, stub_gp)?;
-    idt.emit_install(&mut a, VECTOR_PF, stub_pf)?;
-    a.lidt(ptr(addresses.idtr))?;
+    idt.emit_load(
+        &mut a,
+        addresses.idtr,
+        None,
+        [
+            (VECTOR_DE, stub_de),
+            (VECTOR_UD, stub_ud),
+            (VECTOR_GP, stub_gp),
+            (VECTOR_PF, stub_pf),
+        ],
+    )?;
 
     // #UD
     let mut ud_at = a.create_label();

@@ -232,12 +232,8 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
         .collect();
 
     asm::emit_load_flat_segments(&mut a)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    for (label, vector) in &stubs {
-        idt.emit_install(&mut a, *vector, *label)?;
-    }
-    a.lidt(ptr(d.idtr))?;
+    let gates = stubs.iter().map(|&(label, vector)| (vector, label));
+    idt.emit_load(&mut a, d.idtr, Some(unexpected), gates)?;
 
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;

@@ -196,11 +196,15 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, level_handler)?;
-    idt.emit_install(&mut a, VECTOR_EARLY_EOI, early_eoi_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [
+            (VECTOR, level_handler),
+            (VECTOR_EARLY_EOI, early_eoi_handler),
+        ],
+    )?;
 
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;

@@ -272,12 +272,16 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     let self_ipi = apic::ICR_SELF | apic::ICR_ASSERT | u32::from(VECTOR_IPI);
 
     asm::emit_load_flat_segments(&mut a)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR_IPI, ipi_handler)?;
-    idt.emit_install(&mut a, VECTOR_LEVEL, level_handler)?;
-    idt.emit_install(&mut a, VECTOR_SPURIOUS_SLAVE, spurious_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [
+            (VECTOR_IPI, ipi_handler),
+            (VECTOR_LEVEL, level_handler),
+            (VECTOR_SPURIOUS_SLAVE, spurious_handler),
+        ],
+    )?;
 
     asm::emit_pic_mask_all(&mut a)?;
     apic::lapic_write(&mut a, apic::SVR, SVR)?;

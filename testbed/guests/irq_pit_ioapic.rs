@@ -142,10 +142,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     let entry = apic::redirection(PIN);
 
     asm::emit_load_flat_segments(&mut a)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, timer_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(&mut a, d.idtr, Some(unexpected), [(VECTOR, timer_handler)])?;
 
     // PICs masked; local APIC on.
     asm::emit_pic_mask_all(&mut a)?;

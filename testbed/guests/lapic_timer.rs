@@ -128,11 +128,15 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     let mut periodic_handler = a.create_label();
 
     asm::emit_load_flat_segments(&mut a)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR_ONE_SHOT, one_shot_handler)?;
-    idt.emit_install(&mut a, VECTOR_PERIODIC, periodic_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [
+            (VECTOR_ONE_SHOT, one_shot_handler),
+            (VECTOR_PERIODIC, periodic_handler),
+        ],
+    )?;
 
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;

@@ -197,12 +197,16 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, MSI_VECTOR, msi_handler)?;
-    idt.emit_install(&mut a, MSIX_VECTOR, msix_handler)?;
-    idt.emit_install(&mut a, INTX_VECTOR, intx_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [
+            (MSI_VECTOR, msi_handler),
+            (MSIX_VECTOR, msix_handler),
+            (INTX_VECTOR, intx_handler),
+        ],
+    )?;
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;
 

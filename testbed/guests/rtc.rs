@@ -221,10 +221,12 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, periodic_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(
+        &mut a,
+        d.idtr,
+        Some(unexpected),
+        [(VECTOR, periodic_handler)],
+    )?;
 
     asm::emit_pic_init(&mut a, pic::MASTER_VECTOR, pic::SLAVE_VECTOR)?;
     asm::emit_outb(&mut a, pic::MASTER_DATA, !pic::ICW3_MASTER)?;

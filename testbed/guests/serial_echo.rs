@@ -137,10 +137,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
     let mut rx_handler = a.create_label();
 
     asm::emit_load_flat_segments(&mut a)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, rx_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(&mut a, d.idtr, Some(unexpected), [(VECTOR, rx_handler)])?;
 
     asm::emit_pic_mask_all(&mut a)?;
     apic::emit_software_enable(&mut a, 0xff)?;

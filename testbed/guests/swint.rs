@@ -140,11 +140,16 @@ fn long_mode_code(addresses: &Data) -> Result<(asm::CodeBlob, u32), IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, addresses.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install(&mut a, VECTOR_BP, stub_bp)?;
-    idt.emit_install(&mut a, VECTOR_OF, stub_of)?;
-    idt.emit_install(&mut a, VECTOR_SOFTWARE, stub_software)?;
-    a.lidt(ptr(addresses.idtr))?;
+    idt.emit_load(
+        &mut a,
+        addresses.idtr,
+        None,
+        [
+            (VECTOR_BP, stub_bp),
+            (VECTOR_OF, stub_of),
+            (VECTOR_SOFTWARE, stub_software),
+        ],
+    )?;
 
     let mut after_int3 = a.create_label();
     expect_return_to(&mut a, addresses, after_int3)?;

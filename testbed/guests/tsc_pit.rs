@@ -136,10 +136,7 @@ fn long_mode_code(d: &Data) -> Result<asm::CodeBlob, IcedError> {
 
     asm::emit_load_flat_segments(&mut a)?;
     routines.print(&mut a, d.header)?;
-    idt.emit_clear(&mut a)?;
-    idt.emit_install_all(&mut a, unexpected)?;
-    idt.emit_install(&mut a, VECTOR, timer_handler)?;
-    a.lidt(ptr(d.idtr))?;
+    idt.emit_load(&mut a, d.idtr, Some(unexpected), [(VECTOR, timer_handler)])?;
 
     // OUT low and no count: no edge can come until the count runs out.
     asm::emit_outb(&mut a, pit::COMMAND, pit::CHANNEL0_TERMINAL_COUNT)?;
