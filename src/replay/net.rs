@@ -64,6 +64,10 @@ impl NetBackend for RecordingNet {
         self.stash = Some(frame);
     }
 
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.inner.recycle(buffer);
+    }
+
     fn offloads(&self) -> bool {
         self.inner.offloads()
     }
