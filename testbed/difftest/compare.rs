@@ -679,11 +679,7 @@ fn settled_undeliverable_sdm_fault(
         return None;
     }
     // KVM went past the item (or stopped elsewhere), not at it with #GP.
-    let cs = case.init.sregs.cs.selector;
-    let kvm_same = matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(13))
-        && frame(case.mode, &k.state, &k.mem, 13, cs)
-            .is_some_and(|kf| asm.index_of(kf.rip) == Some(at));
-    if kvm_same {
+    if kvm_gp_at(case, asm, k, at) {
         return None;
     }
     let mem = &i.mem;
@@ -734,6 +730,14 @@ fn settled_undeliverable_sdm_fault(
     (!deliverable(13)? && !deliverable(8)?).then_some(name)
 }
 
+/// Did KVM stop with #GP raised by test item `at` (the frame's RIP at it)?
+fn kvm_gp_at(case: &Case, asm: &Assembled, k: &Snapshot, at: usize) -> bool {
+    let cs = case.init.sregs.cs.selector;
+    matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(13))
+        && frame(case.mode, &k.state, &k.mem, 13, cs)
+            .is_some_and(|kf| asm.index_of(kf.rip) == Some(at))
+}
+
 /// The settled non-canonical WRMSR error (KVM-PVM accepts a non-canonical
 /// LSTAR, FS/GS base...) where the SDM's #GP(0) cannot be pushed: a test
 /// item (translation-tier soak seed 20261212, 64-bit ring 0, case 150708:
@@ -761,11 +765,7 @@ fn settled_wrmsr_fault_without_a_stack(
     if want.vector != 13 || want.error_code != Some(0) {
         return None;
     }
-    let cs = case.init.sregs.cs.selector;
-    let kvm_same = matches!(stop_of(case, &k.state, &k.mem, asm), Stop::Vector(13))
-        && frame(case.mode, &k.state, &k.mem, 13, cs)
-            .is_some_and(|kf| asm.index_of(kf.rip) == Some(at));
-    if kvm_same {
+    if kvm_gp_at(case, asm, k, at) {
         return None;
     }
     let sr = &i.state.sregs;
